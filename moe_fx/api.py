@@ -1,0 +1,140 @@
+"""`moe_fx.explain(model, *inputs)` and `moe_fx.apply(model, *inputs)`.
+
+Capture: the model runs once under Dynamo (with moe_fx's capture flags) to find the blocks and the
+module that owns each (the deepest module holding its router and experts). `apply` then captures each
+owner alone with `torch._dynamo.export` (dynamic shapes, parameters as attributes), rewrites that
+graph and installs it as the owner's `forward`: plain Python calling the moe_fx ops, so eager runs and
+any later `torch.compile` backend see the rewritten block.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils import _pytree as pytree
+
+from moe_fx.backend import capture_config
+from moe_fx.options import parse_options
+from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.report import RejectionReport, Report
+
+log = logging.getLogger("moe_fx")
+
+
+def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    if args or kwargs:
+        return args, kwargs
+    dummy = getattr(model, "dummy_inputs", None)
+    if isinstance(dummy, dict) and dummy:
+        return (), dict(dummy)
+    raise ValueError(
+        f"moe_fx: {type(model).__name__} needs example inputs to be traced: call moe_fx.apply(model, *inputs) "
+        "or moe_fx.explain(model, *inputs) (HuggingFace models fall back to model.dummy_inputs)"
+    )
+
+
+def _capture(fn, args, kwargs) -> list[tuple[torch.fx.GraphModule, list]]:
+    """The Dynamo graphs of one call of fn, with their real example inputs."""
+    graphs = []
+
+    def backend(gm, example_inputs, **_):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with capture_config(), torch.no_grad():
+        torch.compile(fn, backend=backend)(*args, **kwargs)
+    torch._dynamo.reset()
+    return graphs
+
+
+def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
+    """What moe_fx would do to `model_or_fn` called on these inputs: matches, lowerings, rejections.
+
+    Nothing is rewritten. Returns a Report (prints as a table, renders as HTML in notebooks).
+    """
+    opts = parse_options(options)
+    args, kwargs = _example_inputs(model_or_fn, args, kwargs)
+    report = Report()
+    graphs = _capture(model_or_fn, args, kwargs)
+    for i, (gm, example_inputs) in enumerate(graphs):
+        report.extend(rewrite_graph(gm, example_inputs, opts, dry_run=True, graph=i))
+    report.graph_breaks = max(0, len(graphs) - 1)
+    return report
+
+
+class _RewrittenForward:
+    """A module's new forward: the rewritten graph, with the original kept for grad mode."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original):
+        self.gm, self.original = gm, original
+        self.params = [p for p in module.parameters()]
+        self.warned = False
+
+    def __call__(self, *args, **kwargs):
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
+            if not self.warned:
+                warnings.warn("moe_fx: grad mode with trainable expert weights: running the original block "
+                              "(moe_fx lowerings have no autograd yet)")  # fmt: skip
+                self.warned = True
+            return self.original(*args, **kwargs)
+        return self.gm(*args, **kwargs)
+
+
+def _record_inputs(model: nn.Module, args, kwargs) -> dict[nn.Module, tuple[tuple, dict]]:
+    seen: dict[nn.Module, tuple[tuple, dict]] = {}
+
+    def hook(module, margs, mkwargs):
+        seen.setdefault(module, (margs, mkwargs))
+
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
+    """Rewrite `model`'s MoE blocks in place (eager use and other backends). Returns a Report.
+
+    Example inputs are needed to trace; HuggingFace models default to `model.dummy_inputs`.
+    A second call is a no-op that returns the first Report.
+    """
+    done = getattr(model, "_moe_fx_report", None)
+    if done is not None:
+        return done
+    opts = parse_options(options)
+    args, kwargs = _example_inputs(model, args, kwargs)
+    found = explain(model, *args, options=options, **kwargs)
+    report = Report(graphs=found.graphs, graph_breaks=found.graph_breaks, rejections=list(found.rejections))
+    recorded = _record_inputs(model, args, kwargs)
+    for path in dict.fromkeys(m.module_path for m in found.matches):
+        owner = model.get_submodule(path)
+        if owner not in recorded:
+            report.rejections.append(RejectionReport(path, "", "the owning module was not called directly"))
+            continue
+        margs, mkwargs = recorded[owner]
+        try:
+            with capture_config(), torch.no_grad():
+                gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
+        except Exception as e:
+            report.rejections.append(RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300]))
+            continue
+        flat_inputs = pytree.tree_leaves((margs, mkwargs))
+        flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]
+        block_report = rewrite_graph(gm, flat_inputs, opts)
+        for m in block_report.matches:
+            m.module_path = ".".join(p for p in (path, m.module_path) if p)
+        report.matches += block_report.matches
+        report.rejections += block_report.rejections
+        if block_report.matches:
+            owner.forward = _RewrittenForward(owner, gm, owner.forward)
+    model._moe_fx_report = report
+    return report

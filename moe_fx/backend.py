@@ -1,0 +1,83 @@
+"""`torch.compile(model, backend="moe_fx")`: rewrite MoE blocks, then hand the graph to Inductor.
+
+The backend is registered only through the `torch_dynamo_backends` entry point (pyproject.toml).
+
+Capture flags. Loop forms over `nonzero`/`where` reach the graph whole only with Dynamo's
+`capture_dynamic_output_shape_ops` and `capture_scalar_outputs`. Dynamo enters a backend's
+`backend_ctx_ctor` around every call of the compiled function, but `torch.compile(backend="name")`
+wraps the backend twice (`_TorchCompileWrapper`, then `WrapBackendDebug`) and the attribute is lost.
+Importing this module (which Dynamo does when it resolves the name) gives `WrapBackendDebug` a
+`backend_ctx_ctor` property that forwards the wrapped backend's own: the flags then hold only while a
+moe_fx-compiled function runs. Backends without the attribute get `nullcontext`, as before. If a
+future torch moves that class, the flags are set process-wide instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import torch
+
+from moe_fx.options import parse_options
+from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.rewrite import apply_rebind
+from moe_fx.report import Report
+
+log = logging.getLogger("moe_fx")
+CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
+_reports: list[Report] = []
+
+
+def capture_config() -> contextlib.AbstractContextManager:
+    """Dynamo flags under which loop forms over nonzero/where are captured whole."""
+    return torch._dynamo.config.patch(CAPTURE_FLAGS)
+
+
+def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):
+    """Rewrite the MoE blocks of a Dynamo graph, then compile it with options["inner"] (Inductor default)."""
+    opts = parse_options(options)
+    rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
+    report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
+    _reports.append(report)
+    if opts.inner == "eager":
+        compiled = gm.forward
+    else:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+    apply_rebind(rebind)
+    return compiled
+
+
+moe_fx_backend.backend_ctx_ctor = capture_config
+
+
+def last_reports() -> list[Report]:
+    """Reports of the graphs the backend compiled in this process, oldest first."""
+    return list(_reports)
+
+
+def _forward_backend_ctx() -> None:
+    try:
+        from torch._dynamo.repro.after_dynamo import WrapBackendDebug
+    except ImportError:
+        WrapBackendDebug = None
+    if WrapBackendDebug is None or "backend_ctx_ctor" in vars(WrapBackendDebug):
+        if WrapBackendDebug is None:
+            warnings.warn("moe_fx: cannot scope Dynamo capture flags on this torch; setting them process-wide")
+            for key, val in CAPTURE_FLAGS.items():
+                setattr(torch._dynamo.config, key, val)
+        return
+
+    def backend_ctx_ctor(self):
+        fn = self._torchdynamo_orig_backend
+        fn = getattr(fn, "compiler_fn", fn)  # torch.compile's _TorchCompileWrapper
+        return getattr(fn, "backend_ctx_ctor", contextlib.nullcontext)
+
+    WrapBackendDebug.backend_ctx_ctor = property(backend_ctx_ctor)
+
+
+_forward_backend_ctx()

@@ -1,0 +1,202 @@
+"""Naive MoE blocks, written the ways people write them. The demo and the tests use these.
+
+Legend: T tokens, D model dim, F ffn dim, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn, bias=False)
+        self.w3 = nn.Linear(dim, ffn, bias=False)
+        self.w2 = nn.Linear(ffn, dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class GeluMLP(nn.Module):
+    """Non-gated expert with biases."""
+
+    def __init__(self, dim: int, ffn: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def softmax_topk(logits_TE, k, renormalize=True):
+    probs_TE = logits_TE.softmax(dim=-1, dtype=torch.float32)
+    weights_TK, ids_TK = probs_TE.topk(k, dim=-1)
+    if renormalize:
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+    return weights_TK, ids_TK
+
+
+class LoopMoE(nn.Module):
+    """Static loop over ModuleList experts with torch.where + index_add_ (Mixtral-style)."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2, expert=SwiGLU, renormalize=True):
+        super().__init__()
+        self.k, self.renormalize = k, renormalize
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(expert(dim, ffn) for _ in range(num_experts))
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = softmax_topk(self.gate(x_TD), self.k, self.renormalize)
+        weights_TK = weights_TK.to(x.dtype)
+        out_TD = torch.zeros_like(x_TD)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            y = expert(x_TD[token_idx]) * weights_TK[token_idx, slot_idx, None]
+            out_TD.index_add_(0, token_idx, y)
+        return out_TD.reshape(x.shape)
+
+
+class IndexedLoopMoE(nn.Module):
+    """Loop over 3-D parameters `w1[e]` with a nonzero mask and `out[idx] += ...`; top-k -> softmax router."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(dim, num_experts, bias=True)
+        self.w1 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, ffn) / ffn**0.5)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x_TD = x.view(B * S, D)
+        top_logits_TK, ids_TK = self.router(x_TD).topk(self.k, dim=-1)
+        weights_TK = top_logits_TK.softmax(dim=-1)
+        out_TD = torch.zeros_like(x_TD)
+        for e in range(self.w1.shape[0]):
+            mask_TK = ids_TK == e
+            rows = mask_TK.any(dim=-1).nonzero().squeeze(-1)
+            w_rows = (weights_TK * mask_TK).sum(dim=-1)[rows]
+            h = x_TD[rows]
+            y = (F.silu(h @ self.w1[e].t()) * (h @ self.w3[e].t())) @ self.w2[e].t()
+            out_TD[rows] += y * w_rows[:, None]
+        return out_TD.view(B, S, D)
+
+
+class GatherEinsumMoE(nn.Module):
+    """gpt-fast style: gather w[ids] per (token, slot), einsum, weighted sum over K."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, ffn) / ffn**0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+
+    def forward(self, x):
+        x_TD = x.view(-1, x.shape[-1])
+        scores_TE = F.softmax(self.gate(x_TD), dim=-1)
+        weights_TK, ids_TK = torch.topk(scores_TE, self.k, dim=-1)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        w1_TKFD, w3_TKFD, w2_TKDF = self.w1[ids_TK], self.w3[ids_TK], self.w2[ids_TK]
+        h_TKF = F.silu(torch.einsum("td,tkfd->tkf", x_TD, w1_TKFD)) * torch.einsum("td,tkfd->tkf", x_TD, w3_TKFD)
+        y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, w2_TKDF)
+        return torch.einsum("tkd,tk->td", y_TKD, weights_TK).view(x.shape)
+
+
+class DenseMoE(nn.Module):
+    """Every expert on every token, combined with dense [T, E] gates scattered from the top-k."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2, expert=SwiGLU):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(expert(dim, ffn) for _ in range(num_experts))
+
+    def forward(self, x):
+        weights_TK, ids_TK = softmax_topk(self.gate(x), self.k)
+        gates_TE = torch.zeros(x.shape[0], len(self.experts), dtype=x.dtype, device=x.device)
+        gates_TE = gates_TE.scatter(1, ids_TK, weights_TK.to(x.dtype))
+        y_ETD = torch.stack([expert(x) for expert in self.experts])
+        return torch.einsum("te,etd->td", gates_TE, y_ETD)
+
+
+class MaskedSumMoE(nn.Module):
+    """Top-1 `max` router, every expert on every token, per-expert masked weighted sum."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4):
+        super().__init__()
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(GeluMLP(dim, ffn) for _ in range(num_experts))
+
+    def forward(self, x):
+        weight_T, id_T = self.gate(x).softmax(dim=-1).max(dim=-1)
+        out = 0
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * (weight_T * (id_T == e))[:, None]
+        return out
+
+
+class GroupLimitedRouter(nn.Module):
+    """DeepSeek-V3 routing: sigmoid, correction bias, group-limited top-k, unbiased weights, renorm, scale."""
+
+    def __init__(self, dim, num_experts, k, n_group, topk_group, scale):
+        super().__init__()
+        self.k, self.n_group, self.topk_group, self.scale = k, n_group, topk_group, scale
+        self.weight = nn.Parameter(torch.randn(num_experts, dim) / dim**0.5)
+        self.register_buffer("e_score_correction_bias", torch.randn(num_experts) * 0.1)
+
+    def forward(self, x_TD):
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE + self.e_score_correction_bias
+        T, E = choice_TE.shape
+        group_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = group_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_TG).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, E)
+        choice_TE = choice_TE.masked_fill(~score_mask.bool(), 0.0)
+        ids_TK = choice_TE.topk(self.k, dim=-1, sorted=False)[1]
+        weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights_TK * self.scale, ids_TK
+
+
+class DeepSeekStyleMoE(nn.Module):
+    """Group-limited sigmoid router, looped experts, and a shared expert added afterwards."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=8, k=2, n_group=4, topk_group=2, scale=2.5):
+        super().__init__()
+        self.gate = GroupLimitedRouter(dim, num_experts, k, n_group, topk_group, scale)
+        self.experts = nn.ModuleList(SwiGLU(dim, ffn) for _ in range(num_experts))
+        self.shared_expert = SwiGLU(dim, ffn)
+
+    def forward(self, x):
+        weights_TK, ids_TK = self.gate(x)
+        out_TD = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            y = expert(x[token_idx]) * weights_TK[token_idx, slot_idx, None].to(x.dtype)
+            out_TD.index_add_(0, token_idx, y)
+        return out_TD + self.shared_expert(x)
+
+
+class TwoFormModel(nn.Module):
+    """Two MoE layers of different forms with residuals between them: the demo model."""
+
+    def __init__(self, dim=64, ffn=96, num_experts=8, k=2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.moe1 = LoopMoE(dim, ffn, num_experts, k)
+        self.norm2 = nn.LayerNorm(dim)
+        self.moe2 = GatherEinsumMoE(dim, ffn, num_experts, k)
+
+    def forward(self, x):
+        x = x + self.moe1(self.norm1(x))
+        return x + self.moe2(self.norm2(x))

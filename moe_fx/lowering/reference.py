@@ -1,0 +1,137 @@
+"""The pure-torch `reference` lowering: runs on any device and is the test oracle.
+
+Legend: T tokens, D model dim, F ffn dim, E experts, L local experts, K top-k, R = T*K rows.
+
+Dispatch sorts the T*K (token, slot) rows by expert once; experts then runs one matmul pair per
+expert group, reading the group bounds with a single host sync (`expert_offsets.tolist()`), never one
+sync per expert. Combine scatters rows back to their slots and sums over K in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
+from moe_fx.spec import MoESpec
+
+NAME = "reference"
+PRIORITY = 0
+
+
+def _single_device_unquantised(spec: MoESpec) -> str | None:
+    if spec.quant.mode != "none":
+        return f"quant={spec.quant.mode!r} is not implemented by {NAME} yet"
+    return None
+
+
+def score(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return logits.softmax(dim=-1)
+    if scoring == "sigmoid":
+        return logits.sigmoid()
+    return logits
+
+
+def _group_mask(select_TE: torch.Tensor, n_group: int, topk_group: int, group_score_topk: int) -> torch.Tensor:
+    T, E = select_TE.shape
+    group_scores_TG = select_TE.view(T, n_group, E // n_group).topk(group_score_topk, dim=-1).values.sum(-1)
+    top_groups_TG = group_scores_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_scores_TG).scatter_(1, top_groups_TG, 1.0)
+    return keep_TG.repeat_interleave(E // n_group, dim=-1).bool()
+
+
+@register_lowering("route", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
+def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
+    logits_TE = logits.float()
+    if order == "topk_then_score":
+        values_TK, ids_TK = logits_TE.topk(k, dim=-1)
+        weights_TK = score(values_TK, scoring)
+    else:
+        scores_TE = score(logits_TE, scoring)
+        select_TE = scores_TE if bias is None else scores_TE + bias.float()
+        if n_group > 1:
+            keep_TE = _group_mask(select_TE, n_group, topk_group, group_score_topk)
+            select_TE = select_TE.masked_fill(~keep_TE, 0.0)
+        ids_TK = select_TE.topk(k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, ids_TK)
+    if renormalize:
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    if scale != 1.0:
+        weights_TK = weights_TK * scale
+    return weights_TK.float().contiguous(), ids_TK.to(torch.int32).contiguous()
+
+
+@register_lowering(
+    "quantize_dispatch", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised
+)
+def quantize_dispatch(x, ids, weights, num_local_experts, quant, weight_on_input, layout, group_name, expert_map):
+    K = ids.shape[1]
+    flat_ids_R = ids.reshape(-1).long()
+    row_index_R = torch.sort(flat_ids_R, stable=True).indices
+    counts_L = torch.bincount(flat_ids_R, minlength=num_local_experts)
+    expert_offsets_L1 = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(counts_L, 0, out=expert_offsets_L1[1:])
+    xq_RD = x[row_index_R // K]
+    if weight_on_input:
+        xq_RD = (xq_RD * weights.reshape(-1)[row_index_R, None]).to(x.dtype)
+    empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
+    return xq_RD, empty[0], expert_offsets_L1, row_index_R, empty[1]
+
+
+def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit: float) -> torch.Tensor:
+    """h [R, 2F] (gated) or [R, F] -> [R, F]."""
+    if activation in ("relu", "gelu", "gelu_tanh", "silu"):
+        return {
+            "relu": F.relu,
+            "gelu": F.gelu,
+            "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+            "silu": F.silu,
+        }[activation](h)
+    if gate_up == "interleaved":
+        gate, up = h[..., 0::2], h[..., 1::2]
+    else:
+        first, second = h.chunk(2, dim=-1)
+        gate, up = (second, first) if gate_up == "up_first" else (first, second)
+    if activation == "silu_gated":
+        return F.silu(gate) * up
+    if activation == "gelu_gated":
+        return F.gelu(gate) * up
+    if activation == "gelu_tanh_gated":
+        return F.gelu(gate, approximate="tanh") * up
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+@register_lowering("experts", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised)
+def experts(xq, xscale, expert_offsets, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale, row_weights,
+            activation, gate_up, w13_transposed, w2_transposed, alpha, limit, quant, out_dtype):  # fmt: skip
+    if w3 is not None:  # gate_up == "separate"
+        w13 = torch.cat([w13, w3], dim=2 if w13_transposed else 1)
+        gate_up = "concat"
+    w13_EHD = w13.transpose(1, 2) if w13_transposed else w13  # H = 2F gated, F otherwise
+    w2_EDF = w2.transpose(1, 2) if w2_transposed else w2
+    y_RD = xq.new_empty((xq.shape[0], w2_EDF.shape[1]), dtype=out_dtype)
+    bounds = expert_offsets.tolist()  # the one host sync
+    for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if start == end:
+            continue
+        h = F.linear(xq[start:end], w13_EHD[e], None if w13_bias is None else w13_bias[e])
+        a = activate(h, activation, gate_up, alpha, limit)
+        y = F.linear(a, w2_EDF[e], None if w2_bias is None else w2_bias[e])
+        if row_weights is not None:
+            y = y * row_weights[start:end, None]
+        y_RD[start:end] = y
+    return y_RD
+
+
+@register_lowering("combine", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
+def combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
+    T, K = weights.shape
+    slots_RD = y.new_empty((T * K, y.shape[1]), dtype=torch.float32)
+    slots_RD[row_index] = y.float()
+    slots_TKD = slots_RD.view(T, K, -1)
+    if weighted:
+        slots_TKD = slots_TKD * weights.float().unsqueeze(-1)
+    return slots_TKD.sum(dim=1).to(y.dtype)

@@ -1,0 +1,128 @@
+"""The lowering registry: which implementation runs each moe_fx op.
+
+Key: (op, device_type, layout). Each entry has a name, a priority and `supports(spec) -> None | reason`.
+`select` picks the highest-priority entry that supports the spec, at rewrite time; the choice (and the
+candidates rejected, with reasons) is recorded in the node's meta and shown by `moe_fx.explain`.
+The op implementation looks the entry up again by name, so a graph says exactly what it runs.
+
+Third-party packages add lowerings with the decorator::
+
+    @moe_fx.register_lowering("experts", device="npu", layout="single", name="ascend", priority=20)
+    def experts_ascend(xq, xscale, expert_offsets, w13, w2, ...): ...
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from moe_fx.spec import LAYOUTS, MoESpec
+
+OPS = ("route", "quantize_dispatch", "experts", "combine")
+ANY_DEVICE = "*"
+
+
+def _supports_all(spec: MoESpec) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Lowering:
+    op: str
+    name: str
+    device: str
+    layout: str
+    fn: Callable
+    priority: int = 0
+    supports: Callable[[MoESpec], str | None] = _supports_all
+
+    def __str__(self) -> str:
+        return f"{self.name} (priority {self.priority})"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen lowering and the rejected candidates, each with the reason."""
+
+    op: str
+    chosen: Lowering | None
+    rejected: tuple[tuple[str, str], ...]
+
+    @property
+    def reason(self) -> str:
+        if self.chosen is None:
+            why = "; ".join(f"{name}: {reason}" for name, reason in self.rejected) or "none registered"
+            return f"no lowering for {self.op}: {why}"
+        return f"highest priority ({self.chosen.priority}) supporting the spec"
+
+
+_LOCK = threading.Lock()
+_ENTRIES: dict[tuple[str, str, str], list[Lowering]] = {}
+
+
+def register_lowering(
+    op: str,
+    *,
+    device: str,
+    layout: str = "single",
+    name: str,
+    priority: int = 0,
+    supports: Callable[[MoESpec], str | None] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any."""
+    if op not in OPS:
+        raise ValueError(f"moe_fx: op={op!r} is not one of {OPS}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"moe_fx: layout={layout!r} is not one of {LAYOUTS}")
+
+    def decorator(fn: Callable) -> Callable:
+        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all)
+        with _LOCK:
+            entries = _ENTRIES.setdefault((op, device, layout), [])
+            if any(e.name == name for e in entries):
+                raise ValueError(f"moe_fx: lowering {name!r} is already registered for {(op, device, layout)}")
+            entries.append(entry)
+            entries.sort(key=lambda e: -e.priority)
+        return fn
+
+    return decorator
+
+
+def candidates(op: str, device: str, layout: str) -> list[Lowering]:
+    """Entries for (op, device, layout) and for any device, highest priority first."""
+    with _LOCK:
+        found = list(_ENTRIES.get((op, device, layout), ())) + list(_ENTRIES.get((op, ANY_DEVICE, layout), ()))
+    return sorted(found, key=lambda e: -e.priority)
+
+
+def select(op: str, device: str, spec: MoESpec, force: str | None = None) -> Selection:
+    """Pick the lowering for `op` on `device` for `spec`; `force` names one and must support the spec."""
+    rejected = []
+    for entry in candidates(op, device, spec.layout):
+        if force is not None and entry.name != force:
+            rejected.append((entry.name, f"not the forced lowering {force!r}"))
+            continue
+        reason = entry.supports(spec)
+        if reason is None:
+            return Selection(op, entry, tuple(rejected))
+        rejected.append((entry.name, reason))
+    if force is not None and not any(name == force and "forced" not in r for name, r in rejected):
+        names = [e.name for e in candidates(op, device, spec.layout)]
+        raise ValueError(f"moe_fx: forced lowering {force!r} for {op} on {device}/{spec.layout} is not registered; registered: {names}")
+    if force is not None:
+        why = dict(rejected)[force]
+        raise ValueError(f"moe_fx: forced lowering {force!r} cannot run {op} for this block: {why}")
+    return Selection(op, None, tuple(rejected))
+
+
+def lookup(op: str, name: str) -> Lowering:
+    """The entry named `name` for `op` (any device, any layout), as the op implementations call it."""
+    with _LOCK:
+        for (entry_op, _, _), entries in _ENTRIES.items():
+            if entry_op != op:
+                continue
+            for entry in entries:
+                if entry.name == name:
+                    return entry
+    raise ValueError(f"moe_fx: no lowering named {name!r} is registered for {op}")

@@ -1,0 +1,47 @@
+"""The options every entry point takes (`torch.compile(..., options=)`, `apply`, `explain`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from moe_fx.lowering.registry import OPS
+from moe_fx.spec import LAYOUTS, QUANT_MODES
+
+INNER = ("inductor", "eager")
+VALID_KEYS = {
+    "inner": f"one of {INNER}: the compiler that receives the rewritten graph (torch.compile only)",
+    "lowerings": f"a dict op -> lowering name forcing a registry entry; ops: {OPS}",
+    "quant": f"one of {QUANT_MODES}",
+    "layout": f"one of {LAYOUTS}",
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    inner: str = "inductor"
+    lowerings: dict[str, str] = field(default_factory=dict)
+    quant: str = "none"
+    layout: str = "single"
+
+
+def parse_options(options: dict[str, Any] | None) -> Options:
+    """Validate a user's options dict; unknown keys and bad values raise a `moe_fx:` ValueError."""
+    if options is None:
+        return Options()
+    if isinstance(options, Options):
+        return options
+    if not isinstance(options, dict):
+        raise ValueError(f"moe_fx: options must be a dict, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(VALID_KEYS))
+    if unknown:
+        valid = "; ".join(f"{k}: {v}" for k, v in VALID_KEYS.items())
+        raise ValueError(f"moe_fx: unknown option(s) {unknown}; valid options are {valid}")
+    choices = {"inner": INNER, "quant": QUANT_MODES, "layout": LAYOUTS}
+    for key, allowed in choices.items():
+        if key in options and options[key] not in allowed:
+            raise ValueError(f"moe_fx: option {key}={options[key]!r} is not one of {allowed}")
+    lowerings = options.get("lowerings", {})
+    if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
+        raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")
+    return Options(**{**options, "lowerings": dict(lowerings)})

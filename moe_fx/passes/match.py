@@ -1,0 +1,409 @@
+"""Find MoE blocks in an FX graph, whatever naive form their experts take.
+
+    x_TD ──linear(w_router)──▶ logits_TE ──router──▶ topk/max ──▶ (weights_TK, ids_TK)   the cut
+      │                                                                  │
+      └────────────▶ experts region: loop / gather+einsum / dense / HF grouped_mm ◀─┘ ──▶ out_TD
+
+1. anchor: a `topk` (or `max(dim)`) over the last dim of something computed from router logits,
+   a linear of the tokens x_TD with an [E, D] weight;
+2. the cut: the top-k indices and the latest [T, K] weights tensor derived from the router alone;
+3. the output: the first node of x's shape that every path from the cut to the graph output
+   crosses (post-dominator), in-place accumulations included (`GraphView`);
+4. identification: the region between cut and output is cut out as a function f(x, weights, ids)
+   and compared, on real and random probes, with the moe_fx ops for every experts candidate
+   (`passes/experts.py`); the router is identified the same way (`passes/router.py`) or kept opaque.
+A block with no candidate within tolerance is a `Rejection` with the reason, and is left untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from moe_fx.passes import experts as experts_id
+from moe_fx.passes import router as router_id
+from moe_fx.passes.graph_view import (
+    ASSERT_TARGETS,
+    LINEAR_TARGETS,
+    GraphView,
+    is_function,
+    is_inplace,
+    is_method,
+    known_equal,
+    numel,
+    same_shape,
+    shape_of,
+    target_name,
+    tensor_meta,
+    value,
+)
+from moe_fx.passes.subgraph import extract
+from moe_fx.passes.weights import group_families, is_weight, leaf_name
+from moe_fx.spec import MoESpec, RouterSpec
+
+log = logging.getLogger("moe_fx")
+
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+_CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
+
+
+@dataclass
+class Rejection:
+    where: str  # the anchor node
+    module_path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.module_path or '<graph>'} ({self.where}): {self.reason}"
+
+
+@dataclass
+class MoEMatch:
+    """One MoE block: its spec, the nodes it covers, the weights bound to each role, and the evidence."""
+
+    module_path: str
+    form: str
+    spec: MoESpec
+    x: fx.Node
+    logits: fx.Node
+    weights_cut: fx.Node
+    ids_cut: fx.Node
+    output: fx.Node
+    region: set[fx.Node]
+    router_nodes: set[fx.Node]
+    router_bias: fx.Node | None
+    binding: experts_id.ExpertsBinding
+    errors: dict[str, float]
+    selections: dict = field(default_factory=dict)
+
+    @property
+    def router_recognized(self) -> bool:
+        return self.spec.router is not None
+
+
+class BlockFinder:
+    """Finds and identifies MoE blocks in `gm`, given the real example inputs of its placeholders."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list):
+        self.gm = gm
+        self.view = GraphView(gm.graph)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.inputs = {n: _concrete(v) for n, v in zip(placeholders, example_inputs)}
+        self.weights = {n for n, v in self.inputs.items() if is_weight(n, v)}
+        self.weights |= {n for n in gm.graph.nodes if n.op == "get_attr"}
+        data_inputs = [n for n in placeholders if n not in self.weights and isinstance(self.inputs.get(n), torch.Tensor)]
+        # sizes (SymInts) computed from the tokens are shape facts, not data: only tensors carry data
+        self.depends_on_data = {n for n in self.view.forward(data_inputs) if isinstance(value(n), torch.Tensor)}
+        mutated = {self.view.root[m] for ms in self.view.mutations.values() for m in ms}
+        self.mutated_inputs = {n for n in placeholders if n in mutated}
+        self.generator = torch.Generator().manual_seed(0)
+
+    # ---------------------------------------------------------------- structure
+    def anchors(self) -> list[fx.Node]:
+        found = []
+        for n in self.gm.graph.nodes:
+            if is_method(n, "topk") or is_function(n, torch.topk):
+                found.append(n)
+            elif (is_method(n, "max") or is_function(n, torch.max)) and (len(n.args) > 1 or "dim" in n.kwargs):
+                found.append(n)
+        return found
+
+    def getitem(self, node: fx.Node, index: int) -> fx.Node | None:
+        for u in node.users:
+            if u.op == "call_function" and u.target is operator.getitem and u.args[1] == index:
+                return u
+        return None
+
+    def strip_casts(self, node: fx.Node) -> fx.Node:
+        while isinstance(node, fx.Node) and is_method(node, *_CASTS):
+            node = node.args[0]
+        return node
+
+    def router_logits(self, src: fx.Node, num_experts: int) -> tuple[fx.Node, fx.Node] | None:
+        """The nearest linear upstream of `src` producing [..., E] from tokens and an [E, D] weight."""
+        seen, frontier = set(), [src]
+        while frontier:
+            n = frontier.pop(0)
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op in ("call_function", "call_method") and (
+                n.target in LINEAR_TARGETS or n.target in ("matmul", "__matmul__")
+            ):
+                shape = shape_of(n)
+                if shape and known_equal(shape[-1], num_experts) and isinstance(n.args[0], fx.Node):
+                    return n, self.strip_casts(n.args[0])
+            frontier.extend(self.view.inputs[n])
+        return None
+
+    def router_only(self, logits: fx.Node) -> set[fx.Node]:
+        """Nodes computed from the logits and constants/weights alone."""
+        ro = {logits}
+        for n in self.view.nodes[self.view.order[logits] + 1 :]:
+            ins = self.view.inputs[n]
+            if ins and n.op not in ("placeholder", "output") and any(i in ro for i in ins):
+                if all(i in ro or i not in self.depends_on_data for i in ins):
+                    ro.add(n)
+        return ro
+
+    def output_node(self, cut: list[fx.Node], x: fx.Node) -> fx.Node | None:
+        x_shape = shape_of(x)
+        if x_shape is None:
+            return None
+        x_numel, hidden = numel(x_shape), x_shape[-1]
+        for c in self.view.sorted(self.view.forward(cut[1:])):
+            value_node = self.view.result_node(c)
+            shape = shape_of(value_node)
+            t = tensor_meta(value_node)
+            if c in cut or shape is None or not t.is_floating_point() or not shape or not known_equal(shape[-1], hidden):
+                continue
+            if not known_equal(numel(shape), x_numel) or c.op == "output":
+                continue
+            if not self.view.reaches_output_avoiding(cut[1:], c):
+                return c
+        return None
+
+    # ---------------------------------------------------------------- probes
+    def real_values(self, nodes: list[fx.Node]) -> list:
+        fn, leaves = extract(self.view, self.gm, [], nodes)
+        args = [v.clone() if n in self.mutated_inputs else v for n, v in zip(leaves, self.leaf_values(leaves))]
+        with torch.no_grad():
+            return list(fn(*args))
+
+    def leaf_values(self, leaves: list[fx.Node]) -> list:
+        return [self.inputs[n] if n.op == "placeholder" else getattr(self.gm, n.target) for n in leaves]
+
+    def random_cuts(self, x, w, ids, num_experts):
+        """Probes that give every expert tokens: cyclic expert assignments, then a random one."""
+        T, K = ids.reshape(ids.shape[0], -1).shape if ids.dim() > 1 else (ids.shape[0], 1)
+        probes = []
+        rounds = min(8, max(1, -(-2 * num_experts // max(T * K, 1))))
+        scale = x.float().std().item() if x.numel() > 1 else 1.0
+        scale = scale if scale == scale and scale > 0 else 1.0
+        for r in range(rounds + 1):
+            g = self.generator
+            x_p = (torch.randn(x.shape, generator=g) * 2 * scale).to(x.dtype).to(x.device)
+            if r < rounds:
+                ids_p = (torch.arange(T * K).view(T, K) + r * T * K + torch.arange(T).view(T, 1)) % num_experts
+            else:
+                ids_p = torch.rand(T, num_experts, generator=g).argsort(dim=-1)[:, :K]
+            w_p = (torch.rand(T, K, generator=g) * 0.9 + 0.1).to(w.dtype).to(w.device)
+            probes.append((x_p, w_p.reshape(w.shape), ids_p.to(ids.dtype).to(ids.device).reshape(ids.shape)))
+        return probes
+
+    # ---------------------------------------------------------------- per anchor
+    def match(self, anchor: fx.Node) -> MoEMatch | Rejection | None:
+        src = anchor.args[0]
+        ids = self.getitem(anchor, 1)
+        src_shape = shape_of(src) if isinstance(src, fx.Node) else None
+        if ids is None or not src_shape:
+            return None
+        num_experts = src_shape[-1]
+        if not isinstance(num_experts, int):
+            return None
+        found = self.router_logits(src, num_experts)
+        if found is None:
+            return None  # e.g. the group top-k inside a group-limited router
+        logits, x = found
+        where = anchor.name
+        module_path = self.module_path([anchor])
+        ro = self.router_only(logits)
+        outs = self.view.forward([n for n in anchor.users])
+        w_candidates = [
+            n for n in self.view.sorted(ro & outs)
+            if same_shape(shape_of(n), shape_of(ids)) and tensor_meta(n) is not None and tensor_meta(n).is_floating_point()
+        ][::-1]  # fmt: skip
+        if not w_candidates:
+            return Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
+        result = None
+        for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
+            result = self.match_cut(anchor, logits, x, w, ids, ro, num_experts, module_path)
+            if isinstance(result, MoEMatch):
+                return result
+        return result
+
+    def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
+        where = anchor.name
+        cut = [x, w, ids]
+        output = self.output_node(cut, x)
+        if output is None:
+            return Rejection(where, module_path, "the top-k outputs do not reach one tensor of the tokens' shape "
+                             "that combines them (no MoE combine found)")  # fmt: skip
+        needed = self.view.backward([output], blocked=cut)
+        leaks = needed & self.view.forward([logits], blocked=[w, ids]) - {w, ids}
+        if leaks:
+            names = ", ".join(sorted(n.name for n in leaks)[:3])
+            return Rejection(where, module_path, f"the experts read router values other than the top-k weights and "
+                             f"ids ({names}): the combine cannot reproduce that")  # fmt: skip
+        region = self.view.forward([w, ids], blocked=[output]) & needed
+        region |= {n for n in needed - ro if n not in cut and n.op not in ("placeholder", "get_attr")}
+        region -= self.view.backward([x]) | set(cut)
+        foreign = [n for n in region if is_inplace(n) and self.view.root[n] not in region]
+        if foreign:
+            return Rejection(where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, "
+                             "which lives outside it")  # fmt: skip
+        for n in region - {output, self.view.result_node(output)}:
+            outside = [
+                u for u in self.view.users[n]
+                if u not in region and self.view.reaches_output_avoiding([u], output)
+            ]  # fmt: skip
+            if outside and not is_inplace(n):
+                return Rejection(where, module_path, f"{n.name} inside the block is also used outside it "
+                                 f"({outside[0].name})")  # fmt: skip
+        module_path = self.module_path([anchor, logits, *region])
+        x_real, logits_real, w_real, ids_real = self.real_values([x, logits, w, ids])
+        if x_real.numel() == 0:
+            return Rejection(where, module_path, "the example batch is empty, so the block cannot be verified")
+        region_fn, leaves = extract(self.view, self.gm, cut, [output])
+        leaf_vals = self.leaf_values(leaves)
+        weight_leaves = [(n, v) for n, v in zip(leaves, leaf_vals) if n in self.weights and isinstance(v, torch.Tensor)]
+        families, leftovers = group_families(weight_leaves, num_experts)
+        if leftovers:
+            return Rejection(where, module_path, f"weights {leftovers[:3]} are not per-expert (E={num_experts})")
+        probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
+        with torch.no_grad():
+            refs = [region_fn(*p, *leaf_vals)[0] for p in probes]
+        out_dtype = refs[0].dtype
+        tol = TOLERANCE.get(out_dtype, 3e-2)
+        best, best_err = None, float("inf")
+        K = ids_real.reshape(ids_real.shape[0], -1).shape[1]
+        for binding in experts_id.candidates(families, x_real.shape[-1], num_experts, self.hints(region), out_dtype):
+            err = 0.0
+            for (xp, wp, ip), ref in zip(probes, refs):
+                out = experts_id.run_experts(
+                    binding, xp.reshape(-1, xp.shape[-1]), wp.reshape(-1, K).float(), ip.reshape(-1, K).int(), out_dtype
+                )
+                err = max(err, experts_id.rel_err(out.reshape(ref.shape), ref))
+                if err > tol:
+                    break
+            if err < best_err:
+                best, best_err = binding, err
+        if best is None:
+            names = [f"{f.name}{list(f.shape)}" for f in families]
+            return Rejection(where, module_path, f"no expert layout fits the weights {names}")
+        if best_err > tol:
+            return Rejection(where, module_path, f"no experts spec reproduces the block: closest {best.spec.summary()} "
+                             f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}")  # fmt: skip
+        router_spec, router_bias, router_nodes, router_err = self.identify_router(
+            anchor, logits, w, ids, ro, logits_real, K, num_experts
+        )
+        spec = MoESpec(experts=best.spec, top_k=K, router=router_spec, weight_placement=best.weight_placement)
+        errors = {"experts": best_err}
+        if router_spec is not None:
+            errors["router"] = router_err
+        return MoEMatch(
+            module_path, self.form(region), spec, x, logits, w, ids, output, region, router_nodes, router_bias,
+            best, errors,
+        )  # fmt: skip
+
+    def identify_router(self, anchor, logits, w, ids, ro, logits_real, K, num_experts):
+        router_nodes = (self.view.backward([w, ids], blocked=[logits]) & ro) - {logits}
+        if any(n.op == "placeholder" for n in router_nodes):
+            return None, None, set(), None
+        router_fn, leaves = extract(self.view, self.gm, [logits], [w, ids])
+        leaf_vals = self.leaf_values(leaves)
+        bias_leaves = [(n, v) for n, v in zip(leaves, leaf_vals) if isinstance(v, torch.Tensor) and tuple(v.shape) == (num_experts,)]
+        g = self.generator
+        std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
+        probes = [logits_real] + [
+            (torch.randn(logits_real.shape, generator=g) * max(std, 1e-3) * 2).to(logits_real.dtype) for _ in range(3)
+        ]
+        with torch.no_grad():
+            refs = [router_fn(p, *leaf_vals) for p in probes]
+        tol = TOLERANCE.get(w.meta.get("example_value", logits_real).dtype, 3e-2) if tensor_meta(w) is not None else 3e-2
+        anchor_k = K
+        for spec, bias in router_id.candidates(list(router_nodes | {anchor}), anchor, anchor_k, num_experts, [b for b, _ in bias_leaves]):
+            bias_val = dict(bias_leaves).get(bias) if bias is not None else None
+            err = 0.0
+            for p, (ref_w, ref_ids) in zip(probes, refs):
+                rw, rids = router_id.run_route(spec, p.reshape(-1, num_experts), bias_val)
+                err = max(err, router_id.routing_error(rw, rids, ref_w, ref_ids))
+                if err > tol:
+                    break
+            if err <= tol:
+                return spec, bias, router_nodes, err
+        log.debug("moe_fx: router at %s kept opaque: no recognised router reproduces it", anchor.name)
+        return None, None, set(), None
+
+    def hints(self, region: set[fx.Node]) -> dict:
+        names = {target_name(n) for n in region}
+        tanh = any(n.kwargs.get("approximate") == "tanh" for n in region if target_name(n) == "gelu")
+        bounds = [
+            b for n in region if target_name(n) in ("clamp", "clip", "clamp_max", "clamp_min")
+            for b in (*n.args[1:], *n.kwargs.values()) if isinstance(b, (int, float))
+        ]  # fmt: skip
+        alphas = [
+            c for n in region if target_name(n) in ("mul", "__mul__") and any(target_name(u) == "sigmoid" for u in n.users)
+            for c in n.args if isinstance(c, float)
+        ]  # fmt: skip
+        return experts_id.activation_hints(names, tanh, bounds, alphas[0] if alphas else None)
+
+    def form(self, region: set[fx.Node]) -> str:
+        names = {target_name(n) for n in region}
+        if names & {"_grouped_mm", "grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}:
+            return "hf_grouped_mm"
+        if names & {"where", "nonzero", "index_add_", "index_add", "setitem", "argwhere"}:
+            return "expert_loop"
+        if "bmm" in names and not names & {"einsum"}:
+            return "batched_mm"
+        if "einsum" in names and any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
+            return "gather_einsum"
+        return "dense"
+
+    def module_path(self, nodes) -> str:
+        paths = []
+        for n in nodes:
+            if n.op not in ("call_function", "call_method", "call_module"):
+                continue
+            stack = n.meta.get("nn_module_stack")
+            paths.append(_clean_path(list(stack.values())[-1][0]).split(".") if stack else [])
+        if not paths:
+            return ""
+        common = []
+        for parts in zip(*paths):
+            if len(set(parts)) != 1:
+                break
+            common.append(parts[0])
+        return ".".join(common)
+
+
+def _concrete(v):
+    """Dynamo passes symbolic sizes as SymInts; probes run on the real sizes they stand for."""
+    if isinstance(v, torch.SymInt) and v.node.has_hint():
+        return int(v.node.hint)
+    return v
+
+
+def _clean_path(path: str) -> str:
+    import re
+
+    path = re.sub(r"L\['self'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    return path.strip(".")
+
+
+def find_blocks(gm: fx.GraphModule, example_inputs: list) -> tuple[list[MoEMatch], list[Rejection]]:
+    """Every MoE block in `gm` (outermost anchors first), and every near-miss with its reason."""
+    finder = BlockFinder(gm, example_inputs)
+    matches, rejections, claimed = [], [], set()
+    for anchor in finder.anchors():
+        if anchor in claimed:
+            continue
+        try:
+            result = finder.match(anchor)
+        except Exception as e:  # a probe the region cannot run is a refusal, never a crash
+            result = Rejection(anchor.name, finder.module_path([anchor]), f"could not evaluate the block: {e!r}"[:300])
+        if result is None:
+            continue
+        if isinstance(result, Rejection):
+            log.debug("moe_fx: rejected %s", result)
+            rejections.append(result)
+            continue
+        claimed |= result.region | result.router_nodes
+        matches.append(result)
+    return matches, rejections

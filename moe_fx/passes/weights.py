@@ -1,0 +1,135 @@
+"""Expert weights as the matchers find them: per-expert families or stacked 3-D parameters.
+
+A `Family` is one role's weights for all E experts: either one stacked leaf [E, ...] (used as is) or
+E per-expert leaves (`experts.0.w1.weight` … `experts.7.w1.weight`) found by their module paths.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+
+def _source_name(node: fx.Node) -> str | None:
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return None
+    return source.name() if callable(source.name) else source.name
+
+
+def leaf_name(node: fx.Node) -> str:
+    """The user-facing path of a weight leaf (`experts.0.w1.weight`), from its Dynamo source or name."""
+    name = _source_name(node)
+    if name is not None:
+        name = re.sub(r"\._(modules|parameters|buffers)\['([^']*)'\]", r".\2", name)
+        return name.replace("L['self'].", "")
+    name = str(node.target) if node.op == "get_attr" else node.name
+    name = re.sub(r"^(l_self_|L__self___|L_self_)", "", name)
+    return re.sub(r"_(modules|parameters|buffers)_", ".", name).rstrip("_")
+
+
+def is_weight(node: fx.Node, value) -> bool:
+    """A parameter or buffer leaf, as opposed to an activation input."""
+    if node.op == "get_attr":
+        return True
+    if node.op != "placeholder" or not isinstance(value, torch.Tensor):
+        return False
+    raw = _source_name(node) or node.name
+    return isinstance(value, torch.nn.Parameter) or any(k in raw for k in ("_buffers", "_parameters"))
+
+
+@dataclass
+class Family:
+    name: str  # e.g. "experts.*.w1.weight" or "w1"
+    nodes: list[fx.Node]
+    tensors: list[torch.Tensor]
+    stacked: bool
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """[E, ...] shape of the stacked family."""
+        if self.stacked:
+            return tuple(self.tensors[0].shape)
+        return (len(self.tensors), *self.tensors[0].shape)
+
+    def materialize(self) -> torch.Tensor:
+        return self.tensors[0] if self.stacked else torch.stack([t.detach() for t in self.tensors])
+
+
+def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int) -> tuple[list[Family], list[str]]:
+    """Group weight leaves into per-expert families. Returns (families, names of leaves that fit none).
+
+    A family is E leaves whose names differ in exactly one number, running 0..E-1 (`experts.3.w1.weight`),
+    or one stacked leaf whose leading dim is E.
+    """
+    named = [(re.split(r"(\d+)", leaf_name(n)), n, t) for n, t in leaves]
+    groups: dict[tuple, list[tuple[int, fx.Node, torch.Tensor]]] = {}
+    for parts, node, tensor in named:
+        for pos in range(1, len(parts), 2):
+            key = (tuple("*" if i == pos else p for i, p in enumerate(parts)), tuple(tensor.shape), tensor.dtype)
+            groups.setdefault(key, []).append((int(parts[pos]), node, tensor))
+    families, placed = [], set()
+    for (skeleton, _, _), members in groups.items():
+        members = sorted(members, key=lambda m: m[0])
+        if num_experts < 2 or [m[0] for m in members] != list(range(num_experts)):
+            continue
+        if any(m[1] in placed for m in members):
+            continue
+        placed |= {m[1] for m in members}
+        families.append(Family("".join(skeleton), [m[1] for m in members], [m[2] for m in members], stacked=False))
+    leftovers = []
+    for _, node, tensor in named:
+        if node in placed:
+            continue
+        if tensor.dim() in (2, 3) and tensor.shape[0] == num_experts:
+            families.append(Family(leaf_name(node), [node], [tensor], stacked=True))
+        else:
+            leftovers.append(leaf_name(node))
+    return families, leftovers
+
+
+# Stacked tensors moe_fx made, by storage: a recompile finds the per-expert parameters already
+# rebound as views into one of these and reuses it instead of stacking a second copy.
+_STACKS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+
+
+def remember_stack(tensor: torch.Tensor) -> None:
+    _STACKS[tensor.untyped_storage().data_ptr()] = tensor
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride()
+
+
+def existing_stack(parts: list[Family], dim: int) -> torch.Tensor | None:
+    """The stacked tensor `parts` already live in (concatenated along `dim`), if moe_fx made one."""
+    stack = _STACKS.get(parts[0].tensors[0].untyped_storage().data_ptr())
+    if stack is None:
+        return None
+    offset = 0
+    for family in parts:
+        size = family.shape[dim]
+        if offset + size > stack.shape[dim]:
+            return None
+        block = stack.narrow(dim, offset, size)
+        offset += size
+        expected = [block] if family.stacked else list(block.unbind(0))
+        if len(expected) != len(family.tensors):
+            return None
+        if any(_layout(t) != _layout(v) for t, v in zip(family.tensors, expected)):
+            return None
+    return stack if offset == stack.shape[dim] else None
+
+
+def stack_parts(parts: list[Family], dim: int) -> torch.Tensor:
+    """parts concatenated along `dim` of the stacked [E, ...] shape: reused, used as is, or copied once."""
+    if len(parts) == 1 and parts[0].stacked:
+        return parts[0].tensors[0]
+    found = existing_stack(parts, dim)
+    if found is not None:
+        return found
+    return torch.cat([p.materialize() for p in parts], dim) if len(parts) > 1 else parts[0].materialize()

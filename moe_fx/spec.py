@@ -1,0 +1,141 @@
+"""The description of one MoE block that every lowering receives.
+
+Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
+
+`MoESpec` is frozen and hashable: it goes into node meta, registry `supports` checks and caches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+SCORINGS = ("softmax", "sigmoid", "none")
+ROUTER_ORDERS = ("score_then_topk", "topk_then_score")
+ACTIVATIONS = (
+    "silu_gated",  # silu(gate) * up
+    "gelu_gated",  # gelu(gate) * up
+    "gelu_tanh_gated",  # gelu(gate, approximate="tanh") * up
+    "clamped_swiglu",  # GPT-OSS: clamp, gate * sigmoid(alpha * gate) * (up + 1)
+    "relu",  # non-gated
+    "gelu",
+    "gelu_tanh",
+    "silu",
+)
+GATED_ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu")
+GATE_UP_LAYOUTS = ("concat", "interleaved", "up_first", "separate")
+WEIGHT_PLACEMENTS = ("output", "input")
+QUANT_MODES = ("none", "fp8", "fp8_block", "int8", "int4_weight")
+LAYOUTS = ("single", "ep_alltoall", "ep_allgather", "tp")
+
+
+def _check(value, allowed, name):
+    if value not in allowed:
+        raise ValueError(f"moe_fx: {name}={value!r} is not one of {allowed}")
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """How router logits [T, E] become (weights_TK fp32, ids_TK int32).
+
+    score_then_topk: w, ids = topk(score(logits + bias?)); w gathered from the unbiased scores.
+    topk_then_score: v, ids = topk(logits); w = score(v) (softmax over the K picked).
+    n_group/topk_group: group-limited top-k (DeepSeek-V3): groups ranked by the sum of their
+    top `group_score_topk` scores, experts outside the `topk_group` best groups are masked.
+    """
+
+    k: int
+    scoring: str = "softmax"
+    order: str = "score_then_topk"
+    renormalize: bool = False
+    has_bias: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+    group_score_topk: int = 2
+    scale: float = 1.0
+
+    def __post_init__(self):
+        _check(self.scoring, SCORINGS, "scoring")
+        _check(self.order, ROUTER_ORDERS, "order")
+        if self.k < 1:
+            raise ValueError(f"moe_fx: router k ({self.k}) must be >= 1")
+
+    def summary(self) -> str:
+        parts = [f"{self.scoring}", f"top{self.k}"]
+        if self.order == "topk_then_score":
+            parts = [f"top{self.k}", self.scoring]
+        if self.has_bias:
+            parts.insert(1, "+bias")
+        if self.n_group > 1:
+            parts.append(f"groups {self.topk_group}/{self.n_group}")
+        if self.renormalize:
+            parts.append("renorm")
+        if self.scale != 1.0:
+            parts.append(f"x{self.scale:g}")
+        return "→".join(parts)
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """The experts' MLP. Canonical weights: w13 [E, 2F, D] (or [E, F, D] non-gated), w2 [E, D, F].
+
+    `w13_transposed` / `w2_transposed` mark [E, D, 2F] / [E, F, D] storage (GPT-OSS).
+    """
+
+    num_experts: int
+    hidden: int  # D
+    ffn: int  # F
+    activation: str = "silu_gated"
+    gate_up: str = "concat"
+    w13_transposed: bool = False
+    w2_transposed: bool = False
+    has_w13_bias: bool = False
+    has_w2_bias: bool = False
+    alpha: float = 1.702
+    limit: float = 7.0
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check(self.activation, ACTIVATIONS, "activation")
+        _check(self.gate_up, GATE_UP_LAYOUTS, "gate_up")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in GATED_ACTIVATIONS
+
+    def summary(self) -> str:
+        bias = "+bias" if self.has_w13_bias or self.has_w2_bias else ""
+        layout = "" if not self.gated or self.gate_up == "concat" else f" {self.gate_up}"
+        return f"E={self.num_experts} D={self.hidden} F={self.ffn} {self.activation}{layout}{bias} {self.dtype}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    mode: str = "none"
+
+    def __post_init__(self):
+        _check(self.mode, QUANT_MODES, "quant")
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """Router (None for an opaque router), experts, quantisation, weight placement and layout."""
+
+    experts: ExpertsSpec
+    top_k: int
+    router: RouterSpec | None = None
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    weight_placement: str = "output"
+    layout: str = "single"
+
+    def __post_init__(self):
+        _check(self.weight_placement, WEIGHT_PLACEMENTS, "weight_placement")
+        _check(self.layout, LAYOUTS, "layout")
+
+    def replace(self, **changes) -> MoESpec:
+        return dataclasses.replace(self, **changes)
+
+    def summary(self) -> str:
+        router = self.router.summary() if self.router else f"opaque top{self.top_k}"
+        weight = " weight@input" if self.weight_placement == "input" else ""
+        return f"{router} | {self.experts.summary()}{weight}"
