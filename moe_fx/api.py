@@ -62,7 +62,8 @@ def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs)
     report = Report()
     graphs = _capture(model_or_fn, args, kwargs)
     for i, (gm, example_inputs) in enumerate(graphs):
-        report.extend(rewrite_graph(gm, example_inputs, opts, dry_run=True, graph=i))
+        with torch.no_grad():  # apply's forward runs the original block in grad mode (see _RewrittenForward)
+            report.extend(rewrite_graph(gm, example_inputs, opts, dry_run=True, graph=i))
     report.graph_breaks = max(0, len(graphs) - 1)
     return report
 
@@ -129,7 +130,8 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             continue
         flat_inputs = pytree.tree_leaves((margs, mkwargs))
         flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]
-        block_report = rewrite_graph(gm, flat_inputs, opts)
+        with torch.no_grad():
+            block_report = rewrite_graph(gm, flat_inputs, opts)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches

@@ -65,12 +65,11 @@ def _bias_for(weight: Family, biases: list[Family]) -> Family | None:
     return None
 
 
-def candidates(families: list[Family], hidden: int, num_experts: int, hints: dict, dtype: torch.dtype):
+def candidates(families: list[Family], hidden: int, num_experts: int, hints: dict):
     """Every binding of families to roles that the shapes allow. Yields ExpertsBinding."""
     mats = [f for f in families if len(f.shape) == 3]
     vecs = [f for f in families if len(f.shape) == 2]
     D = hidden
-    dtype_name = str(dtype).removeprefix("torch.")
     for down in mats:
         rest = [m for m in mats if m is not down]
         for t2 in (False, True):
@@ -115,7 +114,7 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
                             num_experts=num_experts, hidden=D, ffn=F, activation=act, gate_up=layout,
                             w13_transposed=t13, w2_transposed=t2, has_w13_bias=b13 is not None,
                             has_w2_bias=b2 is not None, alpha=hints.get("alpha", 1.702),
-                            limit=hints.get("limit", 7.0), dtype=dtype_name,
+                            limit=hints.get("limit", 7.0), dtype=str(w13.dtype).removeprefix("torch."),
                         )  # fmt: skip
                         yield ExpertsBinding(
                             spec, placement, w13, w3, stack_parts([down], 1), b13, stack_parts([b2], 1) if b2 else None,

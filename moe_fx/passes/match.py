@@ -123,6 +123,17 @@ class BlockFinder:
             node = node.args[0]
         return node
 
+    def token_root(self, node: fx.Node) -> fx.Node:
+        """The first tensor of the tokens upstream of the router input, through casts and reshapes
+        that keep the hidden dim: router and experts often reshape the same input separately."""
+        node = self.strip_casts(node)
+        hidden = shape_of(node)[-1]
+        while (is_method(node, *_CASTS, "view", "reshape", "flatten") or is_function(node, torch.reshape)) and (
+            isinstance(node.args[0], fx.Node) and shape_of(node.args[0]) and known_equal(shape_of(node.args[0])[-1], hidden)
+        ):
+            node = node.args[0]
+        return node
+
     def router_logits(self, src: fx.Node, num_experts: int) -> tuple[fx.Node, fx.Node] | None:
         """The nearest linear upstream of `src` producing [..., E] from tokens and an [E, D] weight."""
         seen, frontier = set(), [src]
@@ -136,7 +147,7 @@ class BlockFinder:
             ):
                 shape = shape_of(n)
                 if shape and known_equal(shape[-1], num_experts) and isinstance(n.args[0], fx.Node):
-                    return n, self.strip_casts(n.args[0])
+                    return n, self.token_root(n.args[0])
             frontier.extend(self.view.inputs[n])
         return None
 
@@ -241,12 +252,14 @@ class BlockFinder:
                              f"ids ({names}): the combine cannot reproduce that")  # fmt: skip
         region = self.view.forward([w, ids], blocked=[output]) & needed
         region |= {n for n in needed - ro if n not in cut and n.op not in ("placeholder", "get_attr")}
-        region -= self.view.backward([x]) | set(cut)
+        region -= self.view.backward([x, logits]) | set(cut)
         foreign = [n for n in region if is_inplace(n) and self.view.root[n] not in region]
         if foreign:
             return Rejection(where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, "
                              "which lives outside it")  # fmt: skip
         for n in region - {output, self.view.result_node(output)}:
+            if not isinstance(value(n), torch.Tensor):
+                continue  # sizes are shape facts, free to share; they stay while used
             outside = [
                 u for u in self.view.users[n]
                 if u not in region and self.view.reaches_output_avoiding([u], output)
@@ -271,7 +284,7 @@ class BlockFinder:
         tol = TOLERANCE.get(out_dtype, 3e-2)
         best, best_err = None, float("inf")
         K = ids_real.reshape(ids_real.shape[0], -1).shape[1]
-        for binding in experts_id.candidates(families, x_real.shape[-1], num_experts, self.hints(region), out_dtype):
+        for binding in experts_id.candidates(families, x_real.shape[-1], num_experts, self.hints(region)):
             err = 0.0
             for (xp, wp, ip), ref in zip(probes, refs):
                 out = experts_id.run_experts(
