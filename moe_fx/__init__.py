@@ -1,7 +1,7 @@
 """moe_fx: find naive Mixture-of-Experts blocks in any model graph and rewrite them into
 route -> quantize_dispatch -> experts -> combine, lowered through a device/layout registry."""
 
-from moe_fx import ops  # noqa: F401  (registers the moe_fx:: custom ops)
+from moe_fx import examples, ops  # noqa: F401  (ops registers the moe_fx:: custom ops)
 from moe_fx.api import apply, explain
 from moe_fx.lowering import register_lowering
 from moe_fx.report import Report

@@ -157,7 +157,7 @@ class GroupLimitedRouter(nn.Module):
         scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         choice_TE = scores_TE + self.e_score_correction_bias
         T, E = choice_TE.shape
-        group_TG = choice_TE.view(T, self.n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+        group_TG = choice_TE.view(T, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = group_TG.topk(self.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_TG).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(T, self.n_group, E // self.n_group).reshape(T, E)

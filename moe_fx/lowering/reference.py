@@ -131,7 +131,7 @@ def combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
     T, K = weights.shape
     slots_RD = y.new_empty((T * K, y.shape[1]), dtype=torch.float32)
     slots_RD[row_index] = y.float()
-    slots_TKD = slots_RD.view(T, K, -1)
+    slots_TKD = slots_RD.view(T, K, y.shape[1])
     if weighted:
         slots_TKD = slots_TKD * weights.float().unsqueeze(-1)
     return slots_TKD.sum(dim=1).to(y.dtype)

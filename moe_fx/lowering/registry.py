@@ -89,6 +89,13 @@ def register_lowering(
     return decorator
 
 
+def unregister_lowering(op: str, *, device: str, layout: str = "single", name: str) -> None:
+    """Remove a lowering registered with `register_lowering` (tests, plugins reloading)."""
+    with _LOCK:
+        entries = _ENTRIES.get((op, device, layout), [])
+        _ENTRIES[(op, device, layout)] = [e for e in entries if e.name != name]
+
+
 def candidates(op: str, device: str, layout: str) -> list[Lowering]:
     """Entries for (op, device, layout) and for any device, highest priority first."""
     with _LOCK:

@@ -1,0 +1,165 @@
+"""The reference lowering against a float64 per-token oracle written independently of it.
+
+Outputs are poisoned (deterministic mode fills torch.empty with NaN), so an unwritten row shows.
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moe_fx  # noqa: F401
+from tests.conftest import TOLERANCE, rel_err
+
+OPS = torch.ops.moe_fx
+E, D, FF = 4, 16, 24
+ACT = {
+    "silu_gated": lambda g, u: F.silu(g) * u,
+    "gelu_gated": lambda g, u: F.gelu(g) * u,
+    "gelu_tanh_gated": lambda g, u: F.gelu(g, approximate="tanh") * u,
+    "clamped_swiglu": lambda g, u: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(g.clamp(max=7) * 1.702),
+}
+PLAIN = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def oracle_mlp(x_D, e, act, w1, w3, w2, b1, b3, b2):
+    """One token through expert e, float64, from separate gate/up/down weights."""
+    g = x_D @ w1[e].T + (b1[e] if b1 is not None else 0)
+    if act in PLAIN:
+        h = PLAIN[act](g)
+    else:
+        u = x_D @ w3[e].T + (b3[e] if b3 is not None else 0)
+        h = ACT[act](g, u)
+    return h @ w2[e].T + (b2[e] if b2 is not None else 0)
+
+
+def oracle(x, weights, ids, act, w1, w3, w2, b1=None, b3=None, b2=None, weight_on_input=False):
+    args = [t.double() if t is not None else None for t in (w1, w3, w2, b1, b3, b2)]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t, k in itertools.product(range(x.shape[0]), range(ids.shape[1])):
+        w = weights[t, k].double()
+        xt = x[t].double() * (w if weight_on_input else 1)
+        out[t] += oracle_mlp(xt, int(ids[t, k]), act, *args) * (1 if weight_on_input else w)
+    return out
+
+
+def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, weight_on_input=False):
+    xq, xs, offs, rows, splits = OPS.quantize_dispatch(x, ids, weights, E, "none", weight_on_input, "single", "", None,
+                                                       "reference")  # fmt: skip
+    y = OPS.experts(xq, xs, offs, w13, w3, w2, b13, b2, None, None, None, act, gate_up, t13, t2, 1.702, 7.0, "none",
+                    x.dtype, "reference")  # fmt: skip
+    return OPS.combine(y, weights, rows, splits, not weight_on_input, "single", "", "reference")
+
+
+def make_routing(T, K, pattern):
+    if pattern == "random":
+        ids = torch.rand(T, E).argsort(dim=-1)[:, :K]
+    elif pattern == "one_expert":  # every token's first choice is expert 2
+        ids = (torch.arange(K).view(1, K) + 2).expand(T, K) % E
+    else:  # "empty": experts 0 and 1 never get a token
+        ids = (torch.arange(K).view(1, K) % (E - 2) + 2).expand(T, K)
+    return torch.rand(T, K) + 0.1, ids.to(torch.int32).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [0, 1, 7])
+@pytest.mark.parametrize("K", [1, 2, E])
+@pytest.mark.parametrize("pattern", ["random", "one_expert", "empty"])
+def test_silu_gated_against_oracle(dtype, T, K, pattern):
+    if pattern == "empty" and K > E - 2:
+        pytest.skip("needs K <= E - 2")
+    x = torch.randn(T, D).to(dtype)
+    w1, w3, w2 = (torch.randn(E, FF, D) / 4).to(dtype), (torch.randn(E, FF, D) / 4).to(dtype), (torch.randn(E, D, FF) / 5).to(dtype)
+    weights, ids = make_routing(T, K, pattern)
+    out = run(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, None, "silu_gated")
+    assert out.shape == (T, D) and out.dtype == dtype
+    if T:
+        assert rel_err(out, oracle(x, weights, ids, "silu_gated", w1, w3, w2)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("act", [*ACT, *PLAIN])
+@pytest.mark.parametrize("layout", ["concat", "interleaved", "up_first", "separate", "transposed"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_activations_layouts_biases(act, layout, bias):
+    T, K = 9, 2
+    gated = act in ACT
+    if not gated and layout != "concat":
+        pytest.skip("layouts only differ for gated experts")
+    x = torch.randn(T, D) * 2
+    w1, w3, w2 = torch.randn(E, FF, D) / 3, torch.randn(E, FF, D) / 3, torch.randn(E, D, FF) / 4
+    b1, b3, b2 = (torch.randn(E, FF), torch.randn(E, FF), torch.randn(E, D)) if bias else (None, None, None)
+    weights, ids = make_routing(T, K, "random")
+    ref = oracle(x, weights, ids, act, w1, w3, w2, b1, b3, b2)
+    w3_arg, t13, t2, gate_up = None, False, False, layout
+    if not gated:
+        w13, b13 = w1, b1
+    elif layout == "interleaved":
+        w13 = torch.stack([w1, w3], dim=2).reshape(E, 2 * FF, D)
+        b13 = torch.stack([b1, b3], dim=2).reshape(E, 2 * FF) if bias else None
+    elif layout == "up_first":
+        w13, b13 = torch.cat([w3, w1], 1), torch.cat([b3, b1], 1) if bias else None
+    elif layout == "separate":
+        w13, w3_arg, b13 = w1, w3, torch.cat([b1, b3], 1) if bias else None
+    else:
+        w13, b13, gate_up = torch.cat([w1, w3], 1), torch.cat([b1, b3], 1) if bias else None, "concat"
+    w2_arg = w2
+    if layout == "transposed":
+        w13, w2_arg, t13, t2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(), True, True
+    out = run(x, weights, ids, w13, w3_arg, w2_arg, b13, b2, act, gate_up, t13, t2)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_weight_on_input():
+    T, K = 6, 2
+    x = torch.randn(T, D)
+    w1, w3, w2 = torch.randn(E, FF, D), torch.randn(E, FF, D), torch.randn(E, D, FF)
+    weights, ids = make_routing(T, K, "random")
+    out = run(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, None, "silu_gated", weight_on_input=True)
+    ref = oracle(x, weights, ids, "silu_gated", w1, w3, w2, weight_on_input=True)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert rel_err(out, oracle(x, weights, ids, "silu_gated", w1, w3, w2)) > 1e-2  # the placement matters
+
+
+def oracle_route(logits, k, bias=None, n_group=1, topk_group=1, scale=1.0, renorm=False, sigmoid=False):
+    out_w, out_ids = [], []
+    for row in logits.double():
+        scores = row.sigmoid() if sigmoid else row.softmax(-1)
+        choice = scores + (bias.double() if bias is not None else 0)
+        if n_group > 1:
+            groups = choice.view(n_group, -1).topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros(n_group, dtype=torch.bool)
+            keep[groups.topk(topk_group).indices] = True
+            choice = torch.where(keep.repeat_interleave(len(row) // n_group), choice, torch.zeros_like(choice))
+        ids = choice.topk(k).indices
+        w = scores[ids]
+        w = w / w.sum() if renorm else w
+        out_w.append(w * scale)
+        out_ids.append(ids)
+    return torch.stack(out_w), torch.stack(out_ids)
+
+
+@pytest.mark.parametrize("T", [0, 1, 13])
+def test_route_group_limited_against_oracle(T):
+    logits, bias = torch.randn(T, 16), torch.randn(16) * 0.1
+    w, ids = OPS.route(logits, bias, 3, "sigmoid", "score_then_topk", True, 4, 2, 2, 2.5, "reference")
+    assert w.shape == ids.shape == (T, 3)
+    if T:
+        ref_w, ref_ids = oracle_route(logits, 3, bias, 4, 2, 2.5, renorm=True, sigmoid=True)
+        assert torch.equal(ids.long().sort(-1).values, ref_ids.sort(-1).values)
+        assert rel_err(w.sort(-1).values, ref_w.sort(-1).values) < 1e-6
+
+
+def test_route_topk_then_softmax():
+    logits = torch.randn(11, 8)
+    w, ids = OPS.route(logits, None, 2, "softmax", "topk_then_score", False, 1, 1, 2, 1.0, "reference")
+    v, ref_ids = logits.topk(2, dim=-1)
+    assert torch.equal(ids.long(), ref_ids) and rel_err(w, v.softmax(-1)) < 1e-6

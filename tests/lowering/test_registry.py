@@ -1,0 +1,67 @@
+"""The lowering registry: selection by (op, device, layout), priorities, supports(), third-party entries."""
+
+import pytest
+import torch
+
+import moe_fx
+from moe_fx.lowering import reference, registry
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec
+
+SPEC = MoESpec(experts=ExpertsSpec(num_experts=4, hidden=8, ffn=12), top_k=2)
+
+
+def test_reference_runs_everywhere():
+    for device in ("cpu", "cuda", "npu"):
+        for op in registry.OPS:
+            sel = registry.select(op, device, SPEC)
+            assert sel.chosen.name == "reference", (op, device)
+
+
+def test_unsupported_spec_is_rejected_with_reason():
+    sel = registry.select("experts", "cpu", SPEC.replace(quant=QuantSpec("fp8")))
+    assert sel.chosen is None
+    assert "quant='fp8'" in sel.reason and "reference" in sel.reason
+    sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout="ep_alltoall"))
+    assert sel.chosen is None and "none registered" in sel.reason
+
+
+def test_third_party_lowering_wins_by_priority_and_runs():
+    calls = []
+
+    @moe_fx.register_lowering("experts", device="cpu", name="plugin", priority=50,
+                              supports=lambda s: None if s.experts.activation == "silu_gated" else "silu only")  # fmt: skip
+    def plugin_experts(**kwargs):
+        calls.append(kwargs["activation"])
+        return reference.experts(**kwargs)
+
+    try:
+        assert registry.select("experts", "cpu", SPEC).chosen.name == "plugin"
+        relu = SPEC.replace(experts=ExpertsSpec(num_experts=4, hidden=8, ffn=12, activation="relu"))
+        sel = registry.select("experts", "cpu", relu)
+        assert sel.chosen.name == "reference" and sel.rejected == (("plugin", "silu only"),)
+        m = moe_fx.examples.LoopMoE().eval()
+        x = torch.randn(5, 32)
+        with torch.no_grad():
+            ref = m(x)
+            report = moe_fx.apply(m, x)
+            out = m(x)
+        assert report.matches[0].lowerings["experts"].name == "plugin"
+        assert calls and torch.allclose(out, ref, atol=1e-5)
+    finally:
+        registry.unregister_lowering("experts", device="cpu", name="plugin")
+
+
+def test_forced_lowering_must_support_the_spec():
+    with pytest.raises(ValueError, match="moe_fx: forced lowering 'reference' cannot run experts"):
+        registry.select("experts", "cpu", SPEC.replace(quant=QuantSpec("int8")), force="reference")
+    with pytest.raises(ValueError, match="moe_fx: forced lowering 'triton' .* is not registered"):
+        registry.select("experts", "cpu", SPEC, force="triton")
+
+
+def test_registration_errors_name_the_value():
+    with pytest.raises(ValueError, match="moe_fx: op='gemm'"):
+        moe_fx.register_lowering("gemm", device="cpu", name="x")
+    with pytest.raises(ValueError, match="moe_fx: layout='ring'"):
+        moe_fx.register_lowering("experts", device="cpu", layout="ring", name="x")
+    with pytest.raises(ValueError, match="already registered"):
+        moe_fx.register_lowering("experts", device="*", name="reference")(lambda **kw: None)
