@@ -30,17 +30,26 @@ def _compare(name: str, model, compiled, *args) -> None:
     ref, out = getattr(ref, "logits", ref), getattr(out, "logits", out)
     err = ((out - ref).abs().max() / ref.abs().max()).item()
     t_eager, t_moe = _time(model, *args), _time(compiled, *args)
-    print(f"{name}: max |moe_fx - eager| / max |eager| = {err:.2e}; "
-          f"eager {t_eager:.2f} ms, moe_fx {t_moe:.2f} ms per call on {args[0].device}")  # fmt: skip
+    print(
+        f"{name}: max |moe_fx - eager| / max |eager| = {err:.2e}; "
+        f"eager {t_eager:.2f} ms, moe_fx {t_moe:.2f} ms per call on {args[0].device}"
+    )
 
 
 def tiny_mixtral():
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=128,
-    )  # fmt: skip
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+    )
     return MixtralForCausalLM(config).eval()
 
 
@@ -67,8 +76,10 @@ def demo(inner: str) -> None:
     print(moe_fx.apply(hf))
     with torch.no_grad():
         err = ((hf(ids).logits - ref).abs().max() / ref.abs().max()).item()
-    print(f"HF Mixtral, moe_fx.apply: max |moe_fx - eager| / max |eager| = {err:.2e}; "
-          f"eager {_time(eager, ids):.2f} ms, moe_fx {_time(hf, ids):.2f} ms per call on {device}")
+    print(
+        f"HF Mixtral, moe_fx.apply: max |moe_fx - eager| / max |eager| = {err:.2e}; "
+        f"eager {_time(eager, ids):.2f} ms, moe_fx {_time(hf, ids):.2f} ms per call on {device}"
+    )
 
 
 def main(argv=None) -> None:

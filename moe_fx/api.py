@@ -79,8 +79,11 @@ class _RewrittenForward:
     def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
             if not self.warned:
-                warnings.warn("moe_fx: grad mode with trainable expert weights: running the original block "
-                              "(moe_fx lowerings have no autograd yet)")  # fmt: skip
+                warnings.warn(
+                    "moe_fx: grad mode with trainable expert weights: running the original block "
+                    "(moe_fx lowerings have no autograd yet)",
+                    stacklevel=2,
+                )
                 self.warned = True
             return self.original(*args, **kwargs)
         return self.gm(*args, **kwargs)
@@ -126,7 +129,9 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             with capture_config(), torch.no_grad():
                 gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
         except Exception as e:
-            report.rejections.append(RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300]))
+            report.rejections.append(
+                RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300])
+            )
             continue
         flat_inputs = pytree.tree_leaves((margs, mkwargs))
         flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]

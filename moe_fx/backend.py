@@ -64,12 +64,12 @@ def _forward_backend_ctx() -> None:
     try:
         from torch._dynamo.repro.after_dynamo import WrapBackendDebug
     except ImportError:
-        WrapBackendDebug = None
-    if WrapBackendDebug is None or "backend_ctx_ctor" in vars(WrapBackendDebug):
-        if WrapBackendDebug is None:
-            warnings.warn("moe_fx: cannot scope Dynamo capture flags on this torch; setting them process-wide")
-            for key, val in CAPTURE_FLAGS.items():
-                setattr(torch._dynamo.config, key, val)
+        msg = "moe_fx: cannot scope Dynamo capture flags on this torch; setting them process-wide"
+        warnings.warn(msg, stacklevel=2)
+        for key, val in CAPTURE_FLAGS.items():
+            setattr(torch._dynamo.config, key, val)
+        return
+    if "backend_ctx_ctor" in vars(WrapBackendDebug):
         return
 
     def backend_ctx_ctor(self):

@@ -42,9 +42,19 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE [, bias_E] -> (weights_TK float32, ids_TK int32)."""
     return _run(
-        "route", impl, logits=logits, bias=bias, k=k, scoring=scoring, order=order, renormalize=renormalize,
-        n_group=n_group, topk_group=topk_group, group_score_topk=group_score_topk, scale=scale,
-    )  # fmt: skip
+        "route",
+        impl,
+        logits=logits,
+        bias=bias,
+        k=k,
+        scoring=scoring,
+        order=order,
+        renormalize=renormalize,
+        n_group=n_group,
+        topk_group=topk_group,
+        group_score_topk=group_score_topk,
+        scale=scale,
+    )
 
 
 @route.register_fake
@@ -72,10 +82,18 @@ def quantize_dispatch(
     here (Llama4) instead of in combine. `expert_map` [E] maps global -> local expert id (-1: remote).
     """
     return _run(
-        "quantize_dispatch", impl, x=x, ids=ids, weights=weights, num_local_experts=num_local_experts,
-        quant=quant, weight_on_input=weight_on_input, layout=layout, group_name=group_name,
+        "quantize_dispatch",
+        impl,
+        x=x,
+        ids=ids,
+        weights=weights,
+        num_local_experts=num_local_experts,
+        quant=quant,
+        weight_on_input=weight_on_input,
+        layout=layout,
+        group_name=group_name,
         expert_map=expert_map,
-    )  # fmt: skip
+    )
 
 
 @quantize_dispatch.register_fake
@@ -123,16 +141,53 @@ def experts(
     `*_transposed` marks [E, D, 2F] / [E, F, D] storage. w13_bias [E, 2F] (gate then up), w2_bias [E, D].
     """
     return _run(
-        "experts", impl, xq=xq, xscale=xscale, expert_offsets=expert_offsets, w13=w13, w3=w3, w2=w2,
-        w13_bias=w13_bias, w2_bias=w2_bias, w13_scale=w13_scale, w2_scale=w2_scale, row_weights=row_weights,
-        activation=activation, gate_up=gate_up, w13_transposed=w13_transposed, w2_transposed=w2_transposed,
-        alpha=alpha, limit=limit, quant=quant, out_dtype=out_dtype,
-    )  # fmt: skip
+        "experts",
+        impl,
+        xq=xq,
+        xscale=xscale,
+        expert_offsets=expert_offsets,
+        w13=w13,
+        w3=w3,
+        w2=w2,
+        w13_bias=w13_bias,
+        w2_bias=w2_bias,
+        w13_scale=w13_scale,
+        w2_scale=w2_scale,
+        row_weights=row_weights,
+        activation=activation,
+        gate_up=gate_up,
+        w13_transposed=w13_transposed,
+        w2_transposed=w2_transposed,
+        alpha=alpha,
+        limit=limit,
+        quant=quant,
+        out_dtype=out_dtype,
+    )
 
 
 @experts.register_fake
-def _(xq, xscale, expert_offsets, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale, row_weights, activation,
-      gate_up, w13_transposed, w2_transposed, alpha, limit, quant, out_dtype, impl):  # fmt: skip
+def _(
+    xq,
+    xscale,
+    expert_offsets,
+    w13,
+    w3,
+    w2,
+    w13_bias,
+    w2_bias,
+    w13_scale,
+    w2_scale,
+    row_weights,
+    activation,
+    gate_up,
+    w13_transposed,
+    w2_transposed,
+    alpha,
+    limit,
+    quant,
+    out_dtype,
+    impl,
+):
     D = w2.shape[2] if w2_transposed else w2.shape[1]
     return xq.new_empty((xq.shape[0], D), dtype=out_dtype)
 
@@ -150,9 +205,16 @@ def combine(
 ) -> torch.Tensor:
     """y_RD, weights_TK, row_index_R -> out_TD = sum_k weights[t, k] * y[row of (t, k)]."""
     return _run(
-        "combine", impl, y=y, weights=weights, row_index=row_index, comm_splits=comm_splits, weighted=weighted,
-        layout=layout, group_name=group_name,
-    )  # fmt: skip
+        "combine",
+        impl,
+        y=y,
+        weights=weights,
+        row_index=row_index,
+        comm_splits=comm_splits,
+        weighted=weighted,
+        layout=layout,
+        group_name=group_name,
+    )
 
 
 @combine.register_fake

@@ -61,8 +61,10 @@ class Report:
 
     def __str__(self) -> str:
         head = ["module", "form", "spec", "lowerings", "verified rel err"]
-        lines = [f"moe_fx: {len(self.matches)} MoE block(s) matched, {len(self.rejections)} rejected, "
-                 f"{self.graphs} graph(s), {self.graph_breaks} graph break(s)"]  # fmt: skip
+        lines = [
+            f"moe_fx: {len(self.matches)} MoE block(s) matched, {len(self.rejections)} rejected, "
+            f"{self.graphs} graph(s), {self.graph_breaks} graph break(s)"
+        ]
         if self.matches:
             lines.append(_table(head, [m.row() for m in self.matches]))
         for r in self.rejections:
@@ -73,9 +75,7 @@ class Report:
 
     def _repr_html_(self) -> str:
         e = html.escape
-        rows = "".join(
-            "<tr>" + "".join(f"<td>{e(c)}</td>" for c in m.row()) + "</tr>" for m in self.matches
-        )
+        rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in m.row()) + "</tr>" for m in self.matches)
         rejected = "".join(
             f"<li><code>{e(r.module_path or '<root>')}</code> at <code>{e(r.where)}</code>: {e(r.reason)}</li>"
             for r in self.rejections

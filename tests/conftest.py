@@ -17,7 +17,10 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
+    from torch._dynamo.utils import counters
+
     torch.manual_seed(0)
     torch._dynamo.reset()
+    counters.clear()
     yield
     torch._dynamo.reset()

@@ -32,8 +32,28 @@ def test_dispatch_experts_combine_opcheck():
     assert xq.shape == (T * K, D) and offsets.shape == (E + 1,) and rows.shape == (T * K,) and splits.numel() == 0
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
     b13, b2 = torch.randn(E, 2 * F), torch.randn(E, D)
-    experts_args = (xq, xscale, offsets, w13, None, w2, b13, b2, None, None, None, "clamped_swiglu", "interleaved",
-                    False, False, 1.702, 7.0, "none", torch.float32, "reference")  # fmt: skip
+    experts_args = (
+        xq,
+        xscale,
+        offsets,
+        w13,
+        None,
+        w2,
+        b13,
+        b2,
+        None,
+        None,
+        None,
+        "clamped_swiglu",
+        "interleaved",
+        False,
+        False,
+        1.702,
+        7.0,
+        "none",
+        torch.float32,
+        "reference",
+    )
     torch.library.opcheck(OPS.experts, experts_args)
     y = OPS.experts(*experts_args)
     torch.library.opcheck(OPS.combine, (y, weights, rows, splits, True, "single", "", "reference"))
@@ -46,11 +66,36 @@ def test_fake_shapes_under_fake_mode():
         logits, x = torch.empty(5, E), torch.empty(5, D)
         w, ids = OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference")
         xq, xs, offs, rows, splits = OPS.quantize_dispatch(x, ids, w, E, "none", False, "single", "", None, "reference")
-        y = OPS.experts(xq, xs, offs, torch.empty(E, 2 * F, D), None, torch.empty(E, D, F), None, None, None, None,
-                        None, "silu_gated", "concat", False, False, 1.702, 7.0, "none", torch.bfloat16, "reference")  # fmt: skip
+        y = OPS.experts(
+            xq,
+            xs,
+            offs,
+            torch.empty(E, 2 * F, D),
+            None,
+            torch.empty(E, D, F),
+            None,
+            None,
+            None,
+            None,
+            None,
+            "silu_gated",
+            "concat",
+            False,
+            False,
+            1.702,
+            7.0,
+            "none",
+            torch.bfloat16,
+            "reference",
+        )
         out = OPS.combine(y, w, rows, splits, True, "single", "", "reference")
     assert (w.shape, ids.dtype, xq.shape, offs.shape, y.dtype, out.shape) == (
-        (5, K), torch.int32, (5 * K, D), (E + 1,), torch.bfloat16, (5, D)
+        (5, K),
+        torch.int32,
+        (5 * K, D),
+        (E + 1,),
+        torch.bfloat16,
+        (5, D),
     )
 
 

@@ -105,8 +105,27 @@ def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit
 
 
 @register_lowering("experts", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised)
-def experts(xq, xscale, expert_offsets, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale, row_weights,
-            activation, gate_up, w13_transposed, w2_transposed, alpha, limit, quant, out_dtype):  # fmt: skip
+def experts(
+    xq,
+    xscale,
+    expert_offsets,
+    w13,
+    w3,
+    w2,
+    w13_bias,
+    w2_bias,
+    w13_scale,
+    w2_scale,
+    row_weights,
+    activation,
+    gate_up,
+    w13_transposed,
+    w2_transposed,
+    alpha,
+    limit,
+    quant,
+    out_dtype,
+):
     if w3 is not None:  # gate_up == "separate"
         w13 = torch.cat([w13, w3], dim=2 if w13_transposed else 1)
         gate_up = "concat"

@@ -116,7 +116,10 @@ def select(op: str, device: str, spec: MoESpec, force: str | None = None) -> Sel
         rejected.append((entry.name, reason))
     if force is not None and not any(name == force and "forced" not in r for name, r in rejected):
         names = [e.name for e in candidates(op, device, spec.layout)]
-        raise ValueError(f"moe_fx: forced lowering {force!r} for {op} on {device}/{spec.layout} is not registered; registered: {names}")
+        raise ValueError(
+            f"moe_fx: forced lowering {force!r} for {op} on {device}/{spec.layout} is not registered; "
+            f"registered: {names}"
+        )
     if force is not None:
         why = dict(rejected)[force]
         raise ValueError(f"moe_fx: forced lowering {force!r} cannot run {op} for this block: {why}")

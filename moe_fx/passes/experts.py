@@ -98,8 +98,10 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
                     used = {id(b) for b in [*b13_parts, b2] if b is not None}
                     if len(used) != len(vecs) or (any(b13_parts) and not all(b13_parts)):
                         continue  # a bias we could not place
-                    if b2 is not None and b2.shape[1] != D or any(
-                        b.shape[1] != p.shape[h_dim] for b, p in zip(b13_parts, parts) if b is not None
+                    if (
+                        b2 is not None
+                        and b2.shape[1] != D
+                        or any(b.shape[1] != p.shape[h_dim] for b, p in zip(b13_parts, parts) if b is not None)
                     ):
                         continue
                     if separate and any(b13_parts):
@@ -111,15 +113,32 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
                     b13 = stack_parts(b13_parts, 1) if b13_parts and all(b13_parts) else None
                     for layout, act, placement in itertools.product(layouts, acts, ("output", "input")):
                         spec = ExpertsSpec(
-                            num_experts=num_experts, hidden=D, ffn=F, activation=act, gate_up=layout,
-                            w13_transposed=t13, w2_transposed=t2, has_w13_bias=b13 is not None,
-                            has_w2_bias=b2 is not None, alpha=hints.get("alpha", 1.702),
-                            limit=hints.get("limit", 7.0), dtype=str(w13.dtype).removeprefix("torch."),
-                        )  # fmt: skip
+                            num_experts=num_experts,
+                            hidden=D,
+                            ffn=F,
+                            activation=act,
+                            gate_up=layout,
+                            w13_transposed=t13,
+                            w2_transposed=t2,
+                            has_w13_bias=b13 is not None,
+                            has_w2_bias=b2 is not None,
+                            alpha=hints.get("alpha", 1.702),
+                            limit=hints.get("limit", 7.0),
+                            dtype=str(w13.dtype).removeprefix("torch."),
+                        )
                         yield ExpertsBinding(
-                            spec, placement, w13, w3, stack_parts([down], 1), b13, stack_parts([b2], 1) if b2 else None,
-                            list(parts), down, [b for b in b13_parts if b], b2,
-                        )  # fmt: skip
+                            spec,
+                            placement,
+                            w13,
+                            w3,
+                            stack_parts([down], 1),
+                            b13,
+                            stack_parts([b2], 1) if b2 else None,
+                            list(parts),
+                            down,
+                            [b for b in b13_parts if b],
+                            b2,
+                        )
 
 
 def run_experts(binding: ExpertsBinding, x_TD, weights_TK, ids_TK, out_dtype, impl="reference"):
@@ -127,13 +146,39 @@ def run_experts(binding: ExpertsBinding, x_TD, weights_TK, ids_TK, out_dtype, im
     spec = binding.spec
     ops = torch.ops.moe_fx
     xq, xscale, offsets, rows, splits = ops.quantize_dispatch(
-        x_TD, ids_TK, weights_TK, spec.num_experts, "none", binding.weight_placement == "input", "single", "", None, impl
+        x_TD,
+        ids_TK,
+        weights_TK,
+        spec.num_experts,
+        "none",
+        binding.weight_placement == "input",
+        "single",
+        "",
+        None,
+        impl,
     )
     y = ops.experts(
-        xq, xscale, offsets, binding.w13, binding.w3, binding.w2, binding.w13_bias, binding.w2_bias, None, None, None,
-        spec.activation, spec.gate_up, spec.w13_transposed, spec.w2_transposed, spec.alpha, spec.limit, "none",
-        out_dtype, impl,
-    )  # fmt: skip
+        xq,
+        xscale,
+        offsets,
+        binding.w13,
+        binding.w3,
+        binding.w2,
+        binding.w13_bias,
+        binding.w2_bias,
+        None,
+        None,
+        None,
+        spec.activation,
+        spec.gate_up,
+        spec.w13_transposed,
+        spec.w2_transposed,
+        spec.alpha,
+        spec.limit,
+        "none",
+        out_dtype,
+        impl,
+    )
     return ops.combine(y, weights_TK, rows, splits, binding.weight_placement == "output", "single", "", impl)
 
 

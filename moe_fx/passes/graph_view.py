@@ -15,12 +15,45 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _VIEW_METHODS = {
-    "view", "reshape", "view_as", "reshape_as", "transpose", "permute", "unsqueeze", "squeeze", "expand",
-    "expand_as", "narrow", "select", "t", "flatten", "unflatten", "split", "chunk", "unbind", "as_strided",
-    "detach", "contiguous", "movedim", "unfold",
-}  # fmt: skip
-_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.narrow,
-                   torch.select, torch.t, torch.flatten, torch.split, torch.chunk, torch.unbind, torch.detach}  # fmt: skip
+    "view",
+    "reshape",
+    "view_as",
+    "reshape_as",
+    "transpose",
+    "permute",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "expand_as",
+    "narrow",
+    "select",
+    "t",
+    "flatten",
+    "unflatten",
+    "split",
+    "chunk",
+    "unbind",
+    "as_strided",
+    "detach",
+    "contiguous",
+    "movedim",
+    "unfold",
+}
+_VIEW_FUNCTIONS = {
+    torch.reshape,
+    torch.transpose,
+    torch.permute,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.narrow,
+    torch.select,
+    torch.t,
+    torch.flatten,
+    torch.split,
+    torch.chunk,
+    torch.unbind,
+    torch.detach,
+}
 _INPLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 ASSERT_TARGETS = {
     torch.ops.aten._assert_scalar.default,

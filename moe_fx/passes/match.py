@@ -27,7 +27,6 @@ import torch.fx as fx
 from moe_fx.passes import experts as experts_id
 from moe_fx.passes import router as router_id
 from moe_fx.passes.graph_view import (
-    ASSERT_TARGETS,
     LINEAR_TARGETS,
     GraphView,
     is_function,
@@ -42,8 +41,8 @@ from moe_fx.passes.graph_view import (
     value,
 )
 from moe_fx.passes.subgraph import extract
-from moe_fx.passes.weights import group_families, is_weight, leaf_name
-from moe_fx.spec import MoESpec, RouterSpec
+from moe_fx.passes.weights import group_families, is_weight
+from moe_fx.spec import MoESpec
 
 log = logging.getLogger("moe_fx")
 
@@ -95,7 +94,9 @@ class BlockFinder:
         self.inputs = {n: _concrete(v) for n, v in zip(placeholders, example_inputs)}
         self.weights = {n for n, v in self.inputs.items() if is_weight(n, v)}
         self.weights |= {n for n in gm.graph.nodes if n.op == "get_attr"}
-        data_inputs = [n for n in placeholders if n not in self.weights and isinstance(self.inputs.get(n), torch.Tensor)]
+        data_inputs = [
+            n for n in placeholders if n not in self.weights and isinstance(self.inputs.get(n), torch.Tensor)
+        ]
         # sizes (SymInts) computed from the tokens are shape facts, not data: only tensors carry data
         self.depends_on_data = {n for n in self.view.forward(data_inputs) if isinstance(value(n), torch.Tensor)}
         mutated = {self.view.root[m] for ms in self.view.mutations.values() for m in ms}
@@ -129,7 +130,9 @@ class BlockFinder:
         node = self.strip_casts(node)
         hidden = shape_of(node)[-1]
         while (is_method(node, *_CASTS, "view", "reshape", "flatten") or is_function(node, torch.reshape)) and (
-            isinstance(node.args[0], fx.Node) and shape_of(node.args[0]) and known_equal(shape_of(node.args[0])[-1], hidden)
+            isinstance(node.args[0], fx.Node)
+            and shape_of(node.args[0])
+            and known_equal(shape_of(node.args[0])[-1], hidden)
         ):
             node = node.args[0]
         return node
@@ -170,7 +173,13 @@ class BlockFinder:
             value_node = self.view.result_node(c)
             shape = shape_of(value_node)
             t = tensor_meta(value_node)
-            if c in cut or shape is None or not t.is_floating_point() or not shape or not known_equal(shape[-1], hidden):
+            if (
+                c in cut
+                or shape is None
+                or not t.is_floating_point()
+                or not shape
+                or not known_equal(shape[-1], hidden)
+            ):
                 continue
             if not known_equal(numel(shape), x_numel) or c.op == "output":
                 continue
@@ -225,9 +234,12 @@ class BlockFinder:
         ro = self.router_only(logits)
         outs = self.view.forward([n for n in anchor.users])
         w_candidates = [
-            n for n in self.view.sorted(ro & outs)
-            if same_shape(shape_of(n), shape_of(ids)) and tensor_meta(n) is not None and tensor_meta(n).is_floating_point()
-        ][::-1]  # fmt: skip
+            n
+            for n in self.view.sorted(ro & outs)
+            if same_shape(shape_of(n), shape_of(ids))
+            and tensor_meta(n) is not None
+            and tensor_meta(n).is_floating_point()
+        ][::-1]
         if not w_candidates:
             return Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
         result = None
@@ -242,31 +254,40 @@ class BlockFinder:
         cut = [x, w, ids]
         output = self.output_node(cut, x)
         if output is None:
-            return Rejection(where, module_path, "the top-k outputs do not reach one tensor of the tokens' shape "
-                             "that combines them (no MoE combine found)")  # fmt: skip
+            return Rejection(
+                where,
+                module_path,
+                "the top-k outputs do not reach one tensor of the tokens' shape "
+                "that combines them (no MoE combine found)",
+            )
         needed = self.view.backward([output], blocked=cut)
         leaks = needed & self.view.forward([logits], blocked=[w, ids]) - {w, ids}
         if leaks:
             names = ", ".join(sorted(n.name for n in leaks)[:3])
-            return Rejection(where, module_path, f"the experts read router values other than the top-k weights and "
-                             f"ids ({names}): the combine cannot reproduce that")  # fmt: skip
+            return Rejection(
+                where,
+                module_path,
+                f"the experts read router values other than the top-k weights and "
+                f"ids ({names}): the combine cannot reproduce that",
+            )
         region = self.view.forward([w, ids], blocked=[output]) & needed
         region |= {n for n in needed - ro if n not in cut and n.op not in ("placeholder", "get_attr")}
         region -= self.view.backward([x, logits]) | set(cut)
         foreign = [n for n in region if is_inplace(n) and self.view.root[n] not in region]
         if foreign:
-            return Rejection(where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, "
-                             "which lives outside it")  # fmt: skip
+            return Rejection(
+                where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, which lives outside it"
+            )
         for n in region - {output, self.view.result_node(output)}:
             if not isinstance(value(n), torch.Tensor):
                 continue  # sizes are shape facts, free to share; they stay while used
             outside = [
-                u for u in self.view.users[n]
-                if u not in region and self.view.reaches_output_avoiding([u], output)
-            ]  # fmt: skip
+                u for u in self.view.users[n] if u not in region and self.view.reaches_output_avoiding([u], output)
+            ]
             if outside and not is_inplace(n):
-                return Rejection(where, module_path, f"{n.name} inside the block is also used outside it "
-                                 f"({outside[0].name})")  # fmt: skip
+                return Rejection(
+                    where, module_path, f"{n.name} inside the block is also used outside it ({outside[0].name})"
+                )
         module_path = self.module_path([anchor, logits, *region])
         x_real, logits_real, w_real, ids_real = self.real_values([x, logits, w, ids])
         if x_real.numel() == 0:
@@ -299,8 +320,12 @@ class BlockFinder:
             names = [f"{f.name}{list(f.shape)}" for f in families]
             return Rejection(where, module_path, f"no expert layout fits the weights {names}")
         if best_err > tol:
-            return Rejection(where, module_path, f"no experts spec reproduces the block: closest {best.spec.summary()} "
-                             f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}")  # fmt: skip
+            return Rejection(
+                where,
+                module_path,
+                f"no experts spec reproduces the block: closest {best.spec.summary()} "
+                f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}",
+            )
         router_spec, router_bias, router_nodes, router_err = self.identify_router(
             anchor, logits, w, ids, ro, logits_real, K, num_experts
         )
@@ -309,9 +334,20 @@ class BlockFinder:
         if router_spec is not None:
             errors["router"] = router_err
         return MoEMatch(
-            module_path, self.form(region), spec, x, logits, w, ids, output, region, router_nodes, router_bias,
-            best, errors,
-        )  # fmt: skip
+            module_path,
+            self.form(region),
+            spec,
+            x,
+            logits,
+            w,
+            ids,
+            output,
+            region,
+            router_nodes,
+            router_bias,
+            best,
+            errors,
+        )
 
     def identify_router(self, anchor, logits, w, ids, ro, logits_real, K, num_experts):
         router_nodes = (self.view.backward([w, ids], blocked=[logits]) & ro) - {logits}
@@ -319,7 +355,11 @@ class BlockFinder:
             return None, None, set(), None
         router_fn, leaves = extract(self.view, self.gm, [logits], [w, ids])
         leaf_vals = self.leaf_values(leaves)
-        bias_leaves = [(n, v) for n, v in zip(leaves, leaf_vals) if isinstance(v, torch.Tensor) and tuple(v.shape) == (num_experts,)]
+        bias_leaves = [
+            (n, v)
+            for n, v in zip(leaves, leaf_vals)
+            if isinstance(v, torch.Tensor) and tuple(v.shape) == (num_experts,)
+        ]
         g = self.generator
         std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
         probes = [logits_real] + [
@@ -327,9 +367,13 @@ class BlockFinder:
         ]
         with torch.no_grad():
             refs = [router_fn(p, *leaf_vals) for p in probes]
-        tol = TOLERANCE.get(w.meta.get("example_value", logits_real).dtype, 3e-2) if tensor_meta(w) is not None else 3e-2
+        tol = (
+            TOLERANCE.get(w.meta.get("example_value", logits_real).dtype, 3e-2) if tensor_meta(w) is not None else 3e-2
+        )
         anchor_k = K
-        for spec, bias in router_id.candidates(list(router_nodes | {anchor}), anchor, anchor_k, num_experts, [b for b, _ in bias_leaves]):
+        for spec, bias in router_id.candidates(
+            list(router_nodes | {anchor}), anchor, anchor_k, num_experts, [b for b, _ in bias_leaves]
+        ):
             bias_val = dict(bias_leaves).get(bias) if bias is not None else None
             err = 0.0
             for p, (ref_w, ref_ids) in zip(probes, refs):
@@ -346,13 +390,19 @@ class BlockFinder:
         names = {target_name(n) for n in region}
         tanh = any(n.kwargs.get("approximate") == "tanh" for n in region if target_name(n) == "gelu")
         bounds = [
-            b for n in region if target_name(n) in ("clamp", "clip", "clamp_max", "clamp_min")
-            for b in (*n.args[1:], *n.kwargs.values()) if isinstance(b, (int, float))
-        ]  # fmt: skip
+            b
+            for n in region
+            if target_name(n) in ("clamp", "clip", "clamp_max", "clamp_min")
+            for b in (*n.args[1:], *n.kwargs.values())
+            if isinstance(b, (int, float))
+        ]
         alphas = [
-            c for n in region if target_name(n) in ("mul", "__mul__") and any(target_name(u) == "sigmoid" for u in n.users)
-            for c in n.args if isinstance(c, float)
-        ]  # fmt: skip
+            c
+            for n in region
+            if target_name(n) in ("mul", "__mul__") and any(target_name(u) == "sigmoid" for u in n.users)
+            for c in n.args
+            if isinstance(c, float)
+        ]
         return experts_id.activation_hints(names, tanh, bounds, alphas[0] if alphas else None)
 
     def form(self, region: set[fx.Node]) -> str:

@@ -31,8 +31,10 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
     if not match.router_recognized:
-        lowerings = {"route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
-                     **lowerings}  # fmt: skip
+        lowerings = {
+            "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
+            **lowerings,
+        }
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
 
@@ -61,8 +63,10 @@ def rewrite_graph(
         match.spec = match.spec.replace(quant=QuantSpec(options.quant), layout=options.layout)
         reason = None
         if _needs_autograd(match):
-            reason = ("grad mode is on and the expert weights require grad, but moe_fx lowerings have no "
-                      "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)")  # fmt: skip
+            reason = (
+                "grad mode is on and the expert weights require grad, but moe_fx lowerings have no "
+                "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"
+            )
         reason = reason or select_lowerings(match, value(match.x).device.type, options.lowerings)
         if reason is not None:
             log.info("moe_fx: not rewriting %s: %s", match.module_path, reason)

@@ -118,8 +118,16 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
     else:
         w13, w3 = _bind(gm, f"moe_fx_block{index}_w13", b.w13, b.w13_parts, h_dim, rebind), None
     w2 = _bind(gm, f"moe_fx_block{index}_w2", b.w2, [b.w2_family], 1, rebind)
-    b13 = _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind) if b.w13_bias is not None else None
-    b2 = _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind) if b.w2_bias is not None else None
+    b13 = (
+        _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
+        if b.w13_bias is not None
+        else None
+    )
+    b2 = (
+        _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
+        if b.w2_bias is not None
+        else None
+    )
     out_dtype = value(view.result_node(match.output)).dtype
     new_nodes = []
     fake_mode = _fake_mode(g)
@@ -135,21 +143,73 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         if match.router_recognized:
             r = spec.router
             logits_TE = call("reshape", match.logits, -1, E, method=True)
-            route = call(OPS.route.default, logits_TE, match.router_bias, r.k, r.scoring, r.order, r.renormalize,
-                         r.n_group, r.topk_group, r.group_score_topk, r.scale, impl["route"])  # fmt: skip
+            route = call(
+                OPS.route.default,
+                logits_TE,
+                match.router_bias,
+                r.k,
+                r.scoring,
+                r.order,
+                r.renormalize,
+                r.n_group,
+                r.topk_group,
+                r.group_score_topk,
+                r.scale,
+                impl["route"],
+            )
             route.meta["moe_fx"] = {"op": "route", "spec": spec, "selection": match.selections["route"]}
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
             ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
-        dispatch = call(OPS.quantize_dispatch.default, x_TD, ids_TK, weights_TK, E, spec.quant.mode,
-                        spec.weight_placement == "input", spec.layout, "", None, impl["quantize_dispatch"])  # fmt: skip
+        dispatch = call(
+            OPS.quantize_dispatch.default,
+            x_TD,
+            ids_TK,
+            weights_TK,
+            E,
+            spec.quant.mode,
+            spec.weight_placement == "input",
+            spec.layout,
+            "",
+            None,
+            impl["quantize_dispatch"],
+        )
         xq, xscale, offsets, rows, splits = (call(operator.getitem, dispatch, i) for i in range(5))
-        y = call(OPS.experts.default, xq, xscale, offsets, w13, w3, w2, b13, b2, None, None, None, es.activation,
-                 es.gate_up, es.w13_transposed, es.w2_transposed, es.alpha, es.limit, spec.quant.mode, out_dtype,
-                 impl["experts"])  # fmt: skip
-        out = combine = call(OPS.combine.default, y, weights_TK, rows, splits, spec.weight_placement == "output", spec.layout,
-                   "", impl["combine"])  # fmt: skip
+        y = call(
+            OPS.experts.default,
+            xq,
+            xscale,
+            offsets,
+            w13,
+            w3,
+            w2,
+            b13,
+            b2,
+            None,
+            None,
+            None,
+            es.activation,
+            es.gate_up,
+            es.w13_transposed,
+            es.w2_transposed,
+            es.alpha,
+            es.limit,
+            spec.quant.mode,
+            out_dtype,
+            impl["experts"],
+        )
+        out = combine = call(
+            OPS.combine.default,
+            y,
+            weights_TK,
+            rows,
+            splits,
+            spec.weight_placement == "output",
+            spec.layout,
+            "",
+            impl["combine"],
+        )
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)

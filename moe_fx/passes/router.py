@@ -40,8 +40,11 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
     for n in router_nodes:
         shape = shape_of(n)
         if shape and len(shape) == 3 and 1 < shape[1] < num_experts and shape[1] * shape[2] == num_experts:
-            groups = [(shape[1], topk_group, score_k) for topk_group in _group_topks(router_nodes, shape[1])
-                      for score_k in (2, 1)]  # fmt: skip
+            groups = [
+                (shape[1], topk_group, score_k)
+                for topk_group in _group_topks(router_nodes, shape[1])
+                for score_k in (2, 1)
+            ]
             break
     scales = {1.0} | {c for n in router_nodes if target_name(n) in ("mul", "__mul__") for c in _float_constants(n)}
     biases = [None] + [b for b in bias_leaves]
@@ -51,9 +54,16 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
         if bias is not None and order != "score_then_topk":
             continue
         spec = RouterSpec(
-            k=k, scoring=scoring, order=order, renormalize=renorm, has_bias=bias is not None,
-            n_group=n_group, topk_group=topk_group, group_score_topk=score_k, scale=scale,
-        )  # fmt: skip
+            k=k,
+            scoring=scoring,
+            order=order,
+            renormalize=renorm,
+            has_bias=bias is not None,
+            n_group=n_group,
+            topk_group=topk_group,
+            group_score_topk=score_k,
+            scale=scale,
+        )
         yield spec, bias
 
 
@@ -78,9 +88,18 @@ def _group_topks(router_nodes, n_group) -> list[int]:
 
 def run_route(spec: RouterSpec, logits_TE: torch.Tensor, bias: torch.Tensor | None, impl="reference"):
     return torch.ops.moe_fx.route(
-        logits_TE, bias, spec.k, spec.scoring, spec.order, spec.renormalize, spec.n_group, spec.topk_group,
-        spec.group_score_topk, spec.scale, impl,
-    )  # fmt: skip
+        logits_TE,
+        bias,
+        spec.k,
+        spec.scoring,
+        spec.order,
+        spec.renormalize,
+        spec.n_group,
+        spec.topk_group,
+        spec.group_score_topk,
+        spec.scale,
+        impl,
+    )
 
 
 def routing_error(weights_TK, ids_TK, ref_weights, ref_ids) -> float:

@@ -53,10 +53,31 @@ def oracle(x, weights, ids, act, w1, w3, w2, b1=None, b3=None, b2=None, weight_o
 
 
 def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, weight_on_input=False):
-    xq, xs, offs, rows, splits = OPS.quantize_dispatch(x, ids, weights, E, "none", weight_on_input, "single", "", None,
-                                                       "reference")  # fmt: skip
-    y = OPS.experts(xq, xs, offs, w13, w3, w2, b13, b2, None, None, None, act, gate_up, t13, t2, 1.702, 7.0, "none",
-                    x.dtype, "reference")  # fmt: skip
+    xq, xs, offs, rows, splits = OPS.quantize_dispatch(
+        x, ids, weights, E, "none", weight_on_input, "single", "", None, "reference"
+    )
+    y = OPS.experts(
+        xq,
+        xs,
+        offs,
+        w13,
+        w3,
+        w2,
+        b13,
+        b2,
+        None,
+        None,
+        None,
+        act,
+        gate_up,
+        t13,
+        t2,
+        1.702,
+        7.0,
+        "none",
+        x.dtype,
+        "reference",
+    )
     return OPS.combine(y, weights, rows, splits, not weight_on_input, "single", "", "reference")
 
 
@@ -78,7 +99,11 @@ def test_silu_gated_against_oracle(dtype, T, K, pattern):
     if pattern == "empty" and K > E - 2:
         pytest.skip("needs K <= E - 2")
     x = torch.randn(T, D).to(dtype)
-    w1, w3, w2 = (torch.randn(E, FF, D) / 4).to(dtype), (torch.randn(E, FF, D) / 4).to(dtype), (torch.randn(E, D, FF) / 5).to(dtype)
+    w1, w3, w2 = (
+        (torch.randn(E, FF, D) / 4).to(dtype),
+        (torch.randn(E, FF, D) / 4).to(dtype),
+        (torch.randn(E, D, FF) / 5).to(dtype),
+    )
     weights, ids = make_routing(T, K, pattern)
     out = run(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, None, "silu_gated")
     assert out.shape == (T, D) and out.dtype == dtype

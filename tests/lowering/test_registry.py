@@ -28,8 +28,13 @@ def test_unsupported_spec_is_rejected_with_reason():
 def test_third_party_lowering_wins_by_priority_and_runs():
     calls = []
 
-    @moe_fx.register_lowering("experts", device="cpu", name="plugin", priority=50,
-                              supports=lambda s: None if s.experts.activation == "silu_gated" else "silu only")  # fmt: skip
+    @moe_fx.register_lowering(
+        "experts",
+        device="cpu",
+        name="plugin",
+        priority=50,
+        supports=lambda s: None if s.experts.activation == "silu_gated" else "silu only",
+    )
     def plugin_experts(**kwargs):
         calls.append(kwargs["activation"])
         return reference.experts(**kwargs)

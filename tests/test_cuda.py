@@ -1,0 +1,44 @@
+"""The same pipeline on a GPU (bf16, Inductor), run through the device tool; skipped without CUDA."""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import moe_fx
+from moe_fx import examples as ex
+from moe_fx.backend import last_reports
+from tests.conftest import rel_err
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("cls", [ex.LoopMoE, ex.GatherEinsumMoE, ex.DenseMoE, ex.DeepSeekStyleMoE])
+def test_naive_forms_bf16_inductor(cls):
+    model = cls().eval().cuda().to(torch.bfloat16)
+    x = torch.randn(33, 32, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="moe_fx")(x)
+    assert counters["moe_fx"]["rewritten"] == 1, str(last_reports()[-1])
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_hf_mixtral_bf16(impl):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    config._experts_implementation = impl
+    model = transformers.MixtralForCausalLM(config).eval().cuda().to(torch.bfloat16)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = torch.compile(model, backend="moe_fx")(ids).logits
+        assert counters["moe_fx"]["rewritten"] == 2, str(last_reports()[-1])
+        assert rel_err(out, ref) < 2e-2
+        torch._dynamo.reset()
+        report = moe_fx.apply(model)
+        assert len(report.matches) == 2
+        assert rel_err(model(ids).logits, ref) < 2e-2
