@@ -3,16 +3,22 @@
 Legend: T tokens, D model dim, F expert ffn dim, E experts (global), L experts on this rank,
 K top-k, R dispatched rows (T*K on one device; what this rank receives under expert parallelism).
 
-    route(logits_TE)                         -> weights_TK fp32, ids_TK int32
-    quantize_dispatch(x_TD, ids_TK, w_TK)    -> xq_RD, xscale_R*, expert_offsets_L1 int64,
-                                                row_index_R int64, comm_splits int64
-    experts(xq_RD, xscale, offsets, w13, w2) -> y_RD
-    combine(y_RD, weights_TK, row_index_R)   -> out_TD
+    route(logits_TE)                          -> weights_TK fp32, ids_TK int32
+    quantize_dispatch(x_TD, ids_TK, w_TK)     -> xq_ND, xscale_N*, expert_offsets_L1 int64,
+                                                 gather_index_R int64, row_weights_R fp32,
+                                                 row_index_R int64, comm_splits int64
+    experts(xq_ND, xscale, offsets, gather_index_R, row_weights_R, w13, w2)   -> y_RD
+    combine(y_RD, weights_TK, row_index_R, comm_splits)                       -> out_TD
 
-`row_index_R[r]` is the flat (t*K + k) slot that dispatched row r came from; `comm_splits` holds the
-send/recv row counts per rank for the parallel layouts (empty on one device). `xscale` is empty
-unless activations are quantised. Every op takes `impl`, the name of the registry entry that runs it,
-chosen at rewrite time.
+N is the number of rows this rank holds after dispatch: the T tokens themselves on one device (the
+rows are not copied K times; `experts` gathers them), the received rows under expert parallelism.
+Row r of the experts' computation reads `xq[gather_index[r]]`; rows are grouped by local expert, and
+`expert_offsets_L1` are the group bounds. `row_weights_R` is the routing weight of row r, for a
+lowering that applies it inside `experts` (`weight_at` "input" for Llama4, or "output" fused into the
+second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is the flat (t*K + k) slot
+that row r belongs to; `comm_splits` holds the send/recv row counts per rank for the parallel layouts
+(empty on one device). `xscale` is empty unless activations are quantised. Every op takes `impl`, the
+name of the registry entry that runs it, chosen at rewrite time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from moe_fx.lowering import registry
+from moe_fx.spec import MoESpec, RouterSpec
 
 
 def _run(op: str, impl: str, **kwargs):
@@ -70,16 +77,15 @@ def quantize_dispatch(
     weights: torch.Tensor,
     num_local_experts: int,
     quant: str,
-    weight_on_input: bool,
     layout: str,
     group_name: str,
     expert_map: torch.Tensor | None,
     impl: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x_TD, ids_TK, weights_TK -> (xq_RD, xscale, expert_offsets_L1, row_index_R, comm_splits).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_TD, ids_TK, weights_TK -> (xq_ND, xscale_N, expert_offsets_L1, gather_index_R, row_weights_R,
+    row_index_R, comm_splits).
 
-    Rows are grouped by (local) expert; `weight_on_input` multiplies each row by its routing weight
-    here (Llama4) instead of in combine. `expert_map` [E] maps global -> local expert id (-1: remote).
+    Rows are grouped by (local) expert. `expert_map` [E] maps global -> local expert id (-1: remote).
     """
     return _run(
         "quantize_dispatch",
@@ -89,7 +95,6 @@ def quantize_dispatch(
         weights=weights,
         num_local_experts=num_local_experts,
         quant=quant,
-        weight_on_input=weight_on_input,
         layout=layout,
         group_name=group_name,
         expert_map=expert_map,
@@ -97,18 +102,20 @@ def quantize_dispatch(
 
 
 @quantize_dispatch.register_fake
-def _(x, ids, weights, num_local_experts, quant, weight_on_input, layout, group_name, expert_map, impl):
+def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl):
     T, D = x.shape
     if layout == "single":
-        R = T * ids.shape[1]
+        N, R = T, T * ids.shape[1]
     else:
-        R = torch.library.get_ctx().new_dynamic_size()
-    xq = x.new_empty((R, D))
+        N = R = torch.library.get_ctx().new_dynamic_size()
+    xq = x.new_empty((N, D))
     xscale = x.new_empty((0,), dtype=torch.float32)
     offsets = x.new_empty((num_local_experts + 1,), dtype=torch.int64)
+    gather_index = x.new_empty((R,), dtype=torch.int64)
+    row_weights = x.new_empty((R,), dtype=torch.float32)
     row_index = x.new_empty((R,), dtype=torch.int64)
     splits = x.new_empty((0,), dtype=torch.int64)
-    return xq, xscale, offsets, row_index, splits
+    return xq, xscale, offsets, gather_index, row_weights, row_index, splits
 
 
 @torch.library.custom_op("moe_fx::experts", mutates_args=())
@@ -116,6 +123,8 @@ def experts(
     xq: torch.Tensor,
     xscale: torch.Tensor,
     expert_offsets: torch.Tensor,
+    gather_index: torch.Tensor,
+    row_weights: torch.Tensor,
     w13: torch.Tensor,
     w3: torch.Tensor | None,
     w2: torch.Tensor,
@@ -123,7 +132,7 @@ def experts(
     w2_bias: torch.Tensor | None,
     w13_scale: torch.Tensor | None,
     w2_scale: torch.Tensor | None,
-    row_weights: torch.Tensor | None,
+    weight_at: str,
     activation: str,
     gate_up: str,
     w13_transposed: bool,
@@ -134,8 +143,9 @@ def experts(
     out_dtype: torch.dtype,
     impl: str,
 ) -> torch.Tensor:
-    """xq_RD rows grouped by expert (expert_offsets_L1) -> y_RD = w2 · act(w13 · x) per row.
+    """Rows xq[gather_index[r]], grouped by expert (expert_offsets_L1) -> y_RD = w2 · act(w13 · x) per row.
 
+    weight_at: "none" | "input" (row scaled by row_weights before w13) | "output" (y scaled after w2).
     w13 [E, 2F, D] holds gate and up (gate_up: concat | interleaved | up_first), or [E, F, D] for a
     non-gated MLP; with gate_up="separate", w13 is the gate [E, F, D] and w3 the up projection.
     `*_transposed` marks [E, D, 2F] / [E, F, D] storage. w13_bias [E, 2F] (gate then up), w2_bias [E, D].
@@ -146,6 +156,8 @@ def experts(
         xq=xq,
         xscale=xscale,
         expert_offsets=expert_offsets,
+        gather_index=gather_index,
+        row_weights=row_weights,
         w13=w13,
         w3=w3,
         w2=w2,
@@ -153,7 +165,7 @@ def experts(
         w2_bias=w2_bias,
         w13_scale=w13_scale,
         w2_scale=w2_scale,
-        row_weights=row_weights,
+        weight_at=weight_at,
         activation=activation,
         gate_up=gate_up,
         w13_transposed=w13_transposed,
@@ -170,6 +182,8 @@ def _(
     xq,
     xscale,
     expert_offsets,
+    gather_index,
+    row_weights,
     w13,
     w3,
     w2,
@@ -177,7 +191,7 @@ def _(
     w2_bias,
     w13_scale,
     w2_scale,
-    row_weights,
+    weight_at,
     activation,
     gate_up,
     w13_transposed,
@@ -189,7 +203,7 @@ def _(
     impl,
 ):
     D = w2.shape[2] if w2_transposed else w2.shape[1]
-    return xq.new_empty((xq.shape[0], D), dtype=out_dtype)
+    return xq.new_empty((gather_index.shape[0], D), dtype=out_dtype)
 
 
 @torch.library.custom_op("moe_fx::combine", mutates_args=())
@@ -220,3 +234,38 @@ def combine(
 @combine.register_fake
 def _(y, weights, row_index, comm_splits, weighted, layout, group_name, impl):
     return y.new_empty((weights.shape[0], y.shape[1]))
+
+
+# ---------------------------------------------------------------- argument builders
+# One place that turns a spec into each op's positional arguments. They work on tensors (probes,
+# tests) and on FX nodes (the rewrite) alike. `dispatched` is quantize_dispatch's 7-tuple.
+
+
+def weight_at(spec: MoESpec) -> str:
+    """Where `experts` applies the routing weight: "input" (Llama4) or "none" (combine applies it)."""
+    return "input" if spec.weight_placement == "input" else "none"
+
+
+def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
+    r = router
+    return (logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
+            r.scale, impl)  # fmt: skip
+
+
+def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None) -> tuple:
+    return (x_TD, ids_TK, weights_TK, spec.experts.num_experts, spec.quant.mode, spec.layout, group_name, expert_map,
+            impl)  # fmt: skip
+
+
+def experts_args(spec: MoESpec, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,
+                 w13_scale=None, w2_scale=None) -> tuple:  # fmt: skip
+    xq, xscale, offsets, gather_index, row_weights = dispatched[:5]
+    es = spec.experts
+    return (xq, xscale, offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale,
+            weight_at(spec), es.activation, es.gate_up, es.w13_transposed, es.w2_transposed, es.alpha, es.limit,
+            spec.quant.mode, out_dtype, impl)  # fmt: skip
+
+
+def combine_args(spec: MoESpec, y_RD, weights_TK, dispatched, impl: str, group_name: str = "") -> tuple:
+    row_index, splits = dispatched[5], dispatched[6]
+    return y_RD, weights_TK, row_index, splits, weight_at(spec) == "none", spec.layout, group_name, impl

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-import moe_fx  # noqa: F401
+from moe_fx.ops import combine_args, dispatch_args, experts_args
+from moe_fx.spec import ExpertsSpec, MoESpec
 
 OPS = torch.ops.moe_fx
 T, E, K, D, F = 7, 4, 2, 16, 24
@@ -23,77 +24,45 @@ def test_route_schema_and_opcheck():
     torch.library.opcheck(OPS.route, (logits, None, K, "softmax", "topk_then_score", False, 1, 1, 2, 1.0, "reference"))
 
 
+SPEC = MoESpec(ExpertsSpec(E, D, F, activation="clamped_swiglu", gate_up="interleaved"), K)
+
+
 def test_dispatch_experts_combine_opcheck():
     _, weights, ids = _routed()
     x = torch.randn(T, D)
-    args = (x, ids, weights, E, "none", False, "single", "", None, "reference")
+    args = dispatch_args(SPEC, x, ids, weights, "reference")
     torch.library.opcheck(OPS.quantize_dispatch, args)
-    xq, xscale, offsets, rows, splits = OPS.quantize_dispatch(*args)
-    assert xq.shape == (T * K, D) and offsets.shape == (E + 1,) and rows.shape == (T * K,) and splits.numel() == 0
+    dispatched = OPS.quantize_dispatch(*args)
+    xq, xscale, offsets, gather, row_w, rows, splits = dispatched
+    assert xq.shape == (T, D) and offsets.shape == (E + 1,) and splits.numel() == 0
+    assert gather.shape == row_w.shape == rows.shape == (T * K,)
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
     b13, b2 = torch.randn(E, 2 * F), torch.randn(E, D)
-    experts_args = (
-        xq,
-        xscale,
-        offsets,
-        w13,
-        None,
-        w2,
-        b13,
-        b2,
-        None,
-        None,
-        None,
-        "clamped_swiglu",
-        "interleaved",
-        False,
-        False,
-        1.702,
-        7.0,
-        "none",
-        torch.float32,
-        "reference",
-    )
-    torch.library.opcheck(OPS.experts, experts_args)
-    y = OPS.experts(*experts_args)
-    torch.library.opcheck(OPS.combine, (y, weights, rows, splits, True, "single", "", "reference"))
+    for spec in (SPEC, SPEC.replace(weight_placement="input")):
+        experts_args_ = experts_args(spec, dispatched, w13, None, w2, b13, b2, torch.float32, "reference")
+        torch.library.opcheck(OPS.experts, experts_args_)
+        y = OPS.experts(*experts_args_)
+        torch.library.opcheck(OPS.combine, combine_args(spec, y, weights, dispatched, "reference"))
 
 
 def test_fake_shapes_under_fake_mode():
     from torch._subclasses import FakeTensorMode
 
+    spec = MoESpec(ExpertsSpec(E, D, F), K)
     with FakeTensorMode():
         logits, x = torch.empty(5, E), torch.empty(5, D)
         w, ids = OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference")
-        xq, xs, offs, rows, splits = OPS.quantize_dispatch(x, ids, w, E, "none", False, "single", "", None, "reference")
-        y = OPS.experts(
-            xq,
-            xs,
-            offs,
-            torch.empty(E, 2 * F, D),
-            None,
-            torch.empty(E, D, F),
-            None,
-            None,
-            None,
-            None,
-            None,
-            "silu_gated",
-            "concat",
-            False,
-            False,
-            1.702,
-            7.0,
-            "none",
-            torch.bfloat16,
-            "reference",
-        )
-        out = OPS.combine(y, w, rows, splits, True, "single", "", "reference")
-    assert (w.shape, ids.dtype, xq.shape, offs.shape, y.dtype, out.shape) == (
+        dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "reference"))
+        w13, w2 = torch.empty(E, 2 * F, D), torch.empty(E, D, F)
+        y = OPS.experts(*experts_args(spec, dispatched, w13, None, w2, None, None, torch.bfloat16, "reference"))
+        out = OPS.combine(*combine_args(spec, y, w, dispatched, "reference"))
+    xq, offs = dispatched[0], dispatched[2]
+    assert (w.shape, ids.dtype, xq.shape, offs.shape, y.shape, y.dtype, out.shape) == (
         (5, K),
         torch.int32,
-        (5 * K, D),
+        (5, D),
         (E + 1,),
+        (5 * K, D),
         torch.bfloat16,
         (5, D),
     )

@@ -2,8 +2,9 @@
 
 Legend: T tokens, D model dim, F ffn dim, E experts, L local experts, K top-k, R = T*K rows.
 
-Dispatch sorts the T*K (token, slot) rows by expert once; experts then runs one matmul pair per
-expert group, reading the group bounds with a single host sync (`expert_offsets.tolist()`), never one
+Dispatch sorts the T*K (token, slot) rows by expert once and hands experts the tokens with a
+gather index (no K-fold copy of the activations); experts then runs one matmul pair per expert
+group, reading the group bounds with a single host sync (`expert_offsets.tolist()`), never one
 sync per expert. Combine scatters rows back to their slots and sums over K in float32.
 """
 
@@ -65,18 +66,16 @@ def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, gro
 @register_lowering(
     "quantize_dispatch", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised
 )
-def quantize_dispatch(x, ids, weights, num_local_experts, quant, weight_on_input, layout, group_name, expert_map):
+def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     K = ids.shape[1]
     flat_ids_R = ids.reshape(-1).long()
     row_index_R = torch.sort(flat_ids_R, stable=True).indices
     counts_L = torch.bincount(flat_ids_R, minlength=num_local_experts)
     expert_offsets_L1 = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts_L, 0, out=expert_offsets_L1[1:])
-    xq_RD = x[row_index_R // K]
-    if weight_on_input:
-        xq_RD = (xq_RD * weights.reshape(-1)[row_index_R, None]).to(x.dtype)
+    row_weights_R = weights.reshape(-1).float()[row_index_R]
     empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
-    return xq_RD, empty[0], expert_offsets_L1, row_index_R, empty[1]
+    return x.clone(), empty[0], expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, empty[1]
 
 
 def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit: float) -> torch.Tensor:
@@ -109,6 +108,8 @@ def experts(
     xq,
     xscale,
     expert_offsets,
+    gather_index,
+    row_weights,
     w13,
     w3,
     w2,
@@ -116,7 +117,7 @@ def experts(
     w2_bias,
     w13_scale,
     w2_scale,
-    row_weights,
+    weight_at,
     activation,
     gate_up,
     w13_transposed,
@@ -131,15 +132,18 @@ def experts(
         gate_up = "concat"
     w13_EHD = w13.transpose(1, 2) if w13_transposed else w13  # H = 2F gated, F otherwise
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2
-    y_RD = xq.new_empty((xq.shape[0], w2_EDF.shape[1]), dtype=out_dtype)
+    y_RD = xq.new_empty((gather_index.shape[0], w2_EDF.shape[1]), dtype=out_dtype)
     bounds = expert_offsets.tolist()  # the one host sync
     for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if start == end:
             continue
-        h = F.linear(xq[start:end], w13_EHD[e], None if w13_bias is None else w13_bias[e])
+        x_rows = xq[gather_index[start:end]]
+        if weight_at == "input":
+            x_rows = (x_rows * row_weights[start:end, None]).to(xq.dtype)
+        h = F.linear(x_rows, w13_EHD[e], None if w13_bias is None else w13_bias[e])
         a = activate(h, activation, gate_up, alpha, limit)
         y = F.linear(a, w2_EDF[e], None if w2_bias is None else w2_bias[e])
-        if row_weights is not None:
+        if weight_at == "output":
             y = y * row_weights[start:end, None]
         y_RD[start:end] = y
     return y_RD

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moe_fx.ops import combine_args, dispatch_args, experts_args
 from moe_fx.passes.weights import Family, stack_parts
-from moe_fx.spec import ExpertsSpec
+from moe_fx.spec import ExpertsSpec, MoESpec
 
 GATED = ("silu_gated", "gelu_gated", "gelu_tanh_gated")
 NON_GATED = ("relu", "gelu", "gelu_tanh", "silu")
@@ -143,43 +144,11 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
 
 def run_experts(binding: ExpertsBinding, x_TD, weights_TK, ids_TK, out_dtype, impl="reference"):
     """The rewritten block on concrete tensors: dispatch -> experts -> combine."""
-    spec = binding.spec
-    ops = torch.ops.moe_fx
-    xq, xscale, offsets, rows, splits = ops.quantize_dispatch(
-        x_TD,
-        ids_TK,
-        weights_TK,
-        spec.num_experts,
-        "none",
-        binding.weight_placement == "input",
-        "single",
-        "",
-        None,
-        impl,
-    )
-    y = ops.experts(
-        xq,
-        xscale,
-        offsets,
-        binding.w13,
-        binding.w3,
-        binding.w2,
-        binding.w13_bias,
-        binding.w2_bias,
-        None,
-        None,
-        None,
-        spec.activation,
-        spec.gate_up,
-        spec.w13_transposed,
-        spec.w2_transposed,
-        spec.alpha,
-        spec.limit,
-        "none",
-        out_dtype,
-        impl,
-    )
-    return ops.combine(y, weights_TK, rows, splits, binding.weight_placement == "output", "single", "", impl)
+    spec = MoESpec(binding.spec, ids_TK.shape[1], weight_placement=binding.weight_placement)
+    b, ops = binding, torch.ops.moe_fx
+    dispatched = ops.quantize_dispatch(*dispatch_args(spec, x_TD, ids_TK, weights_TK, impl))
+    y = ops.experts(*experts_args(spec, dispatched, b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias, out_dtype, impl))
+    return ops.combine(*combine_args(spec, y, weights_TK, dispatched, impl))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch._dynamo.source import ConstantSource
 
 from moe_fx.lowering import registry
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
 from moe_fx.passes.weights import Family, remember_stack
@@ -141,79 +142,25 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
     with g.inserting_before(match.output):
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
-            r = spec.router
             logits_TE = call("reshape", match.logits, -1, E, method=True)
-            route = call(
-                OPS.route.default,
-                logits_TE,
-                match.router_bias,
-                r.k,
-                r.scoring,
-                r.order,
-                r.renormalize,
-                r.n_group,
-                r.topk_group,
-                r.group_score_topk,
-                r.scale,
-                impl["route"],
-            )
-            route.meta["moe_fx"] = {"op": "route", "spec": spec, "selection": match.selections["route"]}
+            route = call(OPS.route.default, *route_args(spec.router, logits_TE, match.router_bias, impl["route"]))
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
             ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
         dispatch = call(
-            OPS.quantize_dispatch.default,
-            x_TD,
-            ids_TK,
-            weights_TK,
-            E,
-            spec.quant.mode,
-            spec.weight_placement == "input",
-            spec.layout,
-            "",
-            None,
-            impl["quantize_dispatch"],
+            OPS.quantize_dispatch.default, *dispatch_args(spec, x_TD, ids_TK, weights_TK, impl["quantize_dispatch"])
         )
-        xq, xscale, offsets, rows, splits = (call(operator.getitem, dispatch, i) for i in range(5))
-        y = call(
-            OPS.experts.default,
-            xq,
-            xscale,
-            offsets,
-            w13,
-            w3,
-            w2,
-            b13,
-            b2,
-            None,
-            None,
-            None,
-            es.activation,
-            es.gate_up,
-            es.w13_transposed,
-            es.w2_transposed,
-            es.alpha,
-            es.limit,
-            spec.quant.mode,
-            out_dtype,
-            impl["experts"],
-        )
-        out = combine = call(
-            OPS.combine.default,
-            y,
-            weights_TK,
-            rows,
-            splits,
-            spec.weight_placement == "output",
-            spec.layout,
-            "",
-            impl["combine"],
-        )
+        dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
+        y = call(OPS.experts.default, *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"]))
+        out = combine = call(OPS.combine.default, *combine_args(spec, y, weights_TK, dispatched, impl["combine"]))
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)
-    for node, op in ((dispatch, "quantize_dispatch"), (y, "experts"), (combine, "combine")):
+    ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts"), (combine, "combine"))
+    if match.router_recognized:
+        ops_nodes = ((route, "route"), *ops_nodes)
+    for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
 
     new = set(new_nodes)

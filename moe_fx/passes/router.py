@@ -16,6 +16,7 @@ import itertools
 import torch
 import torch.fx as fx
 
+from moe_fx.ops import route_args
 from moe_fx.passes.graph_view import shape_of, target_name
 from moe_fx.spec import RouterSpec
 
@@ -87,19 +88,7 @@ def _group_topks(router_nodes, n_group) -> list[int]:
 
 
 def run_route(spec: RouterSpec, logits_TE: torch.Tensor, bias: torch.Tensor | None, impl="reference"):
-    return torch.ops.moe_fx.route(
-        logits_TE,
-        bias,
-        spec.k,
-        spec.scoring,
-        spec.order,
-        spec.renormalize,
-        spec.n_group,
-        spec.topk_group,
-        spec.group_score_topk,
-        spec.scale,
-        impl,
-    )
+    return torch.ops.moe_fx.route(*route_args(spec, logits_TE, bias, impl))
 
 
 def routing_error(weights_TK, ids_TK, ref_weights, ref_ids) -> float:

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import moe_fx  # noqa: F401
+from moe_fx.ops import combine_args, dispatch_args, experts_args
+from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import TOLERANCE, rel_err
 
 OPS = torch.ops.moe_fx
@@ -53,32 +54,12 @@ def oracle(x, weights, ids, act, w1, w3, w2, b1=None, b3=None, b2=None, weight_o
 
 
 def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, weight_on_input=False):
-    xq, xs, offs, rows, splits = OPS.quantize_dispatch(
-        x, ids, weights, E, "none", weight_on_input, "single", "", None, "reference"
-    )
-    y = OPS.experts(
-        xq,
-        xs,
-        offs,
-        w13,
-        w3,
-        w2,
-        b13,
-        b2,
-        None,
-        None,
-        None,
-        act,
-        gate_up,
-        t13,
-        t2,
-        1.702,
-        7.0,
-        "none",
-        x.dtype,
-        "reference",
-    )
-    return OPS.combine(y, weights, rows, splits, not weight_on_input, "single", "", "reference")
+    F_ = w2.shape[1] if t2 else w2.shape[2]
+    experts = ExpertsSpec(E, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None)
+    spec = MoESpec(experts, ids.shape[1], weight_placement="input" if weight_on_input else "output")
+    dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
+    y = OPS.experts(*experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, "reference"))
+    return OPS.combine(*combine_args(spec, y, weights, dispatched, "reference"))
 
 
 def make_routing(T, K, pattern):
