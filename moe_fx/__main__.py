@@ -12,7 +12,7 @@ import time
 import torch
 
 import moe_fx
-from moe_fx import examples
+from moe_fx import examples, hf_models
 
 
 def _time(fn, *args, reps: int = 10, **kwargs) -> float:
@@ -36,23 +36,6 @@ def _compare(name: str, model, compiled, *args) -> None:
     )
 
 
-def tiny_mixtral():
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=8,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-    )
-    return MixtralForCausalLM(config).eval()
-
-
 def demo(inner: str) -> None:
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,8 +49,8 @@ def demo(inner: str) -> None:
     _compare("naive model, torch.compile(backend='moe_fx')", model, compiled, x)
 
     print("\n== tiny HuggingFace Mixtral (random weights, grouped_mm experts) ==")
-    hf = tiny_mixtral().to(device)
-    ids = torch.randint(0, 256, (2, 24), device=device)
+    hf = hf_models.build("mixtral").to(device)
+    ids = torch.randint(0, 128, (2, 24), device=device)
     with torch.no_grad():
         ref = hf(ids).logits
     import copy

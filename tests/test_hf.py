@@ -5,40 +5,15 @@ import torch
 from torch._dynamo.utils import counters
 
 import moe_fx
+from moe_fx import hf_models
 from moe_fx.backend import last_reports
 from tests.conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(
-    vocab_size=128,
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-
 
 def tiny(name: str, experts_implementation: str = "grouped_mm"):
-    if name == "mixtral":
-        config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2, **COMMON)
-        cls = transformers.MixtralForCausalLM
-    elif name == "qwen2_moe":
-        config = transformers.Qwen2MoeConfig(
-            moe_intermediate_size=48,
-            shared_expert_intermediate_size=96,
-            num_experts=8,
-            num_experts_per_tok=2,
-            intermediate_size=96,
-            **COMMON,
-        )
-        cls = transformers.Qwen2MoeForCausalLM
-    elif name == "olmoe":
-        config = transformers.OlmoeConfig(intermediate_size=48, num_experts=8, num_experts_per_tok=2, **COMMON)
-        cls = transformers.OlmoeForCausalLM
-    config._experts_implementation = experts_implementation
-    return cls(config).eval()
+    return hf_models.build(name, experts_implementation)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
