@@ -71,13 +71,18 @@ def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs)
 class _RewrittenForward:
     """A module's new forward: the rewritten graph, with the original kept for grad mode."""
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original):
-        self.gm, self.original = gm, original
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, layout: str = "single"):
+        self.gm, self.original, self.layout = gm, original, layout
         self.params = [p for p in module.parameters()]
         self.warned = False
 
     def __call__(self, *args, **kwargs):
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
+            if self.layout != "single":  # the original block's weights were cut down to this rank's shard
+                raise RuntimeError(
+                    f"moe_fx: layout={self.layout!r} has no autograd yet and the original block no longer "
+                    "holds every expert: run under torch.no_grad()/inference_mode()"
+                )
             if not self.warned:
                 warnings.warn(
                     "moe_fx: grad mode with trainable expert weights: running the original block "
@@ -136,12 +141,12 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         flat_inputs = pytree.tree_leaves((margs, mkwargs))
         flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]
         with torch.no_grad():
-            block_report = rewrite_graph(gm, flat_inputs, opts)
+            block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, opts.layout)
     model._moe_fx_report = report
     return report

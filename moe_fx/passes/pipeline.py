@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import MoEMatch, find_blocks
@@ -47,11 +48,14 @@ def rewrite_graph(
     dry_run: bool = False,
     graph: int = 0,
     rebind: list | None = None,
+    owns_forward: bool = False,
 ) -> Report:
     """Find every MoE block in `gm`, pick lowerings and (unless `dry_run`) rewrite it in place.
 
     Parameters that must become views of a stacked tensor are added to `rebind` (the caller applies
     them once tracing is over, see `apply_rebind`), or rebound at once when `rebind` is None.
+    `owns_forward`: the caller runs `gm` instead of the module from now on (apply), so under a parallel
+    layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
     """
     pending = [] if rebind is None else rebind
     matches, rejections = find_blocks(gm, example_inputs)
@@ -73,9 +77,11 @@ def rewrite_graph(
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))
             counters["moe_fx"]["rejected"] += 1
             continue
+        device = value(match.x).device.type
+        shard = plan_shard(match.spec, options.group, options.expert_placement, device)  # None on one device
         report.matches.append(_block_report(match, graph))
         if not dry_run:
-            rewrite(gm, match, index, pending)
+            rewrite(gm, match, index, pending, shard, owns_forward)
             index += 1
             counters["moe_fx"]["rewritten"] += 1
             log.info("moe_fx: rewrote %s (%s): %s", match.module_path, match.form, match.spec.summary())
