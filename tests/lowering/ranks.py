@@ -11,12 +11,13 @@ import datetime
 import os
 import tempfile
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
 def _entry(rank: int, world: int, init_file: str, timeout_s: float, fn, args) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)  # W processes share the cores
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
