@@ -16,6 +16,7 @@ FORMS = {
     "loop_3d_nonzero_setitem": (ex.IndexedLoopMoE, "expert_loop"),
     "loop_group_router_shared_expert": (ex.DeepSeekStyleMoE, "expert_loop"),
     "gather_einsum": (ex.GatherEinsumMoE, "gather_einsum"),
+    "gather_matmul_fused_w13_gelu": (ex.GatherMatmulMoE, "gather_matmul"),
     "dense_scatter_gates": (ex.DenseMoE, "dense"),
     "dense_top1_masked_sum": (ex.MaskedSumMoE, "dense"),
 }
