@@ -14,7 +14,10 @@ VALID_KEYS = {
     "lowerings": f"a dict op -> lowering name forcing a registry entry; ops: {OPS}",
     "quant": f"one of {QUANT_MODES}",
     "layout": f"one of {LAYOUTS}",
+    "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
+    "that no native lowering serves (default False: a moe_fx error names the device capability)",
 }
+BOOLS = ("allow_reference_fallback",)
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,7 @@ class Options:
     lowerings: dict[str, str] = field(default_factory=dict)
     quant: str = "none"
     layout: str = "single"
+    allow_reference_fallback: bool = False
 
 
 def parse_options(options: dict[str, Any] | None) -> Options:
@@ -41,6 +45,9 @@ def parse_options(options: dict[str, Any] | None) -> Options:
     for key, allowed in choices.items():
         if key in options and options[key] not in allowed:
             raise ValueError(f"moe_fx: option {key}={options[key]!r} is not one of {allowed}")
+    for key in BOOLS:
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"moe_fx: option {key}={options[key]!r} must be a bool")
     lowerings = options.get("lowerings", {})
     if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
         raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")

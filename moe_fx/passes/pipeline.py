@@ -39,6 +39,19 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
     return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
 
 
+def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
+    """A quantised block on a GPU must get a native experts lowering, unless the user allows the reference."""
+    chosen = match.selections["experts"].chosen.name
+    if device.type != "cuda" or options.quant == "none" or chosen != "reference" or options.allow_reference_fallback:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    raise ValueError(
+        f"moe_fx: quant={options.quant!r} has no native experts lowering on {device} (compute capability "
+        f"{major}.{minor}; fp8 tensor cores need >= 8.9): the reference lowering would emulate it, slowly. "
+        "Pass options={'allow_reference_fallback': True} to run it anyway, or quant='none'"
+    )
+
+
 def rewrite_graph(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -67,7 +80,10 @@ def rewrite_graph(
                 "grad mode is on and the expert weights require grad, but moe_fx lowerings have no "
                 "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"
             )
-        reason = reason or select_lowerings(match, value(match.x).device.type, options.lowerings)
+        device = value(match.x).device
+        reason = reason or select_lowerings(match, device.type, options.lowerings)
+        if reason is None:
+            _check_native_quant(match, device, options)
         if reason is not None:
             log.info("moe_fx: not rewriting %s: %s", match.module_path, reason)
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))

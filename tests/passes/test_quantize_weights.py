@@ -91,3 +91,30 @@ def test_nan_token_does_not_touch_other_tokens():
     others = [0, 1, 2, 4, 5]
     assert torch.equal(poisoned[others], clean[others])
     assert torch.isnan(poisoned[3]).all()  # as in eager: the token's own output is NaN
+
+
+def test_fallback_option_must_be_a_bool():
+    with pytest.raises(ValueError, match="moe_fx: option allow_reference_fallback='yes' must be a bool"):
+        moe_fx.explain(ex.LoopMoE().eval(), torch.randn(3, 32), options={"allow_reference_fallback": "yes"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_quantised_block_on_gpu_without_native_lowering_names_the_capability():
+    model = ex.LoopMoE().eval().cuda()
+    x = torch.randn(5, 32, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        if (
+            moe_fx.explain(model, x, options={"quant": "fp8", "allow_reference_fallback": True})
+            .matches[0]
+            .lowerings["experts"]
+            .name
+            != "reference"
+        ):
+            pytest.skip("a native quantised experts lowering serves this GPU")
+        with pytest.raises(
+            ValueError, match=r"moe_fx: quant='fp8' has no native experts lowering .*capability \d+\.\d+"
+        ):
+            moe_fx.explain(model, x, options={"quant": "fp8"})
+        out = compile_quant(model, x, "fp8", allow_reference_fallback=True)
+    assert 1e-3 < rel_err(out, ref) < BOUND["fp8"]
