@@ -111,6 +111,19 @@ def bench(fn, graph: bool) -> float:
     return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median") * 1e3
 
 
+def host_us(fn, x, n=50) -> float:
+    """Microseconds of host time to enqueue one call (what CUDA graphs remove)."""
+    for _ in range(3):
+        fn(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn(x)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
 def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
@@ -148,6 +161,7 @@ def run_shape(name, Ts, variants, bw, flops_rate, tune):
                     row["us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=False)
                     if T <= 16 and v in ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled"):
                         row["graph_us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=True)
+                        row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
@@ -188,11 +202,15 @@ def main():
     print(f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; µs/ratio to floor; (g = CUDA graph)")
     print("| shape | T | " + " | ".join(args.variants) + " | floor |")
     rows = []
-    for name in args.shapes:
-        rows += run_shape(name, args.T, args.variants, bw, rate, args.tune)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in args.shapes:
+        rows += run_shape(name, args.T, args.variants, bw, rate, args.tune)
+        _write(out, stamp, args, bw, rate, rows)
+
+
+def _write(out, stamp, args, bw, rate, rows):
     meta = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "copy_Bps": bw, "matmul_flops": rate, "variants": args.variants, "tuned": args.tune,
