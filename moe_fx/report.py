@@ -120,20 +120,24 @@ class Report:
         )
 
     def lowering_lines(self) -> list[tuple[str, str, str, str, str]]:
-        """(blocks, op, lowering, reason, rejected candidates), identical choices grouped over blocks."""
+        """(blocks, ops, lowering, reason, candidates refused): identical choices grouped over ops and blocks."""
         grouped: dict[tuple[str, str, str, str], list[str]] = defaultdict(list)
         for i, m in enumerate(self.matches):
+            per_block: dict[tuple[str, str, str], list[str]] = defaultdict(list)
             for op, c in m.lowerings.items():
-                grouped[(op, str(c.name), c.reason, c.rejected_text())].append(str(i))
+                per_block[(str(c.name), c.reason, c.rejected_text())].append(op)
+            for (name, reason, rejected), ops in per_block.items():
+                grouped[(", ".join(ops), name, reason, rejected)].append(str(i))
         return [(",".join(blocks), *key) for key, blocks in grouped.items()]
 
     def __str__(self) -> str:
         lines = [self.headline()]
         if self.matches:
             lines.append(_table(HEAD, [m.row(i) for i, m in enumerate(self.matches)]))
-            lines.append("  lowerings (blocks: op = lowering, why; candidates refused):")
-            for blocks, op, name, reason, rejected in self.lowering_lines():
-                lines.append(f"    {blocks}: {op} = {name}, {reason}" + (f"; refused {rejected}" if rejected else ""))
+            lines.append("  lowerings (blocks: ops = lowering (why); candidates refused):")
+            for blocks, ops, name, reason, rejected in self.lowering_lines():
+                refused = f"; refused {rejected}" if rejected else ""
+                lines.append(f"    {blocks}: {ops} = {name} ({reason}){refused}")
         for r in self.rejections:
             lines.append(f"  rejected {r.module_path or '<root>'} at {r.where or '-'}: {r.reason}")
         for reason in self.break_reasons:
@@ -157,7 +161,7 @@ class Report:
                 f"<td>{e(reason)}</td><td>{e(rejected) or '&ndash;'}</td></tr>"
                 for b, op, name, reason, rejected in self.lowering_lines()
             )
-            head = "".join(f"<th>{h}</th>" for h in ("blocks", "op", "lowering", "why", "candidates refused"))
+            head = "".join(f"<th>{h}</th>" for h in ("blocks", "ops", "lowering", "why", "candidates refused"))
             parts.append(f"<p>Lowerings</p><table><thead><tr>{head}</tr></thead><tbody>{low}</tbody></table>")
         if self.rejections:
             rej = "".join(
