@@ -413,8 +413,8 @@ class BlockFinder:
             return "expert_loop"
         if "bmm" in names and not names & {"einsum"}:
             return "batched_mm"
-        if "einsum" in names and any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
-            return "gather_einsum"
+        if any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
+            return "gather_einsum" if "einsum" in names else "gather_matmul"
         return "dense"
 
     def module_path(self, nodes) -> str:
