@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from moe_fx.draw import snapshot
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import MoEMatch, find_blocks
@@ -52,6 +53,22 @@ def _check_native_quant(match: MoEMatch, device: torch.device, options: Options)
     )
 
 
+def _block_nodes(match: MoEMatch) -> set[fx.Node]:
+    return match.region | match.router_nodes | {match.output}
+
+
+def _roles(match: MoEMatch) -> dict[fx.Node, str]:
+    return {**dict.fromkeys(match.router_nodes, "router"), match.output: "output"}
+
+
+def _log_lowerings(match: MoEMatch) -> None:
+    for op, sel in match.selections.items():
+        rejected = "; ".join(f"{name}: {why}" for name, why in sel.rejected) or "none"
+        log.debug(
+            "moe_fx: %s %s -> %s (%s); rejected: %s", match.module_path, op, sel.chosen.name, sel.reason, rejected
+        )
+
+
 def rewrite_graph(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -61,10 +78,13 @@ def rewrite_graph(
     graph: int = 0,
     rebind: list | None = None,
 ) -> Report:
-    """Find every MoE block in `gm`, pick lowerings and (unless `dry_run`) rewrite it in place.
+    """Find every MoE block in `gm`, pick lowerings and rewrite each in place.
 
     Parameters that must become views of a stacked tensor are added to `rebind` (the caller applies
     them once tracing is over, see `apply_rebind`), or rebound at once when `rebind` is None.
+    `dry_run` (explain): `gm` is a throwaway copy; it is rewritten so that the report can show each
+    block after the rewrite, but no parameter is rebound and nothing is counted as rewritten.
+    Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
     """
     pending = [] if rebind is None else rebind
     matches, rejections = find_blocks(gm, example_inputs)
@@ -89,13 +109,18 @@ def rewrite_graph(
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))
             counters["moe_fx"]["rejected"] += 1
             continue
-        report.matches.append(_block_report(match, graph))
+        _log_lowerings(match)
+        block = _block_report(match, graph)
+        report.matches.append(block)
+        block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
+        old = set(gm.graph.nodes)
+        rewrite(gm, match, index, [] if dry_run else pending)
+        block.after = snapshot([n for n in gm.graph.nodes if n not in old])
+        index += 1
         if not dry_run:
-            rewrite(gm, match, index, pending)
-            index += 1
             counters["moe_fx"]["rewritten"] += 1
             log.info("moe_fx: rewrote %s (%s): %s", match.module_path, match.form, match.spec.summary())
     counters["moe_fx"]["rejected"] += len(rejections)
-    if rebind is None:
+    if rebind is None and not dry_run:
         apply_rebind(pending)
     return report

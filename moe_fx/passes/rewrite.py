@@ -28,6 +28,7 @@ from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, quantised_experts
 from moe_fx.passes.weights import Family, remember_stack
+from moe_fx.report import annotation
 
 log = logging.getLogger("moe_fx")
 OPS = torch.ops.moe_fx
@@ -191,6 +192,7 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         ops_nodes = ((route, "route"), *ops_nodes)
     for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
+        node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
 
     new = set(new_nodes)
     if is_inplace(match.output):
