@@ -4,7 +4,7 @@
     copy  = the same region rewritten by `rewrite()` with the lowerings `select_lowerings` chose
     for (x, logits) in [the real example values, random ones of the same shape at two logit scales]:
         out, ref = copy(x, logits, *weights), block(x, logits, *weights)
-        same shape and dtype, same non-finite pattern, rel err <= TOLERANCE[dtype], inputs untouched
+        same shape and dtype, same non-finite pattern, rel err <= TOLERANCE[dtype], inputs and weights untouched
     and the copy's output meta (symbolic shape, dtype) equals the original's
 
 The matcher already identified the block with the reference lowering; this check runs what will
@@ -126,14 +126,15 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
     tol = TOLERANCE.get(refs[0].dtype, 3e-2)
     worst = 0.0
     for (x, logits), ref in zip(probes, refs):
-        versions = (x._version, logits._version)
+        inputs = [x, logits, *(v for v in leaf_values if isinstance(v, torch.Tensor)), *block.buffers()]
+        versions = [t._version for t in inputs]
         try:
             with torch.no_grad():
                 out = block(x, logits, *leaf_values)[0]
         except Exception as e:
             return float("inf"), f"the rewritten block failed to run: {e!r}"[:300]
-        if (x._version, logits._version) != versions:
-            return float("inf"), "the rewritten block modified its inputs"
+        if [t._version for t in inputs] != versions:
+            return float("inf"), "the rewritten block modified its inputs or weights in place"
         err, why = _compare(out, ref, tol)
         worst = max(worst, err)
         if why is not None:
