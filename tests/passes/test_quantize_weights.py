@@ -8,12 +8,13 @@ import moe_fx
 from moe_fx import examples as ex
 from moe_fx import hf_models
 from moe_fx.backend import last_reports
+from moe_fx.lowering.quant import EXPECTED_ERROR
 from tests.conftest import rel_err
 
 # rel err of the quantised block against the unquantised model, on random inputs: measured (fp32 models,
 # D=32..64) fp8 5.5-6.5e-2, fp8_block 5.7-6.4e-2, int8 1.5-1.7e-2, int4_weight 1.2-2.0e-1. e4m3 keeps 3
 # mantissa bits, so each quantised operand carries ~2.6% RMS relative error, and a block has four.
-BOUND = {"fp8": 8e-2, "fp8_block": 8e-2, "int8": 3e-2, "int4_weight": 0.3}
+BOUND = EXPECTED_ERROR
 MODES = tuple(BOUND)
 
 
