@@ -39,6 +39,11 @@ def capture_config() -> contextlib.AbstractContextManager:
 def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):
     """Rewrite the MoE blocks of a Dynamo graph, then compile it with options["inner"] (Inductor default)."""
     opts = parse_options(options)
+    if opts.quant != "none" and not opts.keep_original_weights:
+        raise ValueError(
+            "moe_fx: keep_original_weights=False needs moe_fx.apply(model, options=...): under torch.compile a "
+            "recompile (a new input shape) traces the model's own expert weights again, so they must stay"
+        )
     rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
     report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
     _reports.append(report)

@@ -125,7 +125,9 @@ def rewrite_graph(
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
-        match.spec = match.spec.replace(quant=QuantSpec(options.quant), layout=options.layout)
+        match.spec = match.spec.replace(
+            quant=QuantSpec(options.quant, options.keep_original_weights), layout=options.layout
+        )
         reason = None
         if _needs_autograd(match):
             reason = (

@@ -98,6 +98,8 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
         return spec, w13, w3, w2, None, None
     q = quantised_experts(b, spec.quant.mode)
     gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+    if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
+        rebind += [(t, t.new_empty(0)) for t in q.sources]
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
     nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
     gate_up = "concat" if es.gate_up == "separate" else es.gate_up
