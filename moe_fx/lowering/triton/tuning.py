@@ -129,6 +129,7 @@ def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, devi
 CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 )  # fmt: skip
 
 
