@@ -116,12 +116,18 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
     _lookup.cache_clear()
+    _choose.cache_clear()
 
 
 def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int):
     """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
+    return _choose(E, D, F, K, gated, dtype, device, R, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
+
+
+@functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
+def _choose(E, D, F, K, gated, dtype, device, R, _cache_env, interpret) -> ExpertsConfig:
     tuned = None
-    if not interpreting():
+    if not interpret:
         tuned = _lookup(str(cache_path()), key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1)))
     return tuned if tuned is not None else default_config(R / max(E, 1), dtype)
 

@@ -59,4 +59,5 @@ def test_tuning_cache_is_json_per_t_bucket(tmp_path, monkeypatch):
     assert untuned == tuning.default_config(8192 * 2 / 8, torch.bfloat16) != tuned  # never reused at another T
     (tmp_path / "tuning.json").write_text("{not json")
     tuning._lookup.cache_clear()
+    tuning._choose.cache_clear()
     assert tuning.choose(*shape, torch.device("cpu"), 26) == tuning.default_config(26 / 8, torch.bfloat16)
