@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx.draw import snapshot
+from moe_fx.lowering.quant import quantised_nbytes
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
@@ -48,7 +49,7 @@ def _needs_autograd(match: MoEMatch) -> bool:
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
     b = match.binding
-    tensors = [t for t in (b.w13, b.w2, b.w13_bias, b.w2_bias) if t is not None]
+    tensors = [t for t in (b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias) if t is not None]
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
@@ -58,7 +59,16 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             **lowerings,
         }
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
+    mode, es = match.spec.quant.mode, match.spec.experts
+    if mode == "none":
+        return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
+    E, D, F = es.num_experts, es.hidden, es.ffn
+    biases = sum(t.numel() * t.element_size() for t in (b.w13_bias, b.w2_bias) if t is not None)
+    H = 2 * F if es.gated else F
+    quantised = quantised_nbytes(E, H, D, mode) + quantised_nbytes(E, D, F, mode) + biases
+    block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, quantised, graph)
+    block.unquantised_bytes = nbytes
+    return block
 
 
 def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:

@@ -40,7 +40,10 @@ def test_quantised_block_is_close_to_and_differs_from_the_model(cls, mode):
     out = compile_quant(model, x, mode)
     report = last_reports()[-1]
     assert counters["moe_fx"]["rewritten"] == 1, str(report)
-    assert report.matches[0].spec.quant.mode == mode and mode in str(report)
+    block = report.matches[0]
+    assert block.spec.quant.mode == mode and mode in str(report) and "(was " in str(report)
+    fraction = {"fp8": 0.25, "fp8_block": 0.25, "int8": 0.25, "int4_weight": 0.125}[mode]  # of fp32 weights
+    assert fraction < block.weight_bytes / block.unquantised_bytes < fraction * 1.5
     err = rel_err(out, ref)
     assert 1e-3 < err < BOUND[mode], err
 
