@@ -27,7 +27,7 @@ def _needs_autograd(match: MoEMatch) -> bool:
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
     b = match.binding
-    tensors = [t for t in (b.w13, b.w2, b.w13_bias, b.w2_bias) if t is not None]
+    tensors = [t for t in (b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias) if t is not None]
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
