@@ -51,9 +51,8 @@ def _roles(match: MoEMatch) -> dict[fx.Node, str]:
 def _log_lowerings(match: MoEMatch) -> None:
     for op, sel in match.selections.items():
         rejected = "; ".join(f"{name}: {why}" for name, why in sel.rejected) or "none"
-        log.debug(
-            "moe_fx: %s %s -> %s (%s); rejected: %s", match.module_path, op, sel.chosen.name, sel.reason, rejected
-        )
+        path = match.module_path or "<root>"
+        log.debug("moe_fx: %s %s -> %s (%s); refused: %s", path, op, sel.chosen.name, sel.reason, rejected)
 
 
 def rewrite_graph(
