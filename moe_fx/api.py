@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.quantize_weights import refresh
 from moe_fx.report import RejectionReport, Report
 
 log = logging.getLogger("moe_fx")
@@ -94,6 +95,7 @@ class _RewrittenForward:
                 )
                 self.warned = True
             return self.original(*args, **kwargs)
+        refresh(self.gm)
         return self.gm(*args, **kwargs)
 
 

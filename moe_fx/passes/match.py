@@ -18,6 +18,7 @@ A block with no candidate within tolerance is a `Rejection` with the reason, and
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -362,8 +363,12 @@ class BlockFinder:
         ]
         g = self.generator
         std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
+        std = std if math.isfinite(std) and std > 1e-3 else 1.0
+        # scales far apart: near one-hot real logits (a large std) cannot tell renormalised weights from raw
+        # ones, diffuse logits can
         probes = [logits_real] + [
-            (torch.randn(logits_real.shape, generator=g) * max(std, 1e-3) * 2).to(logits_real.dtype) for _ in range(3)
+            (torch.randn(logits_real.shape, generator=g) * s).to(logits_real.dtype).to(logits_real.device)
+            for s in (2 * std, 1.0, 0.2)
         ]
         with torch.no_grad():
             refs = [router_fn(p, *leaf_vals) for p in probes]
@@ -450,9 +455,11 @@ def _clean_path(path: str) -> str:
     return path.strip(".")
 
 
-def find_blocks(gm: fx.GraphModule, example_inputs: list) -> tuple[list[MoEMatch], list[Rejection]]:
+def find_blocks(
+    gm: fx.GraphModule, example_inputs: list, finder: BlockFinder | None = None
+) -> tuple[list[MoEMatch], list[Rejection]]:
     """Every MoE block in `gm` (outermost anchors first), and every near-miss with its reason."""
-    finder = BlockFinder(gm, example_inputs)
+    finder = finder or BlockFinder(gm, example_inputs)
     matches, rejections, claimed = [], [], set()
     for anchor in finder.anchors():
         if anchor in claimed:
