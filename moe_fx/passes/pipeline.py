@@ -47,8 +47,6 @@ def _needs_autograd(match: MoEMatch) -> bool:
 
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
-    b = match.binding
-    tensors = [t for t in (b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias) if t is not None]
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
@@ -57,8 +55,22 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
             **lowerings,
         }
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
+    return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
+
+
+_WEIGHT_ARGS = ("w13", "w3", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale")
+
+
+def _weight_bytes(gm: fx.GraphModule, new_nodes: list[fx.Node]) -> int:
+    """Bytes of the weights (stacked or quantised), biases and scales the block's experts node reads."""
+    experts = next(n for n in new_nodes if n.meta.get("moe_fx", {}).get("op") == "experts")
+    args = dict(zip((a.name for a in experts.target._schema.arguments), experts.args))
+    total = 0
+    for node in (args[name] for name in _WEIGHT_ARGS):
+        if isinstance(node, fx.Node):
+            t = value(node) if value(node) is not None else getattr(gm, node.target)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
@@ -148,7 +160,8 @@ def rewrite_graph(
         block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
         old = set(gm.graph.nodes)
         rewrite(gm, match, index, [] if dry_run else pending)
-        block.after = snapshot([n for n in gm.graph.nodes if n not in old])
+        new_nodes = [n for n in gm.graph.nodes if n not in old]
+        block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1
         if not dry_run:
             count("rewritten")
