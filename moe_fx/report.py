@@ -55,10 +55,10 @@ class BlockReport:
 
     @property
     def lowering_summary(self) -> str:
-        names = {c.name for c in self.lowerings.values()}
-        if len(names) == 1:
-            return str(names.pop())
-        return " ".join(f"{op}={c.name}" for op, c in self.lowerings.items())
+        """The lowering most ops use, then the ops that use another: 'reference, experts=triton'."""
+        names = [str(c.name) for c in self.lowerings.values()]
+        common = max(dict.fromkeys(names), key=names.count)
+        return ", ".join([common, *(f"{op}={c.name}" for op, c in self.lowerings.items() if c.name != common)])
 
     def row(self, index: int) -> list[str]:
         router = self.spec.router.summary() if self.spec.router else f"opaque top{self.spec.top_k}"

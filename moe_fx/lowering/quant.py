@@ -108,18 +108,6 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, mode: str, D: int) 
     return (_blocks(q, 2) * scale.double()[..., None]).flatten(2)[..., :D]
 
 
-def quantised_nbytes(E: int, H: int, D: int, mode: str) -> int:
-    """Bytes of one [E, H, D] weight quantised with `mode`, scales included."""
-    blocks = -(-D // BLOCK)
-    data, scales = {
-        "fp8": (E * H * D, E * H),
-        "int8": (E * H * D, E * H),
-        "fp8_block": (E * H * D, E * -(-H // BLOCK) * blocks),
-        "int4_weight": (E * H * -(-D // 2), E * H * blocks),
-    }[mode]
-    return data + 4 * scales
-
-
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7], [..., D] -> uint8 [..., ceil(D/2)], element 2i in the low nibble."""
     if q.shape[-1] % 2:

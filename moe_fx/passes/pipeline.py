@@ -14,7 +14,6 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx.draw import snapshot
-from moe_fx.lowering.quant import quantised_nbytes
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
@@ -48,8 +47,6 @@ def _needs_autograd(match: MoEMatch) -> bool:
 
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
-    b = match.binding
-    tensors = [t for t in (b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias) if t is not None]
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
@@ -58,17 +55,26 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
             **lowerings,
         }
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    mode, es = match.spec.quant.mode, match.spec.experts
-    if mode == "none":
-        return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
-    E, D, F = es.num_experts, es.hidden, es.ffn
-    biases = sum(t.numel() * t.element_size() for t in (b.w13_bias, b.w2_bias) if t is not None)
-    H = 2 * F if es.gated else F
-    quantised = quantised_nbytes(E, H, D, mode) + quantised_nbytes(E, D, F, mode) + biases
-    block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, quantised, graph)
-    block.unquantised_bytes = nbytes
+    block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
+    if match.spec.quant.mode != "none":
+        b = match.binding
+        block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
     return block
+
+
+_WEIGHT_ARGS = ("w13", "w3", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale")
+
+
+def _weight_bytes(gm: fx.GraphModule, new_nodes: list[fx.Node]) -> int:
+    """Bytes of the weights (stacked or quantised), biases and scales the block's experts node reads."""
+    experts = next(n for n in new_nodes if n.meta.get("moe_fx", {}).get("op") == "experts")
+    args = dict(zip((a.name for a in experts.target._schema.arguments), experts.args))
+    total = 0
+    for node in (args[name] for name in _WEIGHT_ARGS):
+        if isinstance(node, fx.Node):
+            t = value(node) if value(node) is not None else getattr(gm, node.target)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
@@ -95,9 +101,8 @@ def _roles(match: MoEMatch) -> dict[fx.Node, str]:
 def _log_lowerings(match: MoEMatch) -> None:
     for op, sel in match.selections.items():
         rejected = "; ".join(f"{name}: {why}" for name, why in sel.rejected) or "none"
-        log.debug(
-            "moe_fx: %s %s -> %s (%s); rejected: %s", match.module_path, op, sel.chosen.name, sel.reason, rejected
-        )
+        path = match.module_path or "<root>"
+        log.debug("moe_fx: %s %s -> %s (%s); refused: %s", path, op, sel.chosen.name, sel.reason, rejected)
 
 
 def rewrite_graph(
@@ -161,7 +166,8 @@ def rewrite_graph(
         block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
         old = set(gm.graph.nodes)
         rewrite(gm, match, index, [] if dry_run else pending)
-        block.after = snapshot([n for n in gm.graph.nodes if n not in old])
+        new_nodes = [n for n in gm.graph.nodes if n not in old]
+        block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1
         if not dry_run:
             count("rewritten")
