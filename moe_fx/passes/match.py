@@ -120,7 +120,7 @@ class BlockFinder:
         return None
 
     def strip_casts(self, node: fx.Node) -> fx.Node:
-        while isinstance(node, fx.Node) and is_method(node, *_CASTS):
+        while isinstance(node, fx.Node) and is_method(node, *_CASTS) and _reads_one_tensor(node):
             node = node.args[0]
         return node
 
@@ -130,7 +130,8 @@ class BlockFinder:
         node = self.strip_casts(node)
         hidden = shape_of(node)[-1]
         while (is_method(node, *_CASTS, "view", "reshape", "flatten") or is_function(node, torch.reshape)) and (
-            isinstance(node.args[0], fx.Node)
+            _reads_one_tensor(node)
+            and isinstance(node.args[0], fx.Node)
             and shape_of(node.args[0])
             and known_equal(shape_of(node.args[0])[-1], hidden)
         ):
@@ -355,28 +356,35 @@ class BlockFinder:
             return None, None, set(), None
         router_fn, leaves = extract(self.view, self.gm, [logits], [w, ids])
         leaf_vals = self.leaf_values(leaves)
-        bias_leaves = [
-            (n, v)
-            for n, v in zip(leaves, leaf_vals)
-            if isinstance(v, torch.Tensor) and tuple(v.shape) == (num_experts,)
-        ]
+        # [E]-sized leaves the router reads may be biases ([1, E] too). Random probes draw them afresh:
+        # a bias that happens to be zero now (a fresh init) must not be mistaken for no bias.
+        bias_index = [
+            i
+            for i, v in enumerate(leaf_vals)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == num_experts
+            and v.shape[-1] == num_experts
+        ]  # fmt: skip
         g = self.generator
         std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
-        probes = [logits_real] + [
-            (torch.randn(logits_real.shape, generator=g) * max(std, 1e-3) * 2).to(logits_real.dtype) for _ in range(3)
-        ]
+        probes = [(logits_real, leaf_vals)]
+        for _ in range(3):
+            p = (torch.randn(logits_real.shape, generator=g) * max(std, 1e-3) * 2).to(logits_real.dtype)
+            vals = list(leaf_vals)
+            for i in bias_index:
+                v = vals[i]
+                scale = max(v.float().std().item() if v.numel() > 1 else 0.0, 0.1)
+                vals[i] = (torch.randn(v.shape, generator=g) * scale).to(v.dtype).to(v.device)
+            probes.append((p, vals))
         with torch.no_grad():
-            refs = [router_fn(p, *leaf_vals) for p in probes]
+            refs = [router_fn(p, *vals) for p, vals in probes]
         tol = (
             TOLERANCE.get(w.meta.get("example_value", logits_real).dtype, 3e-2) if tensor_meta(w) is not None else 3e-2
         )
-        anchor_k = K
-        for spec, bias in router_id.candidates(
-            list(router_nodes | {anchor}), anchor, anchor_k, num_experts, [b for b, _ in bias_leaves]
-        ):
-            bias_val = dict(bias_leaves).get(bias) if bias is not None else None
+        bias_leaves = [leaves[i] for i in bias_index]
+        for spec, bias in router_id.candidates(list(router_nodes | {anchor}), anchor, K, num_experts, bias_leaves):
             err = 0.0
-            for p, (ref_w, ref_ids) in zip(probes, refs):
+            for (p, vals), (ref_w, ref_ids) in zip(probes, refs):
+                bias_val = vals[leaves.index(bias)].reshape(num_experts) if bias is not None else None
                 rw, rids = router_id.run_route(spec, p.reshape(-1, num_experts), bias_val)
                 err = max(err, router_id.routing_error(rw, rids, ref_w, ref_ids))
                 if err > tol:
@@ -432,6 +440,11 @@ class BlockFinder:
                 break
             common.append(parts[0])
         return ".".join(common)
+
+
+def _reads_one_tensor(node: fx.Node) -> bool:
+    """Whether `node` reads no tensor but its first argument (`type_as(other)` also reads `other`)."""
+    return all(tensor_meta(a) is None for a in node.all_input_nodes if a is not node.args[0])
 
 
 def _concrete(v):
