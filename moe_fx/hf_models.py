@@ -34,6 +34,7 @@ class Architecture:
     `common`: whether COMMON applies (False for models whose configs name sizes differently).
     `moe_blocks`: MoE blocks the tiny model holds (all must be rewritten).
     `notes`: what moe_fx does with the architecture (shown in the user guide).
+    `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
     """
 
     config: str
@@ -42,6 +43,7 @@ class Architecture:
     moe_blocks: int = 1
     notes: str = ""
     common: bool = True
+    refused: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -121,7 +123,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "LongcatFlashForCausalLM",
         dict(MLA, num_layers=1, ffn_hidden_size=96, expert_ffn_hidden_size=48, n_routed_experts=8,
              zero_expert_num=4, moe_topk=2),  # fmt: skip
-        notes="zero (identity) experts: not yet analysed",
+        refused="zero-computation (identity) experts are not expressible in MoESpec, and the experts are a "
+        "per-expert Python loop (`nonzero`, `.item()`) with no experts implementation to select: Dynamo "
+        "graph-breaks inside it, so no graph holds the block; left untouched",
     ),
     "gpt_oss": Architecture(
         "GptOssConfig",
@@ -135,7 +139,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Llama4ForCausalLM",
         dict(intermediate_size=48, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
              moe_layers=[0], head_dim=16, layer_types=["full_attention"], attention_chunk_size=64),  # fmt: skip
-        notes="top-k → sigmoid weight applied to the input; dense bmm over all experts; shared MLP left as is",
+        refused="the router scatters its top-k into a dense [T, E] tensor made by `full_like(router_logits, "
+        "-inf)` before the sigmoid; the matcher reads `full_like`'s shape dependency on the logits as the "
+        "experts reading router values other than the top-k weights and ids, and leaves the block untouched",
     ),
     "granitemoe": Architecture(
         "GraniteMoeConfig",
@@ -152,16 +158,20 @@ ARCHITECTURES: dict[str, Architecture] = {
     "phimoe": Architecture(
         "PhimoeConfig",
         "PhimoeForCausalLM",
-        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, router_jitter_noise=0.0),
-        notes="sparsemixer router",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+        notes="sparsemixer router (two masked top-1 picks): kept in the graph as an opaque router, the "
+        "rewrite starts at its concatenated weights and ids",
     ),
     "dbrx": Architecture(
         "DbrxConfig",
         "DbrxForCausalLM",
         dict(d_model=64, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=128,
-             attn_config=dict(kv_n_heads=2), ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2)),  # fmt: skip
+             attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2)),  # fmt: skip
         common=False,
-        notes="softmax → top-k → p-norm renormalise",
+        refused="the experts are a per-expert Python loop over `nonzero()` (DBRX has no experts "
+        "implementation to select) with weights stored flat as [E·F, D]; Dynamo graph-breaks inside the "
+        "loop, so no graph holds the block; left untouched (transformers 5.23 also needs `rope_theta` and "
+        "`clip_qkv` in `attn_config` to build)",
     ),
     "jetmoe": Architecture(
         "JetMoeConfig",
@@ -198,9 +208,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "jamba": Architecture(
         "JambaConfig",
         "JambaForCausalLM",
-        dict(num_hidden_layers=2, intermediate_size=48, num_experts=8, num_experts_per_tok=2, expert_layer_period=2,
-             expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=0, use_mamba_kernels=False,
-             mamba_dt_rank=8),  # fmt: skip
+        dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
+             attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False, mamba_dt_rank=8),  # fmt: skip
         notes="softmax → top-k, not renormalised",
     ),
     "lfm2_moe": Architecture(
@@ -218,7 +227,8 @@ ARCHITECTURES: dict[str, Architecture] = {
              encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64),  # fmt: skip
         moe_blocks=2,
         common=False,
-        notes="top-2 with token capacity, ReLU experts",
+        refused="token capacity (tokens past an expert's `expert_capacity` are dropped, in token order) is "
+        "not expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
     ),
     "switch_transformers": Architecture(
         "SwitchTransformersConfig",
@@ -228,7 +238,8 @@ ARCHITECTURES: dict[str, Architecture] = {
              expert_capacity=16, encoder_sparse_step=1, decoder_sparse_step=1, router_jitter_noise=0.0),  # fmt: skip
         moe_blocks=2,
         common=False,
-        notes="top-1 with token capacity, ReLU experts",
+        refused="token capacity (dropped tokens pass through as router_prob × hidden state) is not "
+        "expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
     ),
 }
 

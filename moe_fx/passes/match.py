@@ -165,7 +165,7 @@ class BlockFinder:
                     ro.add(n)
         return ro
 
-    def output_node(self, cut: list[fx.Node], x: fx.Node) -> fx.Node | None:
+    def output_node(self, cut: list[fx.Node], x: fx.Node, router_only: set[fx.Node] = frozenset()) -> fx.Node | None:
         x_shape = shape_of(x)
         if x_shape is None:
             return None
@@ -184,16 +184,33 @@ class BlockFinder:
                 continue
             if not known_equal(numel(shape), x_numel) or c.op == "output":
                 continue
-            if not self.view.reaches_output_avoiding(cut[1:], c):
+            if not self.view.reaches_output_avoiding(cut[1:], c, outputs_of=router_only):
                 return c
         return None
 
     # ---------------------------------------------------------------- probes
     def real_values(self, nodes: list[fx.Node]) -> list:
-        fn, leaves = extract(self.view, self.gm, [], nodes)
-        args = [v.clone() if n in self.mutated_inputs else v for n, v in zip(leaves, self.leaf_values(leaves))]
+        """The values `nodes` take on the example inputs. The graph runs from the top (not a cut-out slice:
+        side-effect nodes such as vmap levels in Jamba's scan must run too) and stops once all are seen."""
+        wanted, found = set(nodes), {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n):
+                result = super().run_node(n)
+                if n in wanted:
+                    found[n] = result.clone() if isinstance(result, torch.Tensor) else result
+                    if len(found) == len(wanted):
+                        raise _Seen
+                return result
+
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        args = [self.inputs[n].clone() if n in self.mutated_inputs else self.inputs[n] for n in placeholders]
         with torch.no_grad():
-            return list(fn(*args))
+            try:
+                _Recorder(self.gm).run(*args)
+            except _Seen:
+                pass
+        return [found[n] for n in nodes]
 
     def leaf_values(self, leaves: list[fx.Node]) -> list:
         return [self.inputs[n] if n.op == "placeholder" else getattr(self.gm, n.target) for n in leaves]
@@ -234,26 +251,40 @@ class BlockFinder:
         module_path = self.module_path([anchor])
         ro = self.router_only(logits)
         outs = self.view.forward([n for n in anchor.users])
-        w_candidates = [
-            n
-            for n in self.view.sorted(ro & outs)
-            if same_shape(shape_of(n), shape_of(ids))
-            and tensor_meta(n) is not None
-            and tensor_meta(n).is_floating_point()
-        ][::-1]
-        if not w_candidates:
-            return Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
         result = None
-        for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
-            result = self.match_cut(anchor, logits, x, w, ids, ro, num_experts, module_path)
-            if isinstance(result, MoEMatch):
-                return result
+        for ids_cut in self.wider_ids(ids, ro) + [ids]:
+            w_candidates = [
+                n
+                for n in self.view.sorted(ro & outs)
+                if same_shape(shape_of(n), shape_of(ids_cut))
+                and tensor_meta(n) is not None
+                and tensor_meta(n).is_floating_point()
+            ][::-1]
+            if not w_candidates:
+                result = Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
+            for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
+                result = self.match_cut(anchor, logits, x, w, ids_cut, ro, num_experts, module_path)
+                if isinstance(result, MoEMatch):
+                    return result
         return result
+
+    def wider_ids(self, ids: fx.Node, ro: set[fx.Node]) -> list[fx.Node]:
+        """Expert ids built from this top-k's and others' (PhiMoE's sparsemixer concatenates two top-1
+        picks): router-only integer tensors downstream of `ids`, of the same leading shape, wider in K."""
+        shape = shape_of(ids)
+        found = []
+        for n in self.view.sorted(self.view.forward([ids]) & ro):
+            t, n_shape = tensor_meta(n), shape_of(n)
+            if t is None or t.is_floating_point() or t.dtype == torch.bool or len(n_shape) != len(shape):
+                continue
+            if same_shape(n_shape[:-1], shape[:-1]) and isinstance(n_shape[-1], int) and n_shape[-1] > shape[-1]:
+                found.append(n)
+        return found[::-1]
 
     def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
         where = anchor.name
         cut = [x, w, ids]
-        output = self.output_node(cut, x)
+        output = self.output_node(cut, x, ro)
         if output is None:
             return Rejection(
                 where,
@@ -442,6 +473,10 @@ class BlockFinder:
         return ".".join(common)
 
 
+class _Seen(Exception):
+    """Stops `real_values` once every wanted node has run."""
+
+
 def _reads_one_tensor(node: fx.Node) -> bool:
     """Whether `node` reads no tensor but its first argument (`type_as(other)` also reads `other`)."""
     return all(tensor_meta(a) is None for a in node.all_input_nodes if a is not node.args[0])
@@ -480,6 +515,8 @@ def find_blocks(gm: fx.GraphModule, example_inputs: list) -> tuple[list[MoEMatch
             log.debug("moe_fx: rejected %s", result)
             rejections.append(result)
             continue
+        # the router's own top-k's (PhiMoE's second pick) are part of this block too
         claimed |= result.region | result.router_nodes
+        claimed |= finder.view.backward([result.weights_cut, result.ids_cut], blocked=[result.logits])
         matches.append(result)
     return matches, rejections
