@@ -23,6 +23,7 @@ import torch
 from moe_fx.hf_experts import traceable_eager_experts
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.quantize_weights import GRAPH_ATTR, refresh
 from moe_fx.passes.rewrite import apply_rebind
 from moe_fx.report import Report
 
@@ -53,7 +54,17 @@ def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=No
 
         compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
     apply_rebind(rebind)
+    if getattr(gm, GRAPH_ATTR, None):  # quantised weights follow in-place weight updates
+        return _refreshing(gm, compiled)
     return compiled
+
+
+def _refreshing(gm: torch.fx.GraphModule, compiled):
+    def run(*args):
+        refresh(gm)
+        return compiled(*args)
+
+    return run
 
 
 moe_fx_backend.backend_ctx_ctor = capture_config

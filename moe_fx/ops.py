@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering import registry
 from moe_fx.spec import MoESpec, RouterSpec
 
@@ -108,8 +109,9 @@ def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map,
         N, R = T, T * ids.shape[1]
     else:
         N = R = torch.library.get_ctx().new_dynamic_size()
-    xq = x.new_empty((N, D))
-    xscale = x.new_empty((0,), dtype=torch.float32)
+    xq = x.new_empty((N, D), dtype=quant_fmt.activation_dtype(quant, x.dtype))
+    xscale_shape = {"fp8": (N,), "int8": (N,), "fp8_block": (N, -(-D // quant_fmt.BLOCK))}.get(quant, (0,))
+    xscale = x.new_empty(xscale_shape, dtype=torch.float32)
     offsets = x.new_empty((num_local_experts + 1,), dtype=torch.int64)
     gather_index = x.new_empty((R,), dtype=torch.int64)
     row_weights = x.new_empty((R,), dtype=torch.float32)

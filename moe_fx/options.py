@@ -1,10 +1,15 @@
-"""The options every entry point takes (`torch.compile(..., options=)`, `apply`, `explain`)."""
+"""The options every entry point takes (`torch.compile(..., options=)`, `apply`, `explain`).
+
+Every key is validated: an unknown key, a value of the wrong type or outside its choices, or a forced
+lowering that is not registered is a `moe_fx:` ValueError naming the value and what was expected.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fx.lowering import registry
 from moe_fx.lowering.registry import OPS
 from moe_fx.spec import LAYOUTS, QUANT_MODES
 
@@ -14,7 +19,12 @@ VALID_KEYS = {
     "lowerings": f"a dict op -> lowering name forcing a registry entry; ops: {OPS}",
     "quant": f"one of {QUANT_MODES}",
     "layout": f"one of {LAYOUTS}",
+    "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
+    "that no native lowering serves (default False: a moe_fx error names the device capability)",
+    "verify": "a bool (default True): run each rewritten block against the original once at compile time "
+    "and leave it untouched on a mismatch",
 }
+BOOLS = ("allow_reference_fallback", "verify")
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,20 @@ class Options:
     lowerings: dict[str, str] = field(default_factory=dict)
     quant: str = "none"
     layout: str = "single"
+    allow_reference_fallback: bool = False
+    verify: bool = True
+
+
+def _check_lowerings(lowerings) -> dict[str, str]:
+    if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
+        raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")
+    for op, name in lowerings.items():
+        if not isinstance(name, str):
+            raise ValueError(f"moe_fx: option lowerings[{op!r}]={name!r} must be a lowering name (str)")
+        known = registry.names(op)
+        if name not in known:
+            raise ValueError(f"moe_fx: option lowerings[{op!r}]={name!r} is not a registered lowering; known: {known}")
+    return dict(lowerings)
 
 
 def parse_options(options: dict[str, Any] | None) -> Options:
@@ -33,7 +57,7 @@ def parse_options(options: dict[str, Any] | None) -> Options:
         return options
     if not isinstance(options, dict):
         raise ValueError(f"moe_fx: options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(VALID_KEYS))
+    unknown = sorted(set(options) - set(VALID_KEYS), key=str)
     if unknown:
         valid = "; ".join(f"{k}: {v}" for k, v in VALID_KEYS.items())
         raise ValueError(f"moe_fx: unknown option(s) {unknown}; valid options are {valid}")
@@ -41,7 +65,8 @@ def parse_options(options: dict[str, Any] | None) -> Options:
     for key, allowed in choices.items():
         if key in options and options[key] not in allowed:
             raise ValueError(f"moe_fx: option {key}={options[key]!r} is not one of {allowed}")
-    lowerings = options.get("lowerings", {})
-    if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
-        raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")
-    return Options(**{**options, "lowerings": dict(lowerings)})
+    for key in BOOLS:
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"moe_fx: option {key}={options[key]!r} must be a bool (True or False)")
+    lowerings = _check_lowerings(options.get("lowerings", {}))
+    return Options(**{**options, "lowerings": lowerings})

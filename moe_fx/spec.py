@@ -116,6 +116,17 @@ class QuantSpec:
     def __post_init__(self):
         _check(self.mode, QUANT_MODES, "quant")
 
+    def summary(self) -> str:
+        """The mode and its scale layout (see moe_fx/lowering/quant.py)."""
+        layout = {
+            "none": "",
+            "fp8": "e4m3; w per channel, a per token",
+            "fp8_block": "e4m3; w 128x128 blocks, a 1x128 groups",
+            "int8": "w per channel, a per token",
+            "int4_weight": "w groups of 128, a unquantised",
+        }[self.mode]
+        return f"{self.mode} ({layout})" if layout else self.mode
+
 
 @dataclass(frozen=True)
 class MoESpec:
@@ -138,4 +149,5 @@ class MoESpec:
     def summary(self) -> str:
         router = self.router.summary() if self.router else f"opaque top{self.top_k}"
         weight = " weight@input" if self.weight_placement == "input" else ""
-        return f"{router} | {self.experts.summary()}{weight}"
+        quant = f" | {self.quant.summary()}" if self.quant.mode != "none" else ""
+        return f"{router} | {self.experts.summary()}{weight}{quant}"

@@ -18,6 +18,7 @@ A block with no candidate within tolerance is a `Rejection` with the reason, and
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -397,9 +398,12 @@ class BlockFinder:
         ]  # fmt: skip
         g = self.generator
         std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
+        std = std if math.isfinite(std) and std > 1e-3 else 1.0
+        # scales far apart: near one-hot real logits (a large std) cannot tell renormalised weights from raw
+        # ones, diffuse logits can
         probes = [(logits_real, leaf_vals)]
-        for _ in range(3):
-            p = (torch.randn(logits_real.shape, generator=g) * max(std, 1e-3) * 2).to(logits_real.dtype)
+        for s in (2 * std, 1.0, 0.2):
+            p = (torch.randn(logits_real.shape, generator=g) * s).to(logits_real.dtype).to(logits_real.device)
             vals = list(leaf_vals)
             for i in bias_index:
                 v = vals[i]
@@ -452,8 +456,8 @@ class BlockFinder:
             return "expert_loop"
         if "bmm" in names and not names & {"einsum"}:
             return "batched_mm"
-        if "einsum" in names and any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
-            return "gather_einsum"
+        if any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
+            return "gather_einsum" if "einsum" in names else "gather_matmul"
         return "dense"
 
     def module_path(self, nodes) -> str:
@@ -498,9 +502,11 @@ def _clean_path(path: str) -> str:
     return path.strip(".")
 
 
-def find_blocks(gm: fx.GraphModule, example_inputs: list) -> tuple[list[MoEMatch], list[Rejection]]:
+def find_blocks(
+    gm: fx.GraphModule, example_inputs: list, finder: BlockFinder | None = None
+) -> tuple[list[MoEMatch], list[Rejection]]:
     """Every MoE block in `gm` (outermost anchors first), and every near-miss with its reason."""
-    finder = BlockFinder(gm, example_inputs)
+    finder = finder or BlockFinder(gm, example_inputs)
     matches, rejections, claimed = [], [], set()
     for anchor in finder.anchors():
         if anchor in claimed:

@@ -1,27 +1,49 @@
-"""match -> select lowerings -> rewrite, for one FX graph. Used by the backend, `apply` and `explain`."""
+"""match -> select lowerings -> verify -> rewrite, for one FX graph. Used by the backend, `apply` and `explain`.
+
+Every check (grad mode, a lowering for each op, verification) runs on the pristine graph; only the
+blocks that pass are rewritten, so a failed block is left exactly as it was.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from moe_fx.draw import snapshot
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
-from moe_fx.passes.match import MoEMatch, find_blocks
+from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
 from moe_fx.passes.rewrite import apply_rebind, rewrite, select_lowerings
+from moe_fx.passes.verify import verify
 from moe_fx.report import BlockReport, LoweringChoice, RejectionReport, Report
 from moe_fx.spec import QuantSpec
 
 log = logging.getLogger("moe_fx")
 
 
+_COUNT_LOCK = threading.Lock()
+
+
+def count(key: str, n: int = 1) -> None:
+    """`counters["moe_fx"][key] += n`, atomically: `apply` may run while another thread compiles."""
+    with _COUNT_LOCK:
+        counters["moe_fx"][key] += n
+
+
 def _needs_autograd(match: MoEMatch) -> bool:
+    """Grad mode, and gradients would have to flow through the block: into its expert weights, or back
+    to its tokens or router logits (a frozen MoE inside a model that trains something upstream)."""
+    if not torch.is_grad_enabled():
+        return False
     b = match.binding
     families = [*b.w13_parts, b.w2_family, *b.w13_bias_parts, b.w2_bias_family]
-    return torch.is_grad_enabled() and any(t.requires_grad for f in families if f for t in f.tensors)
+    if any(t.requires_grad for f in families if f for t in f.tensors):
+        return True
+    return any(getattr(value(n), "requires_grad", False) for n in (match.x, match.logits))
 
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
@@ -39,6 +61,35 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
     return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
 
 
+def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
+    """A quantised block on a GPU must get a native experts lowering, unless the user allows the reference."""
+    chosen = match.selections["experts"].chosen.name
+    if device.type != "cuda" or options.quant == "none" or chosen != "reference" or options.allow_reference_fallback:
+        return
+    major, minor = torch.cuda.get_device_capability(device)
+    raise ValueError(
+        f"moe_fx: quant={options.quant!r} has no native experts lowering on {device} (compute capability "
+        f"{major}.{minor}; fp8 tensor cores need >= 8.9): the reference lowering would emulate it, slowly. "
+        "Pass options={'allow_reference_fallback': True} to run it anyway, or quant='none'"
+    )
+
+
+def _block_nodes(match: MoEMatch) -> set[fx.Node]:
+    return match.region | match.router_nodes | {match.output}
+
+
+def _roles(match: MoEMatch) -> dict[fx.Node, str]:
+    return {**dict.fromkeys(match.router_nodes, "router"), match.output: "output"}
+
+
+def _log_lowerings(match: MoEMatch) -> None:
+    for op, sel in match.selections.items():
+        rejected = "; ".join(f"{name}: {why}" for name, why in sel.rejected) or "none"
+        log.debug(
+            "moe_fx: %s %s -> %s (%s); rejected: %s", match.module_path, op, sel.chosen.name, sel.reason, rejected
+        )
+
+
 def rewrite_graph(
     gm: fx.GraphModule,
     example_inputs: list,
@@ -48,38 +99,61 @@ def rewrite_graph(
     graph: int = 0,
     rebind: list | None = None,
 ) -> Report:
-    """Find every MoE block in `gm`, pick lowerings and (unless `dry_run`) rewrite it in place.
+    """Find every MoE block in `gm`, pick lowerings and rewrite each in place.
 
     Parameters that must become views of a stacked tensor are added to `rebind` (the caller applies
     them once tracing is over, see `apply_rebind`), or rebound at once when `rebind` is None.
+    `dry_run` (explain): `gm` is a throwaway copy; it is rewritten so that the report can show each
+    block after the rewrite, but no parameter is rebound and nothing is counted as rewritten.
+    Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
     """
     pending = [] if rebind is None else rebind
-    matches, rejections = find_blocks(gm, example_inputs)
+    finder = BlockFinder(gm, example_inputs)
+    matches, rejections = find_blocks(gm, example_inputs, finder)
     report = Report(graphs=1)
     report.rejections += [RejectionReport(r.module_path, r.where, r.reason, graph) for r in rejections]
-    taken = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("moe_fx_block")}
-    index = len(taken)
-    for match in matches:
+    count("rejected", len(rejections))
+    accepted = []
+    for match in matches:  # every check runs on the pristine graph; the rewrites come after
         match.spec = match.spec.replace(quant=QuantSpec(options.quant), layout=options.layout)
         reason = None
         if _needs_autograd(match):
             reason = (
-                "grad mode is on and the expert weights require grad, but moe_fx lowerings have no "
+                "grad mode is on and the block's inputs or weights require grad, but moe_fx lowerings have no "
                 "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"
             )
-        reason = reason or select_lowerings(match, value(match.x).device.type, options.lowerings)
+        device = value(match.x).device
+        reason = reason or select_lowerings(match, device.type, options.lowerings)
+        if reason is None:
+            _check_native_quant(match, device, options)
+        if reason is None and options.verify:
+            err, why = verify(finder, match)
+            if why is not None:
+                chosen = ", ".join(f"{op}={sel.chosen.name}" for op, sel in match.selections.items())
+                reason = f"verification failed ({chosen}): {why}"
+                count("verify_failed")
+            elif err is not None:
+                match.errors["verified"] = err
         if reason is not None:
             log.info("moe_fx: not rewriting %s: %s", match.module_path, reason)
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))
-            counters["moe_fx"]["rejected"] += 1
+            count("rejected")
             continue
-        report.matches.append(_block_report(match, graph))
+        accepted.append(match)
+    taken = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("moe_fx_block")}
+    index = len(taken)
+    for match in accepted:
+        _log_lowerings(match)
+        block = _block_report(match, graph)
+        report.matches.append(block)
+        block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
+        old = set(gm.graph.nodes)
+        rewrite(gm, match, index, [] if dry_run else pending)
+        block.after = snapshot([n for n in gm.graph.nodes if n not in old])
+        index += 1
         if not dry_run:
-            rewrite(gm, match, index, pending)
-            index += 1
-            counters["moe_fx"]["rewritten"] += 1
+            count("rewritten")
             log.info("moe_fx: rewrote %s (%s): %s", match.module_path, match.form, match.spec.summary())
-    counters["moe_fx"]["rejected"] += len(rejections)
-    if rebind is None:
+    if rebind is None and not dry_run:
         apply_rebind(pending)
     return report

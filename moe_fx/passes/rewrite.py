@@ -13,6 +13,7 @@ so no second copy stays alive. Lowerings are chosen here and recorded in `node.m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import warnings
@@ -25,7 +26,9 @@ from moe_fx.lowering import registry
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
+from moe_fx.passes.quantize_weights import GRAPH_ATTR, quantised_experts
 from moe_fx.passes.weights import Family, remember_stack
+from moe_fx.report import annotation
 
 log = logging.getLogger("moe_fx")
 OPS = torch.ops.moe_fx
@@ -46,11 +49,24 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str]) -> st
 Rebind = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    """Register `tensor` as a non-persistent buffer of gm (out of state_dict) and return its get_attr node."""
+    gm.register_buffer(name, tensor, persistent=False)
+    # AOT autograd maps every buffer of a Dynamo graph to a source; ours is a constant of moe_fx's.
+    if hasattr(gm, "_param_name_to_source"):
+        gm._param_name_to_source[name] = ConstantSource(f"moe_fx_{name}")
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return gm.graph.get_attr(name)
+
+
 def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind):
     """Make `tensor` (stacked from `parts` along `dim`) the storage of the parts; return a get_attr node.
 
     A single stacked family is used directly: no copy, and its own graph node is returned. The
-    (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over.
+    (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over; the
+    original parameters, now views of the stack, stay in state_dict.
     """
     if len(parts) == 1 and parts[0].stacked:
         return parts[0].nodes[0]
@@ -61,15 +77,32 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
         block = tensor.narrow(dim, offset, size)
         offset += size
         rebind += [(family.tensors[0], block)] if family.stacked else list(zip(family.tensors, block.unbind(0)))
-    # A non-persistent buffer: it stays out of state_dict (the original parameters, now views of it, stay
-    # there). AOT autograd maps every buffer of a Dynamo graph to a source; ours is a constant of moe_fx's.
-    gm.register_buffer(name, tensor, persistent=False)
-    if hasattr(gm, "_param_name_to_source"):
-        gm._param_name_to_source[name] = ConstantSource(f"moe_fx_{name}")
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first), warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return gm.graph.get_attr(name)
+    return _constant(gm, name, tensor)
+
+
+def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind):
+    """get_attr nodes (w13, w3, w2, w13_scale, w2_scale) and the spec the graph's experts op runs with.
+
+    Unquantised: the stacked weights, in the layout the model stores them. Quantised: the weights quantised
+    once (cached across recompiles, see `quantised_experts`), in the canonical [E, H, D] layout.
+    """
+    spec, b, prefix = match.spec, match.binding, f"moe_fx_block{index}"
+    es = spec.experts
+    if spec.quant.mode == "none":
+        h_dim = 2 if es.w13_transposed else 1
+        if es.gate_up == "separate":
+            w13, w3 = (_bind(gm, "", t, [f], h_dim, rebind) for t, f in zip((b.w13, b.w3), b.w13_parts))
+        else:
+            w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
+        w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)
+        return spec, w13, w3, w2, None, None
+    q = quantised_experts(b, spec.quant.mode)
+    gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+    names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
+    nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
+    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
+    canonical = dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
+    return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
 
 
 def _fake_mode(g: fx.Graph):
@@ -108,17 +141,11 @@ def apply_rebind(rebind: Rebind) -> None:
 
 def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> list[fx.Node]:
     """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque)."""
-    g, spec, b = gm.graph, match.spec, match.binding
-    es = spec.experts
+    g, b = gm.graph, match.binding
     impl = {op: sel.chosen.name for op, sel in match.selections.items()}
     view = GraphView(g)
-    K, E, D = spec.top_k, es.num_experts, es.hidden
-    h_dim = 2 if es.w13_transposed else 1
-    if es.gate_up == "separate":
-        w13, w3 = (_bind(gm, "", t, [f], h_dim, rebind) for t, f in zip((b.w13, b.w3), b.w13_parts))
-    else:
-        w13, w3 = _bind(gm, f"moe_fx_block{index}_w13", b.w13, b.w13_parts, h_dim, rebind), None
-    w2 = _bind(gm, f"moe_fx_block{index}_w2", b.w2, [b.w2_family], 1, rebind)
+    spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
+    K, E, D = spec.top_k, spec.experts.num_experts, spec.experts.hidden
     b13 = (
         _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
         if b.w13_bias is not None
@@ -155,7 +182,10 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
             OPS.quantize_dispatch.default, *dispatch_args(spec, x_TD, ids_TK, weights_TK, impl["quantize_dispatch"])
         )
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
-        y = call(OPS.experts.default, *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"]))
+        y = call(
+            OPS.experts.default,
+            *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale),
+        )
         out = combine = call(OPS.combine.default, *combine_args(spec, y, weights_TK, dispatched, impl["combine"]))
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
@@ -165,6 +195,7 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         ops_nodes = ((route, "route"), *ops_nodes)
     for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
+        node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
 
     new = set(new_nodes)
     if is_inplace(match.output):
