@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.quantize_weights import refresh
 from moe_fx.report import RejectionReport, Report
 
 log = logging.getLogger("moe_fx")
@@ -37,8 +38,13 @@ def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     )
 
 
-def _capture(fn, args, kwargs) -> list[tuple[torch.fx.GraphModule, list]]:
-    """The Dynamo graphs of one call of fn, with their real example inputs."""
+def _break_text(reason) -> str:
+    where = reason.user_stack[-1] if reason.user_stack else None
+    return f"{reason.reason} ({where.filename}:{where.lineno})" if where else reason.reason
+
+
+def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]], list[str]]:
+    """The Dynamo graphs of one call of fn, with their real example inputs, and why the graph broke."""
     graphs = []
 
     def backend(gm, example_inputs, **_):
@@ -48,19 +54,22 @@ def _capture(fn, args, kwargs) -> list[tuple[torch.fx.GraphModule, list]]:
     torch._dynamo.reset()
     with capture_config(), torch.no_grad():
         torch.compile(fn, backend=backend)(*args, **kwargs)
+    breaks = [_break_text(r) for r in torch._dynamo.utils.graph_break_reasons]
     torch._dynamo.reset()
-    return graphs
+    return graphs, breaks
 
 
 def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
     """What moe_fx would do to `model_or_fn` called on these inputs: matches, lowerings, rejections.
 
-    Nothing is rewritten. Returns a Report (prints as a table, renders as HTML in notebooks).
+    The model is left as it is: explain rewrites its own captured copy of the graph, so that each
+    block's subgraph before and after the rewrite can be drawn (`report.draw`). Returns a Report
+    (prints as a table, renders as HTML in notebooks).
     """
     opts = parse_options(options)
     args, kwargs = _example_inputs(model_or_fn, args, kwargs)
-    report = Report()
-    graphs = _capture(model_or_fn, args, kwargs)
+    graphs, breaks = _capture(model_or_fn, args, kwargs)
+    report = Report(break_reasons=breaks)
     for i, (gm, example_inputs) in enumerate(graphs):
         with torch.no_grad():  # apply's forward runs the original block in grad mode (see _RewrittenForward)
             report.extend(rewrite_graph(gm, example_inputs, opts, dry_run=True, graph=i))
@@ -91,6 +100,7 @@ class _RewrittenForward:
                 )
                 self.warned = True
             return self.original(*args, **kwargs)
+        refresh(self.gm)
         return self.gm(*args, **kwargs)
 
 
@@ -110,6 +120,11 @@ def _record_inputs(model: nn.Module, args, kwargs) -> dict[nn.Module, tuple[tupl
     return seen
 
 
+def _reject(report: Report, path: str, reason: str) -> None:
+    log.info("moe_fx: not rewriting %s: %s", path, reason)
+    report.rejections.append(RejectionReport(path, "", reason))
+
+
 def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
     """Rewrite `model`'s MoE blocks in place (eager use and other backends). Returns a Report.
 
@@ -122,21 +137,24 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
     opts = parse_options(options)
     args, kwargs = _example_inputs(model, args, kwargs)
     found = explain(model, *args, options=options, **kwargs)
-    report = Report(graphs=found.graphs, graph_breaks=found.graph_breaks, rejections=list(found.rejections))
+    report = Report(
+        graphs=found.graphs,
+        graph_breaks=found.graph_breaks,
+        break_reasons=found.break_reasons,
+        rejections=list(found.rejections),
+    )
     recorded = _record_inputs(model, args, kwargs)
     for path in dict.fromkeys(m.module_path for m in found.matches):
         owner = model.get_submodule(path)
         if owner not in recorded:
-            report.rejections.append(RejectionReport(path, "", "the owning module was not called directly"))
+            _reject(report, path, "the owning module was not called directly")
             continue
         margs, mkwargs = recorded[owner]
         try:
             with capture_config(), torch.no_grad():
                 gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
         except Exception as e:
-            report.rejections.append(
-                RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300])
-            )
+            _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
             continue
         flat_inputs = pytree.tree_leaves((margs, mkwargs))
         flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]

@@ -18,14 +18,16 @@ lowering that applies it inside `experts` (`weight_at` "input" for Llama4, or "o
 second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is the flat (t*K + k) slot
 that row r belongs to (under expert parallelism: where combine puts row r back before the reverse
 exchange); `comm_splits` is the int64 handle of the parallel layouts: send/recv row counts per rank and
-what else combine needs (each layout's module documents its handle; empty on one device and under tp). `xscale` is empty unless activations are quantised. Every op takes `impl`, the
-name of the registry entry that runs it, chosen at rewrite time.
+what else combine needs (each layout's module documents its handle; empty on one device and under tp).
+`xscale` is empty unless activations are quantised. Every op takes `impl`, the name of the registry
+entry that runs it, chosen at rewrite time.
 """
 
 from __future__ import annotations
 
 import torch
 
+from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering import registry
 from moe_fx.spec import MoESpec, RouterSpec
 
@@ -111,8 +113,9 @@ def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map,
     else:  # rows received / routed to local experts, and the handle's length, known only at run time
         ctx = torch.library.get_ctx()
         N, R, H = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
-    xq = x.new_empty((N, D))
-    xscale = x.new_empty((0,), dtype=torch.float32)
+    xq = x.new_empty((N, D), dtype=quant_fmt.activation_dtype(quant, x.dtype))
+    xscale_shape = {"fp8": (N,), "int8": (N,), "fp8_block": (N, -(-D // quant_fmt.BLOCK))}.get(quant, (0,))
+    xscale = x.new_empty(xscale_shape, dtype=torch.float32)
     offsets = x.new_empty((num_local_experts + 1,), dtype=torch.int64)
     gather_index = x.new_empty((R,), dtype=torch.int64)
     row_weights = x.new_empty((R,), dtype=torch.float32)

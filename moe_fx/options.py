@@ -1,10 +1,15 @@
-"""The options every entry point takes (`torch.compile(..., options=)`, `apply`, `explain`)."""
+"""The options every entry point takes (`torch.compile(..., options=)`, `apply`, `explain`).
+
+Every key is validated: an unknown key, a value of the wrong type or outside its choices, or a forced
+lowering that is not registered is a `moe_fx:` ValueError naming the value and what was expected.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from moe_fx.lowering import registry
 from moe_fx.lowering.distributed.placement import EP_LAYOUTS
 from moe_fx.lowering.registry import OPS
 from moe_fx.spec import LAYOUTS, QUANT_MODES
@@ -19,7 +24,14 @@ VALID_KEYS = {
     "group": f"a torch.distributed ProcessGroup or 1-D DeviceMesh for layouts {PARALLEL_LAYOUTS} (default WORLD)",
     "expert_placement": f"a sequence of E ranks, the rank holding each expert, for layouts {EP_LAYOUTS} "
     "(default: contiguous blocks of E / world size)",
+    "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
+    "that no native lowering serves (default False: a moe_fx error names the device capability)",
+    "keep_original_weights": "bool (default True): with quant, False frees the model's unquantised expert weights "
+    "once they are quantised (moe_fx.apply only; they become empty tensors in state_dict)",
+    "verify": "a bool (default True): run each rewritten block against the original once at compile time "
+    "and leave it untouched on a mismatch",
 }
+BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify")
 
 
 @dataclass(frozen=True)
@@ -28,6 +40,9 @@ class Options:
     lowerings: dict[str, str] = field(default_factory=dict)
     quant: str = "none"
     layout: str = "single"
+    allow_reference_fallback: bool = False
+    keep_original_weights: bool = True
+    verify: bool = True
     group: Any = None  # ProcessGroup | DeviceMesh | None (WORLD); resolved at rewrite time
     expert_placement: tuple[int, ...] | None = None
 
@@ -40,6 +55,18 @@ def _placement(value) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _check_lowerings(lowerings) -> dict[str, str]:
+    if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
+        raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")
+    for op, name in lowerings.items():
+        if not isinstance(name, str):
+            raise ValueError(f"moe_fx: option lowerings[{op!r}]={name!r} must be a lowering name (str)")
+        known = registry.names(op)
+        if name not in known:
+            raise ValueError(f"moe_fx: option lowerings[{op!r}]={name!r} is not a registered lowering; known: {known}")
+    return dict(lowerings)
+
+
 def parse_options(options: dict[str, Any] | None) -> Options:
     """Validate a user's options dict; unknown keys and bad values raise a `moe_fx:` ValueError."""
     if options is None:
@@ -48,7 +75,7 @@ def parse_options(options: dict[str, Any] | None) -> Options:
         return options
     if not isinstance(options, dict):
         raise ValueError(f"moe_fx: options must be a dict, got {type(options).__name__}")
-    unknown = sorted(set(options) - set(VALID_KEYS))
+    unknown = sorted(set(options) - set(VALID_KEYS), key=str)
     if unknown:
         valid = "; ".join(f"{k}: {v}" for k, v in VALID_KEYS.items())
         raise ValueError(f"moe_fx: unknown option(s) {unknown}; valid options are {valid}")
@@ -56,9 +83,10 @@ def parse_options(options: dict[str, Any] | None) -> Options:
     for key, allowed in choices.items():
         if key in options and options[key] not in allowed:
             raise ValueError(f"moe_fx: option {key}={options[key]!r} is not one of {allowed}")
-    lowerings = options.get("lowerings", {})
-    if not isinstance(lowerings, dict) or any(op not in OPS for op in lowerings):
-        raise ValueError(f"moe_fx: option lowerings={lowerings!r} must be a dict keyed by ops {OPS}")
+    for key in BOOLS:
+        if key in options and not isinstance(options[key], bool):
+            raise ValueError(f"moe_fx: option {key}={options[key]!r} must be a bool (True or False)")
+    lowerings = _check_lowerings(options.get("lowerings", {}))
     layout = options.get("layout", "single")
     if options.get("group") is not None and layout not in PARALLEL_LAYOUTS:
         raise ValueError(f"moe_fx: option group is only used by layouts {PARALLEL_LAYOUTS}, but layout={layout!r}")
@@ -69,4 +97,4 @@ def parse_options(options: dict[str, Any] | None) -> Options:
                 f"moe_fx: option expert_placement is only used by layouts {EP_LAYOUTS}, but layout={layout!r}"
             )
         placement = _placement(placement)
-    return Options(**{**options, "lowerings": dict(lowerings), "expert_placement": placement})
+    return Options(**{**options, "lowerings": lowerings, "expert_placement": placement})

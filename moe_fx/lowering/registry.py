@@ -134,6 +134,12 @@ def select(op: str, device: str, spec: MoESpec, force: str | None = None) -> Sel
     return Selection(op, None, tuple(rejected))
 
 
+def names(op: str) -> list[str]:
+    """Names of every lowering registered for `op`, on any device and layout (sorted)."""
+    with _LOCK:
+        return sorted({e.name for (entry_op, _, _), entries in _ENTRIES.items() if entry_op == op for e in entries})
+
+
 def lookup(op: str, name: str) -> Lowering:
     """The entry named `name` for `op` (any device, any layout), as the op implementations call it."""
     with _LOCK:

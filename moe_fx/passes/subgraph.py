@@ -10,16 +10,21 @@ from moe_fx.passes.graph_view import GraphView, is_inplace
 
 
 def extract(
-    view: GraphView, owner: fx.GraphModule, inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]
+    view: GraphView,
+    owner: fx.GraphModule,
+    inputs: Sequence[fx.Node],
+    outputs: Sequence[fx.Node],
+    env: dict[fx.Node, fx.Node] | None = None,
 ) -> tuple[fx.GraphModule, list[fx.Node]]:
     """A GraphModule computing `outputs` from `inputs`; every other node they need is copied.
 
     Returns the module and its extra inputs (leaves: placeholders the region reads, e.g. weights),
     which come after `inputs` in its signature. Output values of in-place nodes are the mutated tensor.
+    `env`, if given, receives the map from each original node to its copy.
     """
     needed = view.backward(outputs, blocked=inputs)
     graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    env = {} if env is None else env
     for n in inputs:
         env[n] = graph.placeholder(f"in_{n.name}")
     leaves = [n for n in view.sorted(needed) if n not in env and n.op in ("placeholder", "get_attr")]

@@ -11,7 +11,7 @@ SPEC = MoESpec(experts=ExpertsSpec(num_experts=4, hidden=8, ffn=12), top_k=2)
 
 
 def test_reference_runs_everywhere():
-    for device in ("cpu", "cuda", "npu"):
+    for device in ("cpu", "npu"):  # cuda picks triton (tests/lowering/triton/test_registration.py)
         for op in registry.OPS:
             sel = registry.select(op, device, SPEC)
             assert sel.chosen.name == "reference", (op, device)
