@@ -20,6 +20,7 @@ import warnings
 
 import torch
 
+from moe_fx.hf_experts import traceable_eager_experts
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, refresh
@@ -31,14 +32,22 @@ CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outpu
 _reports: list[Report] = []
 
 
-def capture_config() -> contextlib.AbstractContextManager:
-    """Dynamo flags under which loop forms over nonzero/where are captured whole."""
-    return torch._dynamo.config.patch(CAPTURE_FLAGS)
+@contextlib.contextmanager
+def capture_config():
+    """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
+    are traced as `batched_mm` (see `moe_fx.hf_experts`)."""
+    with torch._dynamo.config.patch(CAPTURE_FLAGS), traceable_eager_experts():
+        yield
 
 
 def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):
     """Rewrite the MoE blocks of a Dynamo graph, then compile it with options["inner"] (Inductor default)."""
     opts = parse_options(options)
+    if opts.quant != "none" and not opts.keep_original_weights:
+        raise ValueError(
+            "moe_fx: keep_original_weights=False needs moe_fx.apply(model, options=...): under torch.compile a "
+            "recompile (a new input shape) traces the model's own expert weights again, so they must stay"
+        )
     rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
     report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
     _reports.append(report)

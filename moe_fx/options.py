@@ -21,10 +21,12 @@ VALID_KEYS = {
     "layout": f"one of {LAYOUTS}",
     "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
     "that no native lowering serves (default False: a moe_fx error names the device capability)",
+    "keep_original_weights": "bool (default True): with quant, False frees the model's unquantised expert weights "
+    "once they are quantised (moe_fx.apply only; they become empty tensors in state_dict)",
     "verify": "a bool (default True): run each rewritten block against the original once at compile time "
     "and leave it untouched on a mismatch",
 }
-BOOLS = ("allow_reference_fallback", "verify")
+BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class Options:
     quant: str = "none"
     layout: str = "single"
     allow_reference_fallback: bool = False
+    keep_original_weights: bool = True
     verify: bool = True
 
 

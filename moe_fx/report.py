@@ -38,7 +38,8 @@ class BlockReport:
     """One rewritten (or, for explain, rewritable) MoE block.
 
     `before` / `after`: standalone copies of the block's subgraph (see `moe_fx.draw.snapshot`).
-    `weight_bytes`: the stacked (or quantised) expert weights the lowerings read.
+    `weight_bytes`: the stacked (or quantised) expert weights the lowerings read; `unquantised_bytes`: what
+    they took before quantisation (0 when the block is not quantised).
     """
 
     module_path: str
@@ -50,6 +51,7 @@ class BlockReport:
     graph: int = 0
     before: fx.Graph | None = field(default=None, repr=False)
     after: fx.Graph | None = field(default=None, repr=False)
+    unquantised_bytes: int = 0
 
     @property
     def lowering_summary(self) -> str:
@@ -72,7 +74,8 @@ class BlockReport:
             router,
             experts + quant,
             self.lowering_summary,
-            format_bytes(self.weight_bytes),
+            format_bytes(self.weight_bytes)
+            + (f" (was {format_bytes(self.unquantised_bytes)})" if self.unquantised_bytes else ""),
             errs,
         ]
 

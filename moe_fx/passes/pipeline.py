@@ -55,7 +55,11 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
             **lowerings,
         }
-    return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
+    block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
+    if match.spec.quant.mode != "none":
+        b = match.binding
+        block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
+    return block
 
 
 _WEIGHT_ARGS = ("w13", "w3", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale")
@@ -126,7 +130,9 @@ def rewrite_graph(
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
-        match.spec = match.spec.replace(quant=QuantSpec(options.quant), layout=options.layout)
+        match.spec = match.spec.replace(
+            quant=QuantSpec(options.quant, options.keep_original_weights), layout=options.layout
+        )
         reason = None
         if _needs_autograd(match):
             reason = (

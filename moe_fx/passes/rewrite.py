@@ -98,6 +98,8 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
         return spec, w13, w3, w2, None, None
     q = quantised_experts(b, spec.quant.mode)
     gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+    if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
+        rebind += [(t, t.new_empty(0)) for t in q.sources]
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
     nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
     gate_up = "concat" if es.gate_up == "separate" else es.gate_up
@@ -170,7 +172,10 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
             logits_TE = call("reshape", match.logits, -1, E, method=True)
-            route = call(OPS.route.default, *route_args(spec.router, logits_TE, match.router_bias, impl["route"]))
+            bias_E = match.router_bias
+            if bias_E is not None and len(shape_of(bias_E)) != 1:
+                bias_E = call("reshape", bias_E, E, method=True)  # Ernie4.5 keeps it as [1, E]
+            route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
