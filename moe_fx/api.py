@@ -39,8 +39,10 @@ def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _break_text(reason) -> str:
+    """The first line of Dynamo's graph-break reason, and where in the user's code it broke."""
+    text = reason.reason.strip().splitlines()[0]
     where = reason.user_stack[-1] if reason.user_stack else None
-    return f"{reason.reason} ({where.filename}:{where.lineno})" if where else reason.reason
+    return f"{text} ({where.filename}:{where.lineno})" if where else text
 
 
 def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]], list[str]]:
