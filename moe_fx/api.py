@@ -68,24 +68,71 @@ def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs)
     return report
 
 
-class _RewrittenForward:
-    """A module's new forward: the rewritten graph, with the original kept for grad mode."""
+def _flat_inputs(args: tuple, kwargs: dict) -> list:
+    """The call's leaves in the order of the captured graph's placeholders."""
+    return [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, int, float, bool))]
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original):
+
+def _capture_guards(gm: torch.fx.GraphModule, example: list) -> list[tuple[int, object]]:
+    """What the capture specialised on, per input: a tensor's dtype, device and static sizes (None where
+    the size is a symbol), or a Python scalar's value. A call outside these runs the original block."""
+    guards = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, ex) in enumerate(zip(placeholders, example)):
+        fake = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(ex, torch.Tensor) and isinstance(fake, torch.Tensor):
+            sizes = tuple(s if isinstance(s, int) else None for s in fake.shape)
+            guards.append((i, (ex.dtype, ex.device, sizes)))
+        elif not isinstance(ex, torch.Tensor):
+            guards.append((i, ex))
+    return guards
+
+
+def _guard_failure(guards: list[tuple[int, object]], flat: list) -> str | None:
+    for i, expected in guards:
+        got = flat[i] if i < len(flat) else None
+        if not isinstance(expected, tuple):
+            if got != expected or type(got) is not type(expected):
+                return f"input {i} is {got!r}, captured as the constant {expected!r}"
+            continue
+        dtype, device, sizes = expected
+        if (
+            not isinstance(got, torch.Tensor)
+            or (got.dtype, got.device) != (dtype, device)
+            or got.dim() != len(sizes)
+            or any(s is not None and s != g for s, g in zip(sizes, got.shape))
+        ):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            return f"input {i} is {shape}, the block was captured for {sizes} (None: any size) {dtype} on {device}"
+    return None
+
+
+class _RewrittenForward:
+    """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
+    outside the shapes the capture specialised on (sizes 0 and 1 are always specialised)."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list):
         self.gm, self.original = gm, original
         self.params = [p for p in module.parameters()]
-        self.warned = False
+        self.guards = _capture_guards(gm, example)
+        self.warned: set[str] = set()
+
+    def _fallback(self, why: str, *args, **kwargs):
+        if why not in self.warned:
+            warnings.warn(f"moe_fx: running the original block: {why}", stacklevel=3)
+            self.warned.add(why)
+        return self.original(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
-            if not self.warned:
-                warnings.warn(
-                    "moe_fx: grad mode with trainable expert weights: running the original block "
-                    "(moe_fx lowerings have no autograd yet)",
-                    stacklevel=2,
-                )
-                self.warned = True
-            return self.original(*args, **kwargs)
+        flat = _flat_inputs(args, kwargs)
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*self.params, *flat) if isinstance(t, torch.Tensor)
+        ):
+            why = "grad mode with trainable expert weights or inputs (moe_fx lowerings have no autograd yet)"
+            return self._fallback(why, *args, **kwargs)
+        why = _guard_failure(self.guards, flat)
+        if why is not None:
+            return self._fallback(why, *args, **kwargs)
         return self.gm(*args, **kwargs)
 
 
@@ -133,8 +180,7 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
                 RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300])
             )
             continue
-        flat_inputs = pytree.tree_leaves((margs, mkwargs))
-        flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]
+        flat_inputs = _flat_inputs(margs, mkwargs)
         with torch.no_grad():
             block_report = rewrite_graph(gm, flat_inputs, opts)
         for m in block_report.matches:
@@ -142,6 +188,6 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs)
     model._moe_fx_report = report
     return report

@@ -75,7 +75,7 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
     families, placed = [], set()
     for (skeleton, _, _), members in groups.items():
         members = sorted(members, key=lambda m: m[0])
-        if num_experts < 2 or [m[0] for m in members] != list(range(num_experts)):
+        if [m[0] for m in members] != list(range(num_experts)):
             continue
         if any(m[1] in placed for m in members):
             continue
