@@ -20,6 +20,8 @@ from torch.utils import _pytree as pytree
 from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.rewrite import apply_rebind
+from moe_fx.passes.weights import keep_current
 from moe_fx.report import RejectionReport, Report
 
 log = logging.getLogger("moe_fx")
@@ -102,8 +104,8 @@ def _guard_failure(guards: list[tuple[int, object]], flat: list) -> str | None:
             or got.dim() != len(sizes)
             or any(s is not None and s != g for s, g in zip(sizes, got.shape))
         ):
-            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-            return f"input {i} is {shape}, the block was captured for {sizes} (None: any size) {dtype} on {device}"
+            shape = f"{tuple(got.shape)} {got.dtype} on {got.device}" if isinstance(got, torch.Tensor) else got
+            return f"input {i} is {shape}; the block was captured for {sizes} (None: any size) {dtype} on {device}"
     return None
 
 
@@ -111,11 +113,23 @@ class _RewrittenForward:
     """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
     outside the shapes the capture specialised on (sizes 0 and 1 are always specialised)."""
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list):
-        self.gm, self.original = gm, original
-        self.params = [p for p in module.parameters()]
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list, rebind: list):
+        self.gm, self.original, self.module = gm, original, module
         self.guards = _capture_guards(gm, example)
         self.warned: set[str] = set()
+        # where the graph reads each parameter: its view of a stacked tensor, or the parameter it captured
+        reads = {id(p): view for p, view in rebind}
+        reads.update((id(t), t) for t in (*gm.parameters(), *gm.buffers()) if id(t) not in reads)
+        self.weights = [
+            (m, name, reads[id(p)])
+            for m in module.modules()
+            for name, p in m._parameters.items()
+            if p is not None and id(p) in reads
+        ]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.module.parameters())
 
     def _fallback(self, why: str, *args, **kwargs):
         if why not in self.warned:
@@ -130,7 +144,9 @@ class _RewrittenForward:
         ):
             why = "grad mode with trainable expert weights or inputs (moe_fx lowerings have no autograd yet)"
             return self._fallback(why, *args, **kwargs)
-        why = _guard_failure(self.guards, flat)
+        why = _guard_failure(self.guards, flat) or keep_current(
+            [(m._parameters[name], target) for m, name, target in self.weights]
+        )
         if why is not None:
             return self._fallback(why, *args, **kwargs)
         return self.gm(*args, **kwargs)
@@ -181,13 +197,15 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             )
             continue
         flat_inputs = _flat_inputs(margs, mkwargs)
+        rebind = []
         with torch.no_grad():
-            block_report = rewrite_graph(gm, flat_inputs, opts)
+            block_report = rewrite_graph(gm, flat_inputs, opts, rebind=rebind)
+        apply_rebind(rebind)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind)
     model._moe_fx_report = report
     return report
