@@ -139,9 +139,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Llama4ForCausalLM",
         dict(intermediate_size=48, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
              moe_layers=[0], head_dim=16, layer_types=["full_attention"], attention_chunk_size=64),  # fmt: skip
-        refused="the router scatters its top-k into a dense [T, E] tensor made by `full_like(router_logits, "
-        "-inf)` before the sigmoid; the matcher reads `full_like`'s shape dependency on the logits as the "
-        "experts reading router values other than the top-k weights and ids, and leaves the block untouched",
+        notes="top-k → sigmoid of the scores scattered into a dense [T, E] tensor of -inf (rewritten first, "
+        "exactly, as zeros scattered with sigmoid(top-k)); the weight multiplies the expert's input; dense bmm "
+        "over all experts; the shared MLP is left as is",
     ),
     "granitemoe": Architecture(
         "GraniteMoeConfig",
