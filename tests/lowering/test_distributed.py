@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import moe_fx
 from moe_fx import examples as ex
-from moe_fx.lowering.distributed import expert_load, plan_shard, reset_expert_load
+from moe_fx.lowering.distributed import plan_shard
 from moe_fx.ops import dispatch_args
 from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import rel_err
@@ -65,12 +65,12 @@ def _two_ranks(rank: int, world: int) -> None:
         _check(model, ref_model, _tokens(rank + 7, T2, 64, batch=True), f"ep_alltoall apply T={T2}")
 
     # per-rank load: every routed (token, slot) row is counted once, on every rank
-    load = {entry.counts_WE.shape[1]: entry for entry in expert_load()}[8]
+    load = {entry.counts_WE.shape[1]: entry for entry in moe_fx.expert_load()}[8]
     assert load.group_name == group.group_name and load.calls == 2 * 3  # 2 blocks x 3 calls
     totals = torch.tensor([(2, 9)[r] + (5 - 4 * r) + (0 if r else 3) for r in range(world)])  # tokens per rank
     assert torch.equal(load.counts_WE.sum(1), totals * 2 * 2), load  # x K=2 x 2 blocks
     assert load.imbalance >= 1.0 and "imbalance" in str(load)
-    reset_expert_load()
+    moe_fx.reset_expert_load()
 
     # ep_allgather through torch.compile (Inductor), an explicit non-contiguous placement, group given
     model, ref_model = _model(ex.LoopMoE, num_experts=6)
