@@ -58,6 +58,8 @@ def _two_ranks(rank: int, world: int) -> None:
     assert [m.form for m in report.matches] == ["expert_loop", "gather_einsum"], str(report)
     assert {m.lowerings["quantize_dispatch"].name for m in report.matches} == {"ep_all_to_all"}
     assert {m.lowerings["experts"].name for m in report.matches} == {"reference"}
+    held = [[0, 1, 2, 3], [4, 5, 6, 7]][rank]
+    assert f"rank {rank}/2 of group '0' holds experts {held}" in report.matches[0].lowerings["quantize_dispatch"].reason
     # each rank keeps its 4 of 8 experts: the expert weights halve, other parameters stay
     experts = sum(p.numel() for n, p in ref_model.named_parameters() if "gate" not in n and "norm" not in n)
     assert _param_numel(model) == full - experts // 2, (_param_numel(model), full, experts)
