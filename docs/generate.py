@@ -92,54 +92,69 @@ def models_section() -> str:
     return _table(["`--hf` name", "transformers config / model", "MoE blocks (tiny model)", "notes"], rows)
 
 
-def _stamp_date(path: Path, meta: dict) -> str:
+def _date(path: Path, meta: dict) -> str:
+    """When the numbers were measured: meta["date"], a YYYYmmdd stamp in the file name, else the date of
+    the commit that added the file (stable once committed)."""
     if meta.get("date"):
-        return str(meta["date"])
+        return f"measured {meta['date']}"
     found = re.search(r"(\d{4})(\d{2})(\d{2})-\d{6}", path.name)
-    return "-".join(found.groups()) if found else "unknown date"
+    if found:
+        return "measured " + "-".join(found.groups())
+    added = subprocess.run(
+        ["git", "log", "--diff-filter=A", "--format=%as", "-1", "--", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"committed {added}" if added else "date not recorded"
 
 
 def _us(us: float | None, floor: float) -> str:
     if us is None:
         return ""
-    if isinstance(us, float) and math.isnan(us):
+    if math.isnan(us):
         return "fail"
     return f"{us:.0f}/{us / floor:.2f}"
 
 
+def _layer_results(path: Path) -> dict | None:
+    """A bench/layer.py result ({"meta", "rows"}), or None for the other files in bench/results."""
+    data = json.loads(path.read_text())
+    rows = data.get("rows") if isinstance(data, dict) else None
+    return data if isinstance(rows, list) and rows and "shape" in rows[0] and "meta" in data else None
+
+
 def results_section() -> str:
-    files = sorted(RESULTS.glob("*.json"))
-    if not files:
+    found = [(p, d) for p in sorted(RESULTS.glob("*.json")) if (d := _layer_results(p)) is not None]
+    if not found:
         return (
             "_No benchmark results are checked in yet._ Run `python bench/layer.py --out bench/results` on a GPU, "
             "commit the JSON file it writes, then `python docs/generate.py`."
         )
     parts = []
-    for path in files:
-        data = json.loads(path.read_text())
+    for path, data in found:
         meta, rows = data["meta"], data["rows"]
         variants = meta["variants"]
         parts.append(
-            f"### `{path.name}`\n\n"
-            f"{meta['device']}, {_stamp_date(path, meta)}; torch {meta.get('torch', '?')}, "
-            f"triton {meta.get('triton', '?')}; tuned: {meta.get('tuned', False)}. "
-            "Cells: µs / ratio to the floor; `fail`: the variant could not run the shape."
+            f"### `bench/results/{path.name}`\n\n"
+            f"{meta['device']}, {_date(path, meta)}; torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}; "
+            f"run with `--tune`: {meta.get('tuned', False)}. µs / ratio to the floor; `fail`: could not run."
         )
-        for shape in dict.fromkeys(r["shape"] for r in rows):
-            table = [
-                [str(r["T"]), *(_us(r["us"].get(v), r["floor_us"]) for v in variants), f"{r['floor_us']:.0f}"]
-                for r in rows
-                if r["shape"] == shape
+        table = [
+            [r["shape"], str(r["T"]), *(_us(r["us"].get(v), r["floor_us"]) for v in variants), f"{r['floor_us']:.0f}"]
+            for r in rows
+        ]
+        parts.append(_table(["shape", "T", *variants, "floor"], table))
+        graphed = [r for r in rows if r.get("graph_us")]
+        if graphed:
+            gvars = list(dict.fromkeys(v for r in graphed for v in r["graph_us"]))
+            gtable = [
+                [r["shape"], str(r["T"]), *(_us(r["graph_us"].get(v), r["floor_us"]) for v in gvars)]
+                + [f"{r['floor_us']:.0f}"]
+                for r in graphed
             ]
-            parts.append(f"**{shape}**\n\n" + _table(["T", *variants, "floor"], table))
-            graphed = [r for r in rows if r["shape"] == shape and r.get("graph_us")]
-            if graphed:
-                gvars = list(dict.fromkeys(v for r in graphed for v in r["graph_us"]))
-                gtable = [
-                    [str(r["T"]), *(_us(r["graph_us"].get(v), r["floor_us"]) for v in gvars), f"{r['floor_us']:.0f}"]
-                    for r in graphed
-                ]
-                parts.append(f"**{shape}, CUDA-graph replays**\n\n" + _table(["T", *gvars, "floor"], gtable))
+            parts.append("CUDA-graph replays:\n\n" + _table(["shape", "T", *gvars, "floor"], gtable))
     return "\n\n".join(parts)
 
 

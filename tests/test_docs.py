@@ -40,12 +40,14 @@ def test_results_section_renders_bench_json(tmp_path, monkeypatch):
     meta = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "tuned": False}
     meta["variants"] = ["hf_gmm", "moe_fx_triton"]
     (tmp_path / "layer-20261123-170102.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    (tmp_path / "tuning.json").write_text(json.dumps({"E8-D64": {"up": {"block_m": 64}}}))  # not a layer result
     monkeypatch.setattr(generate, "RESULTS", tmp_path)
     text = generate.results_section()
-    assert "NVIDIA H100 80GB HBM3, 2026-11-23; torch 2.11.0" in text
-    assert "| T | hf_gmm | moe_fx_triton | floor |" in text
-    assert "| 16 | 1000/2.00 | 600/1.20 | 500 |" in text and "| 1024 | 2000/4.00 | fail | 500 |" in text
-    assert "**mixtral, CUDA-graph replays**" in text and "| 16 | 550/1.10 | 500 |" in text
+    assert "NVIDIA H100 80GB HBM3, measured 2026-11-23; torch 2.11.0" in text and "tuning.json" not in text
+    assert "| shape | T | hf_gmm | moe_fx_triton | floor |" in text
+    assert "| mixtral | 16 | 1000/2.00 | 600/1.20 | 500 |" in text
+    assert "| mixtral | 1024 | 2000/4.00 | fail | 500 |" in text
+    assert "CUDA-graph replays:" in text and "| mixtral | 16 | 550/1.10 | 500 |" in text
 
 
 def test_architecture_lowering_example_runs():

@@ -18,7 +18,8 @@ from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
-from moe_fx.passes.rewrite import apply_rebind, rewrite, select_lowerings
+from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
+from moe_fx.passes.router import sink_sigmoid_into_scatter
 from moe_fx.passes.verify import verify
 from moe_fx.report import BlockReport, LoweringChoice, RejectionReport, Report
 from moe_fx.spec import QuantSpec
@@ -127,6 +128,8 @@ def rewrite_graph(
     layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
     """
     pending = [] if rebind is None else rebind
+    fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
+    sink_sigmoid_into_scatter(gm, lambda node: _set_meta(node, fake_mode))
     finder = BlockFinder(gm, example_inputs)
     matches, rejections = find_blocks(gm, example_inputs, finder)
     report = Report(graphs=1)
