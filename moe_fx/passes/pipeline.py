@@ -169,6 +169,9 @@ def rewrite_graph(
     for match, shard in accepted:  # shard: this rank's part under a parallel layout, None on one device
         _log_lowerings(match)
         block = _block_report(match, graph)
+        if shard is not None:  # explain shows which experts (or F slice) this rank holds
+            dispatch = block.lowerings["quantize_dispatch"]
+            dispatch.reason = f"{dispatch.reason}; {shard}"
         report.matches.append(block)
         block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
         old = set(gm.graph.nodes)

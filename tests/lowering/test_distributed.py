@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import moe_fx
 from moe_fx import examples as ex
-from moe_fx.lowering.distributed import expert_load, plan_shard, reset_expert_load
+from moe_fx.lowering.distributed import plan_shard
 from moe_fx.ops import dispatch_args
 from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import rel_err
@@ -58,6 +58,8 @@ def _two_ranks(rank: int, world: int) -> None:
     assert [m.form for m in report.matches] == ["expert_loop", "gather_einsum"], str(report)
     assert {m.lowerings["quantize_dispatch"].name for m in report.matches} == {"ep_all_to_all"}
     assert {m.lowerings["experts"].name for m in report.matches} == {"reference"}
+    held = [[0, 1, 2, 3], [4, 5, 6, 7]][rank]
+    assert f"rank {rank}/2 of group '0' holds experts {held}" in report.matches[0].lowerings["quantize_dispatch"].reason
     # each rank keeps its 4 of 8 experts: the expert weights halve, other parameters stay
     experts = sum(p.numel() for n, p in ref_model.named_parameters() if "gate" not in n and "norm" not in n)
     assert _param_numel(model) == full - experts // 2, (_param_numel(model), full, experts)
@@ -65,12 +67,12 @@ def _two_ranks(rank: int, world: int) -> None:
         _check(model, ref_model, _tokens(rank + 7, T2, 64, batch=True), f"ep_alltoall apply T={T2}")
 
     # per-rank load: every routed (token, slot) row is counted once, on every rank
-    load = {entry.counts_WE.shape[1]: entry for entry in expert_load()}[8]
+    load = {entry.counts_WE.shape[1]: entry for entry in moe_fx.expert_load()}[8]
     assert load.group_name == group.group_name and load.calls == 2 * 3  # 2 blocks x 3 calls
     totals = torch.tensor([(2, 9)[r] + (5 - 4 * r) + (0 if r else 3) for r in range(world)])  # tokens per rank
     assert torch.equal(load.counts_WE.sum(1), totals * 2 * 2), load  # x K=2 x 2 blocks
     assert load.imbalance >= 1.0 and "imbalance" in str(load)
-    reset_expert_load()
+    moe_fx.reset_expert_load()
 
     # ep_allgather through torch.compile (Inductor), an explicit non-contiguous placement, group given
     model, ref_model = _model(ex.LoopMoE, num_experts=6)
@@ -109,19 +111,20 @@ def _two_ranks(rank: int, world: int) -> None:
         out, ref = model(ids).logits, ref_model(ids).logits
     assert rel_err(out, ref) < TOL, f"rank {rank} mixtral: {rel_err(out, ref):.2e}"
 
-    # bad configurations name the values
+    # bad configurations name the values: once through apply, then the same checks directly
     model, _ = _model(ex.LoopMoE, num_experts=3)
     with pytest.raises(ValueError, match=r"num_experts E \(3\) must be divisible by the world size \(2\)"):
         moe_fx.apply(model, _tokens(0, 4, 32), options={"layout": "ep_alltoall"})
+    spec = MoESpec(ExpertsSpec(3, 32, 47), 2, layout="ep_allgather")
     with pytest.raises(ValueError, match=r"expert_placement names rank\(s\) \[2\] but group '0' has world size 2"):
-        moe_fx.apply(model, _tokens(0, 4, 32), options={"layout": "ep_allgather", "expert_placement": [0, 1, 2]})
-    model, _ = _model(ex.LoopMoE, ffn=47)
+        plan_shard(spec, None, (0, 1, 2), "cpu")
+    with pytest.raises(ValueError, match=r"expert_placement has 2 entries but the block has E=3 experts"):
+        plan_shard(spec, None, (0, 1), "cpu")
     with pytest.raises(ValueError, match=r"ffn dim F \(47\) must be divisible by the world size \(2\)"):
-        moe_fx.apply(model, _tokens(0, 4, 32), options={"layout": "tp"})
-    spec = MoESpec(ExpertsSpec(4, 32, 48), 2, layout="ep_alltoall")
+        plan_shard(spec.replace(layout="tp"), group, None, "cpu")
     cpu_only = dist.new_group(backend="cpu:gloo")
-    with pytest.raises(ValueError, match=r"layout='ep_alltoall' on cuda tensors needs .* backend"):
-        plan_shard(spec, cpu_only, None, "cuda")
+    with pytest.raises(ValueError, match=r"layout='ep_allgather' on cuda tensors needs .* backend"):
+        plan_shard(spec, cpu_only, (0, 1, 1), "cuda")
 
 
 def _four_ranks(rank: int, world: int) -> None:
@@ -158,3 +161,33 @@ def test_four_ranks_uneven_placement_and_tokens():
 
 def test_hung_rank_surfaces_as_a_timeout_error():
     run_ranks(_hung_rank, 2, timeout_s=3.0)
+
+
+def test_options_validate_group_and_placement():
+    from moe_fx.options import parse_options
+
+    with pytest.raises(ValueError, match=r"option group is only used by layouts .* but layout='single'"):
+        parse_options({"group": object()})
+    with pytest.raises(ValueError, match=r"option expert_placement is only used by layouts .* but layout='tp'"):
+        parse_options({"layout": "tp", "expert_placement": [0, 1]})
+    with pytest.raises(ValueError, match=r"expert_placement=\[0, -1\] must be a sequence of ranks"):
+        parse_options({"layout": "ep_alltoall", "expert_placement": [0, -1]})
+    opts = parse_options({"layout": "ep_allgather", "expert_placement": torch.tensor([1, 0])})
+    assert opts.expert_placement == (1, 0)
+    if not dist.is_initialized():
+        with pytest.raises(ValueError, match="needs torch.distributed initialised"):
+            plan_shard(MoESpec(ExpertsSpec(4, 32, 48), 2, layout="ep_alltoall"), None, None, "cpu")
+
+
+def test_bench_ep_bytes_and_table():
+    """bench/ep.py runs on 2 GPUs only; its CPU-side accounting is checked here (see `--cpu-smoke`)."""
+    from bench.ep import Shape, table, wire_bytes
+
+    s = Shape(E=8, K=2, D=4, F=6)
+    # rank 0 of 2 sends 3 rows to rank 1 (5 to itself) and gets 2 back from rank 1: fp32 rows + fp32 weights
+    assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, s, 4) == 8 * 8 + 3 * (4 * 4 + 4) + 2 * 4 * 4
+    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, s, 4) == 8 + 7 * (4 * 4 + 2 * 2 * 4) + 7 * 4 * 4
+    assert wire_bytes("tp", [], 2, 0, 4, s, 4) == 4 * 4 * 4
+    row = dict(shape="tiny", layout="tp", T=4, dispatch_combine_us=10.0, bytes=64, GBps=0.1, plain_a2a_us=5.0,
+               plain_a2a_GBps=0.2, vs_a2a=2.0, layer_us=30.0)  # fmt: skip
+    assert "| tiny | tp | 4 | 10 | 64 | 0.10 | 5 | 0.20 | 2.00 | 30 |" in table([row])

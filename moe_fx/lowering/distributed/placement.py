@@ -35,6 +35,12 @@ class Shard:
     world: int
     owner_E: tuple[int, ...] | None = None  # expert parallel only
 
+    def __str__(self) -> str:
+        where = f"rank {self.rank}/{self.world} of group {self.group_name!r}"
+        if self.expert_parallel:
+            return f"{self.layout}: {where} holds experts {list(self.local_experts)}"
+        return f"{self.layout}: {where} holds F slice {self.rank + 1}/{self.world} of every expert"
+
     @property
     def expert_parallel(self) -> bool:
         return self.layout in EP_LAYOUTS
