@@ -2,8 +2,22 @@
 
 One table, `ARCHITECTURES`, names every MoE architecture moe_fx is tested on. The tests, the demo,
 `python -m moe_fx inspect --hf NAME` and the supported-models list in the docs all read it.
-Nothing is downloaded: each model is `cls(config)` with random weights. `example_inputs(model, T)`
+Nothing is downloaded: each model is `cls(config)` with random weights (biases a fresh init leaves at
+zero, such as DeepSeek-V3's `e_score_correction_bias`, get random values). `example_inputs(model, T)`
 gives the keyword inputs of one forward (decoder inputs too, for the encoder-decoder models).
+
+Experts implementations (transformers 5.x, `@use_experts_implementation`): `grouped_mm` (the default)
+and `batched_mm` reach Dynamo whole and are matched as they are. `eager` is a loop over `nonzero()`
+that Dynamo cannot hold in one graph; while moe_fx captures (torch.compile with backend="moe_fx",
+`apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.hf_experts`), and the
+model's setting is untouched. Architectures without the decorator have one form each.
+
+transformers 4.57 (not installed, not tested): experts there are `nn.ModuleList`s of per-expert MLPs
+run by the same `for e in expert_hit` loop (Mixtral, Qwen, DeepSeek, GLM4, dots1, MiniMax, Jamba, ...),
+with no implementation to select, so Dynamo graph-breaks inside the block and moe_fx leaves it
+untouched. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and
+the dense bmm (Llama4) are captured whole under moe_fx's capture flags and are the forms the matcher
+handles (per-expert weights are stacked once), but that line is not part of the tested matrix.
 """
 
 from __future__ import annotations
@@ -23,8 +37,15 @@ COMMON = dict(
     max_position_embeddings=64,
 )
 # Multi-head latent attention (DeepSeek-V2/V3, LongCat) at tiny sizes.
-MLA = dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-           v_head_dim=16, head_dim=8)  # fmt: skip
+MLA = dict(
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    head_dim=8,
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +78,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen2_moe": Architecture(
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
-        dict(moe_intermediate_size=48, shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
-             intermediate_size=96),  # fmt: skip
+        dict(
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=96,
+            num_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=96,
+        ),
         notes="shared expert with a sigmoid gate, left as ordinary nodes",
     ),
     "qwen3_moe": Architecture(
@@ -70,8 +96,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "qwen3_next": Architecture(
         "Qwen3NextConfig",
         "Qwen3NextForCausalLM",
-        dict(moe_intermediate_size=48, shared_expert_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-             norm_topk_prob=True, head_dim=16, layer_types=["full_attention"]),  # fmt: skip
+        dict(
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
         notes="shared expert with a sigmoid gate, left as ordinary nodes",
     ),
     "olmoe": Architecture(
@@ -89,40 +122,85 @@ ARCHITECTURES: dict[str, Architecture] = {
     "deepseek_v2": Architecture(
         "DeepseekV2Config",
         "DeepseekV2ForCausalLM",
-        dict(MLA, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
-             first_k_dense_replace=0, intermediate_size=96, topk_method="group_limited_greedy", n_group=4,
-             topk_group=2, routed_scaling_factor=2.0),  # fmt: skip
+        dict(
+            MLA,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.0,
+        ),
         notes="softmax, group-limited greedy top-k (group score = max), × routed_scaling_factor; shared experts "
         "left as ordinary nodes",
     ),
     "deepseek_v3": Architecture(
         "DeepseekV3Config",
         "DeepseekV3ForCausalLM",
-        dict(MLA, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
-             first_k_dense_replace=0, intermediate_size=96, n_group=4, topk_group=2, routed_scaling_factor=2.5),  # fmt: skip
+        dict(
+            MLA,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),
         notes="sigmoid + e_score_correction_bias, group-limited top-k (group score = top-2 sum), unbiased "
         "weights, renormalise, × routed_scaling_factor",
     ),
     "glm4_moe": Architecture(
         "Glm4MoeConfig",
         "Glm4MoeForCausalLM",
-        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
-             first_k_dense_replace=0, intermediate_size=96, n_group=1, topk_group=1, head_dim=16),  # fmt: skip
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=1,
+            topk_group=1,
+            head_dim=16,
+        ),
         notes="DeepSeek-V3 router (sigmoid + correction bias), no groups",
     ),
     "dots1": Architecture(
         "Dots1Config",
         "Dots1ForCausalLM",
-        dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
-             first_k_dense_replace=0, intermediate_size=96, n_group=1, topk_group=1, norm_topk_prob=True,
-             head_dim=16),  # fmt: skip
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
         notes="DeepSeek-V3 router (sigmoid + correction bias)",
     ),
     "longcat_flash": Architecture(
         "LongcatFlashConfig",
         "LongcatFlashForCausalLM",
-        dict(MLA, num_layers=1, ffn_hidden_size=96, expert_ffn_hidden_size=48, n_routed_experts=8,
-             zero_expert_num=4, moe_topk=2),  # fmt: skip
+        dict(
+            MLA,
+            num_layers=1,
+            ffn_hidden_size=96,
+            expert_ffn_hidden_size=48,
+            n_routed_experts=8,
+            zero_expert_num=4,
+            moe_topk=2,
+        ),
         refused="zero-computation (identity) experts are not expressible in MoESpec, and the experts are a "
         "per-expert Python loop (`nonzero`, `.item()`) with no experts implementation to select: Dynamo "
         "graph-breaks inside it, so no graph holds the block; left untouched",
@@ -130,18 +208,31 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gpt_oss": Architecture(
         "GptOssConfig",
         "GptOssForCausalLM",
-        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16,
-             layer_types=["full_attention"]),  # fmt: skip
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
         notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
     ),
     "llama4": Architecture(
         "Llama4TextConfig",
         "Llama4ForCausalLM",
-        dict(intermediate_size=48, intermediate_size_mlp=96, num_local_experts=8, num_experts_per_tok=1,
-             moe_layers=[0], head_dim=16, layer_types=["full_attention"], attention_chunk_size=64),  # fmt: skip
-        refused="the router scatters its top-k into a dense [T, E] tensor made by `full_like(router_logits, "
-        "-inf)` before the sigmoid; the matcher reads `full_like`'s shape dependency on the logits as the "
-        "experts reading router values other than the top-k weights and ids, and leaves the block untouched",
+        dict(
+            intermediate_size=48,
+            intermediate_size_mlp=96,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            moe_layers=[0],
+            head_dim=16,
+            layer_types=["full_attention"],
+            attention_chunk_size=64,
+        ),
+        notes="top-k → sigmoid of the scores scattered into a dense [T, E] tensor of -inf (rewritten first, "
+        "exactly, as zeros scattered with sigmoid(top-k)); the weight multiplies the expert's input; dense bmm "
+        "over all experts; the shared MLP is left as is",
     ),
     "granitemoe": Architecture(
         "GraniteMoeConfig",
@@ -165,8 +256,15 @@ ARCHITECTURES: dict[str, Architecture] = {
     "dbrx": Architecture(
         "DbrxConfig",
         "DbrxForCausalLM",
-        dict(d_model=64, n_heads=4, n_layers=1, max_seq_len=64, vocab_size=128,
-             attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0), ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2)),  # fmt: skip
+        dict(
+            d_model=64,
+            n_heads=4,
+            n_layers=1,
+            max_seq_len=64,
+            vocab_size=128,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
+        ),
         common=False,
         refused="the experts are a per-expert Python loop over `nonzero()` (DBRX has no experts "
         "implementation to select) with weights stored flat as [E·F, D]; Dynamo graph-breaks inside the "
@@ -177,13 +275,21 @@ ARCHITECTURES: dict[str, Architecture] = {
         "JetMoeConfig",
         "JetMoeForCausalLM",
         dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, kv_channels=16),
-        notes="top-k on the logits → softmax; the mixture-of-attention heads are not an MLP MoE",
+        notes="top-k on the logits → softmax (the `.tolist()` + `split` experts); the mixture-of-attention "
+        "router in self-attention is found and refused (its experts are attention heads, not an MLP)",
     ),
     "ernie4_5_moe": Architecture(
         "Ernie4_5_MoeConfig",
         "Ernie4_5_MoeForCausalLM",
-        dict(moe_intermediate_size=48, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, intermediate_size=96,
-             moe_layer_start_index=0, moe_layer_end_index=0),  # fmt: skip
+        dict(
+            moe_intermediate_size=48,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            intermediate_size=96,
+            moe_layer_start_index=0,
+            moe_layer_end_index=0,
+        ),
         notes="softmax + correction bias for selection, clamped renormalise",
     ),
     "hunyuan_v1_moe": Architecture(
@@ -195,8 +301,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "minimax": Architecture(
         "MiniMaxConfig",
         "MiniMaxForCausalLM",
-        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16,
-             layer_types=["full_attention"]),  # fmt: skip
+        dict(
+            intermediate_size=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
         notes="softmax → top-k → renormalise",
     ),
     "minimax_m2": Architecture(
@@ -208,23 +319,50 @@ ARCHITECTURES: dict[str, Architecture] = {
     "jamba": Architecture(
         "JambaConfig",
         "JambaForCausalLM",
-        dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, expert_layer_period=1, expert_layer_offset=0,
-             attn_layer_period=1, attn_layer_offset=0, use_mamba_kernels=False, mamba_dt_rank=8),  # fmt: skip
+        dict(
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=1,
+            attn_layer_offset=0,
+            use_mamba_kernels=False,
+            mamba_dt_rank=8,
+        ),
         notes="softmax → top-k, not renormalised",
     ),
     "lfm2_moe": Architecture(
         "Lfm2MoeConfig",
         "Lfm2MoeForCausalLM",
-        dict(intermediate_size=96, moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
-             num_dense_layers=0, layer_types=["full_attention"]),  # fmt: skip
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_dense_layers=0,
+            layer_types=["full_attention"],
+        ),
         notes="sigmoid + expert bias → top-k → renormalise",
     ),
     "nllb_moe": Architecture(
         "NllbMoeConfig",
         "NllbMoeForConditionalGeneration",
-        dict(vocab_size=128, d_model=64, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=96, decoder_ffn_dim=96,
-             encoder_attention_heads=4, decoder_attention_heads=4, num_experts=4, expert_capacity=16,
-             encoder_sparse_step=1, decoder_sparse_step=1, max_position_embeddings=64),  # fmt: skip
+        dict(
+            vocab_size=128,
+            d_model=64,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_ffn_dim=96,
+            decoder_ffn_dim=96,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            num_experts=4,
+            expert_capacity=16,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            max_position_embeddings=64,
+        ),
         moe_blocks=2,
         common=False,
         refused="token capacity (tokens past an expert's `expert_capacity` are dropped, in token order) is "
@@ -233,9 +371,22 @@ ARCHITECTURES: dict[str, Architecture] = {
     "switch_transformers": Architecture(
         "SwitchTransformersConfig",
         "SwitchTransformersForConditionalGeneration",
-        dict(vocab_size=128, d_model=64, d_kv=16, d_ff=96, num_layers=1, num_decoder_layers=1,
-             num_sparse_encoder_layers=1, num_sparse_decoder_layers=1, num_heads=4, num_experts=4,
-             expert_capacity=16, encoder_sparse_step=1, decoder_sparse_step=1, router_jitter_noise=0.0),  # fmt: skip
+        dict(
+            vocab_size=128,
+            d_model=64,
+            d_kv=16,
+            d_ff=96,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+            num_heads=4,
+            num_experts=4,
+            expert_capacity=16,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            router_jitter_noise=0.0,
+        ),
         moe_blocks=2,
         common=False,
         refused="token capacity (dropped tokens pass through as router_prob × hidden state) is not "

@@ -454,9 +454,10 @@ class BlockFinder:
             return "hf_grouped_mm"
         if names & {"where", "nonzero", "index_add_", "index_add", "setitem", "argwhere"}:
             return "expert_loop"
-        if "bmm" in names and not names & {"einsum"}:
+        gathers_weights = any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region)
+        if "bmm" in names and not names & {"einsum"} and gathers_weights:
             return "batched_mm"
-        if any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
+        if gathers_weights:
             return "gather_einsum" if "einsum" in names else "gather_matmul"
         return "dense"
 

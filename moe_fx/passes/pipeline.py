@@ -14,10 +14,12 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx.draw import snapshot
+from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
-from moe_fx.passes.rewrite import apply_rebind, rewrite, select_lowerings
+from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
+from moe_fx.passes.router import sink_sigmoid_into_scatter
 from moe_fx.passes.verify import verify
 from moe_fx.report import BlockReport, LoweringChoice, RejectionReport, Report
 from moe_fx.spec import QuantSpec
@@ -113,6 +115,7 @@ def rewrite_graph(
     dry_run: bool = False,
     graph: int = 0,
     rebind: list | None = None,
+    owns_forward: bool = False,
 ) -> Report:
     """Find every MoE block in `gm`, pick lowerings and rewrite each in place.
 
@@ -121,8 +124,12 @@ def rewrite_graph(
     `dry_run` (explain): `gm` is a throwaway copy; it is rewritten so that the report can show each
     block after the rewrite, but no parameter is rebound and nothing is counted as rewritten.
     Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
+    `owns_forward`: the caller runs `gm` instead of the module from now on (apply), so under a parallel
+    layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
     """
     pending = [] if rebind is None else rebind
+    fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
+    sink_sigmoid_into_scatter(gm, lambda node: _set_meta(node, fake_mode))
     finder = BlockFinder(gm, example_inputs)
     matches, rejections = find_blocks(gm, example_inputs, finder)
     report = Report(graphs=1)
@@ -156,16 +163,16 @@ def rewrite_graph(
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))
             count("rejected")
             continue
-        accepted.append(match)
+        accepted.append((match, plan_shard(match.spec, options.group, options.expert_placement, device.type)))
     taken = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("moe_fx_block")}
     index = len(taken)
-    for match in accepted:
+    for match, shard in accepted:  # shard: this rank's part under a parallel layout, None on one device
         _log_lowerings(match)
         block = _block_report(match, graph)
         report.matches.append(block)
         block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
         old = set(gm.graph.nodes)
-        rewrite(gm, match, index, [] if dry_run else pending)
+        rewrite(gm, match, index, [] if dry_run else pending, shard, owns_forward and not dry_run)
         new_nodes = [n for n in gm.graph.nodes if n not in old]
         block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 import triton
 
+from moe_fx.spec import GATED_ACTIVATIONS
+
 log = logging.getLogger("moe_fx")
 
 
@@ -150,7 +152,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
 
-    gated = activation in ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu")
+    gated = activation in GATED_ACTIVATIONS
     device = torch.device(device)
     w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
     w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
