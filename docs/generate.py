@@ -86,10 +86,16 @@ def models_section() -> str:
     from moe_fx.hf_models import ARCHITECTURES
 
     rows = [
-        [f"`{name}`", f"`{arch.config}` / `{arch.model}`", str(arch.moe_blocks), arch.notes or ""]
+        [
+            f"`{name}`",
+            f"`{arch.config}` / `{arch.model}`",
+            str(arch.moe_blocks),
+            f"no: {arch.refused}" if arch.refused else "yes",
+            arch.notes,
+        ]
         for name, arch in ARCHITECTURES.items()
     ]
-    return _table(["`--hf` name", "transformers config / model", "MoE blocks (tiny model)", "notes"], rows)
+    return _table(["`--hf` name", "transformers config / model", "MoE blocks", "rewritten", "notes"], rows)
 
 
 def _date(path: Path, meta: dict) -> str:

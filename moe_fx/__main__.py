@@ -101,8 +101,10 @@ def _from_factory(spec: str) -> tuple[nn.Module, tuple, dict]:
 def _inspect_inputs(args) -> tuple[nn.Module, tuple, dict]:
     if args.hf:
         model = hf_models.build(args.hf, args.experts_implementation)
-        shape = args.shape or (2, 16)
-        return model, (torch.randint(0, model.config.vocab_size, shape),), {}
+        if args.shape is not None and len(args.shape) != 2:
+            raise ValueError(f"moe_fx: --shape for --hf is batch,tokens (two integers), got {args.shape}")
+        batch, T = args.shape or (2, 16)
+        return model, (), hf_models.example_inputs(model, T, batch)
     model, inputs, kwargs = _from_factory(args.module)
     if args.shape:
         inputs = (torch.randn(args.shape),)
@@ -163,7 +165,7 @@ def main(argv=None) -> None:
     which = i.add_mutually_exclusive_group(required=True)
     which.add_argument("--hf", choices=sorted(hf_models.ARCHITECTURES), help="a tiny HF model built from a config")
     which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="factory() -> model or (model, args[, kwargs])")
-    i.add_argument("--shape", type=_shape, help="input shape: token ids for --hf (default 2,16); randn for --module")
+    i.add_argument("--shape", type=_shape, help="--hf: batch,tokens (default 2,16); --module: shape of a randn input")
     i.add_argument("--experts-implementation", default="grouped_mm", help="HF experts: grouped_mm|batched_mm|eager")
     i.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ report.subgraph("before", block=0)    # the same block as a standalone fx.Graph
 from __future__ import annotations
 
 import html
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -114,6 +114,10 @@ class Report:
     def weight_bytes(self) -> int:
         return sum(m.weight_bytes for m in self.matches)
 
+    def break_counts(self) -> dict[str, int]:
+        """Each distinct graph-break reason (in order) and how often Dynamo gave it."""
+        return Counter(self.break_reasons)
+
     # ---------------------------------------------------------------- text
     def headline(self) -> str:
         return (
@@ -143,8 +147,8 @@ class Report:
                 lines.append(f"    {blocks}: {ops} = {name} ({reason}){refused}")
         for r in self.rejections:
             lines.append(f"  rejected {r.module_path or '<root>'} at {r.where or '-'}: {r.reason}")
-        for reason in self.break_reasons:
-            lines.append(f"  graph break: {reason}")
+        for reason, n in self.break_counts().items():
+            lines.append(f"  graph break{f' (x{n})' if n > 1 else ''}: {reason}")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -175,7 +179,8 @@ class Report:
             head = "".join(f"<th>{h}</th>" for h in ("module", "at node", "why it was left as it is"))
             parts.append(f"<p>Rejected</p><table><thead><tr>{head}</tr></thead><tbody>{rej}</tbody></table>")
         if self.break_reasons:
-            parts.append("<p>Graph breaks</p><ul>" + "".join(f"<li>{e(r)}</li>" for r in self.break_reasons) + "</ul>")
+            items = "".join(f"<li>{e(r)}{f' (x{n})' if n > 1 else ''}</li>" for r, n in self.break_counts().items())
+            parts.append(f"<p>Graph breaks</p><ul>{items}</ul>")
         return "".join(parts) + "</div>"
 
     # ---------------------------------------------------------------- pictures
