@@ -127,6 +127,7 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
     worst = 0.0
     for (x, logits), ref in zip(probes, refs):
         inputs = [x, logits, *(v for v in leaf_values if isinstance(v, torch.Tensor)), *block.buffers()]
+        inputs = [t for t in inputs if not t.is_inference()]  # inference tensors keep no version counter
         versions = [t._version for t in inputs]
         try:
             with torch.no_grad():
