@@ -61,7 +61,11 @@ def _compile(model, x, **options):
 
 @pytest.mark.parametrize(
     "bad_lowering, why",
-    [((_wrong, None), "rel err"), ((_raises, None), "kernel launch failed"), ((_mutates, None), "modified its inputs or weights")],
+    [
+        ((_wrong, None), "rel err"),
+        ((_raises, None), "kernel launch failed"),
+        ((_mutates, None), "modified its inputs or weights"),
+    ],
     indirect=["bad_lowering"],
     ids=["wrong", "raises", "mutates"],
 )
