@@ -1,15 +1,27 @@
-"""`python -m moe_fx demo`: the README's main job.
+"""The command line: `python -m moe_fx demo` (the README's main job) and `python -m moe_fx inspect`.
 
-Builds a small naive MoE model (two blocks of different forms) and a tiny HuggingFace Mixtral from a
-config, rewrites both with moe_fx, and prints the match report, eager vs moe_fx error and timings.
+demo: builds a small naive MoE model (two blocks of different forms) and a tiny HuggingFace Mixtral
+from a config, rewrites both with moe_fx, and prints the match report, eager vs moe_fx error and timings.
+
+inspect: prints `moe_fx.explain`'s report for one model, either a tiny HF model by name
+(`--hf mixtral`, the names of `moe_fx.hf_models.ARCHITECTURES`) or any model a factory returns
+(`--module pkg.mod:factory`). `--html`, `--draw` write the HTML report and before/after pictures;
+`--apply` rewrites the model in place and compares it with eager; `--print-graph` prints the
+rewritten graphs with their moe_fx nodes annotated.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import importlib
+import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import moe_fx
 from moe_fx import examples, hf_models
@@ -53,8 +65,6 @@ def demo(inner: str) -> None:
     ids = torch.randint(0, 128, (2, 24), device=device)
     with torch.no_grad():
         ref = hf(ids).logits
-    import copy
-
     eager = copy.deepcopy(hf)
     print(moe_fx.apply(hf))
     with torch.no_grad():
@@ -65,14 +75,114 @@ def demo(inner: str) -> None:
     )
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in text.split(","))
+    except ValueError:
+        msg = f"moe_fx: --shape {text!r} must be comma-separated integers, e.g. 4,32"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def _from_factory(spec: str) -> tuple[nn.Module, tuple, dict]:
+    """`pkg.mod:factory` -> (model, args, kwargs). The factory returns a model, or (model, args[, kwargs])."""
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise ValueError(f"moe_fx: --module {spec!r} must look like pkg.mod:factory")
+    factory = getattr(importlib.import_module(mod_name), attr, None)
+    if factory is None:
+        raise ValueError(f"moe_fx: module {mod_name!r} has no attribute {attr!r}")
+    made = factory()
+    if isinstance(made, tuple):
+        model, args, kwargs = (*made, {}) if len(made) == 2 else made
+        return model, tuple(args), dict(kwargs)
+    return made, (), {}
+
+
+def _inspect_inputs(args) -> tuple[nn.Module, tuple, dict]:
+    if args.hf:
+        model = hf_models.build(args.hf, args.experts_implementation)
+        shape = args.shape or (2, 16)
+        return model, (torch.randint(0, model.config.vocab_size, shape),), {}
+    model, inputs, kwargs = _from_factory(args.module)
+    if args.shape:
+        inputs = (torch.randn(args.shape),)
+    return model, inputs, kwargs
+
+
+def _to(value, device: str, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value
+
+
+def inspect(args) -> None:
+    """Print explain's report for the chosen model; optionally write HTML/pictures, apply, print graphs."""
+    torch.manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    model, inputs, kwargs = _inspect_inputs(args)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"moe_fx: the factory must return an nn.Module, got {type(model).__name__}")
+    model = model.eval().to(args.device, dtype)
+    inputs = tuple(_to(a, args.device, dtype) for a in inputs)
+    kwargs = {k: _to(v, args.device, dtype) for k, v in kwargs.items()}
+    options = json.loads(args.options) if args.options else None
+    report = moe_fx.explain(model, *inputs, options=options, **kwargs)
+    print(report)
+    if args.html:
+        Path(args.html).write_text(report._repr_html_())
+        print(f"wrote {args.html}")
+    if args.draw:
+        out = Path(args.draw)
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(len(report.matches)):
+            for which in ("before", "after"):
+                path = report.draw(which, i).save(out / f"block{i}_{which}.svg")
+                print(f"wrote {path}")
+    if args.apply or args.print_graph:
+        eager = copy.deepcopy(model)
+        applied = moe_fx.apply(model, *inputs, options=options, **kwargs)
+        with torch.no_grad():
+            ref, out = eager(*inputs, **kwargs), model(*inputs, **kwargs)
+        ref, out = getattr(ref, "logits", ref), getattr(out, "logits", out)
+        err = ((out - ref).double().norm() / ref.double().norm()).item()
+        print(f"moe_fx.apply rewrote {len(applied.matches)} block(s); |moe_fx - eager| / |eager| = {err:.2e}")
+        if args.print_graph:
+            for name, module in model.named_modules():
+                gm = getattr(module.forward, "gm", None)
+                if gm is not None:
+                    print(f"\n== {name or '<root>'}: the rewritten graph ==")
+                    print(gm.print_readable(print_output=False))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_fx")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="rewrite a naive MoE model and a tiny HF Mixtral; print report, error, timings")
     d.add_argument("--inner", default="inductor", choices=("inductor", "eager"), help="compiler after the rewrite")
+    i = sub.add_parser("inspect", help="print what moe_fx finds in one model (moe_fx.explain)")
+    which = i.add_mutually_exclusive_group(required=True)
+    which.add_argument("--hf", choices=sorted(hf_models.ARCHITECTURES), help="a tiny HF model built from a config")
+    which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="factory() -> model or (model, args[, kwargs])")
+    i.add_argument("--shape", type=_shape, help="input shape: token ids for --hf (default 2,16); randn for --module")
+    i.add_argument("--experts-implementation", default="grouped_mm", help="HF experts: grouped_mm|batched_mm|eager")
+    i.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    i.add_argument("--options", help='moe_fx options as JSON, e.g. \'{"lowerings": {"experts": "reference"}}\'')
+    i.add_argument("--html", metavar="FILE", help="also write the report as HTML")
+    i.add_argument("--draw", metavar="DIR", help="also write block<i>_{before,after}.svg (needs graphviz dot)")
+    i.add_argument("--apply", action="store_true", help="rewrite with moe_fx.apply and compare with eager")
+    i.add_argument("--print-graph", action="store_true", help="print the rewritten graphs (implies --apply)")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.inner)
+        return
+    try:
+        inspect(args)
+    except (ValueError, ImportError, RuntimeError) as e:
+        if not str(e).startswith("moe_fx:"):
+            raise
+        print(e, file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.quantize_weights import refresh
 from moe_fx.passes.rewrite import apply_rebind
 from moe_fx.passes.weights import keep_current
 from moe_fx.report import RejectionReport, Report
@@ -39,8 +40,15 @@ def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     )
 
 
-def _capture(fn, args, kwargs) -> list[tuple[torch.fx.GraphModule, list]]:
-    """The Dynamo graphs of one call of fn, with their real example inputs."""
+def _break_text(reason) -> str:
+    """The first line of Dynamo's graph-break reason, and where in the user's code it broke."""
+    text = reason.reason.strip().splitlines()[0]
+    where = reason.user_stack[-1] if reason.user_stack else None
+    return f"{text} ({where.filename}:{where.lineno})" if where else text
+
+
+def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]], list[str]]:
+    """The Dynamo graphs of one call of fn, with their real example inputs, and why the graph broke."""
     graphs = []
 
     def backend(gm, example_inputs, **_):
@@ -50,19 +58,22 @@ def _capture(fn, args, kwargs) -> list[tuple[torch.fx.GraphModule, list]]:
     torch._dynamo.reset()
     with capture_config(), torch.no_grad():
         torch.compile(fn, backend=backend)(*args, **kwargs)
+    breaks = [_break_text(r) for r in torch._dynamo.utils.graph_break_reasons]
     torch._dynamo.reset()
-    return graphs
+    return graphs, breaks
 
 
 def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
     """What moe_fx would do to `model_or_fn` called on these inputs: matches, lowerings, rejections.
 
-    Nothing is rewritten. Returns a Report (prints as a table, renders as HTML in notebooks).
+    The model is left as it is: explain rewrites its own captured copy of the graph, so that each
+    block's subgraph before and after the rewrite can be drawn (`report.draw`). Returns a Report
+    (prints as a table, renders as HTML in notebooks).
     """
     opts = parse_options(options)
     args, kwargs = _example_inputs(model_or_fn, args, kwargs)
-    report = Report()
-    graphs = _capture(model_or_fn, args, kwargs)
+    graphs, breaks = _capture(model_or_fn, args, kwargs)
+    report = Report(break_reasons=breaks)
     for i, (gm, example_inputs) in enumerate(graphs):
         with torch.no_grad():  # apply's forward runs the original block in grad mode (see _RewrittenForward)
             report.extend(rewrite_graph(gm, example_inputs, opts, dry_run=True, graph=i))
@@ -113,8 +124,8 @@ class _RewrittenForward:
     """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
     outside the shapes the capture specialised on (sizes 0 and 1 are always specialised)."""
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list, rebind: list):
-        self.gm, self.original, self.module = gm, original, module
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list, rebind: list, layout: str):
+        self.gm, self.original, self.module, self.layout = gm, original, module, layout
         self.guards = _capture_guards(gm, example)
         self.warned: set[str] = set()
         # where the graph reads each parameter: its view of a stacked tensor, or the parameter it captured
@@ -142,6 +153,11 @@ class _RewrittenForward:
         if torch.is_grad_enabled() and any(
             t.requires_grad for t in (*self.params, *flat) if isinstance(t, torch.Tensor)
         ):
+            if self.layout != "single":  # the original block's weights were cut down to this rank's shard
+                raise RuntimeError(
+                    f"moe_fx: layout={self.layout!r} has no autograd yet and the original block no longer "
+                    "holds every expert: run under torch.no_grad()/inference_mode()"
+                )
             why = "grad mode with trainable expert weights or inputs (moe_fx lowerings have no autograd yet)"
             return self._fallback(why, *args, **kwargs)
         why = _guard_failure(self.guards, flat) or keep_current(
@@ -149,6 +165,7 @@ class _RewrittenForward:
         )
         if why is not None:
             return self._fallback(why, *args, **kwargs)
+        refresh(self.gm)
         return self.gm(*args, **kwargs)
 
 
@@ -168,6 +185,11 @@ def _record_inputs(model: nn.Module, args, kwargs) -> dict[nn.Module, tuple[tupl
     return seen
 
 
+def _reject(report: Report, path: str, reason: str) -> None:
+    log.info("moe_fx: not rewriting %s: %s", path, reason)
+    report.rejections.append(RejectionReport(path, "", reason))
+
+
 def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:
     """Rewrite `model`'s MoE blocks in place (eager use and other backends). Returns a Report.
 
@@ -180,32 +202,35 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
     opts = parse_options(options)
     args, kwargs = _example_inputs(model, args, kwargs)
     found = explain(model, *args, options=options, **kwargs)
-    report = Report(graphs=found.graphs, graph_breaks=found.graph_breaks, rejections=list(found.rejections))
+    report = Report(
+        graphs=found.graphs,
+        graph_breaks=found.graph_breaks,
+        break_reasons=found.break_reasons,
+        rejections=list(found.rejections),
+    )
     recorded = _record_inputs(model, args, kwargs)
     for path in dict.fromkeys(m.module_path for m in found.matches):
         owner = model.get_submodule(path)
         if owner not in recorded:
-            report.rejections.append(RejectionReport(path, "", "the owning module was not called directly"))
+            _reject(report, path, "the owning module was not called directly")
             continue
         margs, mkwargs = recorded[owner]
         try:
             with capture_config(), torch.no_grad():
                 gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
         except Exception as e:
-            report.rejections.append(
-                RejectionReport(path, "", f"could not capture the block module whole: {e!r}"[:300])
-            )
+            _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
             continue
         flat_inputs = _flat_inputs(margs, mkwargs)
         rebind = []
         with torch.no_grad():
-            block_report = rewrite_graph(gm, flat_inputs, opts, rebind=rebind)
+            block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
         apply_rebind(rebind)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind, opts.layout)
     model._moe_fx_report = report
     return report

@@ -21,8 +21,10 @@ import warnings
 
 import torch
 
+from moe_fx.hf_experts import traceable_eager_experts
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
+from moe_fx.passes.quantize_weights import GRAPH_ATTR, refresh
 from moe_fx.passes.rewrite import apply_rebind
 from moe_fx.passes.weights import keep_current
 from moe_fx.report import Report
@@ -33,18 +35,26 @@ _reports: list[Report] = []
 _LOCK = threading.Lock()  # guards _reports: apply/explain may run while another thread compiles
 
 
-def capture_config() -> contextlib.AbstractContextManager:
-    """Dynamo flags under which loop forms over nonzero/where are captured whole.
+@contextlib.contextmanager
+def capture_config():
+    """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
+    are traced as `batched_mm` (see `moe_fx.hf_experts`).
 
     `config.patch` overrides are thread-local on this torch (ContextVar-backed), so a thread that
     compiles with moe_fx never changes what another thread's compile sees.
     """
-    return torch._dynamo.config.patch(CAPTURE_FLAGS)
+    with torch._dynamo.config.patch(CAPTURE_FLAGS), traceable_eager_experts():
+        yield
 
 
 def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):
     """Rewrite the MoE blocks of a Dynamo graph, then compile it with options["inner"] (Inductor default)."""
     opts = parse_options(options)
+    if opts.quant != "none" and not opts.keep_original_weights:
+        raise ValueError(
+            "moe_fx: keep_original_weights=False needs moe_fx.apply(model, options=...): under torch.compile a "
+            "recompile (a new input shape) traces the model's own expert weights again, so they must stay"
+        )
     rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
     report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
     with _LOCK:
@@ -57,7 +67,10 @@ def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=No
 
         compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
     apply_rebind(rebind)
-    return _reading_current_weights(compiled, example_inputs, rebind)
+    compiled = _reading_current_weights(compiled, example_inputs, rebind)
+    if getattr(gm, GRAPH_ATTR, None):  # quantised weights follow in-place weight updates
+        return _refreshing(gm, compiled)
+    return compiled
 
 
 def _reading_current_weights(compiled, example_inputs: list, rebind: list):
@@ -73,6 +86,14 @@ def _reading_current_weights(compiled, example_inputs: list, rebind: list):
         why = keep_current([(args[i], view) for i, view in plan])
         if why is not None:  # Dynamo guards on dtype, shape and device: unreachable unless that changes
             raise RuntimeError(f"moe_fx: {why}; recompile the model")
+        return compiled(*args)
+
+    return run
+
+
+def _refreshing(gm: torch.fx.GraphModule, compiled):
+    def run(*args):
+        refresh(gm)
         return compiled(*args)
 
     return run

@@ -111,6 +111,25 @@ class GatherEinsumMoE(nn.Module):
         return torch.einsum("tkd,tk->td", y_TKD, weights_TK).view(x.shape)
 
 
+class GatherMatmulMoE(nn.Module):
+    """The same gather form written with matmul and a fused gate/up weight: w13[ids] @ x, chunk, weighted sum."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2):
+        super().__init__()
+        self.k = k
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.randn(num_experts, 2 * ffn, dim) / dim**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, ffn) / ffn**0.5)
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = softmax_topk(self.gate(x_TD), self.k, renormalize=False)
+        h_TKH = (self.w13[ids_TK] @ x_TD[:, None, :, None]).squeeze(-1)
+        gate_TKF, up_TKF = h_TKH.chunk(2, dim=-1)
+        y_TKD = (self.w2[ids_TK] @ (F.gelu(gate_TKF) * up_TKF).unsqueeze(-1)).squeeze(-1)
+        return (y_TKD * weights_TK.to(x.dtype).unsqueeze(-1)).sum(dim=1).reshape(x.shape)
+
+
 class DenseMoE(nn.Module):
     """Every expert on every token, combined with dense [T, E] gates scattered from the top-k."""
 

@@ -2,40 +2,78 @@
 
 One table, `ARCHITECTURES`, names every MoE architecture moe_fx is tested on. The tests, the demo,
 `python -m moe_fx inspect --hf NAME` and the supported-models list in the docs all read it.
-Nothing is downloaded: each model is `cls(config)` with random weights.
+Nothing is downloaded: each model is `cls(config)` with random weights (biases a fresh init leaves at
+zero, such as DeepSeek-V3's `e_score_correction_bias`, get random values). `example_inputs(model, T)`
+gives the keyword inputs of one forward (decoder inputs too, for the encoder-decoder models).
+
+Experts implementations (transformers 5.x, `@use_experts_implementation`): `grouped_mm` (the default)
+and `batched_mm` reach Dynamo whole and are matched as they are. `eager` is a loop over `nonzero()`
+that Dynamo cannot hold in one graph; while moe_fx captures (torch.compile with backend="moe_fx",
+`apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.hf_experts`), and the
+model's setting is untouched. Architectures without the decorator have one form each.
+
+transformers 4.57 (not installed, not tested): experts there are `nn.ModuleList`s of per-expert MLPs
+run by the same `for e in expert_hit` loop (Mixtral, Qwen, DeepSeek, GLM4, dots1, MiniMax, Jamba, ...),
+with no implementation to select, so Dynamo graph-breaks inside the block and moe_fx leaves it
+untouched. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and
+the dense bmm (Llama4) are captured whole under moe_fx's capture flags and are the forms the matcher
+handles (per-expert weights are stacked once), but that line is not part of the tested matrix.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
-# Sizes every tiny model shares; an architecture's own entries override them.
+# Sizes every tiny decoder-only model shares; an architecture's own entries override them.
 COMMON = dict(
     vocab_size=128,
     hidden_size=64,
-    num_hidden_layers=2,
+    num_hidden_layers=1,
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=64,
+)
+# Multi-head latent attention (DeepSeek-V2/V3, LongCat) at tiny sizes.
+MLA = dict(
+    num_key_value_heads=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    head_dim=8,
 )
 
 
 @dataclass(frozen=True)
 class Architecture:
-    """How to build one tiny model: the config and model class names in `transformers`, and overrides."""
+    """How to build one tiny model: the config and model class names in `transformers`, and overrides.
+
+    `common`: whether COMMON applies (False for models whose configs name sizes differently).
+    `moe_blocks`: MoE blocks the tiny model holds (all must be rewritten).
+    `notes`: what moe_fx does with the architecture (shown in the user guide).
+    `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
+    """
 
     config: str
     model: str
     overrides: dict = field(default_factory=dict)
-    moe_blocks: int = 2  # MoE blocks the tiny model holds (all must be rewritten)
+    moe_blocks: int = 1
     notes: str = ""
+    common: bool = True
+    refused: str = ""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": Architecture(
-        "MixtralConfig", "MixtralForCausalLM", dict(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_hidden_layers=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
+        moe_blocks=2,
+        notes="softmax → top-k → renormalise; SiLU-gated experts",
     ),
     "qwen2_moe": Architecture(
         "Qwen2MoeConfig",
@@ -49,8 +87,310 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         notes="shared expert with a sigmoid gate, left as ordinary nodes",
     ),
+    "qwen3_moe": Architecture(
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=16),
+        notes="softmax → top-k → renormalise",
+    ),
+    "qwen3_next": Architecture(
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(
+            moe_intermediate_size=48,
+            shared_expert_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
+        notes="shared expert with a sigmoid gate, left as ordinary nodes",
+    ),
     "olmoe": Architecture(
-        "OlmoeConfig", "OlmoeForCausalLM", dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2),
+        notes="softmax → top-k, not renormalised",
+    ),
+    "flex_olmo": Architecture(
+        "FlexOlmoConfig",
+        "FlexOlmoForCausalLM",
+        dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2, pad_token_id=1),
+        notes="softmax → top-k, not renormalised",
+    ),
+    "deepseek_v2": Architecture(
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            MLA,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.0,
+        ),
+        notes="softmax, group-limited greedy top-k (group score = max), × routed_scaling_factor; shared experts "
+        "left as ordinary nodes",
+    ),
+    "deepseek_v3": Architecture(
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            MLA,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+        ),
+        notes="sigmoid + e_score_correction_bias, group-limited top-k (group score = top-2 sum), unbiased "
+        "weights, renormalise, × routed_scaling_factor",
+    ),
+    "glm4_moe": Architecture(
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=1,
+            topk_group=1,
+            head_dim=16,
+        ),
+        notes="DeepSeek-V3 router (sigmoid + correction bias), no groups",
+    ),
+    "dots1": Architecture(
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            n_shared_experts=1,
+            first_k_dense_replace=0,
+            intermediate_size=96,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            head_dim=16,
+        ),
+        notes="DeepSeek-V3 router (sigmoid + correction bias)",
+    ),
+    "longcat_flash": Architecture(
+        "LongcatFlashConfig",
+        "LongcatFlashForCausalLM",
+        dict(
+            MLA,
+            num_layers=1,
+            ffn_hidden_size=96,
+            expert_ffn_hidden_size=48,
+            n_routed_experts=8,
+            zero_expert_num=4,
+            moe_topk=2,
+        ),
+        refused="zero-computation (identity) experts are not expressible in MoESpec, and the experts are a "
+        "per-expert Python loop (`nonzero`, `.item()`) with no experts implementation to select: Dynamo "
+        "graph-breaks inside it, so no graph holds the block; left untouched",
+    ),
+    "gpt_oss": Architecture(
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            intermediate_size=48,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
+        notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
+    ),
+    "llama4": Architecture(
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=48,
+            intermediate_size_mlp=96,
+            num_local_experts=8,
+            num_experts_per_tok=1,
+            moe_layers=[0],
+            head_dim=16,
+            layer_types=["full_attention"],
+            attention_chunk_size=64,
+        ),
+        notes="top-k → sigmoid of the scores scattered into a dense [T, E] tensor of -inf (rewritten first, "
+        "exactly, as zeros scattered with sigmoid(top-k)); the weight multiplies the expert's input; dense bmm "
+        "over all experts; the shared MLP is left as is",
+    ),
+    "granitemoe": Architecture(
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+        notes="top-k on the logits → softmax",
+    ),
+    "granitemoeshared": Architecture(
+        "GraniteMoeSharedConfig",
+        "GraniteMoeSharedForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, shared_intermediate_size=48),
+        notes="top-k on the logits → softmax; shared MLP left as is",
+    ),
+    "phimoe": Architecture(
+        "PhimoeConfig",
+        "PhimoeForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
+        notes="sparsemixer router (two masked top-1 picks): kept in the graph as an opaque router, the "
+        "rewrite starts at its concatenated weights and ids",
+    ),
+    "dbrx": Architecture(
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(
+            d_model=64,
+            n_heads=4,
+            n_layers=1,
+            max_seq_len=64,
+            vocab_size=128,
+            attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),
+            ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
+        ),
+        common=False,
+        refused="the experts are a per-expert Python loop over `nonzero()` (DBRX has no experts "
+        "implementation to select) with weights stored flat as [E·F, D]; Dynamo graph-breaks inside the "
+        "loop, so no graph holds the block; left untouched (transformers 5.23 also needs `rope_theta` and "
+        "`clip_qkv` in `attn_config` to build)",
+    ),
+    "jetmoe": Architecture(
+        "JetMoeConfig",
+        "JetMoeForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, kv_channels=16),
+        notes="top-k on the logits → softmax (the `.tolist()` + `split` experts); the mixture-of-attention "
+        "router in self-attention is found and refused (its experts are attention heads, not an MLP)",
+    ),
+    "ernie4_5_moe": Architecture(
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(
+            moe_intermediate_size=48,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            intermediate_size=96,
+            moe_layer_start_index=0,
+            moe_layer_end_index=0,
+        ),
+        notes="softmax + correction bias for selection, clamped renormalise",
+    ),
+    "hunyuan_v1_moe": Architecture(
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        dict(intermediate_size=48, num_experts=8, moe_topk=2, head_dim=16),
+        notes="softmax → top-k → renormalise; shared MLP left as is",
+    ),
+    "minimax": Architecture(
+        "MiniMaxConfig",
+        "MiniMaxForCausalLM",
+        dict(
+            intermediate_size=48,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["full_attention"],
+        ),
+        notes="softmax → top-k → renormalise",
+    ),
+    "minimax_m2": Architecture(
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2, head_dim=16),
+        notes="sigmoid + correction bias → top-k → renormalise",
+    ),
+    "jamba": Architecture(
+        "JambaConfig",
+        "JambaForCausalLM",
+        dict(
+            intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            expert_layer_period=1,
+            expert_layer_offset=0,
+            attn_layer_period=1,
+            attn_layer_offset=0,
+            use_mamba_kernels=False,
+            mamba_dt_rank=8,
+        ),
+        notes="softmax → top-k, not renormalised",
+    ),
+    "lfm2_moe": Architecture(
+        "Lfm2MoeConfig",
+        "Lfm2MoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=48,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_dense_layers=0,
+            layer_types=["full_attention"],
+        ),
+        notes="sigmoid + expert bias → top-k → renormalise",
+    ),
+    "nllb_moe": Architecture(
+        "NllbMoeConfig",
+        "NllbMoeForConditionalGeneration",
+        dict(
+            vocab_size=128,
+            d_model=64,
+            encoder_layers=1,
+            decoder_layers=1,
+            encoder_ffn_dim=96,
+            decoder_ffn_dim=96,
+            encoder_attention_heads=4,
+            decoder_attention_heads=4,
+            num_experts=4,
+            expert_capacity=16,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            max_position_embeddings=64,
+        ),
+        moe_blocks=2,
+        common=False,
+        refused="token capacity (tokens past an expert's `expert_capacity` are dropped, in token order) is "
+        "not expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
+    ),
+    "switch_transformers": Architecture(
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(
+            vocab_size=128,
+            d_model=64,
+            d_kv=16,
+            d_ff=96,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_sparse_encoder_layers=1,
+            num_sparse_decoder_layers=1,
+            num_heads=4,
+            num_experts=4,
+            expert_capacity=16,
+            encoder_sparse_step=1,
+            decoder_sparse_step=1,
+            router_jitter_noise=0.0,
+        ),
+        moe_blocks=2,
+        common=False,
+        refused="token capacity (dropped tokens pass through as router_prob × hidden state) is not "
+        "expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
     ),
 }
 
@@ -70,7 +410,39 @@ def build(name: str, experts_implementation: str | None = "grouped_mm", **overri
         raise ValueError(f"moe_fx: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
     arch = ARCHITECTURES[name]
     transformers = _transformers()
-    config = getattr(transformers, arch.config)(**{**COMMON, **arch.overrides, **overrides})
-    if experts_implementation is not None:
+    config = getattr(transformers, arch.config)(**{**(COMMON if arch.common else {}), **arch.overrides, **overrides})
+    cls = getattr(transformers, arch.model)
+    if experts_implementation is not None and has_experts_implementations(name):
         config._experts_implementation = experts_implementation
-    return getattr(transformers, arch.model)(config).eval()
+    model = cls(config).eval()
+    _randomize_zero_biases(model)
+    return model
+
+
+def has_experts_implementations(name: str) -> bool:
+    """Whether the architecture's experts use transformers' `@use_experts_implementation` (5.x), so that
+    `experts_implementation` selects grouped_mm / batched_mm / eager; other models have one form."""
+    cls = getattr(_transformers(), ARCHITECTURES[name].model)
+    can_set = getattr(cls, "_can_set_experts_implementation", None)
+    return bool(can_set and can_set())
+
+
+def _randomize_zero_biases(model: nn.Module, seed: int = 0) -> None:
+    """Give biases that a fresh init leaves at zero (router correction biases, expert biases) random
+    values, so that the tiny models exercise them as a trained checkpoint would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if "bias" in name.rsplit(".", 1)[-1] and t.is_floating_point() and not t.any():
+                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+
+
+def example_inputs(model: nn.Module, T: int = 7, batch: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Keyword inputs for one forward of a tiny model: `input_ids` [batch, T] (and `decoder_input_ids`
+    [batch, T] for encoder-decoder models), token ids drawn from the model's vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    inputs = {"input_ids": torch.randint(0, vocab, (batch, T), generator=g)}
+    if model.config.is_encoder_decoder:
+        inputs["decoder_input_ids"] = torch.randint(0, vocab, (batch, T), generator=g)
+    return inputs

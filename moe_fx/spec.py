@@ -111,10 +111,24 @@ class ExpertsSpec:
 
 @dataclass(frozen=True)
 class QuantSpec:
+    """The quant mode (formats in moe_fx/lowering/quant.py) and whether the unquantised weights stay alive."""
+
     mode: str = "none"
+    keep_original_weights: bool = True
 
     def __post_init__(self):
         _check(self.mode, QUANT_MODES, "quant")
+
+    def summary(self) -> str:
+        """The mode and its scale layout (see moe_fx/lowering/quant.py)."""
+        layout = {
+            "none": "",
+            "fp8": "e4m3; w per channel, a per token",
+            "fp8_block": "e4m3; w 128x128 blocks, a 1x128 groups",
+            "int8": "w per channel, a per token",
+            "int4_weight": "w groups of 128, a unquantised",
+        }[self.mode]
+        return f"{self.mode} ({layout})" if layout else self.mode
 
 
 @dataclass(frozen=True)
@@ -138,4 +152,5 @@ class MoESpec:
     def summary(self) -> str:
         router = self.router.summary() if self.router else f"opaque top{self.top_k}"
         weight = " weight@input" if self.weight_placement == "input" else ""
-        return f"{router} | {self.experts.summary()}{weight}"
+        quant = f" | {self.quant.summary()}" if self.quant.mode != "none" else ""
+        return f"{router} | {self.experts.summary()}{weight}{quant}"

@@ -1,4 +1,8 @@
-"""Real HuggingFace transformers MoE models, built from tiny configs with random weights."""
+"""Real HuggingFace transformers MoE models (every architecture in `moe_fx.hf_models`), tiny configs,
+random weights: torch.compile(backend="moe_fx") and moe_fx.apply rewrite every MoE block, logits equal eager."""
+
+import copy
+import functools
 
 import pytest
 import torch
@@ -11,52 +15,145 @@ from tests.conftest import rel_err
 
 transformers = pytest.importorskip("transformers")
 
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# The experts implementations beyond grouped_mm run on a representative subset: plain SiLU experts, GPT-OSS's
+# odd layout, DeepSeek-V3's group-limited router with a shared expert.
+IMPL_SUBSET = ["mixtral", "gpt_oss", "deepseek_v3"]
 
-def tiny(name: str, experts_implementation: str = "grouped_mm"):
-    return hf_models.build(name, experts_implementation)
+
+@functools.cache
+def _built(name: str, impl: str) -> torch.nn.Module:
+    return hf_models.build(name, impl)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "olmoe"])
-def test_compile_rewrites_every_block(name, impl, dtype):
-    model = tiny(name, impl).to(dtype)
-    ids = torch.randint(0, 128, (2, 7))
-    counters.clear()
+def tiny(name: str, impl: str = "grouped_mm", dtype=torch.float32) -> torch.nn.Module:
+    """A fresh copy of the module-cached tiny model (apply rewrites in place; compile rebinds weights)."""
+    return copy.deepcopy(_built(name, impl)).to(dtype)
+
+
+def expected_blocks(name: str) -> int:
+    arch = hf_models.ARCHITECTURES[name]
+    return 0 if arch.refused else arch.moe_blocks
+
+
+def _compile_and_check(model, inputs, expected_blocks: int, dtype) -> list:
     with torch.no_grad():
-        ref = model(ids).logits
-        out = torch.compile(model, backend="moe_fx", options={"inner": "eager"})(ids).logits
-    report = last_reports()[-1]
-    assert counters["moe_fx"]["rewritten"] == 2, str(report)
-    assert {m.form for m in report.matches} == {"hf_grouped_mm" if impl == "grouped_mm" else "batched_mm"}
-    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+        ref = model(**inputs).logits
+        counters.clear()
+        first = len(last_reports())
+        out = torch.compile(model, backend="moe_fx", options={"inner": "eager"})(**inputs).logits
+    reports = last_reports()[first:]
+    text = "\n".join(map(str, reports))
+    assert counters["moe_fx"]["rewritten"] == expected_blocks, text
+    assert rel_err(out, ref) < TOL[dtype], text
+    return [m for r in reports for m in r.matches]
 
 
-def test_apply_mixtral_generate_and_state_dict(tmp_path):
-    model = tiny("mixtral")
-    ids = torch.randint(0, 128, (1, 6))
+def _apply_and_check(model, inputs, expected_blocks: int, dtype):
     with torch.no_grad():
-        ref = model(ids).logits
-        ref_gen = model.generate(ids, max_new_tokens=6, do_sample=False)
-    report = moe_fx.apply(model)
-    assert [m.module_path for m in report.matches] == ["model.layers.0.mlp", "model.layers.1.mlp"]
-    assert moe_fx.apply(model) is report
+        ref = model(**inputs).logits
+    report = moe_fx.apply(model, **inputs)
+    assert len(report.matches) == expected_blocks, str(report)
     with torch.no_grad():
-        assert rel_err(model(ids).logits, ref) < 1e-5
-        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), ref_gen)
+        assert rel_err(model(**inputs).logits, ref) < TOL[dtype], str(report)
+    return report
+
+
+@DTYPES
+@pytest.mark.parametrize("name", list(hf_models.ARCHITECTURES))
+def test_every_architecture_compile(name, dtype):
+    """Every block rewritten, logits equal eager; a refused architecture is left untouched, still equal."""
+    model = tiny(name, dtype=dtype)
+    matches = _compile_and_check(model, hf_models.example_inputs(model), expected_blocks(name), dtype)
+    assert all(m.spec.experts.dtype == str(dtype).removeprefix("torch.") for m in matches)
+
+
+# apply captures twice (the whole model, then each block's module): bf16 on the representative subset
+APPLY_CASES = [(name, torch.float32) for name in hf_models.ARCHITECTURES] + [
+    (name, torch.bfloat16) for name in IMPL_SUBSET
+]
+
+
+@pytest.mark.parametrize(("name", "dtype"), APPLY_CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in APPLY_CASES])
+def test_every_architecture_apply(name, dtype):
+    model = tiny(name, dtype=dtype)
+    report = _apply_and_check(model, hf_models.example_inputs(model), expected_blocks(name), dtype)
+    assert all(m.spec.experts.dtype == str(dtype).removeprefix("torch.") for m in report.matches)
+    assert all(m.module_path.count(".") >= 2 for m in report.matches)  # the block's module, not the model
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "eager"])
+@pytest.mark.parametrize("name", IMPL_SUBSET)
+def test_other_experts_implementations(name, impl):
+    """batched_mm is traced as it is; eager's loop is traced as batched_mm while moe_fx captures."""
+    arch = hf_models.ARCHITECTURES[name]
+    inputs = hf_models.example_inputs(_built(name, impl))
+    matches = _compile_and_check(tiny(name, impl), inputs, arch.moe_blocks, torch.float32)
+    assert {m.form for m in matches} == {"batched_mm"}
+    torch._dynamo.reset()
+    model = tiny(name, impl)
+    _apply_and_check(model, inputs, arch.moe_blocks, torch.float32)
+    assert model.config._experts_implementation == impl  # restored: only tracing saw batched_mm
+
+
+def test_eager_experts_still_run_the_loop_outside_capture():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from moe_fx.hf_experts import traceable_eager_experts
+
+    sentinel = object()
+    with traceable_eager_experts():
+        assert ALL_EXPERTS_FUNCTIONS.get_interface("eager", sentinel) is sentinel
+    assert ALL_EXPERTS_FUNCTIONS.get_interface("eager", sentinel) is sentinel
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_generate_after_apply_and_under_compile(name):
+    model = tiny(name)
+    ids = hf_models.example_inputs(model, T=6, batch=1)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False)
+        compiled = torch.compile(model, backend="moe_fx", options={"inner": "eager"})
+        assert torch.equal(compiled.generate(ids, max_new_tokens=5, do_sample=False), ref)
+    assert counters["moe_fx"]["rewritten"] >= hf_models.ARCHITECTURES[name].moe_blocks
+    torch._dynamo.reset()
+    model = tiny(name)
+    report = moe_fx.apply(model, ids)
+    assert moe_fx.apply(model, ids) is report  # a second apply is a no-op
+    with torch.no_grad():
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "llama4"])
+def test_state_dict_and_save_pretrained_round_trip(name, tmp_path):
+    model = tiny(name)
+    inputs = hf_models.example_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    keys = set(model.state_dict())
+    before = copy.deepcopy(model.state_dict())
+    moe_fx.apply(model, **inputs)
+    after = model.state_dict()
+    assert set(after) == keys
+    assert all(torch.equal(after[k], before[k]) for k in keys)
     model.save_pretrained(tmp_path)
-    reloaded = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    reloaded = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert rel_err(reloaded(ids).logits, ref) < 1e-5
+        assert rel_err(reloaded(**inputs).logits, ref) < 1e-5
+    # a checkpoint written before the rewrite loads into the rewritten model (weights are views)
+    fresh = tiny(name)
+    moe_fx.apply(fresh, **inputs)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.normal_()  # in place: expert parameters are views of the stacked weights
+    fresh.load_state_dict(before)
+    with torch.no_grad():
+        assert rel_err(fresh(**inputs).logits, ref) < 1e-5
 
 
 def test_apply_qwen2_moe_keeps_shared_expert():
     model = tiny("qwen2_moe")
-    ids = torch.randint(0, 128, (2, 5))
-    with torch.no_grad():
-        ref = model(ids).logits
-    report = moe_fx.apply(model)
-    assert len(report.matches) == 2
-    assert all(m.spec.router.renormalize is False for m in report.matches)
-    with torch.no_grad():
-        assert rel_err(model(ids).logits, ref) < 1e-5
+    report = moe_fx.apply(model, **hf_models.example_inputs(model))
+    assert [m.module_path for m in report.matches] == ["model.layers.0.mlp"]
+    assert report.matches[0].spec.router.renormalize is False

@@ -13,17 +13,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
-from moe_fx.spec import MoESpec
 
 NAME = "reference"
 PRIORITY = 0
-
-
-def _single_device_unquantised(spec: MoESpec) -> str | None:
-    if spec.quant.mode != "none":
-        return f"quant={spec.quant.mode!r} is not implemented by {NAME} yet"
-    return None
 
 
 def score(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -63,9 +57,7 @@ def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, gro
     return weights_TK.float().contiguous(), ids_TK.to(torch.int32).contiguous()
 
 
-@register_lowering(
-    "quantize_dispatch", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised
-)
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
 def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     K = ids.shape[1]
     flat_ids_R = ids.reshape(-1).long()
@@ -74,8 +66,12 @@ def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_n
     expert_offsets_L1 = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts_L, 0, out=expert_offsets_L1[1:])
     row_weights_R = weights.reshape(-1).float()[row_index_R]
-    empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
-    return x.clone(), empty[0], expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, empty[1]
+    if quant in quant_fmt.ACTIVATION_QUANTISED:
+        xq_ND, xscale = quant_fmt.quantize_rows(x, quant)
+    else:
+        xq_ND, xscale = x.clone(), x.new_empty((0,), dtype=torch.float32)
+    splits = x.new_empty((0,), dtype=torch.int64)
+    return xq_ND, xscale, expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, splits
 
 
 def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit: float) -> torch.Tensor:
@@ -103,7 +99,7 @@ def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-@register_lowering("experts", device=ANY_DEVICE, name=NAME, priority=PRIORITY, supports=_single_device_unquantised)
+@register_lowering("experts", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
 def experts(
     xq,
     xscale,
@@ -132,19 +128,36 @@ def experts(
         gate_up = "concat"
     w13_EHD = w13.transpose(1, 2) if w13_transposed else w13  # H = 2F gated, F otherwise
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2
+    D = xq.shape[1]
     y_RD = xq.new_empty((gather_index.shape[0], w2_EDF.shape[1]), dtype=out_dtype)
     bounds = expert_offsets.tolist()  # the one host sync
     for e, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if start == end:
             continue
-        x_rows = xq[gather_index[start:end]]
-        if weight_at == "input":
-            x_rows = (x_rows * row_weights[start:end, None]).to(xq.dtype)
-        h = F.linear(x_rows, w13_EHD[e], None if w13_bias is None else w13_bias[e])
-        a = activate(h, activation, gate_up, alpha, limit)
-        y = F.linear(a, w2_EDF[e], None if w2_bias is None else w2_bias[e])
+        rows = gather_index[start:end]
+        w_rows = row_weights[start:end, None]
+        if quant == "none":
+            x_rows = xq[rows]
+            if weight_at == "input":
+                x_rows = (x_rows * w_rows).to(xq.dtype)
+            h = F.linear(x_rows, w13_EHD[e], None if w13_bias is None else w13_bias[e])
+            a = activate(h, activation, gate_up, alpha, limit)
+            y = F.linear(a, w2_EDF[e], None if w2_bias is None else w2_bias[e])
+        else:
+            x_scale = xscale[rows] if quant in quant_fmt.ACTIVATION_QUANTISED else None
+            h = quant_fmt.quantised_matmul(xq[rows], x_scale, w13_EHD[e], w13_scale[e], quant, D)
+            if weight_at == "input":  # linear: scaling the row scales its product
+                h = h * w_rows
+            h = (h if w13_bias is None else h + w13_bias[e].double()).float()
+            a = activate(h, activation, gate_up, alpha, limit)
+            if quant in quant_fmt.ACTIVATION_QUANTISED:
+                a, a_scale = quant_fmt.quantize_rows(a, quant)
+            else:
+                a, a_scale = a.to(xq.dtype), None
+            y = quant_fmt.quantised_matmul(a, a_scale, w2_EDF[e], w2_scale[e], quant, a.shape[1])
+            y = y if w2_bias is None else y + w2_bias[e].double()
         if weight_at == "output":
-            y = y * row_weights[start:end, None]
+            y = y * w_rows
         y_RD[start:end] = y
     return y_RD
 

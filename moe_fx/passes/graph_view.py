@@ -190,17 +190,27 @@ class GraphView:
                 stack.extend(self.inputs[n])
         return seen
 
-    def reaches_output_avoiding(self, starts: Iterable[fx.Node], avoid: fx.Node) -> bool:
-        """Whether a path leads from `starts` to the graph output without passing through `avoid`."""
+    def reaches_output_avoiding(
+        self, starts: Iterable[fx.Node], avoid: fx.Node, outputs_of: set[fx.Node] | None = None
+    ) -> bool:
+        """Whether a path leads from `starts` to the graph output without passing through `avoid`.
+
+        With `outputs_of`, only paths whose last node before the output lies outside it count (a module
+        that returns its router scores beside its result: GPT-OSS)."""
         seen, stack = set(), [s for s in starts if s is not avoid]
         while stack:
             n = stack.pop()
             if n in seen:
                 continue
             seen.add(n)
-            if n.op == "output":
-                return True
-            stack.extend(u for u in self.users[n] if u is not avoid and not is_function(u, *ASSERT_TARGETS))
+            for u in self.users[n]:
+                if u is avoid or is_function(u, *ASSERT_TARGETS):
+                    continue
+                if u.op == "output":
+                    if outputs_of is None or n not in outputs_of:
+                        return True
+                    continue
+                stack.append(u)
         return False
 
     def result_node(self, n: fx.Node) -> fx.Node:

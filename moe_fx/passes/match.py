@@ -121,7 +121,7 @@ class BlockFinder:
         return None
 
     def strip_casts(self, node: fx.Node) -> fx.Node:
-        while isinstance(node, fx.Node) and is_method(node, *_CASTS):
+        while isinstance(node, fx.Node) and is_method(node, *_CASTS) and _reads_one_tensor(node):
             node = node.args[0]
         return node
 
@@ -131,7 +131,8 @@ class BlockFinder:
         node = self.strip_casts(node)
         hidden = shape_of(node)[-1]
         while (is_method(node, *_CASTS, "view", "reshape", "flatten") or is_function(node, torch.reshape)) and (
-            isinstance(node.args[0], fx.Node)
+            _reads_one_tensor(node)
+            and isinstance(node.args[0], fx.Node)
             and shape_of(node.args[0])
             and known_equal(shape_of(node.args[0])[-1], hidden)
         ):
@@ -165,7 +166,7 @@ class BlockFinder:
                     ro.add(n)
         return ro
 
-    def output_node(self, cut: list[fx.Node], x: fx.Node) -> fx.Node | None:
+    def output_node(self, cut: list[fx.Node], x: fx.Node, router_only: set[fx.Node] = frozenset()) -> fx.Node | None:
         x_shape = shape_of(x)
         if x_shape is None:
             return None
@@ -184,16 +185,33 @@ class BlockFinder:
                 continue
             if not known_equal(numel(shape), x_numel) or c.op == "output":
                 continue
-            if not self.view.reaches_output_avoiding(cut[1:], c):
+            if not self.view.reaches_output_avoiding(cut[1:], c, outputs_of=router_only):
                 return c
         return None
 
     # ---------------------------------------------------------------- probes
     def real_values(self, nodes: list[fx.Node]) -> list:
-        fn, leaves = extract(self.view, self.gm, [], nodes)
-        args = [v.clone() if n in self.mutated_inputs else v for n, v in zip(leaves, self.leaf_values(leaves))]
+        """The values `nodes` take on the example inputs. The graph runs from the top (not a cut-out slice:
+        side-effect nodes such as vmap levels in Jamba's scan must run too) and stops once all are seen."""
+        wanted, found = set(nodes), {}
+
+        class _Recorder(fx.Interpreter):
+            def run_node(self, n):
+                result = super().run_node(n)
+                if n in wanted:
+                    found[n] = result.clone() if isinstance(result, torch.Tensor) else result
+                    if len(found) == len(wanted):
+                        raise _Seen
+                return result
+
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        args = [self.inputs[n].clone() if n in self.mutated_inputs else self.inputs[n] for n in placeholders]
         with torch.no_grad():
-            return list(fn(*args))
+            try:
+                _Recorder(self.gm).run(*args)
+            except _Seen:
+                pass
+        return [found[n] for n in nodes]
 
     def leaf_values(self, leaves: list[fx.Node]) -> list:
         return [self.inputs[n] if n.op == "placeholder" else getattr(self.gm, n.target) for n in leaves]
@@ -234,26 +252,40 @@ class BlockFinder:
         module_path = self.module_path([anchor])
         ro = self.router_only(logits)
         outs = self.view.forward([n for n in anchor.users])
-        w_candidates = [
-            n
-            for n in self.view.sorted(ro & outs)
-            if same_shape(shape_of(n), shape_of(ids))
-            and tensor_meta(n) is not None
-            and tensor_meta(n).is_floating_point()
-        ][::-1]
-        if not w_candidates:
-            return Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
         result = None
-        for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
-            result = self.match_cut(anchor, logits, x, w, ids, ro, num_experts, module_path)
-            if isinstance(result, MoEMatch):
-                return result
+        for ids_cut in self.wider_ids(ids, ro) + [ids]:
+            w_candidates = [
+                n
+                for n in self.view.sorted(ro & outs)
+                if same_shape(shape_of(n), shape_of(ids_cut))
+                and tensor_meta(n) is not None
+                and tensor_meta(n).is_floating_point()
+            ][::-1]
+            if not w_candidates:
+                result = Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
+            for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
+                result = self.match_cut(anchor, logits, x, w, ids_cut, ro, num_experts, module_path)
+                if isinstance(result, MoEMatch):
+                    return result
         return result
+
+    def wider_ids(self, ids: fx.Node, ro: set[fx.Node]) -> list[fx.Node]:
+        """Expert ids built from this top-k's and others' (PhiMoE's sparsemixer concatenates two top-1
+        picks): router-only integer tensors downstream of `ids`, of the same leading shape, wider in K."""
+        shape = shape_of(ids)
+        found = []
+        for n in self.view.sorted(self.view.forward([ids]) & ro):
+            t, n_shape = tensor_meta(n), shape_of(n)
+            if t is None or t.is_floating_point() or t.dtype == torch.bool or len(n_shape) != len(shape):
+                continue
+            if same_shape(n_shape[:-1], shape[:-1]) and isinstance(n_shape[-1], int) and n_shape[-1] > shape[-1]:
+                found.append(n)
+        return found[::-1]
 
     def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
         where = anchor.name
         cut = [x, w, ids]
-        output = self.output_node(cut, x)
+        output = self.output_node(cut, x, ro)
         if output is None:
             return Rejection(
                 where,
@@ -356,32 +388,38 @@ class BlockFinder:
             return None, None, set(), None
         router_fn, leaves = extract(self.view, self.gm, [logits], [w, ids])
         leaf_vals = self.leaf_values(leaves)
-        bias_leaves = [
-            (n, v)
-            for n, v in zip(leaves, leaf_vals)
-            if isinstance(v, torch.Tensor) and tuple(v.shape) == (num_experts,)
-        ]
+        # [E]-sized leaves the router reads may be biases ([1, E] too). Random probes draw them afresh:
+        # a bias that happens to be zero now (a fresh init) must not be mistaken for no bias.
+        bias_index = [
+            i
+            for i, v in enumerate(leaf_vals)
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == num_experts
+            and v.shape[-1] == num_experts
+        ]  # fmt: skip
         g = self.generator
         std = logits_real.float().std().item() if logits_real.numel() > 1 else 1.0
         std = std if math.isfinite(std) and std > 1e-3 else 1.0
         # scales far apart: near one-hot real logits (a large std) cannot tell renormalised weights from raw
         # ones, diffuse logits can
-        probes = [logits_real] + [
-            (torch.randn(logits_real.shape, generator=g) * s).to(logits_real.dtype).to(logits_real.device)
-            for s in (2 * std, 1.0, 0.2)
-        ]
+        probes = [(logits_real, leaf_vals)]
+        for s in (2 * std, 1.0, 0.2):
+            p = (torch.randn(logits_real.shape, generator=g) * s).to(logits_real.dtype).to(logits_real.device)
+            vals = list(leaf_vals)
+            for i in bias_index:
+                v = vals[i]
+                scale = max(v.float().std().item() if v.numel() > 1 else 0.0, 0.1)
+                vals[i] = (torch.randn(v.shape, generator=g) * scale).to(v.dtype).to(v.device)
+            probes.append((p, vals))
         with torch.no_grad():
-            refs = [router_fn(p, *leaf_vals) for p in probes]
+            refs = [router_fn(p, *vals) for p, vals in probes]
         tol = (
             TOLERANCE.get(w.meta.get("example_value", logits_real).dtype, 3e-2) if tensor_meta(w) is not None else 3e-2
         )
-        anchor_k = K
-        for spec, bias in router_id.candidates(
-            list(router_nodes | {anchor}), anchor, anchor_k, num_experts, [b for b, _ in bias_leaves]
-        ):
-            bias_val = dict(bias_leaves).get(bias) if bias is not None else None
+        bias_leaves = [leaves[i] for i in bias_index]
+        for spec, bias in router_id.candidates(list(router_nodes | {anchor}), anchor, K, num_experts, bias_leaves):
             err = 0.0
-            for p, (ref_w, ref_ids) in zip(probes, refs):
+            for (p, vals), (ref_w, ref_ids) in zip(probes, refs):
+                bias_val = vals[leaves.index(bias)].reshape(num_experts) if bias is not None else None
                 rw, rids = router_id.run_route(spec, p.reshape(-1, num_experts), bias_val)
                 err = max(err, router_id.routing_error(rw, rids, ref_w, ref_ids))
                 if err > tol:
@@ -416,10 +454,11 @@ class BlockFinder:
             return "hf_grouped_mm"
         if names & {"where", "nonzero", "index_add_", "index_add", "setitem", "argwhere"}:
             return "expert_loop"
-        if "bmm" in names and not names & {"einsum"}:
+        gathers_weights = any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region)
+        if "bmm" in names and not names & {"einsum"} and gathers_weights:
             return "batched_mm"
-        if "einsum" in names and any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region):
-            return "gather_einsum"
+        if gathers_weights:
+            return "gather_einsum" if "einsum" in names else "gather_matmul"
         return "dense"
 
     def module_path(self, nodes) -> str:
@@ -437,6 +476,15 @@ class BlockFinder:
                 break
             common.append(parts[0])
         return ".".join(common)
+
+
+class _Seen(Exception):
+    """Stops `real_values` once every wanted node has run."""
+
+
+def _reads_one_tensor(node: fx.Node) -> bool:
+    """Whether `node` reads no tensor but its first argument (`type_as(other)` also reads `other`)."""
+    return all(tensor_meta(a) is None for a in node.all_input_nodes if a is not node.args[0])
 
 
 def _concrete(v):
@@ -474,6 +522,8 @@ def find_blocks(
             log.debug("moe_fx: rejected %s", result)
             rejections.append(result)
             continue
+        # the router's own top-k's (PhiMoE's second pick) are part of this block too
         claimed |= result.region | result.router_nodes
+        claimed |= finder.view.backward([result.weights_cut, result.ids_cut], blocked=[result.logits])
         matches.append(result)
     return matches, rejections

@@ -13,6 +13,7 @@ so no second copy stays alive. Lowerings are chosen here and recorded in `node.m
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import operator
 import warnings
@@ -20,12 +21,16 @@ import warnings
 import torch
 import torch.fx as fx
 from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_fx.lowering import registry
+from moe_fx.lowering.distributed.placement import Shard, shard_weights
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
+from moe_fx.passes.quantize_weights import GRAPH_ATTR, quantised_experts
 from moe_fx.passes.weights import Family, remember_stack
+from moe_fx.report import annotation
 
 log = logging.getLogger("moe_fx")
 OPS = torch.ops.moe_fx
@@ -46,30 +51,120 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str]) -> st
 Rebind = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind):
-    """Make `tensor` (stacked from `parts` along `dim`) the storage of the parts; return a get_attr node.
-
-    A single stacked family is used directly: no copy, and its own graph node is returned. The
-    (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over.
-    """
-    if len(parts) == 1 and parts[0].stacked:
-        return parts[0].nodes[0]
-    remember_stack(tensor)
-    offset = 0
-    for family in parts:
-        size = family.shape[dim]
-        block = tensor.narrow(dim, offset, size)
-        offset += size
-        rebind += [(family.tensors[0], block)] if family.stacked else list(zip(family.tensors, block.unbind(0)))
-    # A non-persistent buffer: it stays out of state_dict (the original parameters, now views of it, stay
-    # there). AOT autograd maps every buffer of a Dynamo graph to a source; ours is a constant of moe_fx's.
+def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
+    """Register `tensor` as a non-persistent buffer of gm (out of state_dict) and return its get_attr node."""
     gm.register_buffer(name, tensor, persistent=False)
+    # AOT autograd maps every buffer of a Dynamo graph to a source; ours is a constant of moe_fx's.
     if hasattr(gm, "_param_name_to_source"):
         gm._param_name_to_source[name] = ConstantSource(f"moe_fx_{name}")
     first = next(n for n in gm.graph.nodes if n.op != "placeholder")
     with gm.graph.inserting_before(first), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return gm.graph.get_attr(name)
+
+
+def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind):
+    """Make `tensor` (stacked from `parts` along `dim`) the storage of the parts; return a get_attr node.
+
+    A single stacked family is used directly: no copy, and its own graph node is returned. The
+    (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over; the
+    original parameters, now views of the stack, stay in state_dict.
+    """
+    if len(parts) == 1 and parts[0].stacked:
+        return parts[0].nodes[0]
+    remember_stack(tensor)
+    _stack_views(tensor, parts, dim, rebind)
+    return _constant(gm, name, tensor)
+
+
+def _stack_views(tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind) -> None:
+    """Queue each part's tensors to become views of `tensor`, the parts concatenated along `dim`.
+
+    A part takes its share of `tensor.shape[dim]` in proportion to its own size (under tp, `tensor`
+    holds 1/W of each part)."""
+    total = sum(family.shape[dim] for family in parts)
+    offset = 0
+    for family in parts:
+        size = family.shape[dim] * tensor.shape[dim] // total
+        block = tensor.narrow(dim, offset, size)
+        offset += size
+        rebind += [(family.tensors[0], block)] if family.stacked else list(zip(family.tensors, block.unbind(0)))
+
+
+def _bind_shard(gm, name, full, local, parts, dim, shard: Shard, owns_forward: bool, rebind: Rebind):
+    """Under a parallel layout the graph reads this rank's shard `local` of the stacked `full` tensor.
+
+    With `owns_forward` (apply: the module runs this graph from now on) the original parameters become
+    views of the shard (EP: the local experts'; tp: their F slice) and the rest are released, so a rank
+    keeps only its shard. Under torch.compile they stay whole, as views of `full` like on one device: a
+    recompile re-matches the original code, which needs every expert.
+    """
+    if not owns_forward:
+        if not (len(parts) == 1 and parts[0].stacked):
+            remember_stack(full)
+            _stack_views(full, parts, dim, rebind)
+    elif local is None:  # tp: the down-projection's bias lives on rank 0 only
+        rebind += [(t, t.new_empty(0)) for family in parts for t in family.tensors]
+    elif shard.expert_parallel:
+        mine = shard.local_experts
+        kept = [f if f.stacked else Family(f.name, [f.nodes[e] for e in mine], [f.tensors[e] for e in mine], False)
+                for f in parts]  # fmt: skip
+        remote = [t for f in parts if not f.stacked for e, t in enumerate(f.tensors) if e not in mine]
+        rebind += [(t, t.new_empty(0)) for t in remote]
+        _stack_views(local, kept, dim, rebind)
+    else:
+        _stack_views(local, parts, dim, rebind)
+    return None if local is None else _constant(gm, name, local)
+
+
+def _bind_shards(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, owns_forward: bool, rebind: Rebind):
+    """get_attr nodes (w13, w3, w2, w13_bias, w2_bias) of this rank's weight shard (unquantised)."""
+    spec, b = match.spec, match.binding
+    es = spec.experts
+    assert spec.quant.mode == "none", "the parallel layouts' lowerings refuse quantised specs"
+    h_dim = 2 if es.w13_transposed else 1
+    separate = es.gate_up == "separate"
+    roles = {  # role -> (stacked tensor, the families it was stacked from, the dim they were concatenated along)
+        "w13": (b.w13, b.w13_parts[:1] if separate else b.w13_parts, h_dim),
+        "w3": (b.w3, b.w13_parts[1:], h_dim),
+        "w2": (b.w2, [b.w2_family], 1),
+        "w13_bias": (b.w13_bias, b.w13_bias_parts, 1),
+        "w2_bias": (b.w2_bias, [b.w2_bias_family], 1),
+    }
+    roles = {role: r for role, r in roles.items() if r[0] is not None}
+    local = shard_weights(shard, spec, {role: r[0] for role, r in roles.items()})
+    nodes = {
+        role: _bind_shard(gm, f"moe_fx_block{index}_{role}", t, local[role], parts, dim, shard, owns_forward, rebind)
+        for role, (t, parts, dim) in roles.items()
+    }
+    return tuple(nodes.get(role) for role in ("w13", "w3", "w2", "w13_bias", "w2_bias"))
+
+
+def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind):
+    """get_attr nodes (w13, w3, w2, w13_scale, w2_scale) and the spec the graph's experts op runs with.
+
+    Unquantised: the stacked weights, in the layout the model stores them. Quantised: the weights quantised
+    once (cached across recompiles, see `quantised_experts`), in the canonical [E, H, D] layout.
+    """
+    spec, b, prefix = match.spec, match.binding, f"moe_fx_block{index}"
+    es = spec.experts
+    if spec.quant.mode == "none":
+        h_dim = 2 if es.w13_transposed else 1
+        if es.gate_up == "separate":
+            w13, w3 = (_bind(gm, "", t, [f], h_dim, rebind) for t, f in zip((b.w13, b.w3), b.w13_parts))
+        else:
+            w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
+        w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)
+        return spec, w13, w3, w2, None, None
+    q = quantised_experts(b, spec.quant.mode)
+    gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+    if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
+        rebind += [(t, t.new_empty(0)) for t in q.sources]
+    names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
+    nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
+    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
+    canonical = dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
+    return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
 
 
 def _fake_mode(g: fx.Graph):
@@ -98,6 +193,12 @@ def _set_meta(node: fx.Node, fake_mode) -> None:
         else:
             result = node.target(*fargs, **fkwargs)
     node.meta["example_value"] = node.meta["val"] = result
+    # sizes known only at run time (rows an expert-parallel rank receives) are bound to this node,
+    # as Dynamo binds them, so that later tracers (AOT, Inductor) know where they come from
+    if fake_mode.shape_env is not None:
+        bindings = compute_unbacked_bindings(fake_mode.shape_env, result)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
 
 
 def apply_rebind(rebind: Rebind) -> None:
@@ -106,29 +207,44 @@ def apply_rebind(rebind: Rebind) -> None:
         original.data = view
 
 
-def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> list[fx.Node]:
-    """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque)."""
-    g, spec, b = gm.graph, match.spec, match.binding
-    es = spec.experts
+def rewrite(
+    gm: fx.GraphModule,
+    match: MoEMatch,
+    index: int,
+    rebind: Rebind,
+    shard: Shard | None = None,
+    owns_forward: bool = False,
+) -> list[fx.Node]:
+    """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque).
+
+    `shard`: this rank's part under a parallel layout (the graph then reads only its weight shard and
+    passes the group's name and the expert map to dispatch/combine); `owns_forward`: see `_bind_shard`.
+    """
+    g, b = gm.graph, match.binding
     impl = {op: sel.chosen.name for op, sel in match.selections.items()}
     view = GraphView(g)
-    K, E, D = spec.top_k, es.num_experts, es.hidden
-    h_dim = 2 if es.w13_transposed else 1
-    if es.gate_up == "separate":
-        w13, w3 = (_bind(gm, "", t, [f], h_dim, rebind) for t, f in zip((b.w13, b.w3), b.w13_parts))
+    if shard is None:
+        spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
+        b13 = (
+            _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
+            if b.w13_bias is not None
+            else None
+        )
+        b2 = (
+            _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
+            if b.w2_bias is not None
+            else None
+        )
     else:
-        w13, w3 = _bind(gm, f"moe_fx_block{index}_w13", b.w13, b.w13_parts, h_dim, rebind), None
-    w2 = _bind(gm, f"moe_fx_block{index}_w2", b.w2, [b.w2_family], 1, rebind)
-    b13 = (
-        _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
-        if b.w13_bias is not None
-        else None
-    )
-    b2 = (
-        _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
-        if b.w2_bias is not None
-        else None
-    )
+        spec, w13_scale, w2_scale = match.spec, None, None
+        w13, w3, w2, b13, b2 = _bind_shards(gm, match, index, shard, owns_forward, rebind)
+    K, E, D = spec.top_k, spec.experts.num_experts, spec.experts.hidden
+    num_local, group_name, expert_map = E, "", None
+    if shard is not None:
+        num_local, group_name = shard.num_local_experts(E), shard.group_name
+        expert_map_E = shard.expert_map(b.w2.device)
+        if expert_map_E is not None:
+            expert_map = _constant(gm, f"moe_fx_block{index}_expert_map", expert_map_E)
     out_dtype = value(view.result_node(match.output)).dtype
     new_nodes = []
     fake_mode = _fake_mode(g)
@@ -143,17 +259,24 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
             logits_TE = call("reshape", match.logits, -1, E, method=True)
-            route = call(OPS.route.default, *route_args(spec.router, logits_TE, match.router_bias, impl["route"]))
+            bias_E = match.router_bias
+            if bias_E is not None and len(shape_of(bias_E)) != 1:
+                bias_E = call("reshape", bias_E, E, method=True)  # Ernie4.5 keeps it as [1, E]
+            route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
             ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
-        dispatch = call(
-            OPS.quantize_dispatch.default, *dispatch_args(spec, x_TD, ids_TK, weights_TK, impl["quantize_dispatch"])
-        )
+        impl_d = impl["quantize_dispatch"]
+        args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
+        dispatch = call(OPS.quantize_dispatch.default, *args)
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
-        y = call(OPS.experts.default, *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"]))
-        out = combine = call(OPS.combine.default, *combine_args(spec, y, weights_TK, dispatched, impl["combine"]))
+        y = call(
+            OPS.experts.default,
+            *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale),
+        )
+        args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
+        out = combine = call(OPS.combine.default, *args)
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)
@@ -162,6 +285,7 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         ops_nodes = ((route, "route"), *ops_nodes)
     for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
+        node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
 
     new = set(new_nodes)
     if is_inplace(match.output):

@@ -100,3 +100,78 @@ def routing_error(weights_TK, ids_TK, ref_weights, ref_ids) -> float:
     wa = weights_TK.reshape(ids_a.shape).double().gather(1, order_a)
     wb = ref_weights.reshape(ids_b.shape).double().gather(1, order_b)
     return ((wa - wb).norm() / wb.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------- Llama4: sigmoid of a scattered top-k
+_SIGMOIDS = (torch.sigmoid, torch.nn.functional.sigmoid, "sigmoid")
+_FLOAT_CASTS = ("float", "to")
+
+
+def _is_neg_inf_full(node) -> bool:
+    if not isinstance(node, fx.Node) or target_name(node) not in ("full_like", "full"):
+        return False
+    fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+    return isinstance(fill, float) and fill == float("-inf")
+
+
+def sigmoid_after_scatter_sites(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
+    """Llama4's router: s_TE = sigmoid(full_like(logits, -inf).scatter_(1, ids_TK, v_TK)[.float()]).
+
+    Returns (sigmoid node, scatter node, casts between them) for each such site."""
+    sites = []
+    for node in graph.nodes:
+        if not (node.op in ("call_function", "call_method") and (node.target in _SIGMOIDS)):
+            continue
+        casts, src = [], node.args[0]
+        while isinstance(src, fx.Node) and src.op == "call_method" and src.target in _FLOAT_CASTS:
+            casts.append(src)
+            src = src.args[0]
+        if isinstance(src, fx.Node) and target_name(src) in ("scatter", "scatter_") and len(src.args) == 4:
+            base, _, index, values = src.args
+            shape = shape_of(src)
+            if not (_is_neg_inf_full(base) and isinstance(index, fx.Node) and isinstance(values, fx.Node)):
+                continue
+            if shape and isinstance(src.args[1], int) and isinstance(shape[src.args[1]], int):  # E known
+                sites.append((node, src, casts[::-1]))
+    return sites
+
+
+def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
+    """Rewrite each `sigmoid(full(-inf).scatter(d, ids, v))` as `zeros.scatter(d, ids, sigmoid(v))`: equal
+    exactly (sigmoid(-inf) = 0), and the [T, K] routing weights sigmoid(v) become a tensor of the graph,
+    so the top-k cut exists and the dense [T, E] scores no longer read the logits. Returns the count."""
+    count = 0
+    for sig, scatter, casts in sigmoid_after_scatter_sites(gm.graph):
+        _, dim, index, values = scatter.args
+        g = gm.graph
+
+        def made(node: fx.Node, like: fx.Node = sig) -> fx.Node:
+            set_meta(node)
+            node.meta.update({k: like.meta[k] for k in ("nn_module_stack", "stack_trace") if k in like.meta})
+            return node
+
+        with g.inserting_before(sig):
+            w = values
+            for c in casts:  # the same casts, now on the [T, K] values
+                w = made(g.call_method(c.target, (w, *c.args[1:]), dict(c.kwargs)))
+            w = made(g.call_function(sig.target, (w,), dict(sig.kwargs)))
+            shape = tuple(
+                s if isinstance(s, int) else made(g.call_method("size", (index, i)))
+                for i, s in enumerate(shape_of(scatter))
+            )
+            zeros = made(g.call_method("new_zeros", (w, shape)))
+            dense = made(g.call_method("scatter", (zeros, dim, index, w)))
+        sig.replace_all_uses_with(dense)
+        g.erase_node(sig)
+        for c in reversed(casts):
+            if not c.users:
+                g.erase_node(c)
+        base = scatter.args[0]
+        if not scatter.users and set(base.users) == {scatter}:  # nothing else reads the -inf tensor
+            g.erase_node(scatter)
+            g.erase_node(base)
+        count += 1
+    if count:
+        g.lint()
+        gm.recompile()
+    return count

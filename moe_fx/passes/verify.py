@@ -26,6 +26,7 @@ import logging
 import torch
 import torch.fx as fx
 
+from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.passes.experts import rel_err
 from moe_fx.passes.graph_view import same_shape, shape_of, tensor_meta
 from moe_fx.passes.match import TOLERANCE, BlockFinder, MoEMatch
@@ -123,7 +124,7 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
                 f"the rewritten output's meta {tuple(new_meta.shape)} {new_meta.dtype} differs from "
                 f"the original's {tuple(old_meta.shape)} {old_meta.dtype}"
             )
-    tol = TOLERANCE.get(refs[0].dtype, 3e-2)
+    tol = max(TOLERANCE.get(refs[0].dtype, 3e-2), EXPECTED_ERROR.get(match.spec.quant.mode, 0.0))
     worst = 0.0
     for (x, logits), ref in zip(probes, refs):
         inputs = [x, logits, *(v for v in leaf_values if isinstance(v, torch.Tensor)), *block.buffers()]

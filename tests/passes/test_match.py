@@ -16,6 +16,7 @@ FORMS = {
     "loop_3d_nonzero_setitem": (ex.IndexedLoopMoE, "expert_loop"),
     "loop_group_router_shared_expert": (ex.DeepSeekStyleMoE, "expert_loop"),
     "gather_einsum": (ex.GatherEinsumMoE, "gather_einsum"),
+    "gather_matmul_fused_w13_gelu": (ex.GatherMatmulMoE, "gather_matmul"),
     "dense_scatter_gates": (ex.DenseMoE, "dense"),
     "dense_top1_masked_sum": (ex.MaskedSumMoE, "dense"),
 }
@@ -105,6 +106,58 @@ def test_two_blocks_of_different_forms_in_one_graph():
     out = compiled(model, x)
     assert counters["moe_fx"]["rewritten"] == 2
     assert sorted(m.form for m in last_reports()[-1].matches) == ["expert_loop", "gather_einsum"]
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+class OpaqueRouterMoE(ex.LoopMoE):
+    """A router no recognised form reproduces (tanh scores, |v| normalised): it stays in the graph."""
+
+    def forward(self, x):
+        values_TK, ids_TK = (self.gate(x) * 0.5).tanh().topk(self.k, dim=-1)
+        weights_TK = values_TK.abs() / (values_TK.abs().sum(dim=-1, keepdim=True) + 0.1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            out.index_add_(0, token_idx, expert(x[token_idx]) * weights_TK[token_idx, slot_idx, None])
+        return out
+
+
+def moe_fx_ops(gm) -> list[str]:
+    return [n.target._opname for n in gm.graph.nodes if getattr(n.target, "namespace", None) == "moe_fx"]
+
+
+def test_opaque_router_stays_and_experts_are_rewritten():
+    model = OpaqueRouterMoE().eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+        report = moe_fx.apply(model, x)
+        out = model(x)
+    assert len(report.matches) == 1 and report.matches[0].spec.router is None, str(report)
+    assert "opaque" in report.matches[0].spec.summary()
+    assert moe_fx_ops(model.forward.gm) == ["quantize_dispatch", "experts", "combine"]
+    assert "tanh" in model.forward.gm.code
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_recognised_router_becomes_four_nodes():
+    model = ex.DeepSeekStyleMoE().eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+        report = moe_fx.apply(model, x)
+        out = model(x)
+    router = report.matches[0].spec.router
+    assert (router.scoring, router.has_bias, router.n_group, router.topk_group, router.renormalize, router.scale) == (
+        "sigmoid",
+        True,
+        4,
+        2,
+        True,
+        2.5,
+    )
+    assert moe_fx_ops(model.forward.gm) == ["route", "quantize_dispatch", "experts", "combine"]
+    assert "shared_expert" in model.forward.gm.code  # the shared expert stays an ordinary node
     assert rel_err(out, ref) < TOL[torch.float32]
 
 

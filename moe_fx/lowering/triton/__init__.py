@@ -1,0 +1,94 @@
+"""Triton lowerings for ("cuda", "single"): route, quantize_dispatch, experts and combine.
+
+Importing this package registers them; nothing here touches the GPU driver (kernels compile on their
+first launch). Under TRITON_INTERPRET=1 the same launchers run on CPU tensors (the CI tests do that).
+"""
+
+from __future__ import annotations
+
+from moe_fx.lowering.registry import register_lowering
+from moe_fx.lowering.triton import combine as _combine
+from moe_fx.lowering.triton import dispatch as _dispatch
+from moe_fx.lowering.triton import grouped_gemm as _gemm
+from moe_fx.lowering.triton import route as _route
+from moe_fx.spec import MoESpec
+
+NAME = "triton"
+PRIORITY = 20
+MAX_EXPERTS = 1024  # route and the tile lookup hold all E in registers
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def supports_router(spec: MoESpec) -> str | None:
+    r, E = spec.router, spec.experts.num_experts
+    if E > MAX_EXPERTS:
+        return f"{E} experts exceed the {MAX_EXPERTS} that {NAME} route holds in registers"
+    if r is not None and r.n_group > 1 and E % r.n_group:
+        return f"experts ({E}) not divisible by n_group ({r.n_group})"
+    return None
+
+
+def supports_rows(spec: MoESpec) -> str | None:
+    if spec.quant.mode != "none":
+        return f"quant={spec.quant.mode!r} is not implemented by {NAME} yet"
+    if spec.experts.num_experts > MAX_EXPERTS:
+        return f"{spec.experts.num_experts} experts exceed the {MAX_EXPERTS} that {NAME} holds in registers"
+    return None
+
+
+def supports_experts(spec: MoESpec) -> str | None:
+    if spec.experts.dtype not in DTYPES:
+        return f"dtype {spec.experts.dtype} is not one of {DTYPES}"
+    return supports_rows(spec)
+
+
+@register_lowering("route", device="cuda", name=NAME, priority=PRIORITY, supports=supports_router)
+def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
+    return _route.route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale)
+
+
+@register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)
+def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
+    if quant != "none" or layout != "single" or expert_map is not None:
+        raise NotImplementedError(
+            f"moe_fx: {NAME} quantize_dispatch runs quant='none' on one device, got quant={quant!r}, "
+            f"layout={layout!r}, expert_map={'set' if expert_map is not None else None}"
+        )
+    return _dispatch.dispatch(x, ids, weights, num_local_experts)
+
+
+@register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts)
+def triton_experts(
+    xq,
+    xscale,
+    expert_offsets,
+    gather_index,
+    row_weights,
+    w13,
+    w3,
+    w2,
+    w13_bias,
+    w2_bias,
+    w13_scale,
+    w2_scale,
+    weight_at,
+    activation,
+    gate_up,
+    w13_transposed,
+    w2_transposed,
+    alpha,
+    limit,
+    quant,
+    out_dtype,
+):
+    if quant != "none":
+        raise NotImplementedError(f"moe_fx: {NAME} experts runs quant='none' only, got quant={quant!r}")
+    return _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
+                         activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype)  # fmt: skip
+
+
+@register_lowering("combine", device="cuda", name=NAME, priority=PRIORITY)
+def triton_combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
+    if layout != "single":
+        raise NotImplementedError(f"moe_fx: {NAME} combine runs layout='single' only, got {layout!r}")
+    return _combine.combine(y, weights, row_index, weighted)

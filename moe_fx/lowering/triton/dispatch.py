@@ -1,0 +1,135 @@
+"""Triton `quantize_dispatch` (quant "none", one device): group the T*K routed rows by expert.
+
+Legend: T tokens, D model dim, E experts, K top-k, R = T*K routed rows.
+
+A counting sort with no host synchronisation. Up to SMALL_CHUNKS blocks of rows (decode), one
+program does it all in `_sort_small_kernel`: count, cumsum, then place each block's rows after the
+previous blocks' (stable, like the reference). Above, two launches:
+  1. `_count_kernel`: each block of BLOCK_R rows counts its rows per expert and adds the counts to
+     counts_E with one vector atomic.
+  2. `_scatter_kernel`: every program turns counts_E into expert starts (a cumsum over E), reserves
+     a contiguous range per expert for its block with one atomic on cursor_E, and writes each row at
+     start[e] + reserved[e] + its rank among the block's rows of expert e.
+Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
+order within an expert may vary from run to run. Every row is computed independently downstream, so
+the layer's output does not depend on it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, R, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    e = tl.arange(0, BLOCK_E)
+    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+    counts_E = tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
+    tl.atomic_add(counts_ptr + e, counts_E, mask=(e < E) & (counts_E > 0))
+
+
+@triton.jit
+def _scatter_kernel(
+    # pointers
+    ids_ptr, weights_ptr, counts_ptr, cursor_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr,
+    # sizes
+    R, E, K,
+    # meta-parameters
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    counts_E = tl.load(counts_ptr + e, mask=e < E, other=0)
+    ends_E = tl.cumsum(counts_E, axis=0)
+    if pid == 0:
+        tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
+        tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+    hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
+    block_counts_E = tl.sum(hit_RE, axis=0)
+    reserved_E = tl.atomic_add(cursor_ptr + e, block_counts_E, mask=(e < E) & (block_counts_E > 0))
+    base_E = ends_E - counts_E + tl.where(block_counts_E > 0, reserved_E, 0)
+    rank_R = tl.sum(hit_RE * (tl.cumsum(hit_RE, axis=0) - 1), axis=1)
+    pos_R = tl.sum(hit_RE * base_E[None, :], axis=1) + rank_R
+    ok = (r < R) & (ids_R >= 0) & (ids_R < E)
+    tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
+    tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
+    tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+@triton.jit
+def _sort_small_kernel(
+    # pointers
+    ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr,
+    # sizes
+    R, E, K,
+    # meta-parameters
+    CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    e = tl.arange(0, BLOCK_E)
+    counts_E = tl.zeros((BLOCK_E,), tl.int32)
+    for c in tl.static_range(CHUNKS):
+        r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+        counts_E += tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
+    ends_E = tl.cumsum(counts_E, axis=0)
+    tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
+    tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+    next_E = ends_E - counts_E
+    for c in tl.static_range(CHUNKS):
+        r = c * BLOCK_R + tl.arange(0, BLOCK_R)
+        ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+        hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
+        pos_R = tl.sum(hit_RE * (next_E[None, :] + tl.cumsum(hit_RE, axis=0) - 1), axis=1)
+        next_E += tl.sum(hit_RE, axis=0)
+        ok = (r < R) & (ids_R >= 0) & (ids_R < E)
+        tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
+        tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
+        tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+SMALL_CHUNKS = 4
+
+
+def _block_r(E: int) -> int:
+    """Rows per program: keep the [BLOCK_R, BLOCK_E] one-hot tile at 8K elements."""
+    return max(16, min(128, 8192 // triton.next_power_of_2(E)))
+
+
+def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device, unquantised.
+
+    Returns (xq_TD (a copy of x: an op output may not alias its input), empty xscale, expert_offsets_E1
+    int64, gather_index_R int64, row_weights_R fp32, row_index_R int64, empty comm_splits).
+    """
+    T, K = ids.shape
+    R, E, device = T * K, num_experts, x.device
+    ids_R = ids.reshape(-1).to(torch.int32)
+    weights_R = weights.reshape(-1)
+    offsets_E1 = torch.empty((E + 1,), dtype=torch.int64, device=device)
+    gather_R = torch.empty((R,), dtype=torch.int64, device=device)
+    row_index_R = torch.empty((R,), dtype=torch.int64, device=device)
+    row_weights_R = torch.empty((R,), dtype=torch.float32, device=device)
+    empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
+    BLOCK_E, BLOCK_R = triton.next_power_of_2(E), _block_r(E)
+    chunks = triton.cdiv(R, BLOCK_R)
+    if R == 0:
+        offsets_E1.zero_()
+    elif chunks <= SMALL_CHUNKS:
+        _sort_small_kernel[(1,)](
+            ids_R, weights_R, offsets_E1, gather_R, row_weights_R, row_index_R,
+            R, E, K, CHUNKS=chunks, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+        )  # fmt: skip
+    else:
+        counts_cursor = torch.zeros((2, E), dtype=torch.int32, device=device)
+        grid = (chunks,)
+        _count_kernel[grid](ids_R, counts_cursor[0], R, E, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
+        _scatter_kernel[grid](
+            ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
+            R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+        )  # fmt: skip
+    return x.clone(), empty[0], offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]

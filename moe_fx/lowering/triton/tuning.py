@@ -1,0 +1,185 @@
+"""Block sizes for the grouped GEMMs: defaults by rows per expert, tuned values from a JSON cache.
+
+A key names everything a choice depends on: (E, D, F, K, gated, dtype, device, T-bucket). The bucket
+is T rounded up to a power of two, so a value tuned at T=16 is never reused at T=8192: an untuned
+bucket falls back to the defaults, which follow the average rows per expert (T*K/E).
+
+The cache is JSON (never pickle), at $MOE_FX_TUNING_CACHE or ~/.cache/moe_fx/triton_tuning.json;
+`tune` fills it, one bucket at a time, with a progress bar. `tuned.json` beside this module ships the
+entries tuned for the four benchmark shapes on an H100; the user's cache wins over it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import triton
+
+from moe_fx.spec import GATED_ACTIVATIONS
+
+log = logging.getLogger("moe_fx")
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One GEMM's tile shape and launch parameters."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """Configs of the two GEMMs of `experts`: up (gather + w13 + activation) and down (w2)."""
+
+    up: GemmConfig
+    down: GemmConfig
+
+
+PACKAGED = Path(__file__).with_name("tuned.json")  # tuned on the lent H100 by bench/layer.py --tune
+
+
+def cache_path() -> Path:
+    default = Path.home() / ".cache" / "moe_fx" / "triton_tuning.json"
+    return Path(os.environ.get("MOE_FX_TUNING_CACHE", default))
+
+
+def t_bucket(T: int) -> int:
+    return triton.next_power_of_2(max(T, 1))
+
+
+def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int) -> str:
+    kind = "gated" if gated else "plain"
+    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}-{device}-T{t_bucket(T)}"
+
+
+@functools.lru_cache(maxsize=16)
+def device_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_config(rows_per_expert: float, dtype: torch.dtype) -> ExpertsConfig:
+    """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
+    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill."""
+    if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16
+        c = GemmConfig(16, 16, 16, 1, 4, 1)
+        return ExpertsConfig(c, c)
+    if rows_per_expert <= 16:
+        up = down = GemmConfig(16, 128, 128, 8, 4, 3)
+    elif rows_per_expert <= 96:
+        up, down = GemmConfig(64, 64, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
+    else:
+        up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3)
+    if dtype.itemsize > 2:  # fp32 tiles take twice the shared memory
+        up, down = (replace(c, block_n=min(c.block_n, 64), block_k=32) for c in (up, down))
+    return ExpertsConfig(up, down)
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError) as err:
+        log.warning("moe_fx: ignoring unreadable tuning cache %s: %s", path, err)
+        return {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(path: str, cache_key: str) -> ExpertsConfig | None:
+    """The user's cache first, then the entries shipped with moe_fx."""
+    entry = _read(Path(path)).get(cache_key) or _read(PACKAGED).get(cache_key)
+    if entry is None:
+        return None
+    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
+
+
+def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -> None:
+    """Write one tuned entry (atomically: a temporary file, then rename)."""
+    path = cache_path()
+    data = _read(path)
+    data[cache_key] = {"up": asdict(config.up), "down": asdict(config.down), "us": timings_us}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.replace(path)
+    _lookup.cache_clear()
+    _choose.cache_clear()
+
+
+def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int):
+    """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
+    return _choose(E, D, F, K, gated, dtype, device, R, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
+
+
+@functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
+def _choose(E, D, F, K, gated, dtype, device, R, _cache_env, interpret) -> ExpertsConfig:
+    tuned = None
+    if not interpret:
+        tuned = _lookup(str(cache_path()), key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1)))
+    return tuned if tuned is not None else default_config(R / max(E, 1), dtype)
+
+
+CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
+    (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
+    (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
+)  # fmt: skip
+
+
+def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda") -> dict:
+    """Time CANDIDATES for both GEMMs at each T (random routing), store the best per T-bucket.
+
+    The up GEMM is tuned with the default down config, then the down GEMM with the best up.
+    Returns {cache key: microseconds of the best pair}. Needs a GPU.
+    """
+    from tqdm import tqdm
+
+    from moe_fx.lowering.triton.dispatch import dispatch
+    from moe_fx.lowering.triton.grouped_gemm import experts
+
+    gated = activation in GATED_ACTIVATIONS
+    device = torch.device(device)
+    w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
+    w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
+    results = {}
+    bar = tqdm(total=len(Ts) * 2 * len(CANDIDATES), desc=f"moe_fx tune E{E} D{D} F{F} K{K}")
+    for T in Ts:
+        x = torch.randn(T, D, device=device, dtype=dtype)
+        ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
+        d = dispatch(x, ids, torch.rand(T, K, device=device), E)
+        best = default_config(T * K / E, dtype)
+
+        def run(config, d=d):
+            return experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none", activation, "concat",
+                           False, False, 1.702, 7.0, dtype, config=config)  # fmt: skip
+
+        timings = {}
+        for part in ("up", "down"):
+            for m, n, k, warps, stages in CANDIDATES:
+                config = replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)})
+                try:
+                    timings[config] = triton.testing.do_bench(lambda c=config: run(c), return_mode="median") * 1e3
+                except Exception as err:  # a config out of shared memory or registers: skip it
+                    log.debug("moe_fx: tuning config %s failed: %s", config, err)
+                bar.update()
+            best = min(timings, key=timings.get)
+        cache_key = key(E, D, F, K, gated, dtype, device_name(device), T)
+        store(cache_key, best, {"best": timings[best]})
+        results[cache_key] = timings[best]
+    bar.close()
+    return results

@@ -1,0 +1,107 @@
+"""Triton experts (through the moe_fx ops, with triton dispatch and combine) against the float64 oracle."""
+
+import pytest
+import torch
+
+from moe_fx.ops import combine_args, dispatch_args, experts_args, weight_at
+from moe_fx.spec import ExpertsSpec, MoESpec
+from tests.conftest import TOLERANCE, rel_err
+from tests.lowering.test_reference import ACT, PLAIN, oracle
+from tests.lowering.triton.conftest import DEVICE, DTYPES
+from tests.lowering.triton.test_triton_dispatch import routing
+
+OPS = torch.ops.moe_fx
+E = 4
+
+
+def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, placement="output",
+        impl="triton", spec_weight_at=None):  # fmt: skip
+    F_ = w2.shape[1] if t2 else w2.shape[2]
+    experts = ExpertsSpec(E, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None,
+                          dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
+    spec = MoESpec(experts, ids.shape[1], weight_placement=placement)
+    dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
+    args = list(experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, impl))
+    if spec_weight_at is not None:  # "output": the routing weight fused into the second GEMM
+        args[12] = spec_weight_at
+    y = OPS.experts(*args)
+    combine = list(combine_args(spec, y, weights, dispatched, "triton"))
+    combine[4] = args[12] == "none"
+    return OPS.combine(*combine)
+
+
+def weights_for(dtype, D, FF, bias=False, scale=(4, 4, 5)):
+    w1, w3, w2 = (torch.randn(E, FF, D) / scale[0], torch.randn(E, FF, D) / scale[1], torch.randn(E, D, FF) / scale[2])
+    b = (torch.randn(E, FF), torch.randn(E, FF), torch.randn(E, D)) if bias else (None, None, None)
+    return [t if t is None else t.to(dtype) for t in (w1, w3, w2, *b)]
+
+
+def dev(*ts):
+    return [t if t is None else t.to(DEVICE) for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,pattern", [(0, 2, "random"), (1, 1, "random"), (7, 2, "random"), (7, 4, "random"),
+                                         (33, 2, "one_expert"), (9, 2, "empty")])  # fmt: skip
+@pytest.mark.parametrize("D,FF", [(24, 20), (32, 32)])  # ragged and even K-loops
+def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF):
+    x = torch.randn(T, D).to(dtype)
+    w1, w3, w2, *_ = weights_for(dtype, D, FF)
+    weights, ids = routing(T, K, E, pattern)
+    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2), None, None, "silu_gated")
+    assert out.shape == (T, D) and out.dtype == dtype
+    if T:
+        ref = oracle(x, weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2)
+        assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("act", [*ACT, *PLAIN])
+@pytest.mark.parametrize("layout", ["concat", "interleaved", "up_first", "separate", "transposed"])
+def test_activations_layouts_biases(act, layout):
+    T, K, D, FF = 9, 2, 16, 24
+    if act in PLAIN and layout not in ("concat", "transposed"):
+        pytest.skip("layouts only differ for gated experts")
+    x = torch.randn(T, D) * 2
+    w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
+    weights, ids = routing(T, K, E, "random")
+    ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
+    w3_arg, gate_up = None, "concat" if layout == "transposed" else layout
+    if act in PLAIN:
+        w13, b13 = w1, b1
+    elif layout == "interleaved":
+        w13, b13 = torch.stack([w1, w3], dim=2).reshape(E, 2 * FF, D), torch.stack([b1, b3], dim=2).reshape(E, -1)
+    elif layout == "up_first":
+        w13, b13 = torch.cat([w3, w1], 1), torch.cat([b3, b1], 1)
+    elif layout == "separate":
+        w13, w3_arg, b13 = w1, w3, torch.cat([b1, b3], 1)
+    else:
+        w13, b13 = torch.cat([w1, w3], 1), torch.cat([b1, b3], 1)
+    t = layout == "transposed"
+    w2_arg = w2.transpose(1, 2).contiguous() if t else w2
+    if t:
+        w13 = w13.transpose(1, 2).contiguous()
+    out = run(*dev(x, weights, ids, w13, w3_arg, w2_arg, b13, b2), act, gate_up, t, t)
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("where", ["input", "output"])
+def test_routing_weight_inside_experts(where):
+    T, K, D, FF = 6, 2, 16, 24
+    x = torch.randn(T, D)
+    w1, w3, w2, *_ = weights_for(torch.float32, D, FF)
+    weights, ids = routing(T, K, E, "random")
+    w13 = torch.cat([w1, w3], 1)
+    out = run(*dev(x, weights, ids, w13, None, w2), None, None, "silu_gated", placement=where,
+              spec_weight_at="output" if where == "output" else None)  # fmt: skip
+    ref = oracle(x, weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2, weight_on_input=where == "input")
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("placement", ["output", "input"])
+def test_routing_weight_applied_exactly_once(placement):
+    spec = MoESpec(ExpertsSpec(E, 8, 8), 2, weight_placement=placement)
+    dispatched = tuple(torch.zeros(1) for _ in range(7))
+    experts_weight = experts_args(spec, dispatched, *[None] * 6, "triton")[12]
+    combine_weighted = combine_args(spec, None, None, dispatched, "triton")[4]
+    assert (experts_weight != "none") != combine_weighted
+    assert experts_weight == weight_at(spec) and (placement != "input" or experts_weight == "input")

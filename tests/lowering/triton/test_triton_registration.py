@@ -1,0 +1,63 @@
+"""Registration and selection of the Triton and vendor lowerings; the JSON tuning cache."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moe_fx.lowering import registry
+from moe_fx.lowering.triton import tuning
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
+
+SPEC = MoESpec(ExpertsSpec(8, 64, 96, dtype="bfloat16"), 2, router=RouterSpec(2, renormalize=True))
+
+
+def test_cuda_picks_triton_for_every_op():
+    for op in registry.OPS:
+        sel = registry.select(op, "cuda", SPEC)
+        assert sel.chosen.name == "triton", op
+        assert "highest priority (20)" in sel.reason
+
+
+def test_unsupported_specs_fall_back_with_reasons():
+    fp8 = SPEC.replace(quant=QuantSpec("fp8"))
+    sel = registry.select("experts", "cuda", fp8)
+    assert sel.chosen.name == "reference"
+    assert dict(sel.rejected)["triton"] == "quant='fp8' is not implemented by triton yet"
+    groups = SPEC.replace(router=RouterSpec(2, scoring="sigmoid", n_group=3, topk_group=1))
+    sel = registry.select("route", "cuda", groups)
+    assert sel.chosen.name == "reference" and sel.rejected == (("triton", "experts (8) not divisible by n_group (3)"),)
+
+
+def test_vendor_grouped_mm_is_a_real_choice():
+    names = [e.name for e in registry.candidates("experts", "cuda", "single")]
+    assert names[:2] == ["triton", "grouped_mm"]
+    fp32 = SPEC.replace(experts=ExpertsSpec(8, 64, 96, dtype="float32"))
+    with pytest.raises(ValueError, match="'grouped_mm' cannot run experts for this block: torch._grouped_mm runs"):
+        registry.select("experts", "cuda", fp32, force="grouped_mm")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="grouped_mm' cannot run experts for this block: no CUDA device"):
+            registry.select("experts", "cuda", SPEC, force="grouped_mm")
+
+
+def test_import_registers_without_touching_the_gpu():
+    code = "import torch, moe_fx; from moe_fx.lowering import registry; "
+    code += "assert registry.lookup('experts', 'triton'); assert not torch.cuda.is_initialized()"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tuning_cache_is_json_per_t_bucket(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    shape = (8, 64, 96, 2, True, torch.bfloat16)
+    tuned = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64, 4, 4, 2), tuning.GemmConfig(16, 32, 128, 1, 4, 5))
+    tuning.store(tuning.key(*shape, "cpu", 16), tuned, {"best": 1.0})
+    assert '"block_m": 32' in (tmp_path / "tuning.json").read_text()
+    assert tuning.choose(*shape, torch.device("cpu"), 13 * 2) == tuned  # T=13 is in the T=16 bucket
+    untuned = tuning.choose(*shape, torch.device("cpu"), 8192 * 2)
+    assert untuned == tuning.default_config(8192 * 2 / 8, torch.bfloat16) != tuned  # never reused at another T
+    (tmp_path / "tuning.json").write_text("{not json")
+    tuning._lookup.cache_clear()
+    tuning._choose.cache_clear()
+    assert tuning.choose(*shape, torch.device("cpu"), 26) == tuning.default_config(26 / 8, torch.bfloat16)
