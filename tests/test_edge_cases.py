@@ -149,20 +149,31 @@ def test_weights_changed_after_rewrite(entry):
 
 
 def test_forced_lowering_that_cannot_run_the_spec_is_an_error():
-    model = ex.LoopMoE().eval()
-    x = torch.randn(5, 32)
-    options = {"quant": "fp8", "lowerings": {"quantize_dispatch": "reference"}}
-    why = "moe_fx: forced lowering 'reference' cannot run quantize_dispatch for this block: quant='fp8'"
-    with pytest.raises(ValueError, match=why):
-        moe_fx.apply(model, x, options=options)
-    with pytest.raises(Exception, match=why), torch.no_grad():
-        _compile(model, **options)(x)
+    from moe_fx.lowering import reference, registry
+
+    moe_fx.register_lowering(
+        "experts",
+        device="cpu",
+        name="silu_only",
+        supports=lambda s: None if s.experts.activation == "silu_gated" else f"{s.experts.activation} is not silu",
+    )(reference.experts)
+    try:
+        model = ex.MaskedSumMoE().eval()  # GELU experts
+        x = torch.randn(5, 32)
+        options = {"lowerings": {"experts": "silu_only"}}
+        why = "moe_fx: forced lowering 'silu_only' cannot run experts for this block: gelu is not silu"
+        with pytest.raises(ValueError, match=why):
+            moe_fx.apply(model, x, options=options)
+        with pytest.raises(Exception, match=why), torch.no_grad():
+            _compile(model, **options)(x)
+    finally:
+        registry.unregister_lowering("experts", device="cpu", name="silu_only")
 
 
 @pytest.mark.parametrize(
     "options, match",
     [
-        ({"verify": 1}, "verify=1 must be True or False"),
+        ({"verify": 1}, r"verify=1 must be a bool"),
         ({"lowerings": {"experts": "trion"}}, r"lowerings\['experts'\]='trion' is not a registered lowering"),
         ({"lowerings": {"experts": 3}}, "must be a lowering name"),
         ({"layout": "ring"}, "layout='ring' is not one of"),
