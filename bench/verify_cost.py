@@ -1,4 +1,4 @@
-"""Compile-time cost of `options={"verify": True}`: python -m bench.verify_cost [--repeats N].
+"""Compile-time cost of `options={"verify": True}`: python -m bench.verify_cost [--repeats N] [--threads N].
 
 Compiles the demo model (`examples.TwoFormModel`) and a tiny HF Mixtral with the moe_fx backend
 (inner="eager", so only moe_fx's own work is timed), verification on and off, alternating, from a
@@ -27,8 +27,10 @@ def _compile_seconds(model, inputs, verify: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)  # on a shared 2-core box, OpenMP spinning swamps tiny ops
     cases = {
         "TwoFormModel (2 blocks, T=2x16)": (examples.TwoFormModel().eval(), (torch.randn(2, 16, 64),)),
         "tiny HF Mixtral (2 blocks, T=2x16)": (hf_models.build("mixtral"), (torch.randint(0, 128, (2, 16)),)),

@@ -32,9 +32,7 @@ from moe_fx.report import Report
 log = logging.getLogger("moe_fx")
 CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 _reports: list[Report] = []
-_LOCK = threading.Lock()  # guards _reports and the capture-flag count below
-_capturing = 0  # how many threads are inside capture_config(): the flags hold while any is
-_saved: dict = {}  # the flags' values before the first of them entered
+_LOCK = threading.Lock()  # guards _reports: apply/explain may run while another thread compiles
 
 
 @contextlib.contextmanager
@@ -42,26 +40,11 @@ def capture_config():
     """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
     are traced as `batched_mm` (see `moe_fx.hf_experts`).
 
-    Dynamo's config is process-wide; `config.patch` from two threads would interleave saves and
-    restores and could leave the flags on for good. The first thread in sets them, the last one out
-    restores the values it found.
+    `config.patch` overrides are thread-local on this torch (ContextVar-backed), so a thread that
+    compiles with moe_fx never changes what another thread's compile sees.
     """
-    global _capturing, _saved
-    with _LOCK:
-        if _capturing == 0:
-            _saved = {key: getattr(torch._dynamo.config, key) for key in CAPTURE_FLAGS}
-            for key, val in CAPTURE_FLAGS.items():
-                setattr(torch._dynamo.config, key, val)
-        _capturing += 1
-    try:
-        with traceable_eager_experts():
-            yield
-    finally:
-        with _LOCK:
-            _capturing -= 1
-            if _capturing == 0:
-                for key, val in _saved.items():
-                    setattr(torch._dynamo.config, key, val)
+    with torch._dynamo.config.patch(CAPTURE_FLAGS), traceable_eager_experts():
+        yield
 
 
 def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 
 import torch
 
 log = logging.getLogger("moe_fx")
 TRACED_AS = "batched_mm"
+_LOCK = threading.Lock()
+_inside = 0  # threads inside traceable_eager_experts(); nested save/restore from two threads would
+_original = None  # otherwise leave the patch installed for good
 
 
 @contextlib.contextmanager
@@ -29,15 +33,22 @@ def traceable_eager_experts():
     except ImportError:  # no transformers, or 4.x: nothing to do
         yield
         return
-    original = ExpertsInterface.get_interface
+    global _inside, _original
+    with _LOCK:  # the patch is process-wide: the first thread in installs it, the last one out removes it
+        if _inside == 0:
+            _original = original = ExpertsInterface.get_interface
 
-    def get_interface(self, experts_implementation, default):
-        if experts_implementation in ("eager", None) and torch.compiler.is_compiling() and TRACED_AS in self:
-            return self[TRACED_AS]
-        return original(self, experts_implementation, default)
+            def get_interface(self, experts_implementation, default):
+                if experts_implementation in ("eager", None) and torch.compiler.is_compiling() and TRACED_AS in self:
+                    return self[TRACED_AS]
+                return original(self, experts_implementation, default)
 
-    ExpertsInterface.get_interface = get_interface
+            ExpertsInterface.get_interface = get_interface
+        _inside += 1
     try:
         yield
     finally:
-        ExpertsInterface.get_interface = original
+        with _LOCK:
+            _inside -= 1
+            if _inside == 0:
+                ExpertsInterface.get_interface = _original

@@ -25,7 +25,7 @@ ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "relu", "gelu", "s
 
 @st.composite
 def naive_blocks(draw):
-    E = draw(st.integers(1, 8))
+    E = draw(st.sampled_from((4, 8, 2, 6, 1, 3, 5, 7)))  # integers() would favour E=1
     form = draw(st.sampled_from(ex.FORMS))
     params = dict(
         num_experts=E,
