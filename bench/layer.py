@@ -212,8 +212,9 @@ def main():
 
 def _write(out, stamp, args, bw, rate, rows):
     meta = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "copy_Bps": bw, "matmul_flops": rate, "variants": args.variants, "tuned": args.tune,
+        "device": torch.cuda.get_device_name(), "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}",
+        "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rate,
+        "variants": args.variants, "tuned": args.tune,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
         "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 16)",
     }  # fmt: skip

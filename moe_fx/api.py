@@ -21,6 +21,8 @@ from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
+from moe_fx.passes.rewrite import apply_rebind
+from moe_fx.passes.weights import keep_current
 from moe_fx.report import RejectionReport, Report
 
 log = logging.getLogger("moe_fx")
@@ -39,8 +41,10 @@ def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _break_text(reason) -> str:
+    """The first line of Dynamo's graph-break reason, and where in the user's code it broke."""
+    text = reason.reason.strip().splitlines()[0]
     where = reason.user_stack[-1] if reason.user_stack else None
-    return f"{reason.reason} ({where.filename}:{where.lineno})" if where else reason.reason
+    return f"{text} ({where.filename}:{where.lineno})" if where else text
 
 
 def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]], list[str]]:
@@ -77,24 +81,90 @@ def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs)
     return report
 
 
-class _RewrittenForward:
-    """A module's new forward: the rewritten graph, with the original kept for grad mode."""
+def _flat_inputs(args: tuple, kwargs: dict) -> list:
+    """The call's leaves in the order of the captured graph's placeholders."""
+    return [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, int, float, bool))]
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original):
-        self.gm, self.original = gm, original
-        self.params = [p for p in module.parameters()]
-        self.warned = False
+
+def _capture_guards(gm: torch.fx.GraphModule, example: list) -> list[tuple[int, object]]:
+    """What the capture specialised on, per input: a tensor's dtype, device and static sizes (None where
+    the size is a symbol), or a Python scalar's value. A call outside these runs the original block."""
+    guards = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, (node, ex) in enumerate(zip(placeholders, example)):
+        fake = node.meta.get("val", node.meta.get("example_value"))
+        if isinstance(ex, torch.Tensor) and isinstance(fake, torch.Tensor):
+            sizes = tuple(s if isinstance(s, int) else None for s in fake.shape)
+            guards.append((i, (ex.dtype, ex.device, sizes)))
+        elif not isinstance(ex, torch.Tensor):
+            guards.append((i, ex))
+    return guards
+
+
+def _guard_failure(guards: list[tuple[int, object]], flat: list) -> str | None:
+    for i, expected in guards:
+        got = flat[i] if i < len(flat) else None
+        if not isinstance(expected, tuple):
+            if got != expected or type(got) is not type(expected):
+                return f"input {i} is {got!r}, captured as the constant {expected!r}"
+            continue
+        dtype, device, sizes = expected
+        if (
+            not isinstance(got, torch.Tensor)
+            or (got.dtype, got.device) != (dtype, device)
+            or got.dim() != len(sizes)
+            or any(s is not None and s != g for s, g in zip(sizes, got.shape))
+        ):
+            shape = f"{tuple(got.shape)} {got.dtype} on {got.device}" if isinstance(got, torch.Tensor) else got
+            return f"input {i} is {shape}; the block was captured for {sizes} (None: any size) {dtype} on {device}"
+    return None
+
+
+class _RewrittenForward:
+    """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
+    outside the shapes the capture specialised on (sizes 0 and 1 are always specialised)."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list, rebind: list, layout: str):
+        self.gm, self.original, self.module, self.layout = gm, original, module, layout
+        self.guards = _capture_guards(gm, example)
+        self.warned: set[str] = set()
+        # where the graph reads each parameter: its view of a stacked tensor, or the parameter it captured
+        reads = {id(p): view for p, view in rebind}
+        reads.update((id(t), t) for t in (*gm.parameters(), *gm.buffers()) if id(t) not in reads)
+        self.weights = [
+            (m, name, reads[id(p)])
+            for m in module.modules()
+            for name, p in m._parameters.items()
+            if p is not None and id(p) in reads
+        ]
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return list(self.module.parameters())
+
+    def _fallback(self, why: str, *args, **kwargs):
+        if why not in self.warned:
+            warnings.warn(f"moe_fx: running the original block: {why}", stacklevel=3)
+            self.warned.add(why)
+        return self.original(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
-            if not self.warned:
-                warnings.warn(
-                    "moe_fx: grad mode with trainable expert weights: running the original block "
-                    "(moe_fx lowerings have no autograd yet)",
-                    stacklevel=2,
+        flat = _flat_inputs(args, kwargs)
+        if torch.is_grad_enabled() and any(
+            t.requires_grad for t in (*self.params, *flat) if isinstance(t, torch.Tensor)
+        ):
+            if self.layout != "single":  # the original block's weights were cut down to this rank's shard
+                raise RuntimeError(
+                    f"moe_fx: layout={self.layout!r} has no autograd yet and the original block no longer "
+                    "holds every expert: run under torch.no_grad()/inference_mode()"
                 )
-                self.warned = True
-            return self.original(*args, **kwargs)
+            why = "grad mode with trainable expert weights or inputs (moe_fx lowerings have no autograd yet)"
+            return self._fallback(why, *args, **kwargs)
+        why = _guard_failure(self.guards, flat) or keep_current(
+            [(m._parameters[name], target) for m, name, target in self.weights]
+        )
+        if why is not None:
+            return self._fallback(why, *args, **kwargs)
         refresh(self.gm)
         return self.gm(*args, **kwargs)
 
@@ -151,15 +221,16 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         except Exception as e:
             _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
             continue
-        flat_inputs = pytree.tree_leaves((margs, mkwargs))
-        flat_inputs = [a for a in flat_inputs if isinstance(a, (torch.Tensor, int, float, bool))]
+        flat_inputs = _flat_inputs(margs, mkwargs)
+        rebind = []
         with torch.no_grad():
-            block_report = rewrite_graph(gm, flat_inputs, opts)
+            block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
+        apply_rebind(rebind)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind, opts.layout)
     model._moe_fx_report = report
     return report

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 
 import torch
@@ -25,27 +26,56 @@ from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, refresh
 from moe_fx.passes.rewrite import apply_rebind
+from moe_fx.passes.weights import keep_current
 from moe_fx.report import Report
 
 log = logging.getLogger("moe_fx")
 CAPTURE_FLAGS = {"capture_dynamic_output_shape_ops": True, "capture_scalar_outputs": True}
 _reports: list[Report] = []
+_LOCK = threading.Lock()  # guards _reports and the capture-flag count below
+_capturing = 0  # how many threads are inside capture_config(): the flags hold while any is
+_saved: dict = {}  # the flags' values before the first of them entered
 
 
 @contextlib.contextmanager
 def capture_config():
     """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
-    are traced as `batched_mm` (see `moe_fx.hf_experts`)."""
-    with torch._dynamo.config.patch(CAPTURE_FLAGS), traceable_eager_experts():
-        yield
+    are traced as `batched_mm` (see `moe_fx.hf_experts`).
+
+    Dynamo's config is process-wide; `config.patch` from two threads would interleave saves and
+    restores and could leave the flags on for good. The first thread in sets them, the last one out
+    restores the values it found.
+    """
+    global _capturing, _saved
+    with _LOCK:
+        if _capturing == 0:
+            _saved = {key: getattr(torch._dynamo.config, key) for key in CAPTURE_FLAGS}
+            for key, val in CAPTURE_FLAGS.items():
+                setattr(torch._dynamo.config, key, val)
+        _capturing += 1
+    try:
+        with traceable_eager_experts():
+            yield
+    finally:
+        with _LOCK:
+            _capturing -= 1
+            if _capturing == 0:
+                for key, val in _saved.items():
+                    setattr(torch._dynamo.config, key, val)
 
 
 def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=None, mode=None):
     """Rewrite the MoE blocks of a Dynamo graph, then compile it with options["inner"] (Inductor default)."""
     opts = parse_options(options)
+    if opts.quant != "none" and not opts.keep_original_weights:
+        raise ValueError(
+            "moe_fx: keep_original_weights=False needs moe_fx.apply(model, options=...): under torch.compile a "
+            "recompile (a new input shape) traces the model's own expert weights again, so they must stay"
+        )
     rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
     report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
-    _reports.append(report)
+    with _LOCK:
+        _reports.append(report)
     if opts.inner == "eager":
         compiled = gm.forward
     else:
@@ -54,9 +84,28 @@ def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=No
 
         compiled = compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
     apply_rebind(rebind)
+    compiled = _reading_current_weights(compiled, example_inputs, rebind)
     if getattr(gm, GRAPH_ATTR, None):  # quantised weights follow in-place weight updates
         return _refreshing(gm, compiled)
     return compiled
+
+
+def _reading_current_weights(compiled, example_inputs: list, rebind: list):
+    """Dynamo passes the parameters in on every call but does not guard on their storage: a parameter
+    replaced after compiling (`load_state_dict(assign=True)`) would leave the stacked copy stale.
+    Check the rebound parameters' pointers on each call (no copy unless one was replaced)."""
+    index = {id(t): i for i, t in enumerate(example_inputs) if isinstance(t, torch.Tensor)}
+    plan = [(index[id(p)], view) for p, view in rebind if id(p) in index]
+    if not plan:
+        return compiled
+
+    def run(*args):
+        why = keep_current([(args[i], view) for i, view in plan])
+        if why is not None:  # Dynamo guards on dtype, shape and device: unreachable unless that changes
+            raise RuntimeError(f"moe_fx: {why}; recompile the model")
+        return compiled(*args)
+
+    return run
 
 
 def _refreshing(gm: torch.fx.GraphModule, compiled):
@@ -72,7 +121,8 @@ moe_fx_backend.backend_ctx_ctor = capture_config
 
 def last_reports() -> list[Report]:
     """Reports of the graphs the backend compiled in this process, oldest first."""
-    return list(_reports)
+    with _LOCK:
+        return list(_reports)
 
 
 def _forward_backend_ctx() -> None:

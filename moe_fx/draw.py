@@ -27,15 +27,8 @@ _OUTPUT_NAMES = {
     "route": ("weights_TK", "ids_TK"),
     "quantize_dispatch": ("xq", "xscale", "offsets", "gather_index", "row_weights", "row_index", "splits"),
 }
-ROLES = ("input", "router", "experts", "output", "moe_fx", "new")
-_FILL = {
-    "input": "#e8f0fe",
-    "router": "#e0f2f1",
-    "experts": "#f5f5f5",
-    "output": "#fff3e0",
-    "moe_fx": "#ffb74d",
-    "new": "#fafafa",
-}
+# Box colours by role: inputs of the block, its router, any other op, its output, the moe_fx ops.
+_FILL = {"input": "#e8f0fe", "router": "#e0f2f1", "op": "#f5f5f5", "output": "#fff3e0", "moe_fx": "#ffb74d"}
 _INSTALL = (
     "moe_fx: drawing a graph needs graphviz's `dot` on PATH: install graphviz "
     "(apt-get install graphviz, brew install graphviz, or conda install -c conda-forge graphviz)"
@@ -71,7 +64,7 @@ def _source(node: fx.Node) -> str:
 def snapshot(nodes, roles: Mapping[fx.Node, str] | None = None, outputs=None) -> fx.Graph:
     """A standalone copy of `nodes` (any order; graph order is kept), for pictures and printouts.
 
-    `roles` maps nodes to one of ROLES for colouring; moe_fx op nodes are always "moe_fx".
+    `roles` maps nodes to "router" or "output" for colouring (default "op"); moe_fx op nodes are "moe_fx".
     `outputs`: the nodes the copy returns (default: those used outside `nodes`).
     """
     roles = roles or {}
@@ -87,7 +80,7 @@ def snapshot(nodes, roles: Mapping[fx.Node, str] | None = None, outputs=None) ->
                 env[i].meta.update(source=_source(i), shape=_shape(i), role="input")
     for n in ordered:
         copy = env[n] = graph.node_copy(n, lambda a: env[a])
-        copy.meta = {"shape": _shape(n), "source": _source(n), "role": roles.get(n, "experts")}
+        copy.meta = {"shape": _shape(n), "source": _source(n), "role": roles.get(n, "op")}
         if "moe_fx" in n.meta:
             copy.meta.update(moe_fx=n.meta["moe_fx"], role="moe_fx")
     if outputs is None:
@@ -145,7 +138,7 @@ def to_dot(graph: fx.Graph, title: str = "") -> str:
     for n in graph.nodes:
         if _folded(n):
             continue
-        role = "output" if n.op == "output" else n.meta.get("role", "experts")
+        role = "output" if n.op == "output" else n.meta["role"]
         attrs = [f"label={_quote(_label(n) if n.op != 'output' else 'block output')}", f'fillcolor="{_FILL[role]}"']
         if role == "moe_fx":
             attrs.append("penwidth=2.5")

@@ -219,3 +219,149 @@ class TwoFormModel(nn.Module):
     def forward(self, x):
         x = x + self.moe1(self.norm1(x))
         return x + self.moe2(self.norm2(x))
+
+
+# ---------------------------------------------------------------- any naive block, from parameters
+ROUTERS = ("softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_bias_scaled")
+FORMS = ("loop_where", "loop_nonzero", "gather_einsum", "dense", "masked_sum")
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class Expert(nn.Module):
+    """One expert: gated (`act(w1 x) * w3 x`) or plain (`act(w1 x)`), then w2; optional biases."""
+
+    def __init__(self, dim: int, ffn: int, activation: str = "silu_gated", bias: bool = False):
+        super().__init__()
+        self.gated, self.act = activation.endswith("_gated"), _ACTIVATIONS[activation.removesuffix("_gated")]
+        self.w1 = nn.Linear(dim, ffn, bias=bias)
+        self.w3 = nn.Linear(dim, ffn, bias=bias) if self.gated else None
+        self.w2 = nn.Linear(ffn, dim, bias=bias)
+
+    def forward(self, x):
+        h = self.act(self.w1(x))
+        return self.w2(h * self.w3(x) if self.gated else h)
+
+
+class NaiveMoE(nn.Module):
+    """A naive MoE block built from parameters; the fuzz tests draw them at random.
+
+    router: one of ROUTERS; form: one of FORMS (gather_einsum needs stacked=True); activation:
+    silu/gelu/gelu_tanh/relu, with "_gated" for a gated MLP; stacked: 3-D parameters w1 [E, F, D],
+    w3 [E, F, D], w2 [E, D, F] instead of a ModuleList of `Expert`; shared: a shared expert added
+    afterwards; router_fp32: fp32 router logits whatever the experts' dtype. Input [..., D].
+    """
+
+    def __init__(
+        self,
+        num_experts: int = 4,
+        k: int = 2,
+        dim: int = 32,
+        ffn: int = 48,
+        router: str = "softmax_topk_renorm",
+        activation: str = "silu_gated",
+        bias: bool = False,
+        shared: bool = False,
+        form: str = "loop_where",
+        stacked: bool = False,
+        router_fp32: bool = False,
+    ):
+        super().__init__()
+        if router not in ROUTERS or form not in FORMS:
+            raise ValueError(f"moe_fx: router={router!r} / form={form!r}: expected one of {ROUTERS} / {FORMS}")
+        if form == "gather_einsum" and not stacked:
+            raise ValueError("moe_fx: form='gather_einsum' gathers 3-D weights: it needs stacked=True")
+        self.k, self.router, self.form, self.stacked, self.router_fp32 = k, router, form, stacked, router_fp32
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        if router == "sigmoid_bias_scaled":
+            self.register_buffer("e_score_correction_bias", torch.randn(num_experts) * 0.1)
+        if stacked:
+            E, gated = num_experts, activation.endswith("_gated")
+            self.gated, self.act = gated, _ACTIVATIONS[activation.removesuffix("_gated")]
+            self.w1 = nn.Parameter(torch.randn(E, ffn, dim) / dim**0.5)
+            self.w3 = nn.Parameter(torch.randn(E, ffn, dim) / dim**0.5) if gated else None
+            self.w2 = nn.Parameter(torch.randn(E, dim, ffn) / ffn**0.5)
+            self.b1 = nn.Parameter(torch.randn(E, ffn) * 0.1) if bias else None
+            self.b3 = nn.Parameter(torch.randn(E, ffn) * 0.1) if bias and gated else None
+            self.b2 = nn.Parameter(torch.randn(E, dim) * 0.1) if bias else None
+        else:
+            self.experts = nn.ModuleList(Expert(dim, ffn, activation, bias) for _ in range(num_experts))
+        self.shared_expert = Expert(dim, ffn) if shared else None
+
+    def route(self, x_TD):
+        if self.router_fp32:
+            logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        else:
+            logits_TE = self.gate(x_TD)
+        if self.router.startswith("softmax_topk"):
+            return softmax_topk(logits_TE, self.k, self.router.endswith("renorm"))
+        if self.router == "topk_softmax":
+            values_TK, ids_TK = logits_TE.topk(self.k, dim=-1)
+            return values_TK.softmax(dim=-1), ids_TK
+        scores_TE = logits_TE.sigmoid()
+        if self.router == "sigmoid_topk_renorm":
+            weights_TK, ids_TK = scores_TE.topk(self.k, dim=-1)
+        else:
+            ids_TK = (scores_TE + self.e_score_correction_bias).topk(self.k, dim=-1).indices
+            weights_TK = scores_TE.gather(1, ids_TK)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return weights_TK * 2.5 if self.router == "sigmoid_bias_scaled" else weights_TK, ids_TK
+
+    def expert(self, e: int, h):
+        if not self.stacked:
+            return self.experts[e](h)
+
+        def lin(w, b):
+            y = h @ w[e].t()
+            return y if b is None else y + b[e]
+
+        a = self.act(lin(self.w1, self.b1))
+        a = a * lin(self.w3, self.b3) if self.gated else a
+        y = a @ self.w2[e].t()
+        return y if self.b2 is None else y + self.b2[e]
+
+    def gather_einsum(self, x_TD, weights_TK, ids_TK):
+        def lin(w, b, x, spec):
+            y = torch.einsum(spec, x, w[ids_TK])
+            return y if b is None else y + b[ids_TK]
+
+        a = self.act(lin(self.w1, self.b1, x_TD, "td,tkfd->tkf"))
+        a = a * lin(self.w3, self.b3, x_TD, "td,tkfd->tkf") if self.gated else a
+        y_TKD = lin(self.w2, self.b2, a, "tkf,tkdf->tkd")
+        return torch.einsum("tkd,tk->td", y_TKD, weights_TK)
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        weights_TK, ids_TK = self.route(x_TD)
+        weights_TK = weights_TK.to(x.dtype)
+        E = self.gate.weight.shape[0]
+        if self.form == "gather_einsum":
+            out_TD = self.gather_einsum(x_TD, weights_TK, ids_TK)
+        elif self.form == "dense":
+            gates_TE = torch.zeros(x_TD.shape[0], E, dtype=x.dtype, device=x.device).scatter(1, ids_TK, weights_TK)
+            y_ETD = torch.stack([self.expert(e, x_TD) for e in range(E)])
+            out_TD = torch.einsum("te,etd->td", gates_TE, y_ETD)
+        elif self.form == "masked_sum":
+            out_TD = 0
+            for e in range(E):
+                out_TD = out_TD + self.expert(e, x_TD) * (weights_TK * (ids_TK == e)).sum(dim=-1, keepdim=True)
+        else:
+            out_TD = torch.zeros_like(x_TD)
+            for e in range(E):
+                if self.form == "loop_where":
+                    token_idx, slot_idx = torch.where(ids_TK == e)
+                    out_TD.index_add_(
+                        0, token_idx, self.expert(e, x_TD[token_idx]) * weights_TK[token_idx, slot_idx, None]
+                    )
+                else:
+                    mask_TK = ids_TK == e
+                    rows = mask_TK.any(dim=-1).nonzero().squeeze(-1)
+                    w_rows = (weights_TK * mask_TK).sum(dim=-1)[rows]
+                    out_TD[rows] += self.expert(e, x_TD[rows]) * w_rows[:, None]
+        if self.shared_expert is not None:
+            out_TD = out_TD + self.shared_expert(x_TD)
+        return out_TD.reshape(x.shape)

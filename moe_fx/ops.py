@@ -16,9 +16,11 @@ Row r of the experts' computation reads `xq[gather_index[r]]`; rows are grouped 
 `expert_offsets_L1` are the group bounds. `row_weights_R` is the routing weight of row r, for a
 lowering that applies it inside `experts` (`weight_at` "input" for Llama4, or "output" fused into the
 second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is the flat (t*K + k) slot
-that row r belongs to; `comm_splits` holds the send/recv row counts per rank for the parallel layouts
-(empty on one device). `xscale` is empty unless activations are quantised. Every op takes `impl`, the
-name of the registry entry that runs it, chosen at rewrite time.
+that row r belongs to (under expert parallelism: where combine puts row r back before the reverse
+exchange); `comm_splits` is the int64 handle of the parallel layouts: send/recv row counts per rank and
+what else combine needs (each layout's module documents its handle; empty on one device and under tp).
+`xscale` is empty unless activations are quantised. Every op takes `impl`, the name of the registry
+entry that runs it, chosen at rewrite time.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def quantize_dispatch(
     """x_TD, ids_TK, weights_TK -> (xq_ND, xscale_N, expert_offsets_L1, gather_index_R, row_weights_R,
     row_index_R, comm_splits).
 
-    Rows are grouped by (local) expert. `expert_map` [E] maps global -> local expert id (-1: remote).
+    Rows are grouped by (local) expert. `expert_map` [2, E] (expert parallel only, else None): row 0
+    the rank that owns each global expert, row 1 its slot among that rank's local experts.
     """
     return _run(
         "quantize_dispatch",
@@ -105,10 +108,11 @@ def quantize_dispatch(
 @quantize_dispatch.register_fake
 def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl):
     T, D = x.shape
-    if layout == "single":
-        N, R = T, T * ids.shape[1]
-    else:
-        N = R = torch.library.get_ctx().new_dynamic_size()
+    if layout in ("single", "tp"):  # tp: every rank sorts its own (replicated) tokens, no exchange
+        N, R, H = T, T * ids.shape[1], 0
+    else:  # rows received / routed to local experts, and the handle's length, known only at run time
+        ctx = torch.library.get_ctx()
+        N, R, H = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
     xq = x.new_empty((N, D), dtype=quant_fmt.activation_dtype(quant, x.dtype))
     xscale_shape = {"fp8": (N,), "int8": (N,), "fp8_block": (N, -(-D // quant_fmt.BLOCK))}.get(quant, (0,))
     xscale = x.new_empty(xscale_shape, dtype=torch.float32)
@@ -116,7 +120,7 @@ def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map,
     gather_index = x.new_empty((R,), dtype=torch.int64)
     row_weights = x.new_empty((R,), dtype=torch.float32)
     row_index = x.new_empty((R,), dtype=torch.int64)
-    splits = x.new_empty((0,), dtype=torch.int64)
+    splits = x.new_empty((H,), dtype=torch.int64)
     return xq, xscale, offsets, gather_index, row_weights, row_index, splits
 
 
@@ -254,9 +258,10 @@ def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
             r.scale, impl)  # fmt: skip
 
 
-def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None) -> tuple:
-    return (x_TD, ids_TK, weights_TK, spec.experts.num_experts, spec.quant.mode, spec.layout, group_name, expert_map,
-            impl)  # fmt: skip
+def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,
+                  num_local_experts: int | None = None) -> tuple:  # fmt: skip
+    L = spec.experts.num_experts if num_local_experts is None else num_local_experts
+    return (x_TD, ids_TK, weights_TK, L, spec.quant.mode, spec.layout, group_name, expert_map, impl)
 
 
 def experts_args(spec: MoESpec, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,

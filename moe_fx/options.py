@@ -10,21 +10,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moe_fx.lowering import registry
+from moe_fx.lowering.distributed.placement import EP_LAYOUTS
 from moe_fx.lowering.registry import OPS
 from moe_fx.spec import LAYOUTS, QUANT_MODES
 
 INNER = ("inductor", "eager")
+PARALLEL_LAYOUTS = tuple(lay for lay in LAYOUTS if lay != "single")
 VALID_KEYS = {
     "inner": f"one of {INNER}: the compiler that receives the rewritten graph (torch.compile only)",
     "lowerings": f"a dict op -> lowering name forcing a registry entry; ops: {OPS}",
     "quant": f"one of {QUANT_MODES}",
     "layout": f"one of {LAYOUTS}",
+    "group": f"a torch.distributed ProcessGroup or 1-D DeviceMesh for layouts {PARALLEL_LAYOUTS} (default WORLD)",
+    "expert_placement": f"a sequence of E ranks, the rank holding each expert, for layouts {EP_LAYOUTS} "
+    "(default: contiguous blocks of E / world size)",
     "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
     "that no native lowering serves (default False: a moe_fx error names the device capability)",
+    "keep_original_weights": "bool (default True): with quant, False frees the model's unquantised expert weights "
+    "once they are quantised (moe_fx.apply only; they become empty tensors in state_dict)",
     "verify": "a bool (default True): run each rewritten block against the original once at compile time "
     "and leave it untouched on a mismatch",
 }
-BOOLS = ("allow_reference_fallback", "verify")
+BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify")
 
 
 @dataclass(frozen=True)
@@ -34,7 +41,18 @@ class Options:
     quant: str = "none"
     layout: str = "single"
     allow_reference_fallback: bool = False
+    keep_original_weights: bool = True
     verify: bool = True
+    group: Any = None  # ProcessGroup | DeviceMesh | None (WORLD); resolved at rewrite time
+    expert_placement: tuple[int, ...] | None = None
+
+
+def _placement(value) -> tuple[int, ...]:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(r, int) and r >= 0 for r in value):
+        raise ValueError(f"moe_fx: option expert_placement={value!r} must be a sequence of ranks (ints >= 0)")
+    return tuple(value)
 
 
 def _check_lowerings(lowerings) -> dict[str, str]:
@@ -69,4 +87,14 @@ def parse_options(options: dict[str, Any] | None) -> Options:
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"moe_fx: option {key}={options[key]!r} must be a bool (True or False)")
     lowerings = _check_lowerings(options.get("lowerings", {}))
-    return Options(**{**options, "lowerings": lowerings})
+    layout = options.get("layout", "single")
+    if options.get("group") is not None and layout not in PARALLEL_LAYOUTS:
+        raise ValueError(f"moe_fx: option group is only used by layouts {PARALLEL_LAYOUTS}, but layout={layout!r}")
+    placement = options.get("expert_placement")
+    if placement is not None:
+        if layout not in EP_LAYOUTS:
+            raise ValueError(
+                f"moe_fx: option expert_placement is only used by layouts {EP_LAYOUTS}, but layout={layout!r}"
+            )
+        placement = _placement(placement)
+    return Options(**{**options, "lowerings": lowerings, "expert_placement": placement})

@@ -38,7 +38,8 @@ class BlockReport:
     """One rewritten (or, for explain, rewritable) MoE block.
 
     `before` / `after`: standalone copies of the block's subgraph (see `moe_fx.draw.snapshot`).
-    `weight_bytes`: the stacked (or quantised) expert weights the lowerings read.
+    `weight_bytes`: the stacked (or quantised) expert weights the lowerings read; `unquantised_bytes`: what
+    they took before quantisation (0 when the block is not quantised).
     """
 
     module_path: str
@@ -50,13 +51,14 @@ class BlockReport:
     graph: int = 0
     before: fx.Graph | None = field(default=None, repr=False)
     after: fx.Graph | None = field(default=None, repr=False)
+    unquantised_bytes: int = 0
 
     @property
     def lowering_summary(self) -> str:
-        names = {c.name for c in self.lowerings.values()}
-        if len(names) == 1:
-            return str(names.pop())
-        return " ".join(f"{op}={c.name}" for op, c in self.lowerings.items())
+        """The lowering most ops use, then the ops that use another: 'reference, experts=triton'."""
+        names = [str(c.name) for c in self.lowerings.values()]
+        common = max(dict.fromkeys(names), key=names.count)
+        return ", ".join([common, *(f"{op}={c.name}" for op, c in self.lowerings.items() if c.name != common)])
 
     def row(self, index: int) -> list[str]:
         router = self.spec.router.summary() if self.spec.router else f"opaque top{self.spec.top_k}"
@@ -72,7 +74,8 @@ class BlockReport:
             router,
             experts + quant,
             self.lowering_summary,
-            format_bytes(self.weight_bytes),
+            format_bytes(self.weight_bytes)
+            + (f" (was {format_bytes(self.unquantised_bytes)})" if self.unquantised_bytes else ""),
             errs,
         ]
 

@@ -111,7 +111,10 @@ class ExpertsSpec:
 
 @dataclass(frozen=True)
 class QuantSpec:
+    """The quant mode (formats in moe_fx/lowering/quant.py) and whether the unquantised weights stay alive."""
+
     mode: str = "none"
+    keep_original_weights: bool = True
 
     def __post_init__(self):
         _check(self.mode, QUANT_MODES, "quant")

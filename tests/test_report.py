@@ -1,6 +1,7 @@
 """moe_fx.explain's Report: text and HTML tables, lowering choices, logging, pictures, annotated printout."""
 
 import logging
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -35,6 +36,7 @@ class MatchAndNearMiss(nn.Module):
 
     def forward(self, x):
         x = x + self.moe(x)
+        torch._dynamo.graph_break()  # the report counts Dynamo's graphs and says why they broke
         return x + self.tanh_moe(x)
 
 
@@ -79,14 +81,15 @@ def test_report_holds_matches_lowerings_rejections_and_memory(explained):
     assert block.weight_bytes == 4 * (2 * 48 * 32 + 32 * 48) * 4  # w13 [4, 96, 32] + w2 [4, 32, 48], fp32
     assert [r.module_path for r in report.rejections] == ["tanh_moe"]
     assert "no experts spec reproduces the block" in report.rejections[0].reason
-    assert (report.graphs, report.graph_breaks, report.break_reasons) == (1, 0, [])
+    assert (report.graphs, report.graph_breaks, len(report.break_reasons)) == (2, 1, 1)
+    assert "graph_break" in report.break_reasons[0] and "test_report.py" in report.break_reasons[0]
 
 
 def test_text_table(explained):
     report, _ = explained
     text = str(report)
     head, table_head, row = text.splitlines()[:3]
-    assert head.startswith("moe_fx: 1 MoE block(s) matched, 1 rejected; Dynamo: 1 graph(s), 0 graph break(s)")
+    assert head.startswith("moe_fx: 1 MoE block(s) matched, 1 rejected; Dynamo: 2 graph(s), 1 graph break(s)")
     assert table_head.split() == [
         "#",
         "module",
@@ -101,7 +104,8 @@ def test_text_table(explained):
     ]
     assert row.split()[:4] == ["0", "moe", "expert_loop", "softmax→top2→renorm"] and "72.0 KiB" in row
     assert "experts = reference (highest priority (0) supporting the spec); refused test_refused: needs a" in text
-    assert "rejected tanh_moe at topk_1: no experts spec reproduces the block" in text
+    assert re.search(r"rejected tanh_moe at topk\w*: no experts spec reproduces the block", text)
+    assert "  graph break: " in text
 
 
 class _Tags(HTMLParser):
@@ -126,7 +130,7 @@ def test_html_is_well_formed_escaped_and_complete(explained):
     parser = _Tags()
     parser.feed(page)
     assert parser.stack == []
-    assert page.count("<table>") == 3  # blocks, lowerings, rejections
+    assert page.count("<table>") == 3 and "<p>Graph breaks</p><ul><li>" in page  # blocks, lowerings, rejections
     for cell in ("moe", "expert_loop", "softmax→top2→renorm", "reference", "tanh_moe", "72.0 KiB"):
         assert cell in parser.cells, cell
     assert any("test_refused: needs a device" in c for c in parser.cells)

@@ -1,11 +1,12 @@
 """Lowerings: the registry and the implementations it ships (importing registers them).
 
-The Triton lowerings register for ("cuda", "single") when triton imports; nothing here touches a GPU.
+The Triton lowerings register for ("cuda", "single") when triton imports; `distributed` registers the
+parallel layouts' dispatch/combine; nothing here touches a GPU.
 """
 
 import logging
 
-from moe_fx.lowering import reference, vendor  # noqa: F401  (register the reference and vendor lowerings)
+from moe_fx.lowering import distributed, reference, vendor  # noqa: F401  (register their lowerings)
 from moe_fx.lowering.registry import register_lowering, select
 
 try:

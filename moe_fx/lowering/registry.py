@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from moe_fx.spec import LAYOUTS, MoESpec
 
 OPS = ("route", "quantize_dispatch", "experts", "combine")
+# route and experts do no communication: under a parallel layout they run on this rank's rows and
+# weight shard, so an entry registered for "single" serves every layout (after the layout's own).
+LAYOUT_FREE_OPS = ("route", "experts")
 ANY_DEVICE = "*"
 
 
@@ -97,10 +100,15 @@ def unregister_lowering(op: str, *, device: str, layout: str = "single", name: s
 
 
 def candidates(op: str, device: str, layout: str) -> list[Lowering]:
-    """Entries for (op, device, layout) and for any device, highest priority first."""
+    """Entries for (op, device, layout) and for any device, highest priority first; for route and
+    experts under a parallel layout, then the "single" entries."""
+    layouts = [layout] + (["single"] if op in LAYOUT_FREE_OPS and layout != "single" else [])
+    found = []
     with _LOCK:
-        found = list(_ENTRIES.get((op, device, layout), ())) + list(_ENTRIES.get((op, ANY_DEVICE, layout), ()))
-    return sorted(found, key=lambda e: -e.priority)
+        for lay in layouts:
+            entries = list(_ENTRIES.get((op, device, lay), ())) + list(_ENTRIES.get((op, ANY_DEVICE, lay), ()))
+            found += sorted(entries, key=lambda e: -e.priority)
+    return found
 
 
 def select(op: str, device: str, spec: MoESpec, force: str | None = None) -> Selection:

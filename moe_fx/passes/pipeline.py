@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch._dynamo.utils import counters
 
 from moe_fx.draw import snapshot
+from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
@@ -48,8 +49,6 @@ def _needs_autograd(match: MoEMatch) -> bool:
 
 
 def _block_report(match: MoEMatch, graph: int) -> BlockReport:
-    b = match.binding
-    tensors = [t for t in (b.w13, b.w2, b.w13_bias, b.w2_bias) if t is not None]
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
@@ -58,8 +57,26 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
             **lowerings,
         }
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    return BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, nbytes, graph)
+    block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
+    if match.spec.quant.mode != "none":
+        b = match.binding
+        block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
+    return block
+
+
+_WEIGHT_ARGS = ("w13", "w3", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale")
+
+
+def _weight_bytes(gm: fx.GraphModule, new_nodes: list[fx.Node]) -> int:
+    """Bytes of the weights (stacked or quantised), biases and scales the block's experts node reads."""
+    experts = next(n for n in new_nodes if n.meta.get("moe_fx", {}).get("op") == "experts")
+    args = dict(zip((a.name for a in experts.target._schema.arguments), experts.args))
+    total = 0
+    for node in (args[name] for name in _WEIGHT_ARGS):
+        if isinstance(node, fx.Node):
+            t = value(node) if value(node) is not None else getattr(gm, node.target)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
@@ -86,9 +103,8 @@ def _roles(match: MoEMatch) -> dict[fx.Node, str]:
 def _log_lowerings(match: MoEMatch) -> None:
     for op, sel in match.selections.items():
         rejected = "; ".join(f"{name}: {why}" for name, why in sel.rejected) or "none"
-        log.debug(
-            "moe_fx: %s %s -> %s (%s); rejected: %s", match.module_path, op, sel.chosen.name, sel.reason, rejected
-        )
+        path = match.module_path or "<root>"
+        log.debug("moe_fx: %s %s -> %s (%s); refused: %s", path, op, sel.chosen.name, sel.reason, rejected)
 
 
 def rewrite_graph(
@@ -99,6 +115,7 @@ def rewrite_graph(
     dry_run: bool = False,
     graph: int = 0,
     rebind: list | None = None,
+    owns_forward: bool = False,
 ) -> Report:
     """Find every MoE block in `gm`, pick lowerings and rewrite each in place.
 
@@ -107,6 +124,8 @@ def rewrite_graph(
     `dry_run` (explain): `gm` is a throwaway copy; it is rewritten so that the report can show each
     block after the rewrite, but no parameter is rebound and nothing is counted as rewritten.
     Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
+    `owns_forward`: the caller runs `gm` instead of the module from now on (apply), so under a parallel
+    layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
     """
     pending = [] if rebind is None else rebind
     fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
@@ -118,7 +137,9 @@ def rewrite_graph(
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
-        match.spec = match.spec.replace(quant=QuantSpec(options.quant), layout=options.layout)
+        match.spec = match.spec.replace(
+            quant=QuantSpec(options.quant, options.keep_original_weights), layout=options.layout
+        )
         reason = None
         if _needs_autograd(match):
             reason = (
@@ -142,17 +163,18 @@ def rewrite_graph(
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))
             count("rejected")
             continue
-        accepted.append(match)
+        accepted.append((match, plan_shard(match.spec, options.group, options.expert_placement, device.type)))
     taken = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("moe_fx_block")}
     index = len(taken)
-    for match in accepted:
+    for match, shard in accepted:  # shard: this rank's part under a parallel layout, None on one device
         _log_lowerings(match)
         block = _block_report(match, graph)
         report.matches.append(block)
         block.before = snapshot(_block_nodes(match), _roles(match), outputs=[match.output])
         old = set(gm.graph.nodes)
-        rewrite(gm, match, index, [] if dry_run else pending)
-        block.after = snapshot([n for n in gm.graph.nodes if n not in old])
+        rewrite(gm, match, index, [] if dry_run else pending, shard, owns_forward and not dry_run)
+        new_nodes = [n for n in gm.graph.nodes if n not in old]
+        block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1
         if not dry_run:
             count("rewritten")

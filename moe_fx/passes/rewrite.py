@@ -21,8 +21,10 @@ import warnings
 import torch
 import torch.fx as fx
 from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_fx.lowering import registry
+from moe_fx.lowering.distributed.placement import Shard, shard_weights
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
@@ -71,13 +73,71 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
     if len(parts) == 1 and parts[0].stacked:
         return parts[0].nodes[0]
     remember_stack(tensor)
+    _stack_views(tensor, parts, dim, rebind)
+    return _constant(gm, name, tensor)
+
+
+def _stack_views(tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind) -> None:
+    """Queue each part's tensors to become views of `tensor`, the parts concatenated along `dim`.
+
+    A part takes its share of `tensor.shape[dim]` in proportion to its own size (under tp, `tensor`
+    holds 1/W of each part)."""
+    total = sum(family.shape[dim] for family in parts)
     offset = 0
     for family in parts:
-        size = family.shape[dim]
+        size = family.shape[dim] * tensor.shape[dim] // total
         block = tensor.narrow(dim, offset, size)
         offset += size
         rebind += [(family.tensors[0], block)] if family.stacked else list(zip(family.tensors, block.unbind(0)))
-    return _constant(gm, name, tensor)
+
+
+def _bind_shard(gm, name, full, local, parts, dim, shard: Shard, owns_forward: bool, rebind: Rebind):
+    """Under a parallel layout the graph reads this rank's shard `local` of the stacked `full` tensor.
+
+    With `owns_forward` (apply: the module runs this graph from now on) the original parameters become
+    views of the shard (EP: the local experts'; tp: their F slice) and the rest are released, so a rank
+    keeps only its shard. Under torch.compile they stay whole, as views of `full` like on one device: a
+    recompile re-matches the original code, which needs every expert.
+    """
+    if not owns_forward:
+        if not (len(parts) == 1 and parts[0].stacked):
+            remember_stack(full)
+            _stack_views(full, parts, dim, rebind)
+    elif local is None:  # tp: the down-projection's bias lives on rank 0 only
+        rebind += [(t, t.new_empty(0)) for family in parts for t in family.tensors]
+    elif shard.expert_parallel:
+        mine = shard.local_experts
+        kept = [f if f.stacked else Family(f.name, [f.nodes[e] for e in mine], [f.tensors[e] for e in mine], False)
+                for f in parts]  # fmt: skip
+        remote = [t for f in parts if not f.stacked for e, t in enumerate(f.tensors) if e not in mine]
+        rebind += [(t, t.new_empty(0)) for t in remote]
+        _stack_views(local, kept, dim, rebind)
+    else:
+        _stack_views(local, parts, dim, rebind)
+    return None if local is None else _constant(gm, name, local)
+
+
+def _bind_shards(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, owns_forward: bool, rebind: Rebind):
+    """get_attr nodes (w13, w3, w2, w13_bias, w2_bias) of this rank's weight shard (unquantised)."""
+    spec, b = match.spec, match.binding
+    es = spec.experts
+    assert spec.quant.mode == "none", "the parallel layouts' lowerings refuse quantised specs"
+    h_dim = 2 if es.w13_transposed else 1
+    separate = es.gate_up == "separate"
+    roles = {  # role -> (stacked tensor, the families it was stacked from, the dim they were concatenated along)
+        "w13": (b.w13, b.w13_parts[:1] if separate else b.w13_parts, h_dim),
+        "w3": (b.w3, b.w13_parts[1:], h_dim),
+        "w2": (b.w2, [b.w2_family], 1),
+        "w13_bias": (b.w13_bias, b.w13_bias_parts, 1),
+        "w2_bias": (b.w2_bias, [b.w2_bias_family], 1),
+    }
+    roles = {role: r for role, r in roles.items() if r[0] is not None}
+    local = shard_weights(shard, spec, {role: r[0] for role, r in roles.items()})
+    nodes = {
+        role: _bind_shard(gm, f"moe_fx_block{index}_{role}", t, local[role], parts, dim, shard, owns_forward, rebind)
+        for role, (t, parts, dim) in roles.items()
+    }
+    return tuple(nodes.get(role) for role in ("w13", "w3", "w2", "w13_bias", "w2_bias"))
 
 
 def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind):
@@ -98,6 +158,8 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
         return spec, w13, w3, w2, None, None
     q = quantised_experts(b, spec.quant.mode)
     gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+    if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
+        rebind += [(t, t.new_empty(0)) for t in q.sources]
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
     nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
     gate_up = "concat" if es.gate_up == "separate" else es.gate_up
@@ -131,6 +193,12 @@ def _set_meta(node: fx.Node, fake_mode) -> None:
         else:
             result = node.target(*fargs, **fkwargs)
     node.meta["example_value"] = node.meta["val"] = result
+    # sizes known only at run time (rows an expert-parallel rank receives) are bound to this node,
+    # as Dynamo binds them, so that later tracers (AOT, Inductor) know where they come from
+    if fake_mode.shape_env is not None:
+        bindings = compute_unbacked_bindings(fake_mode.shape_env, result)
+        if bindings:
+            node.meta["unbacked_bindings"] = bindings
 
 
 def apply_rebind(rebind: Rebind) -> None:
@@ -139,23 +207,44 @@ def apply_rebind(rebind: Rebind) -> None:
         original.data = view
 
 
-def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> list[fx.Node]:
-    """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque)."""
+def rewrite(
+    gm: fx.GraphModule,
+    match: MoEMatch,
+    index: int,
+    rebind: Rebind,
+    shard: Shard | None = None,
+    owns_forward: bool = False,
+) -> list[fx.Node]:
+    """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque).
+
+    `shard`: this rank's part under a parallel layout (the graph then reads only its weight shard and
+    passes the group's name and the expert map to dispatch/combine); `owns_forward`: see `_bind_shard`.
+    """
     g, b = gm.graph, match.binding
     impl = {op: sel.chosen.name for op, sel in match.selections.items()}
     view = GraphView(g)
-    spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
+    if shard is None:
+        spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
+        b13 = (
+            _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
+            if b.w13_bias is not None
+            else None
+        )
+        b2 = (
+            _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
+            if b.w2_bias is not None
+            else None
+        )
+    else:
+        spec, w13_scale, w2_scale = match.spec, None, None
+        w13, w3, w2, b13, b2 = _bind_shards(gm, match, index, shard, owns_forward, rebind)
     K, E, D = spec.top_k, spec.experts.num_experts, spec.experts.hidden
-    b13 = (
-        _bind(gm, f"moe_fx_block{index}_w13_bias", b.w13_bias, b.w13_bias_parts, 1, rebind)
-        if b.w13_bias is not None
-        else None
-    )
-    b2 = (
-        _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
-        if b.w2_bias is not None
-        else None
-    )
+    num_local, group_name, expert_map = E, "", None
+    if shard is not None:
+        num_local, group_name = shard.num_local_experts(E), shard.group_name
+        expert_map_E = shard.expert_map(b.w2.device)
+        if expert_map_E is not None:
+            expert_map = _constant(gm, f"moe_fx_block{index}_expert_map", expert_map_E)
     out_dtype = value(view.result_node(match.output)).dtype
     new_nodes = []
     fake_mode = _fake_mode(g)
@@ -178,15 +267,16 @@ def rewrite(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind) -> 
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
             ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
-        dispatch = call(
-            OPS.quantize_dispatch.default, *dispatch_args(spec, x_TD, ids_TK, weights_TK, impl["quantize_dispatch"])
-        )
+        impl_d = impl["quantize_dispatch"]
+        args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
+        dispatch = call(OPS.quantize_dispatch.default, *args)
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
         y = call(
             OPS.experts.default,
             *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale),
         )
-        out = combine = call(OPS.combine.default, *combine_args(spec, y, weights_TK, dispatched, impl["combine"]))
+        args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
+        out = combine = call(OPS.combine.default, *args)
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)

@@ -7,6 +7,7 @@ E per-expert leaves (`experts.0.w1.weight` … `experts.7.w1.weight`) found by t
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -75,7 +76,7 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
     families, placed = [], set()
     for (skeleton, _, _), members in groups.items():
         members = sorted(members, key=lambda m: m[0])
-        if num_experts < 2 or [m[0] for m in members] != list(range(num_experts)):
+        if [m[0] for m in members] != list(range(num_experts)):
             continue
         if any(m[1] in placed for m in members):
             continue
@@ -95,10 +96,12 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
 # Stacked tensors moe_fx made, by storage: a recompile finds the per-expert parameters already
 # rebound as views into one of these and reuses it instead of stacking a second copy.
 _STACKS: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_STACKS_LOCK = threading.Lock()  # `apply` in one thread may rewrite while Dynamo compiles in another
 
 
 def remember_stack(tensor: torch.Tensor) -> None:
-    _STACKS[tensor.untyped_storage().data_ptr()] = tensor
+    with _STACKS_LOCK:
+        _STACKS[tensor.untyped_storage().data_ptr()] = tensor
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -107,7 +110,8 @@ def _layout(t: torch.Tensor) -> tuple:
 
 def existing_stack(parts: list[Family], dim: int) -> torch.Tensor | None:
     """The stacked tensor `parts` already live in (concatenated along `dim`), if moe_fx made one."""
-    stack = _STACKS.get(parts[0].tensors[0].untyped_storage().data_ptr())
+    with _STACKS_LOCK:
+        stack = _STACKS.get(parts[0].tensors[0].untyped_storage().data_ptr())
     if stack is None:
         return None
     offset = 0
@@ -133,3 +137,26 @@ def stack_parts(parts: list[Family], dim: int) -> torch.Tensor:
     if found is not None:
         return found
     return torch.cat([p.materialize() for p in parts], dim) if len(parts) > 1 else parts[0].materialize()
+
+
+def keep_current(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> str | None:
+    """Keep a rewritten graph reading the model's weights after they were replaced.
+
+    `pairs`: (the parameter as the model holds it now, the tensor the rewritten graph reads for it: its
+    view of a stacked tensor, or the parameter object the graph captured). In-place updates
+    (`load_state_dict`, an optimizer step) reach the graph by themselves; a replaced parameter
+    (`load_state_dict(assign=True)`, `p.data = ...`) is copied into the graph's tensor once and becomes
+    a view of it again. Returns a reason when a parameter's shape, dtype or device changed (no copy).
+    """
+    for current, target in pairs:
+        if current.data_ptr() == target.data_ptr():
+            continue
+        if (current.shape, current.dtype, current.device) != (target.shape, target.dtype, target.device):
+            return (
+                f"a weight changed to {tuple(current.shape)} {current.dtype} on {current.device} since the "
+                f"rewrite ({tuple(target.shape)} {target.dtype} on {target.device})"
+            )
+        with torch.no_grad():
+            target.copy_(current)
+        current.data = target.data
+    return None

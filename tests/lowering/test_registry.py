@@ -21,8 +21,16 @@ def test_unsupported_spec_is_rejected_with_reason():
     sel = registry.select("experts", "cpu", SPEC.replace(quant=QuantSpec("fp8")))
     assert sel.chosen is None
     assert "quant='fp8'" in sel.reason and "reference" in sel.reason
-    sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout="ep_alltoall"))
-    assert sel.chosen is None and "none registered" in sel.reason
+    sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout="ep_alltoall", quant=QuantSpec("fp8")))
+    assert sel.chosen is None and "layout 'ep_alltoall'" in sel.reason
+
+
+def test_route_and_experts_reuse_single_device_lowerings_under_parallel_layouts():
+    for layout in ("ep_alltoall", "ep_allgather", "tp"):
+        spec = SPEC.replace(layout=layout)
+        assert registry.select("experts", "cpu", spec).chosen.layout == "single"
+        assert registry.select("route", "cpu", spec).chosen.layout == "single"
+        assert registry.select("combine", "cpu", spec).chosen.layout == layout
 
 
 def test_third_party_lowering_wins_by_priority_and_runs():

@@ -40,7 +40,10 @@ def test_quantised_block_is_close_to_and_differs_from_the_model(cls, mode):
     out = compile_quant(model, x, mode)
     report = last_reports()[-1]
     assert counters["moe_fx"]["rewritten"] == 1, str(report)
-    assert report.matches[0].spec.quant.mode == mode and mode in str(report)
+    block = report.matches[0]
+    assert block.spec.quant.mode == mode and mode in str(report) and "(was " in str(report)
+    fraction = {"fp8": 0.25, "fp8_block": 0.25, "int8": 0.25, "int4_weight": 0.125}[mode]  # of fp32 weights
+    assert fraction < block.weight_bytes / block.unquantised_bytes < fraction * 1.5
     err = rel_err(out, ref)
     assert 1e-3 < err < BOUND[mode], err
 
@@ -119,3 +122,24 @@ def test_quantised_block_on_gpu_without_native_lowering_names_the_capability():
             moe_fx.explain(model, x, options={"quant": "fp8"})
         out = compile_quant(model, x, "fp8", allow_reference_fallback=True)
     assert 1e-3 < rel_err(out, ref) < BOUND["fp8"]
+
+
+@pytest.mark.parametrize("cls", [ex.LoopMoE, ex.GatherEinsumMoE], ids=["per_expert", "stacked_3d"])
+def test_unquantised_weights_freed_on_request(cls):
+    model = cls(dim=64, ffn=128, num_experts=8).eval()
+    x = torch.randn(7, 64)
+    expert_params = [p for name, p in model.named_parameters() if not name.startswith("gate")]
+    before = sum(p.numel() * p.element_size() for p in expert_params)
+    with torch.no_grad():
+        ref = model(x)
+        report = moe_fx.apply(model, x, options={"quant": "fp8", "keep_original_weights": False})
+        out = model(x)
+    assert sum(p.numel() for p in expert_params) == 0
+    kept = model.forward.gm.named_buffers()
+    assert sum(t.numel() * t.element_size() for _, t in kept) == report.matches[0].weight_bytes < before / 3
+    assert rel_err(out, ref) < BOUND["fp8"]
+
+
+def test_freeing_weights_under_compile_is_refused():
+    with pytest.raises(Exception, match="moe_fx: keep_original_weights=False needs moe_fx.apply"):
+        compile_quant(ex.LoopMoE().eval(), torch.randn(3, 32), "fp8", keep_original_weights=False)

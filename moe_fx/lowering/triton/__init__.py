@@ -43,12 +43,12 @@ def supports_experts(spec: MoESpec) -> str | None:
 
 
 @register_lowering("route", device="cuda", name=NAME, priority=PRIORITY, supports=supports_router)
-def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
+def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
     return _route.route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale)
 
 
 @register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)
-def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
+def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     if quant != "none" or layout != "single" or expert_map is not None:
         raise NotImplementedError(
             f"moe_fx: {NAME} quantize_dispatch runs quant='none' on one device, got quant={quant!r}, "
@@ -58,7 +58,7 @@ def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_n
 
 
 @register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts)
-def experts(
+def triton_experts(
     xq,
     xscale,
     expert_offsets,
@@ -88,7 +88,7 @@ def experts(
 
 
 @register_lowering("combine", device="cuda", name=NAME, priority=PRIORITY)
-def combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
+def triton_combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
     if layout != "single":
         raise NotImplementedError(f"moe_fx: {NAME} combine runs layout='single' only, got {layout!r}")
     return _combine.combine(y, weights, row_index, weighted)

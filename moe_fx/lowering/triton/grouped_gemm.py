@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering.triton import tuning
+from moe_fx.spec import GATED_ACTIVATIONS
 
 ACTIVATION_CODES = {
     "silu_gated": 0, "gelu_gated": 1, "gelu_tanh_gated": 2, "clamped_swiglu": 3,
@@ -226,7 +227,7 @@ def experts(
     R, E = gather_index.shape[0], w13.shape[0]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
     D, F = w2_EDF.shape[1], w2_EDF.shape[2]
-    gated = activation in ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu")
+    gated = activation in GATED_ACTIVATIONS
     h_RF = torch.empty((R, F), dtype=xq.dtype, device=xq.device)
     y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
     if R == 0:

@@ -5,7 +5,8 @@ is T rounded up to a power of two, so a value tuned at T=16 is never reused at T
 bucket falls back to the defaults, which follow the average rows per expert (T*K/E).
 
 The cache is JSON (never pickle), at $MOE_FX_TUNING_CACHE or ~/.cache/moe_fx/triton_tuning.json;
-`tune` fills it, one bucket at a time, with a progress bar.
+`tune` fills it, one bucket at a time, with a progress bar. `tuned.json` beside this module ships the
+entries tuned for the four benchmark shapes on an H100; the user's cache wins over it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import torch
 import triton
+
+from moe_fx.spec import GATED_ACTIVATIONS
 
 log = logging.getLogger("moe_fx")
 
@@ -41,6 +44,9 @@ class ExpertsConfig:
 
     up: GemmConfig
     down: GemmConfig
+
+
+PACKAGED = Path(__file__).with_name("tuned.json")  # tuned on the lent H100 by bench/layer.py --tune
 
 
 def cache_path() -> Path:
@@ -69,20 +75,20 @@ def interpreting() -> bool:
 
 
 def default_config(rows_per_expert: float, dtype: torch.dtype) -> ExpertsConfig:
-    """Untuned choice: small M tiles and narrow N for decode (weights dominate), large tiles for prefill."""
+    """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
+    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill."""
     if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16
         c = GemmConfig(16, 16, 16, 1, 4, 1)
         return ExpertsConfig(c, c)
-    wide_k = 128 if dtype.itemsize <= 2 else 64
     if rows_per_expert <= 16:
-        return ExpertsConfig(GemmConfig(16, 64, wide_k, 1, 4, 4), GemmConfig(16, 32, wide_k, 1, 4, 4))
-    if rows_per_expert <= 64:
-        c = GemmConfig(64, 64, 64, 8, 4, 4)
-        return ExpertsConfig(c, c)
-    if rows_per_expert <= 512:
-        c = GemmConfig(64, 128, 64, 8, 4, 4)
-        return ExpertsConfig(c, c)
-    return ExpertsConfig(GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3))
+        up = down = GemmConfig(16, 128, 128, 8, 4, 3)
+    elif rows_per_expert <= 96:
+        up, down = GemmConfig(64, 64, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
+    else:
+        up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3)
+    if dtype.itemsize > 2:  # fp32 tiles take twice the shared memory
+        up, down = (replace(c, block_n=min(c.block_n, 64), block_k=32) for c in (up, down))
+    return ExpertsConfig(up, down)
 
 
 def _read(path: Path) -> dict:
@@ -95,7 +101,8 @@ def _read(path: Path) -> dict:
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(path: str, cache_key: str) -> ExpertsConfig | None:
-    entry = _read(Path(path)).get(cache_key)
+    """The user's cache first, then the entries shipped with moe_fx."""
+    entry = _read(Path(path)).get(cache_key) or _read(PACKAGED).get(cache_key)
     if entry is None:
         return None
     return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
@@ -111,12 +118,18 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     tmp.replace(path)
     _lookup.cache_clear()
+    _choose.cache_clear()
 
 
 def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int):
     """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
+    return _choose(E, D, F, K, gated, dtype, device, R, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
+
+
+@functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
+def _choose(E, D, F, K, gated, dtype, device, R, _cache_env, interpret) -> ExpertsConfig:
     tuned = None
-    if not interpreting():
+    if not interpret:
         tuned = _lookup(str(cache_path()), key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1)))
     return tuned if tuned is not None else default_config(R / max(E, 1), dtype)
 
@@ -124,6 +137,7 @@ def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, devi
 CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+    (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 )  # fmt: skip
 
 
@@ -138,7 +152,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
 
-    gated = activation in ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu")
+    gated = activation in GATED_ACTIVATIONS
     device = torch.device(device)
     w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
     w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5

@@ -97,7 +97,11 @@ def test_routing_weight_inside_experts(where):
     assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
 
 
-def test_weight_at_policy_matches_combine():
-    spec = MoESpec(ExpertsSpec(E, 8, 8), 2)
-    assert weight_at(spec) in ("none", "output")
-    assert weight_at(spec.replace(weight_placement="input")) == "input"
+@pytest.mark.parametrize("placement", ["output", "input"])
+def test_routing_weight_applied_exactly_once(placement):
+    spec = MoESpec(ExpertsSpec(E, 8, 8), 2, weight_placement=placement)
+    dispatched = tuple(torch.zeros(1) for _ in range(7))
+    experts_weight = experts_args(spec, dispatched, *[None] * 6, "triton")[12]
+    combine_weighted = combine_args(spec, None, None, dispatched, "triton")[4]
+    assert (experts_weight != "none") != combine_weighted
+    assert experts_weight == weight_at(spec) and (placement != "input" or experts_weight == "input")

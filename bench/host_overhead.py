@@ -1,0 +1,81 @@
+"""Host time (µs) to enqueue each piece of the moe_fx Triton path, at a decode shape: where eager time goes.
+
+    python bench/host_overhead.py --out DIR
+
+Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
+a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from moe_fx.lowering.triton import combine, dispatch, grouped_gemm, route
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
+
+OPS = torch.ops.moe_fx
+
+
+@triton.jit
+def _noop_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    pass
+
+
+def host_us(fn, n=200) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / n * 1e6
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    E, K, D, F_, T = 128, 8, 2048, 768, 16
+    spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
+    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
+    w13 = torch.randn(E, 2 * F_, D, device="cuda", dtype=torch.bfloat16) / 50
+    w2 = torch.randn(E, D, F_, device="cuda", dtype=torch.bfloat16) / 30
+    w, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
+    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton"))
+    y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton"))
+    r = spec.router
+    rows = {
+        "noop triton launch": lambda: _noop_kernel[(1,)](x, 1, BLOCK=16),
+        "torch.empty": lambda: torch.empty(16, device="cuda"),
+        "op route": lambda: OPS.route(*route_args(r, logits, None, "triton")),
+        "launcher route": lambda: route.route(logits, None, K, "softmax", r.order, True, 1, 1, 2, 1.0),
+        "op dispatch": lambda: OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton")),
+        "launcher dispatch": lambda: dispatch.dispatch(x, ids, w, E),
+        "op experts": lambda: OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton")),
+        "launcher experts": lambda: grouped_gemm.experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none",
+                                                         "silu_gated", "concat", False, False, 1.702, 7.0, x.dtype),
+        "op combine": lambda: OPS.combine(*combine_args(spec, y, w, d, "triton")),
+        "launcher combine": lambda: combine.combine(y, w, d[5], True),
+    }  # fmt: skip
+    result = {name: host_us(fn) for name, fn in rows.items()}
+    for name, us in result.items():
+        print(f"{name:22s} {us:8.1f} µs")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
+    (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "us": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

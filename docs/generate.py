@@ -1,0 +1,247 @@
+"""Regenerate the generated sections of the docs from the code and the tests' own lists.
+
+    python docs/generate.py          # rewrite the sections in place
+    python docs/generate.py --check  # exit 1 and name the stale sections (tests/test_docs.py runs this)
+    python docs/generate.py --images # also redraw docs/img/*.png (needs graphviz `dot` and chromium)
+
+A section sits between `<!-- generated:NAME -->` and `<!-- end generated:NAME -->` in a Markdown
+file; everything else in the file is hand-written. Sources:
+- architecture.md `codemap`: the first paragraph of every moe_fx module's docstring;
+- architecture.md `contract`: the docstring of moe_fx/ops.py (the op contract);
+- user_guide.md `options`: `moe_fx.options.VALID_KEYS`;
+- user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
+- user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
+- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "bench" / "results"
+
+
+def _first_line(obj) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.split("\n\n")[0].replace("\n", " ").strip()
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _module_doc(path: Path) -> str:
+    """A module's docstring, read without importing it (optional dependencies stay optional)."""
+    return ast.get_docstring(ast.parse(path.read_text())) or ""
+
+
+def codemap_section() -> str:
+    rows = []
+    for path in sorted((ROOT / "moe_fx").rglob("*.py")):
+        first = _module_doc(path).split("\n\n")[0].replace("\n", " ").strip()
+        if first:
+            rows.append([f"`{path.relative_to(ROOT).as_posix()}`", first])
+    return _table(["module", "what it holds (its docstring)"], rows)
+
+
+def contract_section() -> str:
+    return "```\n" + _module_doc(ROOT / "moe_fx" / "ops.py") + "\n```"
+
+
+def options_section() -> str:
+    from moe_fx.options import VALID_KEYS
+
+    return _table(["option", "what it takes"], [[f"`{k}`", v] for k, v in VALID_KEYS.items()])
+
+
+def forms_section() -> str:
+    from tests.passes.test_match import FORMS
+
+    rows = [
+        [f"`{name}`", f"`moe_fx.examples.{cls.__name__}`", f"`{form}`", _first_line(cls)]
+        for name, (cls, form) in FORMS.items()
+    ]
+    return _table(["test id", "example module", "form reported", "how the block is written"], rows)
+
+
+def models_section() -> str:
+    from moe_fx.hf_models import ARCHITECTURES
+
+    rows = [
+        [f"`{name}`", f"`{arch.config}` / `{arch.model}`", str(arch.moe_blocks), arch.notes or ""]
+        for name, arch in ARCHITECTURES.items()
+    ]
+    return _table(["`--hf` name", "transformers config / model", "MoE blocks (tiny model)", "notes"], rows)
+
+
+def _date(path: Path, meta: dict) -> str:
+    """When the numbers were measured: meta["date"], a YYYYmmdd stamp in the file name, else the date of
+    the commit that added the file (stable once committed)."""
+    if meta.get("date"):
+        return f"measured {meta['date']}"
+    found = re.search(r"(\d{4})(\d{2})(\d{2})-\d{6}", path.name)
+    if found:
+        return "measured " + "-".join(found.groups())
+    added = subprocess.run(
+        ["git", "log", "--diff-filter=A", "--format=%as", "-1", "--", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return f"committed {added}" if added else "date not recorded"
+
+
+def _us(us: float | None, floor: float) -> str:
+    if us is None:
+        return ""
+    if math.isnan(us):
+        return "fail"
+    return f"{us:.0f}/{us / floor:.2f}"
+
+
+def _layer_results(path: Path) -> dict | None:
+    """A bench/layer.py result ({"meta", "rows"}), or None for the other files in bench/results."""
+    data = json.loads(path.read_text())
+    rows = data.get("rows") if isinstance(data, dict) else None
+    return data if isinstance(rows, list) and rows and "shape" in rows[0] and "meta" in data else None
+
+
+def results_section() -> str:
+    found = [(p, d) for p in sorted(RESULTS.glob("*.json")) if (d := _layer_results(p)) is not None]
+    if not found:
+        return (
+            "_No benchmark results are checked in yet._ Run `python bench/layer.py --out bench/results` on a GPU, "
+            "commit the JSON file it writes, then `python docs/generate.py`."
+        )
+    parts = []
+    for path, data in found:
+        meta, rows = data["meta"], data["rows"]
+        variants = meta["variants"]
+        parts.append(
+            f"### `bench/results/{path.name}`\n\n"
+            f"{meta['device']}, {_date(path, meta)}; torch {meta.get('torch', '?')}, triton {meta.get('triton', '?')}; "
+            f"run with `--tune`: {meta.get('tuned', False)}. µs / ratio to the floor; `fail`: could not run."
+        )
+        table = [
+            [r["shape"], str(r["T"]), *(_us(r["us"].get(v), r["floor_us"]) for v in variants), f"{r['floor_us']:.0f}"]
+            for r in rows
+        ]
+        parts.append(_table(["shape", "T", *variants, "floor"], table))
+        graphed = [r for r in rows if r.get("graph_us")]
+        if graphed:
+            gvars = list(dict.fromkeys(v for r in graphed for v in r["graph_us"]))
+            gtable = [
+                [r["shape"], str(r["T"]), *(_us(r["graph_us"].get(v), r["floor_us"]) for v in gvars)]
+                + [f"{r['floor_us']:.0f}"]
+                for r in graphed
+            ]
+            parts.append("CUDA-graph replays:\n\n" + _table(["shape", "T", *gvars, "floor"], gtable))
+    return "\n\n".join(parts)
+
+
+def images() -> list[Path]:
+    """Redraw docs/img: block 1 of the demo model before/after (graphviz) and the HTML report (chromium)."""
+    import torch
+    import torch.nn as nn
+
+    import moe_fx
+    from moe_fx import examples
+
+    class DemoWithSampler(nn.Module):
+        """The demo model and a top-k sampling head: a near-miss moe_fx must leave alone."""
+
+        def __init__(self):
+            super().__init__()
+            self.body, self.lm_head = examples.TwoFormModel(), nn.Linear(64, 50)
+
+        def forward(self, x):
+            h = self.body(x)
+            probs, ids = self.lm_head(h).softmax(dim=-1).topk(5, dim=-1)
+            return h, probs, ids
+
+    torch.manual_seed(0)
+    report = moe_fx.explain(DemoWithSampler().eval(), torch.randn(2, 8, 64))
+    img = DOCS / "img"
+    written = [report.draw(which, block=1).save(img / f"block_{which}.png") for which in ("before", "after")]
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        print("no chromium: docs/img/report.png not redrawn", file=sys.stderr)
+        return written
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "report.html"
+        page.write_text(f"<html><body style='font-family:sans-serif;margin:12px'>{report._repr_html_()}</body></html>")
+        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--hide-scrollbars"]
+        shot = img / "report.png"
+        cmd = [browser, *flags, f"--screenshot={shot}", "--window-size=1100,270", page.as_uri()]
+        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        written.append(shot)
+    return written
+
+
+SECTIONS = {
+    "architecture.md": {"codemap": codemap_section, "contract": contract_section},
+    "user_guide.md": {"options": options_section, "forms": forms_section, "models": models_section},
+    "performance.md": {"results": results_section},
+}
+
+
+def render(text: str, sections: dict) -> str:
+    """`text` with every generated section replaced by its fresh content."""
+    for name, make in sections.items():
+        begin, end = f"<!-- generated:{name} -->", f"<!-- end generated:{name} -->"
+        if begin not in text or end not in text:
+            raise ValueError(f"moe_fx docs: the markers {begin} ... {end} are missing")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return text
+
+
+def stale() -> list[str]:
+    """The docs whose generated sections differ from what the code and tests say now."""
+    return [name for name, sections in SECTIONS.items() if _read(name) != render(_read(name), sections)]
+
+
+def _read(name: str) -> str:
+    return (DOCS / name).read_text()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="regenerate the generated sections of docs/*.md")
+    parser.add_argument("--check", action="store_true", help="only report stale docs (exit 1 if any)")
+    parser.add_argument("--images", action="store_true", help="also redraw docs/img (needs dot and chromium)")
+    args = parser.parse_args(argv)
+    if args.check:
+        names = stale()
+        for name in names:
+            print(f"docs/{name} is stale: run python docs/generate.py", file=sys.stderr)
+        return 1 if names else 0
+    for name, sections in SECTIONS.items():
+        (DOCS / name).write_text(render(_read(name), sections))
+    for path in images() if args.images else ():
+        print(f"wrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""`ep_alltoall`: exchange per-expert counts, all-to-all-v the rows to their experts' ranks, and back.
+
+Legend: T tokens on this rank, D model dim, E experts, L local experts, K top-k, W ranks,
+S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
+
+    dispatch:  counts_WE = all_gather(bincount(ids_TK))                   every rank sees all loads
+               send rows sorted by (owner rank, slot)  --all_to_all_v-->  N received rows (+ weights)
+               gather_index_R re-sorts the received rows by local expert; offsets_L1 bound the groups
+    experts:   the single-device lowering, on the L local experts' weights
+    combine:   y_RD back to received order --all_to_all_v (splits swapped)--> S rows in send order,
+               then the single-device combine puts them in their (t, k) slots and sums over K
+
+The handle `comm_splits` (int64) is [rows sent to each rank (W) | rows received from each (W) |
+the (t*K + k) slot of each sent row (S)]: all that combine needs for the reverse exchange.
+One host sync per op, for the split sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moe_fx.lowering import reference
+from moe_fx.lowering.distributed import stats
+from moe_fx.lowering.distributed.comm import PRIORITY, group_of, unquantised
+from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
+
+LAYOUT = "ep_alltoall"
+NAME = "ep_all_to_all"  # each layout names its lowerings apart: ops look entries up by name
+
+
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
+                   supports=unquantised)  # fmt: skip
+def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
+    group = group_of(group_name)
+    W, rank = group.size(), group.rank()
+    E, K, D, L = expert_map.shape[1], ids.shape[1], x.shape[1], num_local_experts
+    owner_E, slot_E = expert_map[0], expert_map[1]
+    flat_ids_S = ids.reshape(-1).long()
+    counts_WE = x.new_empty((W * E,), dtype=torch.int64)
+    dist.all_gather_single(counts_WE, torch.bincount(flat_ids_S, minlength=E), group=group)
+    counts_WE = counts_WE.view(W, E)
+    stats.record(group_name, counts_WE, owner_E)
+
+    send_slot_S = torch.sort(owner_E[flat_ids_S] * E + slot_E[flat_ids_S], stable=True).indices
+    local_E = torch.sort(torch.where(owner_E == rank, slot_E, E)).indices[:L]  # global ids, slot order
+    recv_WL = counts_WE[:, local_E]
+    send_W = torch.zeros(W, dtype=torch.int64, device=x.device).index_add_(0, owner_E, counts_WE[rank])
+    recv_W = recv_WL.sum(1)
+    splits = torch.cat([send_W, recv_W]).tolist()  # the one host sync
+    send, recv = splits[:W], splits[W:]
+
+    N = sum(recv)
+    xq_ND = x.new_empty((N, D))
+    dist.all_to_all_single(xq_ND, x[send_slot_S // K], recv, send, group=group)
+    recv_weights_N = weights.new_empty((N,), dtype=torch.float32)
+    dist.all_to_all_single(recv_weights_N, weights.reshape(-1).float()[send_slot_S], recv, send, group=group)
+
+    local_slot_N = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_WL.reshape(-1), output_size=N)
+    gather_index_R = torch.sort(local_slot_N, stable=True).indices
+    expert_offsets_L1 = torch.zeros(L + 1, dtype=torch.int64, device=x.device)
+    torch.cumsum(recv_WL.sum(0), 0, out=expert_offsets_L1[1:])
+    comm_splits = torch.cat([send_W, recv_W, send_slot_S])
+    xscale = x.new_empty((0,), dtype=torch.float32)
+    row_weights_R = recv_weights_N[gather_index_R]
+    return xq_ND, xscale, expert_offsets_L1, gather_index_R, row_weights_R, gather_index_R.clone(), comm_splits
+
+
+@register_lowering("combine", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)
+def combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
+    group = group_of(group_name)
+    W = group.size()
+    splits = comm_splits[: 2 * W].tolist()  # the one host sync
+    send, recv = splits[:W], splits[W:]
+    send_slot_S = comm_splits[2 * W :]
+    y_received = torch.empty_like(y)
+    y_received[row_index] = y  # expert order -> the order the rows arrived in
+    y_SD = y.new_empty((send_slot_S.shape[0], y.shape[1]))
+    dist.all_to_all_single(y_SD, y_received, send, recv, group=group)
+    return reference.combine(y_SD, weights, send_slot_S, comm_splits, weighted, "single", "")

@@ -1,0 +1,98 @@
+"""The docs stay true: generated sections fresh, the architecture page's code runs, the notebook executes."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+NOTEBOOK = DOCS / "examples" / "inspect_moe.ipynb"
+
+
+def _generate():
+    spec = importlib.util.spec_from_file_location("docs_generate", DOCS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_sections_are_fresh():
+    assert _generate().stale() == [], "generated docs are stale: run python docs/generate.py and commit"
+
+
+def test_generated_sections_name_every_tested_model_and_form():
+    from moe_fx.hf_models import ARCHITECTURES
+    from tests.passes.test_match import FORMS
+
+    guide = (DOCS / "user_guide.md").read_text()
+    for name in [*ARCHITECTURES, *FORMS]:
+        assert f"| `{name}` |" in guide, name
+
+
+def test_results_section_renders_bench_json(tmp_path, monkeypatch):
+    generate = _generate()
+    row = {"shape": "mixtral", "T": 16, "floor_us": 500.0, "hit_experts": 8, "err": {}}
+    rows = [
+        {**row, "us": {"hf_gmm": 1000.0, "moe_fx_triton": 600.0}, "graph_us": {"moe_fx_triton": 550.0}},
+        {**row, "T": 1024, "us": {"hf_gmm": 2000.0, "moe_fx_triton": float("nan")}, "graph_us": {}},
+    ]
+    meta = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "tuned": False}
+    meta["variants"] = ["hf_gmm", "moe_fx_triton"]
+    (tmp_path / "layer-20261123-170102.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    (tmp_path / "tuning.json").write_text(json.dumps({"E8-D64": {"up": {"block_m": 64}}}))  # not a layer result
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    text = generate.results_section()
+    assert "NVIDIA H100 80GB HBM3, measured 2026-11-23; torch 2.11.0" in text and "tuning.json" not in text
+    assert "| shape | T | hf_gmm | moe_fx_triton | floor |" in text
+    assert "| mixtral | 16 | 1000/2.00 | 600/1.20 | 500 |" in text
+    assert "| mixtral | 1024 | 2000/4.00 | fail | 500 |" in text
+    assert "CUDA-graph replays:" in text and "| mixtral | 16 | 550/1.10 | 500 |" in text
+
+
+def test_architecture_lowering_example_runs():
+    from moe_fx.lowering.registry import candidates, unregister_lowering
+
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / "architecture.md").read_text(), re.S)
+    assert len(blocks) == 3
+    try:
+        exec(compile("\n".join(blocks), "docs/architecture.md", "exec"), {"__name__": "docs_example"})
+    finally:
+        unregister_lowering("experts", device="cpu", name="gathered_bmm")
+    assert "gathered_bmm" not in [e.name for e in candidates("experts", "cpu", "single")]
+
+
+def test_docs_pictures_exist():
+    for page in DOCS.glob("*.md"):
+        for ref in re.findall(r"\]\((img/[^)]+)\)", page.read_text()):
+            path = DOCS / ref
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{page.name} shows {ref}, not a PNG file"
+
+
+def test_notebook_is_stored_without_outputs():
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_executes_on_cpu():
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+    )
+    client.execute()  # raises CellExecutionError, with the cell's traceback, if any cell fails
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(html) == 2 and "expert_loop" in html[0] and "hf_grouped_mm" in html[1]
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    errors = [float(e) for e in re.findall(r"‖moe_fx − eager‖ / ‖eager‖.* = (\S+)", text)]
+    assert len(errors) == 2 and max(errors) < 1e-5, text
+    assert "Annotation: {'moe_fx': 'experts [" in text
+    pictures = [o for o in outputs if "image/svg+xml" in o.get("data", {})]
+    assert len(pictures) == 2 or "graphviz's `dot` is not installed" in text
