@@ -250,8 +250,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         "PhimoeConfig",
         "PhimoeForCausalLM",
         dict(intermediate_size=48, num_local_experts=8, num_experts_per_tok=2),
-        notes="sparsemixer router (two masked top-1 picks): kept in the graph as an opaque router, the "
-        "rewrite starts at its concatenated weights and ids",
+        notes="sparsemixer router (two masked top-1 picks, concatenated): no recognised router reproduces it, so it "
+        "stays in the graph as an opaque router and the rewrite starts at its concatenated weights and ids",
     ),
     "dbrx": Architecture(
         "DbrxConfig",
@@ -290,7 +290,9 @@ ARCHITECTURES: dict[str, Architecture] = {
             moe_layer_start_index=0,
             moe_layer_end_index=0,
         ),
-        notes="softmax + correction bias for selection, clamped renormalise",
+        notes="softmax, + e_score_correction_bias ([1, E]) for the selection only, unbiased weights, "
+        "renormalised by clamp(sum, 1e-12): recognised as renormalise (a softmax top-k sums to at least K/E, "
+        "so the clamp never acts)",
     ),
     "hunyuan_v1_moe": Architecture(
         "HunYuanMoEV1Config",

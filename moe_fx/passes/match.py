@@ -294,6 +294,10 @@ class BlockFinder:
                 "that combines them (no MoE combine found)",
             )
         needed = self.view.backward([output], blocked=cut)
+        if ids not in needed:  # e.g. a sampler returning its top-k ids beside a sum of the top-k values
+            return Rejection(
+                where, module_path, "the top-k ids do not reach the tensor that combines them (no MoE combine found)"
+            )
         leaks = needed & self.view.forward([logits], blocked=[w, ids]) - {w, ids}
         if leaks:
             names = ", ".join(sorted(n.name for n in leaks)[:3])
