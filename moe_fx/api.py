@@ -33,7 +33,8 @@ def _example_inputs(model, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, kwargs
     dummy = getattr(model, "dummy_inputs", None)
     if isinstance(dummy, dict) and dummy:
-        return (), dict(dummy)
+        device = next(model.parameters()).device  # dummy_inputs are made on the CPU
+        return (), {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dummy.items()}
     raise ValueError(
         f"moe_fx: {type(model).__name__} needs example inputs to be traced: call moe_fx.apply(model, *inputs) "
         "or moe_fx.explain(model, *inputs) (HuggingFace models fall back to model.dummy_inputs)"
