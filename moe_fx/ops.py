@@ -49,8 +49,13 @@ def route(
     group_score_topk: int,
     scale: float,
     impl: str,
+    score_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits_TE [, bias_E] -> (weights_TK float32, ids_TK int32)."""
+    """logits_TE [, bias_E] -> (weights_TK float32, ids_TK int32).
+
+    Math is float32; `score_dtype` bfloat16/float16 rounds the scores to that dtype before top-k, as a
+    router that scores in low precision does (ties then fall the same way: lowest expert index first).
+    """
     return _run(
         "route",
         impl,
@@ -64,11 +69,12 @@ def route(
         topk_group=topk_group,
         group_score_topk=group_score_topk,
         scale=scale,
+        score_dtype=score_dtype,
     )
 
 
 @route.register_fake
-def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl):
+def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl, score_dtype):
     T = logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -255,7 +261,7 @@ def weight_at(spec: MoESpec) -> str:
 def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
     r = router
     return (logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
-            r.scale, impl)  # fmt: skip
+            r.scale, impl, getattr(torch, r.score_dtype))  # fmt: skip
 
 
 def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,

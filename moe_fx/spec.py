@@ -53,9 +53,11 @@ class RouterSpec:
     topk_group: int = 1
     group_score_topk: int = 2
     scale: float = 1.0
+    score_dtype: str = "float32"  # the dtype the original router's scores are rounded to before top-k
 
     def __post_init__(self):
         _check(self.scoring, SCORINGS, "scoring")
+        _check(self.score_dtype, ("float32", "bfloat16", "float16"), "score_dtype")
         _check(self.order, ROUTER_ORDERS, "order")
         if self.k < 1:
             raise ValueError(f"moe_fx: router k ({self.k}) must be >= 1")
@@ -72,6 +74,8 @@ class RouterSpec:
             parts.append("renorm")
         if self.scale != 1.0:
             parts.append(f"x{self.scale:g}")
+        if self.score_dtype != "float32":
+            parts.append(f"{self.score_dtype} scores")
         return "→".join(parts)
 
 

@@ -36,18 +36,26 @@ def _group_mask(select_TE: torch.Tensor, n_group: int, topk_group: int, group_sc
     return keep_TG.repeat_interleave(E // n_group, dim=-1).bool()
 
 
-@register_lowering("route", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
-def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
-    logits_TE = logits.float()
+def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype):
+    """(scores_TE, select_TE) float32: the scores weights are read from, and the values top-k ranks."""
+    logits_TE = logits_TE.float()
     if order == "topk_then_score":
-        values_TK, ids_TK = logits_TE.topk(k, dim=-1)
-        weights_TK = score(values_TK, scoring)
+        return logits_TE, logits_TE
+    scores_TE = score(logits_TE, scoring).to(score_dtype).float()
+    select_TE = scores_TE if bias is None else scores_TE + bias.float()
+    if n_group > 1:
+        keep_TE = _group_mask(select_TE, n_group, topk_group, group_score_topk)
+        select_TE = select_TE.masked_fill(~keep_TE, 0.0)
+    return scores_TE, select_TE
+
+
+@register_lowering("route", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
+def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype):
+    scores_TE, select_TE = selection(logits, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype)
+    if order == "topk_then_score":
+        values_TK, ids_TK = select_TE.topk(k, dim=-1)
+        weights_TK = score(values_TK, scoring).to(score_dtype).float()
     else:
-        scores_TE = score(logits_TE, scoring)
-        select_TE = scores_TE if bias is None else scores_TE + bias.float()
-        if n_group > 1:
-            keep_TE = _group_mask(select_TE, n_group, topk_group, group_score_topk)
-            select_TE = select_TE.masked_fill(~keep_TE, 0.0)
         ids_TK = select_TE.topk(k, dim=-1).indices
         weights_TK = scores_TE.gather(1, ids_TK)
     if renormalize:

@@ -17,12 +17,21 @@ import torch
 import torch.fx as fx
 
 from moe_fx.ops import route_args
-from moe_fx.passes.graph_view import shape_of, target_name
+from moe_fx.passes.graph_view import shape_of, target_name, tensor_meta
 from moe_fx.spec import RouterSpec
 
 
 def _float_constants(node: fx.Node) -> list[float]:
     return [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, float)]
+
+
+def _score_dtype(router_nodes: list[fx.Node], scoring: str) -> str:
+    """The dtype the router's scoring op produces: scores rounded to bf16/fp16 tie where fp32 ones would not."""
+    for n in router_nodes:
+        t = tensor_meta(n)
+        if target_name(n) == scoring and t is not None and t.dtype in (torch.bfloat16, torch.float16):
+            return str(t.dtype).removeprefix("torch.")
+    return "float32"
 
 
 def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts: int, bias_leaves):
@@ -64,6 +73,7 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
             topk_group=topk_group,
             group_score_topk=score_k,
             scale=scale,
+            score_dtype=_score_dtype(router_nodes, scoring),
         )
         yield spec, bias
 

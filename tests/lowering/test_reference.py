@@ -169,3 +169,14 @@ def test_route_topk_then_softmax():
     w, ids = OPS.route(logits, None, 2, "softmax", "topk_then_score", False, 1, 1, 2, 1.0, "reference")
     v, ref_ids = logits.topk(2, dim=-1)
     assert torch.equal(ids.long(), ref_ids) and rel_err(w, v.softmax(-1)) < 1e-6
+
+
+def test_route_rounds_scores_like_a_low_precision_router():
+    """A router that takes softmax in bf16 ranks bf16-rounded scores: rounding them reproduces its picks
+    exactly, where float32 scores break its ties differently."""
+    logits = torch.randn(1000, 8, dtype=torch.bfloat16) * 0.05
+    eager_ids = logits.softmax(-1).topk(2).indices.sort(-1).values
+    args = (logits, None, 2, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference")
+    rounded = OPS.route(*args, torch.bfloat16)[1].long().sort(-1).values
+    fp32 = OPS.route(*args)[1].long().sort(-1).values
+    assert torch.equal(rounded, eager_ids) and not torch.equal(fp32, eager_ids)

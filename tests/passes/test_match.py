@@ -238,3 +238,14 @@ def test_near_misses_are_left_untouched(model, expect):
     else:
         assert any(expect in r.reason for r in report.rejections), str(report)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_low_precision_router_scores_are_rounded_like_the_original():
+    model = ex.GatherEinsumMoE().eval().to(torch.bfloat16)  # softmax in bf16
+    x = torch.randn(9, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        ref = model(x)
+    out = compiled(model, x)
+    assert last_reports()[-1].matches[0].spec.router.score_dtype == "bfloat16"
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert last_reports()[-1].matches[0].spec.router.summary().endswith("bfloat16 scores")

@@ -43,8 +43,11 @@ def supports_experts(spec: MoESpec) -> str | None:
 
 
 @register_lowering("route", device="cuda", name=NAME, priority=PRIORITY, supports=supports_router)
-def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale):
-    return _route.route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale)
+def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale,
+                 score_dtype):  # fmt: skip
+    return _route.route(
+        logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype
+    )
 
 
 @register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)

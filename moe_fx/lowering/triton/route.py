@@ -16,15 +16,29 @@ import triton.language as tl
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
 
+ROUND_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 @triton.jit
-def _score(x, valid, SCORING: tl.constexpr):
-    if SCORING == 1:
-        z = tl.where(valid, tl.exp(x - tl.max(tl.where(valid, x, -float("inf")), axis=0)), 0.0)
-        return z / tl.sum(z, axis=0)
-    elif SCORING == 2:
-        return tl.sigmoid(x)
+def _round(x, ROUND: tl.constexpr):
+    """fp32 scores rounded to the original router's score dtype (ROUND: 0 none, 1 bf16, 2 fp16)."""
+    if ROUND == 1:
+        return x.to(tl.bfloat16).to(tl.float32)
+    elif ROUND == 2:
+        return x.to(tl.float16).to(tl.float32)
     else:
         return x
+
+
+@triton.jit
+def _score(x, valid, SCORING: tl.constexpr, ROUND: tl.constexpr):
+    if SCORING == 1:
+        z = tl.where(valid, tl.exp(x - tl.max(tl.where(valid, x, -float("inf")), axis=0)), 0.0)
+        return _round(z / tl.sum(z, axis=0), ROUND)
+    elif SCORING == 2:
+        return _round(tl.sigmoid(x), ROUND)
+    else:
+        return _round(x, ROUND)
 
 
 @triton.jit
@@ -62,7 +76,7 @@ def _route_kernel(
     # meta-parameters
     K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
-    BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -72,7 +86,7 @@ def _route_kernel(
         source_E = x_E
         select_E = x_E
     else:
-        source_E = _score(x_E, valid, SCORING)
+        source_E = _score(x_E, valid, SCORING, ROUND)
         select_E = source_E
         if HAS_BIAS:
             select_E += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
@@ -91,7 +105,7 @@ def _route_kernel(
         w_K = tl.where(k == i, tl.sum(tl.where(e == best, source_E, 0.0), axis=0), w_K)
         select_E = tl.where(e == best, -float("inf"), select_E)
     if TOPK_FIRST:
-        w_K = _score(w_K, k < K, SCORING)
+        w_K = _score(w_K, k < K, SCORING, ROUND)
     w_K = tl.where(k < K, w_K, 0.0)
     if RENORMALIZE:
         w_K = w_K / (tl.sum(w_K, axis=0) + 1e-20)
@@ -111,6 +125,7 @@ def route(
     topk_group: int,
     group_score_topk: int,
     scale: float,
+    score_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE [, bias_E] -> (weights_TK fp32, ids_TK int32), the `moe_fx::route` contract."""
     T, E = logits.shape
@@ -128,7 +143,8 @@ def route(
         E, E // max(n_group, 1), float(scale),
         logits.stride(0), logits.stride(1),
         K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
+        HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],
+        N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
         BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(max(n_group, 1)),
         num_warps=1 if BLOCK_E <= 128 else 2,
     )  # fmt: skip

@@ -45,3 +45,18 @@ def test_route_rejects_bad_sizes():
         route(logits, None, 7, "softmax", "score_then_topk", False, 1, 1, 2, 1.0)
     with pytest.raises(ValueError, match="divisible by n_group \\(4\\)"):
         route(logits, None, 2, "sigmoid", "score_then_topk", False, 4, 2, 2, 1.0)
+
+
+@pytest.mark.parametrize("score_dtype", [torch.bfloat16, torch.float16])
+def test_scores_rounded_like_a_low_precision_router(score_dtype):
+    """Scores rounded to the router's dtype before top-k: the same values as the reference; where they tie at
+    the k-th place either expert is a valid pick (torch's own choice differs between CPU and CUDA)."""
+    logits = (torch.randn(64, 8) * 0.05).to(score_dtype).to(DEVICE)  # near-uniform scores: many ties
+    w, ids = route(logits, None, 2, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, score_dtype)
+    scores = logits.float().softmax(-1).to(score_dtype).float().cpu()
+    picked = scores.gather(1, ids.long().cpu())
+    kth = scores.topk(2, dim=-1).values
+    ulp = torch.finfo(score_dtype).eps * kth.max()  # the kernel's exp may round across a boundary of torch's
+    torch.testing.assert_close(picked.sort(-1, descending=True).values, kth, rtol=0, atol=ulp)  # the k best
+    torch.testing.assert_close(w.cpu(), picked, rtol=0, atol=ulp)
+    assert (w.cpu() == w.cpu().to(score_dtype).float()).all()  # weights are the rounded scores
