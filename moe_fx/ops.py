@@ -74,7 +74,8 @@ def route(
 
 
 @route.register_fake
-def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl, score_dtype):
+def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl,
+      score_dtype=torch.float32):  # fmt: skip
     T = logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
 
