@@ -17,6 +17,15 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+@pytest.fixture
+def poison_outputs():
+    """torch.empty returns NaN-filled memory, so an output row a lowering forgets to write shows."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     from torch._dynamo.utils import counters

@@ -15,12 +15,7 @@ OPS = torch.ops.moe_fx
 MODES = ("fp8", "fp8_block", "int8", "int4_weight")
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def test_int4_pack_round_trips_every_value():

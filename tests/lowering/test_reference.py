@@ -24,12 +24,7 @@ ACT = {
 PLAIN = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
 
 
-@pytest.fixture(autouse=True)
-def poison():
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def oracle_mlp(x_D, e, act, w1, w3, w2, b1, b3, b2):
