@@ -17,22 +17,11 @@ from moe_fx.lowering import registry
 OPS = ("route", "quantize_dispatch", "experts", "combine")
 
 
-class TanhExpert(nn.Module):
-    """No moe_fx activation is tanh: a block of these is a near-miss."""
-
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 class MatchAndNearMiss(nn.Module):
     def __init__(self):
         super().__init__()
         self.moe = ex.LoopMoE(num_experts=4)
-        self.tanh_moe = ex.LoopMoE(num_experts=4, expert=TanhExpert)
+        self.tanh_moe = ex.LoopMoE(num_experts=4, expert=ex.TanhExpert)
 
     def forward(self, x):
         x = x + self.moe(x)

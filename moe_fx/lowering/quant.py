@@ -101,7 +101,7 @@ def dequantize_weight(wq: torch.Tensor, scale: torch.Tensor, mode: str, D: int) 
     if mode in ("fp8", "int8"):
         return wq.double() * scale.double()[..., None]
     if mode == "fp8_block":
-        E, H, _ = wq.shape
+        H = wq.shape[1]
         wb = _blocks(_blocks(wq.double(), 2), 1)
         return (wb * scale.double()[:, :, None, :, None]).flatten(3, 4).flatten(1, 2)[:, :H, :D]
     q = unpack_int4(wq, D).double()

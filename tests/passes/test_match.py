@@ -205,15 +205,6 @@ class UnequalExpertsMoE(ex.LoopMoE):
         self.experts[1] = ex.SwiGLU(32, 40)
 
 
-class TanhExpert(nn.Module):
-    def __init__(self, dim, ffn):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, ffn), nn.Linear(ffn, dim)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
 @pytest.mark.parametrize(
     "model, expect",
     [
@@ -221,7 +212,7 @@ class TanhExpert(nn.Module):
         (Sampler(), "no MoE combine found"),
         (WeightAsBiasMoE(), "no experts spec reproduces the block"),
         (UnequalExpertsMoE(), "not per-expert"),
-        (ex.LoopMoE(expert=TanhExpert), "no experts spec reproduces the block"),
+        (ex.LoopMoE(expert=ex.TanhExpert), "no experts spec reproduces the block"),
     ],
     ids=["dense_mlp", "sampling_topk", "weight_used_as_bias", "unequal_experts", "tanh_expert"],
 )
