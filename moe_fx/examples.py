@@ -232,6 +232,54 @@ class TwoFormModel(nn.Module):
         return x + self.moe2(self.norm2(x))
 
 
+class QuantisedCheckpointMoE(nn.Module):
+    """A checkpoint that holds its experts quantised (DeepSeek-V3 style): w13 [E, 2F, D] and w2 [E, D, F] in
+    e4m3 (or int8) with float32 `*_scale_inv` per `block`×`block` tile (or per output channel, block=None),
+    dequantised in forward by expanding the scales, then the gather-matmul form in `dtype`."""
+
+    def __init__(self, dim=160, ffn=96, num_experts=4, k=2, qdtype=torch.float8_e4m3fn, block=128, dtype=torch.float32):
+        super().__init__()
+        self.k, self.block, self.dtype = k, block, dtype
+        self.gate = nn.Linear(dim, num_experts, bias=False, dtype=dtype)
+        for name, shape in (("w13", (num_experts, 2 * ffn, dim)), ("w2", (num_experts, dim, ffn))):
+            q, scale_inv = self.quantise(torch.randn(shape) / shape[2] ** 0.5, qdtype)
+            self.register_parameter(f"{name}_q", nn.Parameter(q, requires_grad=False))
+            self.register_parameter(f"{name}_scale_inv", nn.Parameter(scale_inv, requires_grad=False))
+
+    def quantise(self, w_EHD, qdtype):
+        qmax = torch.finfo(qdtype).max if qdtype.is_floating_point else torch.iinfo(qdtype).max
+        amax = w_EHD.abs().amax(-1) if self.block is None else self.tiles(w_EHD.abs(), torch.amax)
+        scale_inv = amax / qmax
+        q = w_EHD / self.expand(scale_inv, w_EHD.shape)
+        q = q.to(qdtype) if qdtype.is_floating_point else q.round().clamp(-qmax, qmax).to(qdtype)
+        return q, scale_inv
+
+    def tiles(self, w_EHD, reduce):
+        H, D = w_EHD.shape[1:]
+        b = self.block
+        padded = F.pad(w_EHD, (0, -D % b, 0, -H % b))
+        return reduce(padded.unflatten(2, (-1, b)).unflatten(1, (-1, b)), dim=(2, 4))  # [E, H/b, D/b]
+
+    def expand(self, scale_inv, shape):
+        if self.block is None:
+            return scale_inv[..., None]  # [E, H] per output channel
+        H, D = shape[1:]
+        return scale_inv.repeat_interleave(self.block, 1)[:, :H].repeat_interleave(self.block, 2)[:, :, :D]
+
+    def dequantise(self, q, scale_inv):
+        return (q.to(torch.float32) * self.expand(scale_inv, q.shape)).to(self.dtype)
+
+    def forward(self, x):
+        x_TD = x.reshape(-1, x.shape[-1])
+        w13_EHD = self.dequantise(self.w13_q, self.w13_scale_inv)
+        w2_EDF = self.dequantise(self.w2_q, self.w2_scale_inv)
+        weights_TK, ids_TK = softmax_topk(self.gate(x_TD), self.k)
+        h_TKH = (w13_EHD[ids_TK] @ x_TD[:, None, :, None]).squeeze(-1)
+        gate_TKF, up_TKF = h_TKH.chunk(2, dim=-1)
+        y_TKD = (w2_EDF[ids_TK] @ (F.silu(gate_TKF) * up_TKF).unsqueeze(-1)).squeeze(-1)
+        return (y_TKD * weights_TK.to(x.dtype).unsqueeze(-1)).sum(dim=1).reshape(x.shape)
+
+
 # ---------------------------------------------------------------- any naive block, from parameters
 ROUTERS = ("softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_bias_scaled")
 FORMS = ("loop_where", "loop_nonzero", "gather_einsum", "dense", "masked_sum")

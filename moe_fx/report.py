@@ -39,7 +39,9 @@ class BlockReport:
 
     `before` / `after`: standalone copies of the block's subgraph (see `moe_fx.draw.snapshot`).
     `weight_bytes`: the stacked (or quantised) expert weights the lowerings read; `unquantised_bytes`: what
-    they took before quantisation (0 when the block is not quantised).
+    they took before quantisation (0 when the block is not quantised, or its weights came quantised);
+    `weights_note`: for weights the model holds quantised, whether they were taken as they are (mode, the
+    quantised tensors and their scales) or why not (`passes/prequant.py`).
     """
 
     module_path: str
@@ -52,6 +54,7 @@ class BlockReport:
     before: fx.Graph | None = field(default=None, repr=False)
     after: fx.Graph | None = field(default=None, repr=False)
     unquantised_bytes: int = 0
+    weights_note: str = ""  # pre-quantised weights: taken as they are (mode, scales) or why not
 
     @property
     def lowering_summary(self) -> str:
@@ -145,6 +148,9 @@ class Report:
             for blocks, ops, name, reason, rejected in self.lowering_lines():
                 refused = f"; refused {rejected}" if rejected else ""
                 lines.append(f"    {blocks}: {ops} = {name} ({reason}){refused}")
+            for i, m in enumerate(self.matches):
+                if m.weights_note:
+                    lines.append(f"  weights {i}: {m.weights_note} ({format_bytes(m.weight_bytes)} read)")
         for r in self.rejections:
             lines.append(f"  rejected {r.module_path or '<root>'} at {r.where or '-'}: {r.reason}")
         for reason, n in self.break_counts().items():

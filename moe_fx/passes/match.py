@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from moe_fx.passes import experts as experts_id
+from moe_fx.passes import prequant
 from moe_fx.passes import router as router_id
 from moe_fx.passes.graph_view import (
     LINEAR_TARGETS,
@@ -79,6 +80,7 @@ class MoEMatch:
     binding: experts_id.ExpertsBinding
     errors: dict[str, float]
     selections: dict = field(default_factory=dict)
+    weights_note: str = ""  # how pre-quantised expert weights are used (passes/prequant.py), for the report
 
     @property
     def router_recognized(self) -> bool:
@@ -329,10 +331,18 @@ class BlockFinder:
         x_real, logits_real, w_real, ids_real = self.real_values([x, logits, w, ids])
         if x_real.numel() == 0:
             return Rejection(where, module_path, "the example batch is empty, so the block cannot be verified")
-        region_fn, leaves = extract(self.view, self.gm, cut, [output])
+        # weights the model dequantises from 1-byte parameters: the region starts at the dequantised tensors
+        dequantised, why = prequant.frontier(self, region)
+        if why is not None:
+            log.debug("moe_fx: %s: %s", module_path, why)
+        region_fn, leaves = extract(self.view, self.gm, cut + dequantised, [output])
+        dequantised_vals = self.real_values(dequantised) if dequantised else []
         leaf_vals = self.leaf_values(leaves)
         weight_leaves = [(n, v) for n, v in zip(leaves, leaf_vals) if n in self.weights and isinstance(v, torch.Tensor)]
         families, leftovers = group_families(weight_leaves, num_experts)
+        more, odd = prequant.families(self, dequantised, dequantised_vals, num_experts)
+        families, leftovers = families + more, leftovers + odd
+        leaf_vals = [*dequantised_vals, *leaf_vals]  # the region's extra inputs, in its signature's order
         if leftovers:
             return Rejection(where, module_path, f"weights {leftovers[:3]} are not per-expert (E={num_experts})")
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
@@ -458,7 +468,10 @@ class BlockFinder:
             return "hf_grouped_mm"
         if names & {"where", "nonzero", "index_add_", "index_add", "setitem", "argwhere"}:
             return "expert_loop"
-        gathers_weights = any(target_name(n) == "getitem" and n.args[0] in self.weights for n in region)
+        gathers_weights = any(  # a weight, or a weight dequantised in the graph (passes/prequant.py)
+            target_name(n) == "getitem" and (n.args[0] in self.weights or n.args[0] not in self.depends_on_data)
+            for n in region
+        )
         if "bmm" in names and not names & {"einsum"} and gathers_weights:
             return "batched_mm"
         if gathers_weights:

@@ -16,6 +16,7 @@ from torch._dynamo.utils import counters
 from moe_fx.draw import snapshot
 from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
+from moe_fx.passes import prequant
 from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
 from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
@@ -58,7 +59,8 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
             **lowerings,
         }
     block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
-    if match.spec.quant.mode != "none":
+    block.weights_note = match.weights_note
+    if match.spec.quant.mode != "none" and prequant.prequantised(match.binding) is None:
         b = match.binding
         block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
     return block
@@ -137,11 +139,9 @@ def rewrite_graph(
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
-        match.spec = match.spec.replace(
-            quant=QuantSpec(options.quant, options.keep_original_weights), layout=options.layout
-        )
-        reason = None
-        if _needs_autograd(match):
+        mode, reason, match.weights_note = prequant.quant_mode(match.binding, options.quant)
+        match.spec = match.spec.replace(quant=QuantSpec(mode, options.keep_original_weights), layout=options.layout)
+        if reason is None and _needs_autograd(match):
             reason = (
                 "grad mode is on and the block's inputs or weights require grad, but moe_fx lowerings have no "
                 "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"

@@ -28,6 +28,7 @@ from moe_fx.lowering.distributed.placement import Shard, shard_weights
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
+from moe_fx.passes.prequant import prequantised
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, quantised_experts
 from moe_fx.passes.weights import Family, remember_stack
 from moe_fx.report import annotation
@@ -143,8 +144,9 @@ def _bind_shards(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, 
 def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind: Rebind):
     """get_attr nodes (w13, w3, w2, w13_scale, w2_scale) and the spec the graph's experts op runs with.
 
-    Unquantised: the stacked weights, in the layout the model stores them. Quantised: the weights quantised
-    once (cached across recompiles, see `quantised_experts`), in the canonical [E, H, D] layout.
+    Unquantised: the stacked weights, in the layout the model stores them. Quantised: the model's own
+    quantised parameters and scales when it holds them so (`passes/prequant.py`), else the weights quantised
+    once (cached across recompiles, see `quantised_experts`); both in the canonical [E, H, D] layout.
     """
     spec, b, prefix = match.spec, match.binding, f"moe_fx_block{index}"
     es = spec.experts
@@ -156,14 +158,19 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
             w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
         w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)
         return spec, w13, w3, w2, None, None
+    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
+    canonical = dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
+    taken = prequantised(b)
+    if taken is not None:  # the model's own quantised parameters and scales: no copy, nothing to refresh
+        (pq13, pq2), nodes = taken, (taken[0].q_node, taken[0].scale_node, taken[1].q_node, taken[1].scale_node)
+        assert pq13.mode == pq2.mode == spec.quant.mode, "passes.prequant.quant_mode chose the mode"
+        return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
     q = quantised_experts(b, spec.quant.mode)
     gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
     if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
         rebind += [(t, t.new_empty(0)) for t in q.sources]
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
     nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
-    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
-    canonical = dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
     return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
 
 

@@ -36,6 +36,7 @@ from moe_fx.lowering.reference import selection
 from moe_fx.passes.experts import rel_err
 from moe_fx.passes.graph_view import same_shape, shape_of, tensor_meta
 from moe_fx.passes.match import TOLERANCE, BlockFinder, MoEMatch
+from moe_fx.passes.prequant import PreQuantised
 from moe_fx.passes.rewrite import rewrite
 from moe_fx.passes.subgraph import extract
 
@@ -46,7 +47,12 @@ def _map_match(match: MoEMatch, env: dict[fx.Node, fx.Node]) -> MoEMatch:
     """`match` with every node replaced by its copy in the cut-out block."""
 
     def family(f):
-        return None if f is None else dataclasses.replace(f, nodes=[env[n] for n in f.nodes])
+        if f is None:
+            return None
+        pq = f.prequant
+        if isinstance(pq, PreQuantised):  # the quantised parameters the rewrite will read
+            pq = dataclasses.replace(pq, q_node=env[pq.q_node], scale_node=env[pq.scale_node])
+        return dataclasses.replace(f, nodes=[env[n] for n in f.nodes], prequant=pq)
 
     b = match.binding
     binding = dataclasses.replace(

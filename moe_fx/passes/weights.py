@@ -49,6 +49,7 @@ class Family:
     nodes: list[fx.Node]
     tensors: list[torch.Tensor]
     stacked: bool
+    prequant: object = None  # dequantised from 1-byte weights: a passes.prequant.PreQuantised, or why it is not one
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -3,7 +3,8 @@
 Legend: T tokens on this rank, G tokens of all ranks (sum of T), D model dim, E experts,
 L local experts, K top-k, W ranks, R rows of the gathered tokens routed to the local experts.
 
-    dispatch:  T_W = all_gather(T); x_GD, (ids | weights)_GK = all_gather(padded to max T)
+    dispatch:  T_W = all_gather(T); xq_TD, xscale_T* = quantize_rows(x_TD) under fp8 / fp8_block / int8
+               xq_GD, (ids | weights | scales)_G* = all_gather(padded to max T)   (1-byte rows under quant)
                the R (token, slot) rows of local experts, sorted by local expert: gather_index_R
     experts:   the single-device lowering, on the L local experts' weights
     combine:   partial_GD = sum over this rank's rows of weight * y (float32)
@@ -19,15 +20,22 @@ from __future__ import annotations
 import torch
 
 from moe_fx.lowering.distributed import stats
-from moe_fx.lowering.distributed.comm import PRIORITY, all_gather_rows, group_of, reduce_scatter_rows, unquantised
+from moe_fx.lowering.distributed.comm import (
+    PRIORITY,
+    all_gather_rows,
+    group_of,
+    quantize_for_wire,
+    reduce_scatter_rows,
+    scale_shape,
+    wire,
+)
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
 
 LAYOUT = "ep_allgather"
 NAME = "ep_all_gather"
 
 
-@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
-                   supports=unquantised)  # fmt: skip
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)
 def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     group = group_of(group_name)
     W, rank = group.size(), group.rank()
@@ -36,10 +44,13 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
     sizes_W = x.new_empty((W,), dtype=torch.int64)
     torch.distributed.all_gather_single(sizes_W, torch.tensor([T], device=x.device), group=group)
     sizes = sizes_W.tolist()  # host sync for the padding
-    x_GD = all_gather_rows(x, sizes, group)
-    routing_TK2 = torch.cat([ids.to(torch.int32), weights.float().view(torch.int32)], dim=1)  # one exchange
-    routing_GK2 = all_gather_rows(routing_TK2, sizes, group)
-    ids_GK, weights_GK = routing_GK2[:, :K].long(), routing_GK2[:, K:].view(torch.float32)
+    xq_TD, xscale_TB = quantize_for_wire(x, quant)  # quantised before any communication
+    xq_GD = all_gather_rows(wire(xq_TD), sizes, group).view(xq_TD.dtype)
+    routing = [ids.to(torch.int32), weights.float().view(torch.int32)]
+    routing_TM = torch.cat(routing if xscale_TB is None else [*routing, xscale_TB.view(torch.int32)], dim=1)
+    routing_GM = all_gather_rows(routing_TM, sizes, group)  # ids, weights and scales: one exchange
+    ids_GK, weights_GK = routing_GM[:, :K].long(), routing_GM[:, K : 2 * K].view(torch.float32)
+    xscale = scale_shape(None if xscale_TB is None else routing_GM[:, 2 * K :].view(torch.float32), quant, x.device)
 
     flat_ids = ids_GK.reshape(-1)
     counts_WE = torch.stack([torch.bincount(part, minlength=E) for part in flat_ids.split([n * K for n in sizes])])
@@ -52,8 +63,7 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
     row_index_R = order[: flat_ids.shape[0] - int(counts_L1[L])]  # rows of local experts (a second sync)
     row_weights_R = weights_GK.reshape(-1)[row_index_R]
     comm_splits = torch.cat([sizes_W, row_weights_R.view(torch.int32).long()])
-    xscale = x.new_empty((0,), dtype=torch.float32)
-    return x_GD, xscale, expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, comm_splits
+    return xq_GD, xscale, expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, comm_splits
 
 
 @register_lowering("combine", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)

@@ -4,7 +4,9 @@ Legend: T tokens on this rank, D model dim, E experts, L local experts, K top-k,
 S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
 
     dispatch:  counts_WE = all_gather(bincount(ids_TK))                   every rank sees all loads
-               send rows sorted by (owner rank, slot)  --all_to_all_v-->  N received rows (+ weights)
+               xq_TD, xscale_T* = quantize_rows(x_TD)       (fp8 / fp8_block / int8: before any exchange)
+               send rows sorted by (owner rank, slot)  --all_to_all_v-->  N received rows (1-byte under
+               quant), then their routing weights and scales (float32) in a second all_to_all_v
                gather_index_R re-sorts the received rows by local expert; offsets_L1 bound the groups
     experts:   the single-device lowering, on the L local experts' weights
     combine:   y_RD back to received order --all_to_all_v (splits swapped)--> S rows in send order,
@@ -12,7 +14,8 @@ S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
 
 The handle `comm_splits` (int64) is [rows sent to each rank (W) | rows received from each (W) |
 the (t*K + k) slot of each sent row (S)]: all that combine needs for the reverse exchange.
-One host sync per op, for the split sizes.
+One host sync per op, for the split sizes. Quantised rows are quantised per token exactly as on one
+device (`quant.quantize_rows`), so the local experts compute what the single-device block computes.
 """
 
 from __future__ import annotations
@@ -22,15 +25,14 @@ import torch.distributed as dist
 
 from moe_fx.lowering import reference
 from moe_fx.lowering.distributed import stats
-from moe_fx.lowering.distributed.comm import PRIORITY, group_of, unquantised
+from moe_fx.lowering.distributed.comm import PRIORITY, group_of, quantize_for_wire, scale_shape, wire
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
 
 LAYOUT = "ep_alltoall"
 NAME = "ep_all_to_all"  # each layout names its lowerings apart: ops look entries up by name
 
 
-@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
-                   supports=unquantised)  # fmt: skip
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)
 def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     group = group_of(group_name)
     W, rank = group.size(), group.rank()
@@ -51,17 +53,22 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
     send, recv = splits[:W], splits[W:]
 
     N = sum(recv)
-    xq_ND = x.new_empty((N, D))
-    dist.all_to_all_single(xq_ND, x[send_slot_S // K], recv, send, group=group)
-    recv_weights_N = weights.new_empty((N,), dtype=torch.float32)
-    dist.all_to_all_single(recv_weights_N, weights.reshape(-1).float()[send_slot_S], recv, send, group=group)
+    xq_TD, xscale_TB = quantize_for_wire(x, quant)  # quantised before any communication
+    xq_ND = xq_TD.new_empty((N, D))
+    dist.all_to_all_single(wire(xq_ND), wire(xq_TD[send_slot_S // K]), recv, send, group=group)
+    meta_S1 = weights.reshape(-1).float()[send_slot_S, None]  # the routing weight, then the scales
+    if xscale_TB is not None:
+        meta_S1 = torch.cat([meta_S1, xscale_TB[send_slot_S // K]], 1)
+    meta_N1 = meta_S1.new_empty((N, meta_S1.shape[1]))
+    dist.all_to_all_single(meta_N1, meta_S1, recv, send, group=group)
+    recv_weights_N = meta_N1[:, 0]
 
     local_slot_N = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_WL.reshape(-1), output_size=N)
     gather_index_R = torch.sort(local_slot_N, stable=True).indices
     expert_offsets_L1 = torch.zeros(L + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(recv_WL.sum(0), 0, out=expert_offsets_L1[1:])
     comm_splits = torch.cat([send_W, recv_W, send_slot_S])
-    xscale = x.new_empty((0,), dtype=torch.float32)
+    xscale = scale_shape(None if xscale_TB is None else meta_N1[:, 1:], quant, x.device)
     row_weights_R = recv_weights_N[gather_index_R]
     return xq_ND, xscale, expert_offsets_L1, gather_index_R, row_weights_R, gather_index_R.clone(), comm_splits
 

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
+from moe_fx.lowering import quant as quant_fmt
 from moe_fx.spec import MoESpec
 
 PRIORITY = 0
@@ -29,6 +30,28 @@ def unquantised(spec: MoESpec) -> str | None:
     if spec.quant.mode != "none":
         return f"quant={spec.quant.mode!r} is not implemented for layout {spec.layout!r} yet"
     return None
+
+
+def wire(t: torch.Tensor) -> torch.Tensor:
+    """`t` as the collectives can move it: 1-byte dtypes (e4m3, int8) as a uint8 view (gloo has no float8)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
+def quantize_for_wire(x_TD: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rows as they travel: (xq_TD, xscale_TB float32 [T, B], B = 1 or ceil(D/128)) for activation-quantised
+    modes, quantised per token before any communication; (x_TD, None) otherwise (int4_weight, none)."""
+    if quant not in quant_fmt.ACTIVATION_QUANTISED:
+        return x_TD, None
+    xq_TD, xscale = quant_fmt.quantize_rows(x_TD, quant)
+    return xq_TD, xscale.reshape(x_TD.shape[0], -1)
+
+
+def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device) -> torch.Tensor:
+    """Received scales in the shape `quantize_dispatch` returns: [N] per token, [N, B] fp8_block, else empty."""
+    if xscale_NB is None:
+        return torch.empty((0,), dtype=torch.float32, device=device)
+    return xscale_NB.contiguous() if quant == "fp8_block" else xscale_NB[:, 0].contiguous()
+
 
 
 def all_gather_rows(x_ND: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
