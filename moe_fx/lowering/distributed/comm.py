@@ -53,7 +53,6 @@ def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device
     return xscale_NB.contiguous() if quant == "fp8_block" else xscale_NB[:, 0].contiguous()
 
 
-
 def all_gather_rows(x_ND: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:
     """Concatenate every rank's `x_ND` (rank w holds sizes[w] rows): padded all-gather, then unpad."""
     W, n_max = len(sizes), max(sizes)
