@@ -3,7 +3,7 @@ plain all-to-all of the same bytes, and the whole layer, per layout, shape and t
 
 Legend: T tokens per rank, D model dim, F expert ffn dim, E experts, K top-k, W ranks.
 
-    torchrun --nproc-per-node 2 bench/ep.py [--json ep.json]          # NCCL, bf16, the real shapes
+    torchrun --nproc-per-node 2 bench/ep.py [--json ep.json] [--quant none,fp8]   # NCCL, bf16, real shapes
     python bench/ep.py --cpu-smoke                                    # gloo, 2 spawned CPU ranks, tiny
                                                                       # shapes: exercises the logic only
 
@@ -11,7 +11,8 @@ Each layer: random router logits -> route -> quantize_dispatch -> experts -> com
 moe_fx ops and the lowerings the registry picks for the device. Times are medians over repetitions,
 each started after a barrier; a row reports the slowest rank. "bytes" is what this rank sends to
 other ranks in dispatch + combine (its own chunk excluded), from the real split sizes; "vs a2a" is
-dispatch+combine time over the time of one plain all_to_all_single moving the same bytes.
+dispatch+combine time over the time of one plain all_to_all_single moving the same bytes. Under
+--quant fp8 / fp8_block / int8 the expert-parallel rows travel as 1-byte values plus float32 scales.
 Target (issue 6): dispatch+combine within 1.2x of the plain all-to-all.
 """
 
@@ -33,8 +34,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from moe_fx.lowering import registry  # noqa: E402
 from moe_fx.lowering.distributed import plan_shard  # noqa: E402
 from moe_fx.lowering.distributed.placement import shard_weights  # noqa: E402
+from moe_fx.lowering.quant import ACTIVATION_QUANTISED, BLOCK, quantize_weight  # noqa: E402
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args  # noqa: E402
-from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec  # noqa: E402
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec  # noqa: E402
 
 OPS = torch.ops.moe_fx
 LAYOUTS = ("ep_alltoall", "ep_allgather", "tp")
@@ -55,31 +57,45 @@ SHAPES = {
 TOKENS = (1, 128, 4096)
 SMOKE_SHAPES = {"tiny": Shape(E=8, K=2, D=32, F=16)}
 SMOKE_TOKENS = (1, 5)
+SMOKE_QUANTS = ("none", "fp8_block")
 
 
-def wire_bytes(layout: str, handle: list[int], W: int, rank: int, T: int, s: Shape, elt: int) -> int:
-    """Bytes this rank sends to other ranks in dispatch + combine, from the dispatch handle's sizes."""
+def row_bytes(s: Shape, elt: int, quant: str) -> int:
+    """Bytes of one dispatched row: D values (1 byte each under fp8 / fp8_block / int8, else `elt`) and its
+    float32 scales (one per token, or one per 128-group under fp8_block)."""
+    if quant not in ACTIVATION_QUANTISED:
+        return s.D * elt
+    return s.D + 4 * (-(-s.D // BLOCK) if quant == "fp8_block" else 1)
+
+
+def wire_bytes(layout: str, handle: list[int], W: int, rank: int, T: int, s: Shape, elt: int,
+               quant: str = "none") -> int:  # fmt: skip
+    """Bytes this rank sends to other ranks in dispatch + combine, from the dispatch handle's sizes.
+    Rows travel quantised under an activation-quantised `quant` (see `row_bytes`); results come back in `elt`."""
+    row = row_bytes(s, elt, quant)
     if layout == "ep_alltoall":  # counts all-gather; rows (+ fp32 weight) out; rows back
         send, recv = handle[:W], handle[W : 2 * W]
         out_rows = sum(n for r, n in enumerate(send) if r != rank)
         back_rows = sum(n for r, n in enumerate(recv) if r != rank)
-        return (W - 1) * s.E * 8 + out_rows * (s.D * elt + 4) + back_rows * s.D * elt
+        return (W - 1) * s.E * 8 + out_rows * (row + 4) + back_rows * s.D * elt
     if layout == "ep_allgather":  # sizes; padded tokens + routing all-gather; fp32 reduce-scatter (ring)
         t_max = max(handle[:W])
-        return (W - 1) * (8 + t_max * (s.D * elt + 2 * s.K * 4) + t_max * s.D * 4)
+        return (W - 1) * (8 + t_max * (row + 2 * s.K * 4) + t_max * s.D * 4)
     return 2 * (W - 1) * T * s.D * 4 // W  # tp: fp32 ring all-reduce
 
 
 class Layer:
     """One MoE layer of `shape` under `layout`: this rank's weight shard and the lowerings chosen."""
 
-    def __init__(self, shape: Shape, layout: str, group, device: torch.device, dtype: torch.dtype):
+    def __init__(self, shape: Shape, layout: str, group, device: torch.device, dtype: torch.dtype,
+                 quant: str = "none"):  # fmt: skip
         s = shape
-        self.shape, self.layout, self.dtype = s, layout, dtype
+        self.shape, self.layout, self.dtype, self.quant = s, layout, dtype, quant
         self.spec = MoESpec(
             ExpertsSpec(s.E, s.D, s.F, dtype=str(dtype).removeprefix("torch.")),
             s.K,
             RouterSpec(s.K, renormalize=True),
+            QuantSpec(quant),
             layout=layout,
         )
         self.shard = plan_shard(self.spec, group, None, device.type)
@@ -88,8 +104,12 @@ class Layer:
             "w13": torch.randn(s.E, 2 * s.F, s.D, device=device, dtype=dtype) / s.D**0.5,
             "w2": torch.randn(s.E, s.D, s.F, device=device, dtype=dtype) / s.F**0.5,
         }
-        local = shard_weights(self.shard, self.spec, full)
+        local = shard_weights(self.shard, self.spec.replace(quant=QuantSpec()), full)
         self.w13, self.w2 = local["w13"].contiguous(), local["w2"].contiguous()
+        self.w13_scale = self.w2_scale = None
+        if quant != "none":  # expert parallel only (tp refuses quant): the local experts, quantised
+            self.w13, self.w13_scale = quantize_weight(self.w13, quant)
+            self.w2, self.w2_scale = quantize_weight(self.w2, quant)
         del full
         self.expert_map = self.shard.expert_map(device)
         self.num_local = self.shard.num_local_experts(s.E)
@@ -105,7 +125,9 @@ class Layer:
 
     def experts(self, dispatched):
         impl = self.impl["experts"]
-        return OPS.experts(*experts_args(self.spec, dispatched, self.w13, None, self.w2, None, None, self.dtype, impl))
+        args = experts_args(self.spec, dispatched, self.w13, None, self.w2, None, None, self.dtype, impl,
+                            self.w13_scale, self.w2_scale)  # fmt: skip
+        return OPS.experts(*args)
 
     def combine(self, y, weights_TK, dispatched):
         return OPS.combine(*combine_args(self.spec, y, weights_TK, dispatched, self.impl["combine"],
@@ -156,7 +178,7 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
 
     layer_s, _ = timed(whole, device, group, reps)
     elt = torch.empty((), dtype=layer.dtype).element_size()
-    nbytes = wire_bytes(layer.layout, dispatched[6][: 2 * W].tolist(), W, rank, T, s, elt)
+    nbytes = wire_bytes(layer.layout, dispatched[6][: 2 * W].tolist(), W, rank, T, s, elt, layer.quant)
     nbytes_t = torch.tensor([nbytes], dtype=torch.float64, device=device)
     dist.all_reduce(nbytes_t, op=dist.ReduceOp.MAX, group=group)
     nbytes = int(nbytes_t.item())
@@ -164,6 +186,7 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
     comm_s = dispatch_s + combine_s
     return {
         "layout": layer.layout,
+        "quant": layer.quant,
         "T": T,
         "dispatch_us": dispatch_s * 1e6,
         "combine_us": combine_s * 1e6,
@@ -179,28 +202,33 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
 
 
 def table(rows: list[dict]) -> str:
-    head = ["shape", "layout", "T", "disp+comb µs", "bytes", "GB/s", "a2a µs", "a2a GB/s", "vs a2a", "layer µs"]
+    head = ["shape", "layout", "quant", "T", "disp+comb µs", "bytes", "GB/s", "a2a µs", "a2a GB/s", "vs a2a",
+            "layer µs"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         us = [f"{r[k]:.0f}" for k in ("dispatch_combine_us", "plain_a2a_us", "layer_us")]
         rates = [f"{r[k]:.2f}" for k in ("GBps", "plain_a2a_GBps", "vs_a2a")]
-        cells = [r["shape"], r["layout"], r["T"], us[0], r["bytes"], rates[0], us[1], rates[1], rates[2], us[2]]
+        cells = [r["shape"], r["layout"], r.get("quant", "none"), r["T"], us[0], r["bytes"], rates[0], us[1], rates[1],
+                 rates[2], us[2]]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
-def run(shapes: dict[str, Shape], tokens, device: torch.device, dtype: torch.dtype, reps: int) -> list[dict]:
+def run(shapes: dict[str, Shape], tokens, device: torch.device, dtype: torch.dtype, reps: int,
+        quants: tuple[str, ...] = ("none",)) -> list[dict]:  # fmt: skip
+    """Rows per shape, layout, quant mode (expert-parallel layouts only; tp refuses quant) and T."""
     group = dist.group.WORLD
     rows = []
     for name, shape in shapes.items():
         for layout in LAYOUTS:
-            layer = Layer(shape, layout, group, device, dtype)
-            for T in tokens:
-                with torch.no_grad():
-                    rows.append({"shape": name, **asdict(shape), **bench_layer(layer, T, device, group, reps)})
-            del layer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            for quant in quants if layout != "tp" else ("none",):
+                layer = Layer(shape, layout, group, device, dtype, quant)
+                for T in tokens:
+                    with torch.no_grad():
+                        rows.append({"shape": name, **asdict(shape), **bench_layer(layer, T, device, group, reps)})
+                del layer
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
@@ -217,7 +245,7 @@ def report(rows: list[dict], path: str | None, meta: dict) -> None:
 def _smoke_rank(rank: int, world: int, init_file: str, path: str | None) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        rows = run(SMOKE_SHAPES, SMOKE_TOKENS, torch.device("cpu"), torch.float32, reps=2)
+        rows = run(SMOKE_SHAPES, SMOKE_TOKENS, torch.device("cpu"), torch.float32, reps=2, quants=SMOKE_QUANTS)
         report(rows, path, {"device": "cpu", "backend": "gloo", "world": world, "smoke": True})
     finally:
         dist.destroy_process_group()
@@ -228,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="write the rows here (rank 0)")
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--cpu-smoke", action="store_true", help="gloo on 2 spawned CPU ranks, tiny shapes")
+    p.add_argument("--quant", default="none", help="comma-separated quant modes for the expert-parallel layouts "
+                   "(rows travel quantised); e.g. none,fp8")  # fmt: skip
     args = p.parse_args(argv)
     if args.cpu_smoke:
         import tempfile
@@ -245,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank)
     try:
-        rows = run(SHAPES, TOKENS, device, torch.bfloat16, args.reps)
+        rows = run(SHAPES, TOKENS, device, torch.bfloat16, args.reps, tuple(args.quant.split(",")))
         meta = {"device": torch.cuda.get_device_name(device), "backend": "nccl", "world": dist.get_world_size(),
                 "torch": torch.__version__, "dtype": "bfloat16", "reps": args.reps}  # fmt: skip
         report(rows, args.json, meta)

@@ -61,6 +61,33 @@ class QuantisedExperts:
         self.versions = versions
 
 
+class QuantisedShard:
+    """This rank's experts (`select`, e.g. `Shard.experts_of`) of a block's quantised weights `full` under
+    expert parallelism. Views follow `full` by themselves; copies (a non-contiguous placement) are taken
+    again when `full` changed (re-quantised by `quantised.refresh`, or the model's own quantised weights
+    updated in place)."""
+
+    def __init__(self, full: tuple[torch.Tensor, ...], select, quantised: QuantisedExperts | None):
+        self.full, self.select, self.quantised = full, select, quantised
+        self.tensors = tuple(select(t) for t in full)
+        self.versions = self._versions()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.full)
+
+    def refresh(self) -> None:
+        if self.quantised is not None:
+            self.quantised.refresh()
+        versions = self._versions()
+        if versions == self.versions:
+            return
+        with torch.no_grad():
+            for local, t in zip(self.tensors, self.full):
+                if local._base is None:  # a copy, not a view
+                    local.copy_(self.select(t))
+        self.versions = versions
+
+
 def quantised_experts(b: ExpertsBinding, mode: str) -> QuantisedExperts:
     """The block's quantised weights: cached on its first source tensor, refreshed if the weights changed."""
     owner = b.w13_parts[0].tensors[0]

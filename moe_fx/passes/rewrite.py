@@ -29,7 +29,7 @@ from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
 from moe_fx.passes.prequant import prequantised
-from moe_fx.passes.quantize_weights import GRAPH_ATTR, quantised_experts
+from moe_fx.passes.quantize_weights import GRAPH_ATTR, QuantisedShard, quantised_experts
 from moe_fx.passes.weights import Family, remember_stack
 from moe_fx.report import annotation
 
@@ -119,10 +119,10 @@ def _bind_shard(gm, name, full, local, parts, dim, shard: Shard, owns_forward: b
 
 
 def _bind_shards(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, owns_forward: bool, rebind: Rebind):
-    """get_attr nodes (w13, w3, w2, w13_bias, w2_bias) of this rank's weight shard (unquantised)."""
+    """get_attr nodes (w13, w3, w2, w13_bias, w2_bias) of this rank's weight shard; under quant only the
+    biases (the quantised weights come from `_bind_quantised_shard`), the others None."""
     spec, b = match.spec, match.binding
     es = spec.experts
-    assert spec.quant.mode == "none", "the parallel layouts' lowerings refuse quantised specs"
     h_dim = 2 if es.w13_transposed else 1
     separate = es.gate_up == "separate"
     roles = {  # role -> (stacked tensor, the families it was stacked from, the dim they were concatenated along)
@@ -132,7 +132,8 @@ def _bind_shards(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, 
         "w13_bias": (b.w13_bias, b.w13_bias_parts, 1),
         "w2_bias": (b.w2_bias, [b.w2_bias_family], 1),
     }
-    roles = {role: r for role, r in roles.items() if r[0] is not None}
+    quantised = spec.quant.mode != "none"
+    roles = {role: r for role, r in roles.items() if r[0] is not None and (not quantised or role.endswith("bias"))}
     local = shard_weights(shard, spec, {role: r[0] for role, r in roles.items()})
     nodes = {
         role: _bind_shard(gm, f"moe_fx_block{index}_{role}", t, local[role], parts, dim, shard, owns_forward, rebind)
@@ -158,8 +159,7 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
             w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
         w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)
         return spec, w13, w3, w2, None, None
-    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
-    canonical = dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
+    canonical = _canonical(es)
     taken = prequantised(b)
     if taken is not None:  # the model's own quantised parameters and scales: no copy, nothing to refresh
         (pq13, pq2), nodes = taken, (taken[0].q_node, taken[0].scale_node, taken[1].q_node, taken[1].scale_node)
@@ -172,6 +172,32 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
     nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
     return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
+
+
+def _bind_quantised_shard(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, rebind: Rebind):
+    """Expert parallel with quant: get_attr nodes (w13_q, w13_scale, w2_q, w2_scale) of this rank's experts
+    of the quantised weights (the model's own when it holds them quantised), and the canonical spec."""
+    assert shard.expert_parallel, "tp refuses quantised specs (see lowering/distributed/tp.py)"
+    spec, b = match.spec, match.binding
+    taken = prequantised(b)
+    if taken is not None:
+        full, q = (taken[0].q, taken[0].scale, taken[1].q, taken[1].scale), None
+    else:
+        q = quantised_experts(b, spec.quant.mode)
+        full = q.tensors
+        if not spec.quant.keep_original_weights:
+            rebind += [(t, t.new_empty(0)) for t in q.sources]
+    local = QuantisedShard(full, shard.experts_of, q)
+    gm.__dict__.setdefault(GRAPH_ATTR, []).append(local)
+    names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
+    nodes = [_constant(gm, f"moe_fx_block{index}_{name}", t) for name, t in zip(names, local.tensors)]
+    return spec.replace(experts=_canonical(spec.experts)), nodes[0], None, nodes[2], nodes[1], nodes[3]
+
+
+def _canonical(es):
+    """The experts spec the quantised lowerings read: [E, H, D] weights, gate and up in one tensor."""
+    gate_up = "concat" if es.gate_up == "separate" else es.gate_up
+    return dataclasses.replace(es, w13_transposed=False, w2_transposed=False, gate_up=gate_up)
 
 
 def _fake_mode(g: fx.Graph):
@@ -245,6 +271,8 @@ def rewrite(
     else:
         spec, w13_scale, w2_scale = match.spec, None, None
         w13, w3, w2, b13, b2 = _bind_shards(gm, match, index, shard, owns_forward, rebind)
+        if spec.quant.mode != "none":
+            spec, w13, w3, w2, w13_scale, w2_scale = _bind_quantised_shard(gm, match, index, shard, rebind)
     K, E, D = spec.top_k, spec.experts.num_experts, spec.experts.hidden
     num_local, group_name, expert_map = E, "", None
     if shard is not None:

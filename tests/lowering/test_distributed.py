@@ -1,7 +1,10 @@
 """Parallel layouts on real multi-process gloo groups (2 and 4 ranks, spawned on localhost).
 
 Every rank's output must equal single-process eager on its own tokens (rel err < 1e-5 in fp32), with
-uneven token counts per rank and experts that get no tokens. Process start-up dominates the cost, so
+uneven token counts per rank and experts that get no tokens. Quantised layouts must equal the
+single-process quantised block on the rank's own tokens within QUANT_TOL = 1e-6: rows are quantised per
+token before the exchange exactly as on one device and the experts run the same quantised arithmetic
+(float64 products), so only float32 summation order in combine can differ. Process start-up dominates the cost, so
 each spawned job runs several checks; the rank functions are module-level so spawned processes can
 import them.
 """
@@ -18,12 +21,15 @@ import torch.distributed as dist
 import moe_fx
 from moe_fx import examples as ex
 from moe_fx.lowering.distributed import plan_shard
-from moe_fx.ops import dispatch_args
-from moe_fx.spec import ExpertsSpec, MoESpec
+from moe_fx.lowering.quant import activation_dtype, quantize_weight
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 from tests.conftest import rel_err
 from tests.lowering.ranks import run_ranks
 
 TOL = 1e-5
+QUANT_TOL = 1e-6
+QUANT_MODES = ("fp8", "fp8_block", "int8", "int4_weight")
 
 
 def _tokens(rank: int, T: int, D: int, batch: bool = False) -> torch.Tensor:
@@ -46,6 +52,77 @@ def _model(cls, **kw):
 
 def _param_numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _quantised_layer(layout: str, mode: str, T: int, rank: int, placement=None, E=6, D=160, F=32, K=2):
+    """(this rank's output under `layout`, the single-process quantised output and the unquantised one on
+    the same tokens), through the ops; expert E-1 never gets a token."""
+    spec = MoESpec(ExpertsSpec(E, D, F), K, RouterSpec(K, renormalize=True), QuantSpec(mode), layout=layout)
+    shard = plan_shard(spec, None, placement, "cpu")
+    torch.manual_seed(0)  # the same weights on every rank
+    w13, w2 = torch.randn(E, 2 * F, D) / D**0.5, torch.randn(E, D, F) / F**0.5
+    full = (*quantize_weight(w13, mode), *quantize_weight(w2, mode))
+    x_TD, logits_TE = _tokens(rank + 20, T, D), _tokens(rank + 30, T, E)
+    logits_TE[:, E - 1] = -1e4
+    ops = torch.ops.moe_fx
+
+    def run(spec, weights, impl, group="", expert_map=None, L=E):
+        w_TK, ids_TK = ops.route(*route_args(spec.router, logits_TE, None, "reference"))
+        d = ops.quantize_dispatch(*dispatch_args(spec, x_TD, ids_TK, w_TK, impl, group, expert_map, L))
+        assert d[0].dtype == activation_dtype(spec.quant.mode, x_TD.dtype)  # the rows that travelled
+        w13_, w13_scale, w2_, w2_scale = weights
+        y = ops.experts(
+            *experts_args(spec, d, w13_, None, w2_, None, None, x_TD.dtype, "reference", w13_scale, w2_scale)
+        )
+        return ops.combine(*combine_args(spec, y, w_TK, d, impl, group))
+
+    impl = {"ep_alltoall": "ep_all_to_all", "ep_allgather": "ep_all_gather"}[layout]
+    local = tuple(shard.experts_of(t) for t in full)
+    out = run(spec, local, impl, shard.group_name, shard.expert_map(x_TD.device), shard.num_local_experts(E))
+    single = run(spec.replace(layout="single"), full, "reference")
+    plain = run(spec.replace(layout="single", quant=QuantSpec()), (w13, None, w2, None), "reference")
+    return out, single, plain
+
+
+def _check_quantised(layout: str, mode: str, T: int, rank: int, placement=None) -> None:
+    out, single, plain = _quantised_layer(layout, mode, T, rank, placement)
+    what = f"rank {rank} {layout} {mode} T={T}"
+    assert rel_err(out, single) < QUANT_TOL, f"{what}: rel err {rel_err(out, single):.2e} to the single-process block"
+    if T:
+        assert rel_err(out, plain) > 1e-3, f"{what}: indistinguishable from unquantised"
+
+
+def _quantised_two_ranks(rank: int, world: int) -> None:
+    # every mode on both expert-parallel layouts through the ops; uneven T (one rank with none), E-1 idle
+    for layout in ("ep_alltoall", "ep_allgather"):
+        for mode in QUANT_MODES:
+            for T in ((3, 8)[rank], (0, 5)[rank]):
+                _check_quantised(layout, mode, T, rank)
+
+    # a checkpoint holding fp8_block experts, ep_alltoall through apply: each rank reads its experts of the
+    # model's own e4m3 parameters (views: the same storage), and equals single-process apply on its tokens
+    model, single = _model(ex.QuantisedCheckpointMoE)
+    x = _tokens(rank + 40, (4, 9)[rank], 160)
+    report = moe_fx.apply(model, x, options={"layout": "ep_alltoall"})
+    moe_fx.apply(single, x)
+    assert report.matches[0].spec.quant.mode == "fp8_block" and "taken as they are" in str(report), str(report)
+    gm = model.forward.gm
+    assert gm.moe_fx_block0_w13_q.untyped_storage().data_ptr() == model.w13_q.untyped_storage().data_ptr()
+    assert gm.moe_fx_block0_w13_q.shape[0] == 2  # this rank's 2 of 4 experts
+    for T in ((4, 9)[rank], (1, 6)[rank]):
+        _check(model, single, _tokens(rank + 50, T, 160), f"pre-quantised ep_alltoall T={T}")
+
+    # int8 through torch.compile, ep_allgather, against single-process compile with int8
+    model, ref_model = _model(ex.LoopMoE)
+    compiled = torch.compile(model, backend="moe_fx", options={"inner": "eager", "layout": "ep_allgather",
+                                                                "quant": "int8"})  # fmt: skip
+    single = torch.compile(ref_model, backend="moe_fx", options={"inner": "eager", "quant": "int8"})
+    _check(compiled, single, _tokens(rank + 60, (5, 2)[rank], 32), "int8 ep_allgather compile")
+
+    # tp refuses quant with the reason
+    model, _ = _model(ex.LoopMoE)
+    report = moe_fx.explain(model, _tokens(0, 4, 32), options={"layout": "tp", "quant": "fp8"})
+    assert not report.matches and "not implemented for layout 'tp'" in report.rejections[-1].reason, str(report)
 
 
 def _two_ranks(rank: int, world: int) -> None:
@@ -126,6 +203,8 @@ def _two_ranks(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match=r"layout='ep_allgather' on cuda tensors needs .* backend"):
         plan_shard(spec, cpu_only, (0, 1, 1), "cuda")
 
+    _quantised_two_ranks(rank, world)
+
 
 def _four_ranks(rank: int, world: int) -> None:
     # ep_alltoall, 8 experts placed unevenly (rank 3 holds one, rank 0 three), uneven T including a rank with none
@@ -136,6 +215,7 @@ def _four_ranks(rank: int, world: int) -> None:
         options = {"layout": layout, "expert_placement": placement}
         moe_fx.apply(model, _tokens(rank, 4, 32), options=options)
         _check(model, ref_model, _tokens(rank + 11, T, 32), f"{layout} 4 ranks T={T}")
+        _check_quantised(layout, "fp8_block", T, rank, placement[:6])  # rank 3 holds no expert of E=6
 
 
 def _hung_rank(rank: int, world: int) -> None:
@@ -188,6 +268,14 @@ def test_bench_ep_bytes_and_table():
     assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, s, 4) == 8 * 8 + 3 * (4 * 4 + 4) + 2 * 4 * 4
     assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, s, 4) == 8 + 7 * (4 * 4 + 2 * 2 * 4) + 7 * 4 * 4
     assert wire_bytes("tp", [], 2, 0, 4, s, 4) == 4 * 4 * 4
-    row = dict(shape="tiny", layout="tp", T=4, dispatch_combine_us=10.0, bytes=64, GBps=0.1, plain_a2a_us=5.0,
-               plain_a2a_GBps=0.2, vs_a2a=2.0, layer_us=30.0)  # fmt: skip
-    assert "| tiny | tp | 4 | 10 | 64 | 0.10 | 5 | 0.20 | 2.00 | 30 |" in table([row])
+    # quantised rows: D one-byte values + one fp32 scale per token (fp8, int8) or per 128-group (fp8_block)
+    q = Shape(E=8, K=2, D=300, F=6)  # 3 groups of 128
+    assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "fp8") == 8 * 8 + 3 * (300 + 4 + 4) + 2 * 300 * 2
+    assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "fp8_block") == 8 * 8 + 3 * (300 + 12 + 4) + 1200
+    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, q, 2, "int8") == 8 + 7 * (300 + 4 + 16) + 7 * 300 * 4
+    assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "int4_weight") == wire_bytes(
+        "ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2
+    )  # activations travel unquantised
+    row = dict(shape="tiny", layout="tp", quant="none", T=4, dispatch_combine_us=10.0, bytes=64, GBps=0.1,
+               plain_a2a_us=5.0, plain_a2a_GBps=0.2, vs_a2a=2.0, layer_us=30.0)  # fmt: skip
+    assert "| tiny | tp | none | 4 | 10 | 64 | 0.10 | 5 | 0.20 | 2.00 | 30 |" in table([row])

@@ -10,7 +10,6 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from moe_fx.lowering import quant as quant_fmt
-from moe_fx.spec import MoESpec
 
 PRIORITY = 0
 
@@ -24,12 +23,6 @@ def group_of(group_name: str) -> dist.ProcessGroup:
             f"moe_fx: no process group named {group_name!r} in this process (was it destroyed, or is this "
             "graph running in a process that did not create it?)"
         ) from e
-
-
-def unquantised(spec: MoESpec) -> str | None:
-    if spec.quant.mode != "none":
-        return f"quant={spec.quant.mode!r} is not implemented for layout {spec.layout!r} yet"
-    return None
 
 
 def wire(t: torch.Tensor) -> torch.Tensor:
