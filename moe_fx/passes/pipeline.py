@@ -46,6 +46,9 @@ def _needs_autograd(match: MoEMatch) -> bool:
     families = [*b.w13_parts, b.w2_family, *b.w13_bias_parts, b.w2_bias_family]
     if any(t.requires_grad for f in families if f for t in f.tensors):
         return True
+    taken = prequant.prequantised(b)  # the quantised parameters the dequantised weights came from
+    if taken is not None and any(t.requires_grad for pq in taken for t in (pq.q, pq.scale)):
+        return True
     return any(getattr(value(n), "requires_grad", False) for n in (match.x, match.logits))
 
 
@@ -157,7 +160,7 @@ def rewrite_graph(
                 reason = f"verification failed ({chosen}): {why}"
                 count("verify_failed")
             elif err is not None:
-                match.errors["verified"] = err
+                match.errors["verified" if match.spec.layout == "single" else "verified (one device)"] = err
         if reason is not None:
             log.info("moe_fx: not rewriting %s: %s", match.module_path, reason)
             report.rejections.append(RejectionReport(match.module_path, match.ids_cut.name, reason, graph))

@@ -11,8 +11,14 @@ The matcher already identified the block with the reference lowering; this check
 really run (a Triton kernel, a plugin), through the real graph surgery, with the real weights.
 A block that fails is left untouched and the reason goes into the Report's rejections.
 
-Parallel layouts (`layout != "single"`) are not verified: their lowerings call collectives, which
-every rank would have to run in step at compile time. They are logged as unverified.
+Parallel layouts (`layout != "single"`) are verified as one device: the block with the same spec
+(quant and pre-quantised weights included) and the lowerings this device would pick for `single`,
+on the full weights. That checks everything but the exchange: running the layout's collectives at
+compile time would need every rank to verify the same blocks in step, and one rank may refuse a
+block another accepts (an empty example batch, a failed check) and leave the rest waiting forever.
+The dispatch/combine lowerings are tested against one device on real process groups
+(tests/lowering/test_distributed.py); `experts` and `route` under a parallel layout are the
+single-device lowerings, which this check runs. The error goes into `errors["verified (one device)"]`.
 
 Cost and default. `verify` defaults to True: moe_fx's promise is never to be silently wrong, and only
 this check sees the lowering that will really run (the matcher probes with the reference). It adds
@@ -31,6 +37,7 @@ import logging
 import torch
 import torch.fx as fx
 
+from moe_fx.lowering import registry
 from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.lowering.reference import selection
 from moe_fx.passes.experts import rel_err
@@ -124,11 +131,16 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
     """Check `match` rewritten with its selected lowerings against the original block.
 
     Returns (worst rel err over the probes, None) when it agrees, (err, reason) when it does not,
-    and (None, None) when the layout is not verified (see the module docstring).
+    A parallel layout is verified as one device (see the module docstring).
     """
     if match.spec.layout != "single":
-        log.info("moe_fx: %s not verified: layout %s runs collectives", match.module_path, match.spec.layout)
-        return None, None
+        log.info("moe_fx: %s (%s) verified as one device", match.module_path, match.spec.layout)
+        spec = match.spec.replace(layout="single")
+        device = finder.real_values([match.x])[0].device.type
+        selections = {op: registry.select(op, device, spec) for op in match.selections}
+        if any(sel.chosen is None for sel in selections.values()):
+            return None, None  # nothing runs this spec on one device: the parallel lowerings alone are tested
+        match = dataclasses.replace(match, spec=spec, selections=selections)
     env: dict[fx.Node, fx.Node] = {}
     block, leaves = extract(finder.view, finder.gm, [match.x, match.logits], [match.output], env)
     for node, copy in env.items():
