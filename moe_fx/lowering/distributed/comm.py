@@ -36,7 +36,7 @@ def quantize_for_wire(x_TD: torch.Tensor, quant: str) -> tuple[torch.Tensor, tor
     if quant not in quant_fmt.ACTIVATION_QUANTISED:
         return x_TD, None
     xq_TD, xscale = quant_fmt.quantize_rows(x_TD, quant)
-    return xq_TD, xscale.reshape(x_TD.shape[0], -1)
+    return xq_TD, xscale if xscale.dim() == 2 else xscale[:, None]  # fp8_block's [T, B] or [T] -> [T, 1]
 
 
 def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device) -> torch.Tensor:
