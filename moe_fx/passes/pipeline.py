@@ -142,7 +142,7 @@ def rewrite_graph(
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
-        mode, reason, match.weights_note = prequant.quant_mode(match.binding, options.quant)
+        mode, reason, match.weights_note = prequant.quant_mode(match.binding, options.quant, options.layout)
         match.spec = match.spec.replace(quant=QuantSpec(mode, options.keep_original_weights), layout=options.layout)
         if reason is None and _needs_autograd(match):
             reason = (

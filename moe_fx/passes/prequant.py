@@ -11,7 +11,7 @@ Legend: E experts, H output features (2F for w13, D for w2), D input features, G
    their values exactly as for an unquantised model (`passes/experts.py`).
 2. each dequantised tensor is checked against the formats of `lowering/quant.py`: one 1-byte parameter q
    and one float32 parameter s among its sources such that `dequantize_weight(q, s, mode)` equals the value
-   (to its dtype's rounding), in either orientation ([E, H, D] or its transpose):
+   element by element (to two roundings of its dtype), in either orientation ([E, H, D] or its transpose):
 
        e4m3 q [E, H, D], s [E, ceil(H/G), ceil(D/G)]  -> fp8_block   (DeepSeek-V3, HF FP8Experts)
        e4m3 q [E, H, D], s [E, H]                     -> fp8         (per output channel)
@@ -24,7 +24,8 @@ Legend: E experts, H output features (2F for w13, D for w2), D input features, G
    model computes them: with quant="none" the block is rewritten on the model's own dequantised tensors
    (the dequantisation stays in the graph, exact); asking for a quant mode then, or for a mode other than
    the one the weights hold, leaves the block untouched with the reason (re-quantising a dequantised copy
-   would stop following the model's weights).
+   would stop following the model's weights), as does a parallel layout (each rank would keep a
+   dequantised copy of its shard). Recognised weights shard as views of the model's own parameters.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _recognise(v: torch.Tensor, sources: list[tuple[fx.Node, torch.Tensor]]) -> 
         kinds = sorted({str(t.dtype) for _, t in sources if _one_byte(t)})
         return f"it is dequantised from {len(quantised)} e4m3/int8 parameters (1-byte sources: {kinds})"
     q_node, q = quantised[0]
-    tol = {torch.float32: 1e-5, torch.float64: 1e-9}.get(v.dtype, 1e-2)  # the value's own rounding
+    rtol = 2 * torch.finfo(v.dtype).eps  # every element, to the value's own rounding (its product, its scale's)
     for transposed in (False, True):
         target = v.transpose(1, 2) if transposed else v
         if q.shape != target.shape:
@@ -115,8 +116,7 @@ def _recognise(v: torch.Tensor, sources: list[tuple[fx.Node, torch.Tensor]]) -> 
                 if tuple(s.shape) != shapes[mode]:
                     continue
                 ref = dequantize_weight(q, s, mode, D)
-                err = ((target.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-                if err <= tol:
+                if bool(((target.double() - ref).abs() <= rtol * ref.abs()).all()):
                     return PreQuantised(mode, q_node, q, s_node, s, transposed)
     names = [f"{leaf_name(n)} {str(t.dtype).removeprefix('torch.')} {list(t.shape)}" for n, t in sources]
     return (
@@ -140,7 +140,7 @@ def families(finder, nodes: list[fx.Node], values: list[torch.Tensor], num_exper
     return found, leftovers
 
 
-def quant_mode(binding, requested: str) -> tuple[str, str | None, str]:
+def quant_mode(binding, requested: str, layout: str = "single") -> tuple[str, str | None, str]:
     """(quant mode to rewrite with, reason to leave the block untouched or None, a note for the report).
 
     See the module docstring: pre-quantised weights are taken as they are in their own mode; the rest runs
@@ -171,8 +171,10 @@ def quant_mode(binding, requested: str) -> tuple[str, str | None, str]:
         else:
             note = f"pre-quantised {pq13.mode} weights taken as they are: {pq13.summary()}; {pq2.summary()}"
             return pq13.mode, None, note
-    if requested == "none":
+    if requested == "none" and layout == "single":
         return "none", None, f"quantised weights run as the model dequantises them: {why}"
+    if requested == "none":  # a shard would be a dequantised copy, stale once the model's weights change
+        return "none", f"pre-quantised expert weights cannot be sharded for layout {layout!r}: {why}", ""
     return requested, f"pre-quantised expert weights cannot be used as they are: {why}", ""
 
 

@@ -113,6 +113,11 @@ def _quantised_two_ranks(rank: int, world: int) -> None:
     for T in ((4, 9)[rank], (1, 6)[rank]):
         _check(model, single, _tokens(rank + 50, T, 160), f"pre-quantised ep_alltoall T={T}")
 
+    # a quantised format moe_fx does not read is not sharded as a dequantised copy
+    model, _ = _model(ex.QuantisedCheckpointMoE, block=64)
+    report = moe_fx.explain(model, x, options={"layout": "ep_alltoall"})
+    assert not report.matches and "cannot be sharded for layout 'ep_alltoall'" in report.rejections[-1].reason
+
     # int8 through torch.compile, ep_allgather, against single-process compile with int8
     model, ref_model = _model(ex.LoopMoE)
     compiled = torch.compile(model, backend="moe_fx", options={"inner": "eager", "layout": "ep_allgather",
