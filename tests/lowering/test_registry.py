@@ -21,11 +21,13 @@ def test_unsupported_spec_is_rejected_with_reason():
     sel = registry.select("experts", "cuda", SPEC.replace(quant=QuantSpec("fp8")))  # no GPU needed to select
     assert sel.chosen.name == "reference"
     assert "quant='fp8'" in dict(sel.rejected)["triton"]
-    # the reference lowering runs every quant mode on one device; the parallel layouts' dispatch does not yet
-    for layout, name in (("ep_alltoall", "ep_all_to_all"), ("ep_allgather", "ep_all_gather"), ("tp", "tp_all_reduce")):
+    # the reference lowering runs every quant mode on one device, the expert-parallel dispatches too; tp refuses
+    for layout, name in (("ep_alltoall", "ep_all_to_all"), ("ep_allgather", "ep_all_gather")):
         sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout=layout, quant=QuantSpec("fp8")))
-        assert sel.chosen is None
-        assert f"quant='fp8' is not implemented for layout {layout!r}" in sel.reason and name in sel.reason
+        assert sel.chosen.name == name
+    sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout="tp", quant=QuantSpec("fp8")))
+    assert sel.chosen is None
+    assert "quant='fp8' is not implemented for layout 'tp'" in sel.reason and "tp_all_reduce" in sel.reason
 
 
 def test_route_and_experts_reuse_single_device_lowerings_under_parallel_layouts():
@@ -70,9 +72,9 @@ def test_third_party_lowering_wins_by_priority_and_runs():
 def test_forced_lowering_must_support_the_spec():
     with pytest.raises(ValueError, match="moe_fx: forced lowering 'triton' cannot run experts .*: quant='int8'"):
         registry.select("experts", "cuda", SPEC.replace(quant=QuantSpec("int8")), force="triton")
-    spec = SPEC.replace(layout="ep_alltoall", quant=QuantSpec("int8"))
-    with pytest.raises(ValueError, match="moe_fx: forced lowering 'ep_all_to_all' cannot run quantize_dispatch"):
-        registry.select("quantize_dispatch", "cpu", spec, force="ep_all_to_all")
+    spec = SPEC.replace(layout="tp", quant=QuantSpec("int8"))
+    with pytest.raises(ValueError, match="moe_fx: forced lowering 'tp_all_reduce' cannot run quantize_dispatch"):
+        registry.select("quantize_dispatch", "cpu", spec, force="tp_all_reduce")
     with pytest.raises(ValueError, match="moe_fx: forced lowering 'triton' .* is not registered"):
         registry.select("experts", "cpu", SPEC, force="triton")
 
