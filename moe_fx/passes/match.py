@@ -470,8 +470,12 @@ class BlockFinder:
             return "expert_loop"
         gathers_weights = any(  # a weight, or a weight dequantised in the graph (passes/prequant.py)
             target_name(n) == "getitem"
-            and (n.args[0] in self.weights or n.args[0] in region and n.args[0] not in self.depends_on_data)
-            and isinstance(value(n.args[0]), torch.Tensor)
+            and (
+                n.args[0] in self.weights
+                or n.args[0] in region
+                and n.args[0] not in self.depends_on_data
+                and isinstance(value(n.args[0]), torch.Tensor)
+            )
             for n in region
         )
         if "bmm" in names and not names & {"einsum"} and gathers_weights:
