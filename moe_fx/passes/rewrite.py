@@ -159,38 +159,44 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
             w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
         w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)
         return spec, w13, w3, w2, None, None
-    canonical = _canonical(es)
     taken = prequantised(b)
     if taken is not None:  # the model's own quantised parameters and scales: no copy, nothing to refresh
-        (pq13, pq2), nodes = taken, (taken[0].q_node, taken[0].scale_node, taken[1].q_node, taken[1].scale_node)
-        assert pq13.mode == pq2.mode == spec.quant.mode, "passes.prequant.quant_mode chose the mode"
-        return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
+        nodes = (taken[0].q_node, taken[0].scale_node, taken[1].q_node, taken[1].scale_node)
+    else:
+        tensors, q = _quantised_weights(b, spec, rebind)
+        gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
+        nodes = _quantised_constants(gm, index, tensors)
+    return spec.replace(experts=_canonical(es)), nodes[0], None, nodes[2], nodes[1], nodes[3]
+
+
+def _quantised_weights(b, spec, rebind: Rebind):
+    """(w13_q, w13_scale, w2_q, w2_scale) of a quantised block and the QuantisedExperts they belong to: the
+    model's own quantised parameters (None: nothing to refresh) or the weights quantised once."""
+    taken = prequantised(b)
+    if taken is not None:
+        assert taken[0].mode == taken[1].mode == spec.quant.mode, "passes.prequant.quant_mode chose the mode"
+        return (taken[0].q, taken[0].scale, taken[1].q, taken[1].scale), None
     q = quantised_experts(b, spec.quant.mode)
-    gm.__dict__.setdefault(GRAPH_ATTR, []).append(q)
     if not spec.quant.keep_original_weights:  # free the unquantised weights once tracing is over
         rebind += [(t, t.new_empty(0)) for t in q.sources]
+    return q.tensors, q
+
+
+def _quantised_constants(gm: fx.GraphModule, index: int, tensors) -> list[fx.Node]:
     names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
-    nodes = [_constant(gm, f"{prefix}_{name}", t) for name, t in zip(names, q.tensors)]
-    return spec.replace(experts=canonical), nodes[0], None, nodes[2], nodes[1], nodes[3]
+    return [_constant(gm, f"moe_fx_block{index}_{name}", t) for name, t in zip(names, tensors)]
 
 
 def _bind_quantised_shard(gm: fx.GraphModule, match: MoEMatch, index: int, shard: Shard, rebind: Rebind):
     """Expert parallel with quant: get_attr nodes (w13_q, w13_scale, w2_q, w2_scale) of this rank's experts
-    of the quantised weights (the model's own when it holds them quantised), and the canonical spec."""
+    of the quantised weights (views of the model's own when it holds them quantised), and the canonical spec.
+    The unquantised originals stay whole (as on one device with keep_original_weights)."""
     assert shard.expert_parallel, "tp refuses quantised specs (see lowering/distributed/tp.py)"
-    spec, b = match.spec, match.binding
-    taken = prequantised(b)
-    if taken is not None:
-        full, q = (taken[0].q, taken[0].scale, taken[1].q, taken[1].scale), None
-    else:
-        q = quantised_experts(b, spec.quant.mode)
-        full = q.tensors
-        if not spec.quant.keep_original_weights:
-            rebind += [(t, t.new_empty(0)) for t in q.sources]
+    spec = match.spec
+    full, q = _quantised_weights(match.binding, spec, rebind)
     local = QuantisedShard(full, shard.experts_of, q)
     gm.__dict__.setdefault(GRAPH_ATTR, []).append(local)
-    names = ("w13_q", "w13_scale", "w2_q", "w2_scale")
-    nodes = [_constant(gm, f"moe_fx_block{index}_{name}", t) for name, t in zip(names, local.tensors)]
+    nodes = _quantised_constants(gm, index, local.tensors)
     return spec.replace(experts=_canonical(spec.experts)), nodes[0], None, nodes[2], nodes[1], nodes[3]
 
 
