@@ -19,8 +19,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # The experts implementations beyond grouped_mm run on a representative subset: plain SiLU experts, GPT-OSS's
 # odd layout, DeepSeek-V3's group-limited router with a shared expert.
 IMPL_SUBSET = ["mixtral", "gpt_oss", "deepseek_v3"]
-# Open: GPT-OSS in bf16 is refused ("could not evaluate the block": a float32/bf16 matmul in a probe), not rewritten
-BF16_OPEN = {"gpt_oss"}
+# Architectures rewritten in float32 whose bfloat16 run is still open (none today)
+BF16_OPEN: set[str] = set()
 
 
 @functools.cache
