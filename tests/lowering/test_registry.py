@@ -5,7 +5,7 @@ import torch
 
 import moe_fx
 from moe_fx.lowering import reference, registry
-from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 SPEC = MoESpec(experts=ExpertsSpec(num_experts=4, hidden=8, ffn=12), top_k=2)
 
@@ -26,6 +26,9 @@ def test_unsupported_spec_is_rejected_with_reason():
         sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout=layout, quant=QuantSpec("fp8")))
         assert sel.chosen is None
         assert f"quant='fp8' is not implemented for layout {layout!r}" in sel.reason and name in sel.reason
+        capped = SPEC.replace(layout=layout, router=RouterSpec(2, capacity=3))
+        sel = registry.select("quantize_dispatch", "cpu", capped)
+        assert sel.chosen is None and f"token capacity (3) is not implemented for layout {layout!r}" in sel.reason
 
 
 def test_route_and_experts_reuse_single_device_lowerings_under_parallel_layouts():

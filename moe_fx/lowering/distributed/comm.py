@@ -28,6 +28,8 @@ def group_of(group_name: str) -> dist.ProcessGroup:
 def unquantised(spec: MoESpec) -> str | None:
     if spec.quant.mode != "none":
         return f"quant={spec.quant.mode!r} is not implemented for layout {spec.layout!r} yet"
+    if spec.router is not None and spec.router.capacity:
+        return f"token capacity ({spec.router.capacity}) is not implemented for layout {spec.layout!r}"
     return None
 
 
