@@ -97,6 +97,29 @@ def test_every_architecture_apply(name, dtype):
     assert all(m.module_path.count(".") >= 2 for m in report.matches)  # the block's module, not the model
 
 
+# Picks each capacity router drops, from its outputs: Switch's capacity-masked one-hot [B, S, E] (a dropped
+# token's row is zero); NLLB's combine weights [T, E] (nonzero for the kept ones of each token's two picks)
+DROPPED_PICKS = {
+    "switch_transformers": lambda out: int((out[0].sum(-1) == 0).sum()),
+    "nllb_moe": lambda out: 2 * out[1].shape[0] - int((out[1] > 0).sum()),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DROPPED_PICKS))
+def test_capacity_really_drops_on_the_example_inputs(name):
+    """The capacity models' configs drop picks in eager on the inputs the compile and apply tests use, so
+    those tests (left untouched, logits equal eager) cover dropping."""
+    model = tiny(name)
+    dropped = []
+    routers = [m for m in model.modules() if type(m).__name__.endswith("Router") and hasattr(m, "expert_capacity")]
+    hooks = [r.register_forward_hook(lambda mod, args, out: dropped.append(DROPPED_PICKS[name](out))) for r in routers]
+    with torch.no_grad():
+        model(**hf_models.example_inputs(model))
+    for h in hooks:
+        h.remove()
+    assert len(dropped) == hf_models.ARCHITECTURES[name].moe_blocks and sum(dropped) > 0, dropped
+
+
 @pytest.mark.parametrize("impl", ["batched_mm", "eager"])
 @pytest.mark.parametrize("name", IMPL_SUBSET)
 def test_other_experts_implementations(name, impl):
