@@ -194,16 +194,17 @@ ARCHITECTURES: dict[str, Architecture] = {
         "LongcatFlashForCausalLM",
         dict(
             MLA,
-            num_layers=1,
+            num_hidden_layers=2,  # LongCat derives num_hidden_layers = 2 * num_layers: one decoder layer
             ffn_hidden_size=96,
             expert_ffn_hidden_size=48,
             n_routed_experts=8,
             zero_expert_num=4,
             moe_topk=2,
         ),
-        refused="zero-computation (identity) experts are not expressible in MoESpec, and the experts are a "
-        "per-expert Python loop (`nonzero`, `.item()`) with no experts implementation to select: Dynamo "
-        "graph-breaks inside it, so no graph holds the block; left untouched",
+        refused="the experts are a Python loop over the experts hit (`nonzero()`, `.item()`, a `numel() == 0` "
+        "test) with no experts implementation to select: Dynamo graph-breaks inside it, so no graph holds the "
+        "block; left untouched. Its zero-computation experts (ids >= n_routed_experts return the token times "
+        "its weight) have no MoESpec form either",
     ),
     "gpt_oss": Architecture(
         "GptOssConfig",
@@ -361,14 +362,18 @@ ARCHITECTURES: dict[str, Architecture] = {
             decoder_attention_heads=4,
             num_experts=4,
             expert_capacity=16,
+            moe_eval_capacity_token_fraction=0.25,  # eval capacity ceil(0.25 * T): the example inputs drop picks
             encoder_sparse_step=1,
             decoder_sparse_step=1,
             max_position_embeddings=64,
         ),
         moe_blocks=2,
         common=False,
-        refused="token capacity (tokens past an expert's `expert_capacity` are dropped, in token order) is "
-        "not expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
+        refused="transformers 5.x `NllbMoeExperts` one-hot encodes the router's dispatch mask, which is already "
+        "one-hot, so only expert modules 0 and 1 ever run (expert 1 on each token's kept first choice, expert 0 "
+        "on its kept second choice): no MoESpec routes that way. The loop over `nonzero()` also graph-breaks, "
+        "so no graph holds the block; left untouched. The capacity rule itself (first choices first, then "
+        "token order) is `RouterSpec.capacity`",
     ),
     "switch_transformers": Architecture(
         "SwitchTransformersConfig",
@@ -384,15 +389,19 @@ ARCHITECTURES: dict[str, Architecture] = {
             num_sparse_decoder_layers=1,
             num_heads=4,
             num_experts=4,
-            expert_capacity=16,
+            expert_capacity=2,  # per sequence: the example inputs (7 tokens a sequence) drop tokens
             encoder_sparse_step=1,
             decoder_sparse_step=1,
             router_jitter_noise=0.0,
         ),
         moe_blocks=2,
         common=False,
-        refused="token capacity (dropped tokens pass through as router_prob × hidden state) is not "
-        "expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
+        refused="the experts are a Python loop over the experts hit (`nonzero()`) that picks each expert's "
+        "module by the tensor's value (`self[f'expert_{i}']`): Dynamo graph-breaks inside it, so no graph holds "
+        "the block; left untouched. Its routing is expressible (argmax top-1, capacity counted per sequence in "
+        "token order: `RouterSpec(k=1, capacity=expert_capacity)` on [batch, seq, E] logits; a dropped token's "
+        "MoE output is zero in 5.x), but the matcher anchors on top-k and does not read an argmax one-hot "
+        "dispatch mask",
     ),
 }
 

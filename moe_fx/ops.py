@@ -3,7 +3,7 @@
 Legend: T tokens, D model dim, F expert ffn dim, E experts (global), L experts on this rank,
 K top-k, R dispatched rows (T*K on one device; what this rank receives under expert parallelism).
 
-    route(logits_TE)                          -> weights_TK fp32, ids_TK int32
+    route(logits_TE)                          -> weights_TK fp32, ids_TK int32 (id -1: dropped by capacity)
     quantize_dispatch(x_TD, ids_TK, w_TK)     -> xq_ND, xscale_N*, expert_offsets_L1 int64,
                                                  gather_index_R int64, row_weights_R fp32,
                                                  row_index_R int64, comm_splits int64
@@ -21,6 +21,11 @@ exchange); `comm_splits` is the int64 handle of the parallel layouts: send/recv 
 what else combine needs (each layout's module documents its handle; empty on one device and under tp).
 `xscale` is empty unless activations are quantised. Every op takes `impl`, the name of the registry
 entry that runs it, chosen at rewrite time.
+
+Capacity (`RouterSpec.capacity`, Switch and NLLB-MoE): `route` marks a (token, slot) pick past its
+expert's capacity as dropped, id -1 and weight 0. Dispatch puts dropped rows after every expert's group
+(`expert_offsets_L1[-1]` < R), `experts` writes zeros for them, so combine adds nothing for a dropped
+pick. Only lowerings whose `supports` accepts `router.capacity` see such ids.
 """
 
 from __future__ import annotations
@@ -50,11 +55,14 @@ def route(
     scale: float,
     impl: str,
     score_dtype: torch.dtype = torch.float32,
+    capacity: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits_TE [, bias_E] -> (weights_TK float32, ids_TK int32).
+    """logits_TE (or [G, S, E], T = G*S) [, bias_E] -> (weights_TK float32, ids_TK int32).
 
     Math is float32; `score_dtype` bfloat16/float16 rounds the scores to that dtype before top-k, as a
     router that scores in low precision does (ties then fall the same way: lowest expert index first).
+    `capacity` > 0: each expert takes at most `capacity` picks per group (a row of [G, S, E] logits, or
+    all T tokens), first choices first, then in token order; the others get id -1 and weight 0.
     """
     return _run(
         "route",
@@ -70,13 +78,14 @@ def route(
         group_score_topk=group_score_topk,
         scale=scale,
         score_dtype=score_dtype,
+        capacity=capacity,
     )
 
 
 @route.register_fake
 def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl,
-      score_dtype=torch.float32):  # fmt: skip
-    T = logits.shape[0]
+      score_dtype=torch.float32, capacity=0):  # fmt: skip
+    T = logits.numel() // logits.shape[-1] if logits.dim() != 2 else logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
 
 
@@ -262,7 +271,7 @@ def weight_at(spec: MoESpec) -> str:
 def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
     r = router
     return (logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
-            r.scale, impl, getattr(torch, r.score_dtype))  # fmt: skip
+            r.scale, impl, getattr(torch, r.score_dtype), r.capacity)  # fmt: skip
 
 
 def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,

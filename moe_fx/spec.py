@@ -42,6 +42,10 @@ class RouterSpec:
     topk_then_score: v, ids = topk(logits); w = score(v) (softmax over the K picked).
     n_group/topk_group: group-limited top-k (DeepSeek-V3): groups ranked by the sum of their
     top `group_score_topk` scores, experts outside the `topk_group` best groups are masked.
+    capacity: the most (token, slot) picks one expert takes per capacity group (0: no limit; Switch,
+    NLLB-MoE). Picks are admitted first choices first, then in token order; a pick past capacity is
+    dropped (id -1, weight 0) and contributes nothing. A group is one row of logits [G, S, E] (the
+    sequence, for a router that counts per sequence) or all T tokens of logits [T, E].
     """
 
     k: int
@@ -54,6 +58,7 @@ class RouterSpec:
     group_score_topk: int = 2
     scale: float = 1.0
     score_dtype: str = "float32"  # the dtype the original router's scores are rounded to before top-k
+    capacity: int = 0
 
     def __post_init__(self):
         _check(self.scoring, SCORINGS, "scoring")
@@ -61,6 +66,8 @@ class RouterSpec:
         _check(self.order, ROUTER_ORDERS, "order")
         if self.k < 1:
             raise ValueError(f"moe_fx: router k ({self.k}) must be >= 1")
+        if self.capacity < 0:
+            raise ValueError(f"moe_fx: router capacity ({self.capacity}) must be >= 0 (0: no limit)")
 
     def summary(self) -> str:
         parts = [f"{self.scoring}", f"top{self.k}"]
@@ -76,6 +83,8 @@ class RouterSpec:
             parts.append(f"x{self.scale:g}")
         if self.score_dtype != "float32":
             parts.append(f"{self.score_dtype} scores")
+        if self.capacity:
+            parts.append(f"capacity {self.capacity}")
         return "→".join(parts)
 
 

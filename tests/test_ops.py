@@ -22,6 +22,29 @@ def test_route_schema_and_opcheck():
     bias = torch.randn(E)
     torch.library.opcheck(OPS.route, (logits, bias, K, "sigmoid", "score_then_topk", True, 2, 1, 2, 2.5, "reference"))
     torch.library.opcheck(OPS.route, (logits, None, K, "softmax", "topk_then_score", False, 1, 1, 2, 1.0, "reference"))
+    # token capacity, counted per row of [G, S, E] logits: dropped picks come back as id -1, weight 0
+    grouped = torch.randn(3, T, E)
+    capped = (grouped, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference", torch.float32, 3)
+    torch.library.opcheck(OPS.route, capped)
+    weights, ids = OPS.route(*capped)
+    assert ids.shape == (3 * T, K) and (ids == -1).any() and (weights[ids == -1] == 0).all()
+
+
+def test_dispatch_experts_combine_with_dropped_picks_opcheck():
+    logits = torch.randn(T, E)
+    weights, ids = OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference",
+                             torch.float32, 2)  # fmt: skip
+    assert (ids == -1).any()
+    x = torch.randn(T, D)
+    args = dispatch_args(SPEC, x, ids, weights, "reference")
+    torch.library.opcheck(OPS.quantize_dispatch, args)
+    dispatched = OPS.quantize_dispatch(*args)
+    assert dispatched[2][-1] == (ids >= 0).sum()  # dropped rows lie past the last expert's group
+    w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
+    eargs = experts_args(SPEC, dispatched, w13, None, w2, None, None, x.dtype, "reference")
+    torch.library.opcheck(OPS.experts, eargs)
+    y = OPS.experts(*eargs)
+    assert (y[dispatched[2][-1] :] == 0).all()
 
 
 SPEC = MoESpec(ExpertsSpec(E, D, F, activation="clamped_swiglu", gate_up="interleaved"), K)

@@ -6,6 +6,8 @@ Dispatch sorts the T*K (token, slot) rows by expert once and hands experts the t
 gather index (no K-fold copy of the activations); experts then runs one matmul pair per expert
 group, reading the group bounds with a single host sync (`expert_offsets.tolist()`), never one
 sync per expert. Combine scatters rows back to their slots and sums over K in float32.
+Token capacity: route drops picks past an expert's capacity (id -1, weight 0); dispatch sorts them
+after the last expert's group and experts writes zeros for them.
 """
 
 from __future__ import annotations
@@ -49,8 +51,23 @@ def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_
     return scores_TE, select_TE
 
 
+def capacity_keep(ids_TK: torch.Tensor, num_experts: int, capacity: int, group: int) -> torch.Tensor:
+    """keep_TK bool: whether pick (t, k) fits its expert's capacity. Within each group of `group`
+    consecutive tokens, picks queue at their expert first choices first (k-major), then in token order."""
+    T, K = ids_TK.shape
+    ids_GN = ids_TK.reshape(T // group, group, K).transpose(1, 2).reshape(T // group, K * group).long()
+    onehot_GNE = F.one_hot(ids_GN, num_experts)
+    place_GN = (onehot_GNE.cumsum(dim=1) * onehot_GNE).sum(-1) - 1  # 0-based place in the expert's queue
+    keep_GN = place_GN < capacity
+    return keep_GN.reshape(T // group, K, group).transpose(1, 2).reshape(T, K)
+
+
 @register_lowering("route", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
-def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype):
+def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype,
+          capacity=0):  # fmt: skip
+    E = logits.shape[-1]
+    group = logits.shape[-2] if logits.dim() == 3 else logits.numel() // E  # tokens that share a capacity
+    logits = logits.reshape(-1, E)
     scores_TE, select_TE = selection(logits, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype)
     if order == "topk_then_score":
         values_TK, ids_TK = select_TE.topk(k, dim=-1)
@@ -62,6 +79,10 @@ def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, gro
         weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
     if scale != 1.0:
         weights_TK = weights_TK * scale
+    if capacity and ids_TK.numel():
+        keep_TK = capacity_keep(ids_TK, E, capacity, group)
+        weights_TK = weights_TK.masked_fill(~keep_TK, 0.0)
+        ids_TK = ids_TK.masked_fill(~keep_TK, -1)
     return weights_TK.float().contiguous(), ids_TK.to(torch.int32).contiguous()
 
 
@@ -69,8 +90,9 @@ def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, gro
 def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     K = ids.shape[1]
     flat_ids_R = ids.reshape(-1).long()
+    flat_ids_R = flat_ids_R.masked_fill(flat_ids_R < 0, num_local_experts)  # dropped picks (capacity) sort last
     row_index_R = torch.sort(flat_ids_R, stable=True).indices
-    counts_L = torch.bincount(flat_ids_R, minlength=num_local_experts)
+    counts_L = torch.bincount(flat_ids_R, minlength=num_local_experts + 1)[:num_local_experts]
     expert_offsets_L1 = torch.zeros(num_local_experts + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(counts_L, 0, out=expert_offsets_L1[1:])
     row_weights_R = weights.reshape(-1).float()[row_index_R]
@@ -167,6 +189,7 @@ def experts(
         if weight_at == "output":
             y = y * w_rows
         y_RD[start:end] = y
+    y_RD[bounds[-1] :] = 0  # rows dropped by capacity contribute nothing
     return y_RD
 
 

@@ -122,23 +122,27 @@ class BlockFinder:
                 return u
         return None
 
-    def strip_casts(self, node: fx.Node) -> fx.Node:
-        while isinstance(node, fx.Node) and is_method(node, *_CASTS) and _reads_one_tensor(node):
-            node = node.args[0]
-        return node
-
     def token_root(self, node: fx.Node) -> fx.Node:
         """The first tensor of the tokens upstream of the router input, through casts and reshapes
-        that keep the hidden dim: router and experts often reshape the same input separately."""
-        node = self.strip_casts(node)
+        that keep the hidden dim: router and experts often reshape the same input separately.
+
+        Casts are crossed freely only on the router's own path (a router that scores in float32);
+        above the first tensor the experts may read too (a node with several users), the tokens
+        keep the dtype they have there: a norm that computes in float32 and casts its output to
+        bfloat16 (GPT-OSS) gives the experts bfloat16 tokens, not its float32 product."""
         hidden = shape_of(node)[-1]
+        forked = False
         while (is_method(node, *_CASTS, "view", "reshape", "flatten") or is_function(node, torch.reshape)) and (
             _reads_one_tensor(node)
             and isinstance(node.args[0], fx.Node)
             and shape_of(node.args[0])
             and known_equal(shape_of(node.args[0])[-1], hidden)
         ):
-            node = node.args[0]
+            forked = forked or len(self.view.users[node]) > 1
+            up = node.args[0]
+            if forked and tensor_meta(up) is not None and tensor_meta(up).dtype != tensor_meta(node).dtype:
+                break
+            node = up
         return node
 
     def router_logits(self, src: fx.Node, num_experts: int) -> tuple[fx.Node, fx.Node] | None:

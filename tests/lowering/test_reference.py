@@ -175,3 +175,76 @@ def test_route_rounds_scores_like_a_low_precision_router():
     rounded = OPS.route(*args, torch.bfloat16)[1].long().sort(-1).values
     fp32 = OPS.route(*args)[1].long().sort(-1).values
     assert torch.equal(rounded, eager_ids) and not torch.equal(fp32, eager_ids)
+
+
+# ---------------------------------------------------------------- token capacity (Switch, NLLB-MoE)
+def oracle_capacity(ids_GSK, capacity):
+    """keep [G, S, K]: a plain loop, first choices first, then token order, one queue per (group, expert)."""
+    G, S, K = ids_GSK.shape
+    keep = torch.zeros(G, S, K, dtype=torch.bool)
+    for g in range(G):
+        taken = {}
+        for k, t in itertools.product(range(K), range(S)):
+            e = int(ids_GSK[g, t, k])
+            taken[e] = taken.get(e, 0) + 1
+            keep[g, t, k] = taken[e] <= capacity
+    return keep
+
+
+def route_capacity(logits, k, capacity, scoring="softmax", renormalize=False):
+    return OPS.route(logits, None, k, scoring, "score_then_topk", renormalize, 1, 1, 2, 1.0, "reference",
+                     torch.float32, capacity)  # fmt: skip
+
+
+@pytest.mark.parametrize(("shape", "k", "capacity"), [((1, 23, 4), 2, 5), ((3, 9, 4), 2, 3), ((2, 16, 4), 1, 3)])
+def test_route_capacity_drops_in_token_order_first_choices_first(shape, k, capacity):
+    logits = torch.randn(shape)
+    w, ids = route_capacity(logits, k, capacity)
+    w0, ids0 = route_capacity(logits, k, 0)
+    keep = oracle_capacity(ids0.view(*shape[:2], k), capacity).view(-1, k)
+    assert not keep.all() and keep.any()  # the case really drops
+    assert torch.equal(ids, torch.where(keep, ids0, -1))
+    assert torch.equal(w, torch.where(keep, w0, 0.0))
+    for ids_N in ids.view(shape[0], -1):  # per group, no expert holds more than its capacity
+        assert torch.bincount(ids_N[ids_N >= 0].long(), minlength=shape[2]).max() <= capacity
+
+
+def test_route_capacity_with_every_token_on_one_expert():
+    logits = torch.randn(10, 4)
+    logits[:, 2] += 100.0
+    w, ids = route_capacity(logits, 1, 3)
+    assert ids.view(-1).tolist() == [2, 2, 2] + [-1] * 7
+    assert (w[:3] > 0).all() and (w[3:] == 0).all()
+
+
+@pytest.mark.parametrize("capacity", [13, 100])
+def test_route_capacity_at_least_the_tokens_drops_nothing(capacity):
+    logits = torch.randn(13, 4)
+    logits[:, 1] += 100.0  # every token's first choice is expert 1: capacity 13 still holds them all
+    assert all(torch.equal(a, b) for a, b in zip(route_capacity(logits, 2, capacity), route_capacity(logits, 2, 0)))
+
+
+@pytest.mark.parametrize("weight_on_input", [False, True])
+def test_dropped_picks_contribute_nothing(weight_on_input):
+    """Dropped picks (id -1) are not run and add nothing, even through biases or a weight on the input."""
+    T, K = 12, 2
+    logits = torch.randn(T, E)
+    logits[:, 0] += 4.0
+    weights, ids = route_capacity(logits, K, 2)
+    assert (ids == -1).any()
+    x = torch.randn(T, D)
+    w1, w3, w2 = torch.randn(E, FF, D) / 4, torch.randn(E, FF, D) / 4, torch.randn(E, D, FF) / 4
+    b1, b3, b2 = torch.randn(E, FF), torch.randn(E, FF), torch.randn(E, D)
+    out = run(x, weights, ids, torch.cat([w1, w3], 1), None, w2, torch.cat([b1, b3], 1), b2, "silu_gated",
+              weight_on_input=weight_on_input)  # fmt: skip
+    kept = ids >= 0
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):  # only kept picks, one token at a time
+        one = oracle(x[t : t + 1], weights[t : t + 1, kept[t]], ids[t : t + 1, kept[t]], "silu_gated", w1, w3, w2,
+                     b1, b3, b2, weight_on_input)  # fmt: skip
+        ref[t] = one[0]
+    dropped_everywhere = ~kept.any(1)
+    assert dropped_everywhere.any()
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    assert (out[dropped_everywhere] == 0).all()
+    assert (out[dropped_everywhere] == 0).all()

@@ -5,7 +5,7 @@ import torch
 
 import moe_fx
 from moe_fx.lowering import reference, registry
-from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 SPEC = MoESpec(experts=ExpertsSpec(num_experts=4, hidden=8, ffn=12), top_k=2)
 
@@ -28,6 +28,9 @@ def test_unsupported_spec_is_rejected_with_reason():
     sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout="tp", quant=QuantSpec("fp8")))
     assert sel.chosen is None
     assert "quant='fp8' is not implemented for layout 'tp'" in sel.reason and "tp_all_reduce" in sel.reason
+    for layout in ("ep_alltoall", "ep_allgather", "tp"):  # capacity is routed on one device only
+        sel = registry.select("quantize_dispatch", "cpu", SPEC.replace(layout=layout, router=RouterSpec(2, capacity=3)))
+        assert sel.chosen is None and f"token capacity (3) is not implemented for layout {layout!r}" in sel.reason
 
 
 def test_route_and_experts_reuse_single_device_lowerings_under_parallel_layouts():

@@ -27,6 +27,7 @@ from moe_fx.lowering.distributed.comm import (
     quantize_for_wire,
     reduce_scatter_rows,
     scale_shape,
+    uncapped,
     wire,
 )
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
@@ -35,7 +36,8 @@ LAYOUT = "ep_allgather"
 NAME = "ep_all_gather"
 
 
-@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
+                   supports=uncapped)  # fmt: skip
 def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     group = group_of(group_name)
     W, rank = group.size(), group.rank()

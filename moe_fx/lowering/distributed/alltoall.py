@@ -25,14 +25,15 @@ import torch.distributed as dist
 
 from moe_fx.lowering import reference
 from moe_fx.lowering.distributed import stats
-from moe_fx.lowering.distributed.comm import PRIORITY, group_of, quantize_for_wire, scale_shape, wire
+from moe_fx.lowering.distributed.comm import PRIORITY, group_of, quantize_for_wire, scale_shape, uncapped, wire
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
 
 LAYOUT = "ep_alltoall"
 NAME = "ep_all_to_all"  # each layout names its lowerings apart: ops look entries up by name
 
 
-@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY)
+@register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
+                   supports=uncapped)  # fmt: skip
 def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     group = group_of(group_name)
     W, rank = group.size(), group.rank()

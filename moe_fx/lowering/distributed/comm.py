@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from moe_fx.lowering import quant as quant_fmt
+from moe_fx.spec import MoESpec
 
 PRIORITY = 0
 
@@ -44,6 +45,13 @@ def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device
     if xscale_NB is None:
         return torch.empty((0,), dtype=torch.float32, device=device)
     return xscale_NB.contiguous() if quant == "fp8_block" else xscale_NB[:, 0].contiguous()
+
+
+def uncapped(spec: MoESpec) -> str | None:
+    """Token capacity is routed on one device only: the parallel dispatches refuse it, with the reason."""
+    if spec.router is not None and spec.router.capacity:
+        return f"token capacity ({spec.router.capacity}) is not implemented for layout {spec.layout!r}"
+    return None
 
 
 def all_gather_rows(x_ND: torch.Tensor, sizes: list[int], group: dist.ProcessGroup) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from moe_fx.lowering import reference
-from moe_fx.lowering.distributed.comm import PRIORITY, group_of
+from moe_fx.lowering.distributed.comm import PRIORITY, group_of, uncapped
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
 from moe_fx.spec import MoESpec
 
@@ -28,7 +28,7 @@ def unquantised(spec: MoESpec) -> str | None:
     rank's F slice of the quantised weights and locally quantised activations, whose per-token scales for
     the down projection cover F/W rather than F: not the single-device quantised block. Not implemented."""
     if spec.quant.mode == "none":
-        return None
+        return uncapped(spec)
     return (
         f"quant={spec.quant.mode!r} is not implemented for layout 'tp': tp moves no activations (nothing to save "
         "on the wire), and its down projection would quantise activations over F/W per rank, which is not the "

@@ -19,8 +19,16 @@ MAX_EXPERTS = 1024  # route and the tile lookup hold all E in registers
 DTYPES = ("float32", "float16", "bfloat16")
 
 
+def _capacity(spec: MoESpec) -> str | None:
+    if spec.router is not None and spec.router.capacity:
+        return f"token capacity ({spec.router.capacity}, dropped picks) is not implemented by {NAME}"
+    return None
+
+
 def supports_router(spec: MoESpec) -> str | None:
     r, E = spec.router, spec.experts.num_experts
+    if _capacity(spec):
+        return _capacity(spec)
     if E > MAX_EXPERTS:
         return f"{E} experts exceed the {MAX_EXPERTS} that {NAME} route holds in registers"
     if r is not None and r.n_group > 1 and E % r.n_group:
@@ -29,6 +37,8 @@ def supports_router(spec: MoESpec) -> str | None:
 
 
 def supports_rows(spec: MoESpec) -> str | None:
+    if _capacity(spec):
+        return _capacity(spec)
     if spec.quant.mode != "none":
         return f"quant={spec.quant.mode!r} is not implemented by {NAME} yet"
     if spec.experts.num_experts > MAX_EXPERTS:
@@ -44,7 +54,9 @@ def supports_experts(spec: MoESpec) -> str | None:
 
 @register_lowering("route", device="cuda", name=NAME, priority=PRIORITY, supports=supports_router)
 def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale,
-                 score_dtype):  # fmt: skip
+                 score_dtype, capacity):  # fmt: skip
+    if capacity:
+        raise NotImplementedError(f"moe_fx: {NAME} route has no token capacity, got capacity={capacity}")
     return _route.route(
         logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype
     )

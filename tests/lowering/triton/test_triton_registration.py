@@ -30,6 +30,18 @@ def test_unsupported_specs_fall_back_with_reasons():
     assert sel.chosen.name == "reference" and sel.rejected == (("triton", "experts (8) not divisible by n_group (3)"),)
 
 
+def test_token_capacity_falls_back_to_the_reference_with_reasons():
+    """Triton and grouped_mm have no dropped picks: route, dispatch and experts go to the reference; combine
+    (a weighted sum over every slot, dropped ones zero) stays Triton."""
+    capped = SPEC.replace(router=RouterSpec(2, capacity=4))
+    for op in ("route", "quantize_dispatch", "experts"):
+        sel = registry.select(op, "cuda", capped)
+        assert sel.chosen.name == "reference", op
+        assert dict(sel.rejected)["triton"] == "token capacity (4, dropped picks) is not implemented by triton"
+    assert "token capacity" in dict(registry.select("experts", "cuda", capped).rejected)["grouped_mm"]
+    assert registry.select("combine", "cuda", capped).chosen.name == "triton"
+
+
 def test_vendor_grouped_mm_is_a_real_choice():
     names = [e.name for e in registry.candidates("experts", "cuda", "single")]
     assert names[:2] == ["triton", "grouped_mm"]
