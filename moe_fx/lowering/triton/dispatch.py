@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton.quantize import quantize_rows
+
 
 @triton.jit
 def _count_kernel(ids_ptr, counts_ptr, R, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
@@ -100,11 +102,14 @@ def _block_r(E: int) -> int:
     return max(16, min(128, 8192 // triton.next_power_of_2(E)))
 
 
-def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device, unquantised.
+def dispatch(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, quant: str = "none"
+) -> tuple[torch.Tensor, ...]:
+    """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device.
 
-    Returns (xq_TD (a copy of x: an op output may not alias its input), empty xscale, expert_offsets_E1
-    int64, gather_index_R int64, row_weights_R fp32, row_index_R int64, empty comm_splits).
+    Returns (xq_TD, xscale, expert_offsets_E1 int64, gather_index_R int64, row_weights_R fp32, row_index_R
+    int64, empty comm_splits). Unquantised, xq is a copy of x (an op output may not alias its input) and
+    xscale is empty; under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`.
     """
     T, K = ids.shape
     R, E, device = T * K, num_experts, x.device
@@ -132,4 +137,5 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_expe
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
-    return x.clone(), empty[0], offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]
+    xq, xscale = (x.clone(), empty[0]) if quant == "none" else quantize_rows(x, quant)
+    return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]

@@ -58,9 +58,11 @@ def t_bucket(T: int) -> int:
     return triton.next_power_of_2(max(T, 1))
 
 
-def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int) -> str:
+def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int, quant: str = "none"):
+    """The cache key; `dtype` is the model's (the output's) dtype, a quant mode other than "none" is appended."""
     kind = "gated" if gated else "plain"
-    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}-{device}-T{t_bucket(T)}"
+    q = "" if quant == "none" else f"-{quant}"
+    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}{q}-{device}-T{t_bucket(T)}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,12 +76,30 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(rows_per_expert: float, dtype: torch.dtype) -> ExpertsConfig:
+def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
+    """fp8_block's constraints on a config: the up GEMM's N-tile is one 128-column activation group (quantised
+    in its epilogue), and K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128)."""
+    if quant != "fp8_block":
+        return config
+    up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
+    return ExpertsConfig(replace(up, block_n=128), down)
+
+
+def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
     """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
-    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill."""
-    if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16
-        c = GemmConfig(16, 16, 16, 1, 4, 1)
-        return ExpertsConfig(c, c)
+    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill. Quantised
+    operands are one byte: their K-tiles are twice as deep for the same shared memory."""
+    if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16 (32 for fp8)
+        c = GemmConfig(16, 16, 16, 1, 4, 1) if quant == "none" else GemmConfig(16, 32, 32, 1, 4, 1)
+        return conform(ExpertsConfig(c, c), quant)
+    if quant != "none":
+        if rows_per_expert <= 16:
+            up = down = GemmConfig(16, 128, 256, 8, 4, 3)
+        elif rows_per_expert <= 96:
+            up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
+        else:
+            up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
+        return conform(ExpertsConfig(up, down), quant)
     if rows_per_expert <= 16:
         up = down = GemmConfig(16, 128, 128, 8, 4, 3)
     elif rows_per_expert <= 96:
@@ -121,17 +141,19 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -
     _choose.cache_clear()
 
 
-def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int):
+def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int,
+           quant: str = "none"):  # fmt: skip
     """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
-    return _choose(E, D, F, K, gated, dtype, device, R, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
+    return _choose(E, D, F, K, gated, dtype, device, R, quant, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
 
 
 @functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
-def _choose(E, D, F, K, gated, dtype, device, R, _cache_env, interpret) -> ExpertsConfig:
+def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -> ExpertsConfig:
     tuned = None
     if not interpret:
-        tuned = _lookup(str(cache_path()), key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1)))
-    return tuned if tuned is not None else default_config(R / max(E, 1), dtype)
+        cache_key = key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1), quant)
+        tuned = _lookup(str(cache_path()), cache_key)
+    return tuned if tuned is not None else default_config(R / max(E, 1), dtype, quant)
 
 
 CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
