@@ -5,7 +5,7 @@ Legend: N rows, D columns, G = BLOCK (128) columns per group, B = ceil(D / G) gr
     fp8 / int8:  scale_N  = max(amax |x[n, :]|, 1e-12) / qmax,         q = cast(x / scale)
     fp8_block:   scale_NB = max(amax |x[n, bG:(b+1)G]|, 1e-12) / qmax, q = cast(x / scale) per group
 
-One program per row (per token) or per (row, group) (fp8_block); a row's scale reads that row alone, so
+One program per block of rows (per token), or per (block of rows, group) (fp8_block); a row's scale reads that row alone, so
 a NaN or Inf in one token never reaches another token's scale. `_quantize_tile` is the same arithmetic on
 a [BLOCK_M, G] register tile: the grouped GEMM calls it in its epilogue to quantise the activation
 between the GEMMs (fp8_block). The arithmetic matches the torch reference bit for bit: the same fp32
@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering import quant as quant_fmt
+from moe_fx.lowering.triton.tuning import interpreting
 
 MODES = ("fp8", "fp8_block", "int8")
 _RNE = 12582912.0  # 1.5 * 2**23: (v + _RNE) - _RNE rounds an fp32 |v| < 2**22 half to even
@@ -66,29 +67,33 @@ def _quantize_tile(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 @triton.jit
 def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr, D, stride_xn, stride_qn, stride_sn,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
-    x_row = x_ptr + row * stride_xn
-    q_row = q_ptr + row * stride_qn
-    if GROUPED:  # program (row, group): BLOCK_D == G
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
+    if GROUPED:  # program (row block, group): BLOCK_D == G
         cols = tl.program_id(1) * BLOCK_D + d
-        x = tl.load(x_row + cols, mask=cols < D, other=0.0).to(tl.float32)
-        q, scale = _quantize_tile(x[None, :], QMAX, IS_INT)
-        tl.store(q_row + cols[None, :], q, mask=(cols < D)[None, :])
-        tl.store(scale_ptr + row * stride_sn + tl.program_id(1) + tl.arange(0, 1), scale)
+        mask = row_ok[:, None] & (cols < D)[None, :]
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        q, scale = _quantize_tile(x, QMAX, IS_INT)
+        tl.store(q_rows + cols[None, :], q, mask=mask)
+        tl.store(scale_ptr + rows * stride_sn + tl.program_id(1), scale, mask=row_ok)
     else:
-        amax = tl.zeros((BLOCK_D,), tl.float32)
+        amax = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(x_row + d0 + d, mask=d0 + d < D, other=0.0).to(tl.float32)
+            mask = row_ok[:, None] & (d0 + d < D)[None, :]
+            x = tl.load(x_rows + (d0 + d)[None, :], mask=mask, other=0.0).to(tl.float32)
             amax = _nan_max(amax, tl.abs(x))
-        scale = _scale(tl.reduce(amax, 0, _nan_max), QMAX)
+        scale = _scale(tl.reduce(amax, 1, _nan_max), QMAX)
         for d0 in range(0, D, BLOCK_D):
-            x = tl.load(x_row + d0 + d, mask=d0 + d < D, other=0.0).to(tl.float32)
-            tl.store(q_row + d0 + d, _cast(x / scale, QMAX, IS_INT), mask=d0 + d < D)
-        tl.store(scale_ptr + row * stride_sn, scale)
+            mask = row_ok[:, None] & (d0 + d < D)[None, :]
+            x = tl.load(x_rows + (d0 + d)[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_rows + (d0 + d)[None, :], _cast(x / scale[:, None], QMAX, IS_INT), mask=mask)
+        tl.store(scale_ptr + rows * stride_sn, scale, mask=row_ok)
 
 
 def qdtype(mode: str) -> torch.dtype:
@@ -107,11 +112,12 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     scale = torch.empty((N, triton.cdiv(D, G)) if grouped else (N,), dtype=torch.float32, device=x_ND.device)
     if N == 0 or D == 0:
         return xq, scale.fill_(1.0)
-    block_d = G if grouped else min(triton.next_power_of_2(max(D, 16)), 2048)
-    grid = (N, triton.cdiv(D, G)) if grouped else (N,)
+    block_d = G if grouped else min(triton.next_power_of_2(max(D, 16)), 1024)
+    block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
+    grid = (triton.cdiv(N, block_r), triton.cdiv(D, G) if grouped else 1)
     _quantize_rows_kernel[grid](
-        x_ND, xq, scale, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
-        QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", GROUPED=grouped, BLOCK_D=block_d,
-        num_warps=4 if block_d >= 1024 else 1,
+        x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
+        QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", GROUPED=grouped, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=4,
     )  # fmt: skip
     return xq, scale
