@@ -5,11 +5,12 @@ Legend: N rows, D columns, G = BLOCK (128) columns per group, B = ceil(D / G) gr
     fp8 / int8:  scale_N  = max(amax |x[n, :]|, 1e-12) / qmax,         q = cast(x / scale)
     fp8_block:   scale_NB = max(amax |x[n, bG:(b+1)G]|, 1e-12) / qmax, q = cast(x / scale) per group
 
-One program per block of rows (per token), or per (block of rows, group) (fp8_block); a row's scale reads that row alone, so
-a NaN or Inf in one token never reaches another token's scale. `_quantize_tile` is the same arithmetic on
-a [BLOCK_M, G] register tile: the grouped GEMM calls it in its epilogue to quantise the activation
-between the GEMMs (fp8_block). The arithmetic matches the torch reference bit for bit: the same fp32
-division, e4m3 casts round to nearest even (saturated by the clamp), int8 rounds half to even.
+One program per block of rows (per token), or per (block of rows, group) (fp8_block); a row's scale
+reads that row alone, so a NaN or Inf in one token never reaches another token's scale.
+`_quantize_tile` is the same arithmetic on a [BLOCK_M, G] register tile: the grouped GEMM calls it in its
+epilogue to quantise the activation between the GEMMs (fp8_block). The arithmetic matches the torch
+reference bit for bit: the same fp32 division, e4m3 rounds to nearest even (saturated by the clamp),
+int8 rounds half to even.
 """
 
 from __future__ import annotations
