@@ -161,16 +161,23 @@ CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 )  # fmt: skip
+QUANT_CANDIDATES = (  # one-byte operands: deeper K-tiles for the same shared memory
+    (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4),
+    (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
+)  # fmt: skip
 
 
-def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda") -> dict:
-    """Time CANDIDATES for both GEMMs at each T (random routing), store the best per T-bucket.
+def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
+         quant: str = "none") -> dict:  # fmt: skip
+    """Time CANDIDATES (QUANT_CANDIDATES, conformed, under a quant mode) for both GEMMs at each T (random
+    routing), store the best per T-bucket.
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up.
     Returns {cache key: microseconds of the best pair}. Needs a GPU.
     """
     from tqdm import tqdm
 
+    from moe_fx.lowering.quant import quantize_weight
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
 
@@ -178,29 +185,37 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     device = torch.device(device)
     w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
     w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
+    scales = {}
+    if quant != "none":
+        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
+    candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
-    bar = tqdm(total=len(Ts) * 2 * len(CANDIDATES), desc=f"moe_fx tune E{E} D{D} F{F} K{K}")
+    bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     for T in Ts:
         x = torch.randn(T, D, device=device, dtype=dtype)
         ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
-        d = dispatch(x, ids, torch.rand(T, K, device=device), E)
-        best = default_config(T * K / E, dtype)
+        d = dispatch(x, ids, torch.rand(T, K, device=device), E, quant)
+        best = default_config(T * K / E, dtype, quant)
 
         def run(config, d=d):
             return experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none", activation, "concat",
-                           False, False, 1.702, 7.0, dtype, config=config)  # fmt: skip
+                           False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=d[1],
+                           **scales)  # fmt: skip
 
         timings = {}
         for part in ("up", "down"):
-            for m, n, k, warps, stages in CANDIDATES:
-                config = replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)})
+            for m, n, k, warps, stages in candidates:
+                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)}), quant)
+                if config in timings:  # conform() made it a duplicate
+                    bar.update()
+                    continue
                 try:
                     timings[config] = triton.testing.do_bench(lambda c=config: run(c), return_mode="median") * 1e3
                 except Exception as err:  # a config out of shared memory or registers: skip it
                     log.debug("moe_fx: tuning config %s failed: %s", config, err)
                 bar.update()
             best = min(timings, key=timings.get)
-        cache_key = key(E, D, F, K, gated, dtype, device_name(device), T)
+        cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
         store(cache_key, best, {"best": timings[best]})
         results[cache_key] = timings[best]
     bar.close()
