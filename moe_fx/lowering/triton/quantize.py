@@ -23,7 +23,7 @@ from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton.tuning import interpreting
 
 MODES = ("fp8", "fp8_block", "int8")
-_RNE = 12582912.0  # 1.5 * 2**23: (v + _RNE) - _RNE rounds an fp32 |v| < 2**22 half to even
+_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + _RNE) - _RNE rounds an fp32 |v| < 2**22 half to even
 
 
 @triton.jit
