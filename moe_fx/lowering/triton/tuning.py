@@ -94,9 +94,11 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
         return conform(ExpertsConfig(c, c), quant)
     if quant != "none":
         if rows_per_expert <= 16:
-            up = down = GemmConfig(16, 128, 256, 8, 4, 3)
+            up = down = GemmConfig(16, 64, 256, 8, 4, 4)
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
+        elif quant == "fp8_block":  # two fp32 partial products per K-step besides the accumulators: 64-row tiles
+            up = down = GemmConfig(64, 128, 128, 8, 4, 3)
         else:
             up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
         return conform(ExpertsConfig(up, down), quant)
@@ -162,7 +164,8 @@ CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 )  # fmt: skip
 QUANT_CANDIDATES = (  # one-byte operands: deeper K-tiles for the same shared memory
-    (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4), (64, 128, 128, 4, 4),
+    (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4),
+    (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
     (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
 )  # fmt: skip
 
