@@ -11,7 +11,8 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `options`: `moe_fx.options.VALID_KEYS`;
 - user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
-- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them.
+- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
+  section of bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -181,6 +182,18 @@ def _floor(row: dict, variant: str) -> float:
     return row.get("quant_floor_us", {}).get(variant, row["floor_us"])
 
 
+def quant_notes_section() -> str:
+    """The quantised-lowering section of bench/NOTES.md (measured table, targets, predicted vs measured)."""
+    notes = (ROOT / "bench" / "NOTES.md").read_text()
+    start = notes.index(QUANT_NOTES_HEADING)
+    end = notes.find("\n## ", start + len(QUANT_NOTES_HEADING))
+    body = notes[start + len(QUANT_NOTES_HEADING) : None if end < 0 else end].strip()
+    return f"From `bench/NOTES.md`, section *{QUANT_NOTES_HEADING.removeprefix('## ')}* (paths relative to bench/):\n\n{body}"
+
+
+QUANT_NOTES_HEADING = "## Quantised: fp8, fp8_block, int8 (issue #5)"
+
+
 def images() -> list[Path]:
     """Redraw docs/img: block 1 of the demo model before/after (graphviz) and the HTML report (chromium)."""
     import torch
@@ -223,7 +236,7 @@ def images() -> list[Path]:
 SECTIONS = {
     "architecture.md": {"codemap": codemap_section, "contract": contract_section},
     "user_guide.md": {"options": options_section, "forms": forms_section, "models": models_section},
-    "performance.md": {"results": results_section},
+    "performance.md": {"results": results_section, "quant_notes": quant_notes_section},
 }
 
 

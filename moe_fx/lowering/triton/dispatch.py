@@ -1,4 +1,4 @@
-"""Triton `quantize_dispatch` (quant "none", one device): group the T*K routed rows by expert.
+"""Triton `quantize_dispatch` (one device): group the T*K routed rows by expert, quantise the activations.
 
 Legend: T tokens, D model dim, E experts, K top-k, R = T*K routed rows.
 
@@ -12,7 +12,8 @@ previous blocks' (stable, like the reference). Above, two launches:
      start[e] + reserved[e] + its rank among the block's rows of expert e.
 Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
 order within an expert may vary from run to run. Every row is computed independently downstream, so
-the layer's output does not depend on it.
+the layer's output does not depend on it. Under fp8 / fp8_block / int8 the T tokens (not the T*K rows:
+experts gathers them) are quantised by `quantize.quantize_rows`, one more launch.
 """
 
 from __future__ import annotations
