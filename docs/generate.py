@@ -188,7 +188,8 @@ def quant_notes_section() -> str:
     start = notes.index(QUANT_NOTES_HEADING)
     end = notes.find("\n## ", start + len(QUANT_NOTES_HEADING))
     body = notes[start + len(QUANT_NOTES_HEADING) : None if end < 0 else end].strip()
-    return f"From `bench/NOTES.md`, section *{QUANT_NOTES_HEADING.removeprefix('## ')}* (paths relative to bench/):\n\n{body}"
+    title = QUANT_NOTES_HEADING.removeprefix("## ")
+    return f"From `bench/NOTES.md`, section *{title}* (paths relative to bench/):\n\n{body}"
 
 
 QUANT_NOTES_HEADING = "## Quantised: fp8, fp8_block, int8 (issue #5)"
