@@ -1,12 +1,17 @@
-"""One MoE layer on one GPU: HF experts (eager, grouped_mm, compiled), sort+_grouped_mm, moe_fx (triton, vendor).
+"""One MoE layer on one GPU: HF experts (eager, grouped_mm, compiled), sort+_grouped_mm, moe_fx (triton, vendor),
+and moe_fx's quantised Triton lowerings (fp8, fp8_block, int8).
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 Every variant runs the same HF Mixtral-style block (router linear -> softmax -> top-k -> renormalise
 -> SiLU-gated experts) on the same inputs and weights, so the routing is the same. Times are medians of
-`triton.testing.do_bench` (L2 flushed before each repetition); decode rows (T <= 16) are also timed as
+`triton.testing.do_bench` (L2 flushed before each repetition); decode rows (T <= 128) are also timed as
 CUDA-graph replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings
 measured in the same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
+A quantised variant `moe_fx_<mode>` has its own floor: one-byte weights (plus their fp32 scales) and the
+e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too: H100's int8 and fp8 tensor-core peaks are equal,
+and `torch._int_mm`, also measured, reaches far less); `speedup` is moe_fx_triton
+(bf16) time over the quantised time, CUDA-graph times where both have one.
 
     python bench/layer.py [--shapes mixtral qwen3 ...] [--T 1 16 ...] [--variants ...] [--tune] --out DIR
 """
@@ -25,9 +30,10 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from moe_fx.lowering import quant
 from moe_fx.lowering.triton import tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
-from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 OPS = torch.ops.moe_fx
 SHAPES = {  # E, K, D, F
@@ -36,19 +42,29 @@ SHAPES = {  # E, K, D, F
     "gptoss": (32, 4, 2880, 2880),
     "deepseek": (64, 8, 7168, 2048),
 }
-VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor")
+QUANT_VARIANTS = {"moe_fx_fp8": "fp8", "moe_fx_fp8_block": "fp8_block", "moe_fx_int8": "int8"}
+VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
+GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS)
 
 
-def ceilings() -> tuple[float, float]:
-    """(copy bytes/s counting read + write, bf16 matmul flop/s), measured here."""
+def ceilings() -> tuple[float, dict[str, float]]:
+    """(copy bytes/s counting read + write, {"bf16" | "fp8" | "int8": matmul flop/s}), measured here."""
     a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
     t = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3
     bw = 2 * a.numel() * 2 / t
+
     n = 8192
     x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    t = triton.testing.do_bench(lambda: x @ y, return_mode="median") * 1e-3
-    return bw, 2 * n**3 / t
+    one = torch.ones((), device="cuda")
+    x8, y8 = x.to(quant.FP8), y.to(quant.FP8).T  # _scaled_mm wants the second operand column-major
+    xi, yi = x.to(torch.int8), y.to(torch.int8)
+    mms = {
+        "bf16": lambda: x @ y,
+        "fp8": lambda: torch._scaled_mm(x8, y8, one, one, out_dtype=torch.bfloat16),
+        "int8": lambda: torch._int_mm(xi, yi),
+    }
+    return bw, {k: 2 * n**3 / (triton.testing.do_bench(f, return_mode="median") * 1e-3) for k, f in mms.items()}
 
 
 def hf_block(E, K, D, F_):
@@ -76,6 +92,23 @@ def moe_fx_layer(block, spec, impl):
         return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
 
     return run
+
+
+def moe_fx_quant_layer(block, spec, mode):
+    """moe_fx with the Triton lowerings under quant `mode`: the weights quantised once, as the rewrite does."""
+    w13, s13 = quant.quantize_weight(block.experts.gate_up_proj, mode)
+    w2, s2 = quant.quantize_weight(block.experts.down_proj, mode)
+    spec, gate = spec.replace(quant=QuantSpec(mode)), block.gate.weight
+    weight_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
+
+    def run(x):
+        logits = F.linear(x, gate)
+        weights, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
+        d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
+        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2))
+        return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
+
+    return run, weight_bytes
 
 
 def sort_gmm_layer(block, E, K):
@@ -128,12 +161,14 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run_shape(name, Ts, variants, bw, flops_rate, tune):
+def run_shape(name, Ts, variants, bw, rates, tune):
     E, K, D, F_ = SHAPES[name]
     block = hf_block(E, K, D, F_)
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
+    quantised = {v: moe_fx_quant_layer(block, spec, mode) for v, mode in QUANT_VARIANTS.items() if v in variants}
     if tune:
-        tuning.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts)
+        for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_VARIANTS[v] for v in quantised]:
+            tuning.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts, quant=mode)
     compiled = torch.compile(block, dynamic=True) if "hf_gmm_compiled" in variants else None
     fns = {
         "hf_eager": lambda x: _hf(block, x, "eager"),
@@ -142,6 +177,7 @@ def run_shape(name, Ts, variants, bw, flops_rate, tune):
         "sort_gmm": sort_gmm_layer(block, E, K),
         "moe_fx_triton": moe_fx_layer(block, spec, "triton"),
         "moe_fx_vendor": moe_fx_layer(block, spec, "grouped_mm"),
+        **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
     for T in Ts:
@@ -151,20 +187,26 @@ def run_shape(name, Ts, variants, bw, flops_rate, tune):
             ids = F.linear(x, block.gate.weight).float().topk(K, dim=-1).indices
             hit = ids.unique().numel()
             nbytes = (hit * 3 * D * F_ + E * D + 2 * T * D) * 2
-            floor = max(nbytes / bw, 6 * T * K * D * F_ / flops_rate) * 1e6
+            flops = 6 * T * K * D * F_
+            floor = max(nbytes / bw, flops / rates["bf16"]) * 1e6
             ref = fns["hf_gmm"](x)
             row = {"shape": name, "T": T, "floor_us": floor, "hit_experts": hit, "us": {}, "graph_us": {}, "err": {}}
+            for v, (_, weight_bytes) in quantised.items():  # hit experts' share of the quantised weights
+                qbytes = weight_bytes * hit / E + (E * D + 2 * T * D) * 2
+                rate = rates["fp8"]  # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
+                row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
             for v in variants:
                 try:
                     out = fns[v](x)
                     row["err"][v] = rel_err(out, ref)
                     row["us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=False)
-                    if T <= 16 and v in ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled"):
+                    if T <= 128 and v in GRAPHED:
                         row["graph_us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=True)
                         row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
+        _speedups(row)
         rows.append(row)
         _print_row(row, variants)
     torch.cuda.empty_cache()
@@ -179,13 +221,27 @@ def _hf(block, x, impl):
         block.experts.config._experts_implementation = "grouped_mm"
 
 
+def _best_us(row, v):
+    return row["graph_us"].get(v, row["us"].get(v, float("nan")))
+
+
+def _speedups(row):
+    """Each quantised variant's speedup over moe_fx bf16 and ratio to its own floor (graph times if any)."""
+    for v, floor in row.get("quant_floor_us", {}).items():
+        row.setdefault("speedup_vs_bf16", {})[v] = _best_us(row, "moe_fx_triton") / _best_us(row, v)
+        row.setdefault("ratio_to_quant_floor", {})[v] = _best_us(row, v) / floor
+
+
 def _print_row(row, variants):
     cells = []
     for v in variants:
         us = row["us"].get(v, float("nan"))
         g = row["graph_us"].get(v)
-        cell = f"{us:.0f}/{us / row['floor_us']:.2f}" if not math.isnan(us) else "fail"
-        cells.append(cell + (f" (g {g:.0f}/{g / row['floor_us']:.2f})" if g else ""))
+        floor = row.get("quant_floor_us", {}).get(v, row["floor_us"])
+        cell = f"{us:.0f}/{us / floor:.2f}" if not math.isnan(us) else "fail"
+        cell += f" (g {g:.0f}/{g / floor:.2f})" if g else ""
+        speedup = row.get("speedup_vs_bf16", {}).get(v)
+        cells.append(cell + (f" {speedup:.2f}×" if speedup else ""))
     print(f"| {row['shape']} | {row['T']} | " + " | ".join(cells) + f" | {row['floor_us']:.0f} |", flush=True)
 
 
@@ -198,25 +254,28 @@ def main():
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     torch.manual_seed(0)
-    bw, rate = ceilings()
-    print(f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; µs/ratio to floor; (g = CUDA graph)")
+    bw, rates = ceilings()
+    mm = ", ".join(f"{k} matmul {r / 1e12:.0f} TFLOP/s" for k, r in rates.items())
+    print(f"copy {bw / 1e12:.2f} TB/s, {mm}; µs/ratio to floor (quantised: to its own floor); (g = CUDA graph); ")
+    print("n× = speedup of a quantised variant over moe_fx_triton (bf16)")
     print("| shape | T | " + " | ".join(args.variants) + " | floor |")
     rows = []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in args.shapes:
-        rows += run_shape(name, args.T, args.variants, bw, rate, args.tune)
-        _write(out, stamp, args, bw, rate, rows)
+        rows += run_shape(name, args.T, args.variants, bw, rates, args.tune)
+        _write(out, stamp, args, bw, rates, rows)
 
 
-def _write(out, stamp, args, bw, rate, rows):
+def _write(out, stamp, args, bw, rates, rows):
     meta = {
         "device": torch.cuda.get_device_name(), "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}",
-        "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rate,
+        "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rates["bf16"],
+        "matmul_flops_by_dtype": rates,
         "variants": args.variants, "tuned": args.tune,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
-        "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 16)",
+        "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 128)",
     }  # fmt: skip
     (out / f"layer-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out / f'layer-{stamp}.json'}", os.environ.get("MOE_FX_TUNING_CACHE", ""))

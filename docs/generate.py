@@ -11,7 +11,8 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `options`: `moe_fx.options.VALID_KEYS`;
 - user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
-- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them.
+- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
+  section of bench/NOTES.md.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def results_section() -> str:
             f"run with `--tune`: {meta.get('tuned', False)}. µs / ratio to the floor; `fail`: could not run."
         )
         table = [
-            [r["shape"], str(r["T"]), *(_us(r["us"].get(v), r["floor_us"]) for v in variants), f"{r['floor_us']:.0f}"]
+            [r["shape"], str(r["T"]), *(_us(r["us"].get(v), _floor(r, v)) for v in variants), f"{r['floor_us']:.0f}"]
             for r in rows
         ]
         parts.append(_table(["shape", "T", *variants, "floor"], table))
@@ -156,12 +157,42 @@ def results_section() -> str:
         if graphed:
             gvars = list(dict.fromkeys(v for r in graphed for v in r["graph_us"]))
             gtable = [
-                [r["shape"], str(r["T"]), *(_us(r["graph_us"].get(v), r["floor_us"]) for v in gvars)]
+                [r["shape"], str(r["T"]), *(_us(r["graph_us"].get(v), _floor(r, v)) for v in gvars)]
                 + [f"{r['floor_us']:.0f}"]
                 for r in graphed
             ]
             parts.append("CUDA-graph replays:\n\n" + _table(["shape", "T", *gvars, "floor"], gtable))
+        quantised = list(dict.fromkeys(v for r in rows for v in r.get("speedup_vs_bf16", {})))
+        if quantised:
+            qtable = [
+                [r["shape"], str(r["T"])]
+                + [f"{r['speedup_vs_bf16'][v]:.2f}× ({r['quant_floor_us'][v]:.0f})" for v in quantised]
+                for r in rows
+            ]
+            parts.append(
+                "Quantised variants: speedup over `moe_fx_triton` (bf16), CUDA-graph times where both have one, and "
+                "(in parentheses) the variant's own floor in µs, at its one-byte weights and its matmul rate; the "
+                "cells above divide by that floor:\n\n" + _table(["shape", "T", *quantised], qtable)
+            )
     return "\n\n".join(parts)
+
+
+def _floor(row: dict, variant: str) -> float:
+    """A variant's floor: its own for a quantised variant (one-byte weights), else the bf16 floor."""
+    return row.get("quant_floor_us", {}).get(variant, row["floor_us"])
+
+
+def quant_notes_section() -> str:
+    """The quantised-lowering section of bench/NOTES.md (measured table, targets, predicted vs measured)."""
+    notes = (ROOT / "bench" / "NOTES.md").read_text()
+    start = notes.index(QUANT_NOTES_HEADING)
+    end = notes.find("\n## ", start + len(QUANT_NOTES_HEADING))
+    body = notes[start + len(QUANT_NOTES_HEADING) : None if end < 0 else end].strip()
+    title = QUANT_NOTES_HEADING.removeprefix("## ")
+    return f"From `bench/NOTES.md`, section *{title}* (paths relative to bench/):\n\n{body}"
+
+
+QUANT_NOTES_HEADING = "## Quantised: fp8, fp8_block, int8 (issue #5)"
 
 
 def images() -> list[Path]:
@@ -206,7 +237,7 @@ def images() -> list[Path]:
 SECTIONS = {
     "architecture.md": {"codemap": codemap_section, "contract": contract_section},
     "user_guide.md": {"options": options_section, "forms": forms_section, "models": models_section},
-    "performance.md": {"results": results_section},
+    "performance.md": {"results": results_section, "quant_notes": quant_notes_section},
 }
 
 

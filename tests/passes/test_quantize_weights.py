@@ -103,22 +103,22 @@ def test_fallback_option_must_be_a_bool():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_quantised_block_on_gpu_without_native_lowering_names_the_capability():
+def test_quantised_block_on_gpu_runs_triton_or_names_the_capability(monkeypatch):
     model = ex.LoopMoE().eval().cuda()
     x = torch.randn(5, 32, device="cuda")
     with torch.no_grad():
         ref = model(x)
-        if (
-            moe_fx.explain(model, x, options={"quant": "fp8", "allow_reference_fallback": True})
-            .matches[0]
-            .lowerings["experts"]
-            .name
-            != "reference"
-        ):
-            pytest.skip("a native quantised experts lowering serves this GPU")
-        with pytest.raises(
-            ValueError, match=r"moe_fx: quant='fp8' has no native experts lowering .*capability \d+\.\d+"
-        ):
+        if torch.cuda.get_device_capability() >= (8, 9):  # fp8 tensor cores: the native Triton lowering
+            report = moe_fx.explain(model, x, options={"quant": "fp8"})
+            assert report.matches[0].lowerings["experts"].name == "triton"
+            assert 1e-3 < rel_err(compile_quant(model, x, "fp8"), ref) < BOUND["fp8"]
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # an A100
+        explained = moe_fx.explain(model, x, options={"quant": "fp8", "allow_reference_fallback": True})
+        rejected = dict(explained.matches[0].lowerings["experts"].rejected)
+        assert (
+            rejected["triton"] == "quant='fp8' needs compute capability >= 8.9 (fp8 tensor cores), this device has 8.0"
+        )
+        with pytest.raises(ValueError, match=r"moe_fx: quant='fp8' has no native experts lowering .*capability 8\.0"):
             moe_fx.explain(model, x, options={"quant": "fp8"})
         out = compile_quant(model, x, "fp8", allow_reference_fallback=True)
     assert 1e-3 < rel_err(out, ref) < BOUND["fp8"]

@@ -10,6 +10,7 @@ from moe_fx.lowering.registry import register_lowering
 from moe_fx.lowering.triton import combine as _combine
 from moe_fx.lowering.triton import dispatch as _dispatch
 from moe_fx.lowering.triton import grouped_gemm as _gemm
+from moe_fx.lowering.triton import quantize as _quantize
 from moe_fx.lowering.triton import route as _route
 from moe_fx.spec import MoESpec
 
@@ -36,11 +37,34 @@ def supports_router(spec: MoESpec) -> str | None:
     return None
 
 
+# The compute capability each quant mode's tensor-core operands need: e4m3 from sm89 (Ada, Hopper), int8 sm80.
+CAPABILITY = {"fp8": (8, 9), "fp8_block": (8, 9), "int8": (8, 0)}
+
+
+def supports_quant(mode: str) -> str | None:
+    """None if this process's CUDA device runs `mode`; asks the driver only for a quantised mode, at rewrite time."""
+    if mode == "none":
+        return None
+    if mode not in CAPABILITY:
+        return f"quant={mode!r} is not implemented by {NAME} (it runs {tuple(CAPABILITY)})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"quant={mode!r} needs a CUDA device, none is available"
+    have, need = torch.cuda.get_device_capability(), CAPABILITY[mode]
+    if tuple(have) < need:
+        cores = "fp8" if need > (8, 0) else "int8"
+        return (f"quant={mode!r} needs compute capability >= {need[0]}.{need[1]} ({cores} tensor cores), "
+                f"this device has {have[0]}.{have[1]}")  # fmt: skip
+    return None
+
+
 def supports_rows(spec: MoESpec) -> str | None:
     if _capacity(spec):
         return _capacity(spec)
-    if spec.quant.mode != "none":
-        return f"quant={spec.quant.mode!r} is not implemented by {NAME} yet"
+    reason = supports_quant(spec.quant.mode)
+    if reason is not None:
+        return reason
     if spec.experts.num_experts > MAX_EXPERTS:
         return f"{spec.experts.num_experts} experts exceed the {MAX_EXPERTS} that {NAME} holds in registers"
     return None
@@ -64,12 +88,12 @@ def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_gro
 
 @register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)
 def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
-    if quant != "none" or layout != "single" or expert_map is not None:
+    if quant not in ("none", *_quantize.MODES) or layout != "single" or expert_map is not None:
         raise NotImplementedError(
-            f"moe_fx: {NAME} quantize_dispatch runs quant='none' on one device, got quant={quant!r}, "
-            f"layout={layout!r}, expert_map={'set' if expert_map is not None else None}"
+            f"moe_fx: {NAME} quantize_dispatch runs quant in {('none', *_quantize.MODES)} on one device, got "
+            f"quant={quant!r}, layout={layout!r}, expert_map={'set' if expert_map is not None else None}"
         )
-    return _dispatch.dispatch(x, ids, weights, num_local_experts)
+    return _dispatch.dispatch(x, ids, weights, num_local_experts, quant)
 
 
 @register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts)
@@ -96,10 +120,9 @@ def triton_experts(
     quant,
     out_dtype,
 ):
-    if quant != "none":
-        raise NotImplementedError(f"moe_fx: {NAME} experts runs quant='none' only, got quant={quant!r}")
     return _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
-                         activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype)  # fmt: skip
+                         activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype, quant=quant,
+                         xscale=xscale, w13_scale=w13_scale, w2_scale=w2_scale)  # fmt: skip
 
 
 @register_lowering("combine", device="cuda", name=NAME, priority=PRIORITY)

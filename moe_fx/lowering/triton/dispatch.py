@@ -1,4 +1,4 @@
-"""Triton `quantize_dispatch` (quant "none", one device): group the T*K routed rows by expert.
+"""Triton `quantize_dispatch` (one device): group the T*K routed rows by expert, quantise the activations.
 
 Legend: T tokens, D model dim, E experts, K top-k, R = T*K routed rows.
 
@@ -12,7 +12,8 @@ previous blocks' (stable, like the reference). Above, two launches:
      start[e] + reserved[e] + its rank among the block's rows of expert e.
 Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
 order within an expert may vary from run to run. Every row is computed independently downstream, so
-the layer's output does not depend on it.
+the layer's output does not depend on it. Under fp8 / fp8_block / int8 the T tokens (not the T*K rows:
+experts gathers them) are quantised by `quantize.quantize_rows`, one more launch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from moe_fx.lowering.triton.quantize import quantize_rows
 
 
 @triton.jit
@@ -100,11 +103,14 @@ def _block_r(E: int) -> int:
     return max(16, min(128, 8192 // triton.next_power_of_2(E)))
 
 
-def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
-    """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device, unquantised.
+def dispatch(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_experts: int, quant: str = "none"
+) -> tuple[torch.Tensor, ...]:
+    """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device.
 
-    Returns (xq_TD (a copy of x: an op output may not alias its input), empty xscale, expert_offsets_E1
-    int64, gather_index_R int64, row_weights_R fp32, row_index_R int64, empty comm_splits).
+    Returns (xq_TD, xscale, expert_offsets_E1 int64, gather_index_R int64, row_weights_R fp32, row_index_R
+    int64, empty comm_splits). Unquantised, xq is a copy of x (an op output may not alias its input) and
+    xscale is empty; under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`.
     """
     T, K = ids.shape
     R, E, device = T * K, num_experts, x.device
@@ -132,4 +138,5 @@ def dispatch(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, num_expe
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
-    return x.clone(), empty[0], offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]
+    xq, xscale = (x.clone(), empty[0]) if quant == "none" else quantize_rows(x, quant)
+    return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]

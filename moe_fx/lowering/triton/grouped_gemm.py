@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering import quant as quant_fmt
+from moe_fx.lowering.triton import quantize, tuning
+from moe_fx.lowering.triton.quantize import _quantize_tile
 from moe_fx.spec import GATED_ACTIVATIONS
 
 ACTIVATION_CODES = {
@@ -84,19 +86,57 @@ def _tile(offsets_ptr, E, num_pid_m, num_pid_n,
 
 
 @triton.jit
+def _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, kb, stride_ab, stride_wb,
+            G: tl.constexpr):  # fmt: skip
+    """[M, N] product of the row scales (per token) and the column scales (per channel, or per G×G weight
+    block: w_rows // G) of K-block kb (0 for the per-token/per-channel modes)."""
+    a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=0.0)
+    w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=0.0)
+    return a_s[:, None] * w_s[None, :]
+
+
+@triton.jit
+def _mma(a, b, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, k0,
+         stride_ab, stride_wb, QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+         G: tl.constexpr):  # fmt: skip
+    """acc += a · b; fp8_block (QUANT 2) scales each K-block's partial product by its activation group and
+    weight block scales (BLOCK_K divides G); int8 accumulates in int32."""
+    if QUANT == 2:
+        scale = _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
+                        (k0 * BLOCK_K) // G, stride_ab, stride_wb, G)  # fmt: skip
+        return acc + tl.dot(a, b) * scale
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _dequantize(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
+                QUANT: tl.constexpr):  # fmt: skip
+    """The fp32 value of an accumulator: per token × per channel scales (QUANT 1), already scaled otherwise."""
+    if QUANT == 1:
+        return acc.to(tl.float32) * _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                                            w_mask, 0, 0, 0, 1)  # fmt: skip
+    else:
+        return acc
+
+
+@triton.jit
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
+    xs_ptr, ws_ptr, hs_ptr,
     # sizes
     D, F, E, num_pid_m, alpha, limit,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh, stride_ud,
     stride_be, stride_bh, stride_hr, stride_hf,
+    stride_xst, stride_xsb, stride_wse, stride_wsh, stride_wsb, stride_hsr,
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
-    EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    G: tl.constexpr,
 ):  # fmt: skip
     expert, start, end, pid_n = _tile(offsets_ptr, E, num_pid_m, tl.cdiv(F, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
     if expert < 0:
@@ -107,13 +147,14 @@ def _up_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < F
     k = tl.arange(0, BLOCK_K)
+    gate_rows = GATE_ROW + n * ROW_STEP
+    up_rows = UP_ROW + n * ROW_STEP
     a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
-    g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + k[:, None] * stride_wd
-    g_ptrs += (GATE_ROW + n * ROW_STEP)[None, :] * stride_wh
-    u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + k[:, None] * stride_ud
-    u_ptrs += (UP_ROW + n * ROW_STEP)[None, :] * stride_uh
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + k[:, None] * stride_wd + gate_rows[None, :] * stride_wh
+    u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + k[:, None] * stride_ud + up_rows[None, :] * stride_uh
+    ws_ptr += expert.to(tl.int64) * stride_wse
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -122,16 +163,20 @@ def _up_kernel(
             k_ok = k < D - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, g, acc_g, input_precision=PRECISION)
+        acc_g = _mma(a, g, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, k0,
+                     stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         if GATED:
             if EVEN_K:
                 u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
             else:
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            acc_u = tl.dot(a, u, acc_u, input_precision=PRECISION)
+            acc_u = _mma(a, u, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, k0,
+                         stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
             u_ptrs += BLOCK_K * stride_ud
         a_ptrs += BLOCK_K * stride_xd
         g_ptrs += BLOCK_K * stride_wd
+    acc_g = _dequantize(acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, QUANT)
+    acc_u = _dequantize(acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, QUANT)
     if WEIGHT_INPUT:
         row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
         acc_g *= row_w
@@ -145,20 +190,26 @@ def _up_kernel(
             acc_u += b_up.to(tl.float32)[None, :]
     h = _activate(acc_g, acc_u, alpha, limit, ACT)
     h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
+    if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
+        h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
+        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(
     # pointers
-    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr,
+    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr,
     # sizes
     D, F, E, num_pid_m,
     # strides
     stride_hr, stride_hf, stride_we, stride_wd, stride_wf, stride_be, stride_bd, stride_yr, stride_yd,
+    stride_hsr, stride_hsb, stride_wse, stride_wsd, stride_wsb,
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+    QUANT: tl.constexpr, IS_INT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
+    G: tl.constexpr,
 ):  # fmt: skip
     expert, start, end, pid_n = _tile(offsets_ptr, E, num_pid_m, tl.cdiv(D, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
     if expert < 0:
@@ -170,7 +221,8 @@ def _down_kernel(
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + k[:, None] * stride_wf + n[None, :] * stride_wd
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    ws_ptr += expert.to(tl.int64) * stride_wse
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
@@ -179,9 +231,11 @@ def _down_kernel(
             k_ok = k < F - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        acc = _mma(a, w, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, k0, stride_hsb,
+                   stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
         w_ptrs += BLOCK_K * stride_wf
+    acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
         acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -198,6 +252,9 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
     if gate_up == "interleaved":
         return 0, 1, 2
     return F, 0, 1  # up_first
+
+
+QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2}
 
 
 def experts(
@@ -219,21 +276,38 @@ def experts(
     limit: float,
     out_dtype: torch.dtype,
     config: tuning.ExpertsConfig | None = None,
+    quant: str = "none",
+    xscale: torch.Tensor | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows xq_ND[gather_index_R], grouped by expert_offsets_E1 -> y_RD (see the `moe_fx::experts` contract).
 
+    quant "fp8" | "int8" | "fp8_block": xq, w13, w2 and their scales in the formats of `quant.py`; both GEMMs
+    run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
+    the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
+    by `quantize.quantize_rows` on the fp32 activation otherwise (a row's scale needs the whole row).
     `config` overrides the tuned/default block sizes (used by `tuning.tune`).
     """
+    if quant not in QUANT_CODES:
+        raise NotImplementedError(f"moe_fx: triton experts runs quant in {tuple(QUANT_CODES)}, got {quant!r}")
+    if quant != "none" and (w3 is not None or w13_scale is None or w2_scale is None):
+        raise ValueError(f"moe_fx: quant={quant!r} experts take canonical w13 (no w3) and both weight scales")
     R, E = gather_index.shape[0], w13.shape[0]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
     D, F = w2_EDF.shape[1], w2_EDF.shape[2]
     gated = activation in GATED_ACTIVATIONS
-    h_RF = torch.empty((R, F), dtype=xq.dtype, device=xq.device)
+    code, G = QUANT_CODES[quant], quant_fmt.BLOCK
+    h_dtype = {0: xq.dtype, 1: torch.float32, 2: xq.dtype}[code]
+    h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
+    h_scale = torch.empty((R, triton.cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
     if R == 0:
         return y_RD
     if config is None:
-        config = tuning.choose(E, D, F, R // max(xq.shape[0], 1), gated, xq.dtype, xq.device, R)
+        dtype = xq.dtype if code == 0 else out_dtype
+        config = tuning.choose(E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
+    config = tuning.conform(config, quant)
     w13_EHD = w13.transpose(1, 2) if w13_transposed else w13
     gate_row, up_row, step = _gate_up_rows(gate_up, gated, F)
     bias_gate, bias_up = gate_row, up_row
@@ -241,33 +315,50 @@ def experts(
     if gate_up == "separate" and gated:
         wu = w3.transpose(1, 2) if w13_transposed else w3
         up_row = 0
-    precision = "ieee" if xq.dtype == torch.float32 else "tf32"
+    precision = "ieee" if xq.dtype == torch.float32 or code else "tf32"
+    is_int = quant == "int8"
     BLOCK_E = triton.next_power_of_2(E)
     bias13 = w13_bias if w13_bias is not None else w13
+    xs = _scale_strides(xscale, row_weights)
+    ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
     c = config.up
     num_pid_m = triton.cdiv(R, c.block_m) + E
     _up_kernel[(num_pid_m * triton.cdiv(F, c.block_n),)](
-        xq, gather_index, expert_offsets, row_weights, w13_EHD, wu, bias13, h_RF,
+        xq, gather_index, expert_offsets, row_weights, w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
+        h_scale if code == 2 else row_weights,
         D, F, E, num_pid_m, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1), wu.stride(2),
         bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
+        xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m,
+        QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
+    if code == 1:
+        h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
+    hs = _scale_strides(h_scale, row_weights)
     bias2 = w2_bias if w2_bias is not None else w2
     c = config.down
     num_pid_m = triton.cdiv(R, c.block_m) + E
     _down_kernel[(num_pid_m * triton.cdiv(D, c.block_n),)](
-        h_RF, expert_offsets, row_weights, w2_EDF, bias2, y_RD,
+        h_RF, expert_offsets, row_weights, w2_EDF, bias2, y_RD, hs[0], ws2[0],
         D, F, E, num_pid_m,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
+        hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
-        PRECISION=precision, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E,
-        GROUP_M=c.group_m, num_warps=c.num_warps, num_stages=c.num_stages,
+        PRECISION=precision, QUANT=code, IS_INT=is_int, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
+
+
+def _scale_strides(scale: torch.Tensor | None, dummy: torch.Tensor) -> tuple:
+    """(scale, its strides padded to 3 with 0): [N], [N, B], [E, H] or [E, Hb, B]; `dummy` when unquantised."""
+    if scale is None or scale.numel() == 0:
+        return dummy, 0, 0, 0
+    return (scale, *scale.stride(), *(0,) * (3 - scale.dim()))

@@ -58,9 +58,11 @@ def t_bucket(T: int) -> int:
     return triton.next_power_of_2(max(T, 1))
 
 
-def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int) -> str:
+def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int, quant: str = "none"):
+    """The cache key; `dtype` is the model's (the output's) dtype, a quant mode other than "none" is appended."""
     kind = "gated" if gated else "plain"
-    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}-{device}-T{t_bucket(T)}"
+    q = "" if quant == "none" else f"-{quant}"
+    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}{q}-{device}-T{t_bucket(T)}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -74,12 +76,32 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def default_config(rows_per_expert: float, dtype: torch.dtype) -> ExpertsConfig:
+def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
+    """fp8_block's constraints on a config: the up GEMM's N-tile is one 128-column activation group (quantised
+    in its epilogue), and K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128)."""
+    if quant != "fp8_block":
+        return config
+    up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
+    return ExpertsConfig(replace(up, block_n=128), down)
+
+
+def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
     """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
-    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill."""
-    if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16
-        c = GemmConfig(16, 16, 16, 1, 4, 1)
-        return ExpertsConfig(c, c)
+    16-row tiles and wide N for decode, 64-row tiles in between, 128-row tiles for prefill. Quantised
+    operands are one byte: their K-tiles are twice as deep for the same shared memory."""
+    if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16 (32 for fp8)
+        c = GemmConfig(16, 16, 16, 1, 4, 1) if quant == "none" else GemmConfig(16, 32, 32, 1, 4, 1)
+        return conform(ExpertsConfig(c, c), quant)
+    if quant != "none":
+        if rows_per_expert <= 16:
+            up = down = GemmConfig(16, 64, 256, 8, 4, 4)
+        elif rows_per_expert <= 96:
+            up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
+        elif quant == "fp8_block":  # two fp32 partial products per K-step besides the accumulators: 64-row tiles
+            up = down = GemmConfig(64, 128, 128, 8, 4, 3)
+        else:
+            up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
+        return conform(ExpertsConfig(up, down), quant)
     if rows_per_expert <= 16:
         up = down = GemmConfig(16, 128, 128, 8, 4, 3)
     elif rows_per_expert <= 96:
@@ -121,17 +143,19 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -
     _choose.cache_clear()
 
 
-def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int):
+def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int,
+           quant: str = "none"):  # fmt: skip
     """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
-    return _choose(E, D, F, K, gated, dtype, device, R, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
+    return _choose(E, D, F, K, gated, dtype, device, R, quant, os.environ.get("MOE_FX_TUNING_CACHE"), interpreting())
 
 
 @functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
-def _choose(E, D, F, K, gated, dtype, device, R, _cache_env, interpret) -> ExpertsConfig:
+def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -> ExpertsConfig:
     tuned = None
     if not interpret:
-        tuned = _lookup(str(cache_path()), key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1)))
-    return tuned if tuned is not None else default_config(R / max(E, 1), dtype)
+        cache_key = key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1), quant)
+        tuned = _lookup(str(cache_path()), cache_key)
+    return tuned if tuned is not None else default_config(R / max(E, 1), dtype, quant)
 
 
 CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
@@ -139,16 +163,24 @@ CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3),
 )  # fmt: skip
+QUANT_CANDIDATES = (  # one-byte operands: deeper K-tiles for the same shared memory
+    (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4),
+    (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
+    (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
+)  # fmt: skip
 
 
-def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda") -> dict:
-    """Time CANDIDATES for both GEMMs at each T (random routing), store the best per T-bucket.
+def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
+         quant: str = "none") -> dict:  # fmt: skip
+    """Time CANDIDATES (QUANT_CANDIDATES, conformed, under a quant mode) for both GEMMs at each T (random
+    routing), store the best per T-bucket.
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up.
     Returns {cache key: microseconds of the best pair}. Needs a GPU.
     """
     from tqdm import tqdm
 
+    from moe_fx.lowering.quant import quantize_weight
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
 
@@ -156,29 +188,37 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     device = torch.device(device)
     w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
     w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
+    scales = {}
+    if quant != "none":
+        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
+    candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
-    bar = tqdm(total=len(Ts) * 2 * len(CANDIDATES), desc=f"moe_fx tune E{E} D{D} F{F} K{K}")
+    bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     for T in Ts:
         x = torch.randn(T, D, device=device, dtype=dtype)
         ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
-        d = dispatch(x, ids, torch.rand(T, K, device=device), E)
-        best = default_config(T * K / E, dtype)
+        d = dispatch(x, ids, torch.rand(T, K, device=device), E, quant)
+        best = default_config(T * K / E, dtype, quant)
 
         def run(config, d=d):
             return experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none", activation, "concat",
-                           False, False, 1.702, 7.0, dtype, config=config)  # fmt: skip
+                           False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=d[1],
+                           **scales)  # fmt: skip
 
         timings = {}
         for part in ("up", "down"):
-            for m, n, k, warps, stages in CANDIDATES:
-                config = replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)})
+            for m, n, k, warps, stages in candidates:
+                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)}), quant)
+                if config in timings:  # conform() made it a duplicate
+                    bar.update()
+                    continue
                 try:
                     timings[config] = triton.testing.do_bench(lambda c=config: run(c), return_mode="median") * 1e3
                 except Exception as err:  # a config out of shared memory or registers: skip it
                     log.debug("moe_fx: tuning config %s failed: %s", config, err)
                 bar.update()
             best = min(timings, key=timings.get)
-        cache_key = key(E, D, F, K, gated, dtype, device_name(device), T)
+        cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
         store(cache_key, best, {"best": timings[best]})
         results[cache_key] = timings[best]
     bar.close()

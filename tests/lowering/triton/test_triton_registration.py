@@ -21,10 +21,13 @@ def test_cuda_picks_triton_for_every_op():
 
 
 def test_unsupported_specs_fall_back_with_reasons():
-    fp8 = SPEC.replace(quant=QuantSpec("fp8"))
-    sel = registry.select("experts", "cuda", fp8)
+    int4 = SPEC.replace(quant=QuantSpec("int4_weight"))
+    sel = registry.select("experts", "cuda", int4)
     assert sel.chosen.name == "reference"
-    assert dict(sel.rejected)["triton"] == "quant='fp8' is not implemented by triton yet"
+    assert (
+        dict(sel.rejected)["triton"]
+        == "quant='int4_weight' is not implemented by triton (it runs ('fp8', 'fp8_block', 'int8'))"
+    )
     groups = SPEC.replace(router=RouterSpec(2, scoring="sigmoid", n_group=3, topk_group=1))
     sel = registry.select("route", "cuda", groups)
     assert sel.chosen.name == "reference" and sel.rejected == (("triton", "experts (8) not divisible by n_group (3)"),)
@@ -40,6 +43,30 @@ def test_token_capacity_falls_back_to_the_reference_with_reasons():
         assert dict(sel.rejected)["triton"] == "token capacity (4, dropped picks) is not implemented by triton"
     assert "token capacity" in dict(registry.select("experts", "cuda", capped).rejected)["grouped_mm"]
     assert registry.select("combine", "cuda", capped).chosen.name == "triton"
+
+
+@pytest.mark.parametrize("mode,capability,chosen", [("fp8", (9, 0), "triton"), ("fp8_block", (8, 9), "triton"),
+                                                    ("fp8", (8, 6), "reference"), ("int8", (8, 0), "triton"),
+                                                    ("int8", (7, 5), "reference")])  # fmt: skip
+def test_quantised_specs_need_the_tensor_cores_of_their_mode(monkeypatch, mode, capability, chosen):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    spec = SPEC.replace(quant=QuantSpec(mode))
+    for op in ("quantize_dispatch", "experts"):
+        sel = registry.select(op, "cuda", spec)
+        assert sel.chosen.name == chosen
+        if chosen == "reference":
+            need, cores = ("8.9", "fp8") if mode.startswith("fp8") else ("8.0", "int8")
+            have = f"{capability[0]}.{capability[1]}"
+            assert dict(sel.rejected)["triton"] == (
+                f"quant={mode!r} needs compute capability >= {need} ({cores} tensor cores), this device has {have}"
+            )
+
+
+def test_quantised_specs_without_cuda_name_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sel = registry.select("experts", "cuda", SPEC.replace(quant=QuantSpec("int8")))
+    assert dict(sel.rejected)["triton"] == "quant='int8' needs a CUDA device, none is available"
 
 
 def test_vendor_grouped_mm_is_a_real_choice():
@@ -73,3 +100,18 @@ def test_tuning_cache_is_json_per_t_bucket(tmp_path, monkeypatch):
     tuning._lookup.cache_clear()
     tuning._choose.cache_clear()
     assert tuning.choose(*shape, torch.device("cpu"), 26) == tuning.default_config(26 / 8, torch.bfloat16)
+
+
+def test_tuning_key_names_the_quant_mode_and_fp8_block_configs_conform(monkeypatch):
+    shape = (8, 64, 96, 2, True, torch.bfloat16, "cpu", 16)
+    assert tuning.key(*shape) == "E8-D64-F96-K2-gated-bfloat16-cpu-T16"
+    assert tuning.key(*shape, "fp8_block") == "E8-D64-F96-K2-gated-bfloat16-fp8_block-cpu-T16"
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    for rows in (1, 50, 1000):
+        c = tuning.default_config(rows, torch.bfloat16, "fp8_block")
+        assert c.up.block_n == 128 and c.up.block_k <= 128 and c.down.block_k <= 128
+    wide = tuning.ExpertsConfig(tuning.GemmConfig(16, 64, 256), tuning.GemmConfig(16, 64, 256))
+    assert tuning.conform(wide, "fp8") == wide
+    assert tuning.conform(wide, "fp8_block") == tuning.ExpertsConfig(
+        tuning.GemmConfig(16, 128, 128), tuning.GemmConfig(16, 64, 128)
+    )

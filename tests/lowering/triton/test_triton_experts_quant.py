@@ -1,0 +1,137 @@
+"""Quantised Triton experts (fp8, fp8_block, int8 tensor-core GEMMs) through the moe_fx ops, against the
+reference lowering's exact quantised arithmetic on the same quantised weights, and against the float64
+unquantised block: the Triton result must sit far closer to the first than the quantisation error."""
+
+import pytest
+import torch
+
+from moe_fx.lowering import quant
+from moe_fx.ops import combine_args, dispatch_args, experts_args
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec
+from tests.conftest import rel_err
+from tests.lowering.test_reference import oracle
+from tests.lowering.triton.conftest import DEVICE
+from tests.lowering.triton.test_triton_dispatch import routing
+
+OPS = torch.ops.moe_fx
+E = 4
+MODES = ("fp8", "fp8_block", "int8")
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 tl.dot is wrong
+# rel err of Triton against the reference on the same quantised operands: only fp32 (Triton) vs float64
+# (reference) accumulation and the output dtype's rounding differ. Measured: ~1e-7 in fp32 (interpreter).
+AGREE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# On an H100's wgmma tiles (fp8: reduced-precision accumulation): fp8 measured 4.8e-3 (fp32, K=136).
+PREFILL_AGREE = {"fp8": 1.5e-2, "fp8_block": 1.5e-2, "int8": 1e-2}
+
+
+def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="concat", b13=None, b2=None,
+          placement="output", weight_at=None):  # fmt: skip
+    """The four ops; quantised modes quantise the canonical [E, H, D] weights first, as the rewrite does."""
+    D, F_ = w2.shape[1], w2.shape[2]
+    es = ExpertsSpec(E, D, F_, act, gate_up, False, False, b13 is not None, b2 is not None,
+                     dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
+    spec = MoESpec(es, ids.shape[1], quant=QuantSpec(mode), weight_placement=placement)
+    scales = (None, None)
+    if mode != "none":
+        (w13, s13), (w2, s2) = quant.quantize_weight(w13, mode), quant.quantize_weight(w2, mode)
+        scales = (s13, s2)
+    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, impl))
+    args = list(experts_args(spec, d, w13, None, w2, b13, b2, x.dtype, impl, *scales))
+    if weight_at is not None:  # "output": the routing weight fused into the second GEMM's epilogue
+        args[12] = weight_at
+    y = OPS.experts(*args)
+    combine = list(combine_args(spec, y, weights, d, impl))
+    combine[4] = args[12] == "none"
+    return OPS.combine(*combine)
+
+
+def weights_for(D, F_, dtype, gated=True):
+    w13 = (torch.randn(E, 2 * F_ if gated else F_, D) / D**0.5).to(dtype).to(DEVICE)
+    return w13, (torch.randn(E, D, F_) / F_**0.5).to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "T,K,pattern,dtype", [(0, 2, "random", torch.float32), (1, 1, "random", HALF),
+                          (17, 2, "one_expert", HALF), (9, 2, "empty", torch.float32)],
+)  # fmt: skip
+def test_against_reference_and_unquantised(mode, T, K, pattern, dtype):
+    D, F_ = 40, 24
+    x = torch.randn(T, D).to(dtype).to(DEVICE)
+    w13, w2 = weights_for(D, F_, dtype)
+    weights, ids = routing(T, K, E, pattern)
+    out = layer(x, weights, ids, w13, w2, mode, "triton")
+    assert out.shape == (T, D) and out.dtype == dtype
+    if T == 0:
+        return
+    ref = layer(x, weights, ids, w13, w2, mode, "reference")
+    w1, w3 = w13.double().cpu().chunk(2, 1)
+    exact = oracle(x.double().cpu(), weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2.double().cpu())
+    agree, quant_err = rel_err(out, ref), rel_err(ref.cpu(), exact)
+    assert agree < AGREE[dtype] and agree < quant_err / 4, (agree, quant_err)
+    assert quant_err < quant.EXPECTED_ERROR[mode]
+
+
+def test_fp8_block_partial_128_groups():
+    """D and F span two 128-wide groups, the second partial: scales per K-block and per activation group."""
+    mode, T, K, D, F_ = "fp8_block", 4, 2, 136, 130
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    weights, ids = routing(T, K, E, "random")
+    out = layer(x, weights, ids, w13, w2, mode, "triton")
+    assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < AGREE[torch.float32]
+
+
+@pytest.mark.parametrize(
+    "mode,act,gate_up,bias,placement,weight_at",
+    [("fp8", "gelu", "concat", True, "output", "output"), ("fp8_block", "clamped_swiglu", "interleaved", True,
+     "output", None), ("int8", "silu_gated", "up_first", False, "input", None),
+     ("fp8", "gelu_tanh_gated", "concat", True, "input", None)],
+)  # fmt: skip
+def test_activations_layouts_biases_weight_placement(mode, act, gate_up, bias, placement, weight_at):
+    T, K, D, F_ = 9, 2, 40, 24
+    gated = act not in ("gelu", "relu", "silu", "gelu_tanh")
+    x = torch.randn(T, D, device=DEVICE) * 2
+    w13, w2 = weights_for(D, F_, torch.float32, gated)
+    b13 = torch.randn(E, w13.shape[1], device=DEVICE) if bias else None
+    b2 = torch.randn(E, D, device=DEVICE) if bias else None
+    weights, ids = routing(T, K, E, "random")
+    kw = dict(act=act, gate_up=gate_up, b13=b13, b2=b2, placement=placement, weight_at=weight_at)
+    out = layer(x, weights, ids, w13, w2, mode, "triton", **kw)
+    ref = layer(x, weights, ids, w13, w2, mode, "reference", **kw)
+    kw.update(b13=None if b13 is None else b13.double(), b2=None if b2 is None else b2.double())
+    exact = layer(x.double(), weights, ids, w13.double(), w2.double(), "none", "reference", **kw)
+    agree = rel_err(out, ref)
+    assert agree < AGREE[torch.float32] and agree < rel_err(ref, exact) / 100
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nan_token_stays_in_its_rows(mode):
+    T, K, D, F_ = 6, 2, 40, 24
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    weights, ids = routing(T, K, E, "random")
+    clean = layer(x, weights, ids, w13, w2, mode, "triton")
+    x[3, 5] = float("nan")
+    poisoned = layer(x, weights, ids, w13, w2, mode, "triton")
+    others = [0, 1, 2, 4, 5]
+    assert torch.equal(poisoned[others], clean[others]) and torch.isnan(poisoned[3]).all()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the prefill tiles' tensor-core path needs a GPU")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_tiles_on_tensor_cores(mode, dtype):
+    """128 rows per expert: the 64/128-row tiles (wgmma on Hopper). Triton lets sm90's fp8 MMA accumulate in
+    the tensor core's reduced precision, so fp8 agrees less tightly here than on the decode tiles; the
+    re-quantisation between the GEMMs turns accumulation error into rounding flips of the activation."""
+    T, K, D, F_ = 256, 2, 136, 130
+    x = torch.randn(T, D).to(dtype).to(DEVICE)
+    w13, w2 = weights_for(D, F_, dtype)
+    weights, ids = routing(T, K, E, "random")
+    out = layer(x, weights, ids, w13, w2, mode, "triton")
+    ref = layer(x, weights, ids, w13, w2, mode, "reference")
+    w1, w3 = w13.double().cpu().chunk(2, 1)
+    exact = oracle(x.double().cpu(), weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2.double().cpu())
+    agree, quant_err = rel_err(out, ref), rel_err(ref.cpu(), exact)
+    assert agree < PREFILL_AGREE[mode] and agree < quant_err / 8, (agree, quant_err)
