@@ -22,6 +22,7 @@ handles (per-expert weights are stacked once), but that line is not part of the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,56 @@ MLA = dict(
     v_head_dim=16,
     head_dim=8,
 )
+# Multi-head latent attention sizes for a `shrink=True` entry (TINY has the latent ranks).
+MLA_SIZES = dict(num_key_value_heads=4, head_dim=8)
+# `Architecture(shrink=True)`: the config's own defaults, shrunk. Configs name the same size differently, so
+# each entry here applies where the config has the field; per-layer lists (`layer_types`, ...) are cut to the
+# first layers, and `mlp_layer_types` to the kind of the last layer (the MoE one: dense layers come first).
+TINY = dict(
+    COMMON,
+    head_dim=16,
+    intermediate_size=96,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=48,
+    shared_experts_intermediate_size=48,
+    shared_intermediate_size=48,
+    num_experts=8,
+    n_routed_experts=8,
+    num_local_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    num_experts_per_token=2,
+    moe_topk=2,
+    moe_k=2,
+    top_k_experts=2,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    n_group=4,
+    topk_group=2,
+    num_expert_group=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    index_topk=16,
+    index_head_dim=16,
+    index_n_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_head_dim=16,
+    linear_num_heads=4,
+    sliding_window=16,
+    mlp_only_layers=[],
+    decoder_sparse_step=1,
+    num_nextn_predict_layers=0,
+    use_cache=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +107,7 @@ class Architecture:
     `moe_blocks`: MoE blocks the tiny model holds (all must be rewritten).
     `notes`: what moe_fx does with the architecture (shown in the user guide).
     `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
+    `shrink`: start from the config's defaults shrunk by TINY (then `overrides`), not from COMMON.
     """
 
     config: str
@@ -65,6 +117,7 @@ class Architecture:
     notes: str = ""
     common: bool = True
     refused: str = ""
+    shrink: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -394,6 +447,109 @@ ARCHITECTURES: dict[str, Architecture] = {
         refused="token capacity (dropped tokens pass through as router_prob × hidden state) is not "
         "expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
     ),
+    # Architectures added from transformers 5.x, sized by TINY (`shrink=True`)
+    "afmoe": Architecture("AfmoeConfig", "AfmoeForCausalLM", {}, shrink=True, notes="TODO"),
+    "aria": Architecture("AriaTextConfig", "AriaTextForCausalLM", {}, shrink=True, notes="TODO"),
+    "axk1": Architecture("AXK1Config", "AXK1ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "axk2": Architecture("AXK2Config", "AXK2ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "bailing_hybrid": Architecture(
+        "BailingHybridConfig", "BailingHybridForCausalLM", MLA_SIZES, shrink=True, notes="TODO"
+    ),
+    "beam": Architecture("BeamConfig", "BeamForCausalLM", {}, shrink=True, notes="TODO"),
+    "cohere2_moe": Architecture("Cohere2MoeConfig", "Cohere2MoeForCausalLM", {}, shrink=True, notes="TODO"),
+    "deepseek_v32": Architecture("DeepseekV32Config", "DeepseekV32ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "deepseek_v4": Architecture("DeepseekV4Config", "DeepseekV4ForCausalLM", {}, shrink=True, notes="TODO"),
+    "deepseek_ocr2": Architecture(
+        "DeepseekOcr2TextConfig",
+        "DeepseekOcr2TextModel",
+        dict(n_group=1, topk_group=1, mlp_layer_types=["sparse"]),
+        shrink=True,
+        notes="TODO",
+    ),
+    "diffusion_gemma": Architecture(
+        "DiffusionGemmaTextConfig", "DiffusionGemmaEncoderTextModel", {}, shrink=True, notes="TODO"
+    ),
+    "doge": Architecture(
+        "DogeConfig", "DogeForCausalLM", dict(num_experts=16, num_experts_per_tok=4), shrink=True, notes="TODO"
+    ),
+    "dots3_note": Architecture("Dots3NoteTextConfig", "Dots3NoteForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "ernie4_5_vl_moe": Architecture(
+        "Ernie4_5_VLMoeTextConfig",
+        "Ernie4_5_VLMoeTextModel",
+        dict(
+            moe_intermediate_size=[48, 32],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2]),
+        ),
+        shrink=True,
+        notes="TODO",
+    ),
+    "exaone_moe": Architecture("ExaoneMoeConfig", "ExaoneMoeForCausalLM", {}, shrink=True, notes="TODO"),
+    "flint": Architecture("FlintConfig", "FlintForCausalLM", {}, shrink=True, notes="TODO"),
+    "gemma4": Architecture(
+        "Gemma4TextConfig", "Gemma4ForCausalLM", dict(enable_moe_block=True), shrink=True, notes="TODO"
+    ),
+    "glm4_moe_lite": Architecture("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "glm4v_moe": Architecture(
+        "Glm4vMoeTextConfig",
+        "Glm4vMoeTextModel",
+        dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], partial_rotary_factor=1.0)),
+        shrink=True,
+        notes="TODO",
+    ),
+    "glm5_next": Architecture(
+        "Glm5NextTextConfig",
+        "Glm5NextTextModel",
+        dict(MLA_SIZES, qk_rope_head_dim=0, head_dim=0),
+        shrink=True,
+        notes="TODO",
+    ),
+    "glm_moe_dsa": Architecture("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "granitemoe_swa": Architecture("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", {}, shrink=True, notes="TODO"),
+    "granitemoehybrid": Architecture(
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        dict(layer_types=["attention"]),
+        shrink=True,
+        notes="TODO",
+    ),
+    "hy_v3": Architecture("HYV3Config", "HYV3ForCausalLM", {}, shrink=True, notes="TODO"),
+    "hy_v4": Architecture("HYV4Config", "HYV4ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "inkling": Architecture("InklingTextConfig", "InklingForCausalLM", {}, shrink=True, notes="TODO"),
+    "inkling2": Architecture("Inkling2TextConfig", "Inkling2ForCausalLM", {}, shrink=True, notes="TODO"),
+    "kimi_linear": Architecture("KimiLinearConfig", "KimiLinearForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "kolibri1": Architecture("Kolibri1Config", "Kolibri1ForCausalLM", {}, shrink=True, notes="TODO"),
+    "laguna": Architecture("LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="TODO"),
+    "mellum": Architecture("MellumConfig", "MellumForCausalLM", {}, shrink=True, notes="TODO"),
+    "mimo_v2_flash": Architecture("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", {}, shrink=True, notes="TODO"),
+    "minimax_m3_vl": Architecture("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", {}, shrink=True, notes="TODO"),
+    "mistral4": Architecture("Mistral4Config", "Mistral4ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "mistral_large4": Architecture(
+        "MistralLarge4TextConfig", "MistralLarge4TextModel", MLA_SIZES, shrink=True, notes="TODO"
+    ),
+    "muse_spark": Architecture(
+        "MuseSparkTextConfig", "MuseSparkTextModel", dict(moe_hidden_size=48), shrink=True, notes="TODO"
+    ),
+    "nemotron_h": Architecture(
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
+        dict(layers_block_type=["moe"], use_mamba_kernels=False, moe_shared_expert_intermediate_size=48),
+        shrink=True,
+        notes="TODO",
+    ),
+    "openai_privacy_filter": Architecture(
+        "OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterForTokenClassification", {}, shrink=True, notes="TODO"
+    ),
+    "qwen3_5_moe": Architecture("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}, shrink=True, notes="TODO"),
+    "qwen3_omni_moe": Architecture(
+        "Qwen3OmniMoeTextConfig", "Qwen3OmniMoeThinkerTextModel", {}, shrink=True, notes="TODO"
+    ),
+    "qwen3_vl_moe": Architecture("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel", {}, shrink=True, notes="TODO"),
+    "solar_open": Architecture("SolarOpenConfig", "SolarOpenForCausalLM", {}, shrink=True, notes="TODO"),
+    "step3p7": Architecture("Step3p7TextConfig", "Step3p7TextModel", {}, shrink=True, notes="TODO"),
+    "unlimited_ocr": Architecture("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel", {}, shrink=True, notes="TODO"),
+    "zaya": Architecture(
+        "ZayaConfig", "ZayaForCausalLM", dict(num_experts_per_tok=1, router_hidden_size=32), shrink=True, notes="TODO"
+    ),
 }
 
 
@@ -410,15 +566,46 @@ def build(name: str, experts_implementation: str | None = "grouped_mm", **overri
     batched_mm | eager (None keeps the model's default)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"moe_fx: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    if reason := missing(name):
+        raise ValueError(f"moe_fx: {reason}")
     arch = ARCHITECTURES[name]
     transformers = _transformers()
-    config = getattr(transformers, arch.config)(**{**(COMMON if arch.common else {}), **arch.overrides, **overrides})
+    config_cls = getattr(transformers, arch.config)
+    config = config_cls(**{**_config_kwargs(config_cls, arch), **overrides})
     cls = getattr(transformers, arch.model)
     if experts_implementation is not None and has_experts_implementations(name):
         config._experts_implementation = experts_implementation
     model = cls(config).eval()
     _randomize_zero_biases(model)
     return model
+
+
+def _config_kwargs(config_cls: type, arch: Architecture) -> dict:
+    if not arch.shrink:
+        return {**(COMMON if arch.common else {}), **arch.overrides}
+    defaults = config_cls().to_dict()
+    known = set(defaults) | set(inspect.signature(config_cls.__init__).parameters)
+    kwargs = {k: v for k, v in TINY.items() if k in known}
+    layers = arch.overrides.get("num_hidden_layers", TINY["num_hidden_layers"])
+    for k, v in defaults.items():
+        if isinstance(v, list) and len(v) == defaults.get("num_hidden_layers"):
+            kwargs[k] = [v[-1]] * layers if k == "mlp_layer_types" else v[:layers]
+    return {**kwargs, **arch.overrides}
+
+
+def missing(name: str) -> str:
+    """Why the installed transformers cannot build `name` (empty when it can): the architecture is newer."""
+    transformers = _transformers()
+    arch = ARCHITECTURES[name]
+    absent = [c for c in (arch.config, arch.model) if not hasattr(transformers, c)]
+    return f"transformers {transformers.__version__} has no {', '.join(absent)}" if absent else ""
+
+
+def logits(output) -> torch.Tensor:
+    """A forward's logits; a text tower with no LM head (the MoE text model of a multimodal architecture)
+    gives its last hidden state."""
+    found = getattr(output, "logits", None)
+    return found if found is not None else output.last_hidden_state
 
 
 def has_experts_implementations(name: str) -> bool:
