@@ -448,31 +448,101 @@ ARCHITECTURES: dict[str, Architecture] = {
         "expressible in MoESpec, and the experts are a Python loop over a [T, E] mask; left untouched",
     ),
     # Architectures added from transformers 5.x, sized by TINY (`shrink=True`)
-    "afmoe": Architecture("AfmoeConfig", "AfmoeForCausalLM", {}, shrink=True, notes="TODO"),
-    "aria": Architecture("AriaTextConfig", "AriaTextForCausalLM", {}, shrink=True, notes="TODO"),
-    "axk1": Architecture("AXK1Config", "AXK1ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "axk2": Architecture("AXK2Config", "AXK2ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "bailing_hybrid": Architecture(
-        "BailingHybridConfig", "BailingHybridForCausalLM", MLA_SIZES, shrink=True, notes="TODO"
+    "afmoe": Architecture(
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + expert bias → top-k → renormalise; the shared experts read the same flattened tokens "
+        "(left as is)",
     ),
-    "beam": Architecture("BeamConfig", "BeamForCausalLM", {}, shrink=True, notes="TODO"),
-    "cohere2_moe": Architecture("Cohere2MoeConfig", "Cohere2MoeForCausalLM", {}, shrink=True, notes="TODO"),
-    "deepseek_v32": Architecture("DeepseekV32Config", "DeepseekV32ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "deepseek_v4": Architecture("DeepseekV4Config", "DeepseekV4ForCausalLM", {}, shrink=True, notes="TODO"),
+    "aria": Architecture(
+        "AriaTextConfig",
+        "AriaTextForCausalLM",
+        {},
+        shrink=True,
+        notes="top-k on the logits → softmax; shared MLP left as is",
+    ),
+    "axk1": Architecture(
+        "AXK1Config",
+        "AXK1ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "axk2": Architecture(
+        "AXK2Config",
+        "AXK2ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "bailing_hybrid": Architecture(
+        "BailingHybridConfig",
+        "BailingHybridForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "beam": Architecture(
+        "BeamConfig",
+        "BeamForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "cohere2_moe": Architecture(
+        "Cohere2MoeConfig", "Cohere2MoeForCausalLM", {}, shrink=True, notes="top-k on the logits → softmax"
+    ),
+    "deepseek_v32": Architecture(
+        "DeepseekV32Config",
+        "DeepseekV32ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "deepseek_v4": Architecture(
+        "DeepseekV4Config",
+        "DeepseekV4ForCausalLM",
+        {},
+        shrink=True,
+        notes="sqrt(softplus) scores + correction bias: no recognised router, kept opaque; experts rewritten",
+    ),
     "deepseek_ocr2": Architecture(
         "DeepseekOcr2TextConfig",
         "DeepseekOcr2TextModel",
         dict(n_group=1, topk_group=1, mlp_layer_types=["sparse"]),
         shrink=True,
-        notes="TODO",
+        notes="softmax → top-k (greedy), not renormalised; shared experts left as is (MoE text tower)",
     ),
     "diffusion_gemma": Architecture(
-        "DiffusionGemmaTextConfig", "DiffusionGemmaEncoderTextModel", {}, shrink=True, notes="TODO"
+        "DiffusionGemmaTextConfig",
+        "DiffusionGemmaEncoderTextModel",
+        {},
+        shrink=True,
+        notes="the experts read the tokens through their own pre-norm (found apart from the router's input); "
+        "router with a per-expert scale kept opaque; GELU-tanh gated experts",
     ),
     "doge": Architecture(
-        "DogeConfig", "DogeForCausalLM", dict(num_experts=16, num_experts_per_tok=4), shrink=True, notes="TODO"
+        "DogeConfig",
+        "DogeForCausalLM",
+        dict(num_experts=16, num_experts_per_tok=4),
+        shrink=True,
+        refused="CDMoE: the experts are single-neuron embeddings (down_embed/up_embed, [E, D]) picked by a "
+        "product-key top-k over √E × √E sub-keys; no top-k over [T, E] router logits, nothing MoESpec's "
+        "experts express; left untouched",
     ),
-    "dots3_note": Architecture("Dots3NoteTextConfig", "Dots3NoteForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "dots3_note": Architecture(
+        "Dots3NoteTextConfig",
+        "Dots3NoteForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
     "ernie4_5_vl_moe": Architecture(
         "Ernie4_5_VLMoeTextConfig",
         "Ernie4_5_VLMoeTextModel",
@@ -481,74 +551,225 @@ ARCHITECTURES: dict[str, Architecture] = {
             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2]),
         ),
         shrink=True,
-        notes="TODO",
+        notes="text experts of the modality-isolated block (text tokens only here): softmax, + correction bias"
+        " for the selection, renormalised",
     ),
-    "exaone_moe": Architecture("ExaoneMoeConfig", "ExaoneMoeForCausalLM", {}, shrink=True, notes="TODO"),
-    "flint": Architecture("FlintConfig", "FlintForCausalLM", {}, shrink=True, notes="TODO"),
+    "exaone_moe": Architecture(
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "flint": Architecture("FlintConfig", "FlintForCausalLM", {}, shrink=True, notes="sigmoid → top-k → renormalise"),
     "gemma4": Architecture(
-        "Gemma4TextConfig", "Gemma4ForCausalLM", dict(enable_moe_block=True), shrink=True, notes="TODO"
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(enable_moe_block=True),
+        shrink=True,
+        notes="MoE beside a dense MLP; the experts read the tokens through their own pre-norm (found apart "
+        "from the router's input); router with a per-expert scale kept opaque; GELU-tanh gated experts",
     ),
-    "glm4_moe_lite": Architecture("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "glm4_moe_lite": Architecture(
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
     "glm4v_moe": Architecture(
         "Glm4vMoeTextConfig",
         "Glm4vMoeTextModel",
-        dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], partial_rotary_factor=1.0)),
+        dict(
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], partial_rotary_factor=1.0
+            )
+        ),
         shrink=True,
-        notes="TODO",
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor) (MoE text tower)",
     ),
     "glm5_next": Architecture(
         "Glm5NextTextConfig",
         "Glm5NextTextModel",
         dict(MLA_SIZES, qk_rope_head_dim=0, head_dim=0),
         shrink=True,
-        notes="TODO",
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor) (MoE text tower)",
     ),
-    "glm_moe_dsa": Architecture("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "granitemoe_swa": Architecture("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", {}, shrink=True, notes="TODO"),
+    "glm_moe_dsa": Architecture(
+        "GlmMoeDsaConfig",
+        "GlmMoeDsaForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "granitemoe_swa": Architecture(
+        "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", {}, shrink=True, notes="top-k on the logits → softmax"
+    ),
     "granitemoehybrid": Architecture(
         "GraniteMoeHybridConfig",
         "GraniteMoeHybridForCausalLM",
         dict(layer_types=["attention"]),
         shrink=True,
-        notes="TODO",
+        notes="top-k on the logits → softmax; shared MLP left as is",
     ),
-    "hy_v3": Architecture("HYV3Config", "HYV3ForCausalLM", {}, shrink=True, notes="TODO"),
-    "hy_v4": Architecture("HYV4Config", "HYV4ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "inkling": Architecture("InklingTextConfig", "InklingForCausalLM", {}, shrink=True, notes="TODO"),
-    "inkling2": Architecture("Inkling2TextConfig", "Inkling2ForCausalLM", {}, shrink=True, notes="TODO"),
-    "kimi_linear": Architecture("KimiLinearConfig", "KimiLinearForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
-    "kolibri1": Architecture("Kolibri1Config", "Kolibri1ForCausalLM", {}, shrink=True, notes="TODO"),
-    "laguna": Architecture("LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="TODO"),
-    "mellum": Architecture("MellumConfig", "MellumForCausalLM", {}, shrink=True, notes="TODO"),
-    "mimo_v2_flash": Architecture("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", {}, shrink=True, notes="TODO"),
-    "minimax_m3_vl": Architecture("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", {}, shrink=True, notes="TODO"),
-    "mistral4": Architecture("Mistral4Config", "Mistral4ForCausalLM", MLA_SIZES, shrink=True, notes="TODO"),
+    "hy_v3": Architecture(
+        "HYV3Config",
+        "HYV3ForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + correction bias → top-k → renormalise → × router_scaling_factor",
+    ),
+    "hy_v4": Architecture(
+        "HYV4Config",
+        "HYV4ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "inkling": Architecture(
+        "InklingTextConfig",
+        "InklingForCausalLM",
+        {},
+        shrink=True,
+        refused="the router's logits are [T, E + n_shared] and the top-k runs on the routed slice [..., :E], "
+        "with the weights normalised over the top-k and the shared logits together: no [E, D] router "
+        "linear feeds the top-k, so no block is anchored; left untouched",
+    ),
+    "inkling2": Architecture(
+        "Inkling2TextConfig",
+        "Inkling2ForCausalLM",
+        {},
+        shrink=True,
+        refused="the experts soft-cap their gate and up projections (cap · tanh(x / cap)) before the SwiGLU: not"
+        " an activation MoESpec has; left untouched",
+    ),
+    "kimi_linear": Architecture(
+        "KimiLinearConfig",
+        "KimiLinearForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "kolibri1": Architecture(
+        "Kolibri1Config",
+        "Kolibri1ForCausalLM",
+        {},
+        shrink=True,
+        notes="no recognised router, kept opaque; experts rewritten",
+    ),
+    "laguna": Architecture(
+        "LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="sigmoid + correction bias → top-k → renormalise"
+    ),
+    "mellum": Architecture("MellumConfig", "MellumForCausalLM", {}, shrink=True, notes="softmax → top-k → renormalise"),
+    "mimo_v2_flash": Architecture(
+        "MiMoV2FlashConfig",
+        "MiMoV2FlashForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "minimax_m3_vl": Architecture(
+        "MiniMaxM3VLTextConfig",
+        "MiniMaxM3VLForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + correction bias → top-k → renormalise; clamped SwiGLU experts (MoE text tower)",
+    ),
+    "mistral4": Architecture(
+        "Mistral4Config",
+        "Mistral4ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="softmax, group-limited top-k, renormalise",
+    ),
     "mistral_large4": Architecture(
-        "MistralLarge4TextConfig", "MistralLarge4TextModel", MLA_SIZES, shrink=True, notes="TODO"
+        "MistralLarge4TextConfig",
+        "MistralLarge4TextModel",
+        MLA_SIZES,
+        shrink=True,
+        notes="softmax, group-limited top-k, renormalise (MoE text tower)",
     ),
     "muse_spark": Architecture(
-        "MuseSparkTextConfig", "MuseSparkTextModel", dict(moe_hidden_size=48), shrink=True, notes="TODO"
+        "MuseSparkTextConfig",
+        "MuseSparkTextModel",
+        dict(moe_hidden_size=48),
+        shrink=True,
+        refused="a shared projection and norm before the experts (D → moe_hidden_size) and an RMSNorm after each"
+        " expert's down projection (has_post_expert_norm): not expressible in MoESpec; left untouched",
     ),
     "nemotron_h": Architecture(
         "NemotronHConfig",
         "NemotronHForCausalLM",
         dict(layers_block_type=["moe"], use_mamba_kernels=False, moe_shared_expert_intermediate_size=48),
         shrink=True,
-        notes="TODO",
+        refused="squared-ReLU (relu2) non-gated experts: not an activation MoESpec has; left untouched",
     ),
     "openai_privacy_filter": Architecture(
-        "OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterForTokenClassification", {}, shrink=True, notes="TODO"
+        "OpenAIPrivacyFilterConfig",
+        "OpenAIPrivacyFilterForTokenClassification",
+        {},
+        shrink=True,
+        notes="GPT-OSS-style experts (clamped SwiGLU with biases) in a token classifier; router kept opaque",
     ),
-    "qwen3_5_moe": Architecture("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", {}, shrink=True, notes="TODO"),
+    "qwen3_5_moe": Architecture(
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise; shared expert with a sigmoid gate left as is",
+    ),
     "qwen3_omni_moe": Architecture(
-        "Qwen3OmniMoeTextConfig", "Qwen3OmniMoeThinkerTextModel", {}, shrink=True, notes="TODO"
+        "Qwen3OmniMoeTextConfig",
+        "Qwen3OmniMoeThinkerTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise (the thinker's MoE text tower)",
     ),
-    "qwen3_vl_moe": Architecture("Qwen3VLMoeTextConfig", "Qwen3VLMoeTextModel", {}, shrink=True, notes="TODO"),
-    "solar_open": Architecture("SolarOpenConfig", "SolarOpenForCausalLM", {}, shrink=True, notes="TODO"),
-    "step3p7": Architecture("Step3p7TextConfig", "Step3p7TextModel", {}, shrink=True, notes="TODO"),
-    "unlimited_ocr": Architecture("UnlimitedOcrTextConfig", "UnlimitedOcrTextModel", {}, shrink=True, notes="TODO"),
+    "qwen3_vl_moe": Architecture(
+        "Qwen3VLMoeTextConfig",
+        "Qwen3VLMoeTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise (MoE text tower)",
+    ),
+    "solar_open": Architecture(
+        "SolarOpenConfig",
+        "SolarOpenForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "step3p7": Architecture(
+        "Step3p7TextConfig",
+        "Step3p7TextModel",
+        {},
+        shrink=True,
+        refused="the experts are a per-expert Python loop over `nonzero()` with no experts implementation to "
+        "select (no @use_experts_implementation): Dynamo graph-breaks inside it, so no graph holds the "
+        "block; left untouched",
+    ),
+    "unlimited_ocr": Architecture(
+        "UnlimitedOcrTextConfig",
+        "UnlimitedOcrTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k (greedy), not renormalised; shared experts left as is (MoE text tower)",
+    ),
     "zaya": Architecture(
-        "ZayaConfig", "ZayaForCausalLM", dict(num_experts_per_tok=1, router_hidden_size=32), shrink=True, notes="TODO"
+        "ZayaConfig",
+        "ZayaForCausalLM",
+        dict(num_experts_per_tok=1, router_hidden_size=32),
+        shrink=True,
+        refused="the router is an MLP over a down-projection carrying state across layers, with E + 1 classes (a"
+        " skip expert masked to weight 0): the top-k's E + 1 is not the experts' E, so no combine is "
+        "found; left untouched",
     ),
 }
 
