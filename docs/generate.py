@@ -13,6 +13,7 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
 - performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
   section of bench/NOTES.md.
+- performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it.
 """
 
 from __future__ import annotations
@@ -195,6 +196,42 @@ def quant_notes_section() -> str:
 QUANT_NOTES_HEADING = "## Quantised: fp8, fp8_block, int8 (issue #5)"
 
 
+def hf_models_section() -> str:
+    """The latest GPU run of bench/hf_models.py (a --tiny run is a check, not a measurement)."""
+    runs = [p for p in sorted(RESULTS.glob("hf_models-*.json")) if not json.loads(p.read_text())["meta"]["tiny"]]
+    if not runs:
+        return (
+            "_Not yet measured._ Run `python bench/hf_models.py --out bench/results` on a GPU, commit the JSON file "
+            "it writes, then `python docs/generate.py`."
+        )
+    path = runs[-1]
+    data = json.loads(path.read_text())
+    meta, rows, variants = data["meta"], data["rows"], data["meta"]["variants"]
+
+    def cell(row, v, key):
+        us = row[key].get(v)
+        if us is None:
+            return ""
+        return "fail" if math.isnan(us) else f"{us:.0f}"
+
+    head = (
+        f"### `bench/results/{path.name}`\n\n{meta['device']}, {_date(path, meta)}; torch {meta['torch']}, "
+        f"transformers {meta['transformers']}; {meta['layers']} decoder layer, bf16. µs per forward (median); "
+        "CUDA-graph replays in parentheses; `fail`: could not run. rel err: moe_fx's logits vs `hf_eager`'s."
+    )
+    table = [
+        [
+            r["model"],
+            str(r["T"]),
+            *(cell(r, v, "us") + (f" ({cell(r, v, 'graph_us')})" if r["graph_us"].get(v) else "") for v in variants),
+            str(r.get("rewritten", "")),
+            f"{r['err']['moe_fx']:.1e}" if "moe_fx" in r["err"] else "",
+        ]
+        for r in rows
+    ]
+    return head + "\n\n" + _table(["model", "T", *variants, "blocks rewritten", "rel err"], table)
+
+
 def images() -> list[Path]:
     """Redraw docs/img: block 1 of the demo model before/after (graphviz) and the HTML report (chromium)."""
     import torch
@@ -237,7 +274,7 @@ def images() -> list[Path]:
 SECTIONS = {
     "architecture.md": {"codemap": codemap_section, "contract": contract_section},
     "user_guide.md": {"options": options_section, "forms": forms_section, "models": models_section},
-    "performance.md": {"results": results_section, "quant_notes": quant_notes_section},
+    "performance.md": {"results": results_section, "quant_notes": quant_notes_section, "hf_models": hf_models_section},
 }
 
 

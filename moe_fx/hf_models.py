@@ -22,6 +22,7 @@ handles (per-expert weights are stacked once), but that line is not part of the 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,56 @@ MLA = dict(
     v_head_dim=16,
     head_dim=8,
 )
+# Multi-head latent attention sizes for a `shrink=True` entry (TINY has the latent ranks).
+MLA_SIZES = dict(num_key_value_heads=4, head_dim=8)
+# `Architecture(shrink=True)`: the config's own defaults, shrunk. Configs name the same size differently, so
+# each entry here applies where the config has the field; per-layer lists (`layer_types`, ...) are cut to the
+# first layers, and `mlp_layer_types` to the kind of the last layer (the MoE one: dense layers come first).
+TINY = dict(
+    COMMON,
+    head_dim=16,
+    intermediate_size=96,
+    moe_intermediate_size=48,
+    shared_expert_intermediate_size=48,
+    shared_experts_intermediate_size=48,
+    shared_intermediate_size=48,
+    num_experts=8,
+    n_routed_experts=8,
+    num_local_experts=8,
+    moe_num_experts=8,
+    num_experts_per_tok=2,
+    num_experts_per_token=2,
+    moe_topk=2,
+    moe_k=2,
+    top_k_experts=2,
+    first_k_dense_replace=0,
+    num_dense_layers=0,
+    n_group=4,
+    topk_group=2,
+    num_expert_group=4,
+    q_lora_rank=32,
+    kv_lora_rank=16,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    index_topk=16,
+    index_head_dim=16,
+    index_n_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_head_dim=16,
+    linear_num_heads=4,
+    sliding_window=16,
+    mlp_only_layers=[],
+    decoder_sparse_step=1,
+    num_nextn_predict_layers=0,
+    use_cache=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +107,7 @@ class Architecture:
     `moe_blocks`: MoE blocks the tiny model holds (all must be rewritten).
     `notes`: what moe_fx does with the architecture (shown in the user guide).
     `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
+    `shrink`: start from the config's defaults shrunk by TINY (then `overrides`), not from COMMON.
     """
 
     config: str
@@ -65,6 +117,7 @@ class Architecture:
     notes: str = ""
     common: bool = True
     refused: str = ""
+    shrink: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -403,6 +456,330 @@ ARCHITECTURES: dict[str, Architecture] = {
         "MoE output is zero in 5.x), but the matcher anchors on top-k and does not read an argmax one-hot "
         "dispatch mask",
     ),
+    # Architectures added from transformers 5.x, sized by TINY (`shrink=True`)
+    "afmoe": Architecture(
+        "AfmoeConfig",
+        "AfmoeForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + expert bias → top-k → renormalise; the shared experts read the same flattened tokens "
+        "(left as is)",
+    ),
+    "aria": Architecture(
+        "AriaTextConfig",
+        "AriaTextForCausalLM",
+        {},
+        shrink=True,
+        notes="top-k on the logits → softmax; shared MLP left as is",
+    ),
+    "axk1": Architecture(
+        "AXK1Config",
+        "AXK1ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "axk2": Architecture(
+        "AXK2Config",
+        "AXK2ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "bailing_hybrid": Architecture(
+        "BailingHybridConfig",
+        "BailingHybridForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "beam": Architecture(
+        "BeamConfig",
+        "BeamForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "cohere2_moe": Architecture(
+        "Cohere2MoeConfig", "Cohere2MoeForCausalLM", {}, shrink=True, notes="top-k on the logits → softmax"
+    ),
+    "deepseek_v32": Architecture(
+        "DeepseekV32Config",
+        "DeepseekV32ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "deepseek_v4": Architecture(
+        "DeepseekV4Config",
+        "DeepseekV4ForCausalLM",
+        {},
+        shrink=True,
+        notes="sqrt(softplus) scores + correction bias: no recognised router, kept opaque; experts rewritten",
+    ),
+    "deepseek_ocr2": Architecture(
+        "DeepseekOcr2TextConfig",
+        "DeepseekOcr2TextModel",
+        dict(n_group=1, topk_group=1, mlp_layer_types=["sparse"]),
+        shrink=True,
+        notes="softmax → top-k (greedy), not renormalised; shared experts left as is (MoE text tower)",
+    ),
+    "diffusion_gemma": Architecture(
+        "DiffusionGemmaTextConfig",
+        "DiffusionGemmaEncoderTextModel",
+        {},
+        shrink=True,
+        notes="the experts read the tokens through their own pre-norm (found apart from the router's input); "
+        "router with a per-expert scale kept opaque; GELU-tanh gated experts",
+    ),
+    "doge": Architecture(
+        "DogeConfig",
+        "DogeForCausalLM",
+        dict(num_experts=16, num_experts_per_tok=4),
+        shrink=True,
+        refused="CDMoE: the experts are single-neuron embeddings (down_embed/up_embed, [E, D]) picked by a "
+        "product-key top-k over √E × √E sub-keys; no top-k over [T, E] router logits, nothing MoESpec's "
+        "experts express; left untouched",
+    ),
+    "dots3_note": Architecture(
+        "Dots3NoteTextConfig",
+        "Dots3NoteForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "ernie4_5_vl_moe": Architecture(
+        "Ernie4_5_VLMoeTextConfig",
+        "Ernie4_5_VLMoeTextModel",
+        dict(
+            moe_intermediate_size=[48, 32],
+            rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[3, 3, 2]),
+        ),
+        shrink=True,
+        notes="text experts of the modality-isolated block (text tokens only here): softmax, + correction bias"
+        " for the selection, renormalised",
+    ),
+    "exaone_moe": Architecture(
+        "ExaoneMoeConfig",
+        "ExaoneMoeForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "flint": Architecture("FlintConfig", "FlintForCausalLM", {}, shrink=True, notes="sigmoid → top-k → renormalise"),
+    "gemma4": Architecture(
+        "Gemma4TextConfig",
+        "Gemma4ForCausalLM",
+        dict(enable_moe_block=True),
+        shrink=True,
+        notes="MoE beside a dense MLP; the experts read the tokens through their own pre-norm (found apart "
+        "from the router's input); router with a per-expert scale kept opaque; GELU-tanh gated experts",
+    ),
+    "glm4_moe_lite": Architecture(
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "glm4v_moe": Architecture(
+        "Glm4vMoeTextConfig",
+        "Glm4vMoeTextModel",
+        dict(
+            rope_parameters=dict(
+                rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3], partial_rotary_factor=1.0
+            )
+        ),
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor) (MoE text tower)",
+    ),
+    "glm5_next": Architecture(
+        "Glm5NextTextConfig",
+        "Glm5NextTextModel",
+        dict(MLA_SIZES, qk_rope_head_dim=0, head_dim=0),
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor) (MoE text tower)",
+    ),
+    "glm_moe_dsa": Architecture(
+        "GlmMoeDsaConfig",
+        "GlmMoeDsaForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
+    ),
+    "granitemoe_swa": Architecture(
+        "GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", {}, shrink=True, notes="top-k on the logits → softmax"
+    ),
+    "granitemoehybrid": Architecture(
+        "GraniteMoeHybridConfig",
+        "GraniteMoeHybridForCausalLM",
+        dict(layer_types=["attention"]),
+        shrink=True,
+        notes="top-k on the logits → softmax; shared MLP left as is",
+    ),
+    "hy_v3": Architecture(
+        "HYV3Config",
+        "HYV3ForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + correction bias → top-k → renormalise → × router_scaling_factor",
+    ),
+    "hy_v4": Architecture(
+        "HYV4Config",
+        "HYV4ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "inkling": Architecture(
+        "InklingTextConfig",
+        "InklingForCausalLM",
+        {},
+        shrink=True,
+        refused="the router's logits are [T, E + n_shared] and the top-k runs on the routed slice [..., :E], "
+        "with the weights normalised over the top-k and the shared logits together: no [E, D] router "
+        "linear feeds the top-k, so no block is anchored; left untouched",
+    ),
+    "inkling2": Architecture(
+        "Inkling2TextConfig",
+        "Inkling2ForCausalLM",
+        {},
+        shrink=True,
+        refused="the experts soft-cap their gate and up projections (cap · tanh(x / cap)) before the SwiGLU: not"
+        " an activation MoESpec has; left untouched",
+    ),
+    "kimi_linear": Architecture(
+        "KimiLinearConfig",
+        "KimiLinearForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor)",
+    ),
+    "kolibri1": Architecture(
+        "Kolibri1Config",
+        "Kolibri1ForCausalLM",
+        {},
+        shrink=True,
+        notes="no recognised router, kept opaque; experts rewritten",
+    ),
+    "laguna": Architecture(
+        "LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="sigmoid + correction bias → top-k → renormalise"
+    ),
+    "mellum": Architecture("MellumConfig", "MellumForCausalLM", {}, shrink=True, notes="softmax → top-k → renormalise"),
+    "mimo_v2_flash": Architecture(
+        "MiMoV2FlashConfig",
+        "MiMoV2FlashForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "minimax_m3_vl": Architecture(
+        "MiniMaxM3VLTextConfig",
+        "MiniMaxM3VLForCausalLM",
+        {},
+        shrink=True,
+        notes="sigmoid + correction bias → top-k → renormalise; clamped SwiGLU experts (MoE text tower)",
+    ),
+    "mistral4": Architecture(
+        "Mistral4Config",
+        "Mistral4ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="softmax, group-limited top-k, renormalise",
+    ),
+    "mistral_large4": Architecture(
+        "MistralLarge4TextConfig",
+        "MistralLarge4TextModel",
+        MLA_SIZES,
+        shrink=True,
+        notes="softmax, group-limited top-k, renormalise (MoE text tower)",
+    ),
+    "muse_spark": Architecture(
+        "MuseSparkTextConfig",
+        "MuseSparkTextModel",
+        dict(moe_hidden_size=48),
+        shrink=True,
+        refused="a shared projection and norm before the experts (D → moe_hidden_size) and an RMSNorm after each"
+        " expert's down projection (has_post_expert_norm): not expressible in MoESpec; left untouched",
+    ),
+    "nemotron_h": Architecture(
+        "NemotronHConfig",
+        "NemotronHForCausalLM",
+        dict(layers_block_type=["moe"], use_mamba_kernels=False, moe_shared_expert_intermediate_size=48),
+        shrink=True,
+        refused="squared-ReLU (relu2) non-gated experts: not an activation MoESpec has; left untouched",
+    ),
+    "openai_privacy_filter": Architecture(
+        "OpenAIPrivacyFilterConfig",
+        "OpenAIPrivacyFilterForTokenClassification",
+        {},
+        shrink=True,
+        notes="GPT-OSS-style experts (clamped SwiGLU with biases) in a token classifier; router kept opaque",
+    ),
+    "qwen3_5_moe": Architecture(
+        "Qwen3_5MoeTextConfig",
+        "Qwen3_5MoeForCausalLM",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise; shared expert with a sigmoid gate left as is",
+    ),
+    "qwen3_omni_moe": Architecture(
+        "Qwen3OmniMoeTextConfig",
+        "Qwen3OmniMoeThinkerTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise (the thinker's MoE text tower)",
+    ),
+    "qwen3_vl_moe": Architecture(
+        "Qwen3VLMoeTextConfig",
+        "Qwen3VLMoeTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise (MoE text tower)",
+    ),
+    "solar_open": Architecture(
+        "SolarOpenConfig",
+        "SolarOpenForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
+    ),
+    "step3p7": Architecture(
+        "Step3p7TextConfig",
+        "Step3p7TextModel",
+        {},
+        shrink=True,
+        refused="the experts are a per-expert Python loop over `nonzero()` with no experts implementation to "
+        "select (no @use_experts_implementation): Dynamo graph-breaks inside it, so no graph holds the "
+        "block; left untouched",
+    ),
+    "unlimited_ocr": Architecture(
+        "UnlimitedOcrTextConfig",
+        "UnlimitedOcrTextModel",
+        {},
+        shrink=True,
+        notes="softmax → top-k (greedy), not renormalised; shared experts left as is (MoE text tower)",
+    ),
+    "zaya": Architecture(
+        "ZayaConfig",
+        "ZayaForCausalLM",
+        dict(num_experts_per_tok=1, router_hidden_size=32),
+        shrink=True,
+        refused="the router is an MLP over a down-projection carrying state across layers, with E + 1 classes (a"
+        " skip expert masked to weight 0): the top-k's E + 1 is not the experts' E, so no combine is "
+        "found; left untouched",
+    ),
 }
 
 
@@ -419,15 +796,46 @@ def build(name: str, experts_implementation: str | None = "grouped_mm", **overri
     batched_mm | eager (None keeps the model's default)."""
     if name not in ARCHITECTURES:
         raise ValueError(f"moe_fx: unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
+    if reason := missing(name):
+        raise ValueError(f"moe_fx: {reason}")
     arch = ARCHITECTURES[name]
     transformers = _transformers()
-    config = getattr(transformers, arch.config)(**{**(COMMON if arch.common else {}), **arch.overrides, **overrides})
+    config_cls = getattr(transformers, arch.config)
+    config = config_cls(**{**_config_kwargs(config_cls, arch), **overrides})
     cls = getattr(transformers, arch.model)
     if experts_implementation is not None and has_experts_implementations(name):
         config._experts_implementation = experts_implementation
     model = cls(config).eval()
     _randomize_zero_biases(model)
     return model
+
+
+def _config_kwargs(config_cls: type, arch: Architecture) -> dict:
+    if not arch.shrink:
+        return {**(COMMON if arch.common else {}), **arch.overrides}
+    defaults = config_cls().to_dict()
+    known = set(defaults) | set(inspect.signature(config_cls.__init__).parameters)
+    kwargs = {k: v for k, v in TINY.items() if k in known}
+    layers = arch.overrides.get("num_hidden_layers", TINY["num_hidden_layers"])
+    for k, v in defaults.items():
+        if isinstance(v, list) and len(v) == defaults.get("num_hidden_layers"):
+            kwargs[k] = [v[-1]] * layers if k == "mlp_layer_types" else v[:layers]
+    return {**kwargs, **arch.overrides}
+
+
+def missing(name: str) -> str:
+    """Why the installed transformers cannot build `name` (empty when it can): the architecture is newer."""
+    transformers = _transformers()
+    arch = ARCHITECTURES[name]
+    absent = [c for c in (arch.config, arch.model) if not hasattr(transformers, c)]
+    return f"transformers {transformers.__version__} has no {', '.join(absent)}" if absent else ""
+
+
+def logits(output) -> torch.Tensor:
+    """A forward's logits; a text tower with no LM head (the MoE text model of a multimodal architecture)
+    gives its last hidden state."""
+    found = getattr(output, "logits", None)
+    return found if found is not None else output.last_hidden_state
 
 
 def has_experts_implementations(name: str) -> bool:

@@ -50,6 +50,27 @@ def test_results_section_renders_bench_json(tmp_path, monkeypatch):
     assert "CUDA-graph replays:" in text and "| mixtral | 16 | 550/1.10 | 500 |" in text
 
 
+def test_hf_models_section_renders_the_latest_gpu_run(tmp_path, monkeypatch):
+    generate = _generate()
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    assert "_Not yet measured._" in generate.hf_models_section()
+    meta = {"device": "NVIDIA H100 80GB HBM3", "date": "2026-11-23", "torch": "2.11.0", "transformers": "5.17.0"}
+    meta |= {"variants": ["hf_gmm", "moe_fx"], "layers": 1, "tiny": False}
+    row = {"model": "mixtral", "T": 2048, "us": {"hf_gmm": 900.0, "moe_fx": float("nan")}, "graph_us": {}}
+    rows = [
+        {**row, "rewritten": 1, "err": {"moe_fx": 1.5e-3}},
+        {**row, "T": 1, "us": {"hf_gmm": 90.0, "moe_fx": 40.0}, "graph_us": {"moe_fx": 30.0}, "err": {}},
+    ]
+    (tmp_path / "hf_models-20261123-170102.json").write_text(json.dumps({"meta": meta, "rows": rows}))
+    tiny = {"meta": {**meta, "tiny": True, "device": "cpu"}, "rows": rows}
+    (tmp_path / "hf_models-20261124-000000.json").write_text(json.dumps(tiny))  # a check, never shown
+    text = generate.hf_models_section()
+    assert "NVIDIA H100 80GB HBM3, measured 2026-11-23; torch 2.11.0, transformers 5.17.0" in text
+    assert "| model | T | hf_gmm | moe_fx | blocks rewritten | rel err |" in text
+    assert "| mixtral | 2048 | 900 | fail | 1 | 1.5e-03 |" in text
+    assert "| mixtral | 1 | 90 | 40 (30) |  |  |" in text
+
+
 def test_architecture_lowering_example_runs():
     from moe_fx.lowering.registry import candidates, unregister_lowering
 

@@ -288,6 +288,21 @@ class BlockFinder:
                 found.append(n)
         return found[::-1]
 
+    def experts_input(self, x: fx.Node, w: fx.Node, ids: fx.Node, needed: set[fx.Node], ro: set[fx.Node]) -> fx.Node:
+        """The tokens the experts read, when that is not the router's input `x`: Gemma4 normalises the
+        tokens for the experts only, AFMoE and Nemotron-H scale the router's input. It is the one tensor
+        of x's shape (up to reshapes and casts) that the nodes downstream of the top-k read from outside
+        them and the router; `x` when there is none or more than one."""
+        experts = self.view.forward([w, ids]) & needed
+        read = {
+            self.token_root(i)
+            for n in experts
+            for i in self.view.inputs[n]
+            if i not in experts and i not in ro and i not in (w, ids) and i in self.depends_on_data
+        }
+        read = {n for n in read if same_shape(shape_of(n), shape_of(x)) and tensor_meta(n).is_floating_point()}
+        return read.pop() if len(read) == 1 else x
+
     def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
         where = anchor.name
         cut = [x, w, ids]
@@ -300,6 +315,10 @@ class BlockFinder:
                 "that combines them (no MoE combine found)",
             )
         needed = self.view.backward([output], blocked=cut)
+        x_experts = self.experts_input(x, w, ids, needed, ro)
+        if x_experts is not x:
+            x, cut = x_experts, [x_experts, w, ids]
+            needed = self.view.backward([output], blocked=cut)
         if ids not in needed:  # e.g. a sampler returning its top-k ids beside a sum of the top-k values
             return Rejection(
                 where, module_path, "the top-k ids do not reach the tensor that combines them (no MoE combine found)"
@@ -321,9 +340,10 @@ class BlockFinder:
             return Rejection(
                 where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, which lives outside it"
             )
+        routed = self.view.forward([w, ids])
         for n in region - {output, self.view.result_node(output)}:
-            if not isinstance(value(n), torch.Tensor):
-                continue  # sizes are shape facts, free to share; they stay while used
+            if not isinstance(value(n), torch.Tensor) or n not in routed:
+                continue  # sizes, and the tokens' own views (AFMoE's shared experts read them), stay while used
             outside = [
                 u for u in self.view.users[n] if u not in region and self.view.reaches_output_avoiding([u], output)
             ]
