@@ -1,4 +1,5 @@
-"""Run a function on W gloo ranks in spawned processes (localhost, file:// rendezvous).
+"""Run a function on W ranks in spawned processes (localhost, file:// rendezvous): gloo on the CPU, or NCCL
+with rank r on cuda:r.
 
 `run_ranks(fn, world, *args)` starts `world` processes, each calling `fn(rank, world, *args)` inside
 an initialised default process group, and re-raises the first failure with its rank. Group several
@@ -16,10 +17,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world: int, init_file: str, timeout_s: float, fn, args) -> None:
+def _entry(rank: int, world: int, init_file: str, timeout_s: float, backend: str, fn, args) -> None:
     torch.set_num_threads(1)  # W processes share the cores
+    if backend == "nccl":
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # never NVLink multicast on the lent machines
+        torch.cuda.set_device(rank)
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"file://{init_file}",
         rank=rank,
         world_size=world,
@@ -31,7 +35,8 @@ def _entry(rank: int, world: int, init_file: str, timeout_s: float, fn, args) ->
         dist.destroy_process_group()
 
 
-def run_ranks(fn, world: int, *args, timeout_s: float = 120.0) -> None:
-    """fn(rank, world, *args) on `world` gloo ranks; a failing rank's exception is re-raised here."""
+def run_ranks(fn, world: int, *args, timeout_s: float = 120.0, backend: str = "gloo") -> None:
+    """fn(rank, world, *args) on `world` ranks of `backend`; a failing rank's exception is re-raised here."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_entry, args=(world, os.path.join(tmp, "rendezvous"), timeout_s, fn, args), nprocs=world)
+        init = os.path.join(tmp, "rendezvous")
+        mp.spawn(_entry, args=(world, init, timeout_s, backend, fn, args), nprocs=world)
