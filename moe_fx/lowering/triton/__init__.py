@@ -10,7 +10,6 @@ from moe_fx.lowering.registry import register_lowering
 from moe_fx.lowering.triton import combine as _combine
 from moe_fx.lowering.triton import dispatch as _dispatch
 from moe_fx.lowering.triton import grouped_gemm as _gemm
-from moe_fx.lowering.triton import quantize as _quantize
 from moe_fx.lowering.triton import route as _route
 from moe_fx.spec import MoESpec
 
@@ -37,8 +36,9 @@ def supports_router(spec: MoESpec) -> str | None:
     return None
 
 
-# The compute capability each quant mode's tensor-core operands need: e4m3 from sm89 (Ada, Hopper), int8 sm80.
-CAPABILITY = {"fp8": (8, 9), "fp8_block": (8, 9), "int8": (8, 0)}
+# The compute capability each quant mode's tensor-core operands need: e4m3 from sm89 (Ada, Hopper); int8 and
+# int4_weight (bf16/fp16 operands after unpacking) sm80.
+CAPABILITY = {"fp8": (8, 9), "fp8_block": (8, 9), "int8": (8, 0), "int4_weight": (8, 0)}
 
 
 def supports_quant(mode: str) -> str | None:
@@ -53,7 +53,7 @@ def supports_quant(mode: str) -> str | None:
         return f"quant={mode!r} needs a CUDA device, none is available"
     have, need = torch.cuda.get_device_capability(), CAPABILITY[mode]
     if tuple(have) < need:
-        cores = "fp8" if need > (8, 0) else "int8"
+        cores = {"int8": "int8", "int4_weight": "bf16"}.get(mode, "fp8")
         return (f"quant={mode!r} needs compute capability >= {need[0]}.{need[1]} ({cores} tensor cores), "
                 f"this device has {have[0]}.{have[1]}")  # fmt: skip
     return None
@@ -88,9 +88,9 @@ def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_gro
 
 @register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)
 def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
-    if quant not in ("none", *_quantize.MODES) or layout != "single" or expert_map is not None:
+    if quant not in ("none", *CAPABILITY) or layout != "single" or expert_map is not None:
         raise NotImplementedError(
-            f"moe_fx: {NAME} quantize_dispatch runs quant in {('none', *_quantize.MODES)} on one device, got "
+            f"moe_fx: {NAME} quantize_dispatch runs quant in {('none', *CAPABILITY)} on one device, got "
             f"quant={quant!r}, layout={layout!r}, expert_map={'set' if expert_map is not None else None}"
         )
     return _dispatch.dispatch(x, ids, weights, num_local_experts, quant)

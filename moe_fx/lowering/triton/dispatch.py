@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton.quantize import MODES as QUANTISED
 from moe_fx.lowering.triton.quantize import quantize_rows
 
 
@@ -109,8 +110,8 @@ def dispatch(
     """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device.
 
     Returns (xq_TD, xscale, expert_offsets_E1 int64, gather_index_R int64, row_weights_R fp32, row_index_R
-    int64, empty comm_splits). Unquantised, xq is a copy of x (an op output may not alias its input) and
-    xscale is empty; under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`.
+    int64, empty comm_splits). Under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`;
+    otherwise (none, int4_weight) xq is a copy of x (an op output may not alias its input), xscale empty.
     """
     T, K = ids.shape
     R, E, device = T * K, num_experts, x.device
@@ -138,5 +139,5 @@ def dispatch(
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
-    xq, xscale = (x.clone(), empty[0]) if quant == "none" else quantize_rows(x, quant)
+    xq, xscale = quantize_rows(x, quant) if quant in QUANTISED else (x.clone(), empty[0])
     return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]

@@ -100,13 +100,28 @@ def _mma(a, b, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows,
          stride_ab, stride_wb, QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
          G: tl.constexpr):  # fmt: skip
     """acc += a · b; fp8_block (QUANT 2) scales each K-block's partial product by its activation group and
-    weight block scales (BLOCK_K divides G); int8 accumulates in int32."""
+    weight block scales, int4_weight (QUANT 3) by its weights' group scales (BLOCK_K divides G); int8
+    accumulates in int32."""
     if QUANT == 2:
         scale = _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
                         (k0 * BLOCK_K) // G, stride_ab, stride_wb, G)  # fmt: skip
         return acc + tl.dot(a, b) * scale
+    elif QUANT == 3:
+        w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_mask, other=0.0)
+        return acc + tl.dot(a, b, input_precision=PRECISION) * w_s[None, :]
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _unpack(w, k, QUANT: tl.constexpr):
+    """int4_weight (QUANT 3): a tile of packed bytes, row k // 2 for element k -> element k's value in [-8, 7]
+    (low nibble for even k, as `quant.pack_int4`); other modes load their weights as they are."""
+    if QUANT == 3:
+        nibble = (w.to(tl.int32) >> ((k % 2) * 4)[:, None]) & 0xF
+        return tl.where(nibble > 7, nibble - 16, nibble)
+    else:
+        return w
 
 
 @triton.jit
@@ -135,6 +150,7 @@ def _up_kernel(
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+    PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -150,8 +166,9 @@ def _up_kernel(
     gate_rows = GATE_ROW + n * ROW_STEP
     up_rows = UP_ROW + n * ROW_STEP
     a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
-    g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + k[:, None] * stride_wd + gate_rows[None, :] * stride_wh
-    u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + k[:, None] * stride_ud + up_rows[None, :] * stride_uh
+    kw = k // PACK  # int4_weight: two K-elements per byte
+    g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + gate_rows[None, :] * stride_wh
+    u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + kw[:, None] * stride_ud + up_rows[None, :] * stride_uh
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
@@ -163,6 +180,7 @@ def _up_kernel(
             k_ok = k < D - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        g = _unpack(g, k, QUANT).to(a.dtype)
         acc_g = _mma(a, g, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, k0,
                      stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         if GATED:
@@ -170,11 +188,12 @@ def _up_kernel(
                 u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
             else:
                 u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            u = _unpack(u, k, QUANT).to(a.dtype)
             acc_u = _mma(a, u, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, k0,
                          stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
-            u_ptrs += BLOCK_K * stride_ud
+            u_ptrs += (BLOCK_K // PACK) * stride_ud
         a_ptrs += BLOCK_K * stride_xd
-        g_ptrs += BLOCK_K * stride_wd
+        g_ptrs += (BLOCK_K // PACK) * stride_wd
     acc_g = _dequantize(acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, QUANT)
     acc_u = _dequantize(acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, QUANT)
     if WEIGHT_INPUT:
@@ -207,7 +226,7 @@ def _down_kernel(
     stride_hsr, stride_hsb, stride_wse, stride_wsd, stride_wsb,
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, IS_INT: tl.constexpr,
+    QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -220,7 +239,7 @@ def _down_kernel(
     n_ok = n < D
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + k[:, None] * stride_wf + n[None, :] * stride_wd
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + (k // PACK)[:, None] * stride_wf + n[None, :] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
@@ -231,10 +250,11 @@ def _down_kernel(
             k_ok = k < F - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        w = _unpack(w, k, QUANT).to(a.dtype)
         acc = _mma(a, w, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, k0, stride_hsb,
                    stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
-        w_ptrs += BLOCK_K * stride_wf
+        w_ptrs += (BLOCK_K // PACK) * stride_wf
     acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
@@ -254,7 +274,7 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
     return F, 0, 1  # up_first
 
 
-QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2}
+QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
 
 
 def experts(
@@ -287,6 +307,8 @@ def experts(
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
     by `quantize.quantize_rows` on the fp32 activation otherwise (a row's scale needs the whole row).
+    int4_weight (w4a16): the B loads unpack two int4 values per byte, each K-block's partial product is
+    scaled by its weights' group scales, and the activations stay in their dtype throughout.
     `config` overrides the tuned/default block sizes (used by `tuning.tune`).
     """
     if quant not in QUANT_CODES:
@@ -295,10 +317,12 @@ def experts(
         raise ValueError(f"moe_fx: quant={quant!r} experts take canonical w13 (no w3) and both weight scales")
     R, E = gather_index.shape[0], w13.shape[0]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
-    D, F = w2_EDF.shape[1], w2_EDF.shape[2]
     gated = activation in GATED_ACTIVATIONS
     code, G = QUANT_CODES[quant], quant_fmt.BLOCK
-    h_dtype = {0: xq.dtype, 1: torch.float32, 2: xq.dtype}[code]
+    D, F = w2_EDF.shape[1], w2_EDF.shape[2]
+    if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
+        F = w13.shape[1] // 2 if gated else w13.shape[1]
+    h_dtype = {0: xq.dtype, 1: torch.float32, 2: xq.dtype, 3: xq.dtype}[code]
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
     h_scale = torch.empty((R, triton.cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
@@ -315,7 +339,7 @@ def experts(
     if gate_up == "separate" and gated:
         wu = w3.transpose(1, 2) if w13_transposed else w3
         up_row = 0
-    precision = "ieee" if xq.dtype == torch.float32 or code else "tf32"
+    precision = "ieee" if xq.dtype == torch.float32 or code in (1, 2) else "tf32"
     is_int = quant == "int8"
     BLOCK_E = triton.next_power_of_2(E)
     bias13 = w13_bias if w13_bias is not None else w13
@@ -334,7 +358,7 @@ def experts(
         xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
-        QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int,
+        QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
@@ -351,7 +375,8 @@ def experts(
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
-        PRECISION=precision, QUANT=code, IS_INT=is_int, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD

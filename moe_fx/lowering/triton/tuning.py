@@ -77,12 +77,12 @@ def interpreting() -> bool:
 
 
 def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
-    """fp8_block's constraints on a config: the up GEMM's N-tile is one 128-column activation group (quantised
-    in its epilogue), and K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128)."""
-    if quant != "fp8_block":
+    """Constraints on a config: K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128) under fp8_block
+    and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue)."""
+    if quant not in ("fp8_block", "int4_weight"):
         return config
     up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
-    return ExpertsConfig(replace(up, block_n=128), down)
+    return ExpertsConfig(replace(up, block_n=128) if quant == "fp8_block" else up, down)
 
 
 def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
@@ -92,7 +92,7 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
     if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16 (32 for fp8)
         c = GemmConfig(16, 16, 16, 1, 4, 1) if quant == "none" else GemmConfig(16, 32, 32, 1, 4, 1)
         return conform(ExpertsConfig(c, c), quant)
-    if quant != "none":
+    if quant in ("fp8", "fp8_block", "int8"):  # int4_weight's activations keep their dtype: the defaults below
         if rows_per_expert <= 16:
             up = down = GemmConfig(16, 64, 256, 8, 4, 4)
         elif rows_per_expert <= 96:
@@ -110,7 +110,7 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
         up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3)
     if dtype.itemsize > 2:  # fp32 tiles take twice the shared memory
         up, down = (replace(c, block_n=min(c.block_n, 64), block_k=32) for c in (up, down))
-    return ExpertsConfig(up, down)
+    return conform(ExpertsConfig(up, down), quant)
 
 
 def _read(path: Path) -> dict:

@@ -1,4 +1,5 @@
-"""Quantised Triton experts (fp8, fp8_block, int8 tensor-core GEMMs) through the moe_fx ops, against the
+"""Quantised Triton experts (fp8, fp8_block, int8 tensor-core GEMMs; int4_weight unpacked in the B loads)
+through the moe_fx ops, against the
 reference lowering's exact quantised arithmetic on the same quantised weights, and against the float64
 unquantised block: the Triton result must sit far closer to the first than the quantisation error."""
 
@@ -15,13 +16,13 @@ from tests.lowering.triton.test_triton_dispatch import routing
 
 OPS = torch.ops.moe_fx
 E = 4
-MODES = ("fp8", "fp8_block", "int8")
+MODES = ("fp8", "fp8_block", "int8", "int4_weight")
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 tl.dot is wrong
 # rel err of Triton against the reference on the same quantised operands: only fp32 (Triton) vs float64
 # (reference) accumulation and the output dtype's rounding differ. Measured: ~1e-7 in fp32 (interpreter).
 AGREE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # On an H100's wgmma tiles (fp8: reduced-precision accumulation): fp8 measured 4.8e-3 (fp32, K=136).
-PREFILL_AGREE = {"fp8": 1.5e-2, "fp8_block": 1.5e-2, "int8": 1e-2}
+PREFILL_AGREE = {"fp8": 1.5e-2, "fp8_block": 1.5e-2, "int8": 1e-2, "int4_weight": 1e-2}
 
 
 def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="concat", b13=None, b2=None,
@@ -86,10 +87,11 @@ def test_fp8_block_partial_128_groups():
     "mode,act,gate_up,bias,placement,weight_at",
     [("fp8", "gelu", "concat", True, "output", "output"), ("fp8_block", "clamped_swiglu", "interleaved", True,
      "output", None), ("int8", "silu_gated", "up_first", False, "input", None),
-     ("fp8", "gelu_tanh_gated", "concat", True, "input", None)],
+     ("fp8", "gelu_tanh_gated", "concat", True, "input", None),
+     ("int4_weight", "silu_gated", "interleaved", True, "output", "output")],
 )  # fmt: skip
 def test_activations_layouts_biases_weight_placement(mode, act, gate_up, bias, placement, weight_at):
-    T, K, D, F_ = 9, 2, 40, 24
+    T, K, D, F_ = 9, 2, 41, 23  # odd: ragged K-tiles, and int4 rows that end in half a byte
     gated = act not in ("gelu", "relu", "silu", "gelu_tanh")
     x = torch.randn(T, D, device=DEVICE) * 2
     w13, w2 = weights_for(D, F_, torch.float32, gated)

@@ -42,7 +42,7 @@ def test_nan_and_inf_stay_in_their_token(mode):
     assert torch.isfinite(scale[[0, 1, 4, 5]]).all()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "int4_weight"])  # int4_weight: activations stay as they are
 @pytest.mark.parametrize("T,K,pattern", [(0, 2, "random"), (1, 1, "random"), (9, 2, "empty"), (33, 2, "one_expert")])
 def test_quantize_dispatch_matches_reference(mode, T, K, pattern):
     E, D = 6, 136

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import registry
+from moe_fx.lowering import triton as triton_lowering
 from moe_fx.lowering.triton import tuning
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
@@ -21,13 +22,8 @@ def test_cuda_picks_triton_for_every_op():
 
 
 def test_unsupported_specs_fall_back_with_reasons():
-    int4 = SPEC.replace(quant=QuantSpec("int4_weight"))
-    sel = registry.select("experts", "cuda", int4)
-    assert sel.chosen.name == "reference"
-    assert (
-        dict(sel.rejected)["triton"]
-        == "quant='int4_weight' is not implemented by triton (it runs ('fp8', 'fp8_block', 'int8'))"
-    )
+    modes = "('fp8', 'fp8_block', 'int8', 'int4_weight')"
+    assert triton_lowering.supports_quant("w4a8") == f"quant='w4a8' is not implemented by triton (it runs {modes})"
     groups = SPEC.replace(router=RouterSpec(2, scoring="sigmoid", n_group=3, topk_group=1))
     sel = registry.select("route", "cuda", groups)
     assert sel.chosen.name == "reference" and sel.rejected == (("triton", "experts (8) not divisible by n_group (3)"),)
@@ -47,7 +43,8 @@ def test_token_capacity_falls_back_to_the_reference_with_reasons():
 
 @pytest.mark.parametrize("mode,capability,chosen", [("fp8", (9, 0), "triton"), ("fp8_block", (8, 9), "triton"),
                                                     ("fp8", (8, 6), "reference"), ("int8", (8, 0), "triton"),
-                                                    ("int8", (7, 5), "reference")])  # fmt: skip
+                                                    ("int8", (7, 5), "reference"), ("int4_weight", (8, 0), "triton"),
+                                                    ("int4_weight", (7, 5), "reference")])  # fmt: skip
 def test_quantised_specs_need_the_tensor_cores_of_their_mode(monkeypatch, mode, capability, chosen):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -56,7 +53,7 @@ def test_quantised_specs_need_the_tensor_cores_of_their_mode(monkeypatch, mode, 
         sel = registry.select(op, "cuda", spec)
         assert sel.chosen.name == chosen
         if chosen == "reference":
-            need, cores = ("8.9", "fp8") if mode.startswith("fp8") else ("8.0", "int8")
+            need, cores = ("8.9", "fp8") if mode.startswith("fp8") else ("8.0", mode.replace("int4_weight", "bf16"))
             have = f"{capability[0]}.{capability[1]}"
             assert dict(sel.rejected)["triton"] == (
                 f"quant={mode!r} needs compute capability >= {need} ({cores} tensor cores), this device has {have}"
