@@ -44,7 +44,7 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
     (T, K), E, L = ids.shape, expert_map.shape[1], num_local_experts
     owner_E, slot_E = expert_map[0], expert_map[1]
     sizes_W = x.new_empty((W,), dtype=torch.int64)
-    torch.distributed.all_gather_single(sizes_W, torch.tensor([T], device=x.device), group=group)
+    torch.distributed.all_gather_into_tensor(sizes_W, torch.tensor([T], device=x.device), group=group)
     sizes = sizes_W.tolist()  # host sync for the padding
     xq_TD, xscale_TB = quantize_for_wire(x, quant)  # quantised before any communication
     xq_GD = all_gather_rows(wire(xq_TD), sizes, group).view(xq_TD.dtype)

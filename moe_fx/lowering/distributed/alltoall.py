@@ -41,7 +41,7 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
     owner_E, slot_E = expert_map[0], expert_map[1]
     flat_ids_S = ids.reshape(-1).long()
     counts_WE = x.new_empty((W * E,), dtype=torch.int64)
-    dist.all_gather_single(counts_WE, torch.bincount(flat_ids_S, minlength=E), group=group)
+    dist.all_gather_into_tensor(counts_WE, torch.bincount(flat_ids_S, minlength=E), group=group)
     counts_WE = counts_WE.view(W, E)
     stats.record(group_name, counts_WE, owner_E)
 

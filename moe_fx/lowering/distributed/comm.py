@@ -60,7 +60,7 @@ def all_gather_rows(x_ND: torch.Tensor, sizes: list[int], group: dist.ProcessGro
     padded = x_ND.new_zeros((n_max, *x_ND.shape[1:]))
     padded[: x_ND.shape[0]] = x_ND
     gathered = x_ND.new_empty((W * n_max, *x_ND.shape[1:]))
-    dist.all_gather_single(gathered, padded, group=group)
+    dist.all_gather_into_tensor(gathered, padded, group=group)
     if all(n == n_max for n in sizes):
         return gathered
     return torch.cat([gathered[w * n_max : w * n_max + n] for w, n in enumerate(sizes)])
@@ -77,5 +77,5 @@ def reduce_scatter_rows(x_ND: torch.Tensor, sizes: list[int], rank: int, group: 
         for w, (start, n) in enumerate(zip(starts, sizes)):
             padded[w * n_max : w * n_max + n] = x_ND[start : start + n]
     out = x_ND.new_empty((n_max, *x_ND.shape[1:]))
-    dist.reduce_scatter_single(out, padded, group=group)
+    dist.reduce_scatter_tensor(out, padded, group=group)
     return out[: sizes[rank]]
