@@ -12,12 +12,16 @@ that Dynamo cannot hold in one graph; while moe_fx captures (torch.compile with 
 `apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.hf_experts`), and the
 model's setting is untouched. Architectures without the decorator have one form each.
 
-transformers 4.57 (not installed, not tested): experts there are `nn.ModuleList`s of per-expert MLPs
-run by the same `for e in expert_hit` loop (Mixtral, Qwen, DeepSeek, GLM4, dots1, MiniMax, Jamba, ...),
-with no implementation to select, so Dynamo graph-breaks inside the block and moe_fx leaves it
-untouched. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and
-the dense bmm (Llama4) are captured whole under moe_fx's capture flags and are the forms the matcher
-handles (per-expert weights are stacked once), but that line is not part of the tested matrix.
+transformers 4.57 (the last 4.x line, tested by `.ci/transformers457` on TRANSFORMERS_4): experts there are
+`nn.ModuleList`s of per-expert MLPs (or stacked parameters) run by Python code, with no implementation to
+select. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and the dense
+bmm (Llama4) are captured whole under moe_fx's capture flags and rewritten (per-expert weights are stacked
+once); the `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen, GPT-OSS on the CPU) and the loops with
+a data-dependent `if` (DeepSeek-V3) graph-break, and moe_fx leaves them untouched (`refused_4x`).
+
+Architectures added with transformers 5.x are `shrink=True` entries: the config's defaults shrunk by TINY.
+Multimodal ones are built as their MoE text model (`logits` then reads its last hidden state); an
+architecture the installed transformers lacks is `missing` (the tests skip it).
 """
 
 from __future__ import annotations
