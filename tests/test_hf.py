@@ -186,11 +186,13 @@ def test_state_dict_and_save_pretrained_round_trip(name, tmp_path):
 @pytest.mark.skipif(not TRANSFORMERS_4, reason="the transformers 4.57 forms (`.ci/transformers457` runs this)")
 @pytest.mark.parametrize("name", hf_models.TRANSFORMERS_4)
 def test_transformers4_forms(name):
-    """transformers 4.57: the forms moe_fx captures are rewritten, the experts loops left untouched; equal eager."""
+    """transformers 4.57: the forms moe_fx captures are rewritten (by compile and apply), the experts loops left
+    untouched; logits equal eager either way."""
     arch = hf_models.ARCHITECTURES[name]
     model = tiny(name, impl=None)
     expected = 0 if arch.refused or arch.refused_4x else arch.moe_blocks
     _compile_and_check(model, hf_models.example_inputs(model), expected, torch.float32)
-    torch._dynamo.reset()
-    model = tiny(name, impl=None)
-    _apply_and_check(model, hf_models.example_inputs(model), expected, torch.float32)
+    if expected:  # a refusal shows under compile; apply's second capture would only repeat it
+        torch._dynamo.reset()
+        model = tiny(name, impl=None)
+        _apply_and_check(model, hf_models.example_inputs(model), expected, torch.float32)
