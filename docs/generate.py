@@ -11,6 +11,7 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `options`: `moe_fx.options.VALID_KEYS`;
 - user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
+- user_guide.md `transformers4`: `moe_fx.hf_models.TRANSFORMERS_4` and each one's `refused_4x`;
 - performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
   section of bench/NOTES.md.
 - performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it.
@@ -232,6 +233,17 @@ def hf_models_section() -> str:
     return head + "\n\n" + _table(["model", "T", *variants, "blocks rewritten", "rel err"], table)
 
 
+def transformers4_section() -> str:
+    from moe_fx.hf_models import ARCHITECTURES, TRANSFORMERS_4
+
+    rows = []
+    for name in TRANSFORMERS_4:
+        arch = ARCHITECTURES[name]
+        reason = arch.refused or arch.refused_4x
+        rows.append([f"`{name}`", f"`{arch.model}`", f"no: {reason}" if reason else "yes"])
+    return _table(["`--hf` name", "model", "rewritten on transformers 4.57"], rows)
+
+
 def images() -> list[Path]:
     """Redraw docs/img: block 1 of the demo model before/after (graphviz) and the HTML report (chromium)."""
     import torch
@@ -273,7 +285,12 @@ def images() -> list[Path]:
 
 SECTIONS = {
     "architecture.md": {"codemap": codemap_section, "contract": contract_section},
-    "user_guide.md": {"options": options_section, "forms": forms_section, "models": models_section},
+    "user_guide.md": {
+        "options": options_section,
+        "forms": forms_section,
+        "models": models_section,
+        "transformers4": transformers4_section,
+    },
     "performance.md": {"results": results_section, "quant_notes": quant_notes_section, "hf_models": hf_models_section},
 }
 

@@ -12,12 +12,16 @@ that Dynamo cannot hold in one graph; while moe_fx captures (torch.compile with 
 `apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.hf_experts`), and the
 model's setting is untouched. Architectures without the decorator have one form each.
 
-transformers 4.57 (not installed, not tested): experts there are `nn.ModuleList`s of per-expert MLPs
-run by the same `for e in expert_hit` loop (Mixtral, Qwen, DeepSeek, GLM4, dots1, MiniMax, Jamba, ...),
-with no implementation to select, so Dynamo graph-breaks inside the block and moe_fx leaves it
-untouched. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and
-the dense bmm (Llama4) are captured whole under moe_fx's capture flags and are the forms the matcher
-handles (per-expert weights are stacked once), but that line is not part of the tested matrix.
+transformers 4.57 (the last 4.x line, tested by `.ci/transformers457` on TRANSFORMERS_4): experts there are
+`nn.ModuleList`s of per-expert MLPs (or stacked parameters) run by Python code, with no implementation to
+select. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and the dense
+bmm (Llama4) are captured whole under moe_fx's capture flags and rewritten (per-expert weights are stacked
+once); the `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen, GPT-OSS on the CPU) and the loops with
+a data-dependent `if` (DeepSeek-V3) graph-break, and moe_fx leaves them untouched (`refused_4x`).
+
+Architectures added with transformers 5.x are `shrink=True` entries: the config's defaults shrunk by TINY.
+Multimodal ones are built as their MoE text model (`logits` then reads its last hidden state); an
+architecture the installed transformers lacks is `missing` (the tests skip it).
 """
 
 from __future__ import annotations
@@ -108,6 +112,8 @@ class Architecture:
     `notes`: what moe_fx does with the architecture (shown in the user guide).
     `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
     `shrink`: start from the config's defaults shrunk by TINY (then `overrides`), not from COMMON.
+    `refused_4x`: why moe_fx leaves the transformers 4.57 form of the blocks untouched (TRANSFORMERS_4 lists
+    the architectures tested on that line; empty: rewritten there too).
     """
 
     config: str
@@ -118,7 +124,15 @@ class Architecture:
     common: bool = True
     refused: str = ""
     shrink: bool = False
+    refused_4x: str = ""
 
+
+# transformers 4.57's experts loop (Mixtral, Qwen2/3-MoE)
+LOOP_4X = (
+    "the transformers 4.57 block loops over the experts hit (`for e in expert_hit`, from `nonzero()`): "
+    "Dynamo graph-breaks at the data-dependent loop, so the experts reach no graph (the top-k's graph has"
+    " no combine); left untouched"
+)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": Architecture(
@@ -127,6 +141,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         dict(num_hidden_layers=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
         moe_blocks=2,
         notes="softmax → top-k → renormalise; SiLU-gated experts",
+        refused_4x=LOOP_4X,
     ),
     "qwen2_moe": Architecture(
         "Qwen2MoeConfig",
@@ -139,12 +154,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             intermediate_size=96,
         ),
         notes="shared expert with a sigmoid gate, left as ordinary nodes",
+        refused_4x=LOOP_4X,
     ),
     "qwen3_moe": Architecture(
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
         dict(moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=16),
         notes="softmax → top-k → renormalise",
+        refused_4x=LOOP_4X,
     ),
     "qwen3_next": Architecture(
         "Qwen3NextConfig",
@@ -208,6 +225,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         notes="sigmoid + e_score_correction_bias, group-limited top-k (group score = top-2 sum), unbiased "
         "weights, renormalise, × routed_scaling_factor",
+        refused_4x="the transformers 4.57 block loops over every expert with a data-dependent `if tokens.numel() > 0`: "
+        "Dynamo graph-breaks there, so the experts reach no graph; left untouched",
     ),
     "glm4_moe": Architecture(
         "Glm4MoeConfig",
@@ -270,6 +289,8 @@ ARCHITECTURES: dict[str, Architecture] = {
             layer_types=["full_attention"],
         ),
         notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
+        refused_4x="on the CPU the transformers 4.57 experts loop over the experts hit (`nonzero()`; the dense bmm "
+        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph; left untouched",
     ),
     "llama4": Architecture(
         "Llama4TextConfig",
@@ -781,6 +802,13 @@ ARCHITECTURES: dict[str, Architecture] = {
         "found; left untouched",
     ),
 }
+
+
+# The architectures tested on transformers 4.57 (the last 4.x line; `.ci/transformers457`): its forms are
+# per-expert `nn.ModuleList`s run by Python loops, the dense bmm of Llama4, the `.tolist()` + split of Granite
+# and JetMoE; `refused_4x` says which are left untouched.
+TRANSFORMERS_4 = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3", "gpt_oss", "llama4")
+TRANSFORMERS_4 += ("granitemoe", "jetmoe")
 
 
 def _transformers():

@@ -289,10 +289,10 @@ class BlockFinder:
         return found[::-1]
 
     def experts_input(self, x: fx.Node, w: fx.Node, ids: fx.Node, needed: set[fx.Node], ro: set[fx.Node]) -> fx.Node:
-        """The tokens the experts read, when that is not the router's input `x`: Gemma4 normalises the
-        tokens for the experts only, AFMoE and Nemotron-H scale the router's input. It is the one tensor
-        of x's shape (up to reshapes and casts) that the nodes downstream of the top-k read from outside
-        them and the router; `x` when there is none or more than one."""
+        """The tokens the experts read, when that is not the router's input `x` (Gemma4 and DiffusionGemma
+        normalise the tokens for the experts only): the one tensor of x's shape (up to reshapes and casts)
+        that the nodes downstream of the top-k read from outside them and the router; `x` when there is
+        none or more than one. The region, and the probes that identify it, then start there."""
         experts = self.view.forward([w, ids]) & needed
         read = {
             self.token_root(i)

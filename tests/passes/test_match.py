@@ -109,6 +109,30 @@ def test_two_blocks_of_different_forms_in_one_graph():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+class PreNormExpertsMoE(ex.GatherEinsumMoE):
+    """Gemma4's layout: the router reads the tokens, the experts a normalised copy; and AFMoE's: a shared
+    expert reads the same flattened tokens as the routed ones."""
+
+    def forward(self, x):
+        x_TD = x.view(-1, x.shape[-1])
+        weights_TK, ids_TK = ex.softmax_topk(self.gate(x_TD), self.k)
+        xn_TD = F.rms_norm(x_TD, (x_TD.shape[-1],))
+        w1_TKFD, w3_TKFD, w2_TKDF = self.w1[ids_TK], self.w3[ids_TK], self.w2[ids_TK]
+        h_TKF = F.silu(torch.einsum("td,tkfd->tkf", xn_TD, w1_TKFD)) * torch.einsum("td,tkfd->tkf", xn_TD, w3_TKFD)
+        y_TKD = torch.einsum("tkf,tkdf->tkd", h_TKF, w2_TKDF)
+        return torch.einsum("tkd,tk->td", y_TKD, weights_TK).view(x.shape) + torch.tanh(x_TD).view(x.shape)
+
+
+def test_experts_read_their_own_view_of_the_tokens():
+    model = PreNormExpertsMoE().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        ref = model(x)
+    out = compiled(model, x)
+    assert counters["moe_fx"]["rewritten"] == 1, str(last_reports()[-1])
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 class OpaqueRouterMoE(ex.LoopMoE):
     """A router no recognised form reproduces (tanh scores, |v| normalised): it stays in the graph."""
 
