@@ -14,7 +14,8 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `transformers4`: `moe_fx.hf_models.TRANSFORMERS_4` and each one's `refused_4x`;
 - performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
   section of bench/NOTES.md.
-- performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it.
+- performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it;
+- performance.md `ep`: the latest bench/results/*-ep.json, as `bench/ep.py --json` writes it.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def _layer_results(path: Path) -> dict | None:
     """A bench/layer.py result ({"meta", "rows"}), or None for the other files in bench/results."""
     data = json.loads(path.read_text())
     rows = data.get("rows") if isinstance(data, dict) else None
-    return data if isinstance(rows, list) and rows and "shape" in rows[0] and "meta" in data else None
+    return data if isinstance(rows, list) and rows and "floor_us" in rows[0] and "meta" in data else None
 
 
 def results_section() -> str:
@@ -195,6 +196,30 @@ def quant_notes_section() -> str:
 
 
 QUANT_NOTES_HEADING = "## Quantised: fp8, fp8_block, int8 (issue #5)"
+
+
+def ep_section() -> str:
+    """The latest NCCL run of bench/ep.py (bench/results/*-ep.json)."""
+    runs = sorted(RESULTS.glob("*-ep.json"))
+    if not runs:
+        return "_Not yet measured._ Run `torchrun --nproc-per-node 2 bench/ep.py --json bench/results/<gpu>-ep.json`."
+    path = runs[-1]
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    head = (
+        f"### `bench/results/{path.name}`\n\n{meta['world']}× {meta['device']}, {meta['backend']}, "
+        f"torch {meta['torch']}, {meta['dtype']}, median of {meta['reps']} after a barrier, slowest rank. "
+        "T: tokens per rank; bytes: sent by "
+        "one rank in dispatch + combine; vs a2a: dispatch+combine time over one plain `all_to_all_single` of the "
+        "same bytes (target ≤ 1.2)."
+    )
+    cols = ["shape", "layout", "quant", "T", "disp+comb µs", "bytes", "GB/s", "a2a µs", "vs a2a", "layer µs"]
+    table = [
+        [r["shape"], r["layout"], r["quant"], str(r["T"]), f"{r['dispatch_combine_us']:.0f}", str(r["bytes"]),
+         f"{r['GBps']:.2f}", f"{r['plain_a2a_us']:.0f}", f"{r['vs_a2a']:.2f}", f"{r['layer_us']:.0f}"]
+        for r in data["rows"]
+    ]  # fmt: skip
+    return head + "\n\n" + _table(cols, table)
 
 
 def hf_models_section() -> str:
@@ -291,7 +316,12 @@ SECTIONS = {
         "models": models_section,
         "transformers4": transformers4_section,
     },
-    "performance.md": {"results": results_section, "quant_notes": quant_notes_section, "hf_models": hf_models_section},
+    "performance.md": {
+        "results": results_section,
+        "quant_notes": quant_notes_section,
+        "hf_models": hf_models_section,
+        "ep": ep_section,
+    },  # fmt: skip
 }
 
 
