@@ -560,7 +560,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "doge": Architecture(
         "DogeConfig",
         "DogeForCausalLM",
-        dict(num_experts=16, num_experts_per_tok=4),
+        dict(is_moe=True, num_experts=16, num_experts_per_tok=4),
         shrink=True,
         refused="CDMoE: the experts are single-neuron embeddings (down_embed/up_embed, [E, D]) picked by a "
         "product-key top-k over √E × √E sub-keys; no top-k over [T, E] router logits, nothing MoESpec's "
