@@ -49,6 +49,15 @@ from moe_fx.spec import MoESpec
 log = logging.getLogger("moe_fx")
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def block_tolerance(*dtypes: torch.dtype) -> float:
+    """The tolerance of a block that computes at the precision of its tokens and weights, whatever dtype it
+    returns: HF's bf16 experts scaled by float32 routing weights (Mixtral, DeepSeek-V3) return float32
+    sums of bf16 products. The loosest of the dtypes' tolerances applies (3e-2 for one not in the table)."""
+    return max(TOLERANCE.get(d, 3e-2) for d in dtypes)
+
+
 _CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
 
 
@@ -57,6 +66,8 @@ class Rejection:
     where: str  # the anchor node
     module_path: str
     reason: str
+    # the cut was a block's shape (one combine, nothing shared with the outside); its data refused it
+    past_the_cut: bool = False
 
     def __str__(self) -> str:
         return f"{self.module_path or '<graph>'} ({self.where}): {self.reason}"
@@ -258,7 +269,7 @@ class BlockFinder:
         module_path = self.module_path([anchor])
         ro = self.router_only(logits)
         outs = self.view.forward([n for n in anchor.users])
-        result = None
+        rejections = []
         for ids_cut in self.wider_ids(ids, ro) + [ids]:
             w_candidates = [
                 n
@@ -268,12 +279,19 @@ class BlockFinder:
                 and tensor_meta(n).is_floating_point()
             ][::-1]
             if not w_candidates:
-                result = Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found")
-            for w in w_candidates:  # latest first; the rejection reported is the raw top-k values'
+                rejections.append(Rejection(where, module_path, "no routing-weights tensor of the top-k's shape found"))
+            for w in w_candidates:  # latest first: the weights the experts read, then the raw top-k values
                 result = self.match_cut(anchor, logits, x, w, ids_cut, ro, num_experts, module_path)
                 if isinstance(result, MoEMatch):
                     return result
-        return result
+                rejections.append(result)
+        # the reason reported is that of a cut shaped like a block, whose data refused it, when there is one
+        # (a cut at the raw top-k values, before an in-place renormalisation, only says the cut was wrong);
+        # else the last cut's (the raw top-k values')
+        for rejection in rejections:
+            if rejection.past_the_cut:
+                return rejection
+        return rejections[-1] if rejections else None
 
     def wider_ids(self, ids: fx.Node, ro: set[fx.Node]) -> list[fx.Node]:
         """Expert ids built from this top-k's and others' (PhiMoE's sparsemixer concatenates two top-1
@@ -354,7 +372,9 @@ class BlockFinder:
         module_path = self.module_path([anchor, logits, *region])
         x_real, logits_real, w_real, ids_real = self.real_values([x, logits, w, ids])
         if x_real.numel() == 0:
-            return Rejection(where, module_path, "the example batch is empty, so the block cannot be verified")
+            return Rejection(
+                where, module_path, "the example batch is empty, so the block cannot be verified", past_the_cut=True
+            )
         # weights the model dequantises from 1-byte parameters: the region starts at the dequantised tensors
         dequantised, why = prequant.frontier(self, region)
         if why is not None:
@@ -368,12 +388,13 @@ class BlockFinder:
         families, leftovers = families + more, leftovers + odd
         leaf_vals = [*dequantised_vals, *leaf_vals]  # the region's extra inputs, in its signature's order
         if leftovers:
-            return Rejection(where, module_path, f"weights {leftovers[:3]} are not per-expert (E={num_experts})")
+            why = f"weights {leftovers[:3]} are not per-expert (E={num_experts})"
+            return Rejection(where, module_path, why, past_the_cut=True)
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
         with torch.no_grad():
             refs = [region_fn(*p, *leaf_vals)[0] for p in probes]
         out_dtype = refs[0].dtype
-        tol = TOLERANCE.get(out_dtype, 3e-2)
+        tol = block_tolerance(out_dtype, x_real.dtype, *(v.dtype for _, v in weight_leaves if v.is_floating_point()))
         best, best_err = None, float("inf")
         K = ids_real.reshape(ids_real.shape[0], -1).shape[1]
         for binding in experts_id.candidates(families, x_real.shape[-1], num_experts, self.hints(region)):
@@ -389,13 +410,14 @@ class BlockFinder:
                 best, best_err = binding, err
         if best is None:
             names = [f"{f.name}{list(f.shape)}" for f in families]
-            return Rejection(where, module_path, f"no expert layout fits the weights {names}")
+            return Rejection(where, module_path, f"no expert layout fits the weights {names}", past_the_cut=True)
         if best_err > tol:
             return Rejection(
                 where,
                 module_path,
                 f"no experts spec reproduces the block: closest {best.spec.summary()} "
                 f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}",
+                past_the_cut=True,
             )
         router_spec, router_bias, router_nodes, router_err = self.identify_router(
             anchor, logits, w, ids, ro, logits_real, K, num_experts

@@ -42,7 +42,7 @@ from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.lowering.reference import selection
 from moe_fx.passes.experts import rel_err
 from moe_fx.passes.graph_view import same_shape, shape_of, tensor_meta
-from moe_fx.passes.match import TOLERANCE, BlockFinder, MoEMatch
+from moe_fx.passes.match import BlockFinder, MoEMatch, block_tolerance
 from moe_fx.passes.prequant import PreQuantised
 from moe_fx.passes.rewrite import rewrite
 from moe_fx.passes.subgraph import extract
@@ -165,10 +165,10 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
                 f"the rewritten output's meta {tuple(new_meta.shape)} {new_meta.dtype} differs from "
                 f"the original's {tuple(old_meta.shape)} {old_meta.dtype}"
             )
-    # the block computes at the precision of its tokens and weights, whatever dtype it returns (HF's bf16
-    # experts accumulate into a float32 output): the loosest of those dtypes' tolerances applies
-    dtypes = {refs[0].dtype, probes[0][0].dtype, match.binding.w13.dtype}
-    tol = max(*(TOLERANCE.get(d, 3e-2) for d in dtypes), EXPECTED_ERROR.get(match.spec.quant.mode, 0.0))
+    tol = max(
+        block_tolerance(refs[0].dtype, probes[0][0].dtype, match.binding.w13.dtype),
+        EXPECTED_ERROR.get(match.spec.quant.mode, 0.0),
+    )
     worst = 0.0
     for (x, logits), ref in zip(probes, refs):
         inputs = [x, logits, *(v for v in leaf_values if isinstance(v, torch.Tensor)), *block.buffers()]
