@@ -273,10 +273,10 @@ ARCHITECTURES: dict[str, Architecture] = {
             zero_expert_num=4,
             moe_topk=2,
         ),
-        refused="the experts are a Python loop over the experts hit (`nonzero()`, `.item()`, a `numel() == 0` "
-        "test) with no experts implementation to select: Dynamo graph-breaks inside it, so no graph holds the "
-        "block; left untouched. Its zero-computation experts (ids >= n_routed_experts return the token times "
-        "its weight) have no MoESpec form either",
+        refused="its zero-computation experts (ids >= n_routed_experts return the token times its weight) have no "
+        "MoESpec form: the router picks among routed + zero experts (12 in the tiny config), the down projection "
+        "holds only the routed ones (8). The experts loop (`nonzero()`, `.item()`) is captured whole (as one "
+        "`opaque_experts` op); the block is left untouched with that reason",
     ),
     "gpt_oss": Architecture(
         "GptOssConfig",
@@ -341,10 +341,11 @@ ARCHITECTURES: dict[str, Architecture] = {
             ffn_config=dict(ffn_hidden_size=48, moe_num_experts=8, moe_top_k=2),
         ),
         common=False,
-        refused="the experts are a per-expert Python loop over `nonzero()` (DBRX has no experts "
-        "implementation to select) with weights stored flat as [E·F, D]; Dynamo graph-breaks inside the "
-        "loop, so no graph holds the block; left untouched (transformers 5.23 also needs `rope_theta` and "
-        "`clip_qkv` in `attn_config` to build)",
+        notes="the experts are a per-expert Python loop over `nonzero()` (no experts implementation to select): "
+        "moe_fx captures it as one `opaque_experts` op and identifies it by probing the loop; w1/v1/w2 stored "
+        "flat as [E·F, D] are used as [E, F, D] views (separate gate/up, w2 transposed); router softmax → "
+        "top-k → L1 renormalise (transformers 5.23 also needs `rope_theta` and `clip_qkv` in `attn_config` to "
+        "build)",
     ),
     "jetmoe": Architecture(
         "JetMoeConfig",
@@ -781,9 +782,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Step3p7TextModel",
         {},
         shrink=True,
-        refused="the experts are a per-expert Python loop over `nonzero()` with no experts implementation to "
-        "select (no @use_experts_implementation): Dynamo graph-breaks inside it, so no graph holds the "
-        "block; left untouched",
+        notes="the experts are a per-expert Python loop over `nonzero()` with no experts implementation to "
+        "select: captured as one `opaque_experts` op and identified by probing the loop; sigmoid router with a "
+        "correction bias, renormalised",
     ),
     "unlimited_ocr": Architecture(
         "UnlimitedOcrTextConfig",

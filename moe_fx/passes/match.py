@@ -43,7 +43,7 @@ from moe_fx.passes.graph_view import (
     value,
 )
 from moe_fx.passes.subgraph import extract
-from moe_fx.passes.weights import group_families, is_weight
+from moe_fx.passes.weights import group_families, is_weight, leaf_name
 from moe_fx.spec import MoESpec
 
 log = logging.getLogger("moe_fx")
@@ -388,7 +388,9 @@ class BlockFinder:
         families, leftovers = families + more, leftovers + odd
         leaf_vals = [*dequantised_vals, *leaf_vals]  # the region's extra inputs, in its signature's order
         if leftovers:
-            why = f"weights {leftovers[:3]} are not per-expert (E={num_experts})"
+            shapes = {leaf_name(n): list(v.shape) for n, v in weight_leaves}
+            named = ", ".join(f"{name} {shapes.get(name, '')}".strip() for name in leftovers[:3])
+            why = f"weights {named} are not per-expert (the router picks among E={num_experts})"
             return Rejection(where, module_path, why, past_the_cut=True)
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
         with torch.no_grad():
@@ -428,7 +430,7 @@ class BlockFinder:
             errors["router"] = router_err
         return MoEMatch(
             module_path,
-            self.form(region),
+            self.form(region | {output}),
             spec,
             x,
             logits,
@@ -512,7 +514,16 @@ class BlockFinder:
         names = {target_name(n) for n in region}
         if names & {"_grouped_mm", "grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}:
             return "hf_grouped_mm"
-        if names & {"where", "nonzero", "index_add_", "index_add", "setitem", "argwhere"}:
+        if names & {
+            "where",
+            "nonzero",
+            "index_add_",
+            "index_add",
+            "setitem",
+            "argwhere",
+            "opaque_experts",
+            "opaque_experts.default",
+        }:
             return "expert_loop"
         gathers_weights = any(  # a weight, or a weight dequantised in the graph (passes/prequant.py)
             target_name(n) == "getitem"

@@ -67,12 +67,17 @@ def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
 def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind):
     """Make `tensor` (stacked from `parts` along `dim`) the storage of the parts; return a get_attr node.
 
-    A single stacked family is used directly: no copy, and its own graph node is returned. The
+    A single stacked family is used directly: no copy, and its own graph node is returned (a flat-stored
+    one's [E, m, n] view becomes a constant of the graph, sharing the parameter's storage). The
     (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over; the
     original parameters, now views of the stack, stay in state_dict.
     """
     if len(parts) == 1 and parts[0].stacked:
-        return parts[0].nodes[0]
+        family = parts[0]
+        if family.flat is None:
+            return family.nodes[0]
+        rebind.append((family.flat, tensor.view(family.flat.shape)))  # keep_current follows a replaced one
+        return _constant(gm, name, tensor)
     remember_stack(tensor)
     _stack_views(tensor, parts, dim, rebind)
     return _constant(gm, name, tensor)
@@ -154,7 +159,8 @@ def _bind_expert_weights(gm: fx.GraphModule, match: MoEMatch, index: int, rebind
     if spec.quant.mode == "none":
         h_dim = 2 if es.w13_transposed else 1
         if es.gate_up == "separate":
-            w13, w3 = (_bind(gm, "", t, [f], h_dim, rebind) for t, f in zip((b.w13, b.w3), b.w13_parts))
+            names = (f"{prefix}_w13", f"{prefix}_w3")
+            w13, w3 = (_bind(gm, n, t, [f], h_dim, rebind) for n, t, f in zip(names, (b.w13, b.w3), b.w13_parts))
         else:
             w13, w3 = _bind(gm, f"{prefix}_w13", b.w13, b.w13_parts, h_dim, rebind), None
         w2 = _bind(gm, f"{prefix}_w2", b.w2, [b.w2_family], 1, rebind)

@@ -1,7 +1,8 @@
 """Expert weights as the matchers find them: per-expert families or stacked 3-D parameters.
 
-A `Family` is one role's weights for all E experts: either one stacked leaf [E, ...] (used as is) or
-E per-expert leaves (`experts.0.w1.weight` … `experts.7.w1.weight`) found by their module paths.
+A `Family` is one role's weights for all E experts: either one stacked leaf [E, ...] (used as is),
+one leaf stored flat as [E·m, n] (DBRX's [E·F, D]: the family is its [E, m, n] view), or E per-expert
+leaves (`experts.0.w1.weight` … `experts.7.w1.weight`) found by their module paths.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Family:
     tensors: list[torch.Tensor]
     stacked: bool
     prequant: object = None  # dequantised from 1-byte weights: a passes.prequant.PreQuantised, or why it is not one
+    flat: torch.Tensor | None = None  # the [E·m, n] leaf that tensors[0], its [E, m, n] view, was made from
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,7 +68,8 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
     """Group weight leaves into per-expert families. Returns (families, names of leaves that fit none).
 
     A family is E leaves whose names differ in exactly one number, running 0..E-1 (`experts.3.w1.weight`),
-    or one stacked leaf whose leading dim is E.
+    one stacked leaf whose leading dim is E, or one 2-D leaf whose leading dim is a multiple m >= 2 of E
+    (stored flat, viewed [E, m, n]: the probes tell a flat expert weight from any other such matrix).
     """
     named = [(re.split(r"(\d+)", leaf_name(n)), n, t) for n, t in leaves]
     groups: dict[tuple, list[tuple[int, fx.Node, torch.Tensor]]] = {}
@@ -89,6 +92,9 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
             continue
         if tensor.dim() in (2, 3) and tensor.shape[0] == num_experts:
             families.append(Family(leaf_name(node), [node], [tensor], stacked=True))
+        elif tensor.dim() == 2 and tensor.shape[0] % num_experts == 0 and tensor.shape[0] > num_experts:
+            as_3d = tensor.view(num_experts, tensor.shape[0] // num_experts, tensor.shape[1])
+            families.append(Family(leaf_name(node), [node], [as_3d], stacked=True, flat=tensor))
         else:
             leftovers.append(leaf_name(node))
     return families, leftovers
