@@ -12,6 +12,9 @@ Each program finds its expert from expert_offsets with a cumsum over E, in regis
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
+Interleaved gate/up (GPT-OSS) loads the 2·BLOCK_N adjacent rows of its N-tile as one tile and splits
+the accumulator into gate and up after the K loop: strided-by-2 loads of transposed storage would not
+vectorise.
 """
 
 from __future__ import annotations
@@ -150,7 +153,7 @@ def _up_kernel(
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-    PACK: tl.constexpr,
+    PACK: tl.constexpr, PAIRED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -172,30 +175,52 @@ def _up_kernel(
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
+    # PAIRED (interleaved gate/up): one [BLOCK_K, 2·BLOCK_N] tile of adjacent (gate, up) rows, one dot, split
+    # after; the rows are contiguous, so transposed storage ([E, D, 2F], GPT-OSS) loads coalesced
+    pair_rows = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+    pair_ok = pair_rows < 2 * F
+    p_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + pair_rows[None, :] * stride_wh
+    acc_p = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
+        k_ok = k < D - k0 * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = k < D - k0 * BLOCK_K
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        g = _unpack(g, k, QUANT).to(a.dtype)
-        acc_g = _mma(a, g, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, k0,
-                     stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
-        if GATED:
+        if PAIRED:
             if EVEN_K:
-                u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+                p = tl.load(p_ptrs, mask=pair_ok[None, :], other=0.0)
             else:
-                u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            u = _unpack(u, k, QUANT).to(a.dtype)
-            acc_u = _mma(a, u, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, k0,
+                p = tl.load(p_ptrs, mask=k_ok[:, None] & pair_ok[None, :], other=0.0)
+            p = _unpack(p, k, QUANT).to(a.dtype)
+            acc_p = _mma(a, p, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, pair_rows, stride_wsh, pair_ok,
+                         k0, stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+            p_ptrs += (BLOCK_K // PACK) * stride_wd
+        else:
+            if EVEN_K:
+                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            g = _unpack(g, k, QUANT).to(a.dtype)
+            acc_g = _mma(a, g, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, k0,
                          stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
-            u_ptrs += (BLOCK_K // PACK) * stride_ud
+            if GATED:
+                if EVEN_K:
+                    u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                u = _unpack(u, k, QUANT).to(a.dtype)
+                acc_u = _mma(a, u, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok,
+                             k0, stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+                u_ptrs += (BLOCK_K // PACK) * stride_ud
+            g_ptrs += (BLOCK_K // PACK) * stride_wd
         a_ptrs += BLOCK_K * stride_xd
-        g_ptrs += (BLOCK_K // PACK) * stride_wd
-    acc_g = _dequantize(acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, QUANT)
-    acc_u = _dequantize(acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, QUANT)
+    if PAIRED:
+        acc_p = _dequantize(acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, pair_rows, stride_wsh, pair_ok, QUANT)
+        acc_g, acc_u = tl.split(tl.reshape(acc_p, (BLOCK_M, BLOCK_N, 2)))
+    else:
+        acc_g = _dequantize(acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, QUANT)
+        acc_u = _dequantize(acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, QUANT)
     if WEIGHT_INPUT:
         row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
         acc_g *= row_w
@@ -359,6 +384,7 @@ def experts(
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
+        PAIRED=gated and gate_up == "interleaved",
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

@@ -56,7 +56,9 @@ def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF):
 
 
 @pytest.mark.parametrize("act", [*ACT, *PLAIN])
-@pytest.mark.parametrize("layout", ["concat", "interleaved", "up_first", "separate", "transposed"])
+@pytest.mark.parametrize(
+    "layout", ["concat", "interleaved", "up_first", "separate", "transposed", "interleaved_transposed"]
+)  # interleaved_transposed: GPT-OSS's [E, D, 2F] storage
 def test_activations_layouts_biases(act, layout):
     T, K, D, FF = 9, 2, 16, 24
     if act in PLAIN and layout not in ("concat", "transposed"):
@@ -65,10 +67,11 @@ def test_activations_layouts_biases(act, layout):
     w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
     weights, ids = routing(T, K, E, "random")
     ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
-    w3_arg, gate_up = None, "concat" if layout == "transposed" else layout
+    t = layout.endswith("transposed")
+    w3_arg, gate_up = None, {"transposed": "concat", "interleaved_transposed": "interleaved"}.get(layout, layout)
     if act in PLAIN:
         w13, b13 = w1, b1
-    elif layout == "interleaved":
+    elif gate_up == "interleaved":
         w13, b13 = torch.stack([w1, w3], dim=2).reshape(E, 2 * FF, D), torch.stack([b1, b3], dim=2).reshape(E, -1)
     elif layout == "up_first":
         w13, b13 = torch.cat([w3, w1], 1), torch.cat([b3, b1], 1)
@@ -76,7 +79,6 @@ def test_activations_layouts_biases(act, layout):
         w13, w3_arg, b13 = w1, w3, torch.cat([b1, b3], 1)
     else:
         w13, b13 = torch.cat([w1, w3], 1), torch.cat([b1, b3], 1)
-    t = layout == "transposed"
     w2_arg = w2.transpose(1, 2).contiguous() if t else w2
     if t:
         w13 = w13.transpose(1, 2).contiguous()
