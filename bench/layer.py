@@ -19,6 +19,7 @@ and `torch._int_mm`, also measured, reaches far less); `speedup` is moe_fx_trito
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,8 +44,10 @@ SHAPES = {  # E, K, D, F
     "deepseek": (64, 8, 7168, 2048),
 }
 QUANT_VARIANTS = {"moe_fx_fp8": "fp8", "moe_fx_fp8_block": "fp8_block", "moe_fx_int8": "int8"}
+# *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
+OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
-GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS)
+GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *OSS_VARIANTS)
 
 
 def ceilings() -> tuple[float, dict[str, float]]:
@@ -81,8 +84,17 @@ def hf_block(E, K, D, F_):
     return block
 
 
-def moe_fx_layer(block, spec, impl):
+def moe_fx_layer(block, spec, impl, oss_storage=False):
+    """moe_fx's four ops on the block's weights; `oss_storage`: the same weights stored as GPT-OSS stores
+    its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone."""
     w13, w2, gate = block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
+    if oss_storage:
+        E, H, D = w13.shape
+        gate_EFD, up_EFD = w13.chunk(2, dim=1)
+        w13 = torch.stack([gate_EFD, up_EFD], dim=2).reshape(E, H, D).transpose(1, 2).contiguous()
+        w2 = w2.transpose(1, 2).contiguous()
+        oss = dict(gate_up="interleaved", w13_transposed=True, w2_transposed=True)
+        spec = spec.replace(experts=dataclasses.replace(spec.experts, **oss))
 
     def run(x):
         logits = F.linear(x, gate)
@@ -177,6 +189,7 @@ def run_shape(name, Ts, variants, bw, rates, tune):
         "sort_gmm": sort_gmm_layer(block, E, K),
         "moe_fx_triton": moe_fx_layer(block, spec, "triton"),
         "moe_fx_vendor": moe_fx_layer(block, spec, "grouped_mm"),
+        **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
@@ -249,7 +262,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=[1, 16, 128, 1024, 8192])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + tuple(OSS_VARIANTS))
     p.add_argument("--tune", action="store_true", help="tune the triton GEMMs per T-bucket first")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()

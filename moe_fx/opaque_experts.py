@@ -40,12 +40,17 @@ _modules: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDiction
 
 
 def _module(module_id: int) -> nn.Module:
+    """The live experts module with this id. Dynamo traces the forward symbolically, so nothing records
+    the module then; the first lookup of an unknown id records every live instance of the patched classes
+    (one walk of the collector's objects for a whole model)."""
     module = _modules.get(module_id)
     if module is None:
-        found = [o for o in gc.get_objects() if id(o) == module_id and type(o) in _originals]
-        if not found:
-            raise RuntimeError(f"moe_fx: opaque_experts: the experts module (id {module_id}) no longer exists")
-        module = _modules[module_id] = found[0]
+        for obj in gc.get_objects():
+            if type(obj) in _originals:
+                _modules[id(obj)] = obj
+        module = _modules.get(module_id)
+    if module is None:
+        raise RuntimeError(f"moe_fx: opaque_experts: the experts module (id {module_id}) no longer exists")
     return module
 
 
