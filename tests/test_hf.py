@@ -182,7 +182,7 @@ def test_generate_after_apply_and_under_compile(name):
 
 
 @five
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "llama4"])
+@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3", "llama4", "dbrx"])  # dbrx: flat [E·F, D] weights
 def test_state_dict_and_save_pretrained_round_trip(name, tmp_path):
     model = tiny(name)
     inputs = hf_models.example_inputs(model)
