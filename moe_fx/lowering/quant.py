@@ -26,9 +26,12 @@ QMAX = {"fp8": 448.0, "fp8_block": 448.0, "int8": 127.0, "int4_weight": 7.0}
 ACTIVATION_QUANTISED = ("fp8", "fp8_block", "int8")
 _TINY = 1e-12  # amax floor: an all-zero row gets a finite scale
 # The error a quantised block is expected to stay within, rel err against the unquantised block on random
-# inputs: e4m3 keeps 3 mantissa bits (~2.6% RMS relative error per operand, four operands per block); int8 per
-# channel/token ~0.8% per operand; int4 groups of 128 ~9% per weight. Measured: tests/passes/test_quantize_weights.py.
-EXPECTED_ERROR = {"fp8": 8e-2, "fp8_block": 8e-2, "int8": 3e-2, "int4_weight": 0.3}
+# inputs: e4m3 keeps 3 mantissa bits (~2.6% RMS relative error per operand, four operands per block, whatever
+# the row length); int8's uniform steps cost amax/(127·√3) per value, and amax/rms grows with the row length
+# (√(2 ln n) for Gaussian rows): ~0.8% per operand at D=64, ~2% at D=7168, so the block's error measured 1.5%
+# on the tiny shapes (tests/passes/test_quantize_weights.py) and 2.5–4.0% at the layer shapes of bench/layer.py
+# on an H100; 6e-2 covers rows up to ~1e5; int4 groups of 128 ~9% per weight.
+EXPECTED_ERROR = {"fp8": 8e-2, "fp8_block": 8e-2, "int8": 6e-2, "int4_weight": 0.3}
 
 
 def activation_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:
