@@ -11,19 +11,16 @@ changes: a block moe_fx leaves alone still runs the eager loop when run eagerly,
 this is then a no-op.
 
 `ExpertsInterface.get_interface` is wrapped once, on first use; the wrapper acts only while some
-thread is inside the context (a counter under a lock, as for the Dynamo capture flags).
+thread is inside the context (`capture_switch.CaptureSwitch`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
-
 import torch
 
+from moe_fx.capture_switch import CaptureSwitch
+
 TRACED_AS = "batched_mm"
-_LOCK = threading.Lock()
-_active = 0
 _installed = False
 
 
@@ -40,7 +37,7 @@ def _install() -> bool:
 
     def get_interface(self, experts_implementation, default):
         if (
-            _active
+            SWITCH.active
             and experts_implementation in ("eager", None)
             and torch.compiler.is_compiling()
             and TRACED_AS in self
@@ -53,15 +50,6 @@ def _install() -> bool:
     return True
 
 
-@contextlib.contextmanager
-def traceable_eager_experts():
-    """Within the context, Dynamo traces HF `eager` experts as `batched_mm`."""
-    global _active
-    with _LOCK:
-        _install()
-        _active += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _active -= 1
+SWITCH = CaptureSwitch(_install)
+# Within the context, Dynamo traces HF `eager` experts as `batched_mm`.
+traceable_eager_experts = SWITCH.on

@@ -24,15 +24,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
-import threading
 import weakref
 
 import torch
 import torch.nn as nn
 
+from moe_fx.capture_switch import CaptureSwitch
+
 CONTRACT = ("self", "hidden_states", "top_k_index", "top_k_weights")
-_LOCK = threading.Lock()
-_active = 0
 _checked: set[type] = set()
 _originals: dict[type, object] = {}
 # module id -> module, for the op's real implementation (filled from gc on first use of an id)
@@ -133,7 +132,7 @@ def _note_subclass(cls, **kwargs):
 
 
 def _install() -> None:
-    """Patch the forward of every experts-contract class (under _LOCK). The first call walks the loaded
+    """Patch the forward of every experts-contract class (under SWITCH.lock). The first call walks the loaded
     nn.Module subclasses and hooks `nn.Module.__init_subclass__`; later calls see only classes defined
     since, so a compiled model's every call (which enters the capture context) costs nothing here."""
     if not _checked:
@@ -153,7 +152,7 @@ def _install() -> None:
 
 def _traced_as_opaque(original):
     def forward(self, hidden_states, top_k_index, top_k_weights):
-        if _active and torch.compiler.is_compiling():
+        if SWITCH.active and torch.compiler.is_compiling():
             weights = list(self.parameters())
             return torch.ops.moe_fx.opaque_experts(hidden_states, top_k_index, top_k_weights, weights, id(self))
         return original(self, hidden_states, top_k_index, top_k_weights)
@@ -163,15 +162,6 @@ def _traced_as_opaque(original):
     return forward
 
 
-@contextlib.contextmanager
-def opaque_loop_experts():
-    """Within the context, Dynamo traces experts-contract modules' forwards as `moe_fx::opaque_experts`."""
-    global _active
-    with _LOCK:
-        _install()
-        _active += 1
-    try:
-        yield
-    finally:
-        with _LOCK:
-            _active -= 1
+SWITCH = CaptureSwitch(_install)
+# Within the context, Dynamo traces experts-contract modules' forwards as `moe_fx::opaque_experts`.
+opaque_loop_experts = SWITCH.on

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import moe_fx
 from moe_fx.backend import last_reports
-from moe_fx.opaque_experts import _LOCK, _install, has_contract
+from moe_fx.opaque_experts import SWITCH, _install, has_contract
 from tests.conftest import TOLERANCE, rel_err
 
 E, K, D, FF = 6, 2, 32, 40
@@ -120,7 +120,7 @@ def test_the_op_runs_probe_weights_in_place_of_the_modules_and_checks_the_contra
     x = torch.randn(5, D)
     ids = torch.randint(0, E, (5, K))
     w = torch.rand(5, K)
-    with _LOCK:
+    with SWITCH.lock:
         _install()  # what entering the capture context does first
     params = list(experts.parameters())
     same = torch.ops.moe_fx.opaque_experts(x, ids, w, params, id(experts))

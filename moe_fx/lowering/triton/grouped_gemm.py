@@ -128,6 +128,32 @@ def _unpack(w, k, QUANT: tl.constexpr):
 
 
 @triton.jit
+def _tile_mask(ok, k_ok, EVEN_K: tl.constexpr, K_FIRST: tl.constexpr):
+    """The load mask of a [M, K] tile (rows masked by ok) or, K_FIRST, a [K, N] one (columns masked by ok);
+    K is masked by k_ok unless EVEN_K."""
+    if K_FIRST:
+        mask = ok[None, :]
+        if not EVEN_K:
+            mask = k_ok[:, None] & mask
+    else:
+        mask = ok[:, None]
+        if not EVEN_K:
+            mask = mask & k_ok[None, :]
+    return mask
+
+
+@triton.jit
+def _weight_mma(a, w_ptrs, w_ok, k, k_ok, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                k0, stride_ab, stride_wb, EVEN_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], columns w_rows of the weight, masked by w_ok)."""
+    w = tl.load(w_ptrs, mask=_tile_mask(w_ok, k_ok, EVEN_K, True), other=0.0)
+    w = _unpack(w, k, QUANT).to(a.dtype)
+    return _mma(a, w, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_ok, k0,
+                stride_ab, stride_wb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+
+
+@triton.jit
 def _dequantize(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
                 QUANT: tl.constexpr):  # fmt: skip
     """The fp32 value of an accumulator: per token × per channel scales (QUANT 1), already scaled otherwise."""
@@ -183,35 +209,20 @@ def _up_kernel(
     acc_p = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         k_ok = k < D - k0 * BLOCK_K
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
         if PAIRED:
-            if EVEN_K:
-                p = tl.load(p_ptrs, mask=pair_ok[None, :], other=0.0)
-            else:
-                p = tl.load(p_ptrs, mask=k_ok[:, None] & pair_ok[None, :], other=0.0)
-            p = _unpack(p, k, QUANT).to(a.dtype)
-            acc_p = _mma(a, p, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, pair_rows, stride_wsh, pair_ok,
-                         k0, stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+            acc_p = _weight_mma(a, p_ptrs, pair_ok, k, k_ok, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
+                                pair_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
+                                G)  # fmt: skip
             p_ptrs += (BLOCK_K // PACK) * stride_wd
         else:
-            if EVEN_K:
-                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            g = _unpack(g, k, QUANT).to(a.dtype)
-            acc_g = _mma(a, g, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, k0,
-                         stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+            acc_g = _weight_mma(a, g_ptrs, n_ok, k, k_ok, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows,
+                                stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
+                                G)  # fmt: skip
             if GATED:
-                if EVEN_K:
-                    u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-                else:
-                    u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                u = _unpack(u, k, QUANT).to(a.dtype)
-                acc_u = _mma(a, u, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok,
-                             k0, stride_xsb, stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+                acc_u = _weight_mma(a, u_ptrs, n_ok, k, k_ok, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
+                                    up_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
+                                    G)  # fmt: skip
                 u_ptrs += (BLOCK_K // PACK) * stride_ud
             g_ptrs += (BLOCK_K // PACK) * stride_wd
         a_ptrs += BLOCK_K * stride_xd
@@ -268,16 +279,10 @@ def _down_kernel(
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = k < F - k0 * BLOCK_K
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        w = _unpack(w, k, QUANT).to(a.dtype)
-        acc = _mma(a, w, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, k0, stride_hsb,
-                   stride_wsb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+        k_ok = k < F - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
+        acc = _weight_mma(a, w_ptrs, n_ok, k, k_ok, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, k0,
+                          stride_hsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
         w_ptrs += (BLOCK_K // PACK) * stride_wf
     acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
