@@ -102,7 +102,7 @@ def test_a_loop_that_is_no_known_experts_stays_and_runs_the_original():
         out = torch.compile(model, backend="moe_fx", options={"inner": "eager"})(x)
     report = last_reports()[-1]
     assert counters["moe_fx"]["rewritten"] == 0 and report.rejections, str(report)
-    assert "no experts spec reproduces" in report.rejections[0].reason or "layout" in report.rejections[0].reason
+    assert "no experts spec reproduces" in report.rejections[0].reason
     torch.testing.assert_close(out, ref, rtol=0, atol=0)  # the opaque op is the original forward
 
 

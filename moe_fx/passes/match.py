@@ -387,11 +387,18 @@ class BlockFinder:
         more, odd = prequant.families(self, dequantised, dequantised_vals, num_experts)
         families, leftovers = families + more, leftovers + odd
         leaf_vals = [*dequantised_vals, *leaf_vals]  # the region's extra inputs, in its signature's order
+        not_per_expert = None
         if leftovers:
             shapes = {leaf_name(n): list(v.shape) for n, v in weight_leaves}
             named = ", ".join(f"{name} {shapes.get(name, '')}".strip() for name in leftovers[:3])
-            why = f"weights {named} are not per-expert (the router picks among E={num_experts})"
-            return Rejection(where, module_path, why, past_the_cut=True)
+            not_per_expert = Rejection(
+                where, module_path, f"weights {named} are not per-expert (the router picks among E={num_experts})",
+                past_the_cut=True,
+            )  # fmt: skip
+            # the last resort: 2-D weights stored flat as [E·m, n] (DBRX), kept only if a binding fits them
+            families, leftovers = group_families(weight_leaves, num_experts, flat=True)
+            if leftovers or odd:
+                return not_per_expert
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
         with torch.no_grad():
             refs = [region_fn(*p, *leaf_vals)[0] for p in probes]
@@ -410,6 +417,8 @@ class BlockFinder:
                     break
             if err < best_err:
                 best, best_err = binding, err
+        if not_per_expert is not None and best is None:
+            return not_per_expert  # no expert layout reads the weights as flat either
         if best is None:
             names = [f"{f.name}{list(f.shape)}" for f in families]
             return Rejection(where, module_path, f"no expert layout fits the weights {names}", past_the_cut=True)

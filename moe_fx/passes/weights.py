@@ -64,12 +64,14 @@ class Family:
         return self.tensors[0] if self.stacked else torch.stack([t.detach() for t in self.tensors])
 
 
-def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int) -> tuple[list[Family], list[str]]:
+def group_families(
+    leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int, flat: bool = False
+) -> tuple[list[Family], list[str]]:
     """Group weight leaves into per-expert families. Returns (families, names of leaves that fit none).
 
     A family is E leaves whose names differ in exactly one number, running 0..E-1 (`experts.3.w1.weight`),
-    one stacked leaf whose leading dim is E, or one 2-D leaf whose leading dim is a multiple m >= 2 of E
-    (stored flat, viewed [E, m, n]: the probes tell a flat expert weight from any other such matrix).
+    one stacked leaf whose leading dim is E, or, with `flat`, one 2-D leaf whose leading dim is a multiple
+    m >= 2 of E (stored flat, viewed [E, m, n]; the caller tries them only when some leaf is not per-expert otherwise).
     """
     named = [(re.split(r"(\d+)", leaf_name(n)), n, t) for n, t in leaves]
     groups: dict[tuple, list[tuple[int, fx.Node, torch.Tensor]]] = {}
@@ -92,7 +94,7 @@ def group_families(leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int)
             continue
         if tensor.dim() in (2, 3) and tensor.shape[0] == num_experts:
             families.append(Family(leaf_name(node), [node], [tensor], stacked=True))
-        elif tensor.dim() == 2 and tensor.shape[0] % num_experts == 0 and tensor.shape[0] > num_experts:
+        elif flat and tensor.dim() == 2 and tensor.shape[0] % num_experts == 0 and tensor.shape[0] > num_experts:
             as_3d = tensor.view(num_experts, tensor.shape[0] // num_experts, tensor.shape[1])
             families.append(Family(leaf_name(node), [node], [as_3d], stacked=True, flat=tensor))
         else:
