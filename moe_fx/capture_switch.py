@@ -1,7 +1,8 @@
-"""A process-wide switch that is on while some thread is inside `on()`: what moe_fx's trace-time
-substitutions (`hf_experts`, `opaque_experts`) test before acting. Patches stay installed; they act only
-while the switch is on and Dynamo is tracing, so other threads and other backends see the original code
-except while a moe_fx capture runs somewhere."""
+"""The switch moe_fx's trace-time substitutions (`hf_experts`, `opaque_experts`) test before acting.
+
+It is on while some thread is inside `on()`. Patches stay installed; they act only while the switch is on
+and Dynamo is tracing, so other threads and other backends see the original code except while a moe_fx
+capture runs somewhere."""
 
 from __future__ import annotations
 
