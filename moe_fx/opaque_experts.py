@@ -53,7 +53,12 @@ def _module(module_id: int) -> nn.Module:
     return module
 
 
-@torch.library.custom_op("moe_fx::opaque_experts", mutates_args=())
+# the loop syncs with the host (`nonzero()`, `.item()`): a CUDA graph cannot hold it, so Inductor leaves a graph
+# that keeps the op (a block left untouched) out of CUDA graphs instead of failing the capture
+_TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("moe_fx::opaque_experts", mutates_args=(), tags=_TAGS)
 def opaque_experts(
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,

@@ -42,3 +42,20 @@ def test_hf_mixtral_bf16(impl):
         report = moe_fx.apply(model)
         assert len(report.matches) == 2
         assert rel_err(model(ids).logits, ref) < 2e-2
+
+
+@pytest.mark.parametrize("tanh_experts", [False, True], ids=["rewritten", "left_untouched"])
+def test_opaque_loop_experts_under_cuda_graphs(tanh_experts):
+    """A loop experts module (tests/test_opaque_experts.py) under reduce-overhead: rewritten (the opaque op is
+    gone), or left untouched, where the op that runs the loop keeps its graph out of CUDA graphs."""
+    from tests.test_opaque_experts import D, Block
+
+    model = Block(tanh_experts).eval().cuda().to(torch.bfloat16)
+    x = torch.randn(2, 9, D, device="cuda", dtype=torch.bfloat16)
+    counters.clear()
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model, backend="moe_fx", mode="reduce-overhead")
+        outs = [compiled(x).clone() for _ in range(3)]
+    assert counters["moe_fx"]["rewritten"] == (0 if tanh_experts else 1), str(last_reports()[-1])
+    assert all(rel_err(out, ref) < 2e-2 for out in outs)
