@@ -48,7 +48,7 @@ def test_hf_mixtral_bf16(impl):
 def test_opaque_loop_experts_under_cuda_graphs(tanh_experts):
     """A loop experts module (tests/test_opaque_experts.py) under reduce-overhead: rewritten (the opaque op is
     gone), or left untouched, where the op that runs the loop keeps its graph out of CUDA graphs."""
-    from tests.test_opaque_experts import D, Block
+    from tests.test_opaque_experts import Block, D
 
     model = Block(tanh_experts).eval().cuda().to(torch.bfloat16)
     x = torch.randn(2, 9, D, device="cuda", dtype=torch.bfloat16)
