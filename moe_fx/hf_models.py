@@ -273,10 +273,11 @@ ARCHITECTURES: dict[str, Architecture] = {
             zero_expert_num=4,
             moe_topk=2,
         ),
-        refused="its zero-computation experts (ids >= n_routed_experts return the token times its weight) have no "
-        "MoESpec form: the router picks among routed + zero experts (12 in the tiny config), the down projection "
-        "holds only the routed ones (8). The experts loop (`nonzero()`, `.item()`) is captured whole (as one "
-        "`opaque_experts` op); the block is left untouched with that reason",
+        notes="zero-computation experts: the router picks among 8 routed + 4 identity experts (ids >= "
+        "n_routed_experts return the token times its weight), `identity_experts` in the spec (dropped picks for "
+        "the ops, the tokens added back after combine); gate_up_proj holds all 12, its first 8 are used; the "
+        "experts loop (`nonzero()`, `.item()`) is captured as one `opaque_experts` op; router softmax, "
+        "+ correction bias for the selection, unbiased weights × routed_scaling_factor",
     ),
     "gpt_oss": Architecture(
         "GptOssConfig",

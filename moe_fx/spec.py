@@ -93,6 +93,8 @@ class ExpertsSpec:
     """The experts' MLP. Canonical weights: w13 [E, 2F, D] (or [E, F, D] non-gated), w2 [E, D, F].
 
     `w13_transposed` / `w2_transposed` mark [E, D, 2F] / [E, F, D] storage (GPT-OSS).
+    `identity_experts` Z: the router also picks among Z zero-computation experts, ids E..E+Z-1, whose output
+    is the token itself (LongCat-Flash); `passes/identity_experts.py` says how the rewrite computes them.
     """
 
     num_experts: int
@@ -107,10 +109,13 @@ class ExpertsSpec:
     alpha: float = 1.702
     limit: float = 7.0
     dtype: str = "float32"
+    identity_experts: int = 0
 
     def __post_init__(self):
         _check(self.activation, ACTIVATIONS, "activation")
         _check(self.gate_up, GATE_UP_LAYOUTS, "gate_up")
+        if self.identity_experts < 0:
+            raise ValueError(f"moe_fx: identity_experts must be >= 0, got {self.identity_experts}")
 
     @property
     def gated(self) -> bool:
@@ -119,7 +124,10 @@ class ExpertsSpec:
     def summary(self) -> str:
         bias = "+bias" if self.has_w13_bias or self.has_w2_bias else ""
         layout = "" if not self.gated or self.gate_up == "concat" else f" {self.gate_up}"
-        return f"E={self.num_experts} D={self.hidden} F={self.ffn} {self.activation}{layout}{bias} {self.dtype}"
+        identity = f"+{self.identity_experts} identity" if self.identity_experts else ""
+        return (
+            f"E={self.num_experts}{identity} D={self.hidden} F={self.ffn} {self.activation}{layout}{bias} {self.dtype}"
+        )
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,15 @@ class MoESpec:
 
     def replace(self, **changes) -> MoESpec:
         return dataclasses.replace(self, **changes)
+
+    def dropped_picks(self) -> str | None:
+        """Why some routed picks reach no expert's rows (dispatch sorts them past the last group: only
+        lowerings that handle that take this spec), or None."""
+        if self.router is not None and self.router.capacity:
+            return f"token capacity ({self.router.capacity}, dropped picks)"
+        if self.experts.identity_experts:
+            return f"{self.experts.identity_experts} zero-computation experts (their picks skip the experts)"
+        return None
 
     def summary(self) -> str:
         router = self.router.summary() if self.router else f"opaque top{self.top_k}"

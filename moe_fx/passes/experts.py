@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moe_fx.ops import combine_args, dispatch_args, experts_args
+from moe_fx.passes import identity_experts as identity
 from moe_fx.passes.weights import Family, stack_parts
 from moe_fx.spec import ExpertsSpec, MoESpec
 
@@ -66,8 +67,10 @@ def _bias_for(weight: Family, biases: list[Family]) -> Family | None:
     return None
 
 
-def candidates(families: list[Family], hidden: int, num_experts: int, hints: dict):
-    """Every binding of families to roles that the shapes allow. Yields ExpertsBinding."""
+def candidates(families: list[Family], hidden: int, num_experts: int, hints: dict, identity_experts: int = 0):
+    """Every binding of families to roles that the shapes allow. Yields ExpertsBinding.
+
+    `identity_experts`: the router's picks beyond the `num_experts` the families hold return the token."""
     mats = [f for f in families if len(f.shape) == 3]
     vecs = [f for f in families if len(f.shape) == 2]
     D = hidden
@@ -126,6 +129,7 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
                             alpha=hints.get("alpha", 1.702),
                             limit=hints.get("limit", 7.0),
                             dtype=str(w13.dtype).removeprefix("torch."),
+                            identity_experts=identity_experts,
                         )
                         yield ExpertsBinding(
                             spec,
@@ -143,12 +147,15 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
 
 
 def run_experts(binding: ExpertsBinding, x_TD, weights_TK, ids_TK, out_dtype, impl="reference"):
-    """The rewritten block on concrete tensors: dispatch -> experts -> combine."""
+    """The rewritten block on concrete tensors: dispatch -> experts -> combine (identity experts around)."""
     spec = MoESpec(binding.spec, ids_TK.shape[1], weight_placement=binding.weight_placement)
     b, ops = binding, torch.ops.moe_fx
+    if spec.experts.identity_experts:
+        ids_TK, weights_TK, identity_T1 = identity.split(ids_TK, weights_TK, spec.experts.num_experts)
     dispatched = ops.quantize_dispatch(*dispatch_args(spec, x_TD, ids_TK, weights_TK, impl))
     y = ops.experts(*experts_args(spec, dispatched, b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias, out_dtype, impl))
-    return ops.combine(*combine_args(spec, y, weights_TK, dispatched, impl))
+    out = ops.combine(*combine_args(spec, y, weights_TK, dispatched, impl))
+    return identity.add(out, x_TD, identity_T1) if spec.experts.identity_experts else out
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -387,7 +387,7 @@ class BlockFinder:
         more, odd = prequant.families(self, dequantised, dequantised_vals, num_experts)
         families, leftovers = families + more, leftovers + odd
         leaf_vals = [*dequantised_vals, *leaf_vals]  # the region's extra inputs, in its signature's order
-        not_per_expert = None
+        hypotheses, not_per_expert = [(families, num_experts)], None
         if leftovers:
             shapes = {leaf_name(n): list(v.shape) for n, v in weight_leaves}
             named = ", ".join(f"{name} {shapes.get(name, '')}".strip() for name in leftovers[:3])
@@ -395,9 +395,8 @@ class BlockFinder:
                 where, module_path, f"weights {named} are not per-expert (the router picks among E={num_experts})",
                 past_the_cut=True,
             )  # fmt: skip
-            # the last resort: 2-D weights stored flat as [E·m, n] (DBRX), kept only if a binding fits them
-            families, leftovers = group_families(weight_leaves, num_experts, flat=True)
-            if leftovers or odd:
+            hypotheses = [] if more or odd else self.view_hypotheses(weight_leaves, leftovers, num_experts)
+            if not hypotheses:
                 return not_per_expert
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
         with torch.no_grad():
@@ -406,7 +405,15 @@ class BlockFinder:
         tol = block_tolerance(out_dtype, x_real.dtype, *(v.dtype for _, v in weight_leaves if v.is_floating_point()))
         best, best_err = None, float("inf")
         K = ids_real.reshape(ids_real.shape[0], -1).shape[1]
-        for binding in experts_id.candidates(families, x_real.shape[-1], num_experts, self.hints(region)):
+        hints = self.hints(region)
+        bindings = (
+            binding
+            for families, with_weights in hypotheses
+            for binding in experts_id.candidates(
+                families, x_real.shape[-1], with_weights, hints, identity_experts=num_experts - with_weights
+            )
+        )
+        for binding in bindings:
             err = 0.0
             for (xp, wp, ip), ref in zip(probes, refs):
                 out = experts_id.run_experts(
@@ -418,7 +425,7 @@ class BlockFinder:
             if err < best_err:
                 best, best_err = binding, err
         if not_per_expert is not None and best is None:
-            return not_per_expert  # no expert layout reads the weights as flat either
+            return not_per_expert  # no expert layout reads the weights as views either
         if best is None:
             names = [f"{f.name}{list(f.shape)}" for f in families]
             return Rejection(where, module_path, f"no expert layout fits the weights {names}", past_the_cut=True)
@@ -452,6 +459,21 @@ class BlockFinder:
             best,
             errors,
         )
+
+    @staticmethod
+    def view_hypotheses(weight_leaves, leftovers: list[str], num_experts: int) -> list[tuple[list, int]]:
+        """The last resort when some weight is not per-expert: (families, experts with weights) readings
+        with views of the leaves (`group_families(views=True)`): E experts with flat-stored weights (DBRX),
+        or fewer, the rest zero-computation experts (LongCat-Flash: the down projection holds 8 experts, the
+        router picks among 12). A reading is kept only if the probes fit a binding of it."""
+        odd = [v for n, v in weight_leaves if leaf_name(n) in leftovers and v.dim() in (2, 3)]
+        counts = {v.shape[0] for v in odd if v.shape[0] < num_experts}
+        found = []
+        for with_weights in (num_experts, *sorted(counts, reverse=True)):
+            families, left = group_families(weight_leaves, with_weights, views=True)
+            if not left:
+                found.append((families, with_weights))
+        return found
 
     def identify_router(self, anchor, logits, w, ids, ro, logits_real, K, num_experts):
         router_nodes = (self.view.backward([w, ids], blocked=[logits]) & ro) - {logits}

@@ -97,9 +97,9 @@ def _check_native_quant(match: MoEMatch, device: torch.device, options: Options)
     )
 
 
-def _flat_families(match: MoEMatch) -> list[str]:
+def _viewed_families(match: MoEMatch) -> list[str]:
     b = match.binding
-    return [f.name for f in (*b.w13_parts, b.w2_family) if f is not None and f.flat is not None]
+    return [f.name for f in (*b.w13_parts, b.w2_family) if f is not None and f.source is not None]
 
 
 def _block_nodes(match: MoEMatch) -> set[fx.Node]:
@@ -154,10 +154,11 @@ def rewrite_graph(
                 "grad mode is on and the block's inputs or weights require grad, but moe_fx lowerings have no "
                 "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"
             )
-        if reason is None and options.layout != "single" and _flat_families(match):
+        if reason is None and options.layout != "single" and _viewed_families(match):
             reason = (
-                f"expert weights stored flat ({', '.join(_flat_families(match))}: [E·F, D]) are not sharded "
-                f"for layout={options.layout!r} yet; they run on one device (layout='single')"
+                f"expert weights read as views ({', '.join(_viewed_families(match))}: stored flat as [E·F, D], "
+                f"or holding more experts) are not sharded for layout={options.layout!r} yet; they run on one "
+                "device (layout='single')"
             )
         device = value(match.x).device
         reason = reason or select_lowerings(match, device.type, options.lowerings)

@@ -26,6 +26,7 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 from moe_fx.lowering import registry
 from moe_fx.lowering.distributed.placement import Shard, shard_weights
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.passes import identity_experts as identity
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
 from moe_fx.passes.prequant import prequantised
@@ -67,16 +68,17 @@ def _constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> fx.Node:
 def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Family], dim: int, rebind: Rebind):
     """Make `tensor` (stacked from `parts` along `dim`) the storage of the parts; return a get_attr node.
 
-    A single stacked family is used directly: no copy, and its own graph node is returned (a flat-stored
-    one's [E, m, n] view becomes a constant of the graph, sharing the parameter's storage). The
+    A single stacked family is used directly: no copy, and its own graph node is returned (a family that is
+    a view of its leaf, flat-stored or with more experts, becomes a constant of the graph sharing the
+    parameter's storage). The
     (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over; the
     original parameters, now views of the stack, stay in state_dict.
     """
     if len(parts) == 1 and parts[0].stacked:
         family = parts[0]
-        if family.flat is None:
+        if family.source is None:
             return family.nodes[0]
-        rebind.append((family.flat, tensor.view(family.flat.shape)))  # keep_current follows a replaced one
+        rebind.append((family.source, family.source.detach()))  # keep_current follows a replaced parameter
         return _constant(gm, name, tensor)
     remember_stack(tensor)
     _stack_views(tensor, parts, dim, rebind)
@@ -286,6 +288,7 @@ def rewrite(
         if spec.quant.mode != "none":
             spec, w13, w3, w2, w13_scale, w2_scale = _bind_quantised_shard(gm, match, index, shard, rebind)
     K, E, D = spec.top_k, spec.experts.num_experts, spec.experts.hidden
+    E_routed = E + spec.experts.identity_experts  # the router's experts: with weights, then identity ones
     num_local, group_name, expert_map = E, "", None
     if shard is not None:
         num_local, group_name = shard.num_local_experts(E), shard.group_name
@@ -305,15 +308,18 @@ def rewrite(
     with g.inserting_before(match.output):
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
-            logits_TE = call("reshape", match.logits, -1, E, method=True)
+            logits_TE = call("reshape", match.logits, -1, E_routed, method=True)
             bias_E = match.router_bias
             if bias_E is not None and len(shape_of(bias_E)) != 1:
-                bias_E = call("reshape", bias_E, E, method=True)  # Ernie4.5 keeps it as [1, E]
+                bias_E = call("reshape", bias_E, E_routed, method=True)  # Ernie4.5 keeps it as [1, E]
             route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
             ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
+        if spec.experts.identity_experts:  # their picks become dropped ones, added back after combine
+            split = call(identity.split, ids_TK, weights_TK, E)
+            ids_TK, weights_TK, identity_T1 = (call(operator.getitem, split, i) for i in range(3))
         impl_d = impl["quantize_dispatch"]
         args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
         dispatch = call(OPS.quantize_dispatch.default, *args)
@@ -324,6 +330,8 @@ def rewrite(
         )
         args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
         out = combine = call(OPS.combine.default, *args)
+        if spec.experts.identity_experts:
+            out = call(identity.add, out, x_TD, identity_T1)
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)

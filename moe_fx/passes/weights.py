@@ -51,7 +51,9 @@ class Family:
     tensors: list[torch.Tensor]
     stacked: bool
     prequant: object = None  # dequantised from 1-byte weights: a passes.prequant.PreQuantised, or why it is not one
-    flat: torch.Tensor | None = None  # the [E·m, n] leaf that tensors[0], its [E, m, n] view, was made from
+    # the leaf tensors[0] is a view of: stored flat as [E·m, n] (DBRX), or holding more than E experts of which
+    # the first E have weights (LongCat's gate_up_proj also covers its zero-computation experts)
+    source: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -65,13 +67,14 @@ class Family:
 
 
 def group_families(
-    leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int, flat: bool = False
+    leaves: list[tuple[fx.Node, torch.Tensor]], num_experts: int, views: bool = False
 ) -> tuple[list[Family], list[str]]:
     """Group weight leaves into per-expert families. Returns (families, names of leaves that fit none).
 
     A family is E leaves whose names differ in exactly one number, running 0..E-1 (`experts.3.w1.weight`),
-    one stacked leaf whose leading dim is E, or, with `flat`, one 2-D leaf whose leading dim is a multiple
-    m >= 2 of E (stored flat, viewed [E, m, n]; the caller tries them only when some leaf is not per-expert otherwise).
+    one stacked leaf whose leading dim is E, or, with `views`, a view of one leaf: a 2-D leaf whose leading dim
+    is a multiple m >= 2 of E (stored flat, viewed [E, m, n]), or a stacked leaf with more than E experts (its
+    first E). The caller tries views only when some leaf is not per-expert otherwise.
     """
     named = [(re.split(r"(\d+)", leaf_name(n)), n, t) for n, t in leaves]
     groups: dict[tuple, list[tuple[int, fx.Node, torch.Tensor]]] = {}
@@ -94,9 +97,11 @@ def group_families(
             continue
         if tensor.dim() in (2, 3) and tensor.shape[0] == num_experts:
             families.append(Family(leaf_name(node), [node], [tensor], stacked=True))
-        elif flat and tensor.dim() == 2 and tensor.shape[0] % num_experts == 0 and tensor.shape[0] > num_experts:
+        elif views and tensor.dim() == 2 and tensor.shape[0] % num_experts == 0 and tensor.shape[0] > num_experts:
             as_3d = tensor.view(num_experts, tensor.shape[0] // num_experts, tensor.shape[1])
-            families.append(Family(leaf_name(node), [node], [as_3d], stacked=True, flat=tensor))
+            families.append(Family(leaf_name(node), [node], [as_3d], stacked=True, source=tensor))
+        elif views and tensor.dim() in (2, 3) and tensor.shape[0] > num_experts:
+            families.append(Family(leaf_name(node), [node], [tensor[:num_experts]], stacked=True, source=tensor))
         else:
             leftovers.append(leaf_name(node))
     return families, leftovers

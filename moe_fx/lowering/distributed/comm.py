@@ -48,9 +48,10 @@ def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device
 
 
 def uncapped(spec: MoESpec) -> str | None:
-    """Token capacity is routed on one device only: the parallel dispatches refuse it, with the reason."""
-    if spec.router is not None and spec.router.capacity:
-        return f"token capacity ({spec.router.capacity}) is not implemented for layout {spec.layout!r}"
+    """Dropped picks (token capacity, zero-computation experts) run on one device only: the parallel
+    dispatches refuse them, with the reason."""
+    if spec.dropped_picks():
+        return f"{spec.dropped_picks()} is not implemented for layout {spec.layout!r}"
     return None
 
 

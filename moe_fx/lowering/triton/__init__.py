@@ -20,9 +20,8 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def _capacity(spec: MoESpec) -> str | None:
-    if spec.router is not None and spec.router.capacity:
-        return f"token capacity ({spec.router.capacity}, dropped picks) is not implemented by {NAME}"
-    return None
+    dropped = spec.dropped_picks()
+    return None if dropped is None else f"{dropped} is not implemented by {NAME}"
 
 
 def supports_router(spec: MoESpec) -> str | None:

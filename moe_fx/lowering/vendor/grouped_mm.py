@@ -25,8 +25,8 @@ PRIORITY = 10  # below triton (20), which fuses the gather and the activation
 def supports(spec: MoESpec) -> str | None:
     if spec.quant.mode != "none":
         return f"quant={spec.quant.mode!r} is not implemented by {NAME}"
-    if spec.router is not None and spec.router.capacity:
-        return f"token capacity (rows past the last expert's group) is not implemented by {NAME}"
+    if spec.dropped_picks():
+        return f"{spec.dropped_picks()} is not implemented by {NAME}"
     if spec.experts.dtype != "bfloat16":
         return f"torch._grouped_mm runs bfloat16 here, the block is {spec.experts.dtype}"
     if not torch.cuda.is_available():
