@@ -29,14 +29,13 @@ def test_split_drops_identity_picks_and_add_puts_them_back():
     torch.testing.assert_close(identity_experts.add(out, x, identity_T1), out + x * identity_T1)
 
 
-def test_lowerings_without_dropped_picks_refuse_identity_experts():
+def test_identity_experts_run_on_the_lowerings_that_take_dropped_picks():
     spec = MoESpec(ExpertsSpec(8, 16, 8, identity_experts=4, dtype="bfloat16"), 2, router=RouterSpec(2))
     assert spec.experts.summary().startswith("E=8+4 identity")
-    sel = registry.select("experts", "cuda", spec)
-    assert "4 zero-computation experts (their picks skip the experts) is not implemented by triton" in dict(
-        sel.rejected
-    ).get("triton", "")
-    assert sel.chosen.name == "reference"
+    for op in ("route", "quantize_dispatch", "experts", "combine"):
+        assert registry.select(op, "cuda", spec).chosen.name == "triton", op
+    refused = registry.lookup("experts", "grouped_mm").supports(spec)
+    assert refused == "4 zero-computation experts (their picks skip the experts) is not implemented by grouped_mm"
     for layout in ("ep_alltoall", "ep_allgather"):
         chosen = registry.select("quantize_dispatch", "cpu", spec.replace(layout=layout))
         assert chosen.chosen is None and "zero-computation experts" in chosen.reason

@@ -19,15 +19,12 @@ MAX_EXPERTS = 1024  # route and the tile lookup hold all E in registers
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _capacity(spec: MoESpec) -> str | None:
-    dropped = spec.dropped_picks()
-    return None if dropped is None else f"{dropped} is not implemented by {NAME}"
-
-
 def supports_router(spec: MoESpec) -> str | None:
-    r, E = spec.router, spec.experts.num_experts
-    if _capacity(spec):
-        return _capacity(spec)
+    """Dropped picks are fine downstream (dispatch puts them after the groups, experts writes them zeros);
+    the capacity that drops them is counted by the reference route only."""
+    r, E = spec.router, spec.experts.num_experts + spec.experts.identity_experts
+    if r is not None and r.capacity:
+        return f"token capacity ({r.capacity}) is not implemented by {NAME} route"
     if E > MAX_EXPERTS:
         return f"{E} experts exceed the {MAX_EXPERTS} that {NAME} route holds in registers"
     if r is not None and r.n_group > 1 and E % r.n_group:
@@ -59,8 +56,6 @@ def supports_quant(mode: str) -> str | None:
 
 
 def supports_rows(spec: MoESpec) -> str | None:
-    if _capacity(spec):
-        return _capacity(spec)
     reason = supports_quant(spec.quant.mode)
     if reason is not None:
         return reason

@@ -10,6 +10,8 @@ previous blocks' (stable, like the reference). Above, two launches:
   2. `_scatter_kernel`: every program turns counts_E into expert starts (a cumsum over E), reserves
      a contiguous range per expert for its block with one atomic on cursor_E, and writes each row at
      start[e] + reserved[e] + its rank among the block's rows of expert e.
+Dropped picks (id -1: token capacity, zero-computation experts) land after every expert's rows, in
+[offsets[E], R), as in the reference.
 Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
 order within an expert may vary from run to run. Every row is computed independently downstream, so
 the layer's output does not depend on it. Under fp8 / fp8_block / int8 the T tokens (not the T*K rows:
@@ -59,7 +61,14 @@ def _scatter_kernel(
     base_E = ends_E - counts_E + tl.where(block_counts_E > 0, reserved_E, 0)
     rank_R = tl.sum(hit_RE * (tl.cumsum(hit_RE, axis=0) - 1), axis=1)
     pos_R = tl.sum(hit_RE * base_E[None, :], axis=1) + rank_R
-    ok = (r < R) & (ids_R >= 0) & (ids_R < E)
+    # dropped picks (id -1) after every expert's rows, in blocks reserved on cursor[E]
+    dropped_R = (r < R) & (ids_R < 0)
+    block_dropped = tl.sum(dropped_R.to(tl.int32), axis=0)
+    reserved = tl.atomic_add(cursor_ptr + E, block_dropped, mask=block_dropped > 0)
+    kept = tl.sum(counts_E, axis=0)
+    first_dropped = kept + tl.where(block_dropped > 0, reserved, 0)
+    pos_R = tl.where(dropped_R, first_dropped + tl.cumsum(dropped_R.to(tl.int32), axis=0) - 1, pos_R)
+    ok = (r < R) & (ids_R < E)
     tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
     tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
     tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
@@ -84,13 +93,17 @@ def _sort_small_kernel(
     tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
     tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
     next_E = ends_E - counts_E
+    next_dropped = tl.sum(counts_E, axis=0)  # dropped picks (id -1) go after every expert's rows
     for c in tl.static_range(CHUNKS):
         r = c * BLOCK_R + tl.arange(0, BLOCK_R)
         ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
         hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
         pos_R = tl.sum(hit_RE * (next_E[None, :] + tl.cumsum(hit_RE, axis=0) - 1), axis=1)
         next_E += tl.sum(hit_RE, axis=0)
-        ok = (r < R) & (ids_R >= 0) & (ids_R < E)
+        dropped_R = ((r < R) & (ids_R < 0)).to(tl.int32)
+        pos_R = tl.where(dropped_R > 0, next_dropped + tl.cumsum(dropped_R, axis=0) - 1, pos_R)
+        next_dropped += tl.sum(dropped_R, axis=0)
+        ok = (r < R) & (ids_R < E)
         tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
         tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
         tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
@@ -132,7 +145,7 @@ def dispatch(
             R, E, K, CHUNKS=chunks, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
     else:
-        counts_cursor = torch.zeros((2, E), dtype=torch.int32, device=device)
+        counts_cursor = torch.zeros((2, E + 1), dtype=torch.int32, device=device)  # cursor[E]: dropped picks
         grid = (chunks,)
         _count_kernel[grid](ids_R, counts_cursor[0], R, E, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
         _scatter_kernel[grid](

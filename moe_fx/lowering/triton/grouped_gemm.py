@@ -6,7 +6,8 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
     down: y_RD = (h_RF · w2[e]ᵀ + b2[e]) · row_weight?      routing weight fused into the epilogue
 
 Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles. The grid is sized by the static upper bound
-cdiv(R, BLOCK_M) + E M-tiles (no host sync; programs past the last real tile exit), times the N-tiles,
+cdiv(R, BLOCK_M) + E M-tiles (no host sync; programs past the last real tile exit; in the down GEMM they
+write zeros over the dropped rows [offsets[E], R) first, one more M-tile), times the N-tiles,
 in grouped order (GROUP_M M-tiles share an N-column) so weight tiles and A rows are reused from L2.
 Each program finds its expert from expert_offsets with a cumsum over E, in registers.
 
@@ -66,9 +67,10 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(offsets_ptr, E, num_pid_m, num_pid_n,
+def _tile(offsets_ptr, E, R, num_pid_m, num_pid_n,
           BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    """This program's (expert, first row, row end, N-tile); expert = -1 past the last real M-tile."""
+    """This program's (expert, first row, row end, N-tile); expert = -1 past the last real M-tile, where
+    the tiles go on over the dropped rows [offsets[E], R) (dispatch puts dropped picks there)."""
     pid = tl.program_id(0)
     in_group = GROUP_M * num_pid_n
     first_m = (pid // in_group) * GROUP_M
@@ -84,7 +86,11 @@ def _tile(offsets_ptr, E, num_pid_m, num_pid_n,
     mine = e == expert
     start = tl.sum(tl.where(mine, lo_E + (pid_m - (tile_end_E - tiles_E)) * BLOCK_M, 0), axis=0)
     end = tl.sum(tl.where(mine, hi_E, 0), axis=0)
-    expert = tl.where(pid_m < tl.sum(tiles_E, axis=0), expert, -1)
+    real_tiles = tl.sum(tiles_E, axis=0)
+    kept = tl.sum(tl.where(e == E - 1, hi_E, 0), axis=0)
+    start = tl.where(pid_m < real_tiles, start, kept + (pid_m - real_tiles) * BLOCK_M)
+    end = tl.where(pid_m < real_tiles, end, R)
+    expert = tl.where(pid_m < real_tiles, expert, -1)
     return expert, start, end, pid_n
 
 
@@ -170,7 +176,7 @@ def _up_kernel(
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
     xs_ptr, ws_ptr, hs_ptr,
     # sizes
-    D, F, E, num_pid_m, alpha, limit,
+    D, F, E, R, num_pid_m, alpha, limit,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh, stride_ud,
@@ -183,7 +189,7 @@ def _up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, pid_n = _tile(offsets_ptr, E, num_pid_m, tl.cdiv(F, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
+    expert, start, end, pid_n = _tile(offsets_ptr, E, R, num_pid_m, tl.cdiv(F, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
     if expert < 0:
         return
     rows = start + tl.arange(0, BLOCK_M)
@@ -256,7 +262,7 @@ def _down_kernel(
     # pointers
     h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr,
     # sizes
-    D, F, E, num_pid_m,
+    D, F, E, R, num_pid_m,
     # strides
     stride_hr, stride_hf, stride_we, stride_wd, stride_wf, stride_be, stride_bd, stride_yr, stride_yd,
     stride_hsr, stride_hsb, stride_wse, stride_wsd, stride_wsb,
@@ -266,13 +272,15 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, pid_n = _tile(offsets_ptr, E, num_pid_m, tl.cdiv(D, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
-    if expert < 0:
-        return
+    expert, start, end, pid_n = _tile(offsets_ptr, E, R, num_pid_m, tl.cdiv(D, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
     rows = start + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < D
+    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
+    if expert < 0:  # a dropped row contributes nothing: zeros
+        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+        return
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + (k // PACK)[:, None] * stride_wf + n[None, :] * stride_wd
@@ -291,7 +299,6 @@ def _down_kernel(
         acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if WEIGHT_OUTPUT:
         acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -380,7 +387,7 @@ def experts(
     _up_kernel[(num_pid_m * triton.cdiv(F, c.block_n),)](
         xq, gather_index, expert_offsets, row_weights, w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
-        D, F, E, num_pid_m, float(alpha), float(limit),
+        D, F, E, R, num_pid_m, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1), wu.stride(2),
@@ -398,10 +405,10 @@ def experts(
     hs = _scale_strides(h_scale, row_weights)
     bias2 = w2_bias if w2_bias is not None else w2
     c = config.down
-    num_pid_m = triton.cdiv(R, c.block_m) + E
+    num_pid_m = triton.cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
     _down_kernel[(num_pid_m * triton.cdiv(D, c.block_n),)](
         h_RF, expert_offsets, row_weights, w2_EDF, bias2, y_RD, hs[0], ws2[0],
-        D, F, E, num_pid_m,
+        D, F, E, R, num_pid_m,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],

@@ -107,3 +107,20 @@ def test_routing_weight_applied_exactly_once(placement):
     combine_weighted = combine_args(spec, None, None, dispatched, "triton")[4]
     assert (experts_weight != "none") != combine_weighted
     assert experts_weight == weight_at(spec) and (placement != "input" or experts_weight == "input")
+
+
+@pytest.mark.parametrize("weight_in_experts", [False, True])
+@pytest.mark.parametrize("T,K", [(1, 2), (9, 2), (40, 4)])
+def test_dropped_picks_contribute_nothing(T, K, weight_in_experts):
+    """Picks with id -1 (token capacity, zero-computation experts): dispatch puts them after the groups, the
+    down GEMM writes them zeros (the outputs are poisoned first), combine adds nothing for them, whether
+    the routing weight is applied in the experts' epilogue or in combine."""
+    D, FF = 16, 24
+    x = torch.randn(T, D)
+    w1, w3, w2, *_ = weights_for(torch.float32, D, FF)
+    weights, ids = routing(T, K, E, "dropped")
+    weights = weights.masked_fill(ids < 0, 0.0)  # as route and the identity split leave them
+    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2), None, None, "silu_gated",
+              spec_weight_at="output" if weight_in_experts else None)  # fmt: skip
+    ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2)  # weight 0: nothing added
+    assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]

@@ -29,16 +29,16 @@ def test_unsupported_specs_fall_back_with_reasons():
     assert sel.chosen.name == "reference" and sel.rejected == (("triton", "experts (8) not divisible by n_group (3)"),)
 
 
-def test_token_capacity_falls_back_to_the_reference_with_reasons():
-    """Triton and grouped_mm have no dropped picks: route, dispatch and experts go to the reference; combine
-    (a weighted sum over every slot, dropped ones zero) stays Triton."""
+def test_token_capacity_routes_on_the_reference_and_the_rest_stays_triton():
+    """Capacity is counted by the reference route only; Triton dispatch, experts and combine take the dropped
+    picks (after every group, zeros); grouped_mm cannot (rows past its last group are left unwritten)."""
     capped = SPEC.replace(router=RouterSpec(2, capacity=4))
-    for op in ("route", "quantize_dispatch", "experts"):
-        sel = registry.select(op, "cuda", capped)
-        assert sel.chosen.name == "reference", op
-        assert dict(sel.rejected)["triton"] == "token capacity (4, dropped picks) is not implemented by triton"
-    assert "token capacity" in dict(registry.select("experts", "cuda", capped).rejected)["grouped_mm"]
-    assert registry.select("combine", "cuda", capped).chosen.name == "triton"
+    sel = registry.select("route", "cuda", capped)
+    assert sel.chosen.name == "reference"
+    assert dict(sel.rejected)["triton"] == "token capacity (4) is not implemented by triton route"
+    for op in ("quantize_dispatch", "experts", "combine"):
+        assert registry.select(op, "cuda", capped).chosen.name == "triton", op
+    assert "token capacity" in registry.lookup("experts", "grouped_mm").supports(capped)
 
 
 @pytest.mark.parametrize("mode,capability,chosen", [("fp8", (9, 0), "triton"), ("fp8_block", (8, 9), "triton"),
