@@ -25,7 +25,7 @@ entry that runs it, chosen at rewrite time.
 Capacity (`RouterSpec.capacity`, Switch and NLLB-MoE): `route` marks a (token, slot) pick past its
 expert's capacity as dropped, id -1 and weight 0. Dispatch puts dropped rows after every expert's group
 (`expert_offsets_L1[-1]` < R), `experts` writes zeros for them, so combine adds nothing for a dropped
-pick. Only lowerings whose `supports` accepts `router.capacity` see such ids. Zero-computation experts
+pick. Only lowerings whose `supports` accepts dropped picks see such ids. Zero-computation experts
 (`ExpertsSpec.identity_experts`, LongCat-Flash) reach dispatch as dropped picks too (`MoESpec.dropped_picks`).
 """
 
