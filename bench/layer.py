@@ -1,5 +1,5 @@
 """One MoE layer on one GPU: HF experts (eager, grouped_mm, compiled), sort+_grouped_mm, moe_fx (triton, vendor),
-and moe_fx's quantised Triton lowerings (fp8, fp8_block, int8).
+and moe_fx's quantised Triton lowerings (fp8, fp8_block, int8, int4_weight).
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
@@ -8,10 +8,11 @@ Every variant runs the same HF Mixtral-style block (router linear -> softmax -> 
 `triton.testing.do_bench` (L2 flushed before each repetition); decode rows (T <= 128) are also timed as
 CUDA-graph replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings
 measured in the same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
-A quantised variant `moe_fx_<mode>` has its own floor: one-byte weights (plus their fp32 scales) and the
-e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too: H100's int8 and fp8 tensor-core peaks are equal,
-and `torch._int_mm`, also measured, reaches far less); `speedup` is moe_fx_triton
-(bf16) time over the quantised time, CUDA-graph times where both have one.
+A quantised variant `moe_fx_<mode>` has its own floor: its quantised weights (one byte, or half a byte for
+int4_weight, plus their fp32 scales) and the e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too:
+H100's int8 and fp8 tensor-core peaks are equal, and `torch._int_mm`, also measured, reaches far less;
+int4_weight takes the bf16 rate, its dots multiply bf16 operands); `speedup` is moe_fx_triton (bf16) time
+over the quantised time, CUDA-graph times where both have one.
 
     python bench/layer.py [--shapes mixtral qwen3 ...] [--T 1 16 ...] [--variants ...] [--tune] --out DIR
 """
@@ -43,7 +44,11 @@ SHAPES = {  # E, K, D, F
     "gptoss": (32, 4, 2880, 2880),
     "deepseek": (64, 8, 7168, 2048),
 }
-QUANT_VARIANTS = {"moe_fx_fp8": "fp8", "moe_fx_fp8_block": "fp8_block", "moe_fx_int8": "int8"}
+QUANT_VARIANTS = {
+    "moe_fx_fp8": "fp8", "moe_fx_fp8_block": "fp8_block", "moe_fx_int8": "int8", "moe_fx_int4": "int4_weight",
+}  # fmt: skip
+# the matmul rate each quantised variant's floor divides its flops by: int4_weight (w4a16) multiplies bf16 operands
+QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "bf16"}
 # *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
@@ -206,7 +211,8 @@ def run_shape(name, Ts, variants, bw, rates, tune):
             row = {"shape": name, "T": T, "floor_us": floor, "hit_experts": hit, "us": {}, "graph_us": {}, "err": {}}
             for v, (_, weight_bytes) in quantised.items():  # hit experts' share of the quantised weights
                 qbytes = weight_bytes * hit / E + (E * D + 2 * T * D) * 2
-                rate = rates["fp8"]  # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
+                # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
+                rate = rates[QUANT_RATE[QUANT_VARIANTS[v]]]
                 row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
             for v in variants:
                 try:

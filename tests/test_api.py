@@ -1,10 +1,13 @@
 """moe_fx.explain and moe_fx.apply on naive models: reports, memory, weight updates, grad mode."""
 
+import functools
+
 import pytest
 import torch
 
 import moe_fx
 from moe_fx import examples as ex
+from moe_fx.api import _RewrittenForward
 from tests.conftest import rel_err
 
 
@@ -93,3 +96,36 @@ def test_compile_in_grad_mode_refuses_with_reason():
 def test_apply_needs_inputs_for_a_plain_module():
     with pytest.raises(ValueError, match="moe_fx: LoopMoE needs example inputs"):
         moe_fx.apply(ex.LoopMoE())
+
+
+def _passes_through(forward):
+    """A decorator like transformers' `deprecate_kwarg`: Dynamo sees the module as `args[0]` of the wrapper."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class _DecoratedForward(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(32, 32), ex.LoopMoE())
+
+    @_passes_through
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_apply_finds_blocks_under_a_decorated_forward():
+    model = _DecoratedForward().eval()
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        expected = model(x)
+        report = moe_fx.apply(model, x)
+        out = model(x)
+    assert [m.module_path for m in report.matches] == ["inner.1"], str(report)
+    assert "L[" not in str(report), str(report)
+    assert isinstance(model.inner[1].forward, _RewrittenForward)
+    assert rel_err(out, expected) < 1e-5

@@ -43,7 +43,7 @@ from moe_fx.passes.graph_view import (
     value,
 )
 from moe_fx.passes.subgraph import extract
-from moe_fx.passes.weights import group_families, is_weight, leaf_name
+from moe_fx.passes.weights import group_families, is_weight, leaf_name, user_path
 from moe_fx.spec import MoESpec
 
 log = logging.getLogger("moe_fx")
@@ -578,7 +578,7 @@ class BlockFinder:
             if n.op not in ("call_function", "call_method", "call_module"):
                 continue
             stack = n.meta.get("nn_module_stack")
-            paths.append(_clean_path(list(stack.values())[-1][0]).split(".") if stack else [])
+            paths.append(user_path(list(stack.values())[-1][0]).split(".") if stack else [])
         if not paths:
             return ""
         common = []
@@ -603,15 +603,6 @@ def _concrete(v):
     if isinstance(v, torch.SymInt) and v.node.has_hint():
         return int(v.node.hint)
     return v
-
-
-def _clean_path(path: str) -> str:
-    import re
-
-    path = re.sub(r"L\['self'\]\.?", "", path)
-    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
-    path = re.sub(r"_modules\['([^']*)'\]", r"\1", path)
-    return path.strip(".")
 
 
 def find_blocks(

@@ -23,12 +23,23 @@ def _source_name(node: fx.Node) -> str | None:
     return source.name() if callable(source.name) else source.name
 
 
+# The root a Dynamo source starts from: the module itself (`L['self']`), or the first argument of a decorated
+# forward `wrapper(*args, **kwargs)` (`L['args'][0]`: transformers' `deprecate_kwarg`), or any other local.
+_ROOT = re.compile(r"^L\['[^']*'\](\[\d+\])?\.?")
+
+
+def user_path(source_name: str) -> str:
+    """A Dynamo source name or nn_module_stack path -> the dotted path under the root module
+    (`L['args'][0]._modules['layers']._modules['0'].mlp` -> `layers.0.mlp`)."""
+    path = re.sub(r"\.?_(modules|parameters|buffers)\['([^']*)'\]", r".\2", source_name)
+    return _ROOT.sub("", path).strip(".")
+
+
 def leaf_name(node: fx.Node) -> str:
     """The user-facing path of a weight leaf (`experts.0.w1.weight`), from its Dynamo source or name."""
     name = _source_name(node)
     if name is not None:
-        name = re.sub(r"\._(modules|parameters|buffers)\['([^']*)'\]", r".\2", name)
-        return name.replace("L['self'].", "")
+        return user_path(name)
     name = str(node.target) if node.op == "get_attr" else node.name
     name = re.sub(r"^(l_self_|L__self___|L_self_)", "", name)
     return re.sub(r"_(modules|parameters|buffers)_", ".", name).rstrip("_")
