@@ -1,6 +1,8 @@
 """Host time (µs) to enqueue each piece of the moe_fx Triton path, at a decode shape: where eager time goes.
 
-    python bench/host_overhead.py --out DIR
+    python bench/host_overhead.py --out DIR [--profile]
+
+`--profile` also writes `host_profile.txt`: cProfile of the four ops through the dispatcher, by cumulative time.
 
 Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
 a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
@@ -9,7 +11,10 @@ a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -44,6 +49,7 @@ def host_us(fn, n=200) -> float:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
+    p.add_argument("--profile", action="store_true", help="cProfile the ops, written to host_profile.txt")
     args = p.parse_args()
     E, K, D, F_, T = 128, 8, 2048, 768, 16
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
@@ -75,6 +81,13 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
     (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "us": result}, indent=1))
+    if args.profile:
+        ops = [fn for name, fn in rows.items() if name.startswith("op ")]
+        profile = cProfile.Profile()
+        profile.runcall(lambda: [op() for _ in range(200) for op in ops])
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("cumulative").print_stats(60)
+        (out / "host_profile.txt").write_text(text.getvalue())
 
 
 if __name__ == "__main__":
