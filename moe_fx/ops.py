@@ -42,7 +42,22 @@ def _run(op: str, impl: str, **kwargs):
     return registry.lookup(op, impl).fn(**kwargs)
 
 
-@torch.library.custom_op("moe_fx::route", mutates_args=())
+# The ops are defined on a plain `torch.library.Library`, their schemas inferred from the type hints below,
+# each run by its Python function for every device (CompositeExplicitAutograd) with no autograd formula.
+# `torch.library.custom_op` would do the same with an autograd wrapper and a Dynamo-disabling wrapper around
+# every call: 3-4x the host time per call (measured: ~17 against ~5 µs for the 22 arguments of `experts` on
+# the CPU, ~115 µs of custom_op overhead per `experts` call on the H200 host), which is what eager decode pays.
+_LIB = torch.library.Library("moe_fx", "FRAGMENT")
+
+
+def _define(fn):
+    """Define `moe_fx::<fn name>` with fn's schema and implementation; returns the op (an OpOverloadPacket)."""
+    _LIB.define(fn.__name__ + torch.library.infer_schema(fn, mutates_args=()))
+    _LIB.impl(fn.__name__, fn, "CompositeExplicitAutograd")
+    return getattr(torch.ops.moe_fx, fn.__name__)
+
+
+@_define
 def route(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
@@ -83,14 +98,14 @@ def route(
     )
 
 
-@route.register_fake
+@torch.library.register_fake("moe_fx::route")
 def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl,
       score_dtype=torch.float32, capacity=0):  # fmt: skip
     T = logits.numel() // logits.shape[-1] if logits.dim() != 2 else logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
 
 
-@torch.library.custom_op("moe_fx::quantize_dispatch", mutates_args=())
+@_define
 def quantize_dispatch(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -122,7 +137,7 @@ def quantize_dispatch(
     )
 
 
-@quantize_dispatch.register_fake
+@torch.library.register_fake("moe_fx::quantize_dispatch")
 def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl):
     T, D = x.shape
     if layout in ("single", "tp"):  # tp: every rank sorts its own (replicated) tokens, no exchange
@@ -141,7 +156,7 @@ def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map,
     return xq, xscale, offsets, gather_index, row_weights, row_index, splits
 
 
-@torch.library.custom_op("moe_fx::experts", mutates_args=())
+@_define
 def experts(
     xq: torch.Tensor,
     xscale: torch.Tensor,
@@ -200,7 +215,7 @@ def experts(
     )
 
 
-@experts.register_fake
+@torch.library.register_fake("moe_fx::experts")
 def _(
     xq,
     xscale,
@@ -229,7 +244,7 @@ def _(
     return xq.new_empty((gather_index.shape[0], D), dtype=out_dtype)
 
 
-@torch.library.custom_op("moe_fx::combine", mutates_args=())
+@_define
 def combine(
     y: torch.Tensor,
     weights: torch.Tensor,
@@ -254,7 +269,7 @@ def combine(
     )
 
 
-@combine.register_fake
+@torch.library.register_fake("moe_fx::combine")
 def _(y, weights, row_index, comm_splits, weighted, layout, group_name, impl):
     return y.new_empty((weights.shape[0], y.shape[1]))
 
