@@ -58,11 +58,17 @@ def t_bucket(T: int) -> int:
     return triton.next_power_of_2(max(T, 1))
 
 
-def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int, quant: str = "none"):
-    """The cache key; `dtype` is the model's (the output's) dtype, a quant mode other than "none" is appended."""
+def _key_ends(E, D, F, K, gated, dtype, T, quant) -> tuple[str, str]:
+    """A cache key is head + device name + tail."""
     kind = "gated" if gated else "plain"
     q = "" if quant == "none" else f"-{quant}"
-    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}{q}-{device}-T{t_bucket(T)}"
+    return f"E{E}-D{D}-F{F}-K{K}-{kind}-{str(dtype).removeprefix('torch.')}{q}-", f"-T{t_bucket(T)}"
+
+
+def key(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: str, T: int, quant: str = "none"):
+    """The cache key; `dtype` is the model's (the output's) dtype, a quant mode other than "none" is appended."""
+    head, tail = _key_ends(E, D, F, K, gated, dtype, T, quant)
+    return head + device + tail
 
 
 @functools.lru_cache(maxsize=16)
@@ -70,6 +76,12 @@ def device_name(device: torch.device) -> str:
     if device.type != "cuda":
         return device.type
     return torch.cuda.get_device_name(device).replace(" ", "_")
+
+
+@functools.lru_cache(maxsize=16)
+def capability(device: torch.device) -> list[int] | None:
+    """[major, minor] of a CUDA device (stored with each tuned entry), None elsewhere."""
+    return list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
 
 
 def interpreting() -> bool:
@@ -122,19 +134,31 @@ def _read(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(path: str, cache_key: str) -> ExpertsConfig | None:
-    """The user's cache first, then the entries shipped with moe_fx."""
-    entry = _read(Path(path)).get(cache_key) or _read(PACKAGED).get(cache_key)
+def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] | None) -> ExpertsConfig | None:
+    """The entry tuned on this device (the user's cache first, then the entries shipped with moe_fx); else one
+    tuned on another device of the same compute capability (an H100's for an H200: the same SMs), which beats
+    the defaults."""
+    caches = (_read(Path(path)), _read(PACKAGED))
+    entry = next((c[head + device + tail] for c in caches if head + device + tail in c), None)
+    if entry is None and cap is not None:
+        entry = next(
+            (e for c in caches for k, e in sorted(c.items())
+             if k.startswith(head) and k.endswith(tail) and tuple(e.get("capability", ())) == cap),
+            None,
+        )  # fmt: skip
+        if entry is not None:
+            log.debug("moe_fx: no tuned entry %s; taking one tuned on another sm%d%d device", head + device + tail, *cap)
     if entry is None:
         return None
     return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
 
 
-def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float]) -> None:
-    """Write one tuned entry (atomically: a temporary file, then rename)."""
+def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], cap: list[int] | None = None) -> None:
+    """Write one tuned entry (atomically: a temporary file, then rename), with the compute capability it was
+    tuned on."""
     path = cache_path()
     data = _read(path)
-    data[cache_key] = {"up": asdict(config.up), "down": asdict(config.down), "us": timings_us}
+    data[cache_key] = {"up": asdict(config.up), "down": asdict(config.down), "us": timings_us, "capability": cap}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -153,8 +177,9 @@ def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, devi
 def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -> ExpertsConfig:
     tuned = None
     if not interpret:
-        cache_key = key(E, D, F, K, gated, dtype, device_name(device), R // max(K, 1), quant)
-        tuned = _lookup(str(cache_path()), cache_key)
+        head, tail = _key_ends(E, D, F, K, gated, dtype, R // max(K, 1), quant)
+        cap = capability(device)
+        tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
     return tuned if tuned is not None else default_config(R / max(E, 1), dtype, quant)
 
 
@@ -219,7 +244,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                 bar.update()
             best = min(timings, key=timings.get)
         cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
-        store(cache_key, best, {"best": timings[best]})
+        store(cache_key, best, {"best": timings[best]}, capability(device))
         results[cache_key] = timings[best]
     bar.close()
     return results

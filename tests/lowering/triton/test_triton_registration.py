@@ -1,5 +1,6 @@
 """Registration and selection of the Triton and vendor lowerings; the JSON tuning cache."""
 
+import json
 import subprocess
 import sys
 
@@ -97,6 +98,36 @@ def test_tuning_cache_is_json_per_t_bucket(tmp_path, monkeypatch):
     tuning._lookup.cache_clear()
     tuning._choose.cache_clear()
     assert tuning.choose(*shape, torch.device("cpu"), 26) == tuning.default_config(26 / 8, torch.bfloat16)
+
+
+def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, monkeypatch):
+    """An H200 with no entry of its own takes the H100's (both sm90), never an sm80 device's; its own wins."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    names = {"h100": "NVIDIA_H100_80GB_HBM3", "h200": "NVIDIA_H200", "a100": "NVIDIA_A100"}
+    caps = {"h100": [9, 0], "h200": [9, 0], "a100": [8, 0]}
+    device = {"now": "h200"}
+    monkeypatch.setattr(tuning, "device_name", lambda d: names[device["now"]])
+    monkeypatch.setattr(tuning, "capability", lambda d: caps[device["now"]])
+    shape = (8, 64, 96, 2, True, torch.bfloat16)
+    h100 = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64), tuning.GemmConfig(16, 32, 128))
+    tuning.store(tuning.key(*shape, names["h100"], 16), h100, {"best": 1.0}, caps["h100"])
+    cuda = torch.device("cuda")
+    assert tuning.choose(*shape, cuda, 16 * 2) == h100
+    assert tuning.choose(*shape, cuda, 1024 * 2) == tuning.default_config(1024 * 2 / 8, torch.bfloat16)  # other T
+    device["now"] = "a100"
+    tuning._choose.cache_clear()  # choose() caches per torch.device: here one name stands for several GPUs
+    assert tuning.choose(*shape, cuda, 16 * 2) == tuning.default_config(16 * 2 / 8, torch.bfloat16)
+    device["now"] = "h200"
+    tuning._choose.cache_clear()
+    own = tuning.ExpertsConfig(tuning.GemmConfig(64, 64, 64), tuning.GemmConfig(64, 64, 64))
+    tuning.store(tuning.key(*shape, names["h200"], 16), own, {"best": 1.0}, caps["h200"])
+    assert tuning.choose(*shape, cuda, 16 * 2) == own
+
+
+def test_shipped_entries_name_their_capability():
+    entries = json.loads(tuning.PACKAGED.read_text())
+    assert entries and all(e["capability"] == [9, 0] for e in entries.values())
 
 
 def test_tuning_key_names_the_quant_mode_and_fp8_block_configs_conform(monkeypatch):
