@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
+# (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
+#
+#   bash bench/gpu_check.sh OUT [tests] [host] [hf] [layer ARGS...]   (layer takes the rest of the line)
+#
+# e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
+# Each step writes its log under OUT; a failing step does not stop the next one.
+set -uo pipefail
+out=$1
+shift
+export PYTHONUNBUFFERED=1
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
+# the machine's python holds torch/triton/transformers; --no-build-isolation: nothing to fetch
+python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+while [ $# -gt 0 ]; do
+  step=$1
+  shift
+  case $step in
+    tests)
+      timeout 300 python -m pytest -q -n 4 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
+        tests/passes/test_quantize_weights.py tests/lowering/test_quant.py 2>&1 | tee "$out/gpu_tests.log" | tail -8 ;;
+    host)
+      python bench/host_overhead.py --out "$out" --profile ;;
+    hf)
+      timeout 420 python bench/hf_models.py --out "$out" 2>&1 | tee "$out/hf_models.log" ;;
+    layer)
+      python bench/layer.py --out "$out" "$@" 2>&1 | tee "$out/layer.log"
+      shift $# ;;
+    *)
+      echo "unknown step $step" ;;
+  esac
+done
