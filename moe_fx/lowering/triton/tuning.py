@@ -147,7 +147,8 @@ def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] |
             None,
         )  # fmt: skip
         if entry is not None:
-            log.debug("moe_fx: no tuned entry %s; taking one tuned on another sm%d%d device", head + device + tail, *cap)
+            log.debug("moe_fx: no tuned entry %s; taking one tuned on another sm%d%d device", head + device + tail,
+                      *cap)  # fmt: skip
     if entry is None:
         return None
     return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
