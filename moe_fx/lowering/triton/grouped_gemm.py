@@ -109,28 +109,13 @@ def _mma(a, b, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows,
          stride_ab, stride_wb, QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
          G: tl.constexpr):  # fmt: skip
     """acc += a · b; fp8_block (QUANT 2) scales each K-block's partial product by its activation group and
-    weight block scales, int4_weight (QUANT 3) by its weights' group scales (BLOCK_K divides G); int8
-    accumulates in int32."""
+    weight block scales; int8 accumulates in int32."""
     if QUANT == 2:
         scale = _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
                         (k0 * BLOCK_K) // G, stride_ab, stride_wb, G)  # fmt: skip
         return acc + tl.dot(a, b) * scale
-    elif QUANT == 3:
-        w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_mask, other=0.0)
-        return acc + tl.dot(a, b, input_precision=PRECISION) * w_s[None, :]
     else:
         return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
-
-
-@triton.jit
-def _unpack(w, k, QUANT: tl.constexpr):
-    """int4_weight (QUANT 3): a tile of packed bytes, row k // 2 for element k -> element k's value in [-8, 7]
-    (low nibble for even k, as `quant.pack_int4`); other modes load their weights as they are."""
-    if QUANT == 3:
-        nibble = (w.to(tl.int32) >> ((k % 2) * 4)[:, None]) & 0xF
-        return tl.where(nibble > 7, nibble - 16, nibble)
-    else:
-        return w
 
 
 @triton.jit
@@ -149,14 +134,37 @@ def _tile_mask(ok, k_ok, EVEN_K: tl.constexpr, K_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _weight_mma(a, w_ptrs, w_ok, k, k_ok, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """int4_weight: acc += a [M, BLOCK_K] · the weights packed in the [BLOCK_K // 2, N] byte tile at w_ptrs
+    (byte i holds K-elements 2i, low nibble, and 2i + 1, as `quant.pack_int4`), each byte loaded once along
+    consecutive addresses. Nibbles dequantised in registers (× the K-block's group scales: BLOCK_K divides G)
+    meet the even and odd K-columns of a in two dots that accumulate in place. The scaled weights are rounded
+    to a's dtype (the reference scales exact products: ~1e-6 apart in fp32, one rounding of each weight in
+    bf16)."""
+    kp = tl.arange(0, BLOCK_K // 2)
+    w = tl.load(w_ptrs, mask=_tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True), other=0).to(tl.int8, bitcast=True)
+    w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_ok, other=0.0)
+    low = (((w << 4) >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)  # int8 >> is arithmetic: sign-extended
+    high = ((w >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)
+    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
+    acc = tl.dot(a_even, low, acc, input_precision=PRECISION)
+    return tl.dot(a_odd, high, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _weight_mma(a, w_ptrs, w_ok, k_left, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
                 k0, stride_ab, stride_wb, EVEN_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
                 BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
-    """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], columns w_rows of the weight, masked by w_ok)."""
-    w = tl.load(w_ptrs, mask=_tile_mask(w_ok, k_ok, EVEN_K, True), other=0.0)
-    w = _unpack(w, k, QUANT).to(a.dtype)
-    return _mma(a, w, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_ok, k0,
-                stride_ab, stride_wb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+    """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], or [BLOCK_K // 2, N] bytes for int4_weight; columns
+    w_rows of the weight, masked by w_ok), k_left K-elements left from this K-block on."""
+    if QUANT == 3:
+        return _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K,
+                         PRECISION, BLOCK_K, G)  # fmt: skip
+    else:
+        w = tl.load(w_ptrs, mask=_tile_mask(w_ok, tl.arange(0, BLOCK_K) < k_left, EVEN_K, True), other=0.0)
+        return _mma(a, w.to(a.dtype), acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                    w_ok, k0, stride_ab, stride_wb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
 
 
 @triton.jit
@@ -201,7 +209,7 @@ def _up_kernel(
     gate_rows = GATE_ROW + n * ROW_STEP
     up_rows = UP_ROW + n * ROW_STEP
     a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
-    kw = k // PACK  # int4_weight: two K-elements per byte
+    kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
     g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + gate_rows[None, :] * stride_wh
     u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + kw[:, None] * stride_ud + up_rows[None, :] * stride_uh
     ws_ptr += expert.to(tl.int64) * stride_wse
@@ -214,19 +222,20 @@ def _up_kernel(
     p_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + pair_rows[None, :] * stride_wh
     acc_p = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
-        k_ok = k < D - k0 * BLOCK_K
+        k_left = D - k0 * BLOCK_K
+        k_ok = k < k_left
         a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
         if PAIRED:
-            acc_p = _weight_mma(a, p_ptrs, pair_ok, k, k_ok, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
+            acc_p = _weight_mma(a, p_ptrs, pair_ok, k_left, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
                                 pair_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
                                 G)  # fmt: skip
             p_ptrs += (BLOCK_K // PACK) * stride_wd
         else:
-            acc_g = _weight_mma(a, g_ptrs, n_ok, k, k_ok, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows,
+            acc_g = _weight_mma(a, g_ptrs, n_ok, k_left, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows,
                                 stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
                                 G)  # fmt: skip
             if GATED:
-                acc_u = _weight_mma(a, u_ptrs, n_ok, k, k_ok, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
+                acc_u = _weight_mma(a, u_ptrs, n_ok, k_left, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
                                     up_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
                                     G)  # fmt: skip
                 u_ptrs += (BLOCK_K // PACK) * stride_ud
@@ -283,13 +292,15 @@ def _down_kernel(
         return
     k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + (k // PACK)[:, None] * stride_wf + n[None, :] * stride_wd
+    kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
+    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
-        k_ok = k < F - k0 * BLOCK_K
+        k_left = F - k0 * BLOCK_K
+        k_ok = k < k_left
         a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
-        acc = _weight_mma(a, w_ptrs, n_ok, k, k_ok, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, k0,
+        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, k0,
                           stride_hsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
         w_ptrs += (BLOCK_K // PACK) * stride_wf
@@ -344,8 +355,9 @@ def experts(
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
     by `quantize.quantize_rows` on the fp32 activation otherwise (a row's scale needs the whole row).
-    int4_weight (w4a16): the B loads unpack two int4 values per byte, each K-block's partial product is
-    scaled by its weights' group scales, and the activations stay in their dtype throughout.
+    int4_weight (w4a16): each K-step loads its packed weight bytes once, dequantises them in registers (group
+    scales applied, cast to the activations' dtype) and multiplies the even and odd K-columns of the
+    activations by the low and high nibbles; the activations stay in their dtype throughout.
     `config` overrides the tuned/default block sizes (used by `tuning.tune`).
     """
     if quant not in QUANT_CODES:
