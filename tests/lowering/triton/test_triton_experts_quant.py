@@ -73,9 +73,11 @@ def test_against_reference_and_unquantised(mode, T, K, pattern, dtype):
     assert quant_err < quant.EXPECTED_ERROR[mode]
 
 
-def test_fp8_block_partial_128_groups():
-    """D and F span two 128-wide groups, the second partial: scales per K-block and per activation group."""
-    mode, T, K, D, F_ = "fp8_block", 4, 2, 136, 130
+@pytest.mark.parametrize("mode,D,F_", [("fp8_block", 136, 130), ("int4_weight", 137, 131)])
+def test_block_scales_partial_128_groups(mode, D, F_):
+    """D and F span two 128-wide groups, the second partial (int4_weight: odd, rows end in half a byte), over
+    several K-steps per group: scales per K-block, per weight group and per activation group."""
+    T, K = 4, 2
     x = torch.randn(T, D, device=DEVICE)
     w13, w2 = weights_for(D, F_, torch.float32)
     weights, ids = routing(T, K, E, "random")
