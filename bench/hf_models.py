@@ -183,11 +183,15 @@ def run_model(name: str, Ts: list[int], chosen: list[str], tiny: bool, device: s
                     row["err"][v] = rel_err(out, ref)
                     call = functools.partial(fns[v], ids)
                     row["us"][v] = bench(call, graph=False) if cuda else cpu_us(call)
-                    if cuda and v != "hf_eager":
-                        row["graph_us"][v] = bench(call, graph=True)
                 except Exception as err:  # a variant that cannot run is reported, not fatal
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
+                    continue
+                if cuda and v != "hf_eager":
+                    try:
+                        row["graph_us"][v] = bench(call, graph=True)
+                    except Exception as err:  # eager ran; only the CUDA-graph capture failed
+                        row.setdefault("graph_failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)
         _print_row(row, chosen)
     fns.clear()
@@ -199,7 +203,8 @@ def run_model(name: str, Ts: list[int], chosen: list[str], tiny: bool, device: s
 
 def _cell(row, v) -> str:
     us, g = row["us"].get(v, float("nan")), row["graph_us"].get(v)
-    text = "fail" if math.isnan(us) else f"{us:.0f}" + (f" (g {g:.0f})" if g else "")
+    graph = f" (g {g:.0f})" if g else (" (g fail)" if v in row.get("graph_failed", {}) else "")
+    text = "fail" if math.isnan(us) else f"{us:.0f}{graph}"
     return text + (f" e={row['err'][v]:.1e}" if v in row["err"] else "")
 
 

@@ -240,6 +240,11 @@ def hf_models_section() -> str:
             return ""
         return "fail" if math.isnan(us) else f"{us:.0f}"
 
+    def graph_cell(row, v):
+        if row["graph_us"].get(v):
+            return f" ({cell(row, v, 'graph_us')})"
+        return " (fail)" if v in row.get("graph_failed", {}) else ""
+
     head = (
         f"### `bench/results/{path.name}`\n\n{meta['device']}, {_date(path, meta)}; torch {meta['torch']}, "
         f"transformers {meta['transformers']}; {meta['layers']} decoder layer, bf16. µs per forward (median); "
@@ -249,7 +254,7 @@ def hf_models_section() -> str:
         [
             r["model"],
             str(r["T"]),
-            *(cell(r, v, "us") + (f" ({cell(r, v, 'graph_us')})" if r["graph_us"].get(v) else "") for v in variants),
+            *(cell(r, v, "us") + graph_cell(r, v) for v in variants),
             str(r.get("rewritten", "")),
             f"{r['err']['moe_fx']:.1e}" if "moe_fx" in r["err"] else "",
         ]
