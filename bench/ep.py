@@ -78,9 +78,9 @@ def wire_bytes(layout: str, handle: list[int], W: int, rank: int, T: int, s: Sha
         out_rows = sum(n for r, n in enumerate(send) if r != rank)
         back_rows = sum(n for r, n in enumerate(recv) if r != rank)
         return (W - 1) * s.E * 8 + out_rows * (row + 4) + back_rows * s.D * elt
-    if layout == "ep_allgather":  # sizes; padded tokens + routing all-gather; fp32 reduce-scatter (ring)
+    if layout == "ep_allgather":  # T and rows per expert; padded tokens + routing; fp32 reduce-scatter (ring)
         t_max = max(handle[:W])
-        return (W - 1) * (8 + t_max * (row + 2 * s.K * 4) + t_max * s.D * 4)
+        return (W - 1) * (8 * (s.E + 1) + t_max * (row + 2 * s.K * 4) + t_max * s.D * 4)
     return 2 * (W - 1) * T * s.D * 4 // W  # tp: fp32 ring all-reduce
 
 

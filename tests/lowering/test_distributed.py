@@ -272,13 +272,13 @@ def test_bench_ep_bytes_and_table():
     s = Shape(E=8, K=2, D=4, F=6)
     # rank 0 of 2 sends 3 rows to rank 1 (5 to itself) and gets 2 back from rank 1: fp32 rows + fp32 weights
     assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, s, 4) == 8 * 8 + 3 * (4 * 4 + 4) + 2 * 4 * 4
-    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, s, 4) == 8 + 7 * (4 * 4 + 2 * 2 * 4) + 7 * 4 * 4
+    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, s, 4) == 9 * 8 + 7 * (4 * 4 + 2 * 2 * 4) + 7 * 4 * 4
     assert wire_bytes("tp", [], 2, 0, 4, s, 4) == 4 * 4 * 4
     # quantised rows: D one-byte values + one fp32 scale per token (fp8, int8) or per 128-group (fp8_block)
     q = Shape(E=8, K=2, D=300, F=6)  # 3 groups of 128
     assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "fp8") == 8 * 8 + 3 * (300 + 4 + 4) + 2 * 300 * 2
     assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "fp8_block") == 8 * 8 + 3 * (300 + 12 + 4) + 1200
-    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, q, 2, "int8") == 8 + 7 * (300 + 4 + 16) + 7 * 300 * 4
+    assert wire_bytes("ep_allgather", [4, 7], 2, 0, 4, q, 2, "int8") == 9 * 8 + 7 * (300 + 4 + 16) + 7 * 300 * 4
     assert wire_bytes("ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2, "int4_weight") == wire_bytes(
         "ep_alltoall", [5, 3, 5, 2], 2, 0, 4, q, 2
     )  # activations travel unquantised

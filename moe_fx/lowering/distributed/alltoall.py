@@ -5,8 +5,8 @@ S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
 
     dispatch:  counts_WE = all_gather(bincount(ids_TK))                   every rank sees all loads
                xq_TD, xscale_T* = quantize_rows(x_TD)       (fp8 / fp8_block / int8: before any exchange)
-               send rows sorted by (owner rank, slot)  --all_to_all_v-->  N received rows (1-byte under
-               quant), then their routing weights and scales (float32) in a second all_to_all_v
+               send rows sorted by (owner rank, slot), each packed with its routing weight and scales
+               (float32) --all_to_all_v-->  N received rows (1-byte values under quant)
                gather_index_R re-sorts the received rows by local expert; offsets_L1 bound the groups
     experts:   the single-device lowering, on the L local experts' weights
     combine:   y_RD back to received order --all_to_all_v (splits swapped)--> S rows in send order,
@@ -14,8 +14,10 @@ S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
 
 The handle `comm_splits` (int64) is [rows sent to each rank (W) | rows received from each (W) |
 the (t*K + k) slot of each sent row (S)]: all that combine needs for the reverse exchange.
-One host sync per op, for the split sizes. Quantised rows are quantised per token exactly as on one
-device (`quant.quantize_rows`), so the local experts compute what the single-device block computes.
+One host sync, in dispatch, for the split sizes; combine reads them from the host copy dispatch attached
+to the handle (`comm.keep_host_head`), so it queues its exchange without waiting for the experts.
+Quantised rows are quantised per token exactly as on one device (`quant.quantize_rows`), so the local
+experts compute what the single-device block computes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,18 @@ import torch.distributed as dist
 
 from moe_fx.lowering import reference
 from moe_fx.lowering.distributed import stats
-from moe_fx.lowering.distributed.comm import PRIORITY, group_of, quantize_for_wire, scale_shape, uncapped, wire
+from moe_fx.lowering.distributed.comm import (
+    PRIORITY,
+    group_of,
+    host_head,
+    keep_host_head,
+    pack_rows,
+    quantize_for_wire,
+    scale_shape,
+    uncapped,
+    unpack_rows,
+    wire,
+)
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
 
 LAYOUT = "ep_alltoall"
@@ -55,21 +68,24 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
 
     N = sum(recv)
     xq_TD, xscale_TB = quantize_for_wire(x, quant)  # quantised before any communication
-    xq_ND = xq_TD.new_empty((N, D))
-    dist.all_to_all_single(wire(xq_ND), wire(xq_TD[send_slot_S // K]), recv, send, group=group)
-    meta_S1 = weights.reshape(-1).float()[send_slot_S, None]  # the routing weight, then the scales
+    src_S = send_slot_S // K
+    parts = [wire(xq_TD)[src_S], weights.reshape(-1).float()[send_slot_S, None]]
+    row_layout = [(xq_TD.dtype, D), (torch.float32, 1)]
     if xscale_TB is not None:
-        meta_S1 = torch.cat([meta_S1, xscale_TB[send_slot_S // K]], 1)
-    meta_N1 = meta_S1.new_empty((N, meta_S1.shape[1]))
-    dist.all_to_all_single(meta_N1, meta_S1, recv, send, group=group)
-    recv_weights_N = meta_N1[:, 0]
+        parts.append(xscale_TB[src_S])
+        row_layout.append((torch.float32, xscale_TB.shape[1]))
+    rows_S = pack_rows(parts)  # one exchange for the rows, their weights and scales
+    rows_N = rows_S.new_empty((N, rows_S.shape[1]))
+    dist.all_to_all_single(rows_N, rows_S, recv, send, group=group)
+    xq_ND, recv_weights_N1, *xscale_NB = unpack_rows(rows_N, row_layout)
+    recv_weights_N = recv_weights_N1[:, 0]
 
     local_slot_N = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_WL.reshape(-1), output_size=N)
     gather_index_R = torch.sort(local_slot_N, stable=True).indices
     expert_offsets_L1 = torch.zeros(L + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(recv_WL.sum(0), 0, out=expert_offsets_L1[1:])
-    comm_splits = torch.cat([send_W, recv_W, send_slot_S])
-    xscale = scale_shape(None if xscale_TB is None else meta_N1[:, 1:], quant, x.device)
+    comm_splits = keep_host_head(torch.cat([send_W, recv_W, send_slot_S]), splits)
+    xscale = scale_shape(xscale_NB[0] if xscale_NB else None, quant, x.device)
     row_weights_R = recv_weights_N[gather_index_R]
     return xq_ND, xscale, expert_offsets_L1, gather_index_R, row_weights_R, gather_index_R.clone(), comm_splits
 
@@ -78,7 +94,7 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
 def combine(y, weights, row_index, comm_splits, weighted, layout, group_name):
     group = group_of(group_name)
     W = group.size()
-    splits = comm_splits[: 2 * W].tolist()  # the one host sync
+    splits = host_head(comm_splits, 2 * W)  # dispatch's host copy: no device sync
     send, recv = splits[:W], splits[W:]
     send_slot_S = comm_splits[2 * W :]
     y_received = torch.empty_like(y)

@@ -5,6 +5,8 @@ Legend: W ranks in the group.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -45,6 +47,49 @@ def scale_shape(xscale_NB: torch.Tensor | None, quant: str, device: torch.device
     if xscale_NB is None:
         return torch.empty((0,), dtype=torch.float32, device=device)
     return xscale_NB.contiguous() if quant == "fp8_block" else xscale_NB[:, 0].contiguous()
+
+
+def host_list(t: torch.Tensor) -> list:
+    """t.tolist(), cached on the tensor object while it is unmodified (its version counter), so a constant
+    such as the expert map costs one device sync, not one per call."""
+    try:
+        version = t._version
+    except RuntimeError:  # an inference tensor keeps no version counter: never cached
+        return t.tolist()
+    cached = getattr(t, "_moe_fx_host", None)
+    if cached is None or cached[0] != version:
+        cached = (version, t.tolist())
+        t._moe_fx_host = cached
+    return cached[1]
+
+
+def keep_host_head(handle: torch.Tensor, head: list[int]) -> torch.Tensor:
+    """Attach the host copy of handle[:len(head)], which dispatch synced for, so that combine queues its
+    exchange without a second sync (`host_head` falls back to the device when the tensor is another one)."""
+    handle._moe_fx_head = head
+    return handle
+
+
+def host_head(handle: torch.Tensor, n: int) -> list[int]:
+    """handle[:n] as host ints: the copy dispatch attached when this is the tensor it returned, else a sync."""
+    head = getattr(handle, "_moe_fx_head", None)
+    return head[:n] if head is not None and len(head) >= n else handle[:n].tolist()
+
+
+def pack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """[T, *] tensors of any dtypes -> uint8 [T, their bytes]: one collective moves them all."""
+    return torch.cat([p.contiguous().view(torch.uint8).reshape(p.shape[0], math.prod(p.shape[1:]) * p.element_size())
+                      for p in parts], 1)  # fmt: skip
+
+
+def unpack_rows(packed_TB: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
+    """Inverse of `pack_rows`: (dtype, columns) per part, each returned contiguous."""
+    parts, start = [], 0
+    for dtype, columns in layout:
+        width = columns * dtype.itemsize
+        parts.append(packed_TB[:, start : start + width].contiguous().view(dtype))
+        start += width
+    return parts
 
 
 def uncapped(spec: MoESpec) -> str | None:
