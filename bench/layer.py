@@ -5,7 +5,7 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 Every variant runs the same HF Mixtral-style block (router linear -> softmax -> top-k -> renormalise
 -> SiLU-gated experts) on the same inputs and weights, so the routing is the same. Times are medians of
-`triton.testing.do_bench` (L2 flushed before each repetition); decode rows (T <= 128) are also timed as
+`triton.testing.do_bench` (L2 flushed before each repetition); rows with T <= 1024 are also timed as
 CUDA-graph replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings
 measured in the same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
 A quantised variant `moe_fx_<mode>` has its own floor: its quantised weights (one byte, or half a byte for
@@ -219,7 +219,7 @@ def run_shape(name, Ts, variants, bw, rates, tune):
                     out = fns[v](x)
                     row["err"][v] = rel_err(out, ref)
                     row["us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=False)
-                    if T <= 128 and v in GRAPHED:
+                    if T <= 1024 and v in GRAPHED:
                         row["graph_us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=True)
                         row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
@@ -294,7 +294,7 @@ def _write(out, stamp, args, bw, rates, rows):
         "matmul_flops_by_dtype": rates,
         "variants": args.variants, "tuned": args.tune,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
-        "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 128)",
+        "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 1024)",
     }  # fmt: skip
     (out / f"layer-{stamp}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {out / f'layer-{stamp}.json'}", os.environ.get("MOE_FX_TUNING_CACHE", ""))

@@ -13,9 +13,15 @@ Each program finds its expert from expert_offsets with a cumsum over E, in regis
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
-Interleaved gate/up (GPT-OSS) loads the 2·BLOCK_N adjacent rows of its N-tile as one tile and splits
-the accumulator into gate and up after the K loop: strided-by-2 loads of transposed storage would not
-vectorise.
+A gated up GEMM runs ONE dot per K-step over a [BLOCK_K, 2·BLOCK_N] weight tile and splits the accumulator
+into gate and up after the K loop (two dots per K-step, one per half, measured 1.1-1.2x slower at T >= 1024
+on an H200). The tile's columns are the N-tile's gate rows then its up rows ("blocked"), or, for interleaved
+gate/up (GPT-OSS), the 2·BLOCK_N adjacent rows as stored (strided-by-2 loads of transposed storage would
+not vectorise).
+
+fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
+the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
+partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile.
 """
 
 from __future__ import annotations
@@ -95,27 +101,33 @@ def _tile(offsets_ptr, E, R, num_pid_m, num_pid_n,
 
 
 @triton.jit
-def _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, kb, stride_ab, stride_wb,
-            G: tl.constexpr):  # fmt: skip
-    """[M, N] product of the row scales (per token) and the column scales (per channel, or per G×G weight
-    block: w_rows // G) of K-block kb (0 for the per-token/per-channel modes)."""
-    a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=0.0)
-    w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=0.0)
-    return a_s[:, None] * w_s[None, :]
+def _block_rescale(acc, a_prev, w_prev, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                   w_mask, kb, stride_ab, stride_wb, QUANT: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """fp8_block (QUANT 2): acc, held in units of K-block kb - 1's scales (a_prev per row, w_prev per column),
+    rescaled to K-block kb's, and kb's scales; the rows' are per 1×G group, the columns' per G×G weight block
+    (w_rows // G). Masked lanes read scale 1 (no 0/0). Unchanged otherwise."""
+    if QUANT == 2:
+        a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=1.0)
+        w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
+        acc = acc * ((a_prev / a_s)[:, None] * (w_prev / w_s)[None, :])
+        return acc, a_s, w_s
+    else:
+        return acc, a_prev, w_prev
 
 
 @triton.jit
-def _mma(a, b, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, k0,
-         stride_ab, stride_wb, QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
-         G: tl.constexpr):  # fmt: skip
-    """acc += a · b; fp8_block (QUANT 2) scales each K-block's partial product by its activation group and
-    weight block scales; int8 accumulates in int32."""
-    if QUANT == 2:
-        scale = _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
-                        (k0 * BLOCK_K) // G, stride_ab, stride_wb, G)  # fmt: skip
-        return acc + tl.dot(a, b) * scale
+def _dequantize(acc, a_scale, w_scale, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                w_mask, QUANT: tl.constexpr):  # fmt: skip
+    """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the last K-block's
+    (QUANT 2: a_scale, w_scale from `_block_rescale`), as is otherwise."""
+    if QUANT == 1:
+        a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
+        w_s = tl.load(w_scale_ptr + w_rows * stride_wr, mask=w_mask, other=0.0)
+        return acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
+    elif QUANT == 2:
+        return acc * (a_scale[:, None] * w_scale[None, :])
     else:
-        return tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        return acc
 
 
 @triton.jit
@@ -153,29 +165,17 @@ def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, 
 
 
 @triton.jit
-def _weight_mma(a, w_ptrs, w_ok, k_left, acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
-                k0, stride_ab, stride_wb, EVEN_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+def _weight_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
+                QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
     """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], or [BLOCK_K // 2, N] bytes for int4_weight; columns
-    w_rows of the weight, masked by w_ok), k_left K-elements left from this K-block on."""
+    w_rows of the weight, masked by w_ok), k_left K-elements left from this K-block on; in place (int8:
+    int32)."""
     if QUANT == 3:
         return _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K,
                          PRECISION, BLOCK_K, G)  # fmt: skip
     else:
         w = tl.load(w_ptrs, mask=_tile_mask(w_ok, tl.arange(0, BLOCK_K) < k_left, EVEN_K, True), other=0.0)
-        return _mma(a, w.to(a.dtype), acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
-                    w_ok, k0, stride_ab, stride_wb, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
-
-
-@triton.jit
-def _dequantize(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
-                QUANT: tl.constexpr):  # fmt: skip
-    """The fp32 value of an accumulator: per token × per channel scales (QUANT 1), already scaled otherwise."""
-    if QUANT == 1:
-        return acc.to(tl.float32) * _scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
-                                            w_mask, 0, 0, 0, 1)  # fmt: skip
-    else:
-        return acc
+        return tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
@@ -187,13 +187,13 @@ def _up_kernel(
     D, F, E, R, num_pid_m, alpha, limit,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
-    stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh, stride_ud,
+    stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
     stride_be, stride_bh, stride_hr, stride_hf,
     stride_xst, stride_xsb, stride_wse, stride_wsh, stride_wsb, stride_hsr,
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-    PACK: tl.constexpr, PAIRED: tl.constexpr,
+    PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -206,47 +206,53 @@ def _up_kernel(
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < F
     k = tl.arange(0, BLOCK_K)
-    gate_rows = GATE_ROW + n * ROW_STEP
-    up_rows = UP_ROW + n * ROW_STEP
     a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
+    # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
+    # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
+    COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    j = tl.arange(0, COLS)
+    if INTERLEAVED:
+        w_rows = pid_n * 2 * BLOCK_N + j
+        w_ok = w_rows < 2 * F
+        w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
+    else:
+        is_up = j >= BLOCK_N
+        n_j = pid_n * BLOCK_N + j % BLOCK_N
+        w_ok = n_j < F
+        if SEPARATE:  # the up rows are w3's
+            w_rows = tl.where(is_up, 0, GATE_ROW) + n_j * ROW_STEP
+            gate_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
+            up_base = wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh
+            w_base = tl.where(is_up, up_base, gate_base)
+        else:
+            w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP
+            w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
     kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
-    g_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + gate_rows[None, :] * stride_wh
-    u_ptrs = wu_ptr + expert.to(tl.int64) * stride_ue + kw[:, None] * stride_ud + up_rows[None, :] * stride_uh
+    w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
-    # PAIRED (interleaved gate/up): one [BLOCK_K, 2·BLOCK_N] tile of adjacent (gate, up) rows, one dot, split
-    # after; the rows are contiguous, so transposed storage ([E, D, 2F], GPT-OSS) loads coalesced
-    pair_rows = pid_n * 2 * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
-    pair_ok = pair_rows < 2 * F
-    p_ptrs = wg_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wd + pair_rows[None, :] * stride_wh
-    acc_p = tl.zeros((BLOCK_M, 2 * BLOCK_N), tl.int32 if IS_INT else tl.float32)
+    acc = tl.zeros((BLOCK_M, COLS), tl.int32 if IS_INT else tl.float32)
+    a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    w_scale = tl.full((COLS,), 1.0, tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
         k_left = D - k0 * BLOCK_K
-        k_ok = k < k_left
-        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
-        if PAIRED:
-            acc_p = _weight_mma(a, p_ptrs, pair_ok, k_left, acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
-                                pair_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
-                                G)  # fmt: skip
-            p_ptrs += (BLOCK_K // PACK) * stride_wd
-        else:
-            acc_g = _weight_mma(a, g_ptrs, n_ok, k_left, acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows,
-                                stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
-                                G)  # fmt: skip
-            if GATED:
-                acc_u = _weight_mma(a, u_ptrs, n_ok, k_left, acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
-                                    up_rows, stride_wsh, k0, stride_xsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K,
-                                    G)  # fmt: skip
-                u_ptrs += (BLOCK_K // PACK) * stride_ud
-            g_ptrs += (BLOCK_K // PACK) * stride_wd
+        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+        acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
+                                               w_rows, stride_wsh, w_ok, (k0 * BLOCK_K) // G, stride_xsb,
+                                               stride_wsb, QUANT, G)  # fmt: skip
+        acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K, QUANT,
+                          PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_xd
-    if PAIRED:
-        acc_p = _dequantize(acc_p, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, pair_rows, stride_wsh, pair_ok, QUANT)
-        acc_g, acc_u = tl.split(tl.reshape(acc_p, (BLOCK_M, BLOCK_N, 2)))
+        w_ptrs += (BLOCK_K // PACK) * stride_wd
+    acc = _dequantize(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok,
+                      QUANT)  # fmt: skip
+    if GATED:
+        if INTERLEAVED:
+            acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
     else:
-        acc_g = _dequantize(acc_g, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, gate_rows, stride_wsh, n_ok, QUANT)
-        acc_u = _dequantize(acc_u, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, up_rows, stride_wsh, n_ok, QUANT)
+        acc_g = acc
+        acc_u = acc
     if WEIGHT_INPUT:
         row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
         acc_g *= row_w
@@ -296,15 +302,19 @@ def _down_kernel(
     w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
+    a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
         k_left = F - k0 * BLOCK_K
-        k_ok = k < k_left
-        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k_ok, EVEN_K, False), other=0.0)
-        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, k0,
-                          stride_hsb, stride_wsb, EVEN_K, QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+        acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n,
+                                               stride_wsd, n_ok, (k0 * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT,
+                                               G)  # fmt: skip
+        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
+                          PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
         w_ptrs += (BLOCK_K // PACK) * stride_wf
-    acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
+    acc = _dequantize(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
         acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -388,6 +398,8 @@ def experts(
     if gate_up == "separate" and gated:
         wu = w3.transpose(1, 2) if w13_transposed else w3
         up_row = 0
+        if wu.stride(2) != w13_EHD.stride(2):  # one K-stride for the whole weight tile
+            w13_EHD, wu = w13_EHD.contiguous(), wu.contiguous()
     precision = "ieee" if xq.dtype == torch.float32 or code in (1, 2) else "tf32"
     is_int = quant == "int8"
     BLOCK_E = triton.next_power_of_2(E)
@@ -402,13 +414,13 @@ def experts(
         D, F, E, R, num_pid_m, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
-        wu.stride(0), wu.stride(1), wu.stride(2),
+        wu.stride(0), wu.stride(1),
         bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
         xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
-        PAIRED=gated and gate_up == "interleaved",
+        INTERLEAVED=gated and gate_up == "interleaved", SEPARATE=gated and gate_up == "separate",
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

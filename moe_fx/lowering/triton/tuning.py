@@ -109,8 +109,6 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
             up = down = GemmConfig(16, 64, 256, 8, 4, 4)
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
-        elif quant == "fp8_block":  # two fp32 partial products per K-step besides the accumulators: 64-row tiles
-            up = down = GemmConfig(64, 128, 128, 8, 4, 3)
         else:
             up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
         return conform(ExpertsConfig(up, down), quant)
