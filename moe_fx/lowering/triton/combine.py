@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton.launch import launch
+
 SEARCH_MAX = 1024  # rows up to which combine finds each slot's row by comparison instead of inverting
 
 
@@ -65,10 +67,11 @@ def combine(y: torch.Tensor, weights: torch.Tensor, row_index: torch.Tensor, wei
     slot_row_R = row_index
     if not search:
         slot_row_R = torch.empty((R,), dtype=torch.int64, device=y.device)
-        _invert_kernel[(triton.cdiv(R, 1024),)](row_index, slot_row_R, R, BLOCK=1024)
+        launch(_invert_kernel, (triton.cdiv(R, 1024),), row_index, slot_row_R, R, BLOCK=1024)
     weights_TK = weights.float().contiguous()
     BLOCK_D = min(triton.next_power_of_2(D), 1024)
-    _combine_kernel[(T, triton.cdiv(D, BLOCK_D))](
+    launch(
+        _combine_kernel, (T, triton.cdiv(D, BLOCK_D)),
         y, weights_TK, slot_row_R, row_index, out_TD,
         D, R,
         y.stride(0), y.stride(1), out_TD.stride(0), out_TD.stride(1),

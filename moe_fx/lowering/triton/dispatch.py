@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import MODES as QUANTISED
 from moe_fx.lowering.triton.quantize import quantize_rows
 
@@ -140,15 +141,17 @@ def dispatch(
     if R == 0:
         offsets_E1.zero_()
     elif chunks <= SMALL_CHUNKS:
-        _sort_small_kernel[(1,)](
+        launch(
+            _sort_small_kernel, (1,),
             ids_R, weights_R, offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, CHUNKS=chunks, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
     else:
         counts_cursor = torch.zeros((2, E + 1), dtype=torch.int32, device=device)  # cursor[E]: dropped picks
         grid = (chunks,)
-        _count_kernel[grid](ids_R, counts_cursor[0], R, E, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
-        _scatter_kernel[grid](
+        launch(_count_kernel, grid, ids_R, counts_cursor[0], R, E, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
+        launch(
+            _scatter_kernel, grid,
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_tile
 from moe_fx.spec import GATED_ACTIVATIONS
 
@@ -408,7 +409,8 @@ def experts(
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
     c = config.up
     num_pid_m = triton.cdiv(R, c.block_m) + E
-    _up_kernel[(num_pid_m * triton.cdiv(F, c.block_n),)](
+    launch(
+        _up_kernel, (num_pid_m * triton.cdiv(F, c.block_n),),
         xq, gather_index, expert_offsets, row_weights, w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
         D, F, E, R, num_pid_m, float(alpha), float(limit),
@@ -430,7 +432,8 @@ def experts(
     bias2 = w2_bias if w2_bias is not None else w2
     c = config.down
     num_pid_m = triton.cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
-    _down_kernel[(num_pid_m * triton.cdiv(D, c.block_n),)](
+    launch(
+        _down_kernel, (num_pid_m * triton.cdiv(D, c.block_n),),
         h_RF, expert_offsets, row_weights, w2_EDF, bias2, y_RD, hs[0], ws2[0],
         D, F, E, R, num_pid_m,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),

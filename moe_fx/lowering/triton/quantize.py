@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering import quant as quant_fmt
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.tuning import interpreting
 
 MODES = ("fp8", "fp8_block", "int8")
@@ -116,7 +117,8 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     block_d = G if grouped else min(triton.next_power_of_2(max(D, 16)), 1024)
     block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
     grid = (triton.cdiv(N, block_r), triton.cdiv(D, G) if grouped else 1)
-    _quantize_rows_kernel[grid](
+    launch(
+        _quantize_rows_kernel, grid,
         x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
         QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", GROUPED=grouped, BLOCK_R=block_r, BLOCK_D=block_d,
         num_warps=4,

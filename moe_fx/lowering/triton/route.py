@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton.launch import launch
+
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
 
@@ -138,7 +140,8 @@ def route(
     if T == 0:
         return weights_TK, ids_TK
     BLOCK_E = triton.next_power_of_2(E)
-    _route_kernel[(T,)](
+    launch(
+        _route_kernel, (T,),
         logits, bias if bias is not None else logits, weights_TK, ids_TK,
         E, E // max(n_group, 1), float(scale),
         logits.stride(0), logits.stride(1),
