@@ -116,13 +116,16 @@ def quantize_dispatch(
     group_name: str,
     expert_map: torch.Tensor | None,
     impl: str,
+    max_tokens_per_rank: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x_TD, ids_TK, weights_TK -> (xq_ND, xscale_N, expert_offsets_L1, gather_index_R, row_weights_R,
     row_index_R, comm_splits).
 
     Rows are grouped by (local) expert. `expert_map` [2, E] (expert parallel only, else None): row 0
     the rank that owns each global expert, row 1 its slot among that rank's local experts.
+    `max_tokens_per_rank` > 0 (ep_alltoall only) bounds every rank's T: the exchange has fixed sizes.
     """
+    bound = {"max_tokens_per_rank": max_tokens_per_rank} if max_tokens_per_rank else {}  # the padded lowering's
     return _run(
         "quantize_dispatch",
         impl,
@@ -134,14 +137,22 @@ def quantize_dispatch(
         layout=layout,
         group_name=group_name,
         expert_map=expert_map,
+        **bound,
     )
 
 
 @torch.library.register_fake("moe_fx::quantize_dispatch")
-def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl):
+def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl, max_tokens_per_rank=0):
     T, D = x.shape
     if layout in ("single", "tp"):  # tp: every rank sorts its own (replicated) tokens, no exchange
         N, R, H = T, T * ids.shape[1], 0
+    elif max_tokens_per_rank:  # the padded exchange: W peers' C rows each, the handle one entry per pick
+        from moe_fx.lowering.distributed.alltoall_padded import rows_per_peer
+        from moe_fx.lowering.distributed.comm import group_of
+
+        W = group_of(group_name).size()
+        N = R = W * rows_per_peer(max_tokens_per_rank, ids.shape[1])
+        H = T * ids.shape[1]
     else:  # rows received / routed to local experts, and the handle's length, known only at run time
         ctx = torch.library.get_ctx()
         N, R, H = ctx.new_dynamic_size(), ctx.new_dynamic_size(), ctx.new_dynamic_size()
@@ -293,7 +304,8 @@ def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
 def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,
                   num_local_experts: int | None = None) -> tuple:  # fmt: skip
     L = spec.experts.num_experts if num_local_experts is None else num_local_experts
-    return (x_TD, ids_TK, weights_TK, L, spec.quant.mode, spec.layout, group_name, expert_map, impl)
+    return (x_TD, ids_TK, weights_TK, L, spec.quant.mode, spec.layout, group_name, expert_map, impl,
+            spec.max_tokens_per_rank)  # fmt: skip
 
 
 def experts_args(spec: MoESpec, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,

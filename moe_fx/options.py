@@ -24,6 +24,9 @@ VALID_KEYS = {
     "group": f"a torch.distributed ProcessGroup or 1-D DeviceMesh for layouts {PARALLEL_LAYOUTS} (default WORLD)",
     "expert_placement": f"a sequence of E ranks, the rank holding each expert, for layouts {EP_LAYOUTS} "
     "(default: contiguous blocks of E / world size)",
+    "max_tokens_per_rank": "an int > 0, layout 'ep_alltoall' only: the most tokens any rank sends in one call; "
+    "dispatch and combine then exchange fixed-size buffers with no host sync (CUDA-graph capturable decode), "
+    "and a call with more tokens is a moe_fx error (default: exact, data-dependent exchanges)",
     "allow_reference_fallback": "bool: let a quantised block run on the (slow, emulating) reference lowering on a GPU "
     "that no native lowering serves (default False: a moe_fx error names the device capability)",
     "keep_original_weights": "bool (default True): with quant, False frees the model's unquantised expert weights "
@@ -45,6 +48,7 @@ class Options:
     verify: bool = True
     group: Any = None  # ProcessGroup | DeviceMesh | None (WORLD); resolved at rewrite time
     expert_placement: tuple[int, ...] | None = None
+    max_tokens_per_rank: int = 0
 
 
 def _placement(value) -> tuple[int, ...]:
@@ -97,4 +101,10 @@ def parse_options(options: dict[str, Any] | None) -> Options:
                 f"moe_fx: option expert_placement is only used by layouts {EP_LAYOUTS}, but layout={layout!r}"
             )
         placement = _placement(placement)
-    return Options(**{**options, "lowerings": lowerings, "expert_placement": placement})
+    bound = options.get("max_tokens_per_rank", 0)
+    if "max_tokens_per_rank" in options:
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound <= 0:
+            raise ValueError(f"moe_fx: option max_tokens_per_rank={bound!r} must be an int > 0")
+        if layout != "ep_alltoall":
+            raise ValueError(f"moe_fx: option max_tokens_per_rank bounds layout 'ep_alltoall', but layout={layout!r}")
+    return Options(**{**options, "lowerings": lowerings, "expert_placement": placement, "max_tokens_per_rank": bound})

@@ -162,22 +162,35 @@ class MoESpec:
     quant: QuantSpec = field(default_factory=QuantSpec)
     weight_placement: str = "output"
     layout: str = "single"
+    max_tokens_per_rank: int = 0  # ep_alltoall: > 0 selects the fixed-size (padded) exchange
 
     def __post_init__(self):
         _check(self.weight_placement, WEIGHT_PLACEMENTS, "weight_placement")
         _check(self.layout, LAYOUTS, "layout")
+        if self.max_tokens_per_rank and self.layout != "ep_alltoall":
+            raise ValueError(
+                f"moe_fx: max_tokens_per_rank={self.max_tokens_per_rank} bounds the ep_alltoall exchange, "
+                f"but layout={self.layout!r}"
+            )
 
     def replace(self, **changes) -> MoESpec:
         return dataclasses.replace(self, **changes)
 
-    def dropped_picks(self) -> str | None:
-        """Why some routed picks reach no expert's rows (dispatch sorts them past the last group: only
-        lowerings that handle that take this spec), or None."""
+    def routed_drops(self) -> str | None:
+        """Why some routed picks reach no expert (token capacity, zero-computation experts), or None."""
         if self.router is not None and self.router.capacity:
             return f"token capacity ({self.router.capacity}, dropped picks)"
         if self.experts.identity_experts:
             return f"{self.experts.identity_experts} zero-computation experts (their picks skip the experts)"
         return None
+
+    def dropped_picks(self) -> str | None:
+        """Why dispatch leaves rows past the last expert's group (only lowerings that handle them take this
+        spec): the routed drops, or the unused rows of the padded ep_alltoall exchange; None otherwise."""
+        drops = self.routed_drops()
+        if drops is None and self.max_tokens_per_rank:
+            return f"the padded exchange's unused rows (max_tokens_per_rank={self.max_tokens_per_rank})"
+        return drops
 
     def summary(self) -> str:
         router = self.router.summary() if self.router else f"opaque top{self.top_k}"

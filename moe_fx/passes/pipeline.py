@@ -148,7 +148,8 @@ def rewrite_graph(
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after
         mode, reason, match.weights_note = prequant.quant_mode(match.binding, options.quant, options.layout)
-        match.spec = match.spec.replace(quant=QuantSpec(mode, options.keep_original_weights), layout=options.layout)
+        match.spec = match.spec.replace(quant=QuantSpec(mode, options.keep_original_weights), layout=options.layout,
+                                        max_tokens_per_rank=options.max_tokens_per_rank)  # fmt: skip
         if reason is None and _needs_autograd(match):
             reason = (
                 "grad mode is on and the block's inputs or weights require grad, but moe_fx lowerings have no "

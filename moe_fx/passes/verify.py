@@ -135,7 +135,7 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
     """
     if match.spec.layout != "single":
         log.info("moe_fx: %s (%s) verified as one device", match.module_path, match.spec.layout)
-        spec = match.spec.replace(layout="single")
+        spec = match.spec.replace(layout="single", max_tokens_per_rank=0)
         device = finder.real_values([match.x])[0].device.type
         selections = {op: registry.select(op, device, spec) for op in match.selections}
         if any(sel.chosen is None for sel in selections.values()):

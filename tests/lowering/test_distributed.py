@@ -54,10 +54,11 @@ def _param_numel(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _quantised_layer(layout: str, mode: str, T: int, rank: int, placement=None, E=6, D=160, F=32, K=2):
+def _quantised_layer(layout: str, mode: str, T: int, rank: int, placement=None, E=6, D=160, F=32, K=2, bound=0):
     """(this rank's output under `layout`, the single-process quantised output and the unquantised one on
-    the same tokens), through the ops; expert E-1 never gets a token."""
-    spec = MoESpec(ExpertsSpec(E, D, F), K, RouterSpec(K, renormalize=True), QuantSpec(mode), layout=layout)
+    the same tokens), through the ops; expert E-1 never gets a token. `bound`: max_tokens_per_rank."""
+    spec = MoESpec(ExpertsSpec(E, D, F), K, RouterSpec(K, renormalize=True), QuantSpec(mode), layout=layout,
+                   max_tokens_per_rank=bound)  # fmt: skip
     shard = plan_shard(spec, None, placement, "cpu")
     torch.manual_seed(0)  # the same weights on every rank
     w13, w2 = torch.randn(E, 2 * F, D) / D**0.5, torch.randn(E, D, F) / F**0.5
@@ -77,16 +78,18 @@ def _quantised_layer(layout: str, mode: str, T: int, rank: int, placement=None, 
         return ops.combine(*combine_args(spec, y, w_TK, d, impl, group))
 
     impl = {"ep_alltoall": "ep_all_to_all", "ep_allgather": "ep_all_gather"}[layout]
+    impl = "ep_all_to_all_padded" if bound else impl
     local = tuple(shard.experts_of(t) for t in full)
     out = run(spec, local, impl, shard.group_name, shard.expert_map(x_TD.device), shard.num_local_experts(E))
-    single = run(spec.replace(layout="single"), full, "reference")
-    plain = run(spec.replace(layout="single", quant=QuantSpec()), (w13, None, w2, None), "reference")
+    one_device = spec.replace(layout="single", max_tokens_per_rank=0)
+    single = run(one_device, full, "reference")
+    plain = run(one_device.replace(quant=QuantSpec()), (w13, None, w2, None), "reference")
     return out, single, plain
 
 
-def _check_quantised(layout: str, mode: str, T: int, rank: int, placement=None) -> None:
-    out, single, plain = _quantised_layer(layout, mode, T, rank, placement)
-    what = f"rank {rank} {layout} {mode} T={T}"
+def _check_quantised(layout: str, mode: str, T: int, rank: int, placement=None, bound=0) -> None:
+    out, single, plain = _quantised_layer(layout, mode, T, rank, placement, bound=bound)
+    what = f"rank {rank} {layout} {mode} T={T} max_tokens_per_rank={bound}"
     assert rel_err(out, single) < QUANT_TOL, f"{what}: rel err {rel_err(out, single):.2e} to the single-process block"
     if T:
         assert rel_err(out, plain) > 1e-3, f"{what}: indistinguishable from unquantised"

@@ -94,9 +94,11 @@ def unpack_rows(packed_TB: torch.Tensor, layout: list[tuple[torch.dtype, int]]) 
 
 def uncapped(spec: MoESpec) -> str | None:
     """Dropped picks (token capacity, zero-computation experts) run on one device only: the parallel
-    dispatches refuse them, with the reason."""
-    if spec.dropped_picks():
-        return f"{spec.dropped_picks()} is not implemented for layout {spec.layout!r}"
+    dispatches refuse them, with the reason. A max_tokens_per_rank bound is the padded exchange's."""
+    if spec.max_tokens_per_rank:
+        return f"max_tokens_per_rank={spec.max_tokens_per_rank} is set: the padded exchange takes the block"
+    if spec.routed_drops():
+        return f"{spec.routed_drops()} is not implemented for layout {spec.layout!r}"
     return None
 
 
