@@ -3,7 +3,8 @@
 The GPU twin of test_distributed.py: every rank's output equals single-process eager on its own tokens, with
 uneven token counts (a rank with none), through `apply` and `torch.compile`, with the Triton lowerings for
 route / experts on each rank and NCCL moving the rows; fp8 rows travel as e4m3 bytes and equal the
-single-process fp8 block on the rank's tokens. Run through the device tool on nvidia-h200-x2.
+single-process fp8 block on the rank's tokens; the padded ep_alltoall (max_tokens_per_rank) runs inside a
+CUDA graph. Run through the device tool on nvidia-h200-x2.
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ def _nccl_two_ranks(rank: int, world: int) -> None:
             for T in ((5, 37)[rank], (0, 3)[rank]):
                 what = f"rank {rank} {layout} {dtype} T={T}"
                 _check(model, ref_model, _tokens(rank + 10, T, 32, dtype), TOLERANCE[dtype], what)
+
+    # ep_alltoall with max_tokens_per_rank: a decode step captured whole in a CUDA graph, NCCL inside it,
+    # replayed on new tokens (each rank its own count, up to the bound) without re-capture
+    model, ref_model = _pair(ex.LoopMoE, torch.bfloat16, num_experts=8)
+    options = {"layout": "ep_alltoall", "max_tokens_per_rank": 8}
+    report = moe_fx.apply(model, _tokens(rank, 4, 32, torch.bfloat16), options=options)
+    assert report.matches[0].lowerings["combine"].name == "ep_all_to_all_padded", str(report)
+    x = _tokens(rank + 30, (3, 8)[rank], 32, torch.bfloat16)
+    with torch.no_grad():
+        model(x)  # warm-up: compile the kernels outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(x)
+        for seed in (40, 50):
+            x.copy_(_tokens(rank + seed, x.shape[0], 32, torch.bfloat16))
+            graph.replay()
+            torch.cuda.synchronize()
+            what = f"rank {rank} padded ep_alltoall graph replay"
+            assert rel_err(static_out, ref_model(x)) < TOLERANCE[torch.bfloat16], what
 
     # tp through torch.compile with Inductor: the group-limited router and a shared expert, bf16
     model, ref_model = _pair(ex.DeepSeekStyleMoE, torch.bfloat16)
