@@ -11,7 +11,9 @@ Each layer: random router logits -> route -> quantize_dispatch -> experts -> com
 moe_fx ops and the lowerings the registry picks for the device. Times are medians over repetitions,
 each started after a barrier; a row reports the slowest rank. "bytes" is what this rank sends to
 other ranks in dispatch + combine (its own chunk excluded), from the real split sizes; "vs a2a" is
-dispatch+combine time over the time of one plain all_to_all_single moving the same bytes. Under
+dispatch+combine time over the time of one plain all_to_all_single moving the same bytes.
+`ep_alltoall_padded` is ep_alltoall with max_tokens_per_rank = T (fixed-size exchanges, no host sync); its
+layer is also timed replayed as a CUDA graph ("g"). Under
 --quant fp8 / fp8_block / int8 the expert-parallel rows travel as 1-byte values plus float32 scales.
 Target (issue 6): dispatch+combine within 1.2x of the plain all-to-all.
 """
@@ -39,7 +41,8 @@ from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args  # 
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec  # noqa: E402
 
 OPS = torch.ops.moe_fx
-LAYOUTS = ("ep_alltoall", "ep_allgather", "tp")
+PADDED = "ep_alltoall_padded"  # ep_alltoall with max_tokens_per_rank = T: fixed-size exchanges, no host sync
+LAYOUTS = ("ep_alltoall", PADDED, "ep_allgather", "tp")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ def wire_bytes(layout: str, handle: list[int], W: int, rank: int, T: int, s: Sha
     """Bytes this rank sends to other ranks in dispatch + combine, from the dispatch handle's sizes.
     Rows travel quantised under an activation-quantised `quant` (see `row_bytes`); results come back in `elt`."""
     row = row_bytes(s, elt, quant)
+    if layout == PADDED:  # counts all-gather; T*K rows (+ fp32 weight and slot) to each peer and back
+        return (W - 1) * (s.E * 8 + T * s.K * (row + 8 + s.D * elt))
     if layout == "ep_alltoall":  # counts all-gather; rows (+ fp32 weight) out; rows back
         send, recv = handle[:W], handle[W : 2 * W]
         out_rows = sum(n for r, n in enumerate(send) if r != rank)
@@ -96,7 +101,8 @@ class Layer:
             s.K,
             RouterSpec(s.K, renormalize=True),
             QuantSpec(quant),
-            layout=layout,
+            layout="ep_alltoall" if layout == PADDED else layout,
+            max_tokens_per_rank=1 if layout == PADDED else 0,  # set per T by `bound`
         )
         self.shard = plan_shard(self.spec, group, None, device.type)
         torch.manual_seed(0)  # the same full weights on every rank, then each keeps its shard
@@ -114,6 +120,11 @@ class Layer:
         self.expert_map = self.shard.expert_map(device)
         self.num_local = self.shard.num_local_experts(s.E)
         self.impl = {op: registry.select(op, device.type, self.spec).chosen.name for op in registry.OPS}
+
+    def bound(self, T: int) -> None:
+        """The padded layout's max_tokens_per_rank: T (every rank sends T tokens here)."""
+        if self.layout == PADDED:
+            self.spec = self.spec.replace(max_tokens_per_rank=max(T, 1))
 
     def route(self, logits_TE):
         return OPS.route(*route_args(self.spec.router, logits_TE, None, self.impl["route"]))
@@ -177,8 +188,17 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
         return layer.combine(layer.experts(d), w, d)
 
     layer_s, _ = timed(whole, device, group, reps)
+    graph_s = None
+    if layer.layout == PADDED and device.type == "cuda":  # no host sync: the whole layer replays as a graph
+        whole()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            whole()
+        graph_s, _ = timed(graph.replay, device, group, reps)
     elt = torch.empty((), dtype=layer.dtype).element_size()
-    nbytes = wire_bytes(layer.layout, dispatched[6][: 2 * W].tolist(), W, rank, T, s, elt, layer.quant)
+    handle = [] if layer.layout == PADDED else dispatched[6][: 2 * W].tolist()
+    nbytes = wire_bytes(layer.layout, handle, W, rank, T, s, elt, layer.quant)
     nbytes_t = torch.tensor([nbytes], dtype=torch.float64, device=device)
     dist.all_reduce(nbytes_t, op=dist.ReduceOp.MAX, group=group)
     nbytes = int(nbytes_t.item())
@@ -197,6 +217,7 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
         "plain_a2a_GBps": nbytes / a2a_s / 1e9,
         "vs_a2a": comm_s / a2a_s,
         "layer_us": layer_s * 1e6,
+        "layer_graph_us": None if graph_s is None else graph_s * 1e6,
         "impl": layer.impl,
     }
 
@@ -207,6 +228,8 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         us = [f"{r[k]:.0f}" for k in ("dispatch_combine_us", "plain_a2a_us", "layer_us")]
+        if r.get("layer_graph_us") is not None:
+            us[2] += f" (g {r['layer_graph_us']:.0f})"
         rates = [f"{r[k]:.2f}" for k in ("GBps", "plain_a2a_GBps", "vs_a2a")]
         cells = [r["shape"], r["layout"], r.get("quant", "none"), r["T"], us[0], r["bytes"], rates[0], us[1], rates[1],
                  rates[2], us[2]]  # fmt: skip
@@ -224,6 +247,7 @@ def run(shapes: dict[str, Shape], tokens, device: torch.device, dtype: torch.dty
             for quant in quants if layout != "tp" else ("none",):
                 layer = Layer(shape, layout, group, device, dtype, quant)
                 for T in tokens:
+                    layer.bound(T)
                     with torch.no_grad():
                         rows.append({"shape": name, **asdict(shape), **bench_layer(layer, T, device, group, reps)})
                 del layer
