@@ -11,15 +11,19 @@ kernel is then cached under the key.
 The key refines Triton's specialisation, so a hit never runs a kernel compiled for other properties. The
 short path is off in the interpreter, while launch hooks are set (profilers see every launch), for an
 argument of a type it does not know, and for a Triton whose compiled kernels lack the launcher it calls
-(the long path is taken, never a guess).
+(the long path is taken, never a guess; a launcher that refuses the arguments is logged once and
+the kernel goes back to Triton's path).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from moe_fx.lowering.triton.tuning import interpreting
 
+log = logging.getLogger("moe_fx")
 _I32 = range(-(2**31), 2**31)
 _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _cache: dict = {}
@@ -91,10 +95,17 @@ def launch(kernel, grid: tuple, *args, **meta):
         return compiled
     if hit is False:
         return kernel[grid](*args, **meta)
-    stats["short"] += 1
     compiled, tail = hit
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     stream = driver.active.get_current_stream(device)
-    compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
+    try:
+        compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None, *args,
+                     *tail)  # fmt: skip
+    except TypeError as err:  # this Triton's launcher takes other arguments (checked before any launch)
+        log.warning("moe_fx: the short launch path does not fit this Triton (%s); %s takes Triton's path", err,
+                    getattr(kernel, "__name__", kernel))  # fmt: skip
+        _cache[key] = False
+        return kernel[grid](*args, **meta)
+    stats["short"] += 1
     return compiled
