@@ -104,19 +104,14 @@ def _tile(offsets_ptr, E, R, num_pid_m, num_pid_n,
 @triton.jit
 def _block_rescale(acc, a_prev, w_prev, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
                    w_mask, kb, stride_ab, stride_wb, QUANT: tl.constexpr, G: tl.constexpr):  # fmt: skip
-    """Scales that change along K: acc, held in units of K-block kb - 1's scales (a_prev per row, w_prev per
-    column), rescaled to K-block kb's, and kb's scales. fp8_block (QUANT 2): the rows' per 1×G group, the
-    columns' per G×G weight block (w_rows // G); int4_weight (QUANT 3): the columns' per group of G along K
-    (the rows' stay 1). Masked lanes read scale 1 (no 0/0). Unchanged otherwise."""
+    """fp8_block (QUANT 2): acc, held in units of K-block kb - 1's scales (a_prev per row, w_prev per column),
+    rescaled to K-block kb's, and kb's scales; the rows' are per 1×G group, the columns' per G×G weight block
+    (w_rows // G). Masked lanes read scale 1 (no 0/0). Unchanged otherwise."""
     if QUANT == 2:
         a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=1.0)
         w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
         acc = acc * ((a_prev / a_s)[:, None] * (w_prev / w_s)[None, :])
         return acc, a_s, w_s
-    elif QUANT == 3:
-        w_s = tl.load(w_scale_ptr + w_rows * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
-        acc = acc * (w_prev / w_s)[None, :]
-        return acc, a_prev, w_s
     else:
         return acc, a_prev, w_prev
 
@@ -125,12 +120,12 @@ def _block_rescale(acc, a_prev, w_prev, a_scale_ptr, a_rows, stride_ar, a_mask, 
 def _dequantize(acc, a_scale, w_scale, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
                 w_mask, QUANT: tl.constexpr):  # fmt: skip
     """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the last K-block's
-    (QUANT 2 and 3: a_scale, w_scale from `_block_rescale`), as is otherwise."""
+    (QUANT 2: a_scale, w_scale from `_block_rescale`), as is otherwise."""
     if QUANT == 1:
         a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
         w_s = tl.load(w_scale_ptr + w_rows * stride_wr, mask=w_mask, other=0.0)
         return acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
-    elif QUANT >= 2:
+    elif QUANT == 2:
         return acc * (a_scale[:, None] * w_scale[None, :])
     else:
         return acc
@@ -152,28 +147,33 @@ def _tile_mask(ok, k_ok, EVEN_K: tl.constexpr, K_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _int4_mma(a, w_ptrs, w_ok, k_left, acc, EVEN_K: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
-    """int4_weight: acc += a [M, BLOCK_K] · the integer weights packed in the [BLOCK_K // 2, N] byte tile at
-    w_ptrs (byte i holds K-elements 2i, low nibble, and 2i + 1, as `quant.pack_int4`), each byte loaded once
-    along consecutive addresses. The nibbles (-8..7, exact in a's dtype) meet the even and odd K-columns of a
-    in two dots that accumulate in place; the group scales multiply the accumulator (`_block_rescale`), not
-    the weights, so the products are exact as in the reference."""
+def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """int4_weight: acc += a [M, BLOCK_K] · the weights packed in the [BLOCK_K // 2, N] byte tile at w_ptrs
+    (byte i holds K-elements 2i, low nibble, and 2i + 1, as `quant.pack_int4`), each byte loaded once along
+    consecutive addresses. Nibbles dequantised in registers (× the K-block's group scales: BLOCK_K divides G)
+    meet the even and odd K-columns of a in two dots that accumulate in place. The scaled weights are rounded
+    to a's dtype (the reference scales exact products: ~1e-6 apart in fp32, one rounding of each weight in
+    bf16)."""
     kp = tl.arange(0, BLOCK_K // 2)
     w = tl.load(w_ptrs, mask=_tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True), other=0).to(tl.int8, bitcast=True)
-    low = ((w << 4) >> 4).to(a.dtype)  # int8 >> is arithmetic: sign-extended
-    high = (w >> 4).to(a.dtype)
+    w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_ok, other=0.0)
+    low = (((w << 4) >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)  # int8 >> is arithmetic: sign-extended
+    high = ((w >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)
     a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
     acc = tl.dot(a_even, low, acc, input_precision=PRECISION)
     return tl.dot(a_odd, high, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _weight_mma(a, w_ptrs, w_ok, k_left, acc, EVEN_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_K: tl.constexpr):  # fmt: skip
+def _weight_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
+                QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
     """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], or [BLOCK_K // 2, N] bytes for int4_weight; columns
-    masked by w_ok), k_left K-elements left from this K-block on; in place (int8: int32)."""
+    w_rows of the weight, masked by w_ok), k_left K-elements left from this K-block on; in place (int8:
+    int32)."""
     if QUANT == 3:
-        return _int4_mma(a, w_ptrs, w_ok, k_left, acc, EVEN_K, PRECISION, BLOCK_K)
+        return _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K,
+                         PRECISION, BLOCK_K, G)  # fmt: skip
     else:
         w = tl.load(w_ptrs, mask=_tile_mask(w_ok, tl.arange(0, BLOCK_K) < k_left, EVEN_K, True), other=0.0)
         return tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION, out_dtype=acc.dtype)
@@ -240,7 +240,8 @@ def _up_kernel(
         acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
                                                w_rows, stride_wsh, w_ok, (k0 * BLOCK_K) // G, stride_xsb,
                                                stride_wsb, QUANT, G)  # fmt: skip
-        acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, EVEN_K, QUANT, PRECISION, BLOCK_K)
+        acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K, QUANT,
+                          PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_xd
         w_ptrs += (BLOCK_K // PACK) * stride_wd
     acc = _dequantize(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok,
@@ -310,7 +311,8 @@ def _down_kernel(
         acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n,
                                                stride_wsd, n_ok, (k0 * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT,
                                                G)  # fmt: skip
-        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, EVEN_K, QUANT, PRECISION, BLOCK_K)
+        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
+                          PRECISION, BLOCK_K, G)  # fmt: skip
         a_ptrs += BLOCK_K * stride_hf
         w_ptrs += (BLOCK_K // PACK) * stride_wf
     acc = _dequantize(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
@@ -364,9 +366,9 @@ def experts(
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
     by `quantize.quantize_rows` on the fp32 activation otherwise (a row's scale needs the whole row).
-    int4_weight (w4a16): each K-step loads its packed weight bytes once, converts the nibbles to the
-    activations' dtype in registers and multiplies the even and odd K-columns of the activations by them;
-    the group scales multiply the fp32 accumulator (as fp8_block's do); the activations stay in their dtype.
+    int4_weight (w4a16): each K-step loads its packed weight bytes once, dequantises them in registers (group
+    scales applied, cast to the activations' dtype) and multiplies the even and odd K-columns of the
+    activations by the low and high nibbles; the activations stay in their dtype throughout.
     `config` overrides the tuned/default block sizes (used by `tuning.tune`).
     """
     if quant not in QUANT_CODES:
