@@ -48,13 +48,19 @@ def _runtime():
     if interpreting() or not torch.cuda.is_available():
         return None
     try:
-        from triton.runtime import driver, knobs
-    except ImportError:
+        from triton import knobs
+        from triton.runtime import driver
+    except ImportError:  # a Triton before knobs (3.4)
         return None
     return driver, knobs
 
 
 _RUNTIME = _runtime()
+
+
+def _hooked(hook) -> bool:
+    """Whether a launch hook is set: a callable, or a HookChain (Triton >= 3.5) with calls in it."""
+    return hook is not None and bool(getattr(hook, "calls", True))
 
 
 def _constexpr_tail(kernel, n_args: int, meta: dict):
@@ -80,7 +86,7 @@ def launch(kernel, grid: tuple, *args, **meta):
     if _RUNTIME is None:
         return kernel[grid](*args, **meta)
     driver, knobs = _RUNTIME
-    if knobs.runtime.launch_enter_hook is not None or knobs.runtime.launch_exit_hook is not None:
+    if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
         return kernel[grid](*args, **meta)
     arg_keys = tuple(map(_arg_key, args))
     device = driver.active.get_current_device()
