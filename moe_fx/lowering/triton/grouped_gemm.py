@@ -14,8 +14,9 @@ Each program finds its expert from expert_offsets with a cumsum over E, in regis
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
 A gated up GEMM runs ONE dot per K-step over a [BLOCK_K, 2·BLOCK_N] weight tile and splits the accumulator
-into gate and up after the K loop (two dots per K-step, one per half, measured 1.1-1.2x slower at T >= 1024
-on an H200). The tile's columns are the N-tile's gate rows then its up rows ("blocked"), or, for interleaved
+into gate and up after the K loop: one code path for every layout (against two dots per K-step it measured
+0.92-1.03x on an H200, bench/NOTES.md). The tile's columns are the N-tile's gate rows then its up rows
+("blocked"), or, for interleaved
 gate/up (GPT-OSS), the 2·BLOCK_N adjacent rows as stored (strided-by-2 loads of transposed storage would
 not vectorise).
 
