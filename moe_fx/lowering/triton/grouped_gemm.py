@@ -27,9 +27,12 @@ partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second acc
 
 from __future__ import annotations
 
+import collections
+
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
@@ -181,6 +184,30 @@ def _weight_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0
 
 
 @triton.jit
+def _weight_tile(desc, expert, n0, k0, GATED: tl.constexpr, INTERLEAVED: tl.constexpr, K_MAJOR: tl.constexpr,
+                 BLOCK_K: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
+    """The [BLOCK_K, COLS] weight tile of the N-tile starting at column n0, K-offset k0, through the tensor
+    descriptor `desc` (a TMA copy into shared memory; the views are `_weight_descriptor`'s). Its columns are in
+    the pointer path's order: gated, the N-tile's gate rows then its up rows, or interleaved pairs."""
+    if K_MAJOR:  # [E, 2, F, D], [E, F, 2, D] (interleaved) or [E, N, D]
+        if GATED and INTERLEAVED:
+            w = desc.load([expert, n0, 0, k0])
+        elif GATED:
+            w = desc.load([expert, 0, n0, k0])
+        else:
+            w = desc.load([expert, n0, k0])
+        return tl.reshape(w, (COLS, BLOCK_K)).T
+    else:  # transposed storage: [E, D, 2, F], [E, D, 2F] (interleaved) or [E, D, N]
+        if GATED and INTERLEAVED:
+            w = desc.load([expert, k0, 2 * n0])
+        elif GATED:
+            w = desc.load([expert, k0, 0, n0])
+        else:
+            w = desc.load([expert, k0, n0])
+        return tl.reshape(w, (BLOCK_K, COLS))
+
+
+@triton.jit
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
@@ -195,7 +222,8 @@ def _up_kernel(
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
-    PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr,
+    PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
+    W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -216,21 +244,17 @@ def _up_kernel(
     if INTERLEAVED:
         w_rows = pid_n * 2 * BLOCK_N + j
         w_ok = w_rows < 2 * F
-        w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
     else:
         is_up = j >= BLOCK_N
         n_j = pid_n * BLOCK_N + j % BLOCK_N
         w_ok = n_j < F
-        if SEPARATE:  # the up rows are w3's
-            w_rows = tl.where(is_up, 0, GATE_ROW) + n_j * ROW_STEP
-            gate_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
-            up_base = wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh
-            w_base = tl.where(is_up, up_base, gate_base)
-        else:
-            w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP
-            w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
-    kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
-    w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
+        w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
+    if not W_TMA:
+        w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
+        if SEPARATE:
+            w_base = tl.where(is_up, wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh, w_base)
+        kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
+        w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, COLS), tl.int32 if IS_INT else tl.float32)
     a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
@@ -241,10 +265,15 @@ def _up_kernel(
         acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr,
                                                w_rows, stride_wsh, w_ok, (k0 * BLOCK_K) // G, stride_xsb,
                                                stride_wsb, QUANT, G)  # fmt: skip
-        acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K, QUANT,
-                          PRECISION, BLOCK_K, G)  # fmt: skip
+        if W_TMA:
+            w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR, BLOCK_K,
+                             COLS)  # fmt: skip
+            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        else:
+            acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
+                              QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+            w_ptrs += (BLOCK_K // PACK) * stride_wd
         a_ptrs += BLOCK_K * stride_xd
-        w_ptrs += (BLOCK_K // PACK) * stride_wd
     acc = _dequantize(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok,
                       QUANT)  # fmt: skip
     if GATED:
@@ -252,6 +281,8 @@ def _up_kernel(
             acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
             acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+            if UP_FIRST:  # a descriptor's tile holds the stored halves in order: up, then gate
+                acc_g, acc_u = acc_u, acc_g
     else:
         acc_g = acc
         acc_u = acc
@@ -285,7 +316,7 @@ def _down_kernel(
     stride_hsr, stride_hsb, stride_wse, stride_wsd, stride_wsb,
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-    QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr,
+    QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -298,24 +329,30 @@ def _down_kernel(
     if expert < 0:  # a dropped row contributes nothing: zeros
         tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
         return
-    k = tl.arange(0, BLOCK_K)
-    a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
-    kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
-    w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
+    if not W_TMA:
+        k = tl.arange(0, BLOCK_K)
+        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
+        kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
     a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
     w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
         k_left = F - k0 * BLOCK_K
-        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
         acc, a_scale, w_scale = _block_rescale(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n,
                                                stride_wsd, n_ok, (k0 * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT,
                                                G)  # fmt: skip
-        acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
-                          PRECISION, BLOCK_K, G)  # fmt: skip
-        a_ptrs += BLOCK_K * stride_hf
-        w_ptrs += (BLOCK_K // PACK) * stride_wf
+        if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
+            a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
+            w = _weight_tile(w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        else:
+            a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+            acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
+                              PRECISION, BLOCK_K, G)  # fmt: skip
+            a_ptrs += BLOCK_K * stride_hf
+            w_ptrs += (BLOCK_K // PACK) * stride_wf
     acc = _dequantize(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
@@ -335,6 +372,7 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
 
 
 QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
+loads = collections.Counter()  # GEMM launches by how they load their operands, e.g. "up/tma" (tests check it)
 
 
 def experts(
@@ -396,6 +434,15 @@ def experts(
     w13_EHD = w13.transpose(1, 2) if w13_transposed else w13
     gate_row, up_row, step = _gate_up_rows(gate_up, gated, F)
     bias_gate, bias_up = gate_row, up_row
+    c = config.up
+    interleaved = gated and gate_up == "interleaved"
+    wg = None
+    if _tma_fits(c, code, xq.device) and not (gated and gate_up == "separate"):
+        wg = _weight_descriptor(w13, gated, interleaved, not w13_transposed, c)
+    up_tma = wg is not None
+    up_first = up_tma and gated and gate_up == "up_first"
+    if up_first:  # the descriptor's tile holds the halves as stored; the kernel swaps them after the K loop
+        gate_row, up_row = 0, F
     wu = w13_EHD
     if gate_up == "separate" and gated:
         wu = w3.transpose(1, 2) if w13_transposed else w3
@@ -408,11 +455,11 @@ def experts(
     bias13 = w13_bias if w13_bias is not None else w13
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    c = config.up
     num_pid_m = triton.cdiv(R, c.block_m) + E
+    loads["up/tma" if up_tma else "up/pointers"] += 1
     launch(
         _up_kernel, (num_pid_m * triton.cdiv(F, c.block_n),),
-        xq, gather_index, expert_offsets, row_weights, w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
+        xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
         D, F, E, R, num_pid_m, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
@@ -423,7 +470,8 @@ def experts(
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
-        INTERLEAVED=gated and gate_up == "interleaved", SEPARATE=gated and gate_up == "separate",
+        INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
+        W_KMAJOR=not w13_transposed, UP_FIRST=up_first,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
@@ -432,20 +480,65 @@ def experts(
     hs = _scale_strides(h_scale, row_weights)
     bias2 = w2_bias if w2_bias is not None else w2
     c = config.down
+    h_in = w_in = None
+    if _tma_fits(c, code, xq.device):
+        h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
+        w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
+    down_tma = h_in is not None and w_in is not None
+    if not down_tma:
+        h_in, w_in = h_RF, w2_EDF
     num_pid_m = triton.cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
+    loads["down/tma" if down_tma else "down/pointers"] += 1
     launch(
         _down_kernel, (num_pid_m * triton.cdiv(D, c.block_n),),
-        h_RF, expert_offsets, row_weights, w2_EDF, bias2, y_RD, hs[0], ws2[0],
+        h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
         D, F, E, R, num_pid_m,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
-        PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
+        W_KMAJOR=not w2_transposed, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
+
+
+def _tma_fits(c: tuning.GemmConfig, code: int, device: torch.device) -> bool:
+    """Whether a GEMM may load through TMA descriptors: the config asks for it, the operands are not
+    int4-packed, and the device has the copy engine (sm90+; the interpreter emulates it)."""
+    if not c.tma or code == 3:
+        return False
+    return tuning.interpreting() or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _descriptor(t: torch.Tensor, shape: list, strides: list, block: list) -> TensorDescriptor | None:
+    """A descriptor of the view (shape, strides) of t, or None where the copy engine can't address it (a base
+    or a stride not a multiple of 16 bytes, a last stride other than 1)."""
+    fits = t.data_ptr() % 16 == 0 and strides[-1] == 1 and all(s * t.element_size() % 16 == 0 for s in strides[:-1])
+    return TensorDescriptor(t, shape, strides, block) if fits else None
+
+
+def _weight_descriptor(w: torch.Tensor, gated: bool, interleaved: bool, k_major: bool, c: tuning.GemmConfig):
+    """A descriptor over an expert weight as stored, [E, N, K] (k_major) or [E, K, N], whose block is one
+    K-step's weight tile of `_weight_tile`: a gated weight's N = 2F is split into its gate and up halves,
+    [2, F] (the tile takes the N-tile's rows of each) or [F, 2] (interleaved: adjacent pairs), so that the
+    copy engine zero-fills past F and past K (never the next expert's rows). None where it doesn't fit."""
+    E, s_e = w.shape[0], w.stride(0)
+    bn, bk = c.block_n, c.block_k
+    if k_major:
+        N, K = w.shape[1], w.shape[2]
+        s_n = w.stride(1)
+        if gated and interleaved:
+            return _descriptor(w, [E, N // 2, 2, K], [s_e, 2 * s_n, s_n, w.stride(2)], [1, bn, 2, bk])
+        if gated:
+            return _descriptor(w, [E, 2, N // 2, K], [s_e, (N // 2) * s_n, s_n, w.stride(2)], [1, 2, bn, bk])
+        return _descriptor(w, [E, N, K], list(w.stride()), [1, bn, bk])
+    K, N = w.shape[1], w.shape[2]
+    if gated and not interleaved:
+        return _descriptor(w, [E, K, 2, N // 2], [s_e, w.stride(1), (N // 2) * w.stride(2), w.stride(2)],
+                           [1, bk, 2, bn])  # fmt: skip
+    return _descriptor(w, [E, K, N], list(w.stride()), [1, bk, 2 * bn if gated else bn])
 
 
 def _scale_strides(scale: torch.Tensor | None, dummy: torch.Tensor) -> tuple:

@@ -36,6 +36,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    tma: bool = False  # the weight tiles (and the down GEMM's rows) through TMA descriptors, where they fit
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,14 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
         else:
-            up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
+            up, down = GemmConfig(128, 128, 128, 8, 8, 3, True), GemmConfig(128, 256, 128, 8, 8, 3, True)
         return conform(ExpertsConfig(up, down), quant)
     if rows_per_expert <= 16:
         up = down = GemmConfig(16, 128, 128, 8, 4, 3)
     elif rows_per_expert <= 96:
         up, down = GemmConfig(64, 64, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
     else:
-        up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3)
+        up, down = GemmConfig(128, 128, 64, 8, 8, 3, True), GemmConfig(128, 256, 64, 8, 8, 3, True)
     if dtype.itemsize > 2:  # fp32 tiles take twice the shared memory
         up, down = (replace(c, block_n=min(c.block_n, 64), block_k=32) for c in (up, down))
     return conform(ExpertsConfig(up, down), quant)
@@ -182,25 +183,31 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
     return tuned if tuned is not None else default_config(R / max(E, 1), dtype, quant)
 
 
-CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages); group_m 8
+def _with_tma(candidates: tuple) -> tuple:
+    """Each candidate through pointers, and the tiles of 64 rows or more through TMA descriptors too."""
+    return tuple((*c, False) for c in candidates) + tuple((*c, True) for c in candidates if c[0] >= 64)
+
+
+CANDIDATES = _with_tma((  # (block_m, block_n, block_k, num_warps, num_stages[, tma]); group_m 8
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
-)  # fmt: skip
-QUANT_CANDIDATES = (  # one-byte operands: deeper K-tiles for the same shared memory
+))  # fmt: skip
+QUANT_CANDIDATES = _with_tma((  # one-byte operands: deeper K-tiles for the same shared memory
     (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4),
     (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
     (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
-)  # fmt: skip
+))  # fmt: skip
 
 
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
-         quant: str = "none") -> dict:  # fmt: skip
-    """Time CANDIDATES (QUANT_CANDIDATES, conformed, under a quant mode) for both GEMMs at each T (random
-    routing), store the best per T-bucket.
+         quant: str = "none", candidates: tuple | None = None) -> dict:  # fmt: skip
+    """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
+    at each T (random routing), store the best per T-bucket.
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up.
-    Returns {cache key: microseconds of the best pair}. Needs a GPU.
+    Returns {cache key: {"best": µs of the best pair, "config": it, "timings": {config: µs} of every pair
+    timed}}. Needs a GPU.
     """
     from tqdm import tqdm
 
@@ -215,7 +222,8 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     scales = {}
     if quant != "none":
         (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
-    candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
+    if candidates is None:
+        candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
     bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     for T in Ts:
@@ -231,8 +239,8 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
 
         timings = {}
         for part in ("up", "down"):
-            for m, n, k, warps, stages in candidates:
-                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages)}), quant)
+            for m, n, k, warps, stages, tma in candidates:
+                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages, tma)}), quant)
                 if config in timings:  # conform() made it a duplicate
                     bar.update()
                     continue
@@ -244,6 +252,18 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
             best = min(timings, key=timings.get)
         cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
         store(cache_key, best, {"best": timings[best]}, capability(device))
-        results[cache_key] = timings[best]
+        results[cache_key] = {
+            "best": timings[best],
+            "config": asdict(best),
+            "timings": {_describe(c): us for c, us in timings.items()},
+        }
     bar.close()
     return results
+
+
+def _describe(config: ExpertsConfig) -> str:
+    """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3"."""
+    return " | ".join(
+        f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
+        for name, c in (("up", config.up), ("down", config.down))
+    )

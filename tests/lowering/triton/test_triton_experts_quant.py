@@ -109,6 +109,21 @@ def test_activations_layouts_biases_weight_placement(mode, act, gate_up, bias, p
     assert agree < AGREE[torch.float32] and agree < rel_err(ref, exact) / 100
 
 
+@pytest.mark.parametrize("mode", ("fp8", "fp8_block", "int8"))
+@pytest.mark.parametrize("gate_up", ["concat", "interleaved", "up_first"])
+def test_tma_loads_against_reference(mode, gate_up, tma):
+    """One-byte operands need 16-element strides for the copy engine: D, F multiples of 16, several K-steps
+    and N-tiles, a ragged last N-tile (F = 48 on 32-wide tiles)."""
+    T, K, D, F_ = 13, 2, 96, 48
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    b13, b2 = torch.randn(E, 2 * F_, device=DEVICE), torch.randn(E, D, device=DEVICE)
+    weights, ids = routing(T, K, E, "random")
+    kw = dict(gate_up=gate_up, b13=b13, b2=b2)
+    out = layer(x, weights, ids, w13, w2, mode, "triton", **kw)
+    assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference", **kw)) < AGREE[torch.float32]
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_nan_token_stays_in_its_rows(mode):
     T, K, D, F_ = 6, 2, 40, 24
