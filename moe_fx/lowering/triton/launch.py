@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering.triton.tuning import interpreting
 
@@ -40,6 +41,8 @@ def _arg_key(a):
         return a in _I32, a == 1, a % 16 == 0, a >= 2**63
     if isinstance(a, float):
         return float
+    if isinstance(a, TensorDescriptor):  # Triton specialises a descriptor on its dtype and block
+        return TensorDescriptor, a.base.dtype, tuple(a.block_shape), a.padding, a.round_f32_to_tf32
     return None
 
 

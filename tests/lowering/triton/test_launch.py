@@ -3,6 +3,7 @@ computes what Triton's own path does, for fresh inputs and for a view Triton wou
 
 import pytest
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering.triton import launch
 from moe_fx.lowering.triton.dispatch import dispatch
@@ -20,10 +21,15 @@ def test_arg_key_separates_what_triton_specialises():
     assert len({launch._arg_key(i) for i in ints}) == 6  # == 1, % 16, i32 range, u64; 2 ~ 17, 16 ~ 32
     assert launch._arg_key(True) != launch._arg_key(1)
     assert launch._arg_key("x") is None  # a type the short path does not know: Triton's path
+    w = torch.randn(4, 32, 32)
+    desc = [TensorDescriptor.from_tensor(v, [16, 16]) for v in (w[0], w[1], w[0].half())]
+    assert launch._arg_key(desc[0]) == launch._arg_key(desc[1])  # a descriptor: its dtype and block, not its base
+    assert launch._arg_key(desc[0]) != launch._arg_key(desc[2])
+    assert launch._arg_key(desc[0]) != launch._arg_key(TensorDescriptor.from_tensor(w[0], [16, 32]))
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the short path launches compiled kernels: needs CUDA")
-def test_short_path_runs_and_matches_on_fresh_inputs():
+def test_short_path_runs_and_matches_on_fresh_inputs(tma):
     E, D, F, K, T = 8, 128, 96, 2, 37
     w13 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) / 8
     w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) / 8
