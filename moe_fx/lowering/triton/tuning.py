@@ -36,7 +36,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
-    tma: bool = False  # the weight tiles (and the down GEMM's rows) through TMA descriptors, where they fit
+    tma: bool = False  # TMA descriptor loads, where they fit; off by default until measured on a GPU (tune tries it)
 
 
 @dataclass(frozen=True)
@@ -111,14 +111,14 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
         else:
-            up, down = GemmConfig(128, 128, 128, 8, 8, 3, True), GemmConfig(128, 256, 128, 8, 8, 3, True)
+            up, down = GemmConfig(128, 128, 128, 8, 8, 3), GemmConfig(128, 256, 128, 8, 8, 3)
         return conform(ExpertsConfig(up, down), quant)
     if rows_per_expert <= 16:
         up = down = GemmConfig(16, 128, 128, 8, 4, 3)
     elif rows_per_expert <= 96:
         up, down = GemmConfig(64, 64, 64, 8, 4, 4), GemmConfig(64, 128, 64, 8, 4, 4)
     else:
-        up, down = GemmConfig(128, 128, 64, 8, 8, 3, True), GemmConfig(128, 256, 64, 8, 8, 3, True)
+        up, down = GemmConfig(128, 128, 64, 8, 8, 3), GemmConfig(128, 256, 64, 8, 8, 3)
     if dtype.itemsize > 2:  # fp32 tiles take twice the shared memory
         up, down = (replace(c, block_n=min(c.block_n, 64), block_k=32) for c in (up, down))
     return conform(ExpertsConfig(up, down), quant)
