@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from layer import SHAPES, bench, rel_err  # noqa: E402
+from layer import SHAPES, bench, capture, rel_err  # noqa: E402
 
 from moe_fx import hf_models  # noqa: E402
 
@@ -182,14 +182,14 @@ def run_model(name: str, Ts: list[int], chosen: list[str], tiny: bool, device: s
                         row["rewritten"] = counters["moe_fx"]["rewritten"]
                     row["err"][v] = rel_err(out, ref)
                     call = functools.partial(fns[v], ids)
-                    row["us"][v] = bench(call, graph=False) if cuda else cpu_us(call)
+                    row["us"][v] = bench(call) if cuda else cpu_us(call)
                 except Exception as err:  # a variant that cannot run is reported, not fatal
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
                     continue
                 if cuda and v != "hf_eager":
                     try:
-                        row["graph_us"][v] = bench(call, graph=True)
+                        row["graph_us"][v] = bench(capture(call))
                     except Exception as err:  # eager ran; only the CUDA-graph capture failed
                         row.setdefault("graph_failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)

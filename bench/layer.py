@@ -5,9 +5,11 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 Every variant runs the same HF Mixtral-style block (router linear -> softmax -> top-k -> renormalise
 -> SiLU-gated experts) on the same inputs and weights, so the routing is the same. Times are medians of
-`triton.testing.do_bench` (L2 flushed before each repetition); rows with T <= 1024 are also timed as
-CUDA-graph replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings
-measured in the same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
+`triton.testing.do_bench` (L2 flushed before each repetition) over --rounds rounds, each round timing every
+variant once in an order rotated by one (a long run heats the GPU and lowers its clocks: a variant timed
+always last would pay for it); rows with T <= 1024 are also timed as CUDA-graph replays. The floor is
+max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the same run; bytes = weights
+of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
 A quantised variant `moe_fx_<mode>` has its own floor: its quantised weights (one byte, or half a byte for
 int4_weight, plus their fp32 scales) and the e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too:
 H100's int8 and fp8 tensor-core peaks are equal, and `torch._int_mm`, also measured, reaches far less;
@@ -25,6 +27,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -149,16 +152,30 @@ def sort_gmm_layer(block, E, K):
     return run
 
 
-def bench(fn, graph: bool) -> float:
-    """Median microseconds; `graph` captures one call and times its replays."""
-    if not graph:
-        return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+def capture(fn):
+    """One call captured in a CUDA graph: its replay."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=60, return_mode="median") * 1e3
+    return g.replay
+
+
+def bench(fn) -> float:
+    """Median microseconds of `triton.testing.do_bench` (L2 flushed before each repetition)."""
+    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+
+
+def timed_in_rounds(fns: dict, rounds: int) -> dict[str, float]:
+    """{name: median µs over `rounds` rounds}; each round times every fn once, starting one later than the
+    round before, so no variant always runs on the hottest (most clock-throttled) GPU."""
+    names = list(fns)
+    samples = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(bench(fns[name]))
+    return {name: statistics.median(us) for name, us in samples.items()}
 
 
 def host_us(fn, x, n=50) -> float:
@@ -178,7 +195,7 @@ def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run_shape(name, Ts, variants, bw, rates, tune):
+def run_shape(name, Ts, variants, bw, rates, tune, rounds):
     E, K, D, F_ = SHAPES[name]
     block = hf_block(E, K, D, F_)
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
@@ -214,17 +231,24 @@ def run_shape(name, Ts, variants, bw, rates, tune):
                 # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
                 rate = rates[QUANT_RATE[QUANT_VARIANTS[v]]]
                 row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
+            eager, graphs = {}, {}
             for v in variants:
                 try:
                     out = fns[v](x)
                     row["err"][v] = rel_err(out, ref)
-                    row["us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=False)
+                    eager[v] = lambda v=v, x=x: fns[v](x)
                     if T <= 1024 and v in GRAPHED:
-                        row["graph_us"][v] = bench(lambda v=v, x=x: fns[v](x), graph=True)
+                        graphs[v] = capture(eager[v])
                         row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
+            timed = timed_in_rounds({**eager, **{("graph", v): g for v, g in graphs.items()}}, rounds)
+            for name, us in timed.items():
+                if isinstance(name, tuple):
+                    row["graph_us"][name[1]] = us
+                else:
+                    row["us"][name] = us
         _speedups(row)
         rows.append(row)
         _print_row(row, variants)
@@ -270,6 +294,7 @@ def main():
     p.add_argument("--T", nargs="+", type=int, default=[1, 16, 128, 1024, 8192])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + tuple(OSS_VARIANTS))
     p.add_argument("--tune", action="store_true", help="tune the triton GEMMs per T-bucket first")
+    p.add_argument("--rounds", type=int, default=3, help="time every variant once per round, in rotated order")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -283,7 +308,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in args.shapes:
-        rows += run_shape(name, args.T, args.variants, bw, rates, args.tune)
+        rows += run_shape(name, args.T, args.variants, bw, rates, args.tune, args.rounds)
         _write(out, stamp, args, bw, rates, rows)
 
 
@@ -292,7 +317,7 @@ def _write(out, stamp, args, bw, rates, rows):
         "device": torch.cuda.get_device_name(), "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}",
         "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rates["bf16"],
         "matmul_flops_by_dtype": rates,
-        "variants": args.variants, "tuned": args.tune,
+        "variants": args.variants, "tuned": args.tune, "rounds": args.rounds,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
         "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 1024)",
     }  # fmt: skip

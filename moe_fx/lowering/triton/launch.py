@@ -42,7 +42,8 @@ def _arg_key(a):
     if isinstance(a, float):
         return float
     if isinstance(a, TensorDescriptor):  # Triton specialises a descriptor on its dtype and block
-        return TensorDescriptor, a.base.dtype, tuple(a.block_shape), a.padding, a.round_f32_to_tf32
+        # (and, from Triton 3.7, on its tf32 rounding: the attribute is absent before)
+        return TensorDescriptor, a.base.dtype, tuple(a.block_shape), a.padding, getattr(a, "round_f32_to_tf32", None)
     return None
 
 
