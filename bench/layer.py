@@ -244,11 +244,11 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds):
                     row["us"][v] = float("nan")
                     row.setdefault("failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
             timed = timed_in_rounds({**eager, **{("graph", v): g for v, g in graphs.items()}}, rounds)
-            for name, us in timed.items():
-                if isinstance(name, tuple):
-                    row["graph_us"][name[1]] = us
+            for variant, us in timed.items():
+                if isinstance(variant, tuple):
+                    row["graph_us"][variant[1]] = us
                 else:
-                    row["us"][name] = us
+                    row["us"][variant] = us
         _speedups(row)
         rows.append(row)
         _print_row(row, variants)
