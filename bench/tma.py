@@ -22,12 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from experts_op import experts_op  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.quant import quantize_weight  # noqa: E402
 from moe_fx.lowering.triton import tuning  # noqa: E402
-from moe_fx.lowering.triton.dispatch import dispatch  # noqa: E402
-from moe_fx.lowering.triton.grouped_gemm import experts, loads  # noqa: E402
+from moe_fx.lowering.triton.grouped_gemm import loads  # noqa: E402
 from moe_fx.lowering.triton.tuning import ExpertsConfig, GemmConfig  # noqa: E402
 
 TILES = {  # (block_m, block_n, block_k, num_warps, num_stages): the large-T tiles, bf16 and one-byte operands
@@ -44,22 +43,11 @@ TILES = {  # (block_m, block_n, block_k, num_warps, num_stages): the large-T til
 
 def same_output(name: str, quant: str, T: int = 512) -> float:
     """‖out_tma − out_pointers‖ / ‖out_pointers‖ for one call of the experts op, asserting each took its path."""
-    E, K, D, F = SHAPES[name]
-    w13 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) / D**0.5
-    w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) / F**0.5
-    scales = {}
-    if quant != "none":
-        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
-    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    ids = torch.rand(T, E, device="cuda").argsort(dim=-1)[:, :K].to(torch.int32)
-    d = dispatch(x, ids, torch.rand(T, K, device="cuda"), E, quant)
-    outs = []
+    run, outs = experts_op(name, T, quant), []
     for tma in (False, True):
         gemm = GemmConfig(128, 128, 64 if quant == "none" else 128, 8, 8, 3, tma)
         loads.clear()
-        outs.append(experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none", "silu_gated", "concat",
-                            False, False, 1.702, 7.0, torch.bfloat16, quant=quant, xscale=d[1],
-                            config=tuning.conform(ExpertsConfig(gemm, gemm), quant), **scales).float())  # fmt: skip
+        outs.append(run(tuning.conform(ExpertsConfig(gemm, gemm), quant)).float())
         path = "tma" if tma else "pointers"
         assert loads[f"up/{path}"] == 1 and loads[f"down/{path}"] == 1, dict(loads)
     return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()

@@ -85,6 +85,14 @@ def capability(device: torch.device) -> list[int] | None:
     return list(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
 
 
+@functools.lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device, None elsewhere."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -180,7 +188,28 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
         head, tail = _key_ends(E, D, F, K, gated, dtype, R // max(K, 1), quant)
         cap = capability(device)
         tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
-    return tuned if tuned is not None else default_config(R / max(E, 1), dtype, quant)
+    if tuned is not None:
+        return tuned
+    config = default_config(R / max(E, 1), dtype, quant)
+    sms = None if interpret else sm_count(device)
+    return conform(spread(config, E, D, F, R, sms), quant) if sms else config
+
+
+def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int) -> ExpertsConfig:
+    """Narrower N-tiles (down to 32) while a GEMM would have fewer real programs than the GPU has SMs.
+
+    At decode every hit expert owns one M-tile, so the up GEMM runs min(E, R)·cdiv(F, BLOCK_N) programs that
+    do work: GPT-OSS at T=1 (4 experts, F=2880) has 90 at BLOCK_N=128 on a 132-SM GPU, and each streams its
+    share of the weights alone. Halving BLOCK_N doubles the programs streaming the same bytes."""
+
+    def narrow(c: GemmConfig, N: int) -> GemmConfig:
+        m_tiles = max(triton.cdiv(R, c.block_m), min(E, R))  # a lower bound on the M-tiles that do work
+        block_n = c.block_n
+        while block_n > 32 and m_tiles * triton.cdiv(N, block_n) < sms:
+            block_n //= 2
+        return replace(c, block_n=block_n)
+
+    return ExpertsConfig(narrow(config.up, F), narrow(config.down, D))
 
 
 def _with_tma(candidates: tuple) -> tuple:

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -143,3 +144,33 @@ def test_tuning_key_names_the_quant_mode_and_fp8_block_configs_conform(monkeypat
     assert tuning.conform(wide, "fp8_block") == tuning.ExpertsConfig(
         tuning.GemmConfig(16, 128, 128), tuning.GemmConfig(16, 64, 128)
     )
+
+
+def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, monkeypatch):
+    """GPT-OSS at T=1 (4 rows on 4 of 32 experts, F = D = 2880) has 4·23 = 92 working programs per GEMM at
+    BLOCK_N=128: a 132-SM GPU takes BLOCK_N=64 (180). Prefill and tuned entries stay as they are."""
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    E, D, F, K = 32, 2880, 2880, 4
+    decode = tuning.default_config(4 / E, torch.bfloat16)
+    assert decode.up.block_n == decode.down.block_n == 128
+    spread = tuning.spread(decode, E, D, F, 4, sms=132)
+    assert (spread.up.block_n, spread.down.block_n) == (64, 64)
+    assert spread == tuning.ExpertsConfig(replace(decode.up, block_n=64), replace(decode.down, block_n=64))
+    assert tuning.spread(decode, E, D, F, 4, sms=80) == decode  # 92 programs already fill 80 SMs
+    assert tuning.spread(tuning.default_config(8 / 128, torch.bfloat16), 128, 2048, 768, 8, 132).up.block_n == 32
+    prefill = tuning.default_config(8192 * K / E, torch.bfloat16)
+    assert tuning.spread(prefill, E, D, F, 8192 * K, sms=132) == prefill
+
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "device_name", lambda d: "SOME_GPU")
+    monkeypatch.setattr(tuning, "capability", lambda d: [8, 6])  # no shipped entry stands in
+    monkeypatch.setattr(tuning, "sm_count", lambda d: 132)
+    tuning._choose.cache_clear()
+    cuda = torch.device("cuda")
+    assert tuning.choose(E, D, F, K, True, torch.bfloat16, cuda, 4) == spread
+    fp8_block = tuning.choose(E, D, F, K, True, torch.bfloat16, cuda, 4, "fp8_block")
+    assert fp8_block.up.block_n == 128 and fp8_block.down.block_n == 64  # conformed: one 128-wide group per tile
+    tuned = tuning.ExpertsConfig(tuning.GemmConfig(16, 128, 128), tuning.GemmConfig(16, 128, 128))
+    tuning.store(tuning.key(E, D, F, K, True, torch.bfloat16, "SOME_GPU", 1), tuned, {"best": 1.0}, [8, 6])
+    assert tuning.choose(E, D, F, K, True, torch.bfloat16, cuda, 4) == tuned
+    tuning._choose.cache_clear()

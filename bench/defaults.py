@@ -1,0 +1,64 @@
+"""How good moe_fx's untuned Triton configs are: the experts op with the default config, with the default
+narrowed to fill the GPU's SMs (`tuning.spread`, what an untuned shape runs), and with the tuned entry
+(`tuning.choose`, where the cache or moe_fx's shipped entries have one).
+
+Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
+
+    python bench/defaults.py --out DIR [--shapes mixtral ...] [--T 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from experts_op import experts_op  # noqa: E402
+from layer import SHAPES, bench  # noqa: E402
+
+from moe_fx.lowering.triton import tuning  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--T", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    sms = tuning.sm_count(device)
+    rows = []
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs; experts op µs (up N-tile / down N-tile)")
+    print("| shape | T | default | spread | tuned |\n|---|---|---|---|---|")
+    for name in args.shapes:
+        E, K, D, F = SHAPES[name]
+        for T in args.T:
+            run, R = experts_op(name, T), T * K
+            default = tuning.default_config(R / E, torch.bfloat16)
+            configs = {
+                "default": default,
+                "spread": tuning.spread(default, E, D, F, R, sms),
+                "tuned": tuning.choose(E, D, F, K, True, torch.bfloat16, device, R),
+            }
+            us = {k: bench(lambda c=c, run=run: run(c)) for k, c in configs.items()}
+            rows.append({"shape": name, "T": T, "us": us, "configs": {k: str(c) for k, c in configs.items()}})
+            cells = [f"{us[k]:.1f} ({c.up.block_n}/{c.down.block_n})" for k, c in configs.items()]
+            print(f"| {name} | {T} | " + " | ".join(cells) + " |", flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "sms": sms, "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"defaults-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
