@@ -16,7 +16,8 @@ H100's int8 and fp8 tensor-core peaks are equal, and `torch._int_mm`, also measu
 int4_weight takes the bf16 rate, its dots multiply bf16 operands); `speedup` is moe_fx_triton (bf16) time
 over the quantised time, CUDA-graph times where both have one.
 
-    python bench/layer.py [--shapes mixtral qwen3 ...] [--T 1 16 ...] [--variants ...] [--tune] --out DIR
+    python bench/layer.py [--shapes mixtral qwen3 ...] [--T 1 16 ...] [--variants ...] [--tune] [--rounds 3]
+                          [--profile] --out DIR
 """
 
 from __future__ import annotations
@@ -191,11 +192,26 @@ def host_us(fn, x, n=50) -> float:
     return elapsed / n * 1e6
 
 
+def kernels(fn, calls: int = 3, top: int = 10) -> dict[str, float]:
+    """{GPU kernel or copy name: µs per call} of `fn` under torch.profiler (CUPTI), the `top` longest."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    return {e.key[:80]: e.device_time_total / calls for e in events[:top]}
+
+
 def rel_err(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def run_shape(name, Ts, variants, bw, rates, tune, rounds):
+def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
     E, K, D, F_ = SHAPES[name]
     block = hf_block(E, K, D, F_)
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
@@ -249,6 +265,12 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds):
                     row["graph_us"][variant[1]] = us
                 else:
                     row["us"][variant] = us
+            if profile:  # the graph replay where there is one: the kernels without the host's gaps
+                row["kernels_us"] = {v: kernels(graphs.get(v, fn)) for v, fn in eager.items()}
+                for v, ks in row["kernels_us"].items():
+                    print(
+                        f"  {name} T={T} {v}: " + ", ".join(f"{k.split('(')[0][:40]} {us:.1f}" for k, us in ks.items())
+                    )
         _speedups(row)
         rows.append(row)
         _print_row(row, variants)
@@ -295,6 +317,7 @@ def main():
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + tuple(OSS_VARIANTS))
     p.add_argument("--tune", action="store_true", help="tune the triton GEMMs per T-bucket first")
     p.add_argument("--rounds", type=int, default=3, help="time every variant once per round, in rotated order")
+    p.add_argument("--profile", action="store_true", help="record each variant's GPU kernels (torch.profiler)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -308,7 +331,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in args.shapes:
-        rows += run_shape(name, args.T, args.variants, bw, rates, args.tune, args.rounds)
+        rows += run_shape(name, args.T, args.variants, bw, rates, args.tune, args.rounds, args.profile)
         _write(out, stamp, args, bw, rates, rows)
 
 
