@@ -28,7 +28,7 @@ def experts_op(name: str, T: int, quant: str = "none"):
         (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
     x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
     ids = torch.rand(T, E, device="cuda").argsort(dim=-1)[:, :K].to(torch.int32)
-    xq, xscale, offsets, gather, row_weights = dispatch(x, ids, torch.rand(T, K, device="cuda"), E, quant)
+    xq, xscale, offsets, gather, row_weights, *_ = dispatch(x, ids, torch.rand(T, K, device="cuda"), E, quant)
 
     def run(config):
         return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", "silu_gated", "concat",

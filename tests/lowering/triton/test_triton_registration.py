@@ -110,6 +110,7 @@ def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, mo
     device = {"now": "h200"}
     monkeypatch.setattr(tuning, "device_name", lambda d: names[device["now"]])
     monkeypatch.setattr(tuning, "capability", lambda d: caps[device["now"]])
+    monkeypatch.setattr(tuning, "sm_count", lambda d: None)  # the untuned default as is, on a GPU too
     shape = (8, 64, 96, 2, True, torch.bfloat16)
     h100 = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64), tuning.GemmConfig(16, 32, 128))
     tuning.store(tuning.key(*shape, names["h100"], 16), h100, {"best": 1.0}, caps["h100"])
