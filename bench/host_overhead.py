@@ -1,8 +1,11 @@
 """Host time (µs) to enqueue each piece of the moe_fx Triton path, at a decode shape: where eager time goes.
 
     python bench/host_overhead.py --out DIR [--profile]
+    python bench/host_overhead.py --out DIR --bodies      # also on a CPU
 
 `--profile` also writes `host_profile.txt`: cProfile of the four ops through the dispatcher, by cumulative time.
+`--bodies` times the four launchers with their kernel launches replaced by a no-op: the Python around the
+launches (sizes, allocations, config choice), which needs no GPU; writes `host_overhead-bodies.json`.
 
 Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
 a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
@@ -14,6 +17,7 @@ import argparse
 import cProfile
 import io
 import json
+import platform
 import pstats
 import time
 from pathlib import Path
@@ -35,14 +39,15 @@ def _noop_kernel(x_ptr, n, BLOCK: tl.constexpr):
 
 
 def host_us(fn, n=200) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     for _ in range(5):
         fn()
-    torch.cuda.synchronize()
+    sync()
     start = time.perf_counter()
     for _ in range(n):
         fn()
     elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
+    sync()
     return elapsed / n * 1e6
 
 
@@ -50,16 +55,20 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results")
     p.add_argument("--profile", action="store_true", help="cProfile the ops, written to host_profile.txt")
+    p.add_argument("--bodies", action="store_true", help="the launchers without their kernel launches")
     args = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.bodies:
+        raise SystemExit("moe_fx: bench/host_overhead.py launches CUDA kernels; on a CPU run it with --bodies")
     E, K, D, F_, T = 128, 8, 2048, 768, 16
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
-    x = torch.randn(T, D, device="cuda", dtype=torch.bfloat16)
-    logits = torch.randn(T, E, device="cuda", dtype=torch.bfloat16)
-    w13 = torch.randn(E, 2 * F_, D, device="cuda", dtype=torch.bfloat16) / 50
-    w2 = torch.randn(E, D, F_, device="cuda", dtype=torch.bfloat16) / 30
-    w, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
-    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton"))
-    y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton"))
+    x = torch.randn(T, D, device=device, dtype=torch.bfloat16)
+    logits = torch.randn(T, E, device=device, dtype=torch.bfloat16)
+    w13 = torch.randn(E, 2 * F_, D, device=device, dtype=torch.bfloat16) / 50
+    w2 = torch.randn(E, D, F_, device=device, dtype=torch.bfloat16) / 30
+    w, ids = OPS.route(*route_args(spec.router, logits, None, "triton" if device == "cuda" else "reference"))
+    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton" if device == "cuda" else "reference"))
+    y = torch.randn(T * K, D, device=device, dtype=torch.bfloat16)
     r = spec.router
     rows = {
         "noop triton launch": lambda: _noop_kernel[(1,)](x, 1, BLOCK=16),
@@ -74,13 +83,20 @@ def main():
         "op combine": lambda: OPS.combine(*combine_args(spec, y, w, d, "triton")),
         "launcher combine": lambda: combine.combine(y, w, d[5], True),
     }  # fmt: skip
+    if args.bodies:
+        for module in (route, dispatch, grouped_gemm, combine):
+            module.launch = lambda *args, **kwargs: None
+        rows = {name: fn for name, fn in rows.items() if name.startswith("launcher ") or name == "torch.empty"}
+        rows["torch.empty"] = lambda: torch.empty(16, device=device)
     result = {name: host_us(fn) for name, fn in rows.items()}
     for name, us in result.items():
         print(f"{name:22s} {us:8.1f} µs")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__}
-    (out / "host_overhead.json").write_text(json.dumps({"meta": meta, "us": result}, indent=1))
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+            "triton": triton.__version__, "torch": torch.__version__, "bodies": args.bodies}  # fmt: skip
+    name = "host_overhead-bodies.json" if args.bodies else "host_overhead.json"
+    (out / name).write_text(json.dumps({"meta": meta, "us": result}, indent=1))
     if args.profile:
         ops = [fn for name, fn in rows.items() if name.startswith("op ")]
         profile = cProfile.Profile()

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering.triton.launch import launch
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 SEARCH_MAX = 1024  # rows up to which combine finds each slot's row by comparison instead of inverting
 
@@ -67,15 +68,15 @@ def combine(y: torch.Tensor, weights: torch.Tensor, row_index: torch.Tensor, wei
     slot_row_R = row_index
     if not search:
         slot_row_R = torch.empty((R,), dtype=torch.int64, device=y.device)
-        launch(_invert_kernel, (triton.cdiv(R, 1024),), row_index, slot_row_R, R, BLOCK=1024)
+        launch(_invert_kernel, (cdiv(R, 1024),), row_index, slot_row_R, R, BLOCK=1024)
     weights_TK = weights.float().contiguous()
-    BLOCK_D = min(triton.next_power_of_2(D), 1024)
+    BLOCK_D = min(next_power_of_2(D), 1024)
     launch(
-        _combine_kernel, (T, triton.cdiv(D, BLOCK_D)),
+        _combine_kernel, (T, cdiv(D, BLOCK_D)),
         y, weights_TK, slot_row_R, row_index, out_TD,
         D, R,
         y.stride(0), y.stride(1), out_TD.stride(0), out_TD.stride(1),
         K=K, WEIGHTED=weighted, SEARCH=search, BLOCK_D=BLOCK_D,
-        BLOCK_R=triton.next_power_of_2(R) if search else 1, num_warps=4,
+        BLOCK_R=next_power_of_2(R) if search else 1, num_warps=4,
     )  # fmt: skip
     return out_TD

@@ -27,6 +27,7 @@ import triton.language as tl
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import MODES as QUANTISED
 from moe_fx.lowering.triton.quantize import quantize_rows
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -115,7 +116,7 @@ SMALL_CHUNKS = 4
 
 def _block_r(E: int) -> int:
     """Rows per program: keep the [BLOCK_R, BLOCK_E] one-hot tile at 8K elements."""
-    return max(16, min(128, 8192 // triton.next_power_of_2(E)))
+    return max(16, min(128, 8192 // next_power_of_2(E)))
 
 
 def dispatch(
@@ -136,8 +137,8 @@ def dispatch(
     row_index_R = torch.empty((R,), dtype=torch.int64, device=device)
     row_weights_R = torch.empty((R,), dtype=torch.float32, device=device)
     empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
-    BLOCK_E, BLOCK_R = triton.next_power_of_2(E), _block_r(E)
-    chunks = triton.cdiv(R, BLOCK_R)
+    BLOCK_E, BLOCK_R = next_power_of_2(E), _block_r(E)
+    chunks = cdiv(R, BLOCK_R)
     if R == 0:
         offsets_E1.zero_()
     elif chunks <= SMALL_CHUNKS:

@@ -38,6 +38,7 @@ from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_tile
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
 
 ACTIVATION_CODES = {
@@ -423,7 +424,7 @@ def experts(
         F = w13.shape[1] // 2 if gated else w13.shape[1]
     h_dtype = {0: xq.dtype, 1: torch.float32, 2: xq.dtype, 3: xq.dtype}[code]
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
-    h_scale = torch.empty((R, triton.cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
+    h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
     if R == 0:
         return y_RD
@@ -451,14 +452,14 @@ def experts(
             w13_EHD, wu = w13_EHD.contiguous(), wu.contiguous()
     precision = "ieee" if xq.dtype == torch.float32 or code in (1, 2) else "tf32"
     is_int = quant == "int8"
-    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_E = next_power_of_2(E)
     bias13 = w13_bias if w13_bias is not None else w13
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    num_pid_m = triton.cdiv(R, c.block_m) + E
+    num_pid_m = cdiv(R, c.block_m) + E
     loads["up/tma" if up_tma else "up/pointers"] += 1
     launch(
-        _up_kernel, (num_pid_m * triton.cdiv(F, c.block_n),),
+        _up_kernel, (num_pid_m * cdiv(F, c.block_n),),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
         D, F, E, R, num_pid_m, float(alpha), float(limit),
@@ -487,10 +488,10 @@ def experts(
     down_tma = h_in is not None and w_in is not None
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
-    num_pid_m = triton.cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
+    num_pid_m = cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
     loads["down/tma" if down_tma else "down/pointers"] += 1
     launch(
-        _down_kernel, (num_pid_m * triton.cdiv(D, c.block_n),),
+        _down_kernel, (num_pid_m * cdiv(D, c.block_n),),
         h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
         D, F, E, R, num_pid_m,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton.launch import launch
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.lowering.triton.tuning import interpreting
 
 MODES = ("fp8", "fp8_block", "int8")
@@ -111,12 +112,12 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     G = quant_fmt.BLOCK
     grouped = mode == "fp8_block"
     xq = torch.empty((N, D), dtype=qdtype(mode), device=x_ND.device)
-    scale = torch.empty((N, triton.cdiv(D, G)) if grouped else (N,), dtype=torch.float32, device=x_ND.device)
+    scale = torch.empty((N, cdiv(D, G)) if grouped else (N,), dtype=torch.float32, device=x_ND.device)
     if N == 0 or D == 0:
         return xq, scale.fill_(1.0)
-    block_d = G if grouped else min(triton.next_power_of_2(max(D, 16)), 1024)
+    block_d = G if grouped else min(next_power_of_2(max(D, 16)), 1024)
     block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
-    grid = (triton.cdiv(N, block_r), triton.cdiv(D, G) if grouped else 1)
+    grid = (cdiv(N, block_r), cdiv(D, G) if grouped else 1)
     launch(
         _quantize_rows_kernel, grid,
         x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),

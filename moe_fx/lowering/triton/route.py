@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering.triton.launch import launch
+from moe_fx.lowering.triton.sizes import next_power_of_2
 
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
@@ -139,7 +140,7 @@ def route(
     ids_TK = torch.empty((T, k), dtype=torch.int32, device=logits.device)
     if T == 0:
         return weights_TK, ids_TK
-    BLOCK_E = triton.next_power_of_2(E)
+    BLOCK_E = next_power_of_2(E)
     launch(
         _route_kernel, (T,),
         logits, bias if bias is not None else logits, weights_TK, ids_TK,
@@ -148,7 +149,7 @@ def route(
         K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
         HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],
         N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
-        BLOCK_E=BLOCK_E, BLOCK_K=triton.next_power_of_2(k), BLOCK_G=triton.next_power_of_2(max(n_group, 1)),
+        BLOCK_E=BLOCK_E, BLOCK_K=next_power_of_2(k), BLOCK_G=next_power_of_2(max(n_group, 1)),
         num_warps=1 if BLOCK_E <= 128 else 2,
     )  # fmt: skip
     return weights_TK, ids_TK

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import triton
 
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
 
 log = logging.getLogger("moe_fx")
@@ -56,7 +57,7 @@ def cache_path() -> Path:
 
 
 def t_bucket(T: int) -> int:
-    return triton.next_power_of_2(max(T, 1))
+    return next_power_of_2(max(T, 1))
 
 
 def _key_ends(E, D, F, K, gated, dtype, T, quant) -> tuple[str, str]:
@@ -203,9 +204,9 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int) -> E
     share of the weights alone. Halving BLOCK_N doubles the programs streaming the same bytes."""
 
     def narrow(c: GemmConfig, N: int) -> GemmConfig:
-        m_tiles = max(triton.cdiv(R, c.block_m), min(E, R))  # a lower bound on the M-tiles that do work
+        m_tiles = max(cdiv(R, c.block_m), min(E, R))  # a lower bound on the M-tiles that do work
         block_n = c.block_n
-        while block_n > 32 and m_tiles * triton.cdiv(N, block_n) < sms:
+        while block_n > 32 and m_tiles * cdiv(N, block_n) < sms:
             block_n //= 2
         return replace(c, block_n=block_n)
 
