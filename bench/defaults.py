@@ -10,16 +10,13 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
-from experts_op import experts_op  # noqa: E402
+from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES, bench  # noqa: E402
 
 from moe_fx.lowering.triton import tuning  # noqa: E402
@@ -51,13 +48,7 @@ def main():
             rows.append({"shape": name, "T": T, "us": us, "configs": {k: str(c) for k, c in configs.items()}})
             cells = [f"{us[k]:.1f} ({c.up.block_n}/{c.down.block_n})" for k, c in configs.items()]
             print(f"| {name} | {T} | " + " | ".join(cells) + " |", flush=True)
-    meta = {"device": torch.cuda.get_device_name(), "sms": sms, "date": time.strftime("%Y-%m-%d"),
-            "torch": torch.__version__, "triton": triton.__version__}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"defaults-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_rows(args.out, "defaults", rows, sms=sms)
 
 
 if __name__ == "__main__":

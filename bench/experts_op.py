@@ -5,10 +5,13 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from layer import SHAPES  # noqa: E402
@@ -36,3 +39,14 @@ def experts_op(name: str, T: int, quant: str = "none"):
                        **scales)  # fmt: skip
 
     return run
+
+
+def write_rows(out: str, prefix: str, rows: list, **meta) -> Path:
+    """OUT/<prefix>-<stamp>.json: {"meta": device, date, torch, triton and `meta`, "rows": rows}."""
+    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": triton.__version__, **meta}  # fmt: skip
+    path = Path(out) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    print(f"wrote {path}")
+    return path

@@ -14,15 +14,13 @@ the same output. Writes OUT/tma-<stamp>.json. The tuned entries land in the tuni
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from experts_op import experts_op  # noqa: E402
+from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
 from moe_fx.lowering.triton import tuning  # noqa: E402
@@ -79,13 +77,7 @@ def main():
                 rows.append({"shape": name, "quant": quant, "T": T, "pointers_us": pointers, "tma_us": tma,
                              "best": best, **result})  # fmt: skip
                 print(f"| {name} | {quant} | {T} | {pointers:.0f} | {tma:.0f} | {tma / pointers:.3f} | {best} |")
-    meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "checks_rel_diff": checks}  # fmt: skip
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"tma-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(f"wrote {path}")
+    write_rows(args.out, "tma", rows, checks_rel_diff=checks)
 
 
 if __name__ == "__main__":
