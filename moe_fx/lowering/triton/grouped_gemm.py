@@ -6,8 +6,9 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
     down: y_RD = (h_RF · w2[e]ᵀ + b2[e]) · row_weight?      routing weight fused into the epilogue
 
 Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles. The grid is sized by the static upper bound
-cdiv(R, BLOCK_M) + E M-tiles (no host sync; programs past the last real tile exit; in the down GEMM they
-write zeros over the dropped rows [offsets[E], R) first, one more M-tile), times the N-tiles,
+cdiv(R, BLOCK_M) + min(E, R) M-tiles (at most R experts have rows, and each adds at most one partial tile;
+no host sync; programs past the last real tile exit; in the down GEMM they write zeros over the dropped
+rows [offsets[E], R) first, one more M-tile), times the N-tiles,
 in grouped order (GROUP_M M-tiles share an N-column) so weight tiles and A rows are reused from L2.
 Each program finds its expert from expert_offsets with a cumsum over E, in registers.
 
@@ -456,7 +457,7 @@ def experts(
     bias13 = w13_bias if w13_bias is not None else w13
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    num_pid_m = cdiv(R, c.block_m) + E
+    num_pid_m = cdiv(R, c.block_m) + min(E, R)  # >= the M-tiles: sum_e cdiv(rows_e, BLOCK_M), <= R experts hit
     loads["up/tma" if up_tma else "up/pointers"] += 1
     launch(
         _up_kernel, (num_pid_m * cdiv(F, c.block_n),),
@@ -488,7 +489,7 @@ def experts(
     down_tma = h_in is not None and w_in is not None
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
-    num_pid_m = cdiv(R, c.block_m) + E + 1  # + 1: the dropped rows' tiles (zeros) may take one more
+    num_pid_m = cdiv(R, c.block_m) + min(E, R) + 1  # + 1: the dropped rows' tiles (zeros) may take one more
     loads["down/tma" if down_tma else "down/pointers"] += 1
     launch(
         _down_kernel, (num_pid_m * cdiv(D, c.block_n),),

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from moe_fx.lowering.triton import grouped_gemm
 from moe_fx.ops import combine_args, dispatch_args, experts_args, weight_at
 from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import TOLERANCE, rel_err
@@ -15,9 +16,9 @@ E = 4
 
 
 def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, placement="output",
-        impl="triton", spec_weight_at=None):  # fmt: skip
+        impl="triton", spec_weight_at=None, num_experts=E):  # fmt: skip
     F_ = w2.shape[1] if t2 else w2.shape[2]
-    experts = ExpertsSpec(E, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None,
+    experts = ExpertsSpec(num_experts, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None,
                           dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
     spec = MoESpec(experts, ids.shape[1], weight_placement=placement)
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
@@ -30,9 +31,10 @@ def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False,
     return OPS.combine(*combine)
 
 
-def weights_for(dtype, D, FF, bias=False, scale=(4, 4, 5)):
-    w1, w3, w2 = (torch.randn(E, FF, D) / scale[0], torch.randn(E, FF, D) / scale[1], torch.randn(E, D, FF) / scale[2])
-    b = (torch.randn(E, FF), torch.randn(E, FF), torch.randn(E, D)) if bias else (None, None, None)
+def weights_for(dtype, D, FF, bias=False, scale=(4, 4, 5), num_experts=E):
+    n = num_experts
+    w1, w3, w2 = (torch.randn(n, FF, D) / scale[0], torch.randn(n, FF, D) / scale[1], torch.randn(n, D, FF) / scale[2])
+    b = (torch.randn(n, FF), torch.randn(n, FF), torch.randn(n, D)) if bias else (None, None, None)
     return [t if t is None else t.to(dtype) for t in (w1, w3, w2, *b)]
 
 
@@ -52,6 +54,32 @@ def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF, tma):
     assert out.shape == (T, D) and out.dtype == dtype
     ref = oracle(x, weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2)
     assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("T,K,pattern", [(1, 8, "random"), (3, 8, "random"), (5, 4, "dropped"), (3, 8, "one")])
+def test_more_experts_than_rows(T, K, pattern, monkeypatch):
+    """R = T·K < E: the grid's M-tiles are cdiv(R, BLOCK_M) + R (each hit expert adds at most one partial
+    tile), not + E; "one": 17 of the 24 rows on expert 7 (two 16-row tiles in the interpreter), the rest apart."""
+    num_experts, D, FF = 40, 24, 20
+    x = torch.randn(T, D)
+    w1, w3, w2, *_ = weights_for(torch.float32, D, FF, num_experts=num_experts)
+    weights, ids = routing(T, K, num_experts, "random" if pattern == "one" else pattern)
+    if pattern == "one":
+        ids = torch.cat([torch.full((17,), 7), torch.arange(10, 10 + T * K - 17)]).view(T, K)
+        ids = ids.to(torch.int32).to(DEVICE)
+    weights = weights.masked_fill(ids < 0, 0.0)  # dropped picks: as route leaves them
+    grids = []
+    real_launch = grouped_gemm.launch
+    monkeypatch.setattr(
+        grouped_gemm, "launch", lambda kernel, grid, *a, **kw: (grids.append(grid), real_launch(kernel, grid, *a, **kw))
+    )
+    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2), None, None, "silu_gated",
+              num_experts=num_experts)  # fmt: skip
+    ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2)  # weight 0: nothing added
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+    R, block = T * K, 16  # the interpreter's tiles: 16 rows, 16 columns
+    assert grids[0] == (((R + block - 1) // block + R) * ((FF + block - 1) // block),)  # up
+    assert grids[1] == (((R + block - 1) // block + R + 1) * ((D + block - 1) // block),)  # down
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
