@@ -3,6 +3,7 @@ route -> quantize_dispatch -> experts -> combine, lowered through a device/layou
 
 from moe_fx import examples, ops  # noqa: F401  (ops registers the moe_fx:: custom ops)
 from moe_fx.api import apply, explain
+from moe_fx.autotune import tune
 from moe_fx.lowering import register_lowering
 from moe_fx.lowering.distributed import expert_load, reset_expert_load
 from moe_fx.report import Report
@@ -19,4 +20,5 @@ __all__ = [
     "explain",
     "register_lowering",
     "reset_expert_load",
+    "tune",
 ]

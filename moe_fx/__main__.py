@@ -8,6 +8,9 @@ inspect: prints `moe_fx.explain`'s report for one model, either a tiny HF model 
 (`--module pkg.mod:factory`). `--html`, `--draw` write the HTML report and before/after pictures;
 `--apply` rewrites the model in place and compares it with eager; `--print-graph` prints the
 rewritten graphs with their moe_fx nodes annotated.
+
+tune: `moe_fx.tune` on the same choice of model (on a GPU): the Triton GEMMs of each of its MoE block shapes
+timed per T-bucket (`--tokens`), the best configs written to the tuning cache.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import torch.nn as nn
 
 import moe_fx
 from moe_fx import examples, hf_models
+from moe_fx.autotune import TOKENS
+from moe_fx.lowering.triton import tuning
 
 
 def _time(fn, *args, reps: int = 10, **kwargs) -> float:
@@ -117,8 +122,8 @@ def _to(value, device: str, dtype: torch.dtype):
     return value
 
 
-def inspect(args) -> None:
-    """Print explain's report for the chosen model; optionally write HTML/pictures, apply, print graphs."""
+def _model(args) -> tuple[nn.Module, tuple, dict, dict | None]:
+    """(model, inputs, kwargs, options) of the command line, on its device and in its dtype."""
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
     model, inputs, kwargs = _inspect_inputs(args)
@@ -127,7 +132,21 @@ def inspect(args) -> None:
     model = model.eval().to(args.device, dtype)
     inputs = tuple(_to(a, args.device, dtype) for a in inputs)
     kwargs = {k: _to(v, args.device, dtype) for k, v in kwargs.items()}
-    options = json.loads(args.options) if args.options else None
+    return model, inputs, kwargs, json.loads(args.options) if args.options else None
+
+
+def tune(args) -> None:
+    """Tune the Triton GEMMs of the chosen model's MoE blocks; print the best config per cache key."""
+    model, inputs, kwargs, options = _model(args)
+    results = moe_fx.tune(model, *inputs, tokens=tuple(args.tokens), options=options, **kwargs)
+    for key, r in results.items():
+        print(f"{key}: {r['best']:.1f} µs  {r['config']}")
+    print(f"wrote {len(results)} entries to {tuning.cache_path()}")
+
+
+def inspect(args) -> None:
+    """Print explain's report for the chosen model; optionally write HTML/pictures, apply, print graphs."""
+    model, inputs, kwargs, options = _model(args)
     report = moe_fx.explain(model, *inputs, options=options, **kwargs)
     print(report)
     if args.html:
@@ -156,30 +175,37 @@ def inspect(args) -> None:
                     print(gm.print_readable(print_output=False))
 
 
+def _model_arguments(p: argparse.ArgumentParser, default_dtype: str) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--hf", choices=sorted(hf_models.ARCHITECTURES), help="a tiny HF model built from a config")
+    which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="factory() -> model or (model, args[, kwargs])")
+    p.add_argument("--shape", type=_shape, help="--hf: batch,tokens (default 2,16); --module: shape of a randn input")
+    p.add_argument("--experts-implementation", default="grouped_mm", help="HF experts: grouped_mm|batched_mm|eager")
+    p.add_argument("--dtype", default=default_dtype, choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--options", help='moe_fx options as JSON, e.g. \'{"lowerings": {"experts": "reference"}}\'')
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m moe_fx")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="rewrite a naive MoE model and a tiny HF Mixtral; print report, error, timings")
     d.add_argument("--inner", default="inductor", choices=("inductor", "eager"), help="compiler after the rewrite")
     i = sub.add_parser("inspect", help="print what moe_fx finds in one model (moe_fx.explain)")
-    which = i.add_mutually_exclusive_group(required=True)
-    which.add_argument("--hf", choices=sorted(hf_models.ARCHITECTURES), help="a tiny HF model built from a config")
-    which.add_argument("--module", metavar="PKG.MOD:FACTORY", help="factory() -> model or (model, args[, kwargs])")
-    i.add_argument("--shape", type=_shape, help="--hf: batch,tokens (default 2,16); --module: shape of a randn input")
-    i.add_argument("--experts-implementation", default="grouped_mm", help="HF experts: grouped_mm|batched_mm|eager")
-    i.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    i.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    i.add_argument("--options", help='moe_fx options as JSON, e.g. \'{"lowerings": {"experts": "reference"}}\'')
+    _model_arguments(i, default_dtype="float32")
     i.add_argument("--html", metavar="FILE", help="also write the report as HTML")
     i.add_argument("--draw", metavar="DIR", help="also write block<i>_{before,after}.svg (needs graphviz dot)")
     i.add_argument("--apply", action="store_true", help="rewrite with moe_fx.apply and compare with eager")
     i.add_argument("--print-graph", action="store_true", help="print the rewritten graphs (implies --apply)")
+    t = sub.add_parser("tune", help="tune the Triton GEMMs of one model's MoE blocks (moe_fx.tune; needs a GPU)")
+    _model_arguments(t, default_dtype="bfloat16")
+    t.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS), help="token counts T")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.inner)
         return
     try:
-        inspect(args)
+        (tune if args.command == "tune" else inspect)(args)
     except (ValueError, ImportError, RuntimeError) as e:
         if not str(e).startswith("moe_fx:"):
             raise

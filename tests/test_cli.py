@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from moe_fx import hf_models
 from moe_fx.__main__ import main
@@ -75,3 +76,11 @@ def test_inspect_errors_name_the_problem(argv, message, capsys):
         main(["inspect", *argv])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's error; tests/test_cuda.py tunes on a GPU")
+def test_tune_without_a_gpu_says_so(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--hf", "mixtral", "--tokens", "1", "16"])
+    assert exit_.value.code == 2
+    assert "moe_fx: tune times the Triton GEMMs on a CUDA GPU" in capsys.readouterr().err

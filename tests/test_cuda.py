@@ -1,5 +1,7 @@
 """The same pipeline on a GPU (bf16, Inductor), run through the device tool; skipped without CUDA."""
 
+import dataclasses
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -59,3 +61,21 @@ def test_opaque_loop_experts_under_cuda_graphs(tanh_experts):
         outs = [compiled(x).clone() for _ in range(3)]
     assert counters["moe_fx"]["rewritten"] == (0 if tanh_experts else 1), str(last_reports()[-1])
     assert all(rel_err(out, ref) < 2e-2 for out in outs)
+
+
+def test_tune_writes_entries_that_choose_then_reads(tmp_path, monkeypatch):
+    """moe_fx.tune on a bf16 model: its block shape, timed at two T-buckets over two candidates, lands in the
+    cache, and the Triton experts then run the tuned config at those T."""
+    from moe_fx.lowering.triton import tuning
+
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    model = ex.LoopMoE().eval().cuda().to(torch.bfloat16)
+    x = torch.randn(4, 32, device="cuda", dtype=torch.bfloat16)
+    candidates = ((16, 32, 32, 4, 2, False), (16, 64, 32, 4, 3, False))
+    results = moe_fx.tune(model, x, tokens=(4, 64), candidates=candidates)
+    assert len(results) == 2 and all(r["best"] > 0 and not r["failed"] for r in results.values()), results
+    E, D, F = 4, 32, 48  # LoopMoE's defaults
+    for key, r in results.items():
+        T = int(key.rsplit("-T", 1)[1])
+        picked = tuning.choose(E, D, F, model.k, True, torch.bfloat16, x.device, T * model.k)
+        assert dataclasses.asdict(picked) == r["config"], key
