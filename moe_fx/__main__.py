@@ -29,7 +29,6 @@ import torch.nn as nn
 import moe_fx
 from moe_fx import examples, hf_models
 from moe_fx.autotune import TOKENS
-from moe_fx.lowering.triton import tuning
 
 
 def _time(fn, *args, reps: int = 10, **kwargs) -> float:
@@ -141,6 +140,8 @@ def tune(args) -> None:
     results = moe_fx.tune(model, *inputs, tokens=tuple(args.tokens), options=options, **kwargs)
     for key, r in results.items():
         print(f"{key}: {r['best']:.1f} µs  {r['config']}")
+    from moe_fx.lowering.triton import tuning
+
     print(f"wrote {len(results)} entries to {tuning.cache_path()}")
 
 

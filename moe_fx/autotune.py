@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from moe_fx.api import explain
-from moe_fx.lowering.triton import tuning
 from moe_fx.report import Report
 
 log = logging.getLogger("moe_fx")
@@ -63,6 +62,8 @@ def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, can
         log.warning("moe_fx: no block of %s runs the Triton experts lowering; nothing to tune:\n%s",
                     type(model).__name__, report)  # fmt: skip
         return {}
+    from moe_fx.lowering.triton import tuning  # Triton is optional: moe_fx imports without it
+
     device = next((p.device for p in model.parameters() if p.is_cuda), torch.device("cuda"))
     results = {}
     for E, D, F, K, activation, dtype, quant in shapes:

@@ -1,6 +1,8 @@
 """`moe_fx.tune`: which blocks it tunes, and its errors (on the CPU; tests/test_cuda.py tunes on a GPU)."""
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,3 +55,9 @@ def test_tune_errors_name_the_problem(monkeypatch, caplog):
         moe_fx.tune(model, x, tokens=(1, 0))
     assert moe_fx.tune(model, x) == {}  # on the CPU the experts run the reference lowering: nothing to tune
     assert "no block of TwoFormModel runs the Triton experts lowering" in caplog.text
+
+
+def test_moe_fx_and_its_command_line_import_without_triton():
+    """Triton is optional (the transformers 4.57 CI job has none): tune imports it only when it runs."""
+    code = "import sys; sys.modules['triton'] = None; import moe_fx, moe_fx.__main__; assert moe_fx.tune"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
