@@ -406,7 +406,8 @@ def experts(
     quant "fp8" | "int8" | "fp8_block": xq, w13, w2 and their scales in the formats of `quant.py`; both GEMMs
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
-    by `quantize.quantize_rows` on the fp32 activation otherwise (a row's scale needs the whole row).
+    otherwise, by `quantize.quantize_rows` on the activation stored in the model's dtype (a row's scale needs
+    the whole row; as vLLM does, and half the bytes of an fp32 round trip).
     int4_weight (w4a16): each K-step loads its packed weight bytes once, dequantises them in registers (group
     scales applied, cast to the activations' dtype) and multiplies the even and odd K-columns of the
     activations by the low and high nibbles; the activations stay in their dtype throughout.
@@ -423,7 +424,7 @@ def experts(
     D, F = w2_EDF.shape[1], w2_EDF.shape[2]
     if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
         F = w13.shape[1] // 2 if gated else w13.shape[1]
-    h_dtype = {0: xq.dtype, 1: torch.float32, 2: xq.dtype, 3: xq.dtype}[code]
+    h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
