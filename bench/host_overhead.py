@@ -4,8 +4,9 @@
     python bench/host_overhead.py --out DIR --bodies      # also on a CPU
 
 `--profile` also writes `host_profile.txt`: cProfile of the four ops through the dispatcher, by cumulative time.
-`--bodies` times the four launchers with their kernel launches replaced by a no-op: the Python around the
-launches (sizes, allocations, config choice), which needs no GPU; writes `host_overhead-bodies.json`.
+`--bodies` times the four ops and their launchers with the kernel launches replaced by a no-op: the Python
+around the launches (dispatcher, sizes, allocations, config choice), which needs no GPU; writes
+`host_overhead-bodies.json`.
 
 Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
 a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
@@ -86,7 +87,7 @@ def main():
     if args.bodies:
         for module in (route, dispatch, grouped_gemm, combine):
             module.launch = lambda *args, **kwargs: None
-        rows = {name: fn for name, fn in rows.items() if name.startswith("launcher ") or name == "torch.empty"}
+        rows = {name: fn for name, fn in rows.items() if name != "noop triton launch"}
         rows["torch.empty"] = lambda: torch.empty(16, device=device)
     result = {name: host_us(fn) for name, fn in rows.items()}
     for name, us in result.items():

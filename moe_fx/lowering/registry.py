@@ -62,6 +62,7 @@ class Selection:
 
 _LOCK = threading.Lock()
 _ENTRIES: dict[tuple[str, str, str], list[Lowering]] = {}
+_BY_NAME: dict[tuple[str, str], Lowering] = {}  # lookup's answers (every op call asks), cleared on (un)registering
 
 
 def register_lowering(
@@ -87,6 +88,7 @@ def register_lowering(
                 raise ValueError(f"moe_fx: lowering {name!r} is already registered for {(op, device, layout)}")
             entries.append(entry)
             entries.sort(key=lambda e: -e.priority)
+            _BY_NAME.clear()
         return fn
 
     return decorator
@@ -97,6 +99,7 @@ def unregister_lowering(op: str, *, device: str, layout: str = "single", name: s
     with _LOCK:
         entries = _ENTRIES.get((op, device, layout), [])
         _ENTRIES[(op, device, layout)] = [e for e in entries if e.name != name]
+        _BY_NAME.clear()
 
 
 def candidates(op: str, device: str, layout: str) -> list[Lowering]:
@@ -142,11 +145,15 @@ def names(op: str) -> list[str]:
 
 def lookup(op: str, name: str) -> Lowering:
     """The entry named `name` for `op` (any device, any layout), as the op implementations call it."""
+    found = _BY_NAME.get((op, name))
+    if found is not None:
+        return found
     with _LOCK:
         for (entry_op, _, _), entries in _ENTRIES.items():
             if entry_op != op:
                 continue
             for entry in entries:
                 if entry.name == name:
+                    _BY_NAME[(op, name)] = entry
                     return entry
     raise ValueError(f"moe_fx: no lowering named {name!r} is registered for {op}")

@@ -71,6 +71,8 @@ def test_third_party_lowering_wins_by_priority_and_runs():
         assert calls and torch.allclose(out, ref, atol=1e-5)
     finally:
         registry.unregister_lowering("experts", device="cpu", name="plugin")
+    with pytest.raises(ValueError, match="moe_fx: no lowering named 'plugin' is registered for experts"):
+        registry.lookup("experts", "plugin")  # the op calls' lookup cache forgets an unregistered entry
 
 
 def test_forced_lowering_must_support_the_spec():
