@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [host] [hf] [layer ARGS...]   (layer takes the rest of the line)
+#   bash bench/gpu_check.sh OUT [tests] [host] [hf] [defaults] [tma] [layer ARGS...]   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
 # Each step writes its log under OUT; a failing step does not stop the next one.
@@ -21,11 +21,16 @@ while [ $# -gt 0 ]; do
   case $step in
     tests)
       timeout 300 python -m pytest -q -n 4 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
-        tests/passes/test_quantize_weights.py tests/lowering/test_quant.py 2>&1 | tee "$out/gpu_tests.log" | tail -8 ;;
+        tests/passes/test_quantize_weights.py tests/lowering/test_quant.py tests/test_autotune.py 2>&1 \
+        | tee "$out/gpu_tests.log" | tail -8 ;;
     host)
       python bench/host_overhead.py --out "$out" --profile ;;
     hf)
       timeout 420 python bench/hf_models.py --out "$out" 2>&1 | tee "$out/hf_models.log" ;;
+    defaults)
+      timeout 120 python bench/defaults.py --out "$out" 2>&1 | tee "$out/defaults.log" ;;
+    tma)
+      timeout 300 python bench/tma.py --out "$out" 2>&1 | grep -v "it/s" | tee "$out/tma.log" ;;
     layer)
       python bench/layer.py --out "$out" "$@" 2>&1 | tee "$out/layer.log"
       shift $# ;;
