@@ -16,33 +16,17 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.quant import quantize_weight  # noqa: E402
-from moe_fx.lowering.triton.dispatch import dispatch  # noqa: E402
-from moe_fx.lowering.triton.grouped_gemm import experts  # noqa: E402
+from moe_fx.lowering.triton import tuning  # noqa: E402
 
 
 def experts_op(name: str | tuple, T: int, quant: str = "none", device="cuda", dtype=torch.bfloat16):
-    """run(config) -> y_RD: the experts op of shape `name` (or (E, K, D, F)) at T tokens, SiLU-gated, dispatched
-    once; run.inputs holds (x_TD, ids_TK, weights_TK, w13_EHD, w2_EDF) (the weights quantised under `quant`),
-    run.row_index the dispatched rows' slots (for combine)."""
+    """run(config) -> y_RD: the SiLU-gated experts op of shape `name` (or (E, K, D, F)) at T tokens, dispatched
+    once (`tuning.experts_call`, what `tuning.tune` times); run.inputs holds (x_TD, ids_TK, weights_TK,
+    w13_EHD, w2_EDF) (the weights quantised under `quant`), run.row_index the dispatched rows' slots."""
     E, K, D, F = SHAPES[name] if isinstance(name, str) else name
-    w13 = torch.randn(E, 2 * F, D, device=device, dtype=dtype) / D**0.5
-    w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
-    scales = {}
-    if quant != "none":
-        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
-    x = torch.randn(T, D, device=device, dtype=dtype)
-    ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
-    weights = torch.rand(T, K, device=device)
-    dispatched = dispatch(x, ids, weights, E, quant)
-    xq, xscale, offsets, gather, row_weights, row_index, _ = dispatched
-
-    def run(config=None):
-        return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", "silu_gated", "concat",
-                       False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale,
-                       **scales)  # fmt: skip
-
-    run.inputs, run.row_index = (x, ids, weights, w13, w2), row_index
+    weights = tuning.random_weights(E, D, F, "silu_gated", dtype, device, quant)
+    run = tuning.experts_call(T, K, "silu_gated", dtype, weights, quant)
+    run.inputs = (*run.inputs, *weights[:2])
     return run
 
 

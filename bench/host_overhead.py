@@ -67,13 +67,14 @@ def main():
     logits = torch.randn(T, E, device=device, dtype=torch.bfloat16)
     w13 = torch.randn(E, 2 * F_, D, device=device, dtype=torch.bfloat16) / 50
     w2 = torch.randn(E, D, F_, device=device, dtype=torch.bfloat16) / 30
-    w, ids = OPS.route(*route_args(spec.router, logits, None, "triton" if device == "cuda" else "reference"))
-    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton" if device == "cuda" else "reference"))
+    setup = "triton" if device == "cuda" else "reference"  # the inputs of the rows below (the CPU has no kernels)
+    w, ids = OPS.route(*route_args(spec.router, logits, None, setup))
+    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, setup))
     y = torch.randn(T * K, D, device=device, dtype=torch.bfloat16)
     r = spec.router
     rows = {
         "noop triton launch": lambda: _noop_kernel[(1,)](x, 1, BLOCK=16),
-        "torch.empty": lambda: torch.empty(16, device="cuda"),
+        "torch.empty": lambda: torch.empty(16, device=device),
         "op route": lambda: OPS.route(*route_args(r, logits, None, "triton")),
         "launcher route": lambda: route.route(logits, None, K, "softmax", r.order, True, 1, 1, 2, 1.0),
         "op dispatch": lambda: OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "triton")),
@@ -88,7 +89,6 @@ def main():
         for module in (route, dispatch, grouped_gemm, combine):
             module.launch = lambda *args, **kwargs: None
         rows = {name: fn for name, fn in rows.items() if name != "noop triton launch"}
-        rows["torch.empty"] = lambda: torch.empty(16, device=device)
     result = {name: host_us(fn) for name, fn in rows.items()}
     for name, us in result.items():
         print(f"{name:22s} {us:8.1f} µs")

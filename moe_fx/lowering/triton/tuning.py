@@ -230,6 +230,43 @@ QUANT_CANDIDATES = _with_tma((  # one-byte operands: deeper K-tiles for the same
 ))  # fmt: skip
 
 
+def random_weights(E: int, D: int, F: int, activation: str, dtype: torch.dtype, device, quant: str = "none"):
+    """(w13_EHD, w2_EDF, scales): random expert weights of this shape, quantised under `quant` (scales holds
+    w13_scale and w2_scale then), as `experts_call` takes them."""
+    from moe_fx.lowering.quant import quantize_weight
+
+    H = 2 * F if activation in GATED_ACTIVATIONS else F
+    w13 = torch.randn(E, H, D, device=device, dtype=dtype) / D**0.5
+    w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
+    scales = {}
+    if quant != "none":
+        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
+    return w13, w2, scales
+
+
+def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none"):
+    """run(config=None) -> y_RD: the Triton experts op on `weights` (`random_weights`) for T random tokens,
+    each routed to K distinct experts uniformly at random, dispatched once. run.inputs = (x_TD, ids_TK,
+    weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for combine)."""
+    from moe_fx.lowering.triton.dispatch import dispatch
+    from moe_fx.lowering.triton.grouped_gemm import experts
+
+    w13, w2, scales = weights
+    E, D, device = w13.shape[0], w2.shape[1], w13.device
+    x = torch.randn(T, D, device=device, dtype=dtype)
+    ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
+    routing = torch.rand(T, K, device=device)
+    xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch(x, ids, routing, E, quant)
+
+    def run(config=None):
+        return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", activation, "concat",
+                       False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale,
+                       **scales)  # fmt: skip
+
+    run.inputs, run.row_index = (x, ids, routing), row_index
+    return run
+
+
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
          quant: str = "none", candidates: tuple | None = None) -> dict:  # fmt: skip
     """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
@@ -241,32 +278,16 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     """
     from tqdm import tqdm
 
-    from moe_fx.lowering.quant import quantize_weight
-    from moe_fx.lowering.triton.dispatch import dispatch
-    from moe_fx.lowering.triton.grouped_gemm import experts
-
     gated = activation in GATED_ACTIVATIONS
     device = torch.device(device)
-    w13 = torch.randn(E, 2 * F if gated else F, D, device=device, dtype=dtype) / D**0.5
-    w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
-    scales = {}
-    if quant != "none":
-        (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
+    weights = random_weights(E, D, F, activation, dtype, device, quant)
     if candidates is None:
         candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
     bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     for T in Ts:
-        x = torch.randn(T, D, device=device, dtype=dtype)
-        ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
-        d = dispatch(x, ids, torch.rand(T, K, device=device), E, quant)
+        run = experts_call(T, K, activation, dtype, weights, quant)
         best = default_config(T * K / E, dtype, quant)
-
-        def run(config, d=d):
-            return experts(d[0], d[2], d[3], d[4], w13, None, w2, None, None, "none", activation, "concat",
-                           False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=d[1],
-                           **scales)  # fmt: skip
-
         timings, failed = {}, {}
         for part in ("up", "down"):
             for m, n, k, warps, stages, tma in candidates:
@@ -275,7 +296,9 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                     bar.update()
                     continue
                 try:
-                    timings[config] = triton.testing.do_bench(lambda c=config: run(c), return_mode="median") * 1e3
+                    timings[config] = (
+                        triton.testing.do_bench(lambda c=config, run=run: run(c), return_mode="median") * 1e3
+                    )
                 except Exception as err:  # a config out of shared memory or registers: skip it, say so
                     log.debug("moe_fx: tuning config %s failed: %s", config, err)
                     failed[_describe(config)] = f"{type(err).__name__}: {err}"[:200]
