@@ -182,8 +182,8 @@ def experts(
             a = activate(h, activation, gate_up, alpha, limit)
             if quant == "fp8_block":  # per 1×128 group, from fp32 (Triton quantises it in the up GEMM's registers)
                 a, a_scale = quant_fmt.quantize_rows(a, quant)
-            elif quant in quant_fmt.ACTIVATION_QUANTISED:  # per row: rounded to the model's dtype first (the
-                a, a_scale = quant_fmt.quantize_rows(a.to(out_dtype), quant)  # row's scale needs all of it)
+            elif quant in quant_fmt.ACTIVATION_QUANTISED:  # per row, from the model's dtype (Triton stores it so)
+                a, a_scale = quant_fmt.quantize_rows(a.to(out_dtype), quant)
             else:
                 a, a_scale = a.to(xq.dtype), None
             y = quant_fmt.quantised_matmul(a, a_scale, w2_EDF[e], w2_scale[e], quant, a.shape[1])
