@@ -153,16 +153,6 @@ def sort_gmm_layer(block, E, K):
     return run
 
 
-def capture(fn):
-    """One call captured in a CUDA graph: its replay."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
-
-
 def bench(fn) -> float:
     """Median microseconds of `triton.testing.do_bench` (L2 flushed before each repetition)."""
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
@@ -254,7 +244,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
                     row["err"][v] = rel_err(out, ref)
                     eager[v] = lambda v=v, x=x: fns[v](x)
                     if T <= 1024 and v in GRAPHED:
-                        graphs[v] = capture(eager[v])
+                        graphs[v] = tuning.graph_replay(eager[v])
                         row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
                     row["us"][v] = float("nan")

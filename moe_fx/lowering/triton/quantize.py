@@ -5,8 +5,9 @@ Legend: N rows, D columns, G = BLOCK (128) columns per group, B = ceil(D / G) gr
     fp8 / int8:  scale_N  = max(amax |x[n, :]|, 1e-12) / qmax,         q = cast(x / scale)
     fp8_block:   scale_NB = max(amax |x[n, bG:(b+1)G]|, 1e-12) / qmax, q = cast(x / scale) per group
 
-One program per block of rows (per token), or per (block of rows, group) (fp8_block); a row's scale
-reads that row alone, so a NaN or Inf in one token never reaches another token's scale.
+One program per block of rows (per token), or per (block of rows, group) (fp8_block). A row of at most
+ONE_TILE_MAX columns is read once, as one register tile; a longer one twice (its amax, then its values). A
+row's scale reads that row alone, so a NaN or Inf in one token never reaches another token's scale.
 `_quantize_tile` is the same arithmetic on a [BLOCK_M, G] register tile: the grouped GEMM calls it in its
 epilogue to quantise the activation between the GEMMs (fp8_block). The arithmetic matches the torch
 reference bit for bit: the same fp32 division, e4m3 rounds to nearest even (saturated by the clamp),
@@ -25,6 +26,7 @@ from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.lowering.triton.tuning import interpreting
 
 MODES = ("fp8", "fp8_block", "int8")
+ONE_TILE_MAX = 16384  # columns: a row this long is one register tile (16 warps, 32 values per thread)
 _RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (v + _RNE) - _RNE rounds an fp32 |v| < 2**22 half to even
 
 
@@ -71,14 +73,14 @@ def _quantize_tile(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, GROUPED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
-    if GROUPED:  # program (row block, group): BLOCK_D == G
+    if ONE_TILE:  # program (row block, column tile): a group (BLOCK_D == G), or the whole row (one tile)
         cols = tl.program_id(1) * BLOCK_D + d
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -115,13 +117,14 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
     scale = torch.empty((N, cdiv(D, G)) if grouped else (N,), dtype=torch.float32, device=x_ND.device)
     if N == 0 or D == 0:
         return xq, scale.fill_(1.0)
-    block_d = G if grouped else min(next_power_of_2(max(D, 16)), 1024)
+    one_tile = grouped or D <= ONE_TILE_MAX
+    block_d = G if grouped else next_power_of_2(max(D, 16)) if one_tile else 1024
     block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
     grid = (cdiv(N, block_r), cdiv(D, G) if grouped else 1)
     launch(
         _quantize_rows_kernel, grid,
         x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
-        QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", GROUPED=grouped, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=4,
+        QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_D=block_d,
+        num_warps=min(16, max(4, block_r * block_d // 1024)),  # <= 32 fp32 values per thread
     )  # fmt: skip
     return xq, scale

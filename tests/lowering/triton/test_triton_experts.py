@@ -68,18 +68,23 @@ def test_more_experts_than_rows(T, K, pattern, monkeypatch):
         ids = torch.cat([torch.full((17,), 7), torch.arange(10, 10 + T * K - 17)]).view(T, K)
         ids = ids.to(torch.int32).to(DEVICE)
     weights = weights.masked_fill(ids < 0, 0.0)  # dropped picks: as route leaves them
-    grids = []
+    grids, tiles = [], []  # tiles: (BLOCK_M, BLOCK_N) each launch ran with (the interpreter's 16×16, a GPU's own)
     real_launch = grouped_gemm.launch
-    monkeypatch.setattr(
-        grouped_gemm, "launch", lambda kernel, grid, *a, **kw: (grids.append(grid), real_launch(kernel, grid, *a, **kw))
-    )
+
+    def recording_launch(kernel, grid, *a, **kw):
+        grids.append(grid)
+        tiles.append((kw["BLOCK_M"], kw["BLOCK_N"]))
+        return real_launch(kernel, grid, *a, **kw)
+
+    monkeypatch.setattr(grouped_gemm, "launch", recording_launch)
     out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2), None, None, "silu_gated",
               num_experts=num_experts)  # fmt: skip
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2)  # weight 0: nothing added
     assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
-    R, block = T * K, 16  # the interpreter's tiles: 16 rows, 16 columns
-    assert grids[0] == (((R + block - 1) // block + R) * ((FF + block - 1) // block),)  # up
-    assert grids[1] == (((R + block - 1) // block + R + 1) * ((D + block - 1) // block),)  # down
+    R, cdiv = T * K, lambda a, b: (a + b - 1) // b
+    (up_m, up_n), (down_m, down_n) = tiles
+    assert grids[0] == ((cdiv(R, up_m) + R) * cdiv(FF, up_n),)  # up
+    assert grids[1] == ((cdiv(R, down_m) + R + 1) * cdiv(D, down_n),)  # down
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant, reference
+from moe_fx.lowering.triton import quantize as triton_quantize
 from moe_fx.lowering.triton.dispatch import dispatch
 from moe_fx.lowering.triton.quantize import MODES, quantize_rows
 from tests.lowering.triton.conftest import DEVICE, DTYPES
@@ -21,7 +22,9 @@ def assert_same_rows(got, want, rows):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("N,D", [(0, 5), (1, 7), (5, 300)])  # empty, one short row, ragged 128-groups
-def test_quantize_rows_matches_the_format_exactly(mode, dtype, N, D):
+@pytest.mark.parametrize("one_tile_max", [triton_quantize.ONE_TILE_MAX, 64])  # 64: rows of 300 take two passes
+def test_quantize_rows_matches_the_format_exactly(mode, dtype, N, D, one_tile_max, monkeypatch):
+    monkeypatch.setattr(triton_quantize, "ONE_TILE_MAX", one_tile_max)
     x = (torch.randn(N, D) * torch.logspace(-3, 2, N)[:, None]).to(dtype).to(DEVICE)
     if N > 2:
         x[1] = 0.0  # the amax floor: an all-zero row gets a finite scale and zeros
