@@ -145,15 +145,17 @@ def _read(path: Path) -> dict:
 def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] | None) -> ExpertsConfig | None:
     """The entry tuned on this device (the user's cache first, then the entries shipped with moe_fx); else one
     tuned on another device of the same compute capability (an H100's for an H200: the same SMs), which beats
-    the defaults."""
+    the defaults. The stand-in's key differs in its device name alone: a bf16 head is a prefix of its fp8
+    keys' heads too, and an fp8 entry (256-deep K-tiles) is out of shared memory in bf16."""
     caches = (_read(Path(path)), _read(PACKAGED))
     entry = next((c[head + device + tail] for c in caches if head + device + tail in c), None)
+
+    def stands_in(k: str, e: dict) -> bool:
+        other = k[len(head) : len(k) - len(tail)]  # a device name has no "-"; "fp8-NVIDIA_H200" does
+        return k.startswith(head) and k.endswith(tail) and "-" not in other and tuple(e.get("capability", ())) == cap
+
     if entry is None and cap is not None:
-        entry = next(
-            (e for c in caches for k, e in sorted(c.items())
-             if k.startswith(head) and k.endswith(tail) and tuple(e.get("capability", ())) == cap),
-            None,
-        )  # fmt: skip
+        entry = next((e for c in caches for k, e in sorted(c.items()) if stands_in(k, e)), None)
         if entry is not None:
             log.debug("moe_fx: no tuned entry %s; taking one tuned on another sm%d%d device", head + device + tail,
                       *cap)  # fmt: skip

@@ -112,6 +112,11 @@ def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, mo
     monkeypatch.setattr(tuning, "capability", lambda d: caps[device["now"]])
     monkeypatch.setattr(tuning, "sm_count", lambda d: None)  # the untuned default as is, on a GPU too
     shape = (8, 64, 96, 2, True, torch.bfloat16)
+    fp8_h100 = tuning.ExpertsConfig(tuning.GemmConfig(16, 64, 256), tuning.GemmConfig(16, 64, 256))
+    tuning.store(tuning.key(*shape, names["h100"], 16, "fp8"), fp8_h100, {"best": 1.0}, caps["h100"])
+    assert tuning.choose(*shape, torch.device("cuda"), 16 * 2, "fp8") == fp8_h100
+    untuned = tuning.default_config(16 * 2 / 8, torch.bfloat16)
+    assert tuning.choose(*shape, torch.device("cuda"), 16 * 2) == untuned  # "…-bfloat16-" heads fp8 keys too
     h100 = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64), tuning.GemmConfig(16, 32, 128))
     tuning.store(tuning.key(*shape, names["h100"], 16), h100, {"best": 1.0}, caps["h100"])
     cuda = torch.device("cuda")
