@@ -55,6 +55,14 @@ class BlockReport:
     after: fx.Graph | None = field(default=None, repr=False)
     unquantised_bytes: int = 0
     weights_note: str = ""  # pre-quantised weights: taken as they are (mode, scales) or why not
+    tiles_note: str = ""  # Triton experts on a GPU: the T-buckets with tuned tiles, and whose entries they are
+
+    def notes(self) -> list[tuple[str, str]]:
+        """(kind, text) of the block's notes that apply: its pre-quantised weights, its Triton tiles."""
+        notes = (
+            [("weights", f"{self.weights_note} ({format_bytes(self.weight_bytes)} read)")] if self.weights_note else []
+        )
+        return notes + ([("tiles", self.tiles_note)] if self.tiles_note else [])
 
     @property
     def lowering_summary(self) -> str:
@@ -149,8 +157,7 @@ class Report:
                 refused = f"; refused {rejected}" if rejected else ""
                 lines.append(f"    {blocks}: {ops} = {name} ({reason}){refused}")
             for i, m in enumerate(self.matches):
-                if m.weights_note:
-                    lines.append(f"  weights {i}: {m.weights_note} ({format_bytes(m.weight_bytes)} read)")
+                lines += [f"  {kind} {i}: {note}" for kind, note in m.notes()]
         for r in self.rejections:
             lines.append(f"  rejected {r.module_path or '<root>'} at {r.where or '-'}: {r.reason}")
         for reason, n in self.break_counts().items():
@@ -176,6 +183,11 @@ class Report:
             )
             head = "".join(f"<th>{h}</th>" for h in ("blocks", "ops", "lowering", "why", "candidates refused"))
             parts.append(f"<p>Lowerings</p><table><thead><tr>{head}</tr></thead><tbody>{low}</tbody></table>")
+        notes = "".join(
+            f"<li>{e(kind)} {i}: {e(note)}</li>" for i, m in enumerate(self.matches) for kind, note in m.notes()
+        )
+        if notes:
+            parts.append(f"<p>Notes</p><ul>{notes}</ul>")
         if self.rejections:
             rej = "".join(
                 f"<tr><td><code>{e(r.module_path or '<root>')}</code></td>"

@@ -79,3 +79,5 @@ def test_tune_writes_entries_that_choose_then_reads(tmp_path, monkeypatch):
         T = int(key.rsplit("-T", 1)[1])
         picked = tuning.choose(E, D, F, model.k, True, torch.bfloat16, x.device, T * model.k)
         assert dataclasses.asdict(picked) == r["config"], key
+    note = moe_fx.explain(model, x).matches[0].tiles_note  # the report names the buckets just tuned
+    assert note.startswith("Triton tiles tuned for T-buckets 4, 64 (this GPU)"), note

@@ -1,5 +1,6 @@
 """moe_fx.explain's Report: text and HTML tables, lowering choices, logging, pictures, annotated printout."""
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -125,6 +126,21 @@ def test_html_is_well_formed_escaped_and_complete(explained):
     assert any("test_refused: needs a device" in c for c in parser.cells)
     empty = moe_fx.Report()
     assert "&lt;" not in empty._repr_html_() and "0 MoE block(s) matched" in empty._repr_html_()
+
+
+def test_block_notes_show_in_text_and_html(explained):
+    """A block's notes (pre-quantised weights, Triton tiles; set on GPUs and for quantised checkpoints) print
+    under the lowerings, and the HTML lists them escaped."""
+    report, _ = explained
+    block = dataclasses.replace(report.matches[0], weights_note="fp8 <e4m3> taken as is",
+                                tiles_note="Triton tiles tuned for T-buckets 1, 16 (this GPU)")  # fmt: skip
+    noted = moe_fx.Report(matches=[block])
+    assert "  weights 0: fp8 <e4m3> taken as is (72.0 KiB read)\n  tiles 0: Triton tiles tuned for T-buckets 1, 16" in (
+        str(noted)
+    )
+    page = noted._repr_html_()
+    assert "<p>Notes</p><ul><li>weights 0: fp8 &lt;e4m3&gt; taken as is (72.0 KiB read)</li><li>tiles 0:" in page
+    assert "<p>Notes</p>" not in report._repr_html_() and "  tiles 0" not in str(report)
 
 
 def test_every_rejection_and_lowering_choice_is_logged(explained):

@@ -52,7 +52,7 @@ def _needs_autograd(match: MoEMatch) -> bool:
     return any(getattr(value(n), "requires_grad", False) for n in (match.x, match.logits))
 
 
-def _block_report(match: MoEMatch, graph: int) -> BlockReport:
+def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockReport:
     lowerings = {
         op: LoweringChoice(op, sel.chosen.name, sel.reason, sel.rejected) for op, sel in match.selections.items()
     }
@@ -63,10 +63,23 @@ def _block_report(match: MoEMatch, graph: int) -> BlockReport:
         }
     block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
     block.weights_note = match.weights_note
+    block.tiles_note = _tiles_note(match, device)
     if match.spec.quant.mode != "none" and prequant.prequantised(match.binding) is None:
         b = match.binding
         block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
     return block
+
+
+def _tiles_note(match: MoEMatch, device: torch.device) -> str:
+    """Which T-buckets the Triton experts run tuned tiles in, for a block on one GPU; "" for other lowerings."""
+    spec = match.spec
+    if device.type != "cuda" or spec.layout != "single" or match.selections["experts"].chosen.name != "triton":
+        return ""
+    from moe_fx.lowering.triton import tuning  # chosen "triton": Triton imports
+
+    ex = spec.experts
+    return tuning.tiles_note(ex.num_experts, ex.hidden, ex.ffn, spec.top_k, ex.gated, getattr(torch, ex.dtype), device,
+                             spec.quant.mode)  # fmt: skip
 
 
 _WEIGHT_ARGS = ("w13", "w3", "w2", "w13_bias", "w2_bias", "w13_scale", "w2_scale")
@@ -183,7 +196,7 @@ def rewrite_graph(
     index = len(taken)
     for match, shard in accepted:  # shard: this rank's part under a parallel layout, None on one device
         _log_lowerings(match)
-        block = _block_report(match, graph)
+        block = _block_report(match, graph, device)
         if shard is not None:  # explain shows which experts (or F slice) this rank holds
             dispatch = block.lowerings["quantize_dispatch"]
             dispatch.reason = f"{dispatch.reason}; {shard}"

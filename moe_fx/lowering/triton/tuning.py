@@ -142,26 +142,63 @@ def _read(path: Path) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] | None) -> ExpertsConfig | None:
-    """The entry tuned on this device (the user's cache first, then the entries shipped with moe_fx); else one
-    tuned on another device of the same compute capability (an H100's for an H200: the same SMs), which beats
-    the defaults. The stand-in's key differs in its device name alone: a bf16 head is a prefix of its fp8
-    keys' heads too, and an fp8 entry (256-deep K-tiles) is out of shared memory in bf16."""
+def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] | None) -> tuple | None:
+    """(ExpertsConfig, the device it was tuned on) of the entry tuned on this device (the user's cache first,
+    then the entries shipped with moe_fx); else of one tuned on another device of the same compute capability
+    (an H100's for an H200: the same SMs), which beats the defaults. The stand-in's key differs in its device
+    name alone: a bf16 head is a prefix of its fp8 keys' heads too, and an fp8 entry (256-deep K-tiles) is out
+    of shared memory in bf16."""
     caches = (_read(Path(path)), _read(PACKAGED))
-    entry = next((c[head + device + tail] for c in caches if head + device + tail in c), None)
+    found = next(((device, c[head + device + tail]) for c in caches if head + device + tail in c), None)
 
     def stands_in(k: str, e: dict) -> bool:
         other = k[len(head) : len(k) - len(tail)]  # a device name has no "-"; "fp8-NVIDIA_H200" does
         return k.startswith(head) and k.endswith(tail) and "-" not in other and tuple(e.get("capability", ())) == cap
 
-    if entry is None and cap is not None:
-        entry = next((e for c in caches for k, e in sorted(c.items()) if stands_in(k, e)), None)
-        if entry is not None:
-            log.debug("moe_fx: no tuned entry %s; taking one tuned on another sm%d%d device", head + device + tail,
-                      *cap)  # fmt: skip
-    if entry is None:
+    if found is None and cap is not None:
+        found = next(
+            ((k[len(head) : len(k) - len(tail)], e) for c in caches for k, e in sorted(c.items()) if stands_in(k, e)),
+            None,
+        )  # fmt: skip
+        if found is not None:
+            log.debug("moe_fx: no tuned entry %s; taking %s's (sm%d%d)", head + device + tail, found[0], *cap)
+    if found is None:
         return None
-    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
+    tuned_on, entry = found
+    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"])), tuned_on
+
+
+def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
+                  quant: str = "none") -> dict[int, str]:  # fmt: skip
+    """{T-bucket: the device its entry was tuned on} for each bucket `choose` takes a tuned entry in on `device`
+    (its own, else a same-capability stand-in); every other bucket runs the defaults."""
+    head, _ = _key_ends(E, D, F, K, gated, dtype, 1, quant)
+    path, name, cap = str(cache_path()), device_name(device), capability(device)
+    buckets = set()
+    for c in (_read(Path(path)), _read(PACKAGED)):
+        for k in c:
+            other, _, T = k[len(head) :].rpartition("-T")
+            if k.startswith(head) and "-" not in other and T.isdigit():
+                buckets.add(int(T))
+    found = {T: _lookup(path, head, name, f"-T{T}", tuple(cap) if cap else None) for T in sorted(buckets)}
+    return {T: hit[1] for T, hit in found.items() if hit is not None}
+
+
+def tiles_note(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
+               quant: str = "none") -> str:  # fmt: skip
+    """One line for the report: which T-buckets of this experts shape run tuned tiles on `device`, and where
+    their entries come from."""
+    name = device_name(device)
+    by_device: dict[str, list[int]] = {}
+    for T, tuned_on in tuned_buckets(E, D, F, K, gated, dtype, device, quant).items():
+        by_device.setdefault(tuned_on, []).append(T)
+    if not by_device:
+        return f"Triton tiles untuned on {name}: every T runs the defaults; moe_fx.tune(model, x) tunes them"
+    parts = [
+        f"{', '.join(map(str, Ts))} ({'this GPU' if on == name else f'stand-in: {on}, same capability'})"
+        for on, Ts in by_device.items()
+    ]
+    return f"Triton tiles tuned for T-buckets {'; '.join(parts)}; other T run the defaults (moe_fx.tune tunes them)"
 
 
 def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], cap: list[int] | None = None) -> None:
@@ -192,7 +229,7 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
         cap = capability(device)
         tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
     if tuned is not None:
-        return tuned
+        return tuned[0]
     config = default_config(R / max(E, 1), dtype, quant)
     sms = None if interpret else sm_count(device)
     return conform(spread(config, E, D, F, R, sms), quant) if sms else config

@@ -132,6 +132,32 @@ def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, mo
     assert tuning.choose(*shape, cuda, 16 * 2) == own
 
 
+def test_tiles_note_names_the_tuned_buckets_and_whose_entries_they_are(tmp_path, monkeypatch):
+    """The report's line: this GPU's own buckets, a same-capability device's stand-ins, never another quant
+    mode's (an fp8 key shares the bf16 head), and what untuned means."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
+    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
+    shape, cuda = (8, 64, 96, 2, True, torch.bfloat16), torch.device("cuda")
+    assert tuning.tiles_note(*shape, cuda) == (
+        "Triton tiles untuned on NVIDIA_H200: every T runs the defaults; moe_fx.tune(model, x) tunes them"
+    )
+    c = tuning.ExpertsConfig(tuning.GemmConfig(16, 64, 128), tuning.GemmConfig(16, 64, 128))
+    h100 = "NVIDIA_H100_80GB_HBM3"
+    for device, T, quant, cap in [("NVIDIA_H200", 1, "none", [9, 0]), ("NVIDIA_H200", 16, "none", [9, 0]),
+                                  (h100, 16, "none", [9, 0]),  # the H200's own wins
+                                  (h100, 1024, "none", [9, 0]), ("NVIDIA_A100", 8192, "none", [8, 0]),
+                                  ("NVIDIA_H200", 128, "fp8", [9, 0])]:  # fmt: skip
+        tuning.store(tuning.key(*shape, device, T, quant), c, {"best": 1.0}, cap)
+    assert tuning.tuned_buckets(*shape, cuda) == {1: "NVIDIA_H200", 16: "NVIDIA_H200", 1024: "NVIDIA_H100_80GB_HBM3"}
+    assert tuning.tuned_buckets(*shape, cuda, "fp8") == {128: "NVIDIA_H200"}
+    assert tuning.tiles_note(*shape, cuda) == (
+        "Triton tiles tuned for T-buckets 1, 16 (this GPU); 1024 (stand-in: NVIDIA_H100_80GB_HBM3, same capability); "
+        "other T run the defaults (moe_fx.tune tunes them)"
+    )
+
+
 def test_shipped_entries_name_their_capability():
     entries = json.loads(tuning.PACKAGED.read_text())
     assert entries and all(e["capability"] == [9, 0] for e in entries.values())
