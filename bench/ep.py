@@ -34,7 +34,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moe_fx.lowering import registry  # noqa: E402
-from moe_fx.lowering.distributed import plan_shard  # noqa: E402
+from moe_fx.lowering.distributed import exchanges, plan_shard  # noqa: E402
 from moe_fx.lowering.distributed.placement import shard_weights  # noqa: E402
 from moe_fx.lowering.quant import ACTIVATION_QUANTISED, BLOCK, quantize_weight  # noqa: E402
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args  # noqa: E402
@@ -132,7 +132,9 @@ class Layer:
     def dispatch(self, x_TD, weights_TK, ids_TK):
         args = dispatch_args(self.spec, x_TD, ids_TK, weights_TK, self.impl["quantize_dispatch"],
                              self.shard.group_name, self.expert_map, self.num_local)  # fmt: skip
-        return OPS.quantize_dispatch(*args)
+        dispatched = OPS.quantize_dispatch(*args)
+        exchanges.finish_exchanges()  # ep_alltoall returns once its exchange has started: time it landing
+        return dispatched
 
     def experts(self, dispatched):
         impl = self.impl["experts"]

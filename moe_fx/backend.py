@@ -58,7 +58,7 @@ def moe_fx_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options=No
             "recompile (a new input shape) traces the model's own expert weights again, so they must stay"
         )
     rebind = []  # parameters become views of stacked weights only after the inner compiler has traced
-    report = rewrite_graph(gm, example_inputs, opts, rebind=rebind)
+    report = rewrite_graph(gm, example_inputs, opts, rebind=rebind, inner_reorders=opts.inner != "eager")
     with _LOCK:
         _reports.append(report)
     if opts.inner == "eager":

@@ -35,11 +35,20 @@ import torch
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering import registry
+from moe_fx.lowering.distributed import exchanges
 from moe_fx.spec import MoESpec, RouterSpec
 
 
 def _run(op: str, impl: str, **kwargs):
     return registry.lookup(op, impl).fn(**kwargs)
+
+
+def _run_after_exchanges(op: str, impl: str, **kwargs):
+    """`_run` for the ops that read dispatch's outputs: a dispatch that overlaps its exchange with the graph
+    (`distributed/exchanges.py`) has them filled first."""
+    if exchanges.in_flight():
+        exchanges.finish_exchanges()
+    return _run(op, impl, **kwargs)
 
 
 # The ops are defined on a plain `torch.library.Library`, their schemas inferred from the type hints below,
@@ -199,7 +208,7 @@ def experts(
     non-gated MLP; with gate_up="separate", w13 is the gate [E, F, D] and w3 the up projection.
     `*_transposed` marks [E, D, 2F] / [E, F, D] storage. w13_bias [E, 2F] (gate then up), w2_bias [E, D].
     """
-    return _run(
+    return _run_after_exchanges(
         "experts",
         impl,
         xq=xq,
@@ -267,7 +276,7 @@ def combine(
     impl: str,
 ) -> torch.Tensor:
     """y_RD, weights_TK, row_index_R -> out_TD = sum_k weights[t, k] * y[row of (t, k)]."""
-    return _run(
+    return _run_after_exchanges(
         "combine",
         impl,
         y=y,

@@ -33,8 +33,10 @@ VALID_KEYS = {
     "once they are quantised (moe_fx.apply only; they become empty tensors in state_dict)",
     "verify": "a bool (default True): run each rewritten block against the original once at compile time "
     "and leave it untouched on a mismatch",
+    "overlap_shared": "a bool (default True): under layout 'ep_alltoall' (exact exchanges), run each block's "
+    "shared expert (work that needs neither the routed path nor the exchanged rows) while its rows travel",
 }
-BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify")
+BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify", "overlap_shared")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Options:
     group: Any = None  # ProcessGroup | DeviceMesh | None (WORLD); resolved at rewrite time
     expert_placement: tuple[int, ...] | None = None
     max_tokens_per_rank: int = 0
+    overlap_shared: bool = True
 
 
 def _placement(value) -> tuple[int, ...]:

@@ -39,6 +39,9 @@ class Lowering:
     fn: Callable
     priority: int = 0
     supports: Callable[[MoESpec], str | None] = _supports_all
+    # a quantize_dispatch that returns once its exchange has started (outputs filled when experts or combine
+    # first runs: `distributed/exchanges.py`); the rewrite moves the block's shared expert after it
+    overlaps: bool = False
 
     def __str__(self) -> str:
         return f"{self.name} (priority {self.priority})"
@@ -73,15 +76,20 @@ def register_lowering(
     name: str,
     priority: int = 0,
     supports: Callable[[MoESpec], str | None] | None = None,
+    overlaps: bool = False,
 ) -> Callable[[Callable], Callable]:
-    """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any."""
+    """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any.
+    `overlaps` (quantize_dispatch only): fn returns before its exchange lands, having registered it with
+    `moe_fx.lowering.distributed.exchanges.start_exchange`."""
     if op not in OPS:
         raise ValueError(f"moe_fx: op={op!r} is not one of {OPS}")
     if layout not in LAYOUTS:
         raise ValueError(f"moe_fx: layout={layout!r} is not one of {LAYOUTS}")
 
     def decorator(fn: Callable) -> Callable:
-        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all)
+        if overlaps and op != "quantize_dispatch":
+            raise ValueError(f"moe_fx: overlaps=True is for quantize_dispatch lowerings, not {op!r}")
+        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps)
         with _LOCK:
             entries = _ENTRIES.setdefault((op, device, layout), [])
             if any(e.name == name for e in entries):

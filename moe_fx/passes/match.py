@@ -61,6 +61,9 @@ def block_tolerance(*dtypes: torch.dtype) -> float:
 _CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
 
 
+EMPTY_BATCH = "the example batch is empty, so the block cannot be verified"
+
+
 @dataclass
 class Rejection:
     where: str  # the anchor node
@@ -372,9 +375,7 @@ class BlockFinder:
         module_path = self.module_path([anchor, logits, *region])
         x_real, logits_real, w_real, ids_real = self.real_values([x, logits, w, ids])
         if x_real.numel() == 0:
-            return Rejection(
-                where, module_path, "the example batch is empty, so the block cannot be verified", past_the_cut=True
-            )
+            return Rejection(where, module_path, EMPTY_BATCH, past_the_cut=True)
         # weights the model dequantises from 1-byte parameters: the region starts at the dequantised tensors
         dequantised, why = prequant.frontier(self, region)
         if why is not None:

@@ -18,7 +18,8 @@ from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes import prequant
 from moe_fx.passes.graph_view import value
-from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
+from moe_fx.passes.match import EMPTY_BATCH, BlockFinder, MoEMatch, find_blocks
+from moe_fx.passes.overlap import hoist_past_dispatch
 from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
 from moe_fx.passes.router import sink_sigmoid_into_scatter
 from moe_fx.passes.verify import verify
@@ -68,6 +69,21 @@ def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockRep
         b = match.binding
         block.unquantised_bytes = sum(t.numel() * t.element_size() for t in (b.w13, b.w3, b.w2) if t is not None)
     return block
+
+
+NOT_OVERLAPPED_UNDER_INDUCTOR = (
+    "the shared expert does not overlap its exchange: Inductor schedules the graph itself (it ran the shared "
+    "expert before the dispatch); moe_fx.apply or options inner='eager' keep the overlap"
+)
+
+
+def _overlap(gm: fx.GraphModule, new_nodes: list[fx.Node], block: BlockReport) -> None:
+    """Move the block's independent work (its shared expert) between its dispatch and experts, and say so."""
+    by_op = {n.meta["moe_fx"]["op"]: n for n in new_nodes if "moe_fx" in n.meta}
+    moved = hoist_past_dispatch(gm.graph, by_op["quantize_dispatch"], by_op["experts"], by_op["combine"])
+    if moved:
+        dispatch = block.lowerings["quantize_dispatch"]
+        dispatch.reason = f"{dispatch.reason}; its exchange overlaps {len(moved)} node(s) of the block's shared work"
 
 
 def _tiles_note(match: MoEMatch, device: torch.device) -> str:
@@ -139,6 +155,7 @@ def rewrite_graph(
     graph: int = 0,
     rebind: list | None = None,
     owns_forward: bool = False,
+    inner_reorders: bool = False,
 ) -> Report:
     """Find every MoE block in `gm`, pick lowerings and rewrite each in place.
 
@@ -149,12 +166,23 @@ def rewrite_graph(
     Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
     `owns_forward`: the caller runs `gm` instead of the module from now on (apply), so under a parallel
     layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
+    `inner_reorders`: a compiler that schedules the nodes itself (Inductor) receives `gm`, so the shared
+    expert's place between dispatch and experts would not hold: it is not moved, and the report says so.
     """
     pending = [] if rebind is None else rebind
     fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
     sink_sigmoid_into_scatter(gm, lambda node: _set_meta(node, fake_mode))
     finder = BlockFinder(gm, example_inputs)
     matches, rejections = find_blocks(gm, example_inputs, finder)
+    empty = [r for r in rejections if r.reason == EMPTY_BATCH]
+    if empty and options.layout != "single":  # left as it is, the block would skip the exchanges its peers wait in
+        raise ValueError(
+            f"moe_fx: block {empty[0].module_path or '<root>'} was captured for an empty batch (0 tokens) under "
+            f"layout={options.layout!r}: moe_fx cannot verify it there, and left as it is this rank would skip the "
+            "exchanges the other ranks wait in. Capture it with tokens: give apply a non-empty example, or under "
+            "torch.compile make this rank's first call of each new shape non-empty (Dynamo specialises 0 tokens "
+            "into a graph of its own)"
+        )
     report = Report(graphs=1)
     report.rejections += [RejectionReport(r.module_path, r.where, r.reason, graph) for r in rejections]
     count("rejected", len(rejections))
@@ -194,6 +222,7 @@ def rewrite_graph(
         accepted.append((match, plan_shard(match.spec, options.group, options.expert_placement, device.type)))
     taken = {n for n in gm.graph.nodes if n.op == "get_attr" and str(n.target).startswith("moe_fx_block")}
     index = len(taken)
+    overlapping = []  # blocks whose dispatch overlaps its exchange: their shared work moves once all are rewritten
     for match, shard in accepted:  # shard: this rank's part under a parallel layout, None on one device
         _log_lowerings(match)
         block = _block_report(match, graph, device)
@@ -205,11 +234,21 @@ def rewrite_graph(
         old = set(gm.graph.nodes)
         rewrite(gm, match, index, [] if dry_run else pending, shard, owns_forward and not dry_run)
         new_nodes = [n for n in gm.graph.nodes if n not in old]
+        if options.overlap_shared and match.selections["quantize_dispatch"].chosen.overlaps:
+            if inner_reorders:
+                dispatch = block.lowerings["quantize_dispatch"]
+                dispatch.reason += f"; {NOT_OVERLAPPED_UNDER_INDUCTOR}"
+            else:
+                overlapping.append((new_nodes, block))
         block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1
         if not dry_run:
             count("rewritten")
             log.info("moe_fx: rewrote %s (%s): %s", match.module_path, match.form, match.spec.summary())
+    for new_nodes, block in overlapping:
+        _overlap(gm, new_nodes, block)
+    if overlapping:
+        gm.recompile()
     if rebind is None and not dry_run:
         apply_rebind(pending)
     return report

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import moe_fx
 from moe_fx import examples as ex
-from moe_fx.lowering.distributed import plan_shard
+from moe_fx.lowering.distributed import exchanges, plan_shard
 from moe_fx.lowering.quant import activation_dtype, quantize_weight
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
@@ -134,6 +134,68 @@ def _quantised_two_ranks(rank: int, world: int) -> None:
     assert not report.matches and "not implemented for layout 'tp'" in report.rejections[-1].reason, str(report)
 
 
+_PROBED: list[int] = []  # exchanges in flight each time the shared expert's probe ran
+
+
+@torch.library.custom_op("moe_fx_test::probe", mutates_args=())
+def _probe(x: torch.Tensor) -> torch.Tensor:
+    """The identity, noting how many dispatch exchanges are in flight when the shared expert starts."""
+    _PROBED.append(exchanges.in_flight())
+    return x.clone()
+
+
+@_probe.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _Probe(torch.nn.Module):
+    def forward(self, x):
+        return torch.ops.moe_fx_test.probe(x)
+
+
+def _shared_expert_overlaps(rank: int) -> None:
+    """ep_alltoall moves a block's shared expert between its dispatch and experts: it runs while the rows
+    travel (one exchange in flight at its first op), through apply and torch.compile(inner="eager");
+    Inductor schedules the graph itself (it runs the shared expert first), so there it stays, and the report
+    says so; overlap_shared=False keeps it after the block. The outputs equal single-process eager always."""
+    for via, overlap in (("apply", True), ("eager", True), ("inductor", False), ("apply", False)):
+        model, ref_model = _model(ex.DeepSeekStyleMoE)
+        model.shared_expert = torch.nn.Sequential(_Probe(), model.shared_expert)
+        ref_model.shared_expert = copy.deepcopy(model.shared_expert)
+        options = {"layout": "ep_alltoall", "overlap_shared": via == "inductor" or overlap}
+        x = _tokens(rank, (5, 12)[rank], 32)
+        if via == "apply":
+            report = moe_fx.apply(model, x, options=options)
+        else:
+            model = torch.compile(model, backend="moe_fx", options={**options, "inner": via})
+            with torch.no_grad():
+                model(x)
+            from moe_fx.backend import last_reports
+
+            report = last_reports()[-1]
+        reason = report.matches[0].lowerings["quantize_dispatch"].reason
+        assert ("its exchange overlaps" in reason) == overlap, reason
+        assert ("Inductor schedules the graph itself" in reason) == (via == "inductor"), reason
+        # apply: a rank with no tokens still exchanges (it receives rows); compile would capture T=0 apart
+        for T in ((5, 12)[rank], ((0, 3) if via == "apply" else (2, 3))[rank]):
+            x = _tokens(rank + 40, T, 32)
+            _PROBED.clear()
+            with torch.no_grad():
+                out = model(x)
+            probed = list(_PROBED)
+            with torch.no_grad():
+                ref = ref_model(x)
+            assert rel_err(out, ref) < TOL, f"rank {rank} shared overlap {via} {overlap} T={T}"
+            assert probed == [1 if overlap else 0], (via, overlap, T, probed)
+            assert exchanges.in_flight() == 0
+    from bench.overlap import measure  # bench/overlap.py's row on a tiny layer: every part timed, both ways
+
+    row = measure((3, 6)[rank], torch.device("cpu"), torch.float32, reps=2, shape=(4, 2, 32, 16))
+    assert all(row[k] > 0 for k in ("off_us", "on_us", "shared_us", "exchange_us")), row
+    assert row["ideal_us"] == min(row["shared_us"], row["exchange_us"])
+
+
 def _two_ranks(rank: int, world: int) -> None:
     group = dist.group.WORLD
     # ep_alltoall through apply, two forms in one model; uneven T (2 and 9 tokens): most experts idle on rank 0
@@ -208,11 +270,14 @@ def _two_ranks(rank: int, world: int) -> None:
         plan_shard(spec, None, (0, 1), "cpu")
     with pytest.raises(ValueError, match=r"ffn dim F \(47\) must be divisible by the world size \(2\)"):
         plan_shard(spec.replace(layout="tp"), group, None, "cpu")
+    with pytest.raises(ValueError, match=r"block <root> was captured for an empty batch \(0 tokens\) under layout="):
+        moe_fx.apply(model.__class__(num_experts=4), torch.randn(0, 32), options={"layout": "ep_alltoall"})
     cpu_only = dist.new_group(backend="cpu:gloo")
     with pytest.raises(ValueError, match=r"layout='ep_allgather' on cuda tensors needs .* backend"):
         plan_shard(spec, cpu_only, (0, 1, 1), "cuda")
 
     _quantised_two_ranks(rank, world)
+    _shared_expert_overlaps(rank)
 
 
 def _four_ranks(rank: int, world: int) -> None:

@@ -4,7 +4,7 @@ The GPU twin of test_distributed.py: every rank's output equals single-process e
 uneven token counts (a rank with none), through `apply` and `torch.compile`, with the Triton lowerings for
 route / experts on each rank and NCCL moving the rows; fp8 rows travel as e4m3 bytes and equal the
 single-process fp8 block on the rank's tokens; the padded ep_alltoall (max_tokens_per_rank) runs inside a
-CUDA graph. Run through the device tool on nvidia-h200-x2.
+CUDA graph; a shared expert overlaps the ep_alltoall exchange. Run through the device tool on nvidia-h200-x2.
 """
 
 from __future__ import annotations
@@ -80,6 +80,14 @@ def _nccl_two_ranks(rank: int, world: int) -> None:
     compiled = torch.compile(model, backend="moe_fx", options={"layout": "tp"})
     _check(compiled, ref_model, _tokens(0, 17, 32, torch.bfloat16), TOLERANCE[torch.bfloat16], "tp compile")
     assert last_reports()[-1].matches[0].lowerings["combine"].name == "tp_all_reduce"
+
+    # a shared expert moved between dispatch and experts runs beside the NCCL exchange (bf16, apply)
+    model, ref_model = _pair(ex.DeepSeekStyleMoE, torch.bfloat16)
+    report = moe_fx.apply(model, _tokens(rank, 6, 32, torch.bfloat16), options={"layout": "ep_alltoall"})
+    assert "its exchange overlaps" in report.matches[0].lowerings["quantize_dispatch"].reason, str(report)
+    for T in ((7, 19)[rank], (0, 4)[rank]):
+        what = f"rank {rank} shared expert overlapped T={T}"
+        _check(model, ref_model, _tokens(rank + 60, T, 32, torch.bfloat16), TOLERANCE[torch.bfloat16], what)
 
     # fp8 rows over NCCL: each rank equals the single-process fp8 block (Triton fp8 kernels) on its tokens
     model, single = _pair(ex.LoopMoE, torch.bfloat16, dim=256, ffn=128, num_experts=4)

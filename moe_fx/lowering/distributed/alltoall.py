@@ -14,8 +14,11 @@ S rows this rank sends (T*K, one per (token, slot)), N = R rows it receives.
 
 The handle `comm_splits` (int64) is [rows sent to each rank (W) | rows received from each (W) |
 the (t*K + k) slot of each sent row (S)]: all that combine needs for the reverse exchange.
-One host sync, in dispatch, for the split sizes; combine reads them from the host copy dispatch attached
-to the handle (`comm.keep_host_head`), so it queues its exchange without waiting for the experts.
+Dispatch returns once the row exchange has started (`exchanges.py`): its outputs are filled when experts
+(or combine) first runs, so what the graph runs in between (the shared expert, `passes/overlap.py`)
+overlaps the exchange. One host sync, in dispatch, for the split sizes; combine reads them from the host
+copy dispatch attached to the handle (`comm.keep_host_head`), so it queues its exchange without waiting
+for the experts.
 Quantised rows are quantised per token exactly as on one device (`quant.quantize_rows`), so the local
 experts compute what the single-device block computes.
 """
@@ -26,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from moe_fx.lowering import reference
-from moe_fx.lowering.distributed import stats
+from moe_fx.lowering.distributed import exchanges, stats
 from moe_fx.lowering.distributed.comm import (
     PRIORITY,
     group_of,
@@ -36,7 +39,7 @@ from moe_fx.lowering.distributed.comm import (
     quantize_for_wire,
     scale_shape,
     uncapped,
-    unpack_rows,
+    unpack_rows_into,
     wire,
 )
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
@@ -46,7 +49,7 @@ NAME = "ep_all_to_all"  # each layout names its lowerings apart: ops look entrie
 
 
 @register_lowering("quantize_dispatch", device=ANY_DEVICE, layout=LAYOUT, name=NAME, priority=PRIORITY,
-                   supports=uncapped)  # fmt: skip
+                   supports=uncapped, overlaps=True)  # fmt: skip
 def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map):
     group = group_of(group_name)
     W, rank = group.size(), group.rank()
@@ -76,17 +79,26 @@ def dispatch(x, ids, weights, num_local_experts, quant, layout, group_name, expe
         row_layout.append((torch.float32, xscale_TB.shape[1]))
     rows_S = pack_rows(parts)  # one exchange for the rows, their weights and scales
     rows_N = rows_S.new_empty((N, rows_S.shape[1]))
-    dist.all_to_all_single(rows_N, rows_S, recv, send, group=group)
-    xq_ND, recv_weights_N1, *xscale_NB = unpack_rows(rows_N, row_layout)
-    recv_weights_N = recv_weights_N1[:, 0]
+    work = dist.all_to_all_single(rows_N, rows_S, recv, send, group=group, async_op=True)
 
     local_slot_N = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_WL.reshape(-1), output_size=N)
     gather_index_R = torch.sort(local_slot_N, stable=True).indices
     expert_offsets_L1 = torch.zeros(L + 1, dtype=torch.int64, device=x.device)
     torch.cumsum(recv_WL.sum(0), 0, out=expert_offsets_L1[1:])
     comm_splits = keep_host_head(torch.cat([send_W, recv_W, send_slot_S]), splits)
+    # the outputs the rows land in, filled by `finish` when experts (or combine) first needs them
+    received = [rows_N.new_empty((N, columns), dtype=dtype) for dtype, columns in row_layout]
+    xq_ND, recv_weights_N1, *xscale_NB = received
     xscale = scale_shape(xscale_NB[0] if xscale_NB else None, quant, x.device)
-    row_weights_R = recv_weights_N[gather_index_R]
+    row_weights_R = torch.empty((N,), dtype=torch.float32, device=x.device)
+
+    def finish():
+        unpack_rows_into(rows_N, received)
+        torch.index_select(recv_weights_N1[:, 0], 0, gather_index_R, out=row_weights_R)
+        if xscale_NB and quant != "fp8_block":  # fp8_block's [N, B] scales landed in xscale itself
+            xscale.copy_(xscale_NB[0][:, 0])
+
+    exchanges.start_exchange(work, finish)
     return xq_ND, xscale, expert_offsets_L1, gather_index_R, row_weights_R, gather_index_R.clone(), comm_splits
 
 

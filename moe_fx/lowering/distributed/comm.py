@@ -84,12 +84,18 @@ def pack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def unpack_rows(packed_TB: torch.Tensor, layout: list[tuple[torch.dtype, int]]) -> list[torch.Tensor]:
     """Inverse of `pack_rows`: (dtype, columns) per part, each returned contiguous."""
-    parts, start = [], 0
-    for dtype, columns in layout:
-        width = columns * dtype.itemsize
-        parts.append(packed_TB[:, start : start + width].contiguous().view(dtype))
-        start += width
+    parts = [packed_TB.new_empty((packed_TB.shape[0], columns), dtype=dtype) for dtype, columns in layout]
+    unpack_rows_into(packed_TB, parts)
     return parts
+
+
+def unpack_rows_into(packed_TB: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    """`unpack_rows` into the contiguous [T, columns] tensors `parts` (their dtypes and widths the layout)."""
+    start = 0
+    for part in parts:
+        raw = part.view(torch.uint8)  # [T, columns · itemsize]
+        raw.copy_(packed_TB[:, start : start + raw.shape[1]])
+        start += raw.shape[1]
 
 
 def uncapped(spec: MoESpec) -> str | None:
