@@ -113,3 +113,21 @@ def test_work_of_a_later_block_is_not_taken():
     gm.recompile()
     x, w = torch.randn(5, 8), torch.randn(8, 8)
     _same_values(two_blocks, gm, x, w)
+
+
+def shared_before_router(x, w):
+    h = x * 2.0  # the routed path needs it: stays
+    s = torch.relu(h @ w)  # transformers 5's Qwen2-MoE: the shared expert before the router
+    early = x.cos()  # read before the dispatch by something that stays: stays
+    c = combine(experts(dispatch(h + early)))
+    return c + s
+
+
+def test_the_shared_expert_before_the_router_moves_after_the_dispatch():
+    gm = _traced(shared_before_router)
+    assert _hoist(gm) == ["matmul", "relu"]
+    order = _order(gm)
+    assert order.index("dispatch") < order.index("matmul") < order.index("relu") < order.index("experts")
+    assert order.index("mul") < order.index("dispatch") and order.index("cos") < order.index("dispatch")
+    x, w = torch.randn(5, 8), torch.randn(8, 8)
+    _same_values(shared_before_router, gm, x, w)
