@@ -317,6 +317,25 @@ def _hung_rank(rank: int, world: int) -> None:
         torch.ops.moe_fx.quantize_dispatch(*args)
 
 
+def _rank_hung_in_the_row_exchange(rank: int, world: int) -> None:
+    """Rank 1 joins the count exchange and never the rows': rank 0's dispatch has returned (its all-to-all
+    runs on), and the experts' wait for the rows fails within the group's timeout (3 s)."""
+    spec = MoESpec(ExpertsSpec(4, 32, 48), 2, layout="ep_alltoall")
+    shard = plan_shard(spec, None, None, "cpu")
+    x_TD, ids_TK = _tokens(rank, 5, 32), torch.randint(0, 4, (5, 2), dtype=torch.int32)
+    args = dispatch_args(spec, x_TD, ids_TK, torch.rand(5, 2), "ep_all_to_all", shard.group_name,
+                         shard.expert_map(x_TD.device), shard.num_local_experts(4))  # fmt: skip
+    if rank == 1:
+        counts = torch.empty(2 * 4, dtype=torch.int64)
+        dist.all_gather_into_tensor(counts, torch.bincount(ids_TK.reshape(-1).long(), minlength=4))
+        time.sleep(8)
+        return
+    torch.ops.moe_fx.quantize_dispatch(*args)
+    assert exchanges.in_flight() == 1
+    with pytest.raises(RuntimeError, match="(?i)timed? ?out"):
+        exchanges.finish_exchanges()
+
+
 def test_two_ranks_every_layout_examples_hf_and_errors():
     run_ranks(_two_ranks, 2)
 
@@ -327,6 +346,7 @@ def test_four_ranks_uneven_placement_and_tokens():
 
 def test_hung_rank_surfaces_as_a_timeout_error():
     run_ranks(_hung_rank, 2, timeout_s=3.0)
+    run_ranks(_rank_hung_in_the_row_exchange, 2, timeout_s=3.0)
 
 
 def test_options_validate_group_and_placement():
