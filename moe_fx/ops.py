@@ -22,6 +22,11 @@ what else combine needs (each layout's module documents its handle; empty on one
 `xscale` is empty unless activations are quantised. Every op takes `impl`, the name of the registry
 entry that runs it, chosen at rewrite time.
 
+A dispatch lowering registered with `overlaps=True` (ep_alltoall's) returns once its exchange has started:
+xq, xscale and row_weights are filled when `experts` or `combine` next runs, which wait for it first
+(`lowering/distributed/exchanges.py`). Code that calls `quantize_dispatch` itself and reads those outputs
+directly calls `exchanges.finish_exchanges()` first.
+
 Capacity (`RouterSpec.capacity`, Switch and NLLB-MoE): `route` marks a (token, slot) pick past its
 expert's capacity as dropped, id -1 and weight 0. Dispatch puts dropped rows after every expert's group
 (`expert_offsets_L1[-1]` < R), `experts` writes zeros for them, so combine adds nothing for a dropped
