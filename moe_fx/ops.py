@@ -205,8 +205,13 @@ def experts(
     quant: str,
     out_dtype: torch.dtype,
     impl: str,
+    after: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows xq[gather_index[r]], grouped by expert (expert_offsets_L1) -> y_RD = w2 · act(w13 · x) per row.
+
+    `after`: a tensor only read for the order, the result of a block's shared expert that runs between its
+    dispatch and its experts (`passes/overlap.py`): a compiler that schedules the graph itself (Inductor)
+    then keeps it there.
 
     weight_at: "none" | "input" (row scaled by row_weights before w13) | "output" (y scaled after w2).
     w13 [E, 2F, D] holds gate and up (gate_up: concat | interleaved | up_first), or [E, F, D] for a
@@ -264,6 +269,7 @@ def _(
     quant,
     out_dtype,
     impl,
+    after=None,
 ):
     D = w2.shape[2] if w2_transposed else w2.shape[1]
     return xq.new_empty((gather_index.shape[0], D), dtype=out_dtype)
@@ -297,6 +303,18 @@ def combine(
 @torch.library.register_fake("moe_fx::combine")
 def _(y, weights, row_index, comm_splits, weighted, layout, group_name, impl):
     return y.new_empty((weights.shape[0], y.shape[1]))
+
+
+@_define
+def after_dispatch(x: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """x (a copy), read once dispatch's `handle` exists: with `experts(after=...)`, the edges that keep a
+    block's shared expert between its dispatch and its experts under Inductor (`passes/overlap.py`)."""
+    return x.clone()
+
+
+@torch.library.register_fake("moe_fx::after_dispatch")
+def _(x, handle):
+    return torch.empty_like(x)
 
 
 # ---------------------------------------------------------------- argument builders

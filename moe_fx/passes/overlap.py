@@ -22,9 +22,13 @@ order of independent nodes changes.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
+
+import torch
 import torch.fx as fx
 
-from moe_fx.passes.graph_view import is_inplace
+from moe_fx.passes.graph_view import is_inplace, value
 
 
 def _moe_fx_op(node: fx.Node) -> str | None:
@@ -86,9 +90,28 @@ def shared_work(graph: fx.Graph, dispatch: fx.Node, combine: fx.Node) -> list[fx
     return moved
 
 
-def hoist_past_dispatch(graph: fx.Graph, dispatch: fx.Node, experts: fx.Node, combine: fx.Node) -> list[fx.Node]:
-    """Move the block's shared work (`shared_work`) to just before `experts`; returns the nodes moved."""
+def hoist_past_dispatch(graph: fx.Graph, dispatch: fx.Node, experts: fx.Node, combine: fx.Node,
+                        pin: Callable[[fx.Node], bool] | None = None) -> list[fx.Node]:  # fmt: skip
+    """Move the block's shared work (`shared_work`) to just before `experts`; returns the nodes moved.
+
+    `pin(node)` (for a compiler that orders the graph itself, Inductor): true for the activations the
+    shared work reads (not parameters); they come through `moe_fx::after_dispatch(x, dispatch's handle)`,
+    and `experts` takes the shared work's last result as `after`: data edges on both sides."""
     moved = shared_work(graph, dispatch, combine)
     for n in moved:
         experts.prepend(n)
+    if pin is None or not moved:
+        return moved
+    inside = set(moved)
+    handle = next(u for u in dispatch.users if u.target is operator.getitem and u.args[1] == 6)
+    reads = dict.fromkeys(i for n in moved for i in n.all_input_nodes if i not in inside and pin(i))
+    for x in reads:
+        with graph.inserting_before(moved[0]):
+            pinned = graph.call_function(torch.ops.moe_fx.after_dispatch.default, (x, handle))
+        pinned.meta.update({k: x.meta[k] for k in ("val", "example_value") if k in x.meta})
+        for n in moved:
+            n.replace_input_with(x, pinned)
+    results = [n for n in moved if any(u not in inside for u in n.users) and isinstance(value(n), torch.Tensor)]
+    if results:  # the last: the shared expert's output, which needs the rest of its work
+        experts.update_kwarg("after", results[-1])
     return moved

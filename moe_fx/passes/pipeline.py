@@ -71,16 +71,18 @@ def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockRep
     return block
 
 
-NOT_OVERLAPPED_UNDER_INDUCTOR = (
-    "the shared expert does not overlap its exchange: Inductor schedules the graph itself (it ran the shared "
-    "expert before the dispatch); moe_fx.apply or options inner='eager' keep the overlap"
-)
-
-
-def _overlap(gm: fx.GraphModule, new_nodes: list[fx.Node], block: BlockReport) -> None:
-    """Move the block's independent work (its shared expert) between its dispatch and experts, and say so."""
+def _overlap(gm: fx.GraphModule, new_nodes: list[fx.Node], block: BlockReport, example_inputs, pin: bool) -> None:
+    """Move the block's independent work (its shared expert) between its dispatch and experts, and say so;
+    `pin` it there with data edges for a compiler that orders the graph itself (Inductor)."""
     by_op = {n.meta["moe_fx"]["op"]: n for n in new_nodes if "moe_fx" in n.meta}
-    moved = hoist_past_dispatch(gm.graph, by_op["quantize_dispatch"], by_op["experts"], by_op["combine"])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = {n for n, v in zip(placeholders, example_inputs) if isinstance(v, torch.nn.Parameter)}
+
+    def activation(node: fx.Node) -> bool:  # what the shared work reads that a copy may stand in for
+        return node.op != "get_attr" and node not in params and isinstance(value(node), torch.Tensor)
+
+    moved = hoist_past_dispatch(gm.graph, by_op["quantize_dispatch"], by_op["experts"], by_op["combine"],
+                                activation if pin else None)  # fmt: skip
     if moved:
         dispatch = block.lowerings["quantize_dispatch"]
         dispatch.reason = f"{dispatch.reason}; its exchange overlaps {len(moved)} node(s) of the block's shared work"
@@ -166,8 +168,8 @@ def rewrite_graph(
     Each block's report keeps standalone copies of its subgraph before and after (`moe_fx.draw`).
     `owns_forward`: the caller runs `gm` instead of the module from now on (apply), so under a parallel
     layout the original parameters may shrink to this rank's shard (see `rewrite._bind_shard`).
-    `inner_reorders`: a compiler that schedules the nodes itself (Inductor) receives `gm`, so the shared
-    expert's place between dispatch and experts would not hold: it is not moved, and the report says so.
+    `inner_reorders`: a compiler that schedules the nodes itself (Inductor) receives `gm`: a moved shared
+    expert is pinned between dispatch and experts by data edges (`overlap.hoist_past_dispatch`).
     """
     pending = [] if rebind is None else rebind
     fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
@@ -235,18 +237,14 @@ def rewrite_graph(
         rewrite(gm, match, index, [] if dry_run else pending, shard, owns_forward and not dry_run)
         new_nodes = [n for n in gm.graph.nodes if n not in old]
         if options.overlap_shared and match.selections["quantize_dispatch"].chosen.overlaps:
-            if inner_reorders:
-                dispatch = block.lowerings["quantize_dispatch"]
-                dispatch.reason += f"; {NOT_OVERLAPPED_UNDER_INDUCTOR}"
-            else:
-                overlapping.append((new_nodes, block))
+            overlapping.append((new_nodes, block))
         block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)
         index += 1
         if not dry_run:
             count("rewritten")
             log.info("moe_fx: rewrote %s (%s): %s", match.module_path, match.form, match.spec.summary())
     for new_nodes, block in overlapping:
-        _overlap(gm, new_nodes, block)
+        _overlap(gm, new_nodes, block, example_inputs, inner_reorders)
     if overlapping:
         gm.recompile()
     if rebind is None and not dry_run:
