@@ -1,4 +1,5 @@
-"""The op contract: four `moe_fx::` custom ops, each with its fake implementation beside it.
+"""The op contract: four `moe_fx::` custom ops (and `after_dispatch`, an ordering edge), each with its fake
+implementation beside it.
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts (global), L experts on this rank,
 K top-k, R dispatched rows (T*K on one device; what this rank receives under expert parallelism).
@@ -25,7 +26,9 @@ entry that runs it, chosen at rewrite time.
 A dispatch lowering registered with `overlaps=True` (ep_alltoall's) returns once its exchange has started:
 xq, xscale and row_weights are filled when `experts` or `combine` next runs, which wait for it first
 (`lowering/distributed/exchanges.py`). Code that calls `quantize_dispatch` itself and reads those outputs
-directly calls `exchanges.finish_exchanges()` first.
+directly calls `exchanges.finish_exchanges()` first. For Inductor, which orders the graph itself, the
+rewrite pins a block's shared expert between the two with `after_dispatch(x, handle)` (a copy of x) and
+`experts(..., after=shared_out)`: a fifth op, for the order alone.
 
 Capacity (`RouterSpec.capacity`, Switch and NLLB-MoE): `route` marks a (token, slot) pick past its
 expert's capacity as dropped, id -1 and weight 0. Dispatch puts dropped rows after every expert's group

@@ -1,4 +1,4 @@
-"""The op contract: schemas, fake implementations and opcheck for the four moe_fx ops."""
+"""The op contract: schemas, fake implementations and opcheck for the four moe_fx ops and the ordering edge."""
 
 import pytest
 import torch
@@ -66,6 +66,12 @@ def test_dispatch_experts_combine_opcheck():
         torch.library.opcheck(OPS.experts, experts_args_)
         y = OPS.experts(*experts_args_)
         torch.library.opcheck(OPS.combine, combine_args(spec, y, weights, dispatched, "reference"))
+    # the ordering edges of an overlapped shared expert: a copy of x after the handle; `after` changes nothing
+    shared = torch.randn(T, D)
+    torch.library.opcheck(OPS.after_dispatch, (x, splits))
+    assert torch.equal(OPS.after_dispatch(x, splits), x)
+    torch.library.opcheck(OPS.experts, experts_args_, {"after": shared})
+    assert torch.equal(OPS.experts(*experts_args_, after=shared), y)
 
 
 def test_fake_shapes_under_fake_mode():
