@@ -86,6 +86,7 @@ TINY = dict(
     index_topk=16,
     index_head_dim=16,
     index_n_heads=2,
+    index_num_heads=2,
     linear_key_head_dim=16,
     linear_value_head_dim=16,
     linear_num_key_heads=2,
@@ -695,6 +696,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         {},
         shrink=True,
         notes="no recognised router, kept opaque; experts rewritten",
+    ),
+    "kolibri1_1": Architecture(
+        "Kolibri1_1Config",
+        "Kolibri1_1ForCausalLM",
+        {},
+        shrink=True,
+        notes="Kolibri-1's block: top-k of the logits + correction bias, then the sigmoid of the picked "
+        "(unbiased) logits: no recognised router, kept opaque; experts rewritten",
     ),
     "laguna": Architecture(
         "LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="sigmoid + correction bias → top-k → renormalise"
