@@ -708,6 +708,14 @@ ARCHITECTURES: dict[str, Architecture] = {
     "laguna": Architecture(
         "LagunaConfig", "LagunaForCausalLM", {}, shrink=True, notes="sigmoid + correction bias → top-k → renormalise"
     ),
+    "lara_mini": Architecture(
+        "LaraMiniConfig",
+        "LaraMiniForCausalLM",
+        {},
+        shrink=True,
+        notes="softmax of float32 logits → top-k → renormalise, weights cast to the model dtype; shared expert "
+        "added without a gate, left as is",
+    ),
     "mellum": Architecture("MellumConfig", "MellumForCausalLM", {}, shrink=True, notes="softmax → top-k → renormalise"),
     "mimo_v2_flash": Architecture(
         "MiMoV2FlashConfig",

@@ -72,7 +72,7 @@ def _apply_and_check(model, inputs, expected_blocks: int, dtype):
 
 # bf16 on every architecture that is rewritten (a refusal is dtype-blind: fp32 shows it); of the shrink=True
 # architectures added with transformers 5.x, on those whose blocks differ from the ones before them
-BF16_ADDED = {"gemma4", "minimax_m3_vl", "qwen3_5_moe"}
+BF16_ADDED = {"gemma4", "lara_mini", "minimax_m3_vl", "qwen3_5_moe"}
 COMPILE_CASES = [(name, torch.float32) for name in hf_models.ARCHITECTURES] + [
     (name, torch.bfloat16)
     for name, arch in hf_models.ARCHITECTURES.items()
