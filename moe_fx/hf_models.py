@@ -724,6 +724,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
     ),
+    "minicpm5_moe": Architecture(
+        "MiniCPM5MoeConfig",
+        "MiniCPM5MoeForCausalLM",
+        {},
+        shrink=True,
+        notes="DeepSeek-V3 router (sigmoid of float32 logits + correction bias, group-limited top-k, renormalise, "
+        "× routed_scaling_factor)",
+    ),
     "minimax_m3_vl": Architecture(
         "MiniMaxM3VLTextConfig",
         "MiniMaxM3VLForCausalLM",
