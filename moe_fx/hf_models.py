@@ -796,6 +796,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         notes="softmax → top-k → renormalise (MoE text tower)",
     ),
+    "qwen4_exp": Architecture(
+        "Qwen4ExpTextConfig",
+        "Qwen4ExpForCausalLM",
+        {},
+        shrink=True,
+        notes="softmax → top-k → renormalise; shared expert with a sigmoid gate left as is (the block reads and "
+        "writes through hyper-connections)",
+    ),
     "solar_open": Architecture(
         "SolarOpenConfig",
         "SolarOpenForCausalLM",
