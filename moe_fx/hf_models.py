@@ -576,6 +576,16 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         notes="DeepSeek-V3 router without the scale (sigmoid + correction bias, groups, renormalise)",
     ),
+    "ergo": Architecture(
+        "ErgoConfig",
+        "ErgoForCausalLM",
+        {},
+        shrink=True,
+        refused="non-gated squared-ReLU (relu2) experts, and each route's expert output goes through that "
+        "expert's own RMSNorm (post_expert_norm, [E, D]) before the weighted sum: neither is in MoESpec; left "
+        "untouched (router: sigmoid + correction bias → top-k → renormalise → × moe_routed_scaling_factor; a "
+        "shared expert with its own norm)",
+    ),
     "ernie4_5_vl_moe": Architecture(
         "Ernie4_5_VLMoeTextConfig",
         "Ernie4_5_VLMoeTextModel",
