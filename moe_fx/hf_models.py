@@ -94,6 +94,7 @@ TINY = dict(
     linear_head_dim=16,
     linear_num_heads=4,
     sliding_window=16,
+    unpadded_vocab_size=128,
     mlp_only_layers=[],
     decoder_sparse_step=1,
     num_nextn_predict_layers=0,
@@ -691,6 +692,23 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         refused="the experts soft-cap their gate and up projections (cap · tanh(x / cap)) before the SwiGLU: not"
         " an activation MoESpec has; left untouched",
+    ),
+    "inkling2_loop": Architecture(
+        "Inkling2LoopTextConfig",
+        "Inkling2LoopForCausalLM",
+        # a second layer, looped: its MoE block runs twice a forward
+        dict(
+            num_hidden_layers=2,
+            n_layers_per_attn_res_block=1,
+            loop_layer_index_start=1,
+            loop_layer_index_end=2,
+            loop_num_passes=2,
+        ),
+        moe_blocks=2,
+        shrink=True,
+        refused="Inkling-2's experts: cap_g·tanh(gate / cap_g) · sigmoid(gate) · cap_u·tanh(up / cap_u) (the "
+        "SwiGLU's linear gate factor and up soft-capped, mlp_gate_softcap and mlp_up_softcap): not an activation "
+        "MoESpec has; left untouched",
     ),
     "kimi_linear": Architecture(
         "KimiLinearConfig",
