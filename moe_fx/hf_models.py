@@ -136,6 +136,14 @@ LOOP_4X = (
     " no combine); left untouched"
 )
 
+# HY-V4, DeepSeek-V4, GLM-5-Next: experts whose SwiGLU clamps at swiglu_limit (`passes/experts.unmodelled_clamps`)
+CLAMPED_SILU = (
+    "the experts compute silu(clamp(gate, max=swiglu_limit)) · clamp(up, -swiglu_limit, swiglu_limit): MoESpec's"
+    " one clamped activation is GPT-OSS's gate · σ(α·gate) · (up + 1), so no spec is exact once a value reaches "
+    "the limit. The tiny model's values never do (silu_gated agrees on every probe): the matcher refuses a clamp "
+    "the spec lacks; left untouched"
+)
+
 ARCHITECTURES: dict[str, Architecture] = {
     "mixtral": Architecture(
         "MixtralConfig",
@@ -539,13 +547,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
         "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
     ),
-    "deepseek_v4": Architecture(
-        "DeepseekV4Config",
-        "DeepseekV4ForCausalLM",
-        {},
-        shrink=True,
-        notes="sqrt(softplus) scores + correction bias: no recognised router, kept opaque; experts rewritten",
-    ),
+    "deepseek_v4": Architecture("DeepseekV4Config", "DeepseekV4ForCausalLM", {}, shrink=True, refused=CLAMPED_SILU),
     "deepseek_ocr2": Architecture(
         "DeepseekOcr2TextConfig",
         "DeepseekOcr2TextModel",
@@ -640,8 +642,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Glm5NextTextModel",
         dict(MLA_SIZES, qk_rope_head_dim=0, head_dim=0),
         shrink=True,
-        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
-        "routed_scaling_factor) (MoE text tower)",
+        refused=CLAMPED_SILU,
     ),
     "glm_moe_dsa": Architecture(
         "GlmMoeDsaConfig",
@@ -668,14 +669,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         notes="sigmoid + correction bias → top-k → renormalise → × router_scaling_factor",
     ),
-    "hy_v4": Architecture(
-        "HYV4Config",
-        "HYV4ForCausalLM",
-        MLA_SIZES,
-        shrink=True,
-        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
-        "routed_scaling_factor)",
-    ),
+    "hy_v4": Architecture("HYV4Config", "HYV4ForCausalLM", MLA_SIZES, shrink=True, refused=CLAMPED_SILU),
     "inkling": Architecture(
         "InklingTextConfig",
         "InklingForCausalLM",

@@ -9,13 +9,16 @@ the closest one wins if it is within the dtype's tolerance.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.fx as fx
 
 from moe_fx.ops import combine_args, dispatch_args, experts_args
 from moe_fx.passes import identity_experts as identity
+from moe_fx.passes.graph_view import target_name, tensor_meta
 from moe_fx.passes.weights import Family, stack_parts
 from moe_fx.spec import ExpertsSpec, MoESpec
 
@@ -56,6 +59,43 @@ def activation_hints(target_names: set[str], approximate_tanh: bool, clamp_bound
         gated.insert(0, "clamped_swiglu")
         extra = {"limit": max(abs(b) for b in clamp_bounds), "alpha": sigmoid_alpha or 1.702}
     return {"gated": gated or list(GATED), "plain": plain or list(NON_GATED), **extra}
+
+
+# clamp ops and the names of their positional bounds
+CLAMPS = {"clamp": ("min", "max"), "clip": ("min", "max"), "clamp_min": ("min",), "clamp_max": ("max",)}
+CLAMPS |= {f"{name}_": bounds for name, bounds in CLAMPS.items()}
+
+
+def _clamp_bounds(node: fx.Node) -> dict:
+    """A clamp node's bounds by name (`min`, `max`): numbers or tensor nodes; None and ±inf clamp nothing."""
+    named = dict(zip(CLAMPS[target_name(node)], node.args[1:]))
+    named |= {k: v for k, v in node.kwargs.items() if k in ("min", "max")}
+    return {k: v for k, v in named.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
+
+
+def unmodelled_clamps(region, spec: ExpertsSpec) -> list[str]:
+    """The clamps of floating-point values in the experts region that `spec` does not compute, described.
+
+    The candidates are told apart on probes of tokens at the example's scale, which need not reach a clamp's
+    bounds (HY-V4's experts clamp gate and up at swiglu_limit = 10, which a tiny model's never reach): a spec
+    without the clamp then agrees on every probe and is wrong on the tokens that do reach it. `clamped_swiglu`
+    clamps at ±limit; any other clamp of float values in the region is one no spec has. Integer clamps (expert
+    ids) are left out. An opaque experts op (`moe_fx/opaque_experts.py`) hides its clamps: its probes alone
+    check it."""
+    found = []
+    for n in region:
+        if n.op not in ("call_function", "call_method") or target_name(n) not in CLAMPS:
+            continue
+        t = tensor_meta(n)
+        bounds = _clamp_bounds(n)
+        if t is None or not t.is_floating_point() or not bounds:
+            continue
+        numbers = all(isinstance(b, (int, float)) for b in bounds.values())
+        if spec.activation == "clamped_swiglu" and numbers and {abs(b) for b in bounds.values()} == {spec.limit}:
+            continue
+        shown = ", ".join(f"{k}={v.name if isinstance(v, fx.Node) else v}" for k, v in bounds.items())
+        found.append(f"{target_name(n)}({shown})")
+    return sorted(set(found))
 
 
 def _bias_for(weight: Family, biases: list[Family]) -> Family | None:

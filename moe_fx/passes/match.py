@@ -438,6 +438,16 @@ class BlockFinder:
                 f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}",
                 past_the_cut=True,
             )
+        clamps = experts_id.unmodelled_clamps(region, best.spec)
+        if clamps:
+            return Rejection(
+                where,
+                module_path,
+                f"the experts clamp values ({', '.join(clamps)}) and no experts spec has that clamp: the closest, "
+                f"{best.spec.summary()}, agrees on the probes (rel err {best_err:.1e}) only because they stay "
+                "inside the bounds",
+                past_the_cut=True,
+            )
         router_spec, router_bias, router_nodes, router_err = self.identify_router(
             anchor, logits, w, ids, ro, logits_real, K, num_experts
         )

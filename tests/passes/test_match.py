@@ -229,6 +229,14 @@ class UnequalExpertsMoE(ex.LoopMoE):
         self.experts[1] = ex.SwiGLU(32, 40)
 
 
+class ClampedSwiGLU(ex.SwiGLU):
+    """HY-V4's and DeepSeek-V4's experts: silu(clamp(gate, max=L)) * clamp(up, -L, L). At L = 50 no probe reaches
+    the bounds, so silu_gated agrees on every one; a token that reaches them would differ."""
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x).clamp(max=50.0)) * self.w3(x).clamp(min=-50.0, max=50.0))
+
+
 @pytest.mark.parametrize(
     "model, expect",
     [
@@ -237,8 +245,9 @@ class UnequalExpertsMoE(ex.LoopMoE):
         (WeightAsBiasMoE(), "no experts spec reproduces the block"),
         (UnequalExpertsMoE(), "not per-expert"),
         (ex.LoopMoE(expert=ex.TanhExpert), "no experts spec reproduces the block"),
+        (ex.LoopMoE(expert=ClampedSwiGLU), "clamp(max=50.0), clamp(min=-50.0, max=50.0)) and no experts spec has"),
     ],
-    ids=["dense_mlp", "sampling_topk", "weight_used_as_bias", "unequal_experts", "tanh_expert"],
+    ids=["dense_mlp", "sampling_topk", "weight_used_as_bias", "unequal_experts", "tanh_expert", "clamped_silu"],
 )
 def test_near_misses_are_left_untouched(model, expect):
     model.eval()
