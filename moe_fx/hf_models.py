@@ -670,6 +670,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         notes="sigmoid + correction bias → top-k → renormalise → × router_scaling_factor",
     ),
     "hy_v4": Architecture("HYV4Config", "HYV4ForCausalLM", MLA_SIZES, shrink=True, refused=CLAMPED_SILU),
+    "hy_v4_vl": Architecture(
+        "HYV4VLTextConfig",
+        "HYV4VLTextModel",
+        # mrope_section sums to qk_rope_head_dim // 2 (TINY's qk_rope_head_dim is 8)
+        dict(MLA_SIZES, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+        shrink=True,
+        refused="HY-V4's block (MoE text tower); " + CLAMPED_SILU,
+    ),
     "inkling": Architecture(
         "InklingTextConfig",
         "InklingForCausalLM",
