@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
     defaults)
       timeout 120 python bench/defaults.py --out "$out" 2>&1 | tee "$out/defaults.log" ;;
     tma)
-      timeout 300 python bench/tma.py --out "$out" 2>&1 | grep -v "it/s" | tee "$out/tma.log" ;;
+      timeout 300 python bench/gemm_paths.py --out "$out" 2>&1 | grep -v "it/s" | tee "$out/gemm_paths.log" ;;
     layer)
       python bench/layer.py --out "$out" "$@" 2>&1 | tee "$out/layer.log"
       shift $# ;;

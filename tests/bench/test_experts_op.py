@@ -1,4 +1,4 @@
-"""bench/experts_op.py (what bench/tma.py and bench/defaults.py time) on the CPU, under the Triton interpreter:
+"""bench/experts_op.py (what bench/gemm_paths.py and bench/defaults.py time) on the CPU, under the Triton interpreter:
 its op is the experts op on the rows it dispatched (checked against the float64 oracle)."""
 
 import importlib.util

@@ -153,36 +153,89 @@ def _tile_mask(ok, k_ok, EVEN_K: tl.constexpr, K_FIRST: tl.constexpr):
 
 
 @triton.jit
+def _unpack_int4(w, DTYPE: tl.constexpr):
+    """(low, high): the signed int4 values in the low and high nibbles of the bytes w, exactly, as DTYPE, by bit
+    operations alone: a nibble n (two's complement) is n ^ 8 in [0, 16) placed in the mantissa of 2^m (m = 23
+    fp32, 10 fp16, 7 bf16), minus 2^m + 8. An int-to-float conversion runs at a quarter of the ALU rate on NVIDIA
+    GPUs; two per weight bounded the int4 decode GEMMs at the bf16 time (bench/NOTES.md)."""
+    if DTYPE == tl.float32:
+        BITS: tl.constexpr = tl.uint32
+        MAGIC: tl.constexpr = 0x4B000000
+        OFFSET: tl.constexpr = 8388616.0
+    elif DTYPE == tl.float16:
+        BITS: tl.constexpr = tl.uint16
+        MAGIC: tl.constexpr = 0x6400
+        OFFSET: tl.constexpr = 1032.0
+    else:
+        BITS: tl.constexpr = tl.uint16
+        MAGIC: tl.constexpr = 0x4300
+        OFFSET: tl.constexpr = 136.0
+    x = w.to(tl.uint8, bitcast=True).to(BITS) ^ 0x88
+    low = ((x & 0xF) | MAGIC).to(BITS).to(DTYPE, bitcast=True) - OFFSET
+    high = ((x >> 4) | MAGIC).to(BITS).to(DTYPE, bitcast=True) - OFFSET
+    return low, high
+
+
+@triton.jit
 def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
-              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """int4_weight: acc += a [M, BLOCK_K] · the weights packed in the [BLOCK_K // 2, N] byte tile at w_ptrs
     (byte i holds K-elements 2i, low nibble, and 2i + 1, as `quant.pack_int4`), each byte loaded once along
-    consecutive addresses. Nibbles dequantised in registers (× the K-block's group scales: BLOCK_K divides G)
-    meet the even and odd K-columns of a in two dots that accumulate in place. The scaled weights are rounded
-    to a's dtype (the reference scales exact products: ~1e-6 apart in fp32, one rounding of each weight in
-    bf16)."""
+    consecutive addresses, unpacked in registers (`_unpack_int4`) and multiplied by the K-block's group scales
+    (BLOCK_K divides G) in a's dtype: the scale and each product rounded to it (the reference scales exact
+    products: ~1e-7 apart in fp32, ~1e-3 in bf16).
+    SWAP (acc is [N, M]): the bytes are read as [N, BLOCK_K // 2], each row's nibble pairs joined in place into
+    the [N, BLOCK_K] weight tile, the dot's first operand, which stays in registers (no shared-memory round
+    trip of the unpacked tile); one dot per K-step. Otherwise the nibbles meet the even and odd K-columns of a
+    in two dots that accumulate in place."""
     kp = tl.arange(0, BLOCK_K // 2)
-    w = tl.load(w_ptrs, mask=_tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True), other=0).to(tl.int8, bitcast=True)
+    mask = _tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True)
     w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_ok, other=0.0)
-    low = (((w << 4) >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)  # int8 >> is arithmetic: sign-extended
-    high = ((w >> 4).to(tl.float32) * w_s[None, :]).to(a.dtype)
-    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
-    acc = tl.dot(a_even, low, acc, input_precision=PRECISION)
-    return tl.dot(a_odd, high, acc, input_precision=PRECISION)
+    w_s = w_s.to(a.dtype)
+    if SWAP:
+        low, high = _unpack_int4(tl.load(tl.trans(w_ptrs), mask=tl.trans(mask), other=0), a.dtype)
+        w_NK = tl.reshape(tl.join(low * w_s[:, None], high * w_s[:, None]), (low.shape[0], BLOCK_K))
+        return tl.dot(w_NK, tl.trans(a), acc, input_precision=PRECISION)  # column 2i low, 2i + 1 high
+    else:
+        low, high = _unpack_int4(tl.load(w_ptrs, mask=mask, other=0), a.dtype)
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
+        acc = tl.dot(a_even, low * w_s[None, :], acc, input_precision=PRECISION)
+        return tl.dot(a_odd, high * w_s[None, :], acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _mma(a, w, acc, PRECISION: tl.constexpr, SWAP: tl.constexpr):
+    """acc += a [M, K] · w [K, N], in place; SWAP: acc is [N, M] and gets wᵀ · aᵀ (the weights are the
+    dot's first operand: its 64-row instruction tile spans N, and a decode tile's few rows its narrow side)."""
+    if SWAP:
+        return tl.dot(tl.trans(w), tl.trans(a), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+    else:
+        return tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+
+
+@triton.jit
+def _accumulator(M: tl.constexpr, N: tl.constexpr, IS_INT: tl.constexpr, SWAP: tl.constexpr):
+    """A zero [M, N] accumulator (int32 for int8 operands, fp32 otherwise), [N, M] under SWAP."""
+    dtype: tl.constexpr = tl.int32 if IS_INT else tl.float32
+    if SWAP:
+        return tl.zeros((N, M), dtype)
+    else:
+        return tl.zeros((M, N), dtype)
 
 
 @triton.jit
 def _weight_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K: tl.constexpr,
-                QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+                QUANT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
+                SWAP: tl.constexpr):  # fmt: skip
     """acc += a · the weight tile at w_ptrs ([BLOCK_K, N], or [BLOCK_K // 2, N] bytes for int4_weight; columns
     w_rows of the weight, masked by w_ok), k_left K-elements left from this K-block on; in place (int8:
-    int32)."""
+    int32; SWAP: acc is [N, M], see `_mma`)."""
     if QUANT == 3:
         return _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, stride_wb, EVEN_K,
-                         PRECISION, BLOCK_K, G)  # fmt: skip
+                         PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
     else:
         w = tl.load(w_ptrs, mask=_tile_mask(w_ok, tl.arange(0, BLOCK_K) < k_left, EVEN_K, True), other=0.0)
-        return tl.dot(a, w.to(a.dtype), acc, input_precision=PRECISION, out_dtype=acc.dtype)
+        return _mma(a, w.to(a.dtype), acc, PRECISION, SWAP)
 
 
 @triton.jit
@@ -225,7 +278,7 @@ def _up_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
     PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
-    W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr,
+    W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -258,7 +311,7 @@ def _up_kernel(
         kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
         w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
-    acc = tl.zeros((BLOCK_M, COLS), tl.int32 if IS_INT else tl.float32)
+    acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
     a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
     w_scale = tl.full((COLS,), 1.0, tl.float32)
     for k0 in range(0, tl.cdiv(D, BLOCK_K)):
@@ -270,12 +323,14 @@ def _up_kernel(
         if W_TMA:
             w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR, BLOCK_K,
                              COLS)  # fmt: skip
-            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+            acc = _mma(a, w, acc, PRECISION, SWAP)
         else:
             acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
-                              QUANT, PRECISION, BLOCK_K, G)  # fmt: skip
+                              QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
             w_ptrs += (BLOCK_K // PACK) * stride_wd
         a_ptrs += BLOCK_K * stride_xd
+    if SWAP:
+        acc = tl.trans(acc)
     acc = _dequantize(acc, a_scale, w_scale, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok,
                       QUANT)  # fmt: skip
     if GATED:
@@ -319,6 +374,7 @@ def _down_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+    SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -337,7 +393,7 @@ def _down_kernel(
         kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
     ws_ptr += expert.to(tl.int64) * stride_wse
-    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.int32 if IS_INT else tl.float32)
+    acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
     a_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
     w_scale = tl.full((BLOCK_N,), 1.0, tl.float32)
     for k0 in range(0, tl.cdiv(F, BLOCK_K)):
@@ -348,13 +404,15 @@ def _down_kernel(
         if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
             a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
             w = _weight_tile(w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=acc.dtype)
+            acc = _mma(a, w, acc, PRECISION, SWAP)
         else:
             a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
             acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
-                              PRECISION, BLOCK_K, G)  # fmt: skip
+                              PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
             a_ptrs += BLOCK_K * stride_hf
             w_ptrs += (BLOCK_K // PACK) * stride_wf
+    if SWAP:
+        acc = tl.trans(acc)
     acc = _dequantize(acc, a_scale, w_scale, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, QUANT)
     if HAS_BIAS:
         b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
@@ -374,7 +432,7 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
 
 
 QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
-loads = collections.Counter()  # GEMM launches by how they load their operands, e.g. "up/tma" (tests check it)
+loads = collections.Counter()  # GEMM launches by operand path, e.g. "up/tma", "down/pointers+swap" (tests read it)
 
 
 def experts(
@@ -459,7 +517,7 @@ def experts(
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
     num_pid_m = cdiv(R, c.block_m) + min(E, R)  # >= the M-tiles: sum_e cdiv(rows_e, BLOCK_M), <= R experts hit
-    loads["up/tma" if up_tma else "up/pointers"] += 1
+    loads[_path("up", up_tma, c)] += 1
     launch(
         _up_kernel, (num_pid_m * cdiv(F, c.block_n),),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
@@ -474,7 +532,7 @@ def experts(
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
         INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
-        W_KMAJOR=not w13_transposed, UP_FIRST=up_first,
+        W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
@@ -491,7 +549,7 @@ def experts(
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
     num_pid_m = cdiv(R, c.block_m) + min(E, R) + 1  # + 1: the dropped rows' tiles (zeros) may take one more
-    loads["down/tma" if down_tma else "down/pointers"] += 1
+    loads[_path("down", down_tma, c)] += 1
     launch(
         _down_kernel, (num_pid_m * cdiv(D, c.block_n),),
         h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
@@ -501,10 +559,15 @@ def experts(
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
         BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
+
+
+def _path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
+    """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped."""
+    return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}"
 
 
 def _tma_fits(c: tuning.GemmConfig, code: int, device: torch.device) -> bool:

@@ -38,6 +38,9 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     tma: bool = False  # TMA descriptor loads where they fit (0.89-0.97x pointer time at T >= 1024 on an H200)
+    # the weight tile is the dot's first operand (acc[N, M] = w[N, K] · a[M, K]ᵀ): wgmma's 64-row side spans the
+    # weights' N, a decode tile's few rows its narrow side, and int4_weight's unpacked weights stay in registers
+    swap_ab: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,11 +103,14 @@ def interpreting() -> bool:
 
 def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
     """Constraints on a config: K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128) under fp8_block
-    and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue)."""
+    and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue)
+    and its accumulator is not swapped (its per-K-block rescale is written for [M, N])."""
     if quant not in ("fp8_block", "int4_weight"):
         return config
     up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
-    return ExpertsConfig(replace(up, block_n=128) if quant == "fp8_block" else up, down)
+    if quant == "fp8_block":
+        up, down = replace(up, block_n=128, swap_ab=False), replace(down, swap_ab=False)
+    return ExpertsConfig(up, down)
 
 
 def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
@@ -252,17 +258,22 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int) -> E
     return ExpertsConfig(narrow(config.up, F), narrow(config.down, D))
 
 
-def _with_tma(candidates: tuple) -> tuple:
-    """Each candidate through pointers, and the tiles of 64 rows or more through TMA descriptors too."""
-    return tuple((*c, False) for c in candidates) + tuple((*c, True) for c in candidates if c[0] >= 64)
+def _with_tma_swap(candidates: tuple) -> tuple:
+    """Each candidate through pointers, the tiles of 64 rows or more through TMA descriptors too, and the
+    decode tiles (<= 32 rows) with the dot's operands swapped too."""
+    return (
+        tuple((*c, False, False) for c in candidates)
+        + tuple((*c, True, False) for c in candidates if c[0] >= 64)
+        + tuple((*c, False, True) for c in candidates if c[0] <= 32)
+    )
 
 
-CANDIDATES = _with_tma((  # (block_m, block_n, block_k, num_warps, num_stages[, tma]); group_m 8
+CANDIDATES = _with_tma_swap((  # (block_m, block_n, block_k, num_warps, num_stages, tma, swap_ab); group_m 8
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
 ))  # fmt: skip
-QUANT_CANDIDATES = _with_tma((  # one-byte operands: deeper K-tiles for the same shared memory
+QUANT_CANDIDATES = _with_tma_swap((  # one-byte operands: deeper K-tiles for the same shared memory
     (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 4),
     (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
     (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
@@ -329,8 +340,8 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         best = default_config(T * K / E, dtype, quant)
         timings, failed = {}, {}
         for part in ("up", "down"):
-            for m, n, k, warps, stages, tma in candidates:
-                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages, tma)}), quant)
+            for m, n, k, warps, stages, *loads in candidates:
+                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages, *loads)}), quant)
                 if config in timings:  # conform() made it a duplicate
                     bar.update()
                     continue
@@ -369,5 +380,6 @@ def _describe(config: ExpertsConfig) -> str:
     """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3"."""
     return " | ".join(
         f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
+        f"{' swap' if c.swap_ab else ''}"
         for name, c in (("up", config.up), ("down", config.down))
     )

@@ -17,21 +17,29 @@ def _poisoned(poison_outputs):
     """Every Triton test runs with NaN-poisoned outputs (tests/conftest.py)."""
 
 
-@pytest.fixture(params=[False, True], ids=["pointers", "tma"])
-def tma(request, monkeypatch):
-    """Runs a test twice: the GEMMs' operands loaded through pointers, then through TMA descriptors (every
-    chosen config with tma=True); the second run fails unless at least one GEMM it launched took the TMA path."""
-    if request.param:
+PATH_FIELDS = {"tma": "tma", "swap": "swap_ab"}  # a GEMM path -> the GemmConfig field that asks for it
+
+
+@pytest.fixture(params=["pointers", "tma", "swap"])
+def gemm_path(request, monkeypatch):
+    """Runs a test three times: the GEMMs' operands loaded through pointers, through TMA descriptors (every
+    chosen config with tma=True), then with the dots' operands swapped (swap_ab=True); a run fails unless at
+    least one GEMM it launched took its path (and, for "pointers", none took another)."""
+    path = request.param
+    if path in PATH_FIELDS:
         choose = tuning._choose.__wrapped__
 
-        def with_tma(*args):
+        def on_path(*args):
             c = choose(*args)
-            return tuning.ExpertsConfig(replace(c.up, tma=True), replace(c.down, tma=True))
+            return tuning.ExpertsConfig(*(replace(g, **{PATH_FIELDS[path]: True}) for g in (c.up, c.down)))
 
-        monkeypatch.setattr(tuning, "_choose", with_tma)
+        monkeypatch.setattr(tuning, "_choose", on_path)
     before = grouped_gemm.loads.copy()
-    yield request.param
+    yield path
     launched = grouped_gemm.loads - before
-    through_tma = sum(n for path, n in launched.items() if path.endswith("/tma"))
-    if launched:  # a test skipped before its first GEMM launched nothing
-        assert (through_tma > 0) == request.param, f"tma={request.param}: launches {dict(launched)}"
+    took = [set(key.split("/")[1].split("+")) for key in launched.elements()]
+    if took:  # a test skipped before its first GEMM launched nothing
+        if path == "pointers":
+            assert all(t == {"pointers"} for t in took), f"{path}: launches {dict(launched)}"
+        else:
+            assert any(path in t for t in took), f"{path}: launches {dict(launched)}"

@@ -29,7 +29,7 @@ def test_arg_key_separates_what_triton_specialises():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the short path launches compiled kernels: needs CUDA")
-def test_short_path_runs_and_matches_on_fresh_inputs(tma):
+def test_short_path_runs_and_matches_on_fresh_inputs(gemm_path):
     E, D, F, K, T = 8, 128, 96, 2, 37
     w13 = torch.randn(E, 2 * F, D, device="cuda", dtype=torch.bfloat16) / 8
     w2 = torch.randn(E, D, F, device="cuda", dtype=torch.bfloat16) / 8

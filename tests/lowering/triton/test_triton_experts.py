@@ -46,7 +46,7 @@ def dev(*ts):
 @pytest.mark.parametrize("T,K,pattern", [(1, 1, "random"), (7, 2, "random"), (7, 4, "random"),
                                          (33, 2, "one_expert"), (9, 2, "empty")])  # fmt: skip
 @pytest.mark.parametrize("D,FF", [(24, 20), (32, 32)])  # ragged and even K-loops
-def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF, tma):
+def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF, gemm_path):
     x = torch.randn(T, D).to(dtype)
     w1, w3, w2, *_ = weights_for(dtype, D, FF)
     weights, ids = routing(T, K, E, pattern)
@@ -100,7 +100,7 @@ def test_no_tokens(dtype):
 @pytest.mark.parametrize(
     "layout", ["concat", "interleaved", "up_first", "separate", "transposed", "interleaved_transposed"]
 )  # interleaved_transposed: GPT-OSS's [E, D, 2F] storage
-def test_activations_layouts_biases(act, layout, tma):
+def test_activations_layouts_biases(act, layout, gemm_path):
     T, K, D, FF = 9, 2, 16, 24
     if act in PLAIN and layout not in ("concat", "transposed"):
         pytest.skip("layouts only differ for gated experts")
@@ -152,7 +152,7 @@ def test_routing_weight_applied_exactly_once(placement):
 
 @pytest.mark.parametrize("weight_in_experts", [False, True])
 @pytest.mark.parametrize("T,K", [(1, 2), (9, 2), (40, 4)])
-def test_dropped_picks_contribute_nothing(T, K, weight_in_experts, tma):
+def test_dropped_picks_contribute_nothing(T, K, weight_in_experts, gemm_path):
     """Picks with id -1 (token capacity, zero-computation experts): dispatch puts them after the groups, the
     down GEMM writes them zeros (the outputs are poisoned first), combine adds nothing for them, whether
     the routing weight is applied in the experts' epilogue or in combine."""
