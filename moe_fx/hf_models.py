@@ -136,12 +136,10 @@ LOOP_4X = (
     " no combine); left untouched"
 )
 
-# HY-V4, DeepSeek-V4, GLM-5-Next: experts whose SwiGLU clamps at swiglu_limit (`passes/experts.unmodelled_clamps`)
+# HY-V4, DeepSeek-V4, GLM-5-Next: experts whose SwiGLU clamps at swiglu_limit
 CLAMPED_SILU = (
-    "the experts compute silu(clamp(gate, max=swiglu_limit)) · clamp(up, -swiglu_limit, swiglu_limit): MoESpec's"
-    " one clamped activation is GPT-OSS's gate · σ(α·gate) · (up + 1), so no spec is exact once a value reaches "
-    "the limit. The tiny model's values never do (silu_gated agrees on every probe): the matcher refuses a clamp "
-    "the spec lacks; left untouched"
+    "clamped SiLU-gated experts, silu(clamp(gate, max=swiglu_limit)) · clamp(up, ±swiglu_limit) "
+    "(clamped_silu_gated; identified on probes past the limit)"
 )
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -547,7 +545,14 @@ ARCHITECTURES: dict[str, Architecture] = {
         notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
         "routed_scaling_factor); the DSA indexer's top-k is not an MoE",
     ),
-    "deepseek_v4": Architecture("DeepseekV4Config", "DeepseekV4ForCausalLM", {}, shrink=True, refused=CLAMPED_SILU),
+    "deepseek_v4": Architecture(
+        "DeepseekV4Config",
+        "DeepseekV4ForCausalLM",
+        {},
+        shrink=True,
+        notes="router scored by sqrt(softplus) (+ correction bias → top-k → renormalise → × routed_scaling_factor):"
+        " not a recognised router, kept opaque; " + CLAMPED_SILU + "; the clamped shared expert left as is",
+    ),
     "deepseek_ocr2": Architecture(
         "DeepseekOcr2TextConfig",
         "DeepseekOcr2TextModel",
@@ -584,10 +589,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         "ErgoForCausalLM",
         {},
         shrink=True,
-        refused="non-gated squared-ReLU (relu2) experts, and each route's expert output goes through that "
-        "expert's own RMSNorm (post_expert_norm, [E, D]) before the weighted sum: neither is in MoESpec; left "
-        "untouched (router: sigmoid + correction bias → top-k → renormalise → × moe_routed_scaling_factor; a "
-        "shared expert with its own norm)",
+        refused="each route's expert output goes through that expert's own RMSNorm (post_expert_norm, [E, D]) "
+        "before the weighted sum: not in MoESpec (no expert layout takes the norm's [E, D] weight); left "
+        "untouched (the experts themselves, non-gated squared-ReLU, are relu2; router: sigmoid + correction "
+        "bias → top-k → renormalise → × moe_routed_scaling_factor; a shared expert with its own norm)",
     ),
     "ernie4_5_vl_moe": Architecture(
         "Ernie4_5_VLMoeTextConfig",
@@ -642,7 +647,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         "Glm5NextTextModel",
         dict(MLA_SIZES, qk_rope_head_dim=0, head_dim=0),
         shrink=True,
-        refused=CLAMPED_SILU,
+        notes="DeepSeek-V3 router (sigmoid + correction bias, group-limited top-k, renormalise, × "
+        "routed_scaling_factor); " + CLAMPED_SILU + " (MoE text tower)",
     ),
     "glm_moe_dsa": Architecture(
         "GlmMoeDsaConfig",
@@ -669,14 +675,22 @@ ARCHITECTURES: dict[str, Architecture] = {
         shrink=True,
         notes="sigmoid + correction bias → top-k → renormalise → × router_scaling_factor",
     ),
-    "hy_v4": Architecture("HYV4Config", "HYV4ForCausalLM", MLA_SIZES, shrink=True, refused=CLAMPED_SILU),
+    "hy_v4": Architecture(
+        "HYV4Config",
+        "HYV4ForCausalLM",
+        MLA_SIZES,
+        shrink=True,
+        notes="sigmoid + correction bias → group-limited top-k → renormalise → × router_scaling_factor; "
+        + CLAMPED_SILU,
+    ),
     "hy_v4_vl": Architecture(
         "HYV4VLTextConfig",
         "HYV4VLTextModel",
         # mrope_section sums to qk_rope_head_dim // 2 (TINY's qk_rope_head_dim is 8)
         dict(MLA_SIZES, rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
         shrink=True,
-        refused="HY-V4's block (MoE text tower); " + CLAMPED_SILU,
+        notes="HY-V4's block (MoE text tower): sigmoid + correction bias → group-limited top-k → renormalise → × "
+        "router_scaling_factor; " + CLAMPED_SILU,
     ),
     "inkling": Architecture(
         "InklingTextConfig",
@@ -796,7 +810,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         "NemotronHForCausalLM",
         dict(layers_block_type=["moe"], use_mamba_kernels=False, moe_shared_expert_intermediate_size=48),
         shrink=True,
-        refused="squared-ReLU (relu2) non-gated experts: not an activation MoESpec has; left untouched",
+        notes="sigmoid + correction bias → (group-limited) top-k → renormalise → × routed_scaling_factor; "
+        "non-gated squared-ReLU experts (relu2); the shared expert left as is",
     ),
     "openai_privacy_filter": Architecture(
         "OpenAIPrivacyFilterConfig",

@@ -17,12 +17,16 @@ ACTIVATIONS = (
     "gelu_gated",  # gelu(gate) * up
     "gelu_tanh_gated",  # gelu(gate, approximate="tanh") * up
     "clamped_swiglu",  # GPT-OSS: clamp, gate * sigmoid(alpha * gate) * (up + 1)
+    "clamped_silu_gated",  # DeepSeek-V4, HY-V4, GLM-5-Next: silu(clamp(gate, max=limit)) * clamp(up, -limit, limit)
     "relu",  # non-gated
     "gelu",
     "gelu_tanh",
     "silu",
+    "relu2",  # relu(h) ** 2 (squared ReLU: Nemotron-H)
 )
-GATED_ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu")
+GATED_ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_swiglu", "clamped_silu_gated")
+# the clamped activations clamp the gate at max=limit and the up projection at min=-limit, max=limit
+CLAMPED_ACTIVATIONS = ("clamped_swiglu", "clamped_silu_gated")
 GATE_UP_LAYOUTS = ("concat", "interleaved", "up_first", "separate")
 WEIGHT_PLACEMENTS = ("output", "input")
 QUANT_MODES = ("none", "fp8", "fp8_block", "int8", "int4_weight")
@@ -125,9 +129,8 @@ class ExpertsSpec:
         bias = "+bias" if self.has_w13_bias or self.has_w2_bias else ""
         layout = "" if not self.gated or self.gate_up == "concat" else f" {self.gate_up}"
         identity = f"+{self.identity_experts} identity" if self.identity_experts else ""
-        return (
-            f"E={self.num_experts}{identity} D={self.hidden} F={self.ffn} {self.activation}{layout}{bias} {self.dtype}"
-        )
+        act = f"{self.activation}(±{self.limit:g})" if self.activation in CLAMPED_ACTIVATIONS else self.activation
+        return f"E={self.num_experts}{identity} D={self.hidden} F={self.ffn} {act}{layout}{bias} {self.dtype}"
 
 
 @dataclass(frozen=True)

@@ -106,12 +106,13 @@ def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_n
 
 def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit: float) -> torch.Tensor:
     """h [R, 2F] (gated) or [R, F] -> [R, F]."""
-    if activation in ("relu", "gelu", "gelu_tanh", "silu"):
+    if activation in ("relu", "gelu", "gelu_tanh", "silu", "relu2"):
         return {
             "relu": F.relu,
             "gelu": F.gelu,
             "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
             "silu": F.silu,
+            "relu2": lambda t: F.relu(t).square(),
         }[activation](h)
     if gate_up == "interleaved":
         gate, up = h[..., 0::2], h[..., 1::2]
@@ -124,8 +125,10 @@ def activate(h: torch.Tensor, activation: str, gate_up: str, alpha: float, limit
         return F.gelu(gate) * up
     if activation == "gelu_tanh_gated":
         return F.gelu(gate, approximate="tanh") * up
-    gate = gate.clamp(max=limit)
+    gate = gate.clamp(max=limit)  # clamped_swiglu, clamped_silu_gated
     up = up.clamp(min=-limit, max=limit)
+    if activation == "clamped_silu_gated":
+        return F.silu(gate) * up
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 

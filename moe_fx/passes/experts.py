@@ -18,12 +18,12 @@ import torch.fx as fx
 
 from moe_fx.ops import combine_args, dispatch_args, experts_args
 from moe_fx.passes import identity_experts as identity
-from moe_fx.passes.graph_view import target_name, tensor_meta
+from moe_fx.passes.graph_view import is_view, target_name, tensor_meta
 from moe_fx.passes.weights import Family, stack_parts
-from moe_fx.spec import ExpertsSpec, MoESpec
+from moe_fx.spec import CLAMPED_ACTIVATIONS, ExpertsSpec, MoESpec
 
 GATED = ("silu_gated", "gelu_gated", "gelu_tanh_gated")
-NON_GATED = ("relu", "gelu", "gelu_tanh", "silu")
+NON_GATED = ("relu", "gelu", "gelu_tanh", "silu", "relu2")
 
 
 @dataclass
@@ -44,19 +44,24 @@ class ExpertsBinding:
 
 
 def activation_hints(target_names: set[str], approximate_tanh: bool, clamp_bounds, sigmoid_alpha) -> dict:
-    """Activation candidates suggested by the ops in the region."""
+    """Activation candidates suggested by the ops in the region.
+
+    `clamp_bounds`: the numeric bounds of the region's float clamps; the clamped activations (`limit` the
+    largest |bound|) come first when there are any, so a tie on probes that never reach the bounds goes to
+    them, and the matcher's clamp probes (`passes/match.py`) tell them from the unclamped ones."""
     gated, plain = [], []
-    if "silu" in target_names or "sigmoid" in target_names:
+    silu = "silu" in target_names or "sigmoid" in target_names
+    if silu:
         gated.append("silu_gated")
         plain.append("silu")
     if "gelu" in target_names:
         gated.append("gelu_tanh_gated" if approximate_tanh else "gelu_gated")
         plain.append("gelu_tanh" if approximate_tanh else "gelu")
     if "relu" in target_names:
-        plain.append("relu")
+        plain += ["relu", "relu2"]  # relu2: relu(h) squared (`square`, `pow` or `mul`)
     extra = {}
-    if clamp_bounds and "sigmoid" in target_names:
-        gated.insert(0, "clamped_swiglu")
+    if clamp_bounds and silu:
+        gated[:0] = ["clamped_silu_gated", "clamped_swiglu"] if "sigmoid" in target_names else ["clamped_silu_gated"]
         extra = {"limit": max(abs(b) for b in clamp_bounds), "alpha": sigmoid_alpha or 1.702}
     return {"gated": gated or list(GATED), "plain": plain or list(NON_GATED), **extra}
 
@@ -73,29 +78,121 @@ def _clamp_bounds(node: fx.Node) -> dict:
     return {k: v for k, v in named.items() if v is not None and not (isinstance(v, float) and math.isinf(v))}
 
 
-def unmodelled_clamps(region, spec: ExpertsSpec) -> list[str]:
-    """The clamps of floating-point values in the experts region that `spec` does not compute, described.
-
-    The candidates are told apart on probes of tokens at the example's scale, which need not reach a clamp's
-    bounds (HY-V4's experts clamp gate and up at swiglu_limit = 10, which a tiny model's never reach): a spec
-    without the clamp then agrees on every probe and is wrong on the tokens that do reach it. `clamped_swiglu`
-    clamps at ±limit; any other clamp of float values in the region is one no spec has. Integer clamps (expert
-    ids) are left out. An opaque experts op (`moe_fx/opaque_experts.py`) hides its clamps: its probes alone
-    check it."""
+def float_clamps(region) -> list[fx.Node]:
+    """The clamps of floating-point values in `region` that bound anything (None and ±inf bound nothing), in
+    graph order. Integer clamps (expert ids) are left out."""
     found = []
     for n in region:
         if n.op not in ("call_function", "call_method") or target_name(n) not in CLAMPS:
             continue
         t = tensor_meta(n)
-        bounds = _clamp_bounds(n)
-        if t is None or not t.is_floating_point() or not bounds:
+        if t is not None and t.is_floating_point() and _clamp_bounds(n):
+            found.append(n)
+    return sorted(found)  # fx nodes order as in their graph
+
+
+def clamp_bounds(region) -> list[float]:
+    """The numeric bounds of the region's float clamps (the activation hints read the limit from them)."""
+    return [b for n in float_clamps(region) for b in _clamp_bounds(n).values() if isinstance(b, (int, float))]
+
+
+def modelled_clamps(spec: ExpertsSpec) -> list[dict]:
+    """The clamps `spec` computes, as bounds by name: the gate's max=limit and the up projection's ±limit for
+    the clamped activations (`spec.CLAMPED_ACTIVATIONS`), none otherwise."""
+    if spec.activation not in CLAMPED_ACTIVATIONS:
+        return []
+    return [{"max": spec.limit}, {"min": -spec.limit, "max": spec.limit}]
+
+
+# products whose output a clamped activation clamps (a projection), and what may stand between the two
+PROJECTIONS = {"linear", "matmul", "__matmul__", "mm", "bmm", "addmm", "baddbmm", "einsum"}
+PROJECTIONS |= {"_grouped_mm", "grouped_mm", "grouped_mm_fallback", "grouped_mm_fallback.default"}
+_PASS_THROUGH = {"getitem", "to", "float", "half", "bfloat16", "type", "type_as", "contiguous", "clone"}
+_PASS_THROUGH |= {"add", "__add__", "iadd", "add_"}  # a bias
+
+
+def _clamps_a_projection(clamp: fx.Node, region) -> bool:
+    """Whether `clamp` acts on a projection's output (slices, casts, views and bias adds between them), as
+    the clamped activations' clamps do: not on an activation's output (Ling's silu(gate).clamp(max=L)) nor
+    on the tokens."""
+    seen, todo, projected = set(), [clamp.args[0]], False
+    while todo:
+        n = todo.pop()
+        if not isinstance(n, fx.Node) or n in seen:
             continue
+        seen.add(n)
+        name = target_name(n)
+        if n not in region or n.op in ("placeholder", "get_attr"):
+            continue  # a leaf: a bias (a path of the tokens alone never sets `projected`)
+        if name in PROJECTIONS:
+            projected = True
+        elif is_view(n) or name in _PASS_THROUGH:
+            todo += n.all_input_nodes
+        else:
+            return False
+    return projected
+
+
+def unmodelled_clamps(region, spec: ExpertsSpec) -> list[str]:
+    """The clamps of floating-point values in the experts region that `spec` does not compute, described.
+
+    A clamped activation (`clamped_swiglu`, `clamped_silu_gated`) clamps the gate at max=limit and the up
+    projection at min=-limit, max=limit, both projections' outputs: a clamp of a projection with exactly one of
+    those bound sets is the spec's; any other (another bound, another side, a tensor bound, a clamp after the
+    activation) is one no spec has. Which projection each clamp acts on, and that all the spec's clamps are
+    there, the matcher's clamp probes check, which reach past every bound (`passes/match.py`); this check is
+    what tells the clamps the probes cannot (silu's gate clamped at min=-50 changes nothing they see; a clamp
+    after silu at L changes a value by L·σ(-L), under the tolerance for L = 10). Integer clamps (expert ids)
+    are left out. An opaque experts op (`moe_fx/opaque_experts.py`) hides its clamps: its probes alone check
+    it."""
+    modelled = modelled_clamps(spec)
+    found = []
+    for n in float_clamps(region):
+        bounds = _clamp_bounds(n)
         numbers = all(isinstance(b, (int, float)) for b in bounds.values())
-        if spec.activation == "clamped_swiglu" and numbers and {abs(b) for b in bounds.values()} == {spec.limit}:
+        if numbers and bounds in modelled and _clamps_a_projection(n, region):
             continue
         shown = ", ".join(f"{k}={v.name if isinstance(v, fx.Node) else v}" for k, v in bounds.items())
         found.append(f"{target_name(n)}({shown})")
     return sorted(set(found))
+
+
+class ClampWatch(fx.Interpreter):
+    """Runs a cut-out region (`subgraph.extract`) and keeps the lowest and highest value each of `clamps` (nodes
+    of that region) was given, over every run: whether the probes reached past the clamps' bounds."""
+
+    def __init__(self, region_fn: fx.GraphModule, clamps: list[fx.Node]):
+        super().__init__(region_fn)
+        self.clamps = clamps
+        self.low = dict.fromkeys(clamps, math.inf)
+        self.high = dict.fromkeys(clamps, -math.inf)
+
+    def run_node(self, n):
+        if n in self.low and isinstance(v := self.env.get(n.args[0]), torch.Tensor) and v.numel():
+            self.low[n] = min(self.low[n], v.min().item())  # before an in-place clamp changes it
+            self.high[n] = max(self.high[n], v.max().item())
+        return super().run_node(n)
+
+    def scale_to_reach(self, margin: float = 3.0) -> float | None:
+        """The factor on the tokens that takes the clamp the runs so far came least close to (by their largest
+        |value|) to `margin` times the largest |bound|: the clamps act on projections, so their inputs scale
+        with the tokens (plus biases). None when a clamp saw only zeros or non-finite values."""
+        bounds = [abs(b) for n in self.clamps for b in _clamp_bounds(n).values() if isinstance(b, (int, float))]
+        reach = min(max(-self.low[n], self.high[n]) for n in self.clamps)
+        return margin * max(bounds) / reach if bounds and 0 < reach < math.inf else None
+
+    def unreached(self) -> list[str]:
+        """The clamps whose runs never went past one of their numeric bounds, described."""
+        found = []
+        for n in self.clamps:
+            bounds = {k: b for k, b in _clamp_bounds(n).items() if isinstance(b, (int, float))}
+            if ("min" in bounds and not self.low[n] < bounds["min"]) or (
+                "max" in bounds and not self.high[n] > bounds["max"]
+            ):
+                shown = ", ".join(f"{k}={v}" for k, v in bounds.items())
+                seen = f"[{self.low[n]:.3g}, {self.high[n]:.3g}]" if self.low[n] <= self.high[n] else "no values"
+                found.append(f"{target_name(n)}({shown}) saw {seen}")
+        return found
 
 
 def _bias_for(weight: Family, biases: list[Family]) -> Family | None:

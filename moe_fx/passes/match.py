@@ -12,6 +12,9 @@
 4. identification: the region between cut and output is cut out as a function f(x, weights, ids)
    and compared, on real and random probes, with the moe_fx ops for every experts candidate
    (`passes/experts.py`); the router is identified the same way (`passes/router.py`) or kept opaque.
+   Experts that clamp float values get the same probes again with the tokens scaled up until every clamp's
+   input passes its bounds (`experts.ClampWatch`): a block whose clamps no probe gets past is refused, and
+   so is one whose clamps the chosen spec does not compute (`experts.unmodelled_clamps`).
 A block with no candidate within tolerance is a `Rejection` with the reason, and is left untouched.
 """
 
@@ -380,7 +383,8 @@ class BlockFinder:
         dequantised, why = prequant.frontier(self, region)
         if why is not None:
             log.debug("moe_fx: %s: %s", module_path, why)
-        region_fn, leaves = extract(self.view, self.gm, cut + dequantised, [output])
+        env = {}  # region node -> its copy in region_fn
+        region_fn, leaves = extract(self.view, self.gm, cut + dequantised, [output], env)
         dequantised_vals = self.real_values(dequantised) if dequantised else []
         leaf_vals = self.leaf_values(leaves)
         weight_leaves = [(n, v) for n, v in zip(leaves, leaf_vals) if n in self.weights and isinstance(v, torch.Tensor)]
@@ -400,8 +404,22 @@ class BlockFinder:
             if not hypotheses:
                 return not_per_expert
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
+        clamps = [env[n] for n in experts_id.float_clamps(region) if n in env]  # not the dequantisation's
+        watch = experts_id.ClampWatch(region_fn, clamps) if clamps else None
         with torch.no_grad():
-            refs = [region_fn(*p, *leaf_vals)[0] for p in probes]
+            refs = [(watch.run if watch else region_fn)(*p, *leaf_vals)[0] for p in probes]
+            if watch is not None:  # agreeing inside a clamp's bounds proves nothing past them: probe past them
+                scaled = scaled_probes(probes, watch.scale_to_reach())
+                probes, refs = probes + scaled, refs + [watch.run(*p, *leaf_vals)[0] for p in scaled]
+        if watch is not None and (unreached := watch.unreached()):
+            more = f"; {len(unreached) - 2} more" if len(unreached) > 2 else ""
+            return Rejection(
+                where,
+                module_path,
+                f"the experts clamp values and no probe goes past the bounds ({'; '.join(unreached[:2])}{more}), "
+                "even with the tokens scaled up: what the block computes there is unknown",
+                past_the_cut=True,
+            )
         out_dtype = refs[0].dtype
         tol = block_tolerance(out_dtype, x_real.dtype, *(v.dtype for _, v in weight_leaves if v.is_floating_point()))
         best, best_err = None, float("inf")
@@ -438,14 +456,14 @@ class BlockFinder:
                 f"(weight at {best.weight_placement}) has rel err {best_err:.2e} > {tol:.0e}",
                 past_the_cut=True,
             )
-        clamps = experts_id.unmodelled_clamps(region, best.spec)
-        if clamps:
+        unmodelled = experts_id.unmodelled_clamps(region, best.spec)
+        if unmodelled:
             return Rejection(
                 where,
                 module_path,
-                f"the experts clamp values ({', '.join(clamps)}) and no experts spec has that clamp: the closest, "
-                f"{best.spec.summary()}, agrees on the probes (rel err {best_err:.1e}) only because they stay "
-                "inside the bounds",
+                f"the experts clamp values ({', '.join(unmodelled)}) and no experts spec has that clamp: the closest, "
+                f"{best.spec.summary()}, agrees on the probes (rel err {best_err:.1e}), which cannot tell that "
+                "clamp apart",
                 past_the_cut=True,
             )
         router_spec, router_bias, router_nodes, router_err = self.identify_router(
@@ -536,13 +554,7 @@ class BlockFinder:
     def hints(self, region: set[fx.Node]) -> dict:
         names = {target_name(n) for n in region}
         tanh = any(n.kwargs.get("approximate") == "tanh" for n in region if target_name(n) == "gelu")
-        bounds = [
-            b
-            for n in region
-            if target_name(n) in ("clamp", "clip", "clamp_max", "clamp_min")
-            for b in (*n.args[1:], *n.kwargs.values())
-            if isinstance(b, (int, float))
-        ]
+        bounds = experts_id.clamp_bounds(region)
         alphas = [
             c
             for n in region
@@ -598,6 +610,14 @@ class BlockFinder:
                 break
             common.append(parts[0])
         return ".".join(common)
+
+
+def scaled_probes(probes: list[tuple], scale: float | None) -> list[tuple]:
+    """The experts probes (x, weights, ids) with the tokens times `scale` (`ClampWatch.scale_to_reach`); none
+    when the probes already reach the clamps (scale <= 1) or cannot (None)."""
+    if scale is None or scale <= 1:
+        return []
+    return [((x.float() * scale).to(x.dtype), w, ids) for x, w, ids in probes]
 
 
 class _Seen(Exception):

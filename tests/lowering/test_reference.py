@@ -4,6 +4,7 @@ Outputs are poisoned (deterministic mode fills torch.empty with NaN), so an unwr
 """
 
 import itertools
+from unittest import mock
 
 import pytest
 import torch
@@ -20,8 +21,20 @@ ACT = {
     "gelu_gated": lambda g, u: F.gelu(g) * u,
     "gelu_tanh_gated": lambda g, u: F.gelu(g, approximate="tanh") * u,
     "clamped_swiglu": lambda g, u: (u.clamp(-7, 7) + 1) * g.clamp(max=7) * torch.sigmoid(g.clamp(max=7) * 1.702),
+    "clamped_silu_gated": lambda g, u: F.silu(g.clamp(max=7)) * u.clamp(-7, 7),  # limit: ExpertsSpec's default
 }
-PLAIN = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh")}
+PLAIN = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "relu2": lambda h: F.relu(h) ** 2,
+}
+# the clamped activations without their clamps: an oracle that differs from them shows the inputs reach the limit
+UNCLAMPED = {
+    "clamped_swiglu": lambda g, u: (u + 1) * g * torch.sigmoid(g * 1.702),
+    "clamped_silu_gated": ACT["silu_gated"],
+}
 
 
 pytestmark = pytest.mark.usefixtures("poison_outputs")
@@ -46,6 +59,13 @@ def oracle(x, weights, ids, act, w1, w3, w2, b1=None, b3=None, b2=None, weight_o
         xt = x[t].double() * (w if weight_on_input else 1)
         out[t] += oracle_mlp(xt, int(ids[t, k]), act, *args) * (1 if weight_on_input else w)
     return out
+
+
+def unclamped_oracle(*args, **kwargs):
+    """`oracle` with its activation's clamps left out (`UNCLAMPED`)."""
+    act = args[3]
+    with mock.patch.dict(ACT, {act: UNCLAMPED[act]}):
+        return oracle(*args, **kwargs)
 
 
 def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, weight_on_input=False):
@@ -117,6 +137,8 @@ def test_activations_layouts_biases(act, layout, bias):
         w13, w2_arg, t13, t2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous(), True, True
     out = run(x, weights, ids, w13, w3_arg, w2_arg, b13, b2, act, gate_up, t13, t2)
     assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    if act in UNCLAMPED:  # the inputs reach the limit (7): the clamps change the result
+        assert rel_err(unclamped_oracle(x, weights, ids, act, w1, w3, w2, b1, b3, b2), ref) > 1e-3
 
 
 def test_weight_on_input():

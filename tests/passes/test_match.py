@@ -229,11 +229,45 @@ class UnequalExpertsMoE(ex.LoopMoE):
         self.experts[1] = ex.SwiGLU(32, 40)
 
 
-class ClampedSwiGLU(ex.SwiGLU):
-    """HY-V4's and DeepSeek-V4's experts: silu(clamp(gate, max=L)) * clamp(up, -L, L). At L = 50 no probe reaches
-    the bounds, so silu_gated agrees on every one; a token that reaches them would differ."""
+class ClampedSiLU(ex.SwiGLU):
+    """DeepSeek-V4's, HY-V4's and GLM-5-Next's experts: silu(clamp(gate, max=L)) * clamp(up, -L, L), at L = 50,
+    which the example's tokens never reach (the matcher's clamp probes do)."""
 
     def forward(self, x):
+        return self.w2(F.silu(self.w1(x).clamp(max=50.0)) * self.w3(x).clamp(min=-50.0, max=50.0))
+
+
+class GateClampedSiLU(ex.SwiGLU):
+    """The gate clamped as clamped_silu_gated clamps it, the up projection not: no spec has that. Below 50,
+    clamped_silu_gated agrees; only probes past the limit tell them apart."""
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x).clamp(max=50.0)) * self.w3(x))
+
+
+class GateClampedBelowSiLU(ex.SwiGLU):
+    """silu's gate clamped below, at -50: no spec has that clamp, and no probe shows it (silu(-50) is -1e-20, as
+    silu of anything below), so silu_gated agrees everywhere: the clamp check refuses it."""
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x).clamp(min=-50.0)) * self.w3(x))
+
+
+class ClampAfterSiLU(ex.SwiGLU):
+    """Ling's experts when they clip: silu(gate).clamp(max=L) * clamp(up, -L, L), the gate's clamp after the
+    activation. Past L it differs from clamped_silu_gated by L·σ(-L) (4.5e-4 at L = 10), which probes within the
+    tolerance cannot see: the clamp check refuses a clamp that is not on a projection."""
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)).clamp(max=10.0) * self.w3(x).clamp(min=-10.0, max=10.0))
+
+
+class NormalisedClampedSiLU(ex.SwiGLU):
+    """The experts normalise their tokens, so scaling the tokens never takes the clamps' inputs to 50: what the
+    block computes past the limit is unknown."""
+
+    def forward(self, x):
+        x = F.normalize(x, dim=-1)
         return self.w2(F.silu(self.w1(x).clamp(max=50.0)) * self.w3(x).clamp(min=-50.0, max=50.0))
 
 
@@ -245,9 +279,22 @@ class ClampedSwiGLU(ex.SwiGLU):
         (WeightAsBiasMoE(), "no experts spec reproduces the block"),
         (UnequalExpertsMoE(), "not per-expert"),
         (ex.LoopMoE(expert=ex.TanhExpert), "no experts spec reproduces the block"),
-        (ex.LoopMoE(expert=ClampedSwiGLU), "clamp(max=50.0), clamp(min=-50.0, max=50.0)) and no experts spec has"),
+        (ex.LoopMoE(expert=GateClampedSiLU), "no experts spec reproduces the block"),
+        (ex.LoopMoE(expert=GateClampedBelowSiLU), "(clamp(min=-50.0)) and no experts spec has that clamp"),
+        (ex.LoopMoE(expert=ClampAfterSiLU), "(clamp(max=10.0)) and no experts spec has that clamp"),
+        (ex.LoopMoE(expert=NormalisedClampedSiLU), "no probe goes past the bounds"),
     ],
-    ids=["dense_mlp", "sampling_topk", "weight_used_as_bias", "unequal_experts", "tanh_expert", "clamped_silu"],
+    ids=[
+        "dense_mlp",
+        "sampling_topk",
+        "weight_used_as_bias",
+        "unequal_experts",
+        "tanh_expert",
+        "clamped_gate_only",
+        "clamped_gate_below",
+        "clamp_after_silu",
+        "clamp_out_of_reach",
+    ],
 )
 def test_near_misses_are_left_untouched(model, expect):
     model.eval()
@@ -262,6 +309,27 @@ def test_near_misses_are_left_untouched(model, expect):
     else:
         assert any(expect in r.reason for r in report.rejections), str(report)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_clamped_silu_experts_are_rewritten_and_exact_past_the_limit():
+    """The example's tokens stay far below the limit (50); the rewrite must hold on tokens 100x larger, where the
+    gate and up values pass it and the clamps change the result."""
+    model = ex.LoopMoE(expert=ClampedSiLU).eval()
+    x = torch.randn(7, 32)
+    fn = torch.compile(model, backend="moe_fx", options={"inner": "eager"})
+    with torch.no_grad():
+        assert rel_err(fn(x), model(x)) < TOL[torch.float32]
+        report = last_reports()[-1]
+        assert counters["moe_fx"]["rewritten"] == 1, str(report)
+        experts = report.matches[0].spec.experts
+        assert (experts.activation, experts.limit) == ("clamped_silu_gated", 50.0)
+        far = x * 100
+        ref = model(far)
+        assert rel_err(fn(far), ref) < TOL[torch.float32]
+        unclamped = ex.LoopMoE(expert=ex.SwiGLU).eval()
+        unclamped.load_state_dict(model.state_dict())
+        assert rel_err(unclamped(far), ref) > 0.1  # the clamps act on these tokens
+    assert counters["moe_fx"]["rewritten"] == 1  # the second call ran the same rewritten graph
 
 
 class Float32WeightsBf16ExpertsMoE(ex.GatherEinsumMoE):

@@ -44,7 +44,7 @@ from moe_fx.spec import GATED_ACTIVATIONS
 
 ACTIVATION_CODES = {
     "silu_gated": 0, "gelu_gated": 1, "gelu_tanh_gated": 2, "clamped_swiglu": 3,
-    "relu": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7,
+    "relu": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7, "clamped_silu_gated": 8, "relu2": 9,
 }  # fmt: skip
 
 
@@ -75,8 +75,15 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
         return _gelu(gate, False)
     elif ACT == 6:
         return _gelu(gate, True)
-    else:
+    elif ACT == 7:
         return gate * tl.sigmoid(gate)
+    elif ACT == 8:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+        return gate * tl.sigmoid(gate) * up
+    else:
+        relu = tl.maximum(gate, 0.0)
+        return relu * relu
 
 
 @triton.jit

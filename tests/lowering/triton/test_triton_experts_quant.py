@@ -3,12 +3,14 @@ through the moe_fx ops, against the
 reference lowering's exact quantised arithmetic on the same quantised weights, and against the float64
 unquantised block: the Triton result must sit far closer to the first than the quantisation error."""
 
+import math
+
 import pytest
 import torch
 
 from moe_fx.lowering import quant
 from moe_fx.ops import combine_args, dispatch_args, experts_args
-from moe_fx.spec import GATED_ACTIVATIONS, ExpertsSpec, MoESpec, QuantSpec
+from moe_fx.spec import CLAMPED_ACTIVATIONS, GATED_ACTIVATIONS, ExpertsSpec, MoESpec, QuantSpec
 from tests.conftest import rel_err
 from tests.lowering.test_reference import oracle
 from tests.lowering.triton.conftest import DEVICE
@@ -26,11 +28,11 @@ PREFILL_AGREE = {"fp8": 1.5e-2, "fp8_block": 1.5e-2, "int8": 1e-2, "int4_weight"
 
 
 def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="concat", b13=None, b2=None,
-          placement="output", weight_at=None, scales=None):  # fmt: skip
+          placement="output", weight_at=None, scales=None, limit=7.0):  # fmt: skip
     """The four ops; quantised modes quantise the canonical [E, H, D] weights first, as the rewrite does, unless
-    `scales` holds the (w13, w2) scales of w13, w2 quantised already."""
+    `scales` holds the (w13, w2) scales of w13, w2 quantised already. `limit`: the clamped activations'."""
     D, F_ = w2.shape[1], w13.shape[1] // 2 if act in GATED_ACTIVATIONS else w13.shape[1]
-    es = ExpertsSpec(E, D, F_, act, gate_up, False, False, b13 is not None, b2 is not None,
+    es = ExpertsSpec(E, D, F_, act, gate_up, False, False, b13 is not None, b2 is not None, limit=limit,
                      dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
     spec = MoESpec(es, ids.shape[1], quant=QuantSpec(mode), weight_placement=placement)
     if scales is None and mode == "none":
@@ -108,23 +110,32 @@ def test_int4_every_byte_value(gemm_path):
     [("fp8", "gelu", "concat", True, "output", "output"), ("fp8_block", "clamped_swiglu", "interleaved", True,
      "output", None), ("int8", "silu_gated", "up_first", False, "input", None),
      ("fp8", "gelu_tanh_gated", "concat", True, "input", None),
-     ("int4_weight", "silu_gated", "interleaved", True, "output", "output")],
+     ("int4_weight", "silu_gated", "interleaved", True, "output", "output"),
+     ("int8", "clamped_silu_gated", "concat", True, "output", None),
+     ("fp8_block", "clamped_silu_gated", "up_first", False, "input", None),
+     ("fp8", "relu2", "concat", True, "input", None), ("int4_weight", "relu2", "concat", False, "output", "output")],
 )  # fmt: skip
 def test_activations_layouts_biases_weight_placement(mode, act, gate_up, bias, placement, weight_at):
     T, K, D, F_ = 9, 2, 41, 23  # odd: ragged K-tiles, and int4 rows that end in half a byte
-    gated = act not in ("gelu", "relu", "silu", "gelu_tanh")
+    gated = act in GATED_ACTIVATIONS
     x = torch.randn(T, D, device=DEVICE) * 2
     w13, w2 = weights_for(D, F_, torch.float32, gated)
     b13 = torch.randn(E, w13.shape[1], device=DEVICE) if bias else None
     b2 = torch.randn(E, D, device=DEVICE) if bias else None
     weights, ids = routing(T, K, E, "random")
-    kw = dict(act=act, gate_up=gate_up, b13=b13, b2=b2, placement=placement, weight_at=weight_at)
+    # the clamped activations at a limit of 2: about a third of the gate and up values (std ~2) lie past it
+    kw = dict(act=act, gate_up=gate_up, b13=b13, b2=b2, placement=placement, weight_at=weight_at, limit=2.0)
     out = layer(x, weights, ids, w13, w2, mode, "triton", **kw)
     ref = layer(x, weights, ids, w13, w2, mode, "reference", **kw)
     kw.update(b13=None if b13 is None else b13.double(), b2=None if b2 is None else b2.double())
     exact = layer(x.double(), weights, ids, w13.double(), w2.double(), "none", "reference", **kw)
     agree = rel_err(out, ref)
     assert agree < AGREE[torch.float32] and agree < rel_err(ref, exact) / 100
+    if act in CLAMPED_ACTIVATIONS:  # the clamps act on these inputs
+        unclamped = layer(
+            x.double(), weights, ids, w13.double(), w2.double(), "none", "reference", **kw | {"limit": math.inf}
+        )
+        assert rel_err(unclamped, exact) > 1e-2
 
 
 @pytest.mark.parametrize("mode", MODES)

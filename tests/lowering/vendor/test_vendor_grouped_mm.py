@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tests.conftest import TOLERANCE, rel_err
-from tests.lowering.test_reference import oracle
+from tests.lowering.test_reference import ACT, PLAIN, UNCLAMPED, oracle, unclamped_oracle
 from tests.lowering.triton.test_triton_dispatch import routing
 from tests.lowering.triton.test_triton_experts import E, run, weights_for
 
@@ -33,3 +33,18 @@ def test_grouped_mm_against_oracle(T, K, pattern, bias, layout):
     if T:
         ref = oracle(x, weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2, b1, b3, b2)
         assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("act", [*ACT, *PLAIN])
+def test_grouped_mm_activations(act):
+    T, K, D, FF, dtype = 37, 2, 64, 96, torch.bfloat16
+    x = (torch.randn(T, D) * 2).to(dtype)  # gate and up values of std ~4: the clamped activations' limit (7) acts
+    w1, w3, w2, b1, b3, b2 = weights_for(dtype, D, FF, bias=True)
+    weights, ids = routing(T, K, E, "random")
+    w13, b13 = (w1, b1) if act in PLAIN else (torch.cat([w1, w3], 1), torch.cat([b1, b3], 1))
+    args = [a.cuda() for a in (x, weights, ids, w13)] + [None] + [a.cuda() for a in (w2, b13, b2)]
+    out = run(*args, act, impl="grouped_mm")
+    ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
+    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+    if act in UNCLAMPED:
+        assert rel_err(unclamped_oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2), ref) > 1e-2
