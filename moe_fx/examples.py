@@ -283,36 +283,47 @@ class QuantisedCheckpointMoE(nn.Module):
 # ---------------------------------------------------------------- any naive block, from parameters
 ROUTERS = ("softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_bias_scaled")
 FORMS = ("loop_where", "loop_nonzero", "gather_einsum", "dense", "masked_sum")
+CLAMP_LIMIT = 1.0  # clamped_silu_gated's limit in these blocks: low, so that their tokens pass it
 _ACTIVATIONS = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
     "relu": F.relu,
+    "relu2": lambda t: F.relu(t).square(),
+    "clamped_silu": lambda t: F.silu(t.clamp(max=CLAMP_LIMIT)),
 }
+_UP = {"clamped_silu": lambda t: t.clamp(min=-CLAMP_LIMIT, max=CLAMP_LIMIT)}  # a gated activation's up projection
+
+
+def _up(activation: str):
+    return _UP.get(activation.removesuffix("_gated"), lambda t: t)
 
 
 class Expert(nn.Module):
-    """One expert: gated (`act(w1 x) * w3 x`) or plain (`act(w1 x)`), then w2; optional biases."""
+    """One expert: gated (`act(w1 x) * up(w3 x)`, up clamped for clamped_silu_gated) or plain (`act(w1 x)`), then w2;
+    optional biases."""
 
     def __init__(self, dim: int, ffn: int, activation: str = "silu_gated", bias: bool = False):
         super().__init__()
         self.gated, self.act = activation.endswith("_gated"), _ACTIVATIONS[activation.removesuffix("_gated")]
+        self.up = _up(activation)
         self.w1 = nn.Linear(dim, ffn, bias=bias)
         self.w3 = nn.Linear(dim, ffn, bias=bias) if self.gated else None
         self.w2 = nn.Linear(ffn, dim, bias=bias)
 
     def forward(self, x):
         h = self.act(self.w1(x))
-        return self.w2(h * self.w3(x) if self.gated else h)
+        return self.w2(h * self.up(self.w3(x)) if self.gated else h)
 
 
 class NaiveMoE(nn.Module):
     """A naive MoE block built from parameters; the fuzz tests draw them at random.
 
     router: one of ROUTERS; form: one of FORMS (gather_einsum needs stacked=True); activation:
-    silu/gelu/gelu_tanh/relu, with "_gated" for a gated MLP; stacked: 3-D parameters w1 [E, F, D],
-    w3 [E, F, D], w2 [E, D, F] instead of a ModuleList of `Expert`; shared: a shared expert added
-    afterwards; router_fp32: fp32 router logits whatever the experts' dtype. Input [..., D].
+    silu/gelu/gelu_tanh/relu/relu2, with "_gated" for a gated MLP, or clamped_silu_gated (at CLAMP_LIMIT);
+    stacked: 3-D parameters w1 [E, F, D], w3 [E, F, D], w2 [E, D, F] instead of a ModuleList of `Expert`;
+    shared: a shared expert added afterwards; router_fp32: fp32 router logits whatever the experts' dtype.
+    Input [..., D].
     """
 
     def __init__(
@@ -340,7 +351,7 @@ class NaiveMoE(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.randn(num_experts) * 0.1)
         if stacked:
             E, gated = num_experts, activation.endswith("_gated")
-            self.gated, self.act = gated, _ACTIVATIONS[activation.removesuffix("_gated")]
+            self.gated, self.act, self.up = gated, _ACTIVATIONS[activation.removesuffix("_gated")], _up(activation)
             self.w1 = nn.Parameter(torch.randn(E, ffn, dim) / dim**0.5)
             self.w3 = nn.Parameter(torch.randn(E, ffn, dim) / dim**0.5) if gated else None
             self.w2 = nn.Parameter(torch.randn(E, dim, ffn) / ffn**0.5)
@@ -379,7 +390,7 @@ class NaiveMoE(nn.Module):
             return y if b is None else y + b[e]
 
         a = self.act(lin(self.w1, self.b1))
-        a = a * lin(self.w3, self.b3) if self.gated else a
+        a = a * self.up(lin(self.w3, self.b3)) if self.gated else a
         y = a @ self.w2[e].t()
         return y if self.b2 is None else y + self.b2[e]
 
@@ -389,7 +400,7 @@ class NaiveMoE(nn.Module):
             return y if b is None else y + b[ids_TK]
 
         a = self.act(lin(self.w1, self.b1, x_TD, "td,tkfd->tkf"))
-        a = a * lin(self.w3, self.b3, x_TD, "td,tkfd->tkf") if self.gated else a
+        a = a * self.up(lin(self.w3, self.b3, x_TD, "td,tkfd->tkf")) if self.gated else a
         y_TKD = lin(self.w2, self.b2, a, "tkf,tkdf->tkd")
         return torch.einsum("tkd,tk->td", y_TKD, weights_TK)
 

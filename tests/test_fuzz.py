@@ -20,7 +20,7 @@ from moe_fx.backend import last_reports
 from tests.conftest import TOLERANCE, rel_err
 
 EXAMPLES = 30
-ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "relu", "gelu", "silu")
+ACTIVATIONS = ("silu_gated", "gelu_gated", "gelu_tanh_gated", "clamped_silu_gated", "relu", "gelu", "silu", "relu2")
 
 
 @st.composite

@@ -112,6 +112,34 @@ def test_every_architecture_apply(name, dtype):
     assert all(m.module_path.count(".") >= 2 for m in report.matches)  # the block's module, not the model
 
 
+CLAMPED_SILU = ["deepseek_v4", "glm5_next", "hy_v4", "hy_v4_vl"]
+
+
+@five
+@pytest.mark.parametrize("name", CLAMPED_SILU)
+def test_clamped_silu_experts_equal_eager_where_the_clamp_acts(name):
+    """The tiny models' gate and up values stay far below swiglu_limit (10). With the experts' gate_up_proj
+    scaled so that they reach 3x the limit, the clamps change the logits, and the rewrite still equals eager."""
+    model = tiny(name)
+    inputs = hf_models.example_inputs(model)
+    experts = next(m for n, m in model.named_modules() if n.endswith(".experts"))
+    attr = "limit" if hasattr(experts, "limit") else "swiglu_limit"
+    limit = getattr(experts, attr)
+    x = []
+    hook = experts.register_forward_pre_hook(lambda module, args: x.append(args[0]))
+    with torch.no_grad():
+        model(**inputs)
+        hook.remove()
+        largest = (x[0] @ experts.gate_up_proj.transpose(1, 2)).abs().max()  # gate and up values of every expert
+        experts.gate_up_proj.mul_(3 * limit / largest)
+        ref = hf_models.logits(model(**inputs))
+        setattr(experts, attr, float("inf"))
+        assert rel_err(hf_models.logits(model(**inputs)), ref) > 1e-2  # without the clamps: far off
+        setattr(experts, attr, limit)
+    (match,) = _compile_and_check(model, inputs, 1, torch.float32)
+    assert (match.spec.experts.activation, match.spec.experts.limit) == ("clamped_silu_gated", limit)
+
+
 # Picks each capacity router drops, from its outputs: Switch's capacity-masked one-hot [B, S, E] (a dropped
 # token's row is zero); NLLB's combine weights [T, E] (nonzero for the kept ones of each token's two picks)
 DROPPED_PICKS = {

@@ -332,6 +332,24 @@ def test_clamped_silu_experts_are_rewritten_and_exact_past_the_limit():
     assert counters["moe_fx"]["rewritten"] == 1  # the second call ran the same rewritten graph
 
 
+@pytest.mark.parametrize("activation", ["clamped_silu_gated", "relu2"])
+@pytest.mark.parametrize("form", ex.FORMS)
+def test_every_form_with_clamped_silu_and_squared_relu(form, activation):
+    """NaiveMoE's clamped_silu_gated clamps at examples.CLAMP_LIMIT (1), which its tokens pass."""
+    stacked = form in ("gather_einsum", "masked_sum")  # 3-D parameters; ModuleList experts in the other forms
+    # biases on the ModuleList experts (the matcher pairs a stacked bias with its weight by name: b1 is no w1's)
+    model = ex.NaiveMoE(activation=activation, form=form, stacked=stacked, bias=not stacked).eval()
+    x = torch.randn(9, 32) * 2
+    with torch.no_grad():
+        ref = model(x)
+    out = compiled(model, x)
+    report = last_reports()[-1]
+    assert counters["moe_fx"]["rewritten"] == 1, str(report)
+    experts = report.matches[0].spec.experts
+    assert experts.activation == activation and (activation == "relu2" or experts.limit == ex.CLAMP_LIMIT)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 class Float32WeightsBf16ExpertsMoE(ex.GatherEinsumMoE):
     """HF Mixtral's and DeepSeek-V3's dtypes: float32 routing weights, renormalised in place, scale bf16
     experts, so the weighted sum is float32 (cast back after). The experts sum the down projection in two
