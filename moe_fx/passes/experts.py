@@ -98,7 +98,7 @@ def clamp_bounds(region) -> list[float]:
 
 def modelled_clamps(spec: ExpertsSpec) -> list[dict]:
     """The clamps `spec` computes, as bounds by name: the gate's max=limit and the up projection's ±limit for
-    the clamped activations (`spec.CLAMPED_ACTIVATIONS`), none otherwise."""
+    the clamped activations (`moe_fx.spec.CLAMPED_ACTIVATIONS`), none otherwise."""
     if spec.activation not in CLAMPED_ACTIVATIONS:
         return []
     return [{"max": spec.limit}, {"min": -spec.limit, "max": spec.limit}]

@@ -256,6 +256,12 @@ def _two_ranks(rank: int, world: int) -> None:
     compiled = torch.compile(model, backend="moe_fx", options={"layout": "tp", "inner": "eager"})
     _check(compiled, ref_model, _tokens(0, 6, 32), "tp compile")
 
+    # tp on clamped SiLU-gated experts (limit 1, which the tokens pass): the clamps act per F index, as tp slices F
+    model, ref_model = _model(ex.NaiveMoE, activation="clamped_silu_gated")
+    compiled = torch.compile(model, backend="moe_fx", options={"layout": "tp", "inner": "eager"})
+    _check(compiled, ref_model, _tokens(0, 6, 32) * 2, "tp compile clamped_silu_gated")
+    assert last_reports()[-1].matches[0].spec.experts.activation == "clamped_silu_gated"
+
     # a tiny HF Mixtral, ep_alltoall through apply; each rank its own prompt length
     from moe_fx import hf_models
 
