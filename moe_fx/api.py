@@ -4,19 +4,23 @@ Capture: the model runs once under Dynamo (with moe_fx's capture flags) to find 
 module that owns each (the deepest module holding its router and experts). `apply` then captures each
 owner alone with `torch._dynamo.export` (dynamic shapes, parameters as attributes), rewrites that
 graph and installs it as the owner's `forward`: plain Python calling the moe_fx ops, so eager runs and
-any later `torch.compile` backend see the rewritten block.
+any later `torch.compile` backend see the rewritten block. An owner whose call holds objects export
+cannot take (a transformers `Cache`) is captured on its tensors, the children it hands those objects
+to running as opaque calls on each call's own objects (`moe_fx.passthrough`).
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from moe_fx import passthrough
 from moe_fx.backend import capture_config
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
@@ -123,10 +127,21 @@ def _guard_failure(guards: list[tuple[int, object]], flat: list) -> str | None:
 
 class _RewrittenForward:
     """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
-    outside the shapes the capture specialised on (sizes 0 and 1 are always specialised)."""
+    outside the shapes the capture specialised on (sizes 0 and 1 are always specialised). `passed`: the
+    call's objects export could not take, passed through to opaque calls (None: the graph takes the call
+    as it is)."""
 
-    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule, original, example: list, rebind: list, layout: str):
-        self.gm, self.original, self.module, self.layout = gm, original, module, layout
+    def __init__(
+        self,
+        module: nn.Module,
+        gm: torch.fx.GraphModule,
+        original,
+        example: list,
+        rebind: list,
+        layout: str,
+        passed: passthrough.Passthrough | None = None,
+    ):
+        self.gm, self.original, self.module, self.layout, self.passed = gm, original, module, layout, passed
         self.guards = _capture_guards(gm, example)
         self.warned: set[str] = set()
         # where the graph reads each parameter: its view of a stacked tensor, or the parameter it captured
@@ -145,11 +160,24 @@ class _RewrittenForward:
 
     def _fallback(self, why: str, *args, **kwargs):
         if why not in self.warned:
-            warnings.warn(f"moe_fx: running the original block: {why}", stacklevel=3)
+            warnings.warn(f"moe_fx: running the original block: {why}", stacklevel=4)
             self.warned.add(why)
         return self.original(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
+        if self.passed is not None:
+            return self._eager_call(*args, **kwargs)
+        return self._call(*args, **kwargs)
+
+    # A later torch.compile runs a module that passes objects through eagerly (a graph break): Dynamo lifts
+    # the callables of the graph's opaque calls as graph inputs and cannot generate code for them (torch
+    # 2.13: "'InvokeLeafFunction' object has no attribute '_LeafCallable'"); the call's objects are set aside
+    # in Python state for those calls
+    @torch._dynamo.disable
+    def _eager_call(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def _call(self, *args, **kwargs):
         flat = _flat_inputs(args, kwargs)
         if torch.is_grad_enabled() and any(
             t.requires_grad for t in (*self.params, *flat) if isinstance(t, torch.Tensor)
@@ -161,19 +189,30 @@ class _RewrittenForward:
                 )
             why = "grad mode with trainable expert weights or inputs (moe_fx lowerings have no autograd yet)"
             return self._fallback(why, *args, **kwargs)
-        why = _guard_failure(self.guards, flat) or keep_current(
-            [(m._parameters[name], target) for m, name, target in self.weights]
-        )
+        why = self.passed.check(args, kwargs) if self.passed is not None else None
+        if why is None:
+            graph_inputs = flat if self.passed is None else self.passed.graph_inputs(args, kwargs)
+            why = _guard_failure(self.guards, graph_inputs) or keep_current(
+                [(m._parameters[name], target) for m, name, target in self.weights]
+            )
         if why is not None:
             return self._fallback(why, *args, **kwargs)
         refresh(self.gm)
-        return self.gm(*args, **kwargs)
+        return self.gm(*args, **kwargs) if self.passed is None else self.passed.run(self.gm, args, kwargs)
 
 
-def _record_inputs(model: nn.Module, args, kwargs) -> dict[nn.Module, tuple[tuple, dict]]:
+def _record_inputs(model: nn.Module, args, kwargs, owners=()) -> tuple[dict, dict]:
+    """Each module's first call ((args, kwargs), by reference), and for each of `owners` whose call holds
+    objects export cannot take, copies of those objects as they were before it ran (or why none)."""
     seen: dict[nn.Module, tuple[tuple, dict]] = {}
+    snapshots: dict[nn.Module, list | str] = {}
 
     def hook(module, margs, mkwargs):
+        if module in owners and module not in seen and passthrough.passed_objects(margs, mkwargs):
+            try:
+                snapshots[module] = passthrough.snapshot(margs, mkwargs)
+            except Exception as e:
+                snapshots[module] = f"could not copy the objects its call holds: {e!r}"
         seen.setdefault(module, (margs, mkwargs))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()]
@@ -183,7 +222,29 @@ def _record_inputs(model: nn.Module, args, kwargs) -> dict[nn.Module, tuple[tupl
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen, snapshots
+
+
+def _export(
+    owner: nn.Module, recorded: dict, snapshots: dict
+) -> tuple[torch.fx.GraphModule, list, passthrough.Passthrough | None]:
+    """The owner's graph, its example inputs, and its Passthrough (None when export takes the whole call)."""
+    margs, mkwargs = recorded[owner]
+    objects = passthrough.passed_objects(margs, mkwargs)
+    if not objects:
+        with capture_config(), torch.no_grad():
+            gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
+        return gm, _flat_inputs(margs, mkwargs), None
+    snapshot = snapshots[owner]
+    if isinstance(snapshot, str):
+        raise ValueError(f"moe_fx: {snapshot}")
+    passed = passthrough.Passthrough(margs, mkwargs, snapshot)
+    with capture_config(), torch.no_grad():
+        gm = passed.export(owner, passthrough.receivers(owner, recorded, objects), margs, mkwargs)
+    why = passed.verify(gm, owner.forward, margs, mkwargs)
+    if why is not None:
+        raise ValueError(f"moe_fx: {why}")
+    return gm, passed.graph_inputs(margs, mkwargs), passed
 
 
 def _reject(report: Report, path: str, reason: str) -> None:
@@ -209,29 +270,29 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         break_reasons=found.break_reasons,
         rejections=list(found.rejections),
     )
-    recorded = _record_inputs(model, args, kwargs)
-    for path in dict.fromkeys(m.module_path for m in found.matches):
+    paths = list(dict.fromkeys(m.module_path for m in found.matches))
+    recorded, snapshots = _record_inputs(model, args, kwargs, {model.get_submodule(p) for p in paths})
+    for path in paths:
         owner = model.get_submodule(path)
         if owner not in recorded:
             _reject(report, path, "the owning module was not called directly")
             continue
-        margs, mkwargs = recorded[owner]
         try:
-            with capture_config(), torch.no_grad():
-                gm = torch._dynamo.export(owner, assume_static_by_default=False)(*margs, **mkwargs).graph_module
+            gm, flat_inputs, passed = _export(owner, recorded, snapshots)
         except Exception as e:
             _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
             continue
-        flat_inputs = _flat_inputs(margs, mkwargs)
         rebind = []
-        with torch.no_grad():
+        with torch.no_grad(), passed.capturing() if passed is not None else nullcontext():
             block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
+        if passed is not None:
+            passed.release_snapshot()
         apply_rebind(rebind)
         for m in block_report.matches:
             m.module_path = ".".join(p for p in (path, m.module_path) if p)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind, opts.layout)
+            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind, opts.layout, passed)
     model._moe_fx_report = report
     return report

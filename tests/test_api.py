@@ -1,6 +1,9 @@
-"""moe_fx.explain and moe_fx.apply on naive models: reports, memory, weight updates, grad mode."""
+"""moe_fx.explain and moe_fx.apply on naive models: reports, memory, weight updates, grad mode; a cache passed
+through a block's module (moe_fx.passthrough)."""
 
+import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -129,3 +132,133 @@ def test_apply_finds_blocks_under_a_decorated_forward():
     assert "L[" not in str(report), str(report)
     assert isinstance(model.inner[1].forward, _RewrittenForward)
     assert rel_err(out, expected) < 1e-5
+
+
+# ---------------------------------------------------------------- objects export cannot take (moe_fx.passthrough)
+class _AttentionWithCache(torch.nn.Module):
+    """Attention over the tokens so far: appends this call's keys and values to a transformers cache."""
+
+    def __init__(self, dim: int, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.qkv = torch.nn.Linear(dim, 3 * dim, bias=False)
+
+    def forward(self, x_BSD, cache=None):
+        q, k, v = self.qkv(x_BSD).unsqueeze(1).chunk(3, dim=-1)  # [B, 1, S, D] each
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # [B, 1, S_past + S, D]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1)
+
+
+class _LayerWithCache(ex.LoopMoE):
+    """Router and experts in the layer itself, beside an attention that takes the cache (as in Gemma4's decoder
+    layer): the block's owner is the layer, whose call holds the cache. `peek`: what the layer's own code also
+    does with the cache (a near miss), doubling its tokens where that is true."""
+
+    def __init__(self, dim: int, layer_idx: int, peek=None):
+        super().__init__(dim=dim)
+        self.attn, self.peek = _AttentionWithCache(dim, layer_idx), peek
+
+    def forward(self, x_BSD, cache=None):
+        if self.peek is not None and self.peek(cache):
+            x_BSD = x_BSD * 2
+        h_BSD = x_BSD + self.attn(x_BSD, cache=cache)
+        return h_BSD + super().forward(h_BSD)
+
+
+class _DecoderWithCache(torch.nn.Module):
+    def __init__(self, dim: int = 32, layers: int = 2, peek=None):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(_LayerWithCache(dim, i, peek) for i in range(layers))
+
+    def forward(self, x_BSD, cache=None):
+        for layer in self.layers:
+            x_BSD = layer(x_BSD, cache=cache)
+        return x_BSD
+
+
+def test_apply_passes_a_cache_through_to_the_attention_beside_the_block():
+    """The layer is captured on its tensors; the attention runs on each call's own cache (a new one per sequence,
+    updated once per call), the block through moe_fx; a call without a cache runs the original layer."""
+    from moe_fx.passthrough import Passthrough
+
+    DynamicCache = pytest.importorskip("transformers").DynamicCache
+
+    model = _DecoderWithCache().eval()
+    reference = copy.deepcopy(model)
+    report = moe_fx.apply(model, torch.randn(2, 5, 32), cache=DynamicCache())
+    assert [m.module_path for m in report.matches] == ["layers.0", "layers.1"], str(report)
+    assert all(isinstance(layer.forward.passed, Passthrough) for layer in model.layers)
+    for steps in ([5, 1, 3], [4, 1]):  # prefill, then decode steps; a fresh cache per sequence
+        cache, ref_cache = DynamicCache(), DynamicCache()
+        for tokens in steps:
+            x = torch.randn(2, tokens, 32)
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.filterwarnings("error", "moe_fx: running the original block")  # the rewritten layers run
+                out = model(x, cache=cache)
+                ref = reference(x, cache=ref_cache)
+            assert rel_err(out, ref) < 1e-5
+            assert cache.get_seq_length() == ref_cache.get_seq_length()
+            for got, want in zip(cache.layers, ref_cache.layers):  # layer 1's tokens went through a rewritten block
+                assert got.keys.shape == want.keys.shape and rel_err(got.keys, want.keys) < 1e-5
+                assert got.values.shape == want.values.shape and rel_err(got.values, want.values) < 1e-5
+    x = torch.randn(2, 3, 32)
+    with pytest.warns(UserWarning, match="is a NoneType, captured as DynamicCache"), torch.no_grad():
+        out = model(x)  # cache=None: the graph was captured with a cache
+    with torch.no_grad():
+        assert rel_err(out, reference(x)) < 1e-5
+    with pytest.warns(UserWarning, match="structured unlike the recorded call"), torch.no_grad():
+        out = model.layers[0](x, DynamicCache())  # the cache by position: the example passed it by keyword
+    with torch.no_grad():
+        assert rel_err(out, reference.layers[0](x, DynamicCache())) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("peek", "why"),
+    [
+        ("reads it", "Dynamo found no exception handler"),  # the stand-in has no get_seq_length
+        ("tests its truth", "Dynamo found no exception handler"),  # the stand-in's truth raises
+        ("checks its type", "output 0 of the captured graph is not the module's"),  # the stand-in is no Cache
+    ],
+)
+def test_apply_leaves_a_layer_that_looks_at_the_cache_itself(peek, why):
+    """Near misses: the layer's own code looks at the cache (not only hands it on), so it cannot be captured on
+    its tensors: left untouched with the reason, outputs equal eager."""
+    transformers = pytest.importorskip("transformers")
+    Cache, DynamicCache = transformers.Cache, transformers.DynamicCache
+    peeks = {
+        "reads it": lambda cache: cache.get_seq_length() > 0,
+        "tests its truth": lambda cache: bool(cache),
+        "checks its type": lambda cache: isinstance(cache, Cache),
+    }
+    model = _DecoderWithCache(layers=1, peek=peeks[peek]).eval()
+    forward = model.layers[0].forward
+    report = moe_fx.apply(model, torch.randn(2, 5, 32), cache=DynamicCache())
+    assert not report.matches and len(report.rejections) == 1, str(report)
+    assert "could not capture the block module whole" in report.rejections[0].reason
+    assert why in report.rejections[0].reason, report.rejections[0].reason
+    assert model.layers[0].forward == forward
+    x = torch.randn(2, 4, 32)
+    with torch.no_grad():
+        out = model(x, cache=DynamicCache())
+        ref = copy.deepcopy(model)(x, cache=DynamicCache())
+    assert torch.equal(out, ref)
+
+
+def test_apply_gemma4_generates_with_a_cache():
+    """Gemma4's decoder layer holds its block and hands its cache and shared-KV dict to the attention:
+    generate() with a cache runs the rewritten layer on every step and gives eager's tokens."""
+    pytest.importorskip("transformers")
+    from moe_fx import hf_models
+
+    if reason := hf_models.missing("gemma4"):
+        pytest.skip(reason)
+    model = hf_models.build("gemma4", "grouped_mm")
+    ids = hf_models.example_inputs(model, T=6, batch=1)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+    report = moe_fx.apply(model, ids, use_cache=True)
+    assert len(report.matches) == hf_models.ARCHITECTURES["gemma4"].moe_blocks, str(report)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("error", "moe_fx: running the original block")  # every step runs the rewritten layer
+        assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True), ref)
