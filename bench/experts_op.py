@@ -30,11 +30,12 @@ def experts_op(name: str | tuple, T: int, quant: str = "none", device="cuda", dt
     return run
 
 
-def write_rows(out: str, prefix: str, rows: list, **meta) -> Path:
-    """OUT/<prefix>-<stamp>.json: {"meta": device, date, torch, triton and `meta`, "rows": rows}."""
+def write_rows(out: str, prefix: str, rows: list, path: Path | None = None, **meta) -> Path:
+    """OUT/<prefix>-<stamp>.json (or `path`, to rewrite a file as rows come in): {"meta": device, date, torch,
+    triton and `meta`, "rows": rows}."""
     meta = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "triton": triton.__version__, **meta}  # fmt: skip
-    path = Path(out) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path = path or Path(out) / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     print(f"wrote {path}")
