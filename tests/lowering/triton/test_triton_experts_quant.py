@@ -91,18 +91,20 @@ def test_block_scales_partial_128_groups(mode, D, F_):
 
 def test_int4_every_byte_value(gemm_path):
     """Packed weights holding every byte value (every nibble pair, -8 too, which quantize_weight never writes)
-    unpack exactly: Triton against the reference on the same packed weights and scales."""
+    unpack exactly: Triton against the reference on the same packed weights and scales, in fp32 and in HALF (on
+    a GPU bf16, whose unpack is inline PTX)."""
     if gemm_path == "tma":
         pytest.skip("int4_weight does not take the tma path")
     T, K, D, F_ = 7, 2, 64, 32
     w13 = (torch.randperm(E * 2 * F_ * D // 2) % 256).to(torch.uint8).reshape(E, 2 * F_, D // 2).to(DEVICE)
     w2 = torch.randint(0, 256, (E, D, F_ // 2), dtype=torch.uint8, device=DEVICE)
     scales = (torch.rand(E, 2 * F_, 1, device=DEVICE) / 16, torch.rand(E, D, 1, device=DEVICE) / 16)
-    x = torch.randn(T, D, device=DEVICE)
     weights, ids = routing(T, K, E, "random")
-    out = layer(x, weights, ids, w13, w2, "int4_weight", "triton", scales=scales)
-    ref = layer(x, weights, ids, w13, w2, "int4_weight", "reference", scales=scales)
-    assert rel_err(out, ref) < AGREE[torch.float32]
+    for dtype in (torch.float32, HALF):
+        x = torch.randn(T, D, device=DEVICE).to(dtype)
+        out = layer(x, weights, ids, w13, w2, "int4_weight", "triton", scales=scales)
+        ref = layer(x, weights, ids, w13, w2, "int4_weight", "reference", scales=scales)
+        assert rel_err(out, ref) < AGREE[dtype], dtype
 
 
 @pytest.mark.parametrize(
