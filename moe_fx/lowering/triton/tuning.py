@@ -39,7 +39,7 @@ class GemmConfig:
     num_stages: int = 3
     tma: bool = False  # TMA descriptor loads where they fit (0.89-0.97x pointer time at T >= 1024 on an H200)
     # the weight tile is the dot's first operand (acc[N, M] = w[N, K] · a[M, K]ᵀ): wgmma's 64-row side spans the
-    # weights' N, a decode tile's few rows its narrow side, and int4_weight's unpacked weights stay in registers
+    # weights' N, a decode tile's few rows its narrow side (16-row tiles run mma.sync otherwise)
     swap_ab: bool = False
 
 
