@@ -256,8 +256,8 @@ def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, 
     products: ~1e-7 apart in fp32, ~1e-3 in bf16).
     SWAP (acc is [N, M]): the bytes are read as [N, BLOCK_K // 2], each row's nibble pairs joined in place into
     the [N, BLOCK_K] weight tile, the dot's first operand; one full-depth dot per K-step (the unpacked tile
-    still goes through shared memory: wgmma could read it from registers, Triton does not). Otherwise the nibbles meet the even and odd K-columns of a
-    in two dots that accumulate in place."""
+    still goes through shared memory: wgmma could read it from registers, Triton does not). Otherwise the
+    nibbles meet the even and odd K-columns of a in two dots that accumulate in place."""
     kp = tl.arange(0, BLOCK_K // 2)
     mask = _tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True)
     w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_ok, other=0.0)
