@@ -22,9 +22,8 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 # The experts implementations beyond grouped_mm run on a representative subset: plain SiLU experts, GPT-OSS's
 # odd layout, DeepSeek-V3's group-limited router with a shared expert.
 IMPL_SUBSET = ["mixtral", "gpt_oss", "deepseek_v3"]
-# Open: openai_privacy_filter's GPT-OSS-style experts in bf16 are refused ("no experts spec reproduces the block":
-# the closest clamped-SwiGLU spec is 2.7e-1 off in the experts probe), not rewritten
-BF16_OPEN = {"openai_privacy_filter"}
+# Open: architectures whose bf16 blocks are left untouched (equal eager) while fp32 ones are rewritten; none now
+BF16_OPEN: set[str] = set()
 # Open: architectures whose blocks apply leaves untouched (equal eager) while compile rewrites them; none now
 # (Gemma4's decoder layer, which holds its block, passes its cache through: see moe_fx/passthrough.py)
 APPLY_OPEN: set[str] = set()
@@ -72,7 +71,7 @@ def _apply_and_check(model, inputs, expected_blocks: int, dtype):
 
 # bf16 on every architecture that is rewritten (a refusal is dtype-blind: fp32 shows it); of the shrink=True
 # architectures added with transformers 5.x, on those whose blocks differ from the ones before them
-BF16_ADDED = {"gemma4", "lara_mini", "minimax_m3_vl", "qwen3_5_moe"}
+BF16_ADDED = {"gemma4", "lara_mini", "minimax_m3_vl", "openai_privacy_filter", "qwen3_5_moe"}
 COMPILE_CASES = [(name, torch.float32) for name in hf_models.ARCHITECTURES] + [
     (name, torch.bfloat16)
     for name, arch in hf_models.ARCHITECTURES.items()
