@@ -27,7 +27,7 @@ from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
 from moe_fx.lowering.triton import tuning  # noqa: E402
-from moe_fx.lowering.triton.grouped_gemm import loads  # noqa: E402
+from moe_fx.lowering.triton.grouped_gemm import load_path, loads  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages) by regime and operand width (int4_weight's activations
 # are two bytes: the bf16 tiles)
@@ -56,8 +56,7 @@ def same_output(name: str, quant: str, path: str, T: int) -> float:
         gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, *PATHS[p])
         loads.clear()
         outs.append(run(tuning.conform(tuning.ExpertsConfig(gemm, gemm), quant)).float())
-        took = f"{'tma' if PATHS[p][0] else 'pointers'}{'+swap' if PATHS[p][1] else ''}"
-        assert loads[f"up/{took}"] == 1 and loads[f"down/{took}"] == 1, dict(loads)
+        assert loads[load_path("up", PATHS[p][0], gemm)] == 1 == loads[load_path("down", PATHS[p][0], gemm)], loads
     return ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
 
 

@@ -586,7 +586,7 @@ def experts(
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
     num_pid_m = cdiv(R, c.block_m) + min(E, R)  # >= the M-tiles: sum_e cdiv(rows_e, BLOCK_M), <= R experts hit
-    loads[_path("up", up_tma, c)] += 1
+    loads[load_path("up", up_tma, c)] += 1
     launch(
         _up_kernel, (num_pid_m * cdiv(F, c.block_n),),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
@@ -618,7 +618,7 @@ def experts(
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
     num_pid_m = cdiv(R, c.block_m) + min(E, R) + 1  # + 1: the dropped rows' tiles (zeros) may take one more
-    loads[_path("down", down_tma, c)] += 1
+    loads[load_path("down", down_tma, c)] += 1
     launch(
         _down_kernel, (num_pid_m * cdiv(D, c.block_n),),
         h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
@@ -634,7 +634,7 @@ def experts(
     return y_RD
 
 
-def _path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
+def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
     """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped."""
     return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}"
 
