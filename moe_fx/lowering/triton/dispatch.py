@@ -14,8 +14,10 @@ Dropped picks (id -1: token capacity, zero-computation experts) land after every
 [offsets[E], R), as in the reference.
 Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
 order within an expert may vary from run to run. Every row is computed independently downstream, so
-the layer's output does not depend on it. Under fp8 / fp8_block / int8 the T tokens (not the T*K rows:
-experts gathers them) are quantised by `quantize.quantize_rows`, one more launch.
+the layer's output does not depend on it. The T tokens (not the T*K rows: experts gathers them) are
+quantised under fp8 / fp8_block / int8 (`quantize._quantize_block`) or copied by more programs of the first
+launch (`_rows`, after the sort's own programs): one launch in all at decode, where a launch costs more
+than its work.
 """
 
 from __future__ import annotations
@@ -26,13 +28,36 @@ import triton.language as tl
 
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import MODES as QUANTISED
-from moe_fx.lowering.triton.quantize import quantize_rows
+from moe_fx.lowering.triton.quantize import _quantize_block, new_rows, row_constexprs, row_tiling
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, R, E, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _rows(
+    rp, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Row program rp of the activations: a block of tokens quantised (`quantize._quantize_block`) or copied."""
+    _quantize_block(x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, rp // COL_TILES, rp % COL_TILES,
+                    QMAX, IS_INT, COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+
+
+@triton.jit
+def _count_kernel(
+    ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Programs [0, cdiv(R, BLOCK_R)) count, the rest are `_rows`."""
+    pid = tl.program_id(0)
+    chunks = tl.cdiv(R, BLOCK_R)
+    if pid >= chunks:
+        _rows(pid - chunks, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX, IS_INT,
+              COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+        return
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
     ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
     counts_E = tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
@@ -79,12 +104,19 @@ def _scatter_kernel(
 @triton.jit
 def _sort_small_kernel(
     # pointers
-    ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr,
-    # sizes
-    R, E, K,
+    ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr, R, E, K,
+    # the activations' rows (`_rows`)
+    x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     # meta-parameters
     CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Program 0 sorts, the rest are `_rows`."""
+    if tl.program_id(0) > 0:
+        _rows(tl.program_id(0) - 1, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
+              IS_INT, COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+        return
     e = tl.arange(0, BLOCK_E)
     counts_E = tl.zeros((BLOCK_E,), tl.int32)
     for c in tl.static_range(CHUNKS):
@@ -127,6 +159,7 @@ def dispatch(
     Returns (xq_TD, xscale, expert_offsets_E1 int64, gather_index_R int64, row_weights_R fp32, row_index_R
     int64, empty comm_splits). Under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`;
     otherwise (none, int4_weight) xq is a copy of x (an op output may not alias its input), xscale empty.
+    The activations' programs run in the sort's first launch, after its own programs: one launch at decode.
     """
     T, K = ids.shape
     R, E, device = T * K, num_experts, x.device
@@ -136,25 +169,38 @@ def dispatch(
     gather_R = torch.empty((R,), dtype=torch.int64, device=device)
     row_index_R = torch.empty((R,), dtype=torch.int64, device=device)
     row_weights_R = torch.empty((R,), dtype=torch.float32, device=device)
-    empty = x.new_empty((0,), dtype=torch.float32), x.new_empty((0,), dtype=torch.int64)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    mode = quant if quant in QUANTISED else "copy"
+    xq, xscale = new_rows(x, mode)
+    D = x.shape[1]
+    if D == 0:
+        xscale.fill_(1.0)
+    tiling = row_tiling(D, mode)
+    rows = dict(COL_TILES=tiling.col_tiles, COPY=mode == "copy", BLOCK_T=tiling.block_r,
+                **{k: v for k, v in row_constexprs(mode, tiling).items() if k != "BLOCK_R"})  # fmt: skip
+    row_args = (x, xq, xscale if xscale.numel() else row_weights_R, T, D, x.stride(0), xq.stride(0),
+                xscale.stride(0) if xscale.numel() else 0)  # fmt: skip
+    row_programs = tiling.programs(T) if D else 0
     BLOCK_E, BLOCK_R = next_power_of_2(E), _block_r(E)
     chunks = cdiv(R, BLOCK_R)
-    if R == 0:
+    if R == 0 and row_programs == 0:
         offsets_E1.zero_()
     elif chunks <= SMALL_CHUNKS:
         launch(
-            _sort_small_kernel, (1,),
-            ids_R, weights_R, offsets_E1, gather_R, row_weights_R, row_index_R,
-            R, E, K, CHUNKS=chunks, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+            _sort_small_kernel, (1 + row_programs,),
+            ids_R, weights_R, offsets_E1, gather_R, row_weights_R, row_index_R, R, E, K, *row_args,
+            CHUNKS=chunks, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, **rows, num_warps=tiling.num_warps,
         )  # fmt: skip
     else:
         counts_cursor = torch.zeros((2, E + 1), dtype=torch.int32, device=device)  # cursor[E]: dropped picks
-        grid = (chunks,)
-        launch(_count_kernel, grid, ids_R, counts_cursor[0], R, E, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
         launch(
-            _scatter_kernel, grid,
+            _count_kernel, (chunks + row_programs,),
+            ids_R, counts_cursor[0], R, E, *row_args, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, **rows,
+            num_warps=tiling.num_warps,
+        )  # fmt: skip
+        launch(
+            _scatter_kernel, (chunks,),
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
             R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
-    xq, xscale = quantize_rows(x, quant) if quant in QUANTISED else (x.clone(), empty[0])
-    return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, empty[1]
+    return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, x.new_empty((0,), dtype=torch.int64)

@@ -16,6 +16,8 @@ int8 rounds half to even.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -71,22 +73,29 @@ def _quantize_tile(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(
-    x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+def _quantize_block(
+    x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, row_block, col_tile,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """Rows row_block·BLOCK_R + [0, BLOCK_R) of x quantised into q and scale (column tile col_tile: a group, or
+    the whole row when ONE_TILE), or, COPY, copied into q as they are (no scale)."""
+    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
-    if ONE_TILE:  # program (row block, column tile): a group (BLOCK_D == G), or the whole row (one tile)
-        cols = tl.program_id(1) * BLOCK_D + d
+    if COPY:
+        for d0 in range(0, D, BLOCK_D):
+            mask = row_ok[:, None] & (d0 + d < D)[None, :]
+            tl.store(q_rows + (d0 + d)[None, :], tl.load(x_rows + (d0 + d)[None, :], mask=mask), mask=mask)
+    elif ONE_TILE:  # a group (BLOCK_D == G), or the whole row (one tile)
+        cols = col_tile * BLOCK_D + d
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         q, scale = _quantize_tile(x, QMAX, IS_INT)
         tl.store(q_rows + cols[None, :], q, mask=mask)
-        tl.store(scale_ptr + rows * stride_sn + tl.program_id(1), scale, mask=row_ok)
+        tl.store(scale_ptr + rows * stride_sn + col_tile, scale, mask=row_ok)
     else:
         amax = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -101,8 +110,57 @@ def _quantize_rows_kernel(
         tl.store(scale_ptr + rows * stride_sn, scale, mask=row_ok)
 
 
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    _quantize_block(x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, tl.program_id(0),
+                    tl.program_id(1), QMAX, IS_INT, False, ONE_TILE, BLOCK_R, BLOCK_D)  # fmt: skip
+
+
 def qdtype(mode: str) -> torch.dtype:
     return quant_fmt.activation_dtype(mode, torch.float32)
+
+
+class RowTiling(NamedTuple):
+    """How `_quantize_block` covers N rows of D columns: BLOCK_R rows by BLOCK_D columns a program, col_tiles
+    column tiles a block of rows (fp8_block's groups, else one)."""
+
+    one_tile: bool
+    block_r: int
+    block_d: int
+    col_tiles: int
+    num_warps: int
+
+    def programs(self, N: int) -> int:
+        return cdiv(N, self.block_r) * self.col_tiles
+
+
+def row_tiling(D: int, mode: str) -> RowTiling:
+    """The tiling of `mode` (MODES, or "copy": the rows as they are, in the non-grouped modes' tiles)."""
+    G = quant_fmt.BLOCK
+    grouped = mode == "fp8_block"
+    one_tile = grouped or D <= ONE_TILE_MAX
+    block_d = G if grouped else next_power_of_2(max(D, 16)) if one_tile else 1024
+    block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
+    warps = min(16, max(4, block_r * block_d // 1024))  # <= 32 fp32 values per thread
+    return RowTiling(one_tile, block_r, block_d, cdiv(D, G) if grouped else 1, warps)
+
+
+def row_constexprs(mode: str, tiling: RowTiling) -> dict:
+    """The constexprs of `_quantize_block` for `mode` (MODES or "copy")."""
+    return dict(QMAX=quant_fmt.QMAX.get(mode, 1.0), IS_INT=mode == "int8", ONE_TILE=tiling.one_tile,
+                BLOCK_R=tiling.block_r, BLOCK_D=tiling.block_d)  # fmt: skip
+
+
+def new_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty (xq_ND, x_scale) for `quantize_rows(x_ND, mode)` (MODES, or "copy": xq in x's dtype, no scale)."""
+    N, D = x_ND.shape
+    if mode == "copy":
+        return torch.empty((N, D), dtype=x_ND.dtype, device=x_ND.device), x_ND.new_empty((0,), dtype=torch.float32)
+    shape = (N, cdiv(D, quant_fmt.BLOCK)) if mode == "fp8_block" else (N,)
+    return torch.empty((N, D), dtype=qdtype(mode), device=x_ND.device), x_ND.new_empty(shape, dtype=torch.float32)
 
 
 def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,20 +169,13 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
         raise ValueError(f"moe_fx: triton quantize_rows runs {MODES}, got quant={mode!r}")
     x_ND = x_ND if x_ND.stride(-1) == 1 else x_ND.contiguous()
     N, D = x_ND.shape
-    G = quant_fmt.BLOCK
-    grouped = mode == "fp8_block"
-    xq = torch.empty((N, D), dtype=qdtype(mode), device=x_ND.device)
-    scale = torch.empty((N, cdiv(D, G)) if grouped else (N,), dtype=torch.float32, device=x_ND.device)
+    xq, scale = new_rows(x_ND, mode)
     if N == 0 or D == 0:
         return xq, scale.fill_(1.0)
-    one_tile = grouped or D <= ONE_TILE_MAX
-    block_d = G if grouped else next_power_of_2(max(D, 16)) if one_tile else 1024
-    block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
-    grid = (cdiv(N, block_r), cdiv(D, G) if grouped else 1)
+    tiling = row_tiling(D, mode)
     launch(
-        _quantize_rows_kernel, grid,
+        _quantize_rows_kernel, (cdiv(N, tiling.block_r), tiling.col_tiles),
         x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
-        QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", ONE_TILE=one_tile, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=min(16, max(4, block_r * block_d // 1024)),  # <= 32 fp32 values per thread
+        **row_constexprs(mode, tiling), num_warps=tiling.num_warps,
     )  # fmt: skip
     return xq, scale

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant, reference
+from moe_fx.lowering.triton import dispatch as dispatch_module
 from moe_fx.lowering.triton import quantize as triton_quantize
 from moe_fx.lowering.triton.dispatch import dispatch
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import MODES, quantize_rows
 from tests.lowering.triton.conftest import DEVICE, DTYPES
 from tests.lowering.triton.test_triton_dispatch import routing
@@ -46,8 +48,12 @@ def test_nan_and_inf_stay_in_their_token(mode):
 
 
 @pytest.mark.parametrize("mode", [*MODES, "int4_weight"])  # int4_weight: activations stay as they are
-@pytest.mark.parametrize("T,K,pattern", [(0, 2, "random"), (1, 1, "random"), (9, 2, "empty"), (33, 2, "one_expert")])
-def test_quantize_dispatch_matches_reference(mode, T, K, pattern):
+@pytest.mark.parametrize(
+    "T,K,pattern", [(0, 2, "random"), (1, 1, "random"), (9, 2, "empty"), (33, 2, "one_expert"), (300, 4, "random")]
+)  # 300 x 4 rows: the two-launch sort
+@pytest.mark.parametrize("one_tile_max", [triton_quantize.ONE_TILE_MAX, 64])  # 64: rows of 136 in two passes
+def test_quantize_dispatch_matches_reference(mode, T, K, pattern, one_tile_max, monkeypatch):
+    monkeypatch.setattr(triton_quantize, "ONE_TILE_MAX", one_tile_max)
     E, D = 6, 136
     x = torch.randn(T, D, device=DEVICE)
     weights, ids = routing(T, K, E, pattern)
@@ -56,3 +62,17 @@ def test_quantize_dispatch_matches_reference(mode, T, K, pattern):
     assert_same_rows(got[:2], want[:2], slice(None))
     assert torch.equal(got[2], want[2]) and got[6].numel() == 0
     assert torch.equal(got[3], got[5] // K) and torch.equal(got[4], weights.reshape(-1)[got[5]])
+
+
+@pytest.mark.parametrize("mode", [*MODES, "none"])
+@pytest.mark.parametrize("T,launches", [(4, 1), (300, 2)])
+def test_dispatch_quantises_in_the_sorts_launches(mode, T, launches, monkeypatch):
+    """The activations are quantised (or copied) by programs of the sort's first launch: one launch in all at
+    decode, two above SMALL_CHUNKS blocks of rows."""
+    calls = []
+    monkeypatch.setattr(
+        dispatch_module, "launch", lambda kernel, *a, **k: calls.append(kernel) or launch(kernel, *a, **k)
+    )
+    weights, ids = routing(T, 4, 6, "random")
+    dispatch(torch.randn(T, 136, device=DEVICE), ids, weights, 6, mode)
+    assert len(calls) == launches, calls
