@@ -3,12 +3,14 @@
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 `grouped_gemm.experts` runs with its launches captured instead of made; each captured kernel is compiled by
-Triton for the target (sm90 by default) and its PTX summarised: MMA instructions (`wgmma` or `mma.sync`),
-conversions, shared-memory traffic, the most frequent instructions. What a config compiles to, read before
-spending GPU time on it (e.g. whether a decode tile reaches wgmma, whether an unpacked int4 tile goes through
-shared memory).
+Triton for the target (sm90 by default), its arguments specialised as Triton's launcher does (`specialise`:
+unit strides become constants, so loads vectorise as on the GPU), and its PTX summarised: MMA instructions
+(`wgmma` or `mma.sync`), conversions, shared-memory traffic, the most frequent instructions. `--sass` also
+reads the cubin (Triton's bundled ptxas, nvdisasm and cuobjdump): registers, shared memory, thread blocks per
+SM, and the main loop's SASS instruction mix per warp and K-step. What a config compiles to, read before
+spending GPU time on it (e.g. whether a decode tile reaches wgmma, how many instructions a K-step issues).
 
-    python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--arch 90] [--top 25]
+    python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--arch 90] [--top 25] [--sass]
 """
 
 from __future__ import annotations
@@ -16,10 +18,14 @@ from __future__ import annotations
 import argparse
 import collections
 import re
+import subprocess
+import tempfile
+from pathlib import Path
 from unittest import mock
 
 import torch
 import triton
+from triton.backends import nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -61,13 +67,66 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
     return captured
 
 
-def ptx(kernel, args, meta, arch: int) -> str:
+def specialise(kernel, args) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch with these runtime arguments, as Triton's launcher makes them:
+    an int equal to 1 becomes the constant 1 (a unit stride: what lets the compiler vectorise along it), ints
+    and tensor addresses divisible by 16 carry that divisibility. Without this, strides stay unknown and the
+    compiled code is not what a GPU runs."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(a, torch.Tensor):
+            signature[name] = "*" + TYPES[a.dtype]
+            divisible = a.data_ptr() % 16 == 0
+        elif isinstance(a, bool):
+            signature[name], divisible = "i1", False
+        elif isinstance(a, int):
+            if a == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name], divisible = ("i32" if -(2**31) <= a < 2**31 else "i64"), a % 16 == 0
+        else:
+            signature[name], divisible = _type(a), False
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def compile_for(kernel, args, meta, arch: int):
+    """The kernel compiled by Triton for sm`arch` (PTX, and a cubin through Triton's bundled ptxas)."""
     consts = {p.name: meta.get(p.name, p.default) for p in kernel.params if p.is_constexpr}
-    signature = {name: _type(a) for name, a in zip(kernel.arg_names, args)} | dict.fromkeys(consts, "constexpr")
+    signature, ones, attrs = specialise(kernel, args)
+    signature |= dict.fromkeys(consts, "constexpr")
     options = {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}
     return triton.compile(
-        ASTSource(kernel, signature, consts), target=GPUTarget("cuda", arch, 32), options=options
-    ).asm["ptx"]
+        ASTSource(kernel, signature, consts | ones, attrs), target=GPUTarget("cuda", arch, 32), options=options
+    )
+
+
+def ptx(kernel, args, meta, arch: int) -> str:
+    return compile_for(kernel, args, meta, arch).asm["ptx"]
+
+
+def _tool(name: str) -> str:
+    """A CUDA binary Triton ships beside its ptxas (nvdisasm, cuobjdump)."""
+    return str(Path(nvidia_backend.__file__).parent / "bin" / name)
+
+
+def sass(compiled, warps: int) -> dict:
+    """What the cubin holds: registers and shared memory per thread block, the blocks an SM can hold at once
+    (Hopper: 64K registers, 227 KB of shared memory, 64 warps, 32 blocks), and the instruction mix of the
+    main loop (the branch-delimited SASS block with the most MMA instructions), per warp and iteration."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
+        code = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    shared = compiled.metadata.shared
+    per_sm = min(65536 // (regs * 32 * warps), (227 * 1024) // max(shared, 1), 64 // warps, 32)
+    blocks = re.split(r"\n\.L_x_\d+:\n", code)
+    loop = max(blocks, key=lambda b: len(re.findall(r"\b(?:HMMA|HGMMA|IMMA|QMMA)\b", b)))
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", loop)
+    return {"regs": regs, "shared": shared, "blocks_per_sm": per_sm, "loop": collections.Counter(ops)}
 
 
 def main():
@@ -77,15 +136,22 @@ def main():
     p.add_argument("--swap", action="store_true", help="swap_ab: the weights as the dot's first operand")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--sass", action="store_true", help="also the cubin: registers, occupancy, the main loop's SASS")
     args = p.parse_args()
     m, n, k, warps, stages = args.tile
     gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, swap_ab=args.swap)
     for kernel, kargs, meta in launches(args.quant, tuning.conform(tuning.ExpertsConfig(gemm, gemm), args.quant)):
-        text = ptx(kernel, kargs, meta, args.arch)
+        compiled = compile_for(kernel, kargs, meta, args.arch)
+        text = compiled.asm["ptx"]
         ops = collections.Counter(re.findall(r"^\s+([a-z][\w.]*)", text, re.M))
         watched = ", ".join(f"{name} {len(re.findall(rx, text))}" for name, rx in WATCH.items())
         print(f"{kernel.__name__} sm{args.arch} {args.quant} tile {args.tile} swap={args.swap}: {watched}")
         print("  most frequent:", ", ".join(f"{op} {c}" for op, c in ops.most_common(args.top)))
+        if args.sass:
+            s = sass(compiled, meta["num_warps"])
+            mix = ", ".join(f"{op} {c}" for op, c in s["loop"].most_common(args.top))
+            print(f"  sass: {s['regs']} registers, {s['shared']} B shared, {s['blocks_per_sm']} blocks per SM; "
+                  f"main loop {sum(s['loop'].values())} instructions per warp: {mix}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """bench/ptx_stats.py compiles the experts' kernels for sm90 on a machine without a GPU: a 16-row decode tile
 reaches Hopper's wgmma only with the dot's operands swapped (it runs Ampere's mma.sync otherwise), and the int4
-unpack has no int-to-float conversion. Run in a subprocess: the tests' kernels are interpreted, not compiled."""
+unpack has no int-to-float conversion; `--sass` reads the cubin (registers, occupancy, the main loop's SASS). Run
+in a subprocess: the tests' kernels are interpreted, not compiled."""
 
 import os
 import re
@@ -16,14 +17,29 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("quant", ["none", "int4_weight"])
 @pytest.mark.parametrize("swap", [False, True])
 def test_decode_tile_reaches_wgmma_when_swapped(quant, swap):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tile = ["--tile", "16", "64", "128", "4", "3"]
-    cmd = [sys.executable, str(ROOT / "bench" / "ptx_stats.py"), "--quant", quant, *tile]
-    out = subprocess.run(cmd + ["--swap"] * swap, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    lines = [line for line in out.stdout.splitlines() if " sm90 " in line]
+    out = ptx_stats("--quant", quant, "--tile", "16", "64", "128", "4", "3", *["--swap"] * swap)
+    lines = [line for line in out.splitlines() if " sm90 " in line]
     assert [line.split()[0] for line in lines] == ["_up_kernel", "_down_kernel"], out.stdout
     for line in lines:
         count = {name: int(n) for name, n in re.findall(r"(wgmma|mma\.sync|int->float cvt) (\d+)", line)}
         assert (count["wgmma"] > 0) == swap and (count["mma.sync"] > 0) == (not swap), line
         assert count["int->float cvt"] == 0, line
+
+
+def test_sass_reads_registers_occupancy_and_the_main_loop():
+    out = ptx_stats("--quant", "int4_weight", "--tile", "16", "64", "128", "4", "3", "--sass")
+    sass = re.findall(
+        r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM; main loop (\d+) instructions.*", out
+    )
+    assert len(sass) == 2, out  # up, down
+    for regs, shared, blocks, loop in sass:
+        assert 0 < int(regs) <= 255 and int(shared) > 0 and 1 <= int(blocks) <= 32 and int(loop) > 0, out
+    assert "HMMA" in out  # the decode tile's mma.sync, in the loop's SASS
+
+
+def ptx_stats(*args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(ROOT / "bench" / "ptx_stats.py"), *args]
+    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
