@@ -187,44 +187,38 @@ def _unpack_int4(w, DTYPE: tl.constexpr):
 _UNPACK_PTX = tl.constexpr(not tuning.interpreting())
 
 
-@triton.jit
-def _unpack_int4_bf16(w, scale):
-    """(low, high) · scale as bf16: `_unpack_int4` then the scale, in inline PTX on 4 bytes at a time (one 32-bit
-    register; 8 weights in 4 bf16x2 registers): xor/and/shift, a byte permute (prmt) into each half-word, 2^7 as
-    the exponent (or), then two packed fmas (- 136, × scale): ~2.5 instructions per weight where Triton's scalar
-    16-bit code took ~5.6 (bench/NOTES.md). `scale` is w's shape, equal along each group of 4 bytes (a row's)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 x, t, z, s0, s1, one, off, nz;
-        mov.b32 z, 0;
+# `_unpack_int4(w, bf16)` on 4 bytes at a time ($4, one 32-bit register) into 8 weights in 4 bf16x2 registers: $0, $1
+# the low nibbles of bytes (0, 1), (2, 3), $2, $3 their high nibbles. A byte permute (prmt) puts bytes 0 and 1 in
+# the low byte of each half-word; one lop3 (truth table 0x6A: mask ? a ^ c : c) then xors the nibble with 8, drops
+# the other bits and ors in 2^7 as the exponent (0x4300: 128 + (n ^ 8) = 136 + n); the high nibbles shift down 4
+# first; one packed fma subtracts 136. 12 instructions per 8 weights (tests/lowering/triton/test_int4_ptx.py runs
+# this text through a model of the five PTX instructions on every byte value).
+_UNPACK_INT4_BF16 = tl.constexpr("""{
+        .reg .b32 p, q, t, one, off;
         mov.b32 one, 0x3F803F80;
         mov.b32 off, 0xC308C308;
-        mov.b32 nz, 0x80008000;
-        mov.b32 s0, $5;
-        mov.b32 s1, $6;
-        xor.b32 x, $4, 0x88888888;
-        and.b32 t, x, 0x0F0F0F0F;
-        prmt.b32 $0, t, z, 0x4140;
-        prmt.b32 $1, t, z, 0x4342;
-        shr.u32 t, x, 4;
-        and.b32 t, t, 0x0F0F0F0F;
-        prmt.b32 $2, t, z, 0x4140;
-        prmt.b32 $3, t, z, 0x4342;
-        or.b32 $0, $0, 0x43004300;
-        or.b32 $1, $1, 0x43004300;
-        or.b32 $2, $2, 0x43004300;
-        or.b32 $3, $3, 0x43004300;
+        prmt.b32 p, $4, 0, 0x4140;
+        prmt.b32 q, $4, 0, 0x4342;
+        lop3.b32 $0, p, 0x000F000F, 0x43084308, 0x6A;
+        lop3.b32 $1, q, 0x000F000F, 0x43084308, 0x6A;
+        shr.u32 t, p, 4;
+        lop3.b32 $2, t, 0x000F000F, 0x43084308, 0x6A;
+        shr.u32 t, q, 4;
+        lop3.b32 $3, t, 0x000F000F, 0x43084308, 0x6A;
         fma.rn.bf16x2 $0, $0, one, off;
         fma.rn.bf16x2 $1, $1, one, off;
         fma.rn.bf16x2 $2, $2, one, off;
         fma.rn.bf16x2 $3, $3, one, off;
-        fma.rn.bf16x2 $0, $0, s0, nz;
-        fma.rn.bf16x2 $1, $1, s1, nz;
-        fma.rn.bf16x2 $2, $2, s0, nz;
-        fma.rn.bf16x2 $3, $3, s1, nz;
-        }""",
-        constraints="=r,=r,=r,=r,r,r,r",
-        args=[w.to(tl.uint8, bitcast=True), scale],
+        }""")
+
+
+@triton.jit
+def _unpack_int4_bf16(w):
+    """`_unpack_int4(w, bf16)` in inline PTX (`_UNPACK_INT4_BF16`)."""
+    return tl.inline_asm_elementwise(
+        asm=_UNPACK_INT4_BF16,
+        constraints="=r,=r,=r,=r,r",
+        args=[w.to(tl.uint8, bitcast=True)],
         dtype=(tl.bfloat16, tl.bfloat16),
         is_pure=True,
         pack=4,
@@ -232,18 +226,13 @@ def _unpack_int4_bf16(w, scale):
 
 
 @triton.jit
-def _unpack_int4_scaled(w, w_s, DTYPE: tl.constexpr, SWAP: tl.constexpr):
-    """(low, high) of the byte tile w, times its columns' scales w_s (rows' under SWAP), as DTYPE: through inline PTX
-    for bf16 on a GPU (tested there on every byte value), through `_unpack_int4` otherwise."""
-    if SWAP:
-        scale = tl.broadcast_to(w_s.to(DTYPE)[:, None], w.shape)
-    else:
-        scale = tl.broadcast_to(w_s.to(DTYPE)[None, :], w.shape)
+def _unpack_int4_exact(w, DTYPE: tl.constexpr):
+    """(low, high) of the byte tile w as DTYPE, exactly: through inline PTX for bf16 on a GPU (tested there on
+    every byte value), through `_unpack_int4` otherwise."""
     if _UNPACK_PTX and DTYPE == tl.bfloat16:
-        return _unpack_int4_bf16(w, scale)
+        return _unpack_int4_bf16(w)
     else:
-        low, high = _unpack_int4(w, DTYPE)
-        return low * scale, high * scale
+        return _unpack_int4(w, DTYPE)
 
 
 @triton.jit
@@ -251,25 +240,41 @@ def _int4_mma(a, w_ptrs, w_ok, k_left, acc, w_scale_ptr, w_rows, stride_wr, k0, 
               PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
     """int4_weight: acc += a [M, BLOCK_K] · the weights packed in the [BLOCK_K // 2, N] byte tile at w_ptrs
     (byte i holds K-elements 2i, low nibble, and 2i + 1, as `quant.pack_int4`), each byte loaded once along
-    consecutive addresses, unpacked in registers (`_unpack_int4`) and multiplied by the K-block's group scales
-    (BLOCK_K divides G) in a's dtype: the scale and each product rounded to it (the reference scales exact
-    products: ~1e-7 apart in fp32, ~1e-3 in bf16).
+    consecutive addresses and unpacked in registers to its exact int4 values (`_unpack_int4_exact`). A K-step lies
+    in one group of G (BLOCK_K divides G), so with few rows (2·BLOCK_M <= BLOCK_K: decode tiles) its group scales
+    multiply the K-step's fp32 partial product, once per accumulator element instead of once per weight
+    (products of a and the int4 values exact, as in the reference, the scale applied in fp32; the main loop of a
+    16×64×128 decode tile issues 0.75× the SASS instructions, bench/NOTES.md). With more rows the weights are
+    scaled in a's dtype (each scaled weight rounded to it: ~1e-3 from the reference in bf16), which keeps the
+    accumulator in place (wgmma chains its K-steps; a partial product per K-step made a 64-row tile's loop
+    longer, not shorter).
     SWAP (acc is [N, M]): the bytes are read as [N, BLOCK_K // 2], each row's nibble pairs joined in place into
-    the [N, BLOCK_K] weight tile, the dot's first operand; one full-depth dot per K-step (the unpacked tile
-    still goes through shared memory: wgmma could read it from registers, Triton does not). Otherwise the
-    nibbles meet the even and odd K-columns of a in two dots that accumulate in place."""
+    the [N, BLOCK_K] weight tile, the dot's first operand; one full-depth dot per K-step. Otherwise the nibbles
+    meet the even and odd K-columns of a in two dots."""
     kp = tl.arange(0, BLOCK_K // 2)
     mask = _tile_mask(w_ok, 2 * kp < k_left, EVEN_K, True)
     w_s = tl.load(w_scale_ptr + w_rows * stride_wr + ((k0 * BLOCK_K) // G) * stride_wb, mask=w_ok, other=0.0)
+    SCALE_ACC: tl.constexpr = 2 * a.shape[0] <= BLOCK_K  # a multiply per accumulator element, not per weight
     if SWAP:
-        low, high = _unpack_int4_scaled(tl.load(tl.trans(w_ptrs), mask=tl.trans(mask), other=0), w_s, a.dtype, SWAP)
-        w_NK = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))
-        return tl.dot(w_NK, tl.trans(a), acc, input_precision=PRECISION)  # column 2i low, 2i + 1 high
+        low, high = _unpack_int4_exact(tl.load(tl.trans(w_ptrs), mask=tl.trans(mask), other=0), a.dtype)
+        if not SCALE_ACC:
+            scale = w_s.to(a.dtype)[:, None]
+            low, high = low * scale, high * scale
+        w_NK = tl.reshape(tl.join(low, high), (low.shape[0], BLOCK_K))  # column 2i low, 2i + 1 high
+        if SCALE_ACC:
+            return acc + tl.dot(w_NK, tl.trans(a), input_precision=PRECISION) * w_s[:, None]
+        else:
+            return tl.dot(w_NK, tl.trans(a), acc, input_precision=PRECISION)
     else:
-        low, high = _unpack_int4_scaled(tl.load(w_ptrs, mask=mask, other=0), w_s, a.dtype, SWAP)
+        low, high = _unpack_int4_exact(tl.load(w_ptrs, mask=mask, other=0), a.dtype)
         a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], BLOCK_K // 2, 2)))
-        acc = tl.dot(a_even, low, acc, input_precision=PRECISION)
-        return tl.dot(a_odd, high, acc, input_precision=PRECISION)
+        if SCALE_ACC:
+            part = tl.dot(a_even, low, input_precision=PRECISION)
+            return acc + tl.dot(a_odd, high, part, input_precision=PRECISION) * w_s[None, :]
+        else:
+            scale = w_s.to(a.dtype)[None, :]
+            acc = tl.dot(a_even, low * scale, acc, input_precision=PRECISION)
+            return tl.dot(a_odd, high * scale, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -535,9 +540,10 @@ def experts(
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
     otherwise, by `quantize.quantize_rows` on the activation stored in the model's dtype (a row's scale needs
     the whole row; as vLLM does, and half the bytes of an fp32 round trip).
-    int4_weight (w4a16): each K-step loads its packed weight bytes once, dequantises them in registers (group
-    scales applied, cast to the activations' dtype) and multiplies the even and odd K-columns of the
-    activations by the low and high nibbles; the activations stay in their dtype throughout.
+    int4_weight (w4a16): each K-step loads its packed weight bytes once, unpacks them in registers to exact int4
+    values in the activations' dtype and multiplies the even and odd K-columns of the activations by the low
+    and high nibbles; the group scales multiply the K-step's partial product (decode tiles) or the weights
+    (`_int4_mma`); the activations stay in their dtype throughout.
     `config` overrides the tuned/default block sizes (used by `tuning.tune`).
     """
     if quant not in QUANT_CODES:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant
+from moe_fx.lowering.triton import tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args
 from moe_fx.spec import CLAMPED_ACTIVATIONS, GATED_ACTIVATIONS, ExpertsSpec, MoESpec, QuantSpec
 from tests.conftest import rel_err
@@ -89,12 +90,22 @@ def test_block_scales_partial_128_groups(mode, D, F_):
     assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < AGREE[torch.float32]
 
 
-def test_int4_every_byte_value(gemm_path):
+# (BLOCK_M, BLOCK_K) of int4 tiles whose group scales multiply the K-step's partial product (2·BLOCK_M <= BLOCK_K)
+# or the weights; the interpreter's dots are small
+INT4_TILES = {"accumulator": (16, 32), "weights": (32, 32)} if DEVICE == "cpu" else {"accumulator": (16, 128),
+                                                                                   "weights": (64, 64)}  # fmt: skip
+
+
+@pytest.mark.parametrize("scaled", list(INT4_TILES))
+def test_int4_every_byte_value(gemm_path, scaled, monkeypatch):
     """Packed weights holding every byte value (every nibble pair, -8 too, which quantize_weight never writes)
     unpack exactly: Triton against the reference on the same packed weights and scales, in fp32 and in HALF (on
-    a GPU bf16, whose unpack is inline PTX)."""
+    a GPU bf16, whose unpack is inline PTX), with the scales on the accumulator and on the weights."""
     if gemm_path == "tma":
         pytest.skip("int4_weight does not take the tma path")
+    block_m, block_k = INT4_TILES[scaled]
+    tile = tuning.GemmConfig(block_m, 32, block_k, 1, 4, 1, swap_ab=gemm_path == "swap")
+    monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(tile, tile))
     T, K, D, F_ = 7, 2, 64, 32
     w13 = (torch.randperm(E * 2 * F_ * D // 2) % 256).to(torch.uint8).reshape(E, 2 * F_, D // 2).to(DEVICE)
     w2 = torch.randint(0, 256, (E, D, F_ // 2), dtype=torch.uint8, device=DEVICE)
