@@ -36,11 +36,11 @@ from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 def _rows(
     rp, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Row program rp of the activations: a block of tokens quantised (`quantize._quantize_block`) or copied."""
     _quantize_block(x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, rp // COL_TILES, rp % COL_TILES,
-                    QMAX, IS_INT, COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+                    QMAX, IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 
 
 @triton.jit
@@ -48,14 +48,14 @@ def _count_kernel(
     ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, cdiv(R, BLOCK_R)) count, the rest are `_rows`."""
     pid = tl.program_id(0)
     chunks = tl.cdiv(R, BLOCK_R)
     if pid >= chunks:
         _rows(pid - chunks, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX, IS_INT,
-              COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+              COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
@@ -110,12 +110,12 @@ def _sort_small_kernel(
     # meta-parameters
     CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program 0 sorts, the rest are `_rows`."""
     if tl.program_id(0) > 0:
         _rows(tl.program_id(0) - 1, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
-              IS_INT, COPY, ONE_TILE, BLOCK_T, BLOCK_D)  # fmt: skip
+              IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
     e = tl.arange(0, BLOCK_E)
     counts_E = tl.zeros((BLOCK_E,), tl.int32)
@@ -176,8 +176,7 @@ def dispatch(
     if D == 0:
         xscale.fill_(1.0)
     tiling = row_tiling(D, mode)
-    rows = dict(COL_TILES=tiling.col_tiles, COPY=mode == "copy", BLOCK_T=tiling.block_r,
-                **{k: v for k, v in row_constexprs(mode, tiling).items() if k != "BLOCK_R"})  # fmt: skip
+    rows = dict(COL_TILES=tiling.col_tiles, **row_constexprs(mode, tiling))
     row_args = (x, xq, xscale if xscale.numel() else row_weights_R, T, D, x.stride(0), xq.stride(0),
                 xscale.stride(0) if xscale.numel() else 0)  # fmt: skip
     row_programs = tiling.programs(T) if D else 0

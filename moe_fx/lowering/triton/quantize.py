@@ -75,12 +75,12 @@ def _quantize_tile(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 @triton.jit
 def _quantize_block(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, row_block, col_tile,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Rows row_block·BLOCK_R + [0, BLOCK_R) of x quantised into q and scale (column tile col_tile: a group, or
+    """Rows row_block·BLOCK_N + [0, BLOCK_N) of x quantised into q and scale (column tile col_tile: a group, or
     the whole row when ONE_TILE), or, COPY, copied into q as they are (no scale)."""
-    rows = row_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
@@ -97,7 +97,7 @@ def _quantize_block(
         tl.store(q_rows + cols[None, :], q, mask=mask)
         tl.store(scale_ptr + rows * stride_sn + col_tile, scale, mask=row_ok)
     else:
-        amax = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        amax = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
         for d0 in range(0, D, BLOCK_D):
             mask = row_ok[:, None] & (d0 + d < D)[None, :]
             x = tl.load(x_rows + (d0 + d)[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -113,10 +113,11 @@ def _quantize_block(
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     _quantize_block(x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, tl.program_id(0),
-                    tl.program_id(1), QMAX, IS_INT, False, ONE_TILE, BLOCK_R, BLOCK_D)  # fmt: skip
+                    tl.program_id(1), QMAX, IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 
 
 def qdtype(mode: str) -> torch.dtype:
@@ -124,17 +125,17 @@ def qdtype(mode: str) -> torch.dtype:
 
 
 class RowTiling(NamedTuple):
-    """How `_quantize_block` covers N rows of D columns: BLOCK_R rows by BLOCK_D columns a program, col_tiles
+    """How `_quantize_block` covers N rows of D columns: BLOCK_N rows by BLOCK_D columns a program, col_tiles
     column tiles a block of rows (fp8_block's groups, else one)."""
 
     one_tile: bool
-    block_r: int
+    block_n: int
     block_d: int
     col_tiles: int
     num_warps: int
 
     def programs(self, N: int) -> int:
-        return cdiv(N, self.block_r) * self.col_tiles
+        return cdiv(N, self.block_n) * self.col_tiles
 
 
 def row_tiling(D: int, mode: str) -> RowTiling:
@@ -143,15 +144,15 @@ def row_tiling(D: int, mode: str) -> RowTiling:
     grouped = mode == "fp8_block"
     one_tile = grouped or D <= ONE_TILE_MAX
     block_d = G if grouped else next_power_of_2(max(D, 16)) if one_tile else 1024
-    block_r = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
-    warps = min(16, max(4, block_r * block_d // 1024))  # <= 32 fp32 values per thread
-    return RowTiling(one_tile, block_r, block_d, cdiv(D, G) if grouped else 1, warps)
+    block_n = 16 if interpreting() else max(1, 2048 // block_d)  # few programs for the interpreter
+    warps = min(16, max(4, block_n * block_d // 1024))  # <= 32 fp32 values per thread
+    return RowTiling(one_tile, block_n, block_d, cdiv(D, G) if grouped else 1, warps)
 
 
 def row_constexprs(mode: str, tiling: RowTiling) -> dict:
     """The constexprs of `_quantize_block` for `mode` (MODES or "copy")."""
-    return dict(QMAX=quant_fmt.QMAX.get(mode, 1.0), IS_INT=mode == "int8", ONE_TILE=tiling.one_tile,
-                BLOCK_R=tiling.block_r, BLOCK_D=tiling.block_d)  # fmt: skip
+    return dict(QMAX=quant_fmt.QMAX.get(mode, 1.0), IS_INT=mode == "int8", COPY=mode == "copy",
+                ONE_TILE=tiling.one_tile, BLOCK_N=tiling.block_n, BLOCK_D=tiling.block_d)  # fmt: skip
 
 
 def new_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +175,7 @@ def quantize_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Te
         return xq, scale.fill_(1.0)
     tiling = row_tiling(D, mode)
     launch(
-        _quantize_rows_kernel, (cdiv(N, tiling.block_r), tiling.col_tiles),
+        _quantize_rows_kernel, (cdiv(N, tiling.block_n), tiling.col_tiles),
         x_ND, xq, scale, N, D, x_ND.stride(0), xq.stride(0), scale.stride(0),
         **row_constexprs(mode, tiling), num_warps=tiling.num_warps,
     )  # fmt: skip
