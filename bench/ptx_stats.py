@@ -102,10 +102,6 @@ def compile_for(kernel, args, meta, arch: int):
     )
 
 
-def ptx(kernel, args, meta, arch: int) -> str:
-    return compile_for(kernel, args, meta, arch).asm["ptx"]
-
-
 def _tool(name: str) -> str:
     """A CUDA binary Triton ships beside its ptxas (nvdisasm, cuobjdump)."""
     return str(Path(nvidia_backend.__file__).parent / "bin" / name)
