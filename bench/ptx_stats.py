@@ -37,6 +37,8 @@ TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", t
 WATCH = {"wgmma": r"wgmma\.mma_async", "mma.sync": r"mma\.sync", "int->float cvt": r"cvt\.rn\.f(?:16|32)\.s",
          "->bf16 cvt": r"cvt\.rn\.bf16", "st.shared": r"st\.shared", "ld.shared": r"ld\.shared",
          "ldmatrix": r"ldmatrix", "cp.async": r"cp\.async\.(?:ca|cg)"}  # fmt: skip
+# Hopper's MMAs in SASS: mma.sync (HMMA 16-bit, IMMA int8, QMMA fp8) and wgmma (HGMMA, IGMMA, QGMMA)
+MMA_SASS = r"\b(?:HMMA|IMMA|QMMA|HGMMA|IGMMA|QGMMA)\b"
 
 
 def _type(a) -> str:
@@ -53,17 +55,19 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
         (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = (quant.quantize_weight(w, quant_mode) for w in (w13, w2))
     else:
         w13, w2 = w13.to(dtype), w2.to(dtype)
-    x = torch.randn(T, D).to(torch.float8_e4m3fn if quant_mode == "fp8" else dtype)
+    x, xscale = torch.randn(T, D, dtype=dtype), torch.ones(T)
+    if quant_mode in quant.ACTIVATION_QUANTISED:  # the operands the GPU's kernels get: quantised activations
+        x, xscale = quant.quantize_rows(x, quant_mode)
     R = T * K
     rows = torch.zeros(R, dtype=torch.int64)
     captured = []
     with (
         mock.patch.object(grouped_gemm, "launch", lambda kernel, grid, *a, **meta: captured.append((kernel, a, meta))),
-        mock.patch.object(grouped_gemm.quantize, "quantize_rows", lambda h, mode: (h, torch.empty(0))),
+        mock.patch.object(grouped_gemm.quantize, "quantize_rows", quant.quantize_rows),  # the reference, for h
     ):  # fmt: skip
         grouped_gemm.experts(x, torch.zeros(E + 1, dtype=torch.int64), rows, torch.zeros(R), w13, None, w2, None, None,
                              "none", "silu_gated", "concat", False, False, 1.7, 7.0, dtype, config=config,
-                             quant=quant_mode, xscale=torch.ones(T), **scales)  # fmt: skip
+                             quant=quant_mode, xscale=xscale, **scales)  # fmt: skip
     return captured
 
 
@@ -120,14 +124,16 @@ def sass(compiled, warps: int) -> dict:
     shared = compiled.metadata.shared
     per_sm = min(65536 // (regs * 32 * warps), (227 * 1024) // max(shared, 1), 64 // warps, 32)
     blocks = re.split(r"\n\.L_x_\d+:\n", code)
-    loop = max(blocks, key=lambda b: len(re.findall(r"\b(?:HMMA|HGMMA|IMMA|QMMA)\b", b)))
+    loop = max(blocks, key=lambda b: len(re.findall(MMA_SASS, b)))
+    if not re.search(MMA_SASS, loop):
+        raise RuntimeError(f"moe_fx: no MMA instruction ({MMA_SASS}) in the SASS of {compiled.name}")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", loop)
     return {"regs": regs, "shared": shared, "blocks_per_sm": per_sm, "loop": collections.Counter(ops)}
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quant", default="none", choices=["none", "fp8", "int8", "int4_weight"])
+    p.add_argument("--quant", default="none", choices=["none", *quant.QMAX])
     p.add_argument("--tile", nargs=5, type=int, default=[16, 64, 128, 4, 4], metavar=("M", "N", "K", "WARPS", "STAGES"))
     p.add_argument("--swap", action="store_true", help="swap_ab: the weights as the dot's first operand")
     p.add_argument("--arch", type=int, default=90)

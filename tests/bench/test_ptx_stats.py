@@ -26,15 +26,26 @@ def test_decode_tile_reaches_wgmma_when_swapped(quant, swap):
         assert count["int->float cvt"] == 0, line
 
 
-def test_sass_reads_registers_occupancy_and_the_main_loop():
-    out = ptx_stats("--quant", "int4_weight", "--tile", "16", "64", "128", "4", "3", "--sass")
+@pytest.mark.parametrize(
+    "quant,swap,mma",
+    [("int4_weight", False, "HMMA"), ("fp8", True, "QGMMA"), ("fp8", False, "HMMA")],
+)  # fmt: skip
+def test_sass_reads_registers_occupancy_and_the_main_loop(quant, swap, mma):
+    """The main loop is found by its MMAs (Hopper's wgmma is HGMMA / QGMMA / IGMMA in SASS); fp8 operands reach
+    e4m3 wgmma swapped, and a 16-row fp8 tile's mma.sync takes them converted to 16 bits (F2FP)."""
+    out = ptx_stats(
+        "--quant", quant, "--tile", "16", "64", "128", "4", "3", "--sass", "--top", "100", *["--swap"] * swap
+    )
     sass = re.findall(
-        r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM; main loop (\d+) instructions.*", out
+        r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM; main loop (\d+) instructions per warp: (.*)", out
     )
     assert len(sass) == 2, out  # up, down
-    for regs, shared, blocks, loop in sass:
+    for regs, shared, blocks, loop, mix in sass:
         assert 0 < int(regs) <= 255 and int(shared) > 0 and 1 <= int(blocks) <= 32 and int(loop) > 0, out
-    assert "HMMA" in out  # the decode tile's mma.sync, in the loop's SASS
+        ops = dict(re.findall(r"(\w+) (\d+)", mix))
+        assert mma in ops, mix
+        if quant == "fp8":  # the activations reach the down GEMM in fp8 too
+            assert ("F2FP" in ops) == (not swap), mix
 
 
 def ptx_stats(*args: str) -> str:

@@ -103,13 +103,14 @@ def interpreting() -> bool:
 
 def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
     """Constraints on a config: K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128) under fp8_block
-    and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue)
-    and its accumulator is not swapped (its per-K-block rescale is written for [M, N])."""
+    and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue),
+    its down N-tile at most two 128-column weight blocks, and its accumulator is not swapped (its per-K-block
+    rescale is written for [M, N])."""
     if quant not in ("fp8_block", "int4_weight"):
         return config
     up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
     if quant == "fp8_block":
-        up, down = replace(up, block_n=128, swap_ab=False), replace(down, swap_ab=False)
+        up, down = replace(up, block_n=128, swap_ab=False), replace(down, block_n=min(down.block_n, 256), swap_ab=False)
     return ExpertsConfig(up, down)
 
 

@@ -90,6 +90,25 @@ def test_block_scales_partial_128_groups(mode, D, F_):
     assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < AGREE[torch.float32]
 
 
+@pytest.mark.parametrize("gate_up", ["concat", "up_first", "interleaved"])
+def test_fp8_block_scales_of_each_weight_block(gate_up, monkeypatch):
+    """F = D = 256: each up tile's gate and up halves (or interleaved runs) and each 256-wide down tile read two
+    128-row weight blocks per K-block, whose scales the kernels load as one scalar per run; every 128×128 block
+    and activation group is scaled by its own power of two, so a scale read from the wrong block shows."""
+    rows_k = 16 if DEVICE == "cpu" else 64
+    up, down = tuning.GemmConfig(rows_k, 128, 32, 1, 4, 1), tuning.GemmConfig(rows_k, 256, 32, 1, 4, 1)
+    monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(up, down))
+    T, K, D, F_ = 8, 2, 256, 256
+    w13, w2 = weights_for(D, F_, torch.float32)
+    blocks = lambda w: 2.0 ** torch.randint(-4, 5, (E, w.shape[1] // 128, w.shape[2] // 128), device=DEVICE)  # noqa: E731
+    w13, w2 = (w * blocks(w).repeat_interleave(128, 1).repeat_interleave(128, 2) for w in (w13, w2))
+    x = torch.randn(T, D, device=DEVICE) * torch.tensor([1.0, 16.0], device=DEVICE).repeat_interleave(128)
+    weights, ids = routing(T, K, E, "random")
+    out = layer(x, weights, ids, w13, w2, "fp8_block", "triton", gate_up=gate_up)
+    tol = AGREE[torch.float32] if DEVICE == "cpu" else PREFILL_AGREE["fp8_block"]  # 64-row tiles: wgmma's e4m3
+    assert rel_err(out, layer(x, weights, ids, w13, w2, "fp8_block", "reference", gate_up=gate_up)) < tol
+
+
 # (BLOCK_M, BLOCK_K) of int4 tiles whose group scales multiply the K-step's partial product (2·BLOCK_M <= BLOCK_K)
 # or the weights; the interpreter's dots are small
 INT4_TILES = {"accumulator": (16, 32), "weights": (32, 32)} if DEVICE == "cpu" else {"accumulator": (16, 128),
