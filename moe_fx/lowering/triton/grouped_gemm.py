@@ -26,7 +26,7 @@ the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. A tile's
 columns are at most two runs of 128 in one weight block each (where the layout allows: `_runs_in_blocks`), so
 a K-step loads two scalar weight scales, not one per column, and divides them once; the next K-block's scales
-load while the current MMA runs.
+are loaded before the current MMA is issued (Triton waits for it right after).
 """
 
 from __future__ import annotations
@@ -440,6 +440,10 @@ def _up_kernel(
     for k0 in range(0, n_k):
         k_left = D - k0 * BLOCK_K
         a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+        # the next K-block's scales (the last one's again at the last step), in flight while this step's MMA runs
+        a_n, w_n0, w_n1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok, run0,
+                                        run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb, stride_wsb, QUANT, G,
+                                        W_GROUPED)  # fmt: skip
         acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED)
         a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
         if W_TMA:
@@ -451,10 +455,7 @@ def _up_kernel(
                               QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
             w_ptrs += (BLOCK_K // PACK) * stride_wd
         a_ptrs += BLOCK_K * stride_xd
-        # the next K-block's scales (the last one's again after the last step), loaded while this step's MMA runs
-        a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok, run0,
-                                        run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb, stride_wsb, QUANT, G,
-                                        W_GROUPED)  # fmt: skip
+        a_s, w_s0, w_s1 = a_n, w_n0, w_n1
     if SWAP:
         acc = tl.trans(acc)
     acc = _dequantize(acc, a_prev, w_prev0, w_prev1, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh,
@@ -527,6 +528,9 @@ def _down_kernel(
     a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
     for k0 in range(0, n_k):
         k_left = F - k0 * BLOCK_K
+        a_n, w_n0, w_n1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, run0, run1,
+                                        (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
+                                        True)  # fmt: skip
         acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True)
         a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
         if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
@@ -539,9 +543,7 @@ def _down_kernel(
                               PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
             a_ptrs += BLOCK_K * stride_hf
             w_ptrs += (BLOCK_K // PACK) * stride_wf
-        a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, run0, run1,
-                                        (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
-                                        True)  # fmt: skip
+        a_s, w_s0, w_s1 = a_n, w_n0, w_n1
     if SWAP:
         acc = tl.trans(acc)
     acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok,
