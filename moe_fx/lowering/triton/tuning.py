@@ -117,14 +117,18 @@ def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
 def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
     """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
     16-row tiles and wide N for decode (bf16's up GEMM with swapped operands, from an H200's
-    `bench/gemm_paths.py`), 64-row tiles in between, 128-row tiles for prefill. Quantised operands are one
-    byte: their K-tiles are twice as deep for the same shared memory."""
+    `bench/gemm_paths.py`; fp8's both GEMMs, for e4m3 tensor cores on sm90: not yet timed), 64-row tiles in
+    between, 128-row tiles for prefill. Quantised operands are one byte: their K-tiles are twice as deep for
+    the same shared memory."""
     if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16 (32 for fp8)
         c = GemmConfig(16, 16, 16, 1, 4, 1) if quant == "none" else GemmConfig(16, 32, 32, 1, 4, 1)
         return conform(ExpertsConfig(c, c), quant)
     if quant in ("fp8", "fp8_block", "int8"):  # int4_weight's activations keep their dtype: the defaults below
-        if rows_per_expert <= 16:
-            up = down = GemmConfig(16, 64, 256, 8, 4, 4)
+        if rows_per_expert <= 16:  # fp8 swapped: e4m3 wgmma; a 16-row tile's mma.sync converts e4m3 to f16 on sm90
+            swap = quant == "fp8"  # (int8's mma.sync is native; fp8_block's rescale is written unswapped)
+            up = down = GemmConfig(
+                16, 64, 256, 8, 4, 3 if swap else 4, swap_ab=swap
+            )  # 3: the shared memory of 4 unswapped
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
         else:
