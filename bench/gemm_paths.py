@@ -1,17 +1,18 @@
 """The Triton experts' GEMM paths against each other, the same tiles, on one GPU: operands through pointers,
-through TMA descriptors, and with the dot's operands swapped (the weights as its first operand).
+through TMA descriptors, with the dot's operands swapped (the weights as its first operand), and TMA with
+persistent programs (two per SM, tile and K loops flattened into one).
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 For each shape of `bench/layer.py`, quant mode and T, `tuning.tune` times both GEMMs over the same tile
 candidates on each path (uniform random routing, the experts op alone), and this prints the best time of
 each path and its ratio to pointers; before that, one call per (shape, quant, path) checks that it gives
-the pointer path's output. The tiles are the regime's: prefill tiles (T >= 1024) for TMA, decode tiles for
-the swap. Writes OUT/gemm_paths-<stamp>.json; the tuned entries land in the tuning cache
+the pointer path's output. The tiles are the regime's: prefill tiles (T >= 1024) for TMA and persistent
+programs, decode tiles for the swap. Writes OUT/gemm_paths-<stamp>.json; the tuned entries land in the tuning cache
 (MOE_FX_TUNING_CACHE).
 
     python bench/gemm_paths.py --out DIR [--shapes mixtral ...] [--T 1 16 128] [--quant none int4_weight]
-        [--paths pointers swap]
+        [--paths pointers swap]    (or --T 1024 8192 --paths pointers tma persistent)
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ TILES = {
                     (32, 64, 128, 4, 4)),
     ("decode", 1): ((16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4), (16, 64, 128, 4, 5)),
 }  # fmt: skip
-PATHS = {"pointers": (False, False), "tma": (True, False), "swap": (False, True)}  # -> (tma, swap_ab)
+PATHS = {"pointers": (False, False, False), "tma": (True, False, False), "swap": (False, True, False),
+         "persistent": (True, False, True)}  # -> (tma, swap_ab, persistent)  # fmt: skip
 ONE_BYTE = ("fp8", "fp8_block", "int8")
 
 

@@ -10,7 +10,8 @@ reads the cubin (Triton's bundled ptxas, nvdisasm and cuobjdump): registers, sha
 SM, and the main loop's SASS instruction mix per warp and K-step. What a config compiles to, read before
 spending GPU time on it (e.g. whether a decode tile reaches wgmma, how many instructions a K-step issues).
 
-    python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--arch 90] [--top 25] [--sass]
+    python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--tma] [--persistent] [--sass]
+        [--arch 90] [--top 25]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import triton
 from triton.backends import nvidia as nvidia_backend
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering import quant
 from moe_fx.lowering.triton import grouped_gemm, tuning
@@ -64,6 +66,7 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
     with (
         mock.patch.object(grouped_gemm, "launch", lambda kernel, grid, *a, **meta: captured.append((kernel, a, meta))),
         mock.patch.object(grouped_gemm.quantize, "quantize_rows", quant.quantize_rows),  # the reference, for h
+        mock.patch.object(grouped_gemm, "_tma_fits", lambda c, code, device: c.tma and code != 3),  # as on sm90
     ):  # fmt: skip
         grouped_gemm.experts(x, torch.zeros(E + 1, dtype=torch.int64), rows, torch.zeros(R), w13, None, w2, None, None,
                              "none", "silu_gated", "concat", False, False, 1.7, 7.0, dtype, config=config,
@@ -78,6 +81,9 @@ def specialise(kernel, args) -> tuple[dict, dict, dict]:
     compiled code is not what a GPU runs."""
     signature, constexprs, attrs = {}, {}, {}
     for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(a, TensorDescriptor):
+            signature[name] = f"tensordesc<{TYPES[a.base.dtype]}{list(a.block_shape)}>"
+            continue
         if isinstance(a, torch.Tensor):
             signature[name] = "*" + TYPES[a.dtype]
             divisible = a.data_ptr() % 16 == 0
@@ -112,8 +118,8 @@ def _tool(name: str) -> str:
 
 
 def sass(compiled, warps: int) -> dict:
-    """What the cubin holds: registers and shared memory per thread block, the blocks an SM can hold at once
-    (Hopper: 64K registers, 227 KB of shared memory, 64 warps, 32 blocks), and the instruction mix of the
+    """What the cubin holds: registers, stack (spills) and shared memory per thread block, the blocks an SM can
+    hold at once (Hopper: 64K registers, 227 KB of shared memory, 64 warps, 32 blocks), and the instruction mix of the
     main loop (the branch-delimited SASS block with the most MMA instructions), per warp and iteration."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -121,6 +127,7 @@ def sass(compiled, warps: int) -> dict:
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
         code = subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage.stdout).group(1))  # spilled registers live on the stack
     shared = compiled.metadata.shared
     per_sm = min(65536 // (regs * 32 * warps), (227 * 1024) // max(shared, 1), 64 // warps, 32)
     blocks = re.split(r"\n\.L_x_\d+:\n", code)
@@ -128,7 +135,7 @@ def sass(compiled, warps: int) -> dict:
     if not re.search(MMA_SASS, loop):
         raise RuntimeError(f"moe_fx: no MMA instruction ({MMA_SASS}) in the SASS of {compiled.name}")
     ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", loop)
-    return {"regs": regs, "shared": shared, "blocks_per_sm": per_sm, "loop": collections.Counter(ops)}
+    return {"regs": regs, "stack": stack, "shared": shared, "blocks_per_sm": per_sm, "loop": collections.Counter(ops)}
 
 
 def main():
@@ -136,23 +143,28 @@ def main():
     p.add_argument("--quant", default="none", choices=["none", *quant.QMAX])
     p.add_argument("--tile", nargs=5, type=int, default=[16, 64, 128, 4, 4], metavar=("M", "N", "K", "WARPS", "STAGES"))
     p.add_argument("--swap", action="store_true", help="swap_ab: the weights as the dot's first operand")
+    p.add_argument("--tma", action="store_true", help="TMA descriptor loads (the weights; the down GEMM's h too)")
+    p.add_argument("--persistent", action="store_true", help="persistent programs (tile and K loops flattened)")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--sass", action="store_true", help="also the cubin: registers, occupancy, the main loop's SASS")
     args = p.parse_args()
     m, n, k, warps, stages = args.tile
-    gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, swap_ab=args.swap)
+    gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent)
     for kernel, kargs, meta in launches(args.quant, tuning.conform(tuning.ExpertsConfig(gemm, gemm), args.quant)):
         compiled = compile_for(kernel, kargs, meta, args.arch)
         text = compiled.asm["ptx"]
         ops = collections.Counter(re.findall(r"^\s+([a-z][\w.]*)", text, re.M))
         watched = ", ".join(f"{name} {len(re.findall(rx, text))}" for name, rx in WATCH.items())
+        loops = len(re.findall(r"scf\.for ", compiled.asm["ttgir"]))  # persistent: flattened into one
+        watched += f", loops {loops}"
         print(f"{kernel.__name__} sm{args.arch} {args.quant} tile {args.tile} swap={args.swap}: {watched}")
         print("  most frequent:", ", ".join(f"{op} {c}" for op, c in ops.most_common(args.top)))
         if args.sass:
             s = sass(compiled, meta["num_warps"])
             mix = ", ".join(f"{op} {c}" for op, c in s["loop"].most_common(args.top))
-            print(f"  sass: {s['regs']} registers, {s['shared']} B shared, {s['blocks_per_sm']} blocks per SM; "
+            print(f"  sass: {s['regs']} registers, {s['shared']} B shared, {s['blocks_per_sm']} blocks per SM, "
+                  f"{s['stack']} B stack; "
                   f"main loop {sum(s['loop'].values())} instructions per warp: {mix}")  # fmt: skip
 
 

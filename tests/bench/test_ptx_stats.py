@@ -37,11 +37,14 @@ def test_sass_reads_registers_occupancy_and_the_main_loop(quant, swap, mma):
         "--quant", quant, "--tile", "16", "64", "128", "4", "3", "--sass", "--top", "100", *["--swap"] * swap
     )
     sass = re.findall(
-        r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM; main loop (\d+) instructions per warp: (.*)", out
+        r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM, (\d+) B stack; "
+        r"main loop (\d+) instructions per warp: (.*)",
+        out,
     )
     assert len(sass) == 2, out  # up, down
-    for regs, shared, blocks, loop, mix in sass:
+    for regs, shared, blocks, stack, loop, mix in sass:
         assert 0 < int(regs) <= 255 and int(shared) > 0 and 1 <= int(blocks) <= 32 and int(loop) > 0, out
+        assert int(stack) == 0, out  # no decode tile spills
         ops = dict(re.findall(r"(\w+) (\d+)", mix))
         assert mma in ops, mix
         if quant == "fp8":  # the activations reach the down GEMM in fp8 too

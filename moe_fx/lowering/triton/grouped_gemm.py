@@ -5,12 +5,14 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
     up:   h_RF = act(x[gather_index] · w13[e]ᵀ + b13[e])    gather fused into the A loads, act in the epilogue
     down: y_RD = (h_RF · w2[e]ᵀ + b2[e]) · row_weight?      routing weight fused into the epilogue
 
-Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles. The grid is sized by the static upper bound
-cdiv(R, BLOCK_M) + min(E, R) M-tiles (at most R experts have rows, and each adds at most one partial tile;
-no host sync; programs past the last real tile exit; in the down GEMM they write zeros over the dropped
-rows [offsets[E], R) first, one more M-tile), times the N-tiles,
-in grouped order (GROUP_M M-tiles share an N-column) so weight tiles and A rows are reused from L2.
-Each program finds its expert from expert_offsets with a cumsum over E, in registers.
+Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles; the real tiles are numbered in grouped order (GROUP_M
+M-tiles share an N-column) so weight tiles and A rows are reused from L2, and a program finds a tile's expert
+from expert_offsets with a cumsum over E, in registers. The grid is sized without a host sync: by default
+one program per tile that may exist, cdiv(R, BLOCK_M) + min(E, R) M-tiles (at most R experts have rows, each
+adds at most one partial tile) times the N-tiles, the programs past the real tiles doing nothing; or, for a
+`persistent` config, two programs per SM, each taking every grid-th tile in one loop that Triton flattens
+with the K loop (the next tile's first loads in flight during this one's last K-steps and epilogue). The down
+GEMM's programs first write zeros over the dropped rows [offsets[E], R), where dispatch puts dropped picks.
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
@@ -90,30 +92,31 @@ def _activate(gate, up, alpha, limit, ACT: tl.constexpr):
 
 
 @triton.jit
-def _tile(offsets_ptr, E, R, num_pid_m, num_pid_n,
-          BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    """This program's (expert, first row, row end, N-tile); expert = -1 past the last real M-tile, where
-    the tiles go on over the dropped rows [offsets[E], R) (dispatch puts dropped picks there)."""
-    pid = tl.program_id(0)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group_m
-    pid_n = (pid % in_group) // group_m
+def _expert_bounds(offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(e, lo_E, hi_E, real_tiles): the experts' row bounds from expert_offsets, once per program, and their
+    M-tiles' count (sum_e cdiv(rows_e, BLOCK_M), int32)."""
     e = tl.arange(0, BLOCK_E)
     lo_E = tl.load(offsets_ptr + e, mask=e < E, other=0)
     hi_E = tl.load(offsets_ptr + e + 1, mask=e < E, other=0)
+    real_tiles = tl.sum((hi_E - lo_E + BLOCK_M - 1) // BLOCK_M, axis=0).to(tl.int32)
+    return e, lo_E, hi_E, real_tiles
+
+
+@triton.jit
+def _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile t's (expert, first row, row end, N-tile), t < real_tiles · num_pid_n, in grouped order (GROUP_M
+    M-tiles share an N-column). The expert is found with a cumsum over E, in registers."""
+    in_group = GROUP_M * num_pid_n
+    first_m = (t // in_group) * GROUP_M
+    group_m = min(real_tiles - first_m, GROUP_M)
+    pid_m = first_m + (t % in_group) % group_m
+    pid_n = (t % in_group) // group_m
     tiles_E = (hi_E - lo_E + BLOCK_M - 1) // BLOCK_M
     tile_end_E = tl.cumsum(tiles_E, axis=0)
     expert = tl.sum((tile_end_E <= pid_m).to(tl.int32), axis=0)
     mine = e == expert
     start = tl.sum(tl.where(mine, lo_E + (pid_m - (tile_end_E - tiles_E)) * BLOCK_M, 0), axis=0)
     end = tl.sum(tl.where(mine, hi_E, 0), axis=0)
-    real_tiles = tl.sum(tiles_E, axis=0)
-    kept = tl.sum(tl.where(e == E - 1, hi_E, 0), axis=0)
-    start = tl.where(pid_m < real_tiles, start, kept + (pid_m - real_tiles) * BLOCK_M)
-    end = tl.where(pid_m < real_tiles, end, R)
-    expert = tl.where(pid_m < real_tiles, expert, -1)
     return expert, start, end, pid_n
 
 
@@ -388,7 +391,7 @@ def _up_kernel(
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
     xs_ptr, ws_ptr, hs_ptr,
     # sizes
-    D, F, E, R, num_pid_m, alpha, limit,
+    D, F, E, R, NPROG, alpha, limit,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
@@ -399,94 +402,100 @@ def _up_kernel(
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
     PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
     W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr, W_GROUPED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    G: tl.constexpr,
+    PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, pid_n = _tile(offsets_ptr, E, R, num_pid_m, tl.cdiv(F, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
-    if expert < 0:
-        return
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < F
-    k = tl.arange(0, BLOCK_K)
-    a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
-    # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
-    # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
-    COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-    j = tl.arange(0, COLS)
-    if INTERLEAVED:
-        w_rows = pid_n * 2 * BLOCK_N + j
-        w_ok = w_rows < 2 * F
-    else:
-        is_up = j >= BLOCK_N
-        n_j = pid_n * BLOCK_N + j % BLOCK_N
-        w_ok = n_j < F
-        w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
-    if not W_TMA:
-        w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
-        if SEPARATE:
-            w_base = tl.where(is_up, wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh, w_base)
-        kw = tl.arange(0, BLOCK_K // PACK)  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
-        w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
-    ws_ptr += expert.to(tl.int64) * stride_wse
-    acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
-    run0, run1 = _runs(w_rows, w_ok, QUANT, G)
-    n_k = tl.cdiv(D, BLOCK_K)
-    a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok, run0, run1,
-                                    0, stride_xsb, stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
-    a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
-    for k0 in range(0, n_k):
-        k_left = D - k0 * BLOCK_K
-        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-        # the next K-block's scales (the last one's again at the last step), in flight while this step's MMA runs
-        a_n, w_n0, w_n1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh, w_ok, run0,
-                                        run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb, stride_wsb, QUANT, G,
-                                        W_GROUPED)  # fmt: skip
-        acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED)
-        a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
-        if W_TMA:
-            w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR, BLOCK_K,
-                             COLS)  # fmt: skip
-            acc = _mma(a, w, acc, PRECISION, SWAP)
-        else:
-            acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_ptr, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
-                              QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
-            w_ptrs += (BLOCK_K // PACK) * stride_wd
-        a_ptrs += BLOCK_K * stride_xd
-        a_s, w_s0, w_s1 = a_n, w_n0, w_n1
-    if SWAP:
-        acc = tl.trans(acc)
-    acc = _dequantize(acc, a_prev, w_prev0, w_prev1, xs_ptr, tokens, stride_xst, row_ok, ws_ptr, w_rows, stride_wsh,
-                      w_ok, QUANT, G, W_GROUPED)  # fmt: skip
-    if GATED:
-        if INTERLEAVED:
-            acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-        else:
-            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
-            if UP_FIRST:  # a descriptor's tile holds the stored halves in order: up, then gate
-                acc_g, acc_u = acc_u, acc_g
-    else:
-        acc_g = acc
-        acc_u = acc
-    if WEIGHT_INPUT:
-        row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-        acc_g *= row_w
-        acc_u *= row_w
-    if HAS_BIAS:
-        b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be
-        b_gate = tl.load(b_ptrs + (BIAS_GATE + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
-        acc_g += b_gate.to(tl.float32)[None, :]
-        if GATED:
-            b_up = tl.load(b_ptrs + (BIAS_UP + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
-            acc_u += b_up.to(tl.float32)[None, :]
-    h = _activate(acc_g, acc_u, alpha, limit, ACT)
-    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
-    if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
-        h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
-        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
-    tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
+    num_pid_n = tl.cdiv(F, BLOCK_N)
+    pid, tiles = tl.program_id(0), real_tiles * num_pid_n
+    for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):
+        t = pid + i * NPROG
+        if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
+            expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < F
+            k = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
+            # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
+            # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
+            COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+            j = tl.arange(0, COLS)
+            if INTERLEAVED:
+                w_rows = pid_n * 2 * BLOCK_N + j
+                w_ok = w_rows < 2 * F
+            else:
+                is_up = j >= BLOCK_N
+                n_j = pid_n * BLOCK_N + j % BLOCK_N
+                w_ok = n_j < F
+                w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
+            if not W_TMA:
+                w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
+                if SEPARATE:
+                    w_base = tl.where(is_up, wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh, w_base)
+                kw = tl.arange(
+                    0, BLOCK_K // PACK
+                )  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
+                w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
+            ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
+            acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
+            run0, run1 = _runs(w_rows, w_ok, QUANT, G)
+            n_k = tl.cdiv(D, BLOCK_K)
+            a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, run0,
+                                            run1, 0, stride_xsb, stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
+            a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+            for k0 in range(0, n_k):
+                k_left = D - k0 * BLOCK_K
+                a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                # the next K-block's scales (the last one's again at the last step), in flight during this MMA
+                a_n, w_n0, w_n1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                                                run0, run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb,
+                                                stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED)
+                a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+                if W_TMA:
+                    w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
+                                     BLOCK_K, COLS)  # fmt: skip
+                    acc = _mma(a, w, acc, PRECISION, SWAP)
+                else:
+                    acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_e, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
+                                      QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
+                    w_ptrs += (BLOCK_K // PACK) * stride_wd
+                a_ptrs += BLOCK_K * stride_xd
+                a_s, w_s0, w_s1 = a_n, w_n0, w_n1
+            if SWAP:
+                acc = tl.trans(acc)
+            acc = _dequantize(acc, a_prev, w_prev0, w_prev1, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows,
+                              stride_wsh, w_ok, QUANT, G, W_GROUPED)  # fmt: skip
+            if GATED:
+                if INTERLEAVED:
+                    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+                else:
+                    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+                    if UP_FIRST:  # a descriptor's tile holds the stored halves in order: up, then gate
+                        acc_g, acc_u = acc_u, acc_g
+            else:
+                acc_g = acc
+                acc_u = acc
+            if WEIGHT_INPUT:
+                row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                acc_g *= row_w
+                acc_u *= row_w
+            if HAS_BIAS:
+                b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be
+                b_gate = tl.load(b_ptrs + (BIAS_GATE + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
+                acc_g += b_gate.to(tl.float32)[None, :]
+                if GATED:
+                    b_up = tl.load(b_ptrs + (BIAS_UP + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
+                    acc_u += b_up.to(tl.float32)[None, :]
+            h = _activate(acc_g, acc_u, alpha, limit, ACT)
+            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
+            if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
+                h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
+                tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
+            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
@@ -494,66 +503,82 @@ def _down_kernel(
     # pointers
     h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr,
     # sizes
-    D, F, E, R, num_pid_m,
+    D, F, E, R, NPROG,
     # strides
     stride_hr, stride_hf, stride_we, stride_wd, stride_wf, stride_be, stride_bd, stride_yr, stride_yd,
     stride_hsr, stride_hsb, stride_wse, stride_wsd, stride_wsb,
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
-    SWAP: tl.constexpr,
+    SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
-    expert, start, end, pid_n = _tile(offsets_ptr, E, R, num_pid_m, tl.cdiv(D, BLOCK_N), BLOCK_M, BLOCK_E, GROUP_M)
-    rows = start + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
-    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < D
-    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
-    if expert < 0:  # a dropped row contributes nothing: zeros
-        tl.store(y_ptrs, tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
-        return
-    if not W_TMA:
-        k = tl.arange(0, BLOCK_K)
-        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
-        kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
-        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
-    ws_ptr += expert.to(tl.int64) * stride_wse
-    acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
-    run0, run1 = _runs(n, n_ok, QUANT, G)  # the N-tile starts at a multiple of BLOCK_N: 2·G, or a divisor of G
-    n_k = tl.cdiv(F, BLOCK_K)
-    a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, run0, run1, 0,
-                                    stride_hsb, stride_wsb, QUANT, G, True)  # fmt: skip
-    a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
-    for k0 in range(0, n_k):
-        k_left = F - k0 * BLOCK_K
-        a_n, w_n0, w_n1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok, run0, run1,
-                                        (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
-                                        True)  # fmt: skip
-        acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True)
-        a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
-        if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
-            a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
-            w = _weight_tile(w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N)
-            acc = _mma(a, w, acc, PRECISION, SWAP)
-        else:
-            a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-            acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_ptr, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
-                              PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
-            a_ptrs += BLOCK_K * stride_hf
-            w_ptrs += (BLOCK_K // PACK) * stride_wf
-        a_s, w_s0, w_s1 = a_n, w_n0, w_n1
-    if SWAP:
-        acc = tl.trans(acc)
-    acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_ptr, n, stride_wsd, n_ok,
-                      QUANT, G, True)  # fmt: skip
-    if HAS_BIAS:
-        b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
-        acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if WEIGHT_OUTPUT:
-        acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
+    num_pid_n = tl.cdiv(D, BLOCK_N)
+    # the dropped rows [offsets[E], R) (dispatch puts dropped picks there) contribute nothing: zeros, first
+    kept = tl.sum(tl.where(e == E - 1, hi_E, 0), axis=0)
+    for z in range(tl.program_id(0), tl.cdiv(R - kept, BLOCK_M) * num_pid_n, NPROG):
+        rows = kept + (z // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+        n = (z % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
+        zeros = tl.zeros((BLOCK_M, BLOCK_N), y_ptr.dtype.element_ty)
+        tl.store(y_ptrs, zeros, mask=(rows < R)[:, None] & (n < D)[None, :])
+    # each program takes every NPROG-th real tile: one or none where the grid covers them all, a share where
+    # PERSISTENT (a grid of two programs per SM, whose tile and K loops flatten into one, so that the next
+    # tile's first loads are in flight during this one's last steps and epilogue)
+    pid, tiles = tl.program_id(0), real_tiles * num_pid_n
+    for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):
+        t = pid + i * NPROG
+        if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
+            expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < D
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
+            if not W_TMA:
+                k = tl.arange(0, BLOCK_K)
+                a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
+                kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
+                w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
+            ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
+            acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
+            run0, run1 = _runs(n, n_ok, QUANT, G)  # the N-tile starts at a multiple of BLOCK_N: 2·G, or a divisor of G
+            n_k = tl.cdiv(F, BLOCK_K)
+            a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1, 0,
+                                            stride_hsb, stride_wsb, QUANT, G, True)  # fmt: skip
+            a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+            for k0 in range(0, n_k):
+                k_left = F - k0 * BLOCK_K
+                a_n, w_n0, w_n1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
+                                                (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
+                                                True)  # fmt: skip
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True)
+                a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+                if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
+                    a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
+                    w = _weight_tile(
+                        w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N
+                    )
+                    acc = _mma(a, w, acc, PRECISION, SWAP)
+                else:
+                    a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                    acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_e, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
+                                      PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
+                    a_ptrs += BLOCK_K * stride_hf
+                    w_ptrs += (BLOCK_K // PACK) * stride_wf
+                a_s, w_s0, w_s1 = a_n, w_n0, w_n1
+            if SWAP:
+                acc = tl.trans(acc)
+            acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd,
+                              n_ok, QUANT, G, True)  # fmt: skip
+            if HAS_BIAS:
+                b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
+                acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if WEIGHT_OUTPUT:
+                acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
@@ -651,13 +676,13 @@ def experts(
     bias13 = w13_bias if w13_bias is not None else w13
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    num_pid_m = cdiv(R, c.block_m) + min(E, R)  # >= the M-tiles: sum_e cdiv(rows_e, BLOCK_M), <= R experts hit
     loads[load_path("up", up_tma, c)] += 1
+    grid = _programs(c, R, E, F, xq.device)
     launch(
-        _up_kernel, (num_pid_m * cdiv(F, c.block_n),),
+        _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
-        D, F, E, R, num_pid_m, float(alpha), float(limit),
+        D, F, E, R, grid, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1),
@@ -668,6 +693,7 @@ def experts(
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
         INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, W_GROUPED=_runs_in_blocks(gate_up, gated, F, G),
+        PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
@@ -683,19 +709,19 @@ def experts(
     down_tma = h_in is not None and w_in is not None
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
-    num_pid_m = cdiv(R, c.block_m) + min(E, R) + 1  # + 1: the dropped rows' tiles (zeros) may take one more
     loads[load_path("down", down_tma, c)] += 1
+    grid = _programs(c, R, E, D, xq.device)
     launch(
-        _down_kernel, (num_pid_m * cdiv(D, c.block_n),),
+        _down_kernel, (grid,),
         h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
-        D, F, E, R, num_pid_m,
+        D, F, E, R, grid,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-        BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
 
@@ -708,8 +734,21 @@ def _runs_in_blocks(gate_up: str, gated: bool, F: int, G: int) -> bool:
 
 
 def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
-    """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped."""
-    return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}"
+    """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped,
+    whether its programs are persistent."""
+    return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
+
+
+def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device) -> int:
+    """The grid of a GEMM over N output columns: a program per tile that may do work (M-tiles: at most
+    cdiv(R, BLOCK_M) + min(E, R), as at most R experts are hit and each adds at most one partial tile; the
+    dropped rows' zero tiles are fewer), sized without reading the offsets (no host sync). Persistent: two
+    programs per SM (one where a program's shared memory fills an SM; a second one then takes the other half
+    of the tiles), each taking every grid-th tile; three in the interpreter, so that a program takes several."""
+    tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, c.block_n)
+    if c.persistent:
+        return min(tiles, 2 * (tuning.sm_count(device) or 1) if device.type == "cuda" else 3)
+    return tiles
 
 
 def _tma_fits(c: tuning.GemmConfig, code: int, device: torch.device) -> bool:

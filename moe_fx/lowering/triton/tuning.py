@@ -41,6 +41,9 @@ class GemmConfig:
     # the weight tile is the dot's first operand (acc[N, M] = w[N, K] · a[M, K]ᵀ): wgmma's 64-row side spans the
     # weights' N, a decode tile's few rows its narrow side (16-row tiles run mma.sync otherwise)
     swap_ab: bool = False
+    # two programs per SM, each taking every grid-th tile in one flattened tile-and-K loop: the next tile's first
+    # loads are in flight during this one's last K-steps and epilogue (prefill tiles; not yet timed on a GPU)
+    persistent: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,14 +17,15 @@ def _poisoned(poison_outputs):
     """Every Triton test runs with NaN-poisoned outputs (tests/conftest.py)."""
 
 
-PATH_FIELDS = {"tma": "tma", "swap": "swap_ab"}  # a GEMM path -> the GemmConfig field that asks for it
+PATH_FIELDS = {"tma": "tma", "swap": "swap_ab", "persistent": "persistent"}  # a GEMM path -> its GemmConfig field
 
 
-@pytest.fixture(params=["pointers", "tma", "swap"])
+@pytest.fixture(params=["pointers", "tma", "swap", "persistent"])
 def gemm_path(request, monkeypatch):
-    """Runs a test three times: the GEMMs' operands loaded through pointers, through TMA descriptors (every
-    chosen config with tma=True), then with the dots' operands swapped (swap_ab=True); a run fails unless at
-    least one GEMM it launched took its path (and, for "pointers", none took another)."""
+    """Runs a test four times: the GEMMs' operands loaded through pointers, through TMA descriptors (every
+    chosen config with tma=True), with the dots' operands swapped (swap_ab=True), then with persistent
+    programs (persistent=True: in the interpreter 3 programs, each taking every third tile); a run fails
+    unless at least one GEMM it launched took its path (and, for "pointers", none took another)."""
     path = request.param
     if path in PATH_FIELDS:
         choose = tuning._choose.__wrapped__

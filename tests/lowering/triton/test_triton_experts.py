@@ -59,7 +59,8 @@ def test_silu_gated_against_oracle(dtype, T, K, pattern, D, FF, gemm_path):
 @pytest.mark.parametrize("T,K,pattern", [(1, 8, "random"), (3, 8, "random"), (5, 4, "dropped"), (3, 8, "one")])
 def test_more_experts_than_rows(T, K, pattern, monkeypatch):
     """R = T·K < E: the grid's M-tiles are cdiv(R, BLOCK_M) + R (each hit expert adds at most one partial
-    tile), not + E; "one": 17 of the 24 rows on expert 7 (two 16-row tiles in the interpreter), the rest apart."""
+    tile; the dropped rows' zero tiles are fewer), not + E; "one": 17 of the 24 rows on expert 7 (two 16-row
+    tiles in the interpreter), the rest apart."""
     num_experts, D, FF = 40, 24, 20
     x = torch.randn(T, D)
     w1, w3, w2, *_ = weights_for(torch.float32, D, FF, num_experts=num_experts)
@@ -84,7 +85,7 @@ def test_more_experts_than_rows(T, K, pattern, monkeypatch):
     R, cdiv = T * K, lambda a, b: (a + b - 1) // b
     (up_m, up_n), (down_m, down_n) = tiles
     assert grids[0] == ((cdiv(R, up_m) + R) * cdiv(FF, up_n),)  # up
-    assert grids[1] == ((cdiv(R, down_m) + R + 1) * cdiv(D, down_n),)  # down
+    assert grids[1] == ((cdiv(R, down_m) + R) * cdiv(D, down_n),)  # down
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -123,7 +123,9 @@ def test_int4_every_byte_value(gemm_path, scaled, monkeypatch):
     if gemm_path == "tma":
         pytest.skip("int4_weight does not take the tma path")
     block_m, block_k = INT4_TILES[scaled]
-    tile = tuning.GemmConfig(block_m, 32, block_k, 1, 4, 1, swap_ab=gemm_path == "swap")
+    tile = tuning.GemmConfig(
+        block_m, 32, block_k, 1, 4, 1, swap_ab=gemm_path == "swap", persistent=gemm_path == "persistent"
+    )
     monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(tile, tile))
     T, K, D, F_ = 7, 2, 64, 32
     w13 = (torch.randperm(E * 2 * F_ * D // 2) % 256).to(torch.uint8).reshape(E, 2 * F_, D // 2).to(DEVICE)
