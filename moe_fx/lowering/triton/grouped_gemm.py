@@ -167,13 +167,17 @@ def _columns(w0, w1, COLS: tl.constexpr, G: tl.constexpr, GROUPED: tl.constexpr)
 
 @triton.jit
 def _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT: tl.constexpr, G: tl.constexpr,
-                   GROUPED: tl.constexpr):  # fmt: skip
-    """fp8_block (QUANT 2): acc, held in units of the previous K-block's scales (`_block_scales`), in units of
-    the current one's. The column ratios are divided once per run when GROUPED, not once per column: one
-    multiply per accumulator element and no per-column loads. Unchanged otherwise."""
+                   GROUPED: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
+    """fp8_block (QUANT 2): acc ([M, N]; SWAP: [N, M]), held in units of the previous K-block's scales
+    (`_block_scales`), in units of the current one's. The column ratios are divided once per run when GROUPED,
+    not once per column: one multiply per accumulator element and no per-column loads. Unchanged otherwise."""
     if QUANT == 2:
-        col = _columns(w_prev0 / w_s0, w_prev1 / w_s1, acc.shape[1], G, GROUPED)
-        return acc * ((a_prev / a_s)[:, None] * col[None, :])
+        if SWAP:
+            col = _columns(w_prev0 / w_s0, w_prev1 / w_s1, acc.shape[0], G, GROUPED)
+            return acc * (col[:, None] * (a_prev / a_s)[None, :])
+        else:
+            col = _columns(w_prev0 / w_s0, w_prev1 / w_s1, acc.shape[1], G, GROUPED)
+            return acc * ((a_prev / a_s)[:, None] * col[None, :])
     else:
         return acc
 
@@ -453,7 +457,7 @@ def _up_kernel(
                 a_n, w_n0, w_n1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
                                                 run0, run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb,
                                                 stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED)
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED, SWAP)
                 a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
                 if W_TMA:
                     w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
@@ -554,7 +558,7 @@ def _down_kernel(
                 a_n, w_n0, w_n1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
                                                 (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
                                                 True)  # fmt: skip
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True)
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True, SWAP)
                 a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])

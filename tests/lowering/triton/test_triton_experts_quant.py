@@ -90,13 +90,15 @@ def test_block_scales_partial_128_groups(mode, D, F_):
     assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < AGREE[torch.float32]
 
 
+@pytest.mark.parametrize("swap", [False, True])
 @pytest.mark.parametrize("gate_up", ["concat", "up_first", "interleaved"])
-def test_fp8_block_scales_of_each_weight_block(gate_up, monkeypatch):
+def test_fp8_block_scales_of_each_weight_block(gate_up, swap, monkeypatch):
     """F = D = 256: each up tile's gate and up halves (or interleaved runs) and each 256-wide down tile read two
     128-row weight blocks per K-block, whose scales the kernels load as one scalar per run; every 128×128 block
-    and activation group is scaled by its own power of two, so a scale read from the wrong block shows."""
-    rows_k = 16 if DEVICE == "cpu" else 64
-    up, down = tuning.GemmConfig(rows_k, 128, 32, 1, 4, 1), tuning.GemmConfig(rows_k, 256, 32, 1, 4, 1)
+    and activation group is scaled by its own power of two, so a scale read from the wrong block shows. Swapped,
+    the accumulator is [N, M] and the rescale's row and column ratios trade places."""
+    rows_k = 16 if DEVICE == "cpu" or swap else 64
+    up, down = (tuning.GemmConfig(rows_k, n, 32, 1, 4, 1, swap_ab=swap) for n in (128, 256))
     monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(up, down))
     T, K, D, F_ = 8, 2, 256, 256
     w13, w2 = weights_for(D, F_, torch.float32)
@@ -105,7 +107,7 @@ def test_fp8_block_scales_of_each_weight_block(gate_up, monkeypatch):
     x = torch.randn(T, D, device=DEVICE) * torch.tensor([1.0, 16.0], device=DEVICE).repeat_interleave(128)
     weights, ids = routing(T, K, E, "random")
     out = layer(x, weights, ids, w13, w2, "fp8_block", "triton", gate_up=gate_up)
-    tol = AGREE[torch.float32] if DEVICE == "cpu" else PREFILL_AGREE["fp8_block"]  # 64-row tiles: wgmma's e4m3
+    tol = AGREE[torch.float32] if DEVICE == "cpu" else PREFILL_AGREE["fp8_block"]  # wgmma's e4m3 accumulation
     assert rel_err(out, layer(x, weights, ids, w13, w2, "fp8_block", "reference", gate_up=gate_up)) < tol
 
 
@@ -175,10 +177,10 @@ def test_activations_layouts_biases_weight_placement(mode, act, gate_up, bias, p
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("gate_up", ["concat", "interleaved", "up_first"])
 def test_operand_paths_against_reference(mode, gate_up, gemm_path):
-    """Every quant mode through each GEMM path it takes (int4_weight's packed weights never go through TMA;
-    fp8_block never swaps). One-byte operands need 16-element strides for the copy engine: D, F multiples of
+    """Every quant mode through each GEMM path it takes (int4_weight's packed weights never go through TMA).
+    One-byte operands need 16-element strides for the copy engine: D, F multiples of
     16, several K-steps and N-tiles, a ragged last N-tile (F = 48 on 32-wide tiles)."""
-    if (mode, gemm_path) in (("int4_weight", "tma"), ("fp8_block", "swap")):
+    if (mode, gemm_path) == ("int4_weight", "tma"):
         pytest.skip(f"{mode} does not take the {gemm_path} path")
     T, K, D, F_ = 13, 2, 96, 48
     x = torch.randn(T, D, device=DEVICE)
@@ -188,7 +190,7 @@ def test_operand_paths_against_reference(mode, gate_up, gemm_path):
     kw = dict(gate_up=gate_up, b13=b13, b2=b2)
     out = layer(x, weights, ids, w13, w2, mode, "triton", **kw)
     # the swapped tiles' dots are wgmma's (as the prefill tiles'), whose e4m3 accumulation is not full fp32
-    wgmma_e4m3 = DEVICE == "cuda" and gemm_path == "swap" and mode == "fp8"
+    wgmma_e4m3 = DEVICE == "cuda" and gemm_path == "swap" and mode in ("fp8", "fp8_block")
     tol = PREFILL_AGREE[mode] if wgmma_e4m3 else AGREE[torch.float32]
     assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference", **kw)) < tol
 

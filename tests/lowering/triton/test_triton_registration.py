@@ -187,10 +187,10 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     assert decode.up.block_n == decode.down.block_n == 128
     # bf16's up GEMM swaps its operands at decode (measured faster on an H200), int4_weight's does not (mixed)
     assert decode.up.swap_ab and not tuning.default_config(4 / E, torch.bfloat16, "int4_weight").up.swap_ab
-    # fp8 swaps both (e4m3 wgmma; unswapped 16-row tiles convert to f16), int8 (native mma.sync), fp8_block do not
+    # fp8 and fp8_block swap both (e4m3 wgmma; unswapped 16-row tiles convert to f16), int8 (native mma.sync) not
     swapped = {q: tuning.default_config(4 / E, torch.bfloat16, q) for q in ("fp8", "int8", "fp8_block")}
     assert {q: (c.up.swap_ab, c.down.swap_ab) for q, c in swapped.items()} == {
-        "fp8": (True, True), "int8": (False, False), "fp8_block": (False, False)
+        "fp8": (True, True), "int8": (False, False), "fp8_block": (True, True)
     }  # fmt: skip
     spread = tuning.spread(decode, E, D, F, 4, sms=132)
     assert (spread.up.block_n, spread.down.block_n) == (64, 64)
