@@ -386,9 +386,9 @@ def graph_replay(fn):
 
 
 def _describe(config: ExpertsConfig) -> str:
-    """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3"."""
+    """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3 tma persistent"."""
     return " | ".join(
         f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
-        f"{' swap' if c.swap_ab else ''}"
+        f"{' swap' if c.swap_ab else ''}{' persistent' if c.persistent else ''}"
         for name, c in (("up", config.up), ("down", config.down))
     )
