@@ -246,24 +246,27 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
         return tuned[0]
     config = default_config(R / max(E, 1), dtype, quant)
     sms = None if interpret else sm_count(device)
-    return conform(spread(config, E, D, F, R, sms), quant) if sms else config
+    return conform(spread(config, E, D, F, R, sms, gated), quant) if sms else config
 
 
-def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int) -> ExpertsConfig:
+def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int, gated: bool = True) -> ExpertsConfig:
     """Narrower N-tiles (down to 32) while a GEMM would have fewer real programs than the GPU has SMs.
 
     At decode every hit expert owns one M-tile, so the up GEMM runs min(E, R)·cdiv(F, BLOCK_N) programs that
     do work: GPT-OSS at T=1 (4 experts, F=2880) has 90 at BLOCK_N=128 on a 132-SM GPU, and each streams its
-    share of the weights alone. Halving BLOCK_N doubles the programs streaming the same bytes."""
+    share of the weights alone. Halving BLOCK_N doubles the programs streaming the same bytes. A swapped tile
+    keeps at least 64 weight rows (2·BLOCK_N for a gated up GEMM): the rows wgmma's instruction spans; below
+    them its dot runs `mma.sync` (and one-byte operands are converted to 16 bits for it)."""
 
-    def narrow(c: GemmConfig, N: int) -> GemmConfig:
+    def narrow(c: GemmConfig, N: int, rows_per_column: int) -> GemmConfig:
         m_tiles = max(cdiv(R, c.block_m), min(E, R))  # a lower bound on the M-tiles that do work
+        floor = max(32, 64 // rows_per_column) if c.swap_ab else 32
         block_n = c.block_n
-        while block_n > 32 and m_tiles * cdiv(N, block_n) < sms:
+        while block_n > floor and m_tiles * cdiv(N, block_n) < sms:
             block_n //= 2
         return replace(c, block_n=block_n)
 
-    return ExpertsConfig(narrow(config.up, F), narrow(config.down, D))
+    return ExpertsConfig(narrow(config.up, F, 2 if gated else 1), narrow(config.down, D, 1))
 
 
 def _with_tma_swap(candidates: tuple) -> tuple:

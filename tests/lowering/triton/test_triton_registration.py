@@ -199,6 +199,15 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     assert tuning.spread(tuning.default_config(8 / 128, torch.bfloat16), 128, 2048, 768, 8, 132).up.block_n == 32
     prefill = tuning.default_config(8192 * K / E, torch.bfloat16)
     assert tuning.spread(prefill, E, D, F, 8192 * K, sms=132) == prefill
+    # Mixtral at T=1 (2 experts, D=4096: 128 down programs at BLOCK_N=64): fp8's swapped down tile keeps 64 rows
+    # (wgmma's), its gated up tile may go to 32 columns (64 weight rows); unswapped tiles narrow to 32
+    fp8 = tuning.default_config(2 / 8, torch.bfloat16, "fp8")
+    narrowed = tuning.spread(fp8, 8, 4096, 14336, 2, sms=132)
+    assert (narrowed.up.block_n, narrowed.down.block_n) == (64, 64)  # 2·224 up programs: no narrowing
+    assert tuning.spread(fp8, 8, 4096, 1024, 2, sms=132).up.block_n == 32  # 2·16 up programs: 64 weight rows
+    assert tuning.spread(fp8, 8, 4096, 1024, 2, sms=132, gated=False).up.block_n == 64
+    unswapped = tuning.default_config(2 / 8, torch.bfloat16, "int8")
+    assert tuning.spread(unswapped, 8, 4096, 14336, 2, sms=132).down.block_n == 32
 
     monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
     monkeypatch.setattr(tuning, "device_name", lambda d: "SOME_GPU")
