@@ -395,7 +395,7 @@ def _up_kernel(
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
     xs_ptr, ws_ptr, hs_ptr,
     # sizes
-    D, F, E, R, NPROG, alpha, limit,
+    D, F, E, NPROG, alpha, limit,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
@@ -412,7 +412,7 @@ def _up_kernel(
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(F, BLOCK_N)
     pid, tiles = tl.program_id(0), real_tiles * num_pid_n
-    for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):
+    for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):  # see _down_kernel
         t = pid + i * NPROG
         if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
             expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
@@ -686,7 +686,7 @@ def experts(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights,
-        D, F, E, R, grid, float(alpha), float(limit),
+        D, F, E, grid, float(alpha), float(limit),
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1),
