@@ -209,6 +209,23 @@ def test_nan_token_stays_in_its_rows(mode):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the prefill tiles' tensor-core path needs a GPU")
+@pytest.mark.parametrize("mode", ("none", *MODES))
+def test_prefill_tiles_on_every_path(mode, gemm_path):
+    """128 rows per expert on the 64/128-row tiles, through pointers, TMA, swapped operands and persistent
+    programs (whose tile and K loops Triton flattens into one only when it compiles: the interpreter runs them
+    as written). D, F multiples of 16 elements so that one-byte operands fit the copy engine."""
+    if (mode, gemm_path) == ("int4_weight", "tma"):
+        pytest.skip("int4_weight does not take the tma path")
+    T, K, D, F_ = 256, 2, 192, 160
+    x = torch.randn(T, D, device=DEVICE).to(torch.bfloat16)
+    w13, w2 = weights_for(D, F_, torch.bfloat16)
+    weights, ids = routing(T, K, E, "random")
+    out = layer(x, weights, ids, w13, w2, mode, "triton")
+    ref = layer(x, weights, ids, w13, w2, mode, "reference")
+    assert rel_err(out, ref) < (AGREE[torch.bfloat16] if mode == "none" else PREFILL_AGREE[mode])
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the prefill tiles' tensor-core path needs a GPU")
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_tiles_on_tensor_cores(mode, dtype):
