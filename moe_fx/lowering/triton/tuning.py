@@ -363,7 +363,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                     del replay  # its graph's memory pool with it
                 except Exception as err:  # a config out of shared memory or registers: skip it, say so
                     log.debug("moe_fx: tuning config %s failed: %s", config, err)
-                    failed[_describe(config)] = f"{type(err).__name__}: {err}"[:200]
+                    failed[describe(config)] = f"{type(err).__name__}: {err}"[:200]
                 bar.update()
             best = min(timings, key=timings.get)
         cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
@@ -371,7 +371,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         results[cache_key] = {
             "best": timings[best],
             "config": asdict(best),
-            "timings": {_describe(c): us for c, us in timings.items()},
+            "timings": {describe(c): us for c, us in timings.items()},
             "failed": failed,
         }
     bar.close()
@@ -388,7 +388,7 @@ def graph_replay(fn):
     return graph.replay
 
 
-def _describe(config: ExpertsConfig) -> str:
+def describe(config: ExpertsConfig) -> str:
     """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3 tma persistent"."""
     return " | ".join(
         f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
