@@ -12,12 +12,14 @@ spending GPU time on it (e.g. whether a decode tile reaches wgmma, how many inst
 
     python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--tma] [--persistent] [--sass]
         [--arch 90] [--top 25]
+    python bench/ptx_stats.py --table [MATCH] [--json rows.json]   # every mode and path: diff before/after
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import subprocess
 import tempfile
@@ -138,6 +140,35 @@ def sass(compiled, warps: int) -> dict:
     return {"regs": regs, "stack": stack, "shared": shared, "blocks_per_sm": per_sm, "loop": collections.Counter(ops)}
 
 
+# --table: one decode and one prefill config of every mode and operand path, to compare a kernel change's code
+# before and after it (quant, M, N, K, warps, stages, flags)
+TABLE = (
+    ("none", 16, 64, 128, 4, 4, ""), ("none", 16, 64, 128, 4, 4, "swap"), ("none", 64, 64, 64, 4, 4, ""),
+    ("none", 128, 128, 64, 8, 3, "tma"), ("none", 128, 128, 64, 8, 3, "tma persistent"),
+    ("fp8", 16, 64, 256, 4, 3, "swap"), ("fp8", 128, 128, 128, 8, 3, "tma"), ("fp8_block", 16, 128, 128, 4, 3, "swap"),
+    ("fp8_block", 128, 128, 128, 8, 3, "tma"), ("int8", 16, 64, 256, 4, 4, ""), ("int4_weight", 16, 64, 128, 4, 4, ""),
+    ("int4_weight", 64, 64, 64, 4, 4, ""),
+)  # fmt: skip
+
+
+def table(arch: int, match: str) -> list[dict]:
+    """SASS facts of both kernels of every TABLE config whose description contains `match`: registers, spill
+    stack, shared memory, blocks per SM and main-loop instructions per warp, one row per (config, kernel)."""
+    rows = []
+    for q, m, n, k, warps, stages, flags in TABLE:
+        name = f"{q} {m}x{n}x{k} w{warps} s{stages} {flags}".strip()
+        if match not in name:
+            continue
+        kw = {f: True for f in flags.split()} | {"swap_ab": "swap" in flags.split()}
+        kw.pop("swap", None)
+        gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, **kw)
+        for kernel, kargs, meta in launches(q, tuning.conform(tuning.ExpertsConfig(gemm, gemm), q)):
+            s = sass(compile_for(kernel, kargs, meta, arch), meta["num_warps"])
+            loop = sum(s.pop("loop").values())
+            rows.append({"config": name, "kernel": kernel.__name__} | s | {"loop": loop})
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quant", default="none", choices=["none", *quant.QMAX])
@@ -148,7 +179,19 @@ def main():
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--sass", action="store_true", help="also the cubin: registers, occupancy, the main loop's SASS")
+    p.add_argument("--table", nargs="?", const="", metavar="MATCH",
+                   help="SASS facts of the TABLE configs (containing MATCH) instead of one config")  # fmt: skip
+    p.add_argument("--json", type=Path, help="--table: also write the rows here (to diff before/after a change)")
     args = p.parse_args()
+    if args.table is not None:
+        rows = table(args.arch, args.table)
+        columns = ("config", "kernel", "regs", "stack", "shared", "blocks_per_sm", "loop")
+        print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
+        for r in rows:
+            print("| " + " | ".join(str(r[c]) for c in columns) + " |")
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+        return
     m, n, k, warps, stages = args.tile
     gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent)
     for kernel, kargs, meta in launches(args.quant, tuning.conform(tuning.ExpertsConfig(gemm, gemm), args.quant)):

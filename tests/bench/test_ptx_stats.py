@@ -3,6 +3,7 @@ reaches Hopper's wgmma only with the dot's operands swapped (it runs Ampere's mm
 unpack has no int-to-float conversion; `--sass` reads the cubin (registers, occupancy, the main loop's SASS). Run
 in a subprocess: the tests' kernels are interpreted, not compiled."""
 
+import json
 import os
 import re
 import subprocess
@@ -57,3 +58,13 @@ def ptx_stats(*args: str) -> str:
     out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+def test_table_rows_for_a_before_and_after_diff(tmp_path):
+    """--table compiles both kernels of the listed configs (filtered) and writes one row per kernel."""
+    out = ptx_stats("--table", "int4_weight 16x64x128", "--json", str(tmp_path / "rows.json"))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["kernel"] for r in rows] == ["_up_kernel", "_down_kernel"], out
+    for r in rows:
+        assert r["config"] == "int4_weight 16x64x128 w4 s4" and r["loop"] > 0 and 1 <= r["blocks_per_sm"] <= 32
+        assert f"| {r['config']} | {r['kernel']} | {r['regs']} |" in out
