@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import grouped_gemm, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args
 from moe_fx.spec import CLAMPED_ACTIVATIONS, GATED_ACTIVATIONS, ExpertsSpec, MoESpec, QuantSpec
 from tests.conftest import rel_err
@@ -193,6 +193,27 @@ def test_operand_paths_against_reference(mode, gate_up, gemm_path):
     wgmma_e4m3 = DEVICE == "cuda" and gemm_path == "swap" and mode in ("fp8", "fp8_block")
     tol = PREFILL_AGREE[mode] if wgmma_e4m3 else AGREE[torch.float32]
     assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference", **kw)) < tol
+
+
+@pytest.mark.parametrize("mode", ("none", "fp8", "fp8_block", "int8"))
+@pytest.mark.parametrize("flags", ["tma swap_ab", "tma persistent", "tma swap_ab persistent"])
+def test_combined_paths_against_reference(mode, flags, monkeypatch):
+    """The operand paths together (the gemm_path fixture takes them one at a time; a GPU's prefill configs
+    combine TMA with the others): 32-row tiles, several K-steps, N-tiles and (persistent) tiles per program."""
+    tile = tuning.GemmConfig(32, 32, 32, 1, 4, 1, **dict.fromkeys(flags.split(), True))
+    monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(tile, tile))
+    T, K, D, F_ = 48, 2, 96, 64
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    weights, ids = routing(T, K, E, "random")
+    grouped_gemm.loads.clear()
+    out = layer(x, weights, ids, w13, w2, mode, "triton")
+    path = "tma+" + "+".join(f for f in ("swap", "persistent") if f in flags)
+    assert dict(grouped_gemm.loads) == {f"up/{path}": 1, f"down/{path}": 1}
+    ref = layer(x, weights, ids, w13, w2, mode, "reference")
+    # swapped, the weights fill wgmma's 64-row side, whose e4m3 accumulation is not full fp32
+    wgmma_e4m3 = DEVICE == "cuda" and "swap_ab" in flags and mode in ("fp8", "fp8_block")
+    assert rel_err(out, ref) < (PREFILL_AGREE[mode] if wgmma_e4m3 else AGREE[torch.float32])
 
 
 @pytest.mark.parametrize("mode", MODES)
