@@ -141,13 +141,13 @@ def sass(compiled, warps: int) -> dict:
 
 
 # --table: one decode and one prefill config of every mode and operand path, to compare a kernel change's code
-# before and after it (quant, M, N, K, warps, stages, flags)
+# before and after it (quant, M, N, K, warps, stages, the GemmConfig flags set)
 TABLE = (
-    ("none", 16, 64, 128, 4, 4, ""), ("none", 16, 64, 128, 4, 4, "swap"), ("none", 64, 64, 64, 4, 4, ""),
+    ("none", 16, 64, 128, 4, 4, ""), ("none", 16, 64, 128, 4, 4, "swap_ab"), ("none", 64, 64, 64, 4, 4, ""),
     ("none", 128, 128, 64, 8, 3, "tma"), ("none", 128, 128, 64, 8, 3, "tma persistent"),
-    ("fp8", 16, 64, 256, 4, 3, "swap"), ("fp8", 128, 128, 128, 8, 3, "tma"), ("fp8_block", 16, 128, 128, 4, 3, "swap"),
-    ("fp8_block", 128, 128, 128, 8, 3, "tma"), ("int8", 16, 64, 256, 4, 4, ""), ("int4_weight", 16, 64, 128, 4, 4, ""),
-    ("int4_weight", 64, 64, 64, 4, 4, ""),
+    ("fp8", 16, 64, 256, 4, 3, "swap_ab"), ("fp8", 128, 128, 128, 8, 3, "tma"),
+    ("fp8_block", 16, 128, 128, 4, 3, "swap_ab"), ("fp8_block", 128, 128, 128, 8, 3, "tma"),
+    ("int8", 16, 64, 256, 4, 4, ""), ("int4_weight", 16, 64, 128, 4, 4, ""), ("int4_weight", 64, 64, 64, 4, 4, ""),
 )  # fmt: skip
 
 
@@ -159,9 +159,7 @@ def table(arch: int, match: str) -> list[dict]:
         name = f"{q} {m}x{n}x{k} w{warps} s{stages} {flags}".strip()
         if match not in name:
             continue
-        kw = {f: True for f in flags.split()} | {"swap_ab": "swap" in flags.split()}
-        kw.pop("swap", None)
-        gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, **kw)
+        gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, **dict.fromkeys(flags.split(), True))
         for kernel, kargs, meta in launches(q, tuning.conform(tuning.ExpertsConfig(gemm, gemm), q)):
             s = sass(compile_for(kernel, kargs, meta, arch), meta["num_warps"])
             loop = sum(s.pop("loop").values())

@@ -439,9 +439,8 @@ def _up_kernel(
                 w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
                 if SEPARATE:
                     w_base = tl.where(is_up, wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh, w_base)
-                kw = tl.arange(
-                    0, BLOCK_K // PACK
-                )  # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
+                # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
+                kw = tl.arange(0, BLOCK_K // PACK)
                 w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
@@ -751,7 +750,8 @@ def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device
     of the tiles), each taking every grid-th tile; three in the interpreter, so that a program takes several."""
     tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, c.block_n)
     if c.persistent:
-        return min(tiles, 2 * (tuning.sm_count(device) or 1) if device.type == "cuda" else 3)
+        sms = tuning.sm_count(device)  # None off CUDA
+        return min(tiles, 2 * sms if sms else 3)
     return tiles
 
 

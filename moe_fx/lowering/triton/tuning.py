@@ -128,9 +128,8 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
     if quant in ("fp8", "fp8_block", "int8"):  # int4_weight's activations keep their dtype: the defaults below
         if rows_per_expert <= 16:  # fp8 swapped: e4m3 wgmma; a 16-row tile's mma.sync converts e4m3 to f16 on sm90
             swap = quant in ("fp8", "fp8_block")  # (int8's mma.sync is native)
-            up = down = GemmConfig(
-                16, 64, 256, 8, 4, 3 if swap else 4, swap_ab=swap
-            )  # 3: the shared memory of 4 unswapped
+            stages = 3 if swap else 4  # the swapped pipeline keeps one more buffer: 3 fill what 4 unswapped do
+            up = down = GemmConfig(16, 64, 256, 8, 4, stages, swap_ab=swap)
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
         else:
