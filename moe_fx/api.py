@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from moe_fx import passthrough
 from moe_fx.backend import capture_config
+from moe_fx.capture_guards import Assumed, CaptureGuards, capturing
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
@@ -91,43 +92,9 @@ def _flat_inputs(args: tuple, kwargs: dict) -> list:
     return [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, (torch.Tensor, int, float, bool))]
 
 
-def _capture_guards(gm: torch.fx.GraphModule, example: list) -> list[tuple[int, object]]:
-    """What the capture specialised on, per input: a tensor's dtype, device and static sizes (None where
-    the size is a symbol), or a Python scalar's value. A call outside these runs the original block."""
-    guards = []
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for i, (node, ex) in enumerate(zip(placeholders, example)):
-        fake = node.meta.get("val", node.meta.get("example_value"))
-        if isinstance(ex, torch.Tensor) and isinstance(fake, torch.Tensor):
-            sizes = tuple(s if isinstance(s, int) else None for s in fake.shape)
-            guards.append((i, (ex.dtype, ex.device, sizes)))
-        elif not isinstance(ex, torch.Tensor):
-            guards.append((i, ex))
-    return guards
-
-
-def _guard_failure(guards: list[tuple[int, object]], flat: list) -> str | None:
-    for i, expected in guards:
-        got = flat[i] if i < len(flat) else None
-        if not isinstance(expected, tuple):
-            if got != expected or type(got) is not type(expected):
-                return f"input {i} is {got!r}, captured as the constant {expected!r}"
-            continue
-        dtype, device, sizes = expected
-        if (
-            not isinstance(got, torch.Tensor)
-            or (got.dtype, got.device) != (dtype, device)
-            or got.dim() != len(sizes)
-            or any(s is not None and s != g for s, g in zip(sizes, got.shape))
-        ):
-            shape = f"{tuple(got.shape)} {got.dtype} on {got.device}" if isinstance(got, torch.Tensor) else got
-            return f"input {i} is {shape}; the block was captured for {sizes} (None: any size) {dtype} on {device}"
-    return None
-
-
 class _RewrittenForward:
     """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
-    outside the shapes the capture specialised on (sizes 0 and 1 are always specialised). `passed`: the
+    the capture was not made for (`CaptureGuards`). `passed`: the
     call's objects export could not take, passed through to opaque calls (None: the graph takes the call
     as it is)."""
 
@@ -137,12 +104,13 @@ class _RewrittenForward:
         gm: torch.fx.GraphModule,
         original,
         example: list,
+        assumed: Assumed,
         rebind: list,
         layout: str,
         passed: passthrough.Passthrough | None = None,
     ):
         self.gm, self.original, self.module, self.layout, self.passed = gm, original, module, layout, passed
-        self.guards = _capture_guards(gm, example)
+        self.guards = CaptureGuards(gm, example, assumed)
         self.warned: set[str] = set()
         # where the graph reads each parameter: its view of a stacked tensor, or the parameter it captured
         reads = {id(p): view for p, view in rebind}
@@ -192,7 +160,7 @@ class _RewrittenForward:
         why = self.passed.check(args, kwargs) if self.passed is not None else None
         if why is None:
             graph_inputs = flat if self.passed is None else self.passed.graph_inputs(args, kwargs)
-            why = _guard_failure(self.guards, graph_inputs) or keep_current(
+            why = self.guards.failure(graph_inputs) or keep_current(
                 [(m._parameters[name], target) for m, name, target in self.weights]
             )
         if why is not None:
@@ -225,10 +193,37 @@ def _record_inputs(model: nn.Module, args, kwargs, owners=()) -> tuple[dict, dic
     return seen, snapshots
 
 
-def _export(
-    owner: nn.Module, recorded: dict, snapshots: dict
-) -> tuple[torch.fx.GraphModule, list, passthrough.Passthrough | None]:
-    """The owner's graph, its example inputs, and its Passthrough (None when export takes the whole call)."""
+def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts, wanted: int) -> tuple:
+    """The owner captured alone and rewritten: (graph, its example inputs, its Passthrough (None when export takes
+    the whole call), what the capture assumed about sizes (`capture_guards.Assumed`), the rebinds, the report).
+
+    First with every input size a symbol (`capturing`); an owner whose code cannot be traced so, or whose graph
+    then yields fewer than the `wanted` blocks (a size the matcher needs known, such as the hidden size, left a
+    symbol by a capture that does not specialise sizes 0 and 1), is captured as Dynamo does by default (sizes
+    equal in the example, or 0 or 1, fixed; every other size taken to be at least 2)."""
+    for every_size in (True, False):
+        try:
+            with capturing(every_size) as capture:
+                gm, flat_inputs, passed = _export(owner, recorded, snapshots)
+        except Exception as e:
+            if not every_size:
+                raise
+            log.info("moe_fx: capturing %s with every size symbolic failed (%r)", type(owner).__name__, e)
+            continue
+        assumed = capture.assumed(gm)  # before the rewrite adds conditions of its own
+        rebind = []
+        passing = passed.capturing() if passed is not None else nullcontext()
+        with torch.no_grad(), capturing(every_size), passing:
+            block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
+        if len(block_report.matches) >= wanted or not every_size:
+            return gm, flat_inputs, passed, assumed, rebind, block_report
+        log.info("moe_fx: %s with every size symbolic gave %d of %d blocks", type(owner).__name__,
+                 len(block_report.matches), wanted)  # fmt: skip
+    raise AssertionError("unreachable")
+
+
+def _export(owner: nn.Module, recorded: dict, snapshots: dict) -> tuple:
+    """(the owner's graph, its example inputs, its Passthrough or None), by `torch._dynamo.export`."""
     margs, mkwargs = recorded[owner]
     objects = passthrough.passed_objects(margs, mkwargs)
     if not objects:
@@ -277,14 +272,14 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         if owner not in recorded:
             _reject(report, path, "the owning module was not called directly")
             continue
+        wanted = sum(m.module_path == path for m in found.matches)
         try:
-            gm, flat_inputs, passed = _export(owner, recorded, snapshots)
+            gm, flat_inputs, passed, assumed, rebind, block_report = _capture_and_rewrite(
+                owner, recorded, snapshots, opts, wanted
+            )
         except Exception as e:
             _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
             continue
-        rebind = []
-        with torch.no_grad(), passed.capturing() if passed is not None else nullcontext():
-            block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
         if passed is not None:
             passed.release_snapshot()
         apply_rebind(rebind)
@@ -293,6 +288,8 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
-            owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, rebind, opts.layout, passed)
+            owner.forward = _RewrittenForward(
+                owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed
+            )
     model._moe_fx_report = report
     return report

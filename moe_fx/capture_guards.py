@@ -1,0 +1,201 @@
+"""What `apply`'s capture of a block assumed about its inputs, checked on every call.
+
+`apply` exports each block's owner once, on the example call. Dynamo's default capture would fit the graph
+to that example more tightly than the block needs: equal sizes share one symbol (duck sizing: an example
+with batch == seq captures a graph that reshapes by one size for both, which fails or misreads a call where
+they differ) and sizes 0 and 1 are constants (a decode-shaped example, one token, captures a graph for one
+token only). `capturing` turns both off, so each input size is its own symbol.
+
+What the capture still assumed is a guard here (`CaptureGuards`): each input's dtype and device, its fixed
+sizes, a Python constant's value, sizes that tracing found equal (one symbol in two places), and the
+conditions on sizes the traced Python code branched on (`if x.shape[0] > 4:`: the graph holds one branch).
+A call that breaks one runs the original block, with the reason. Conditions Dynamo met while running an
+op's fake implementation (einsum choosing a strategy for a size of 1, a reshape's stride checks) are not
+guards here: they shape that op's metadata only, and the graph calls the op itself, on any size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch._dynamo.utils as dynamo_utils
+import torch.fx.experimental._config as fx_config
+
+_local = threading.local()  # .meta: ids of the guards added inside an op's fake run, while capturing
+_install_lock = threading.Lock()
+
+
+def _recording_run_node(run_node):
+    """Dynamo's `run_node` (an op on fake tensors, to learn its output's metadata), noting the shape guards it
+    adds while a `capturing` block records in this thread."""
+
+    def run(tracer, *args, **kwargs):
+        meta = getattr(_local, "meta", None)
+        guards = getattr(getattr(tracer, "shape_env", None), "guards", None)
+        if meta is None or guards is None:
+            return run_node(tracer, *args, **kwargs)
+        before = len(guards)
+        try:
+            return run_node(tracer, *args, **kwargs)
+        finally:
+            meta.update(id(g) for g in guards[before:])
+
+    run._moe_fx_records = True
+    return run
+
+
+def _install() -> bool:
+    """Wrap Dynamo's `run_node` once (transparent outside `capturing`). False on a torch without it: every
+    condition then counts as one the code branched on (more calls run the original block, none wrongly)."""
+    with _install_lock:
+        run_node = getattr(dynamo_utils, "run_node", None)
+        if run_node is None:
+            return False
+        if not getattr(run_node, "_moe_fx_records", False):
+            dynamo_utils.run_node = _recording_run_node(run_node)
+        return True
+
+
+@dataclass(frozen=True)
+class Assumed:
+    """What a capture assumed about sizes beyond the example's fixed ones."""
+
+    branched: tuple = ()  # conditions on sizes the traced code branched on (sympy, in the sizes' symbols)
+    least_size: int = 0  # every symbolic size at least this: 2 under Dynamo's default capture, which decides
+    # a branch on a size as if it were >= 2 (0 and 1 are constants to it), without a guard
+
+
+class Capture:
+    """Filled by `capturing`: the ids of the shape guards that only an op's fake run needed."""
+
+    def __init__(self, least_size: int):
+        self.meta: set[int] = set()
+        self.least_size = least_size
+
+    def assumed(self, gm: torch.fx.GraphModule) -> Assumed:
+        env = _shape_env(gm)  # each condition in the symbols the sizes are now (`x.shape[-1] == 64` once fixed: True)
+        branched = () if env is None else tuple(env.replace(g.expr) for g in env.guards if id(g) not in self.meta)
+        return Assumed(branched, self.least_size)
+
+
+@contextlib.contextmanager
+def capturing(every_size: bool = True):
+    """Yields the `Capture` that tells the traced code's own conditions on sizes from those of ops' fake runs.
+    every_size: each input size its own symbol, sizes equal in the example and sizes 0 and 1 included;
+    False: Dynamo's default (equal sizes one symbol, 0 and 1 constants, every symbol taken to be >= 2)."""
+    oblivious = every_size and "backed_size_oblivious" in fx_config._config  # torch >= 2.7
+    capture = Capture(least_size=0 if oblivious else 2)
+    patch = {"use_duck_shape": not every_size}
+    if oblivious:
+        patch["backed_size_oblivious"] = True
+    recording = _install()
+    previous = getattr(_local, "meta", None)
+    _local.meta = capture.meta if recording else None
+    try:
+        with fx_config.patch(patch):
+            yield capture
+    finally:
+        _local.meta = previous
+
+
+def _fake(node: torch.fx.Node):
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
+def _shape_env(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        fake = _fake(node)
+        sizes = fake.shape if isinstance(fake, torch.Tensor) else (fake,)
+        for s in sizes:
+            if isinstance(s, torch.SymInt):
+                return s.node.shape_env
+    return None
+
+
+def _static(size) -> int | None:
+    """A size's value when the capture fixed it (an int, or a symbol that tracing set equal to one)."""
+    return size if isinstance(size, int) else size.node.maybe_as_int()
+
+
+class CaptureGuards:
+    """The example's properties a graph was captured for, per graph input (placeholder order)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example: list, assumed: Assumed):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.fixed: list[tuple[int, object]] = []  # (input, (dtype, device, sizes) or a constant's value)
+        self.symbolic: list[tuple[int, int | None, sympy.Expr]] = []  # (input, dim or None: an int, its size)
+        for i, (node, ex) in enumerate(zip(placeholders, example)):
+            fake = _fake(node)
+            if isinstance(ex, torch.Tensor) and isinstance(fake, torch.Tensor):
+                sizes = tuple(map(_static, fake.shape))
+                self.fixed.append((i, (ex.dtype, ex.device, sizes)))
+                self.symbolic += [(i, d, s.node.expr) for d, s in enumerate(fake.shape) if sizes[d] is None]
+            elif not isinstance(ex, torch.Tensor):
+                self.fixed.append((i, ex))
+                if isinstance(fake, torch.SymInt) and _static(fake) is None:
+                    self.symbolic.append((i, None, fake.node.expr))
+        # each symbol's value is read off the first size that is that symbol alone; every other symbolic size
+        # (the same symbol again, or an expression in symbols) and every condition the code branched on is
+        # checked against those values
+        self._bind: dict[sympy.Symbol, tuple[int, int | None]] = {}
+        self._checks: list[tuple[int, int | None, sympy.Expr]] = []
+        for i, d, expr in self.symbolic:
+            if isinstance(expr, sympy.Symbol) and expr not in self._bind:
+                self._bind[expr] = (i, d)
+            else:
+                self._checks.append((i, d, expr))
+        names = {sym: sympy.Symbol(_name(i, d)) for sym, (i, d) in self._bind.items()}
+        self.branched = [(g, str(g.xreplace(names))) for g in assumed.branched if g.free_symbols]
+        self.least_size = assumed.least_size
+        self._unbound = {s for _, _, e in self._checks for s in e.free_symbols} - self._bind.keys()
+        self._unbound |= {s for g, _ in self.branched for s in g.free_symbols} - self._bind.keys()
+
+    def failure(self, flat: list) -> str | None:
+        """Why a call with graph inputs `flat` is not one the graph was captured for (None: it is)."""
+        for i, expected in self.fixed:
+            got = flat[i] if i < len(flat) else None
+            if not isinstance(expected, tuple):
+                if got != expected or type(got) is not type(expected):
+                    return f"input {i} is {got!r}, captured as the constant {expected!r}"
+                continue
+            dtype, device, sizes = expected
+            if (
+                not isinstance(got, torch.Tensor)
+                or (got.dtype, got.device) != (dtype, device)
+                or got.dim() != len(sizes)
+                or any(s is not None and s != g for s, g in zip(sizes, got.shape))
+            ):
+                shape = f"{tuple(got.shape)} {got.dtype} on {got.device}" if isinstance(got, torch.Tensor) else got
+                return f"input {i} is {shape}; the block was captured for {sizes} (None: any size) {dtype} on {device}"
+        for i, d in self._bind.values() if self.least_size else ():
+            if _size(flat, i, d) < self.least_size:
+                where = f"{_name(i, d)} is {_size(flat, i, d)}; the block was captured for sizes >= {self.least_size}"
+                return f"{where} there (Dynamo's default capture, which fixes sizes 0 and 1)"
+        if not self._checks and not self.branched:
+            return None
+        if self._unbound:
+            return f"the capture assumed sizes no input holds ({sorted(map(str, self._unbound))}): cannot check them"
+        values = {sym: _size(flat, i, d) for sym, (i, d) in self._bind.items()}
+        for i, d, expr in self._checks:
+            if _size(flat, i, d) != expr.xreplace(values):
+                tied = expr.xreplace({s: sympy.Symbol(_name(*self._bind[s])) for s in expr.free_symbols})
+                return f"{_name(i, d)} is {_size(flat, i, d)}, captured as {tied} (the sizes were equal in the example)"
+        for condition, text in self.branched:
+            if not bool(condition.xreplace(values)):
+                got = ", ".join(f"{_name(i, d)} = {values[s]}" for s, (i, d) in self._bind.items())
+                return f"the traced code branched on {text}, which this call's sizes ({got}) do not meet"
+        return None
+
+
+def _name(i: int, d: int | None) -> str:
+    return f"input {i}" if d is None else f"input {i}.size({d})"
+
+
+def _size(flat: list, i: int, d: int | None) -> int:
+    return flat[i] if d is None else flat[i].shape[d]

@@ -1,0 +1,168 @@
+"""`apply`'s capture on examples Dynamo would over-fit (equal sizes, a size of 1), and the guards that keep a call
+outside what the capture assumed on the original block (moe_fx/capture_guards.py)."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import moe_fx
+from moe_fx import examples as ex
+from tests.conftest import TOLERANCE, rel_err
+
+CALLS_3D = ((4, 4), (2, 5), (5, 2), (1, 1), (3, 1), (1, 6), (0, 3))
+
+
+def _out(y):
+    return y[0] if isinstance(y, tuple) else y
+
+
+def _mixtral_block(D: int = 64):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = transformers.MixtralConfig(hidden_size=D, intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():  # a block built alone is not initialised
+            p.normal_(0, 0.05)
+    return block
+
+
+def _runs_rewritten(model, reference, shapes):
+    """Every call runs the rewritten graph (a fallback warns: an error here) and matches the original."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("error", "moe_fx: running the original block")
+        for shape in shapes:
+            x = torch.randn(*shape)
+            out, ref = _out(model(x)), _out(reference(x))
+            assert out.shape == ref.shape, shape
+            if ref.numel():
+                assert rel_err(out, ref) < TOLERANCE[torch.float32], shape
+
+
+@pytest.mark.parametrize("example", [(4, 4), (1, 1), (1, 5), (3, 1)])
+def test_hf_block_captured_on_any_example_runs_every_size(example):
+    """Dynamo's default capture fits (4, 4) as batch == seq (a reshape by one size for both: a (2, 5) call
+    failed) and (1, 1) as one token (every other call ran the original block)."""
+    block = _mixtral_block()
+    reference = copy.deepcopy(block)
+    report = moe_fx.apply(block, torch.randn(*example, 64))
+    assert len(report.matches) == 1
+    assert block.forward.guards.fixed[0][1][2] == (None, None, 64)  # batch, seq symbolic; D fixed by the weights
+    _runs_rewritten(block, reference, [(*s, 64) for s in CALLS_3D])
+
+
+@pytest.mark.parametrize("T", [1, 32])
+def test_loop_block_captured_on_one_token_or_T_equal_to_D(T):
+    """T = 1 was a constant; T = D (32) shared the hidden size's symbol, which the weights fix: T became 32."""
+    model = ex.LoopMoE().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(T, 32))
+    _runs_rewritten(model, reference, [(t, 32) for t in (1, 32, 7, 0, 2)])
+
+
+class _BranchOnTokens(ex.LoopMoE):
+    """Code that branches on a size: the graph holds the branch taken on the example only."""
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            x = x * 2
+        return super().forward(x)
+
+
+def test_a_branch_on_a_size_is_guarded():
+    """Captured on 6 tokens, the graph doubles x; a call with 3 tokens must run the original block (it ran the
+    graph, silently wrong, before the relations Dynamo guarded on were checked)."""
+    model = _BranchOnTokens().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(6, 32))
+    assert [text for _, text in model.forward.guards.branched] == ["input 0.size(0) > 4"]
+    _runs_rewritten(model, reference, [(6, 32), (5, 32), (9, 32)])
+    x = torch.randn(3, 32)
+    why = r"branched on input 0.size\(0\) > 4, which this call's sizes \(input 0.size\(0\) = 3\) do not meet"
+    with torch.no_grad(), pytest.warns(UserWarning, match=why):
+        out = model(x)
+    with torch.no_grad():
+        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+
+
+class _AddsABias(ex.LoopMoE):
+    def forward(self, x, bias):
+        return super().forward(x + bias)
+
+
+def test_sizes_tied_in_the_example_are_checked():
+    """x + bias ties the two token counts in the capture; a call where they differ (bias broadcast) runs the
+    original block, with the reason."""
+    model = _AddsABias().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(6, 32), torch.randn(6, 32))
+    x, bias = torch.randn(5, 32), torch.randn(1, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"input 1.size\(0\) is 1, captured as input 0.size\(0\)"):
+        out = model(x, bias)
+    with torch.no_grad():
+        assert rel_err(out, reference(x, bias)) < TOLERANCE[torch.float32]
+        assert rel_err(model(x, bias.expand(5, 32)), reference(x, bias)) < TOLERANCE[torch.float32]
+
+
+def test_what_the_guards_refuse_is_named():
+    model = ex.LoopMoE().eval()
+    moe_fx.apply(model, torch.randn(6, 32))
+    guards = model.forward.guards
+    assert guards.failure([torch.randn(1, 32)]) is None
+    expected = "input 0 is (6, 32) torch.float64 on cpu; the block was captured for (None, 32) (None: any size) "
+    assert guards.failure([torch.randn(6, 32, dtype=torch.float64)]) == expected + "torch.float32 on cpu"
+    assert "captured for (None, 32)" in guards.failure([torch.randn(6, 16)])
+
+
+def test_a_block_matched_only_with_fixed_sizes_is_captured_as_dynamo_does():
+    """Loop experts seen as one opaque op: a one-token capture that keeps 0 and 1 symbolic leaves the hidden size
+    a symbol the matcher cannot compare with the weights', so the block is captured again with Dynamo's default
+    (sizes 1 fixed): rewritten for one token, the original block (with the reason) for other sizes."""
+    from tests.test_opaque_experts import Block, D
+
+    model = Block().eval()
+    reference = copy.deepcopy(model)
+    assert len(moe_fx.apply(model, torch.randn(1, 1, D)).matches) == 1
+    assert model.forward.guards.fixed[0][1][2] == (1, 1, D)
+    _runs_rewritten(model, reference, [(1, 1, D)])
+    x = torch.randn(2, 5, D)
+    with torch.no_grad(), pytest.warns(UserWarning, match=rf"captured for \(1, 1, {D}\)"):
+        out = model(x)
+    with torch.no_grad():
+        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+
+
+class _BranchOnMoreThanOne(ex.LoopMoE):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            x = x * 2
+        return super().forward(x)
+
+
+@pytest.mark.parametrize(
+    "every_size, why",
+    [
+        (False, r"input 0.size\(0\) is 1; the block was captured for sizes >= 2"),
+        (True, r"branched on input 0.size\(0\) > 1"),
+    ],
+    ids=["dynamo_default", "every_size"],
+)
+def test_a_branch_on_more_than_one_token(every_size, why, monkeypatch):
+    """Dynamo's default capture decides `x.shape[0] > 1` with no guard (every size >= 2 to it): its graph must
+    not serve one token. The capture that keeps 0 and 1 symbolic guards the branch instead."""
+    from moe_fx import api
+    from moe_fx.capture_guards import capturing
+
+    monkeypatch.setattr(api, "capturing", lambda _=True: capturing(every_size))
+    model = _BranchOnMoreThanOne().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(6, 32))
+    _runs_rewritten(model, reference, [(6, 32), (2, 32)])
+    x = torch.randn(1, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match=why):
+        out = model(x)
+    with torch.no_grad():
+        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
