@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from moe_fx import passthrough
 from moe_fx.backend import capture_config
-from moe_fx.capture_guards import Assumed, CaptureGuards, capturing
+from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, has_ones
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
@@ -197,28 +197,28 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
     """The owner captured alone and rewritten: (graph, its example inputs, its Passthrough (None when export takes
     the whole call), what the capture assumed about sizes (`capture_guards.Assumed`), the rebinds, the report).
 
-    First with every input size a symbol (`capturing`); an owner whose code cannot be traced so, or whose graph
-    then yields fewer than the `wanted` blocks (a size the matcher needs known, such as the hidden size, left a
-    symbol by a capture that does not specialise sizes 0 and 1), is captured as Dynamo does by default (sizes
-    equal in the example, or 0 or 1, fixed; every other size taken to be at least 2)."""
-    for every_size in (True, False):
+    Captured each way of `capture_guards.CAPTURES` in turn, from the most general (every size a symbol), until
+    one traces the owner and yields the `wanted` blocks (the matcher needs some sizes known, such as the hidden
+    size, that a capture keeping sizes 0 and 1 symbolic may leave a symbol); the last one's result stands."""
+    leaves = pytree.tree_leaves(recorded[owner])
+    modes = [m for m in CAPTURES if m != "ones_fixed" or has_ones(leaves)]
+    for mode in modes:
         try:
-            with capturing(every_size) as capture:
+            with capturing(mode, leaves) as capture:
                 gm, flat_inputs, passed = _export(owner, recorded, snapshots)
         except Exception as e:
-            if not every_size:
+            if mode == modes[-1]:
                 raise
-            log.info("moe_fx: capturing %s with every size symbolic failed (%r)", type(owner).__name__, e)
+            log.info("moe_fx: capturing %s (%s) failed: %r", type(owner).__name__, mode, e)
             continue
         assumed = capture.assumed(gm)  # before the rewrite adds conditions of its own
         rebind = []
         passing = passed.capturing() if passed is not None else nullcontext()
-        with torch.no_grad(), capturing(every_size), passing:
+        with torch.no_grad(), capturing(mode, leaves), passing:
             block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
-        if len(block_report.matches) >= wanted or not every_size:
+        if len(block_report.matches) >= wanted or mode == modes[-1]:
             return gm, flat_inputs, passed, assumed, rebind, block_report
-        log.info("moe_fx: %s with every size symbolic gave %d of %d blocks", type(owner).__name__,
-                 len(block_report.matches), wanted)  # fmt: skip
+        log.info("moe_fx: %s (%s) gave %d of %d blocks", type(owner).__name__, mode, len(block_report.matches), wanted)
     raise AssertionError("unreachable")
 
 

@@ -17,6 +17,7 @@ guards here: they shape that op's metadata only, and the graph calls the op itse
 from __future__ import annotations
 
 import contextlib
+import copy
 import threading
 from dataclasses import dataclass
 
@@ -82,24 +83,53 @@ class Capture:
         return Assumed(branched, self.least_size)
 
 
+# How `apply` captures a block's owner, in the order it tries them (the next when one cannot trace the owner or
+# yields fewer blocks): every size a symbol, sizes 0 and 1 included (range >= 0; a one-token example serves every
+# size); the same with the example's sizes of 1 fixed (code that broadcasts a size-1 tensor against a larger one
+# cannot be traced with that 1 a symbol); Dynamo's default (sizes 0 and 1 fixed, every symbol taken to be >= 2)
+CAPTURES = ("every_size", "ones_fixed", "dynamo")
+
+
 @contextlib.contextmanager
-def capturing(every_size: bool = True):
-    """Yields the `Capture` that tells the traced code's own conditions on sizes from those of ops' fake runs.
-    every_size: each input size its own symbol, sizes equal in the example and sizes 0 and 1 included;
-    False: Dynamo's default (equal sizes one symbol, 0 and 1 constants, every symbol taken to be >= 2)."""
-    oblivious = every_size and "backed_size_oblivious" in fx_config._config  # torch >= 2.7
+def capturing(mode: str = "every_size", example: list = ()):
+    """Yields the `Capture` that tells the traced code's own conditions on sizes from those of ops' fake runs;
+    mode: one of CAPTURES, example: the call's leaves (the tensors whose sizes of 1 "ones_fixed" fixes)."""
+    oblivious = mode != "dynamo" and "backed_size_oblivious" in fx_config._config  # torch >= 2.7
     capture = Capture(least_size=0 if oblivious else 2)
-    patch = {"use_duck_shape": not every_size}
+    patch = {"use_duck_shape": mode == "dynamo"}
     if oblivious:
         patch["backed_size_oblivious"] = True
     recording = _install()
     previous = getattr(_local, "meta", None)
     _local.meta = capture.meta if recording else None
     try:
-        with fx_config.patch(patch):
+        with fx_config.patch(patch), _ones_static(example if mode == "ones_fixed" else ()):
             yield capture
     finally:
         _local.meta = previous
+
+
+def has_ones(example: list) -> bool:
+    return any(isinstance(t, torch.Tensor) and 1 in t.shape for t in example)
+
+
+@contextlib.contextmanager
+def _ones_static(example: list):
+    """The tensors' sizes of 1 static while tracing (`torch._dynamo.mark_static`), their marks restored after."""
+    attrs = ("_dynamo_static_indices", "_has_dynamo_dim_marking")
+    tensors = [t for t in example if isinstance(t, torch.Tensor) and 1 in t.shape]
+    saved = [{a: copy.copy(getattr(t, a)) for a in attrs if hasattr(t, a)} for t in tensors]
+    for t in tensors:
+        torch._dynamo.mark_static(t, [d for d, s in enumerate(t.shape) if s == 1])
+    try:
+        yield
+    finally:
+        for t, marks in zip(tensors, saved):
+            for a in attrs:
+                if a in marks:
+                    setattr(t, a, marks[a])
+                elif hasattr(t, a):
+                    delattr(t, a)
 
 
 def _fake(node: torch.fx.Node):

@@ -143,20 +143,20 @@ class _BranchOnMoreThanOne(ex.LoopMoE):
 
 
 @pytest.mark.parametrize(
-    "every_size, why",
+    "mode, why",
     [
-        (False, r"input 0.size\(0\) is 1; the block was captured for sizes >= 2"),
-        (True, r"branched on input 0.size\(0\) > 1"),
+        ("dynamo", r"input 0.size\(0\) is 1; the block was captured for sizes >= 2"),
+        ("every_size", r"branched on input 0.size\(0\) > 1"),
     ],
-    ids=["dynamo_default", "every_size"],
+    ids=["dynamo", "every_size"],
 )
-def test_a_branch_on_more_than_one_token(every_size, why, monkeypatch):
+def test_a_branch_on_more_than_one_token(mode, why, monkeypatch):
     """Dynamo's default capture decides `x.shape[0] > 1` with no guard (every size >= 2 to it): its graph must
     not serve one token. The capture that keeps 0 and 1 symbolic guards the branch instead."""
     from moe_fx import api
     from moe_fx.capture_guards import capturing
 
-    monkeypatch.setattr(api, "capturing", lambda _=True: capturing(every_size))
+    monkeypatch.setattr(api, "capturing", lambda _, example: capturing(mode, example))
     model = _BranchOnMoreThanOne().eval()
     reference = copy.deepcopy(model)
     moe_fx.apply(model, torch.randn(6, 32))
@@ -166,3 +166,26 @@ def test_a_branch_on_more_than_one_token(every_size, why, monkeypatch):
         out = model(x)
     with torch.no_grad():
         assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+
+
+class _ScalesTokens(ex.LoopMoE):
+    def forward(self, x, scale):
+        return super().forward(x * scale)
+
+
+def test_a_size_one_input_broadcast_against_the_tokens():
+    """x_TD * scale_1D: with the 1 a symbol too the trace cannot broadcast it (the symbol may be any size), so the
+    capture fixes the example's sizes of 1 and keeps the rest symbolic, 0 and 1 included: one token still runs
+    the rewritten block."""
+    model = _ScalesTokens().eval()
+    reference = copy.deepcopy(model)
+    scale = torch.rand(1, 32) + 0.5
+    moe_fx.apply(model, torch.randn(6, 32), scale)
+    assert [sizes for _, (_, _, sizes) in model.forward.guards.fixed] == [(None, 32), (1, 32)]
+    assert not hasattr(scale, "_dynamo_static_indices")  # the marks the capture set are gone
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("error", "moe_fx: running the original block")
+        for T in (6, 1, 0, 9):
+            x = torch.randn(T, 32)
+            out, ref = model(x, scale), reference(x, scale)
+            assert out.shape == ref.shape and (T == 0 or rel_err(out, ref) < TOLERANCE[torch.float32])
