@@ -25,6 +25,7 @@ import sympy
 import torch
 import torch._dynamo.utils as dynamo_utils
 import torch.fx.experimental._config as fx_config
+from torch.utils._sympy.printers import PythonPrinter
 
 _local = threading.local()  # .meta: ids of the guards added inside an op's fake run, while capturing
 _install_lock = threading.Lock()
@@ -174,17 +175,31 @@ class CaptureGuards:
         # (the same symbol again, or an expression in symbols) and every condition the code branched on is
         # checked against those values
         self._bind: dict[sympy.Symbol, tuple[int, int | None]] = {}
-        self._checks: list[tuple[int, int | None, sympy.Expr]] = []
+        ties: list[tuple[int, int | None, sympy.Expr]] = []
         for i, d, expr in self.symbolic:
             if isinstance(expr, sympy.Symbol) and expr not in self._bind:
                 self._bind[expr] = (i, d)
             else:
-                self._checks.append((i, d, expr))
-        names = {sym: sympy.Symbol(_name(i, d)) for sym, (i, d) in self._bind.items()}
-        self.branched = [(g, str(g.xreplace(names))) for g in assumed.branched if g.free_symbols]
+                ties.append((i, d, expr))
         self.least_size = assumed.least_size
-        self._unbound = {s for _, _, e in self._checks for s in e.free_symbols} - self._bind.keys()
-        self._unbound |= {s for g, _ in self.branched for s in g.free_symbols} - self._bind.keys()
+        # each check a Python function of the bound sizes: plain ints in eager, SymInts under a later torch.compile
+        # of the model (Dynamo traces it into guards, no graph break)
+        names = {sym: sympy.Symbol(_name(i, d)) for sym, (i, d) in self._bind.items()}
+        conditions = [g for g in assumed.branched if g.free_symbols]
+        unbound = {s for e in [*(e for _, _, e in ties), *conditions] for s in e.free_symbols} - self._bind.keys()
+        self.uncheckable = (
+            f"the capture assumed sizes no input holds ({sorted(map(str, unbound))})" if unbound else None
+        )
+        self.ties = [(i, d, self._function(e), str(e.xreplace(names))) for i, d, e in ties]
+        self.branched = [(self._function(g), str(g.xreplace(names))) for g in conditions]
+
+    def _function(self, expr: sympy.Expr):
+        args = ", ".join(map(str, self._bind))
+        try:
+            return eval(f"lambda {args}: {PythonPrinter().doprint(expr)}", {})  # noqa: S307 (sympy's own printing)
+        except Exception as e:  # a function the printer does not know: no call can be checked against it
+            self.uncheckable = f"moe_fx cannot check the condition {expr} ({e!r})"
+            return None
 
     def failure(self, flat: list) -> str | None:
         """Why a call with graph inputs `flat` is not one the graph was captured for (None: it is)."""
@@ -203,22 +218,21 @@ class CaptureGuards:
             ):
                 shape = f"{tuple(got.shape)} {got.dtype} on {got.device}" if isinstance(got, torch.Tensor) else got
                 return f"input {i} is {shape}; the block was captured for {sizes} (None: any size) {dtype} on {device}"
-        for i, d in self._bind.values() if self.least_size else ():
-            if _size(flat, i, d) < self.least_size:
-                where = f"{_name(i, d)} is {_size(flat, i, d)}; the block was captured for sizes >= {self.least_size}"
+        values = [_size(flat, i, d) for i, d in self._bind.values()]
+        for (i, d), v in zip(self._bind.values(), values) if self.least_size else ():
+            if v < self.least_size:
+                where = f"{_name(i, d)} is {v}; the block was captured for sizes >= {self.least_size}"
                 return f"{where} there (Dynamo's default capture, which fixes sizes 0 and 1)"
-        if not self._checks and not self.branched:
+        if not self.ties and not self.branched:
             return None
-        if self._unbound:
-            return f"the capture assumed sizes no input holds ({sorted(map(str, self._unbound))}): cannot check them"
-        values = {sym: _size(flat, i, d) for sym, (i, d) in self._bind.items()}
-        for i, d, expr in self._checks:
-            if _size(flat, i, d) != expr.xreplace(values):
-                tied = expr.xreplace({s: sympy.Symbol(_name(*self._bind[s])) for s in expr.free_symbols})
-                return f"{_name(i, d)} is {_size(flat, i, d)}, captured as {tied} (the sizes were equal in the example)"
+        if self.uncheckable is not None:
+            return f"{self.uncheckable}: cannot check this call against it"
+        for i, d, expected, text in self.ties:
+            if _size(flat, i, d) != expected(*values):
+                return f"{_name(i, d)} is {_size(flat, i, d)}, captured as {text} (the sizes were equal in the example)"
         for condition, text in self.branched:
-            if not bool(condition.xreplace(values)):
-                got = ", ".join(f"{_name(i, d)} = {values[s]}" for s, (i, d) in self._bind.items())
+            if not condition(*values):
+                got = ", ".join(f"{_name(i, d)} = {v}" for (i, d), v in zip(self._bind.values(), values))
                 return f"the traced code branched on {text}, which this call's sizes ({got}) do not meet"
         return None
 

@@ -189,3 +189,24 @@ def test_a_size_one_input_broadcast_against_the_tokens():
             x = torch.randn(T, 32)
             out, ref = model(x, scale), reference(x, scale)
             assert out.shape == ref.shape and (T == 0 or rel_err(out, ref) < TOLERANCE[torch.float32])
+
+
+def test_a_later_compile_of_the_model_traces_the_checks():
+    """apply, then torch.compile of the whole model: Dynamo traces the checks (guards on the sizes, no graph break
+    of their own), so a compiled call that breaks the branch's condition still runs the original block."""
+    from torch._dynamo.utils import counters
+
+    model = _BranchOnTokens().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(6, 32))
+    compiled = torch.compile(model, backend="eager")
+    with torch.no_grad():
+        for T in (6, 7, 3):
+            x = torch.randn(T, 32)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = compiled(x)
+            assert rel_err(out, reference(x)) < TOLERANCE[torch.float32], T
+            assert any("branched on input 0.size(0) > 4" in str(w.message) for w in caught) == (T == 3), T
+    breaks = " ".join(counters["graph_break"])
+    assert "sympy" not in breaks and "tp_iter" not in breaks, breaks
