@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from moe_fx import passthrough
 from moe_fx.backend import capture_config
-from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, has_ones
+from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, with_ones
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
@@ -201,7 +201,7 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
     one traces the owner and yields the `wanted` blocks (the matcher needs some sizes known, such as the hidden
     size, that a capture keeping sizes 0 and 1 symbolic may leave a symbol); the last one's result stands."""
     leaves = pytree.tree_leaves(recorded[owner])
-    modes = [m for m in CAPTURES if m != "ones_fixed" or has_ones(leaves)]
+    modes = [m for m in CAPTURES if m != "ones_fixed" or with_ones(leaves)]
     for mode in modes:
         try:
             with capturing(mode, leaves) as capture:

@@ -4,7 +4,8 @@
 to that example more tightly than the block needs: equal sizes share one symbol (duck sizing: an example
 with batch == seq captures a graph that reshapes by one size for both, which fails or misreads a call where
 they differ) and sizes 0 and 1 are constants (a decode-shaped example, one token, captures a graph for one
-token only). `capturing` turns both off, so each input size is its own symbol.
+token only). `capturing` turns both off, so each input size is its own symbol; where the owner's code cannot
+be traced so, `apply` falls back through the other ways of `CAPTURES`, each fixing more.
 
 What the capture still assumed is a guard here (`CaptureGuards`): each input's dtype and device, its fixed
 sizes, a Python constant's value, sizes that tracing found equal (one symbol in two places), and the
@@ -110,15 +111,16 @@ def capturing(mode: str = "every_size", example: list = ()):
         _local.meta = previous
 
 
-def has_ones(example: list) -> bool:
-    return any(isinstance(t, torch.Tensor) and 1 in t.shape for t in example)
+def with_ones(example: list) -> list[torch.Tensor]:
+    """The tensors among `example` with a size of 1."""
+    return [t for t in example if isinstance(t, torch.Tensor) and 1 in t.shape]
 
 
 @contextlib.contextmanager
 def _ones_static(example: list):
     """The tensors' sizes of 1 static while tracing (`torch._dynamo.mark_static`), their marks restored after."""
     attrs = ("_dynamo_static_indices", "_has_dynamo_dim_marking")
-    tensors = [t for t in example if isinstance(t, torch.Tensor) and 1 in t.shape]
+    tensors = with_ones(example)
     saved = [{a: copy.copy(getattr(t, a)) for a in attrs if hasattr(t, a)} for t in tensors]
     for t in tensors:
         torch._dynamo.mark_static(t, [d for d, s in enumerate(t.shape) if s == 1])
