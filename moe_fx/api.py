@@ -93,10 +93,9 @@ def _flat_inputs(args: tuple, kwargs: dict) -> list:
 
 
 class _RewrittenForward:
-    """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls
-    the capture was not made for (`CaptureGuards`). `passed`: the
-    call's objects export could not take, passed through to opaque calls (None: the graph takes the call
-    as it is)."""
+    """A module's new forward: the rewritten graph, with the original kept for grad mode and for calls the
+    capture was not made for (`CaptureGuards`). `passed`: the call's objects export could not take, passed
+    through to opaque calls (None: the graph takes the call as it is)."""
 
     def __init__(
         self,
