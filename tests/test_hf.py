@@ -3,6 +3,7 @@ random weights: torch.compile(backend="moe_fx") and moe_fx.apply rewrite every M
 
 import copy
 import functools
+import warnings
 
 import pytest
 import torch
@@ -104,10 +105,19 @@ APPLY_CASES = [(name, torch.float32) for name in hf_models.ARCHITECTURES] + [
 @five
 @pytest.mark.parametrize(("name", "dtype"), APPLY_CASES, ids=_ids(APPLY_CASES))
 def test_every_architecture_apply(name, dtype):
+    """Captured on batch 2 x 7 tokens, the rewritten blocks then serve other shapes too (one token, batch 3 x 5:
+    `moe_fx/capture_guards.py`), equal eager, without running an original block."""
     model = tiny(name, dtype=dtype)
+    others = [hf_models.example_inputs(model, T=1, batch=1, seed=1), hf_models.example_inputs(model, T=5, batch=3)]
+    with torch.no_grad():
+        refs = [hf_models.logits(model(**inputs)) for inputs in others]
     expected = 0 if name in APPLY_OPEN else expected_blocks(name)
     report = _apply_and_check(model, hf_models.example_inputs(model), expected, dtype)
     assert all(m.spec.experts.dtype == str(dtype).removeprefix("torch.") for m in report.matches)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.filterwarnings("error", "moe_fx: running the original block")
+        for inputs, ref in zip(others, refs):
+            assert rel_err(hf_models.logits(model(**inputs)), ref) < TOL[dtype], str(report)
     # the block's module, not the model: below a decoder layer, or the layer itself (DiffusionGemma's `layers.0`)
     layers = list(getattr(model.base_model, "layers", ()))
     assert all(m.module_path.count(".") >= 2 or model.get_submodule(m.module_path) in layers for m in report.matches)
