@@ -290,5 +290,7 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             owner.forward = _RewrittenForward(
                 owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed
             )
+            for m in block_report.matches:
+                m.capture_note = owner.forward.guards.serves()
     model._moe_fx_report = report
     return report

@@ -195,6 +195,25 @@ class CaptureGuards:
         self.ties = [(i, d, self._function(e), str(e.xreplace(names))) for i, d, e in ties]
         self.branched = [(self._function(g), str(g.xreplace(names))) for g in conditions]
 
+    def serves(self) -> str:
+        """The calls the graph serves, when they are not every size of every input ("": every size)."""
+        limits = [f"{_name(i, d)} == {text}" for i, d, _, text in self.ties] + [text for _, text in self.branched]
+        fixed = [
+            f"input {i} " + ("(" + ", ".join("*" if s is None else str(s) for s in sizes) + ")")
+            for i, (_, _, sizes) in ((i, e) for i, e in self.fixed if isinstance(e, tuple))
+            if any(s is not None for s in sizes[:-1])  # the last size (the hidden size, a feature size) is expected
+        ]
+        if self.least_size and self._bind:
+            limits.append(f"every * >= {self.least_size}")
+        if not fixed and not limits:
+            return ""
+        shapes = ", ".join(fixed) or "every size"
+        return (
+            f"calls with {shapes}"
+            + (f", where {' and '.join(limits)}" if limits else "")
+            + ("; other calls run the original block")
+        )
+
     def _function(self, expr: sympy.Expr):
         args = ", ".join(map(str, self._bind))
         try:

@@ -56,13 +56,16 @@ class BlockReport:
     unquantised_bytes: int = 0
     weights_note: str = ""  # pre-quantised weights: taken as they are (mode, scales) or why not
     tiles_note: str = ""  # Triton experts on a GPU: the T-buckets with tuned tiles, and whose entries they are
+    capture_note: str = ""  # apply: the calls the rewritten block serves, where they are not every size
 
     def notes(self) -> list[tuple[str, str]]:
-        """(kind, text) of the block's notes that apply: its pre-quantised weights, its Triton tiles."""
+        """(kind, text) of the block's notes that apply: its pre-quantised weights, its Triton tiles, the calls
+        `apply`'s capture serves."""
         notes = (
             [("weights", f"{self.weights_note} ({format_bytes(self.weight_bytes)} read)")] if self.weights_note else []
         )
-        return notes + ([("tiles", self.tiles_note)] if self.tiles_note else [])
+        notes += [("tiles", self.tiles_note)] if self.tiles_note else []
+        return notes + ([("capture", self.capture_note)] if self.capture_note else [])
 
     @property
     def lowering_summary(self) -> str:

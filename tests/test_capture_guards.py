@@ -59,7 +59,7 @@ def test_loop_block_captured_on_one_token_or_T_equal_to_D(T):
     """T = 1 was a constant; T = D (32) shared the hidden size's symbol, which the weights fix: T became 32."""
     model = ex.LoopMoE().eval()
     reference = copy.deepcopy(model)
-    moe_fx.apply(model, torch.randn(T, 32))
+    assert moe_fx.apply(model, torch.randn(T, 32)).matches[0].capture_note == ""  # every call
     _runs_rewritten(model, reference, [(t, 32) for t in (1, 32, 7, 0, 2)])
 
 
@@ -79,6 +79,9 @@ def test_a_branch_on_a_size_is_guarded():
     reference = copy.deepcopy(model)
     moe_fx.apply(model, torch.randn(6, 32))
     assert [text for _, text in model.forward.guards.branched] == ["input 0.size(0) > 4"]
+    assert model._moe_fx_report.matches[0].capture_note == (
+        "calls with every size, where input 0.size(0) > 4; other calls run the original block"
+    )
     _runs_rewritten(model, reference, [(6, 32), (5, 32), (9, 32)])
     x = torch.randn(3, 32)
     why = r"branched on input 0.size\(0\) > 4, which this call's sizes \(input 0.size\(0\) = 3\) do not meet"
@@ -127,6 +130,7 @@ def test_a_block_matched_only_with_fixed_sizes_is_captured_as_dynamo_does():
     reference = copy.deepcopy(model)
     assert len(moe_fx.apply(model, torch.randn(1, 1, D)).matches) == 1
     assert model.forward.guards.fixed[0][1][2] == (1, 1, D)
+    assert "capture 0: calls with input 0 (1, 1, 32); other calls run" in str(model._moe_fx_report)
     _runs_rewritten(model, reference, [(1, 1, D)])
     x = torch.randn(2, 5, D)
     with torch.no_grad(), pytest.warns(UserWarning, match=rf"captured for \(1, 1, {D}\)"):
@@ -159,7 +163,14 @@ def test_a_branch_on_more_than_one_token(mode, why, monkeypatch):
     monkeypatch.setattr(api, "capturing", lambda _, example: capturing(mode, example))
     model = _BranchOnMoreThanOne().eval()
     reference = copy.deepcopy(model)
-    moe_fx.apply(model, torch.randn(6, 32))
+    report = moe_fx.apply(model, torch.randn(6, 32))
+    assert (
+        report.matches[0].capture_note
+        == {
+            "dynamo": "calls with every size, where every * >= 2; other calls run the original block",
+            "every_size": "calls with every size, where input 0.size(0) > 1; other calls run the original block",
+        }[mode]
+    )
     _runs_rewritten(model, reference, [(6, 32), (2, 32)])
     x = torch.randn(1, 32)
     with torch.no_grad(), pytest.warns(UserWarning, match=why):
