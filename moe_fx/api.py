@@ -192,6 +192,10 @@ def _record_inputs(model: nn.Module, args, kwargs, owners=()) -> tuple[dict, dic
     return seen, snapshots
 
 
+class _CaptureFailed(Exception):
+    """No way of capturing the owner traced it (the rewrite's own errors propagate as they are)."""
+
+
 def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts, wanted: int) -> tuple:
     """The owner captured alone and rewritten: (graph, its example inputs, its Passthrough (None when export takes
     the whole call), what the capture assumed about sizes (`capture_guards.Assumed`), the rebinds, the report).
@@ -207,7 +211,7 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
                 gm, flat_inputs, passed = _export(owner, recorded, snapshots)
         except Exception as e:
             if mode == modes[-1]:
-                raise
+                raise _CaptureFailed(e) from e
             log.info("moe_fx: capturing %s (%s) failed: %r", type(owner).__name__, mode, e)
             continue
         assumed = capture.assumed(gm)  # before the rewrite adds conditions of its own
@@ -276,8 +280,8 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             gm, flat_inputs, passed, assumed, rebind, block_report = _capture_and_rewrite(
                 owner, recorded, snapshots, opts, wanted
             )
-        except Exception as e:
-            _reject(report, path, f"could not capture the block module whole: {e!r}"[:300])
+        except _CaptureFailed as failed:
+            _reject(report, path, f"could not capture the block module whole: {failed.__cause__!r}"[:300])
             continue
         if passed is not None:
             passed.release_snapshot()

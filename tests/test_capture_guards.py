@@ -221,3 +221,14 @@ def test_a_later_compile_of_the_model_traces_the_checks():
             assert any("branched on input 0.size(0) > 4" in str(w.message) for w in caught) == (T == 3), T
     breaks = " ".join(counters["graph_break"])
     assert "sympy" not in breaks and "tp_iter" not in breaks, breaks
+
+
+def test_an_error_of_the_rewrite_is_raised_not_reported_as_a_capture_failure(monkeypatch):
+    from moe_fx import api
+
+    def fails(*args, **kwargs):
+        raise ValueError("moe_fx: the rewrite's own error")
+
+    monkeypatch.setattr(api, "rewrite_graph", fails)
+    with pytest.raises(ValueError, match="the rewrite's own error"):
+        moe_fx.apply(ex.LoopMoE().eval(), torch.randn(6, 32))
