@@ -162,23 +162,23 @@ class CaptureGuards:
     def __init__(self, gm: torch.fx.GraphModule, example: list, assumed: Assumed):
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.fixed: list[tuple[int, object]] = []  # (input, (dtype, device, sizes) or a constant's value)
-        self.symbolic: list[tuple[int, int | None, sympy.Expr]] = []  # (input, dim or None: an int, its size)
+        symbolic: list[tuple[int, int | None, sympy.Expr]] = []  # (input, dim or None: an int, its size)
         for i, (node, ex) in enumerate(zip(placeholders, example)):
             fake = _fake(node)
             if isinstance(ex, torch.Tensor) and isinstance(fake, torch.Tensor):
                 sizes = tuple(map(_static, fake.shape))
                 self.fixed.append((i, (ex.dtype, ex.device, sizes)))
-                self.symbolic += [(i, d, s.node.expr) for d, s in enumerate(fake.shape) if sizes[d] is None]
+                symbolic += [(i, d, s.node.expr) for d, s in enumerate(fake.shape) if sizes[d] is None]
             elif not isinstance(ex, torch.Tensor):
                 self.fixed.append((i, ex))
                 if isinstance(fake, torch.SymInt) and _static(fake) is None:
-                    self.symbolic.append((i, None, fake.node.expr))
+                    symbolic.append((i, None, fake.node.expr))
         # each symbol's value is read off the first size that is that symbol alone; every other symbolic size
         # (the same symbol again, or an expression in symbols) and every condition the code branched on is
         # checked against those values
         self._bind: dict[sympy.Symbol, tuple[int, int | None]] = {}
         ties: list[tuple[int, int | None, sympy.Expr]] = []
-        for i, d, expr in self.symbolic:
+        for i, d, expr in symbolic:
             if isinstance(expr, sympy.Symbol) and expr not in self._bind:
                 self._bind[expr] = (i, d)
             else:
@@ -207,12 +207,8 @@ class CaptureGuards:
             limits.append(f"every * >= {self.least_size}")
         if not fixed and not limits:
             return ""
-        shapes = ", ".join(fixed) or "every size"
-        return (
-            f"calls with {shapes}"
-            + (f", where {' and '.join(limits)}" if limits else "")
-            + ("; other calls run the original block")
-        )
+        where = f", where {' and '.join(limits)}" if limits else ""
+        return f"calls with {', '.join(fixed) or 'every size'}{where}; other calls run the original block"
 
     def _function(self, expr: sympy.Expr):
         args = ", ".join(map(str, self._bind))
