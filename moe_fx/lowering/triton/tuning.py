@@ -107,29 +107,28 @@ def interpreting() -> bool:
 def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
     """Constraints on a config: K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128) under fp8_block
     and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue),
-    its down N-tile at most two 128-column weight blocks."""
+    its down N-tile at most two 128-column weight blocks. fp8_block never swaps its operands: the swapped rescale
+    gave wrong results on an H100 (2026-12-05, bench/NOTES.md) while it passed in the interpreter."""
     if quant not in ("fp8_block", "int4_weight"):
         return config
     up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
     if quant == "fp8_block":
-        up, down = replace(up, block_n=128), replace(down, block_n=min(down.block_n, 256))
+        up, down = replace(up, block_n=128, swap_ab=False), replace(down, block_n=min(down.block_n, 256), swap_ab=False)
     return ExpertsConfig(up, down)
 
 
 def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
     """Untuned choice, from the winners of tuning four model shapes on an H100 (bench/NOTES.md):
     16-row tiles and wide N for decode (bf16's up GEMM with swapped operands, from an H200's
-    `bench/gemm_paths.py`; fp8's and fp8_block's both GEMMs, for e4m3 tensor cores on sm90: not yet timed),
+    `bench/gemm_paths.py`),
     64-row tiles in between, 128-row tiles for prefill. Quantised operands are one byte: their K-tiles are
     twice as deep for the same shared memory."""
     if interpreting():  # small tiles keep the interpreter fast; tl.dot needs >= 16 (32 for fp8)
         c = GemmConfig(16, 16, 16, 1, 4, 1) if quant == "none" else GemmConfig(16, 32, 32, 1, 4, 1)
         return conform(ExpertsConfig(c, c), quant)
     if quant in ("fp8", "fp8_block", "int8"):  # int4_weight's activations keep their dtype: the defaults below
-        if rows_per_expert <= 16:  # fp8 swapped: e4m3 wgmma; a 16-row tile's mma.sync converts e4m3 to f16 on sm90
-            swap = quant in ("fp8", "fp8_block")  # (int8's mma.sync is native)
-            stages = 3 if swap else 4  # the swapped pipeline keeps one more buffer: 3 fill what 4 unswapped do
-            up = down = GemmConfig(16, 64, 256, 8, 4, stages, swap_ab=swap)
+        if rows_per_expert <= 16:  # unswapped: the swapped fp8 tile (e4m3 wgmma) is a tuning candidate, untimed
+            up = down = GemmConfig(16, 64, 256, 8, 4, 4)
         elif rows_per_expert <= 96:
             up, down = GemmConfig(64, 128, 128, 8, 4, 4), GemmConfig(64, 128, 128, 8, 4, 4)
         else:

@@ -27,14 +27,14 @@ def gemm_path(request, monkeypatch):
     programs (persistent=True: in the interpreter 3 programs, each taking every third tile); a run fails
     unless at least one GEMM it launched took its path (and, for "pointers", none took another)."""
     path = request.param
-    if path in PATH_FIELDS:
-        choose = tuning._choose.__wrapped__
+    fields = {f: False for f in PATH_FIELDS.values()} if path == "pointers" else {PATH_FIELDS[path]: True}
+    choose = tuning._choose.__wrapped__
 
-        def on_path(*args):
-            c = choose(*args)
-            return tuning.ExpertsConfig(*(replace(g, **{PATH_FIELDS[path]: True}) for g in (c.up, c.down)))
+    def on_path(*args):  # "pointers" turns off what a default or tuned config may turn on (swapped decode tiles)
+        c = choose(*args)
+        return tuning.ExpertsConfig(*(replace(g, **fields) for g in (c.up, c.down)))
 
-        monkeypatch.setattr(tuning, "_choose", on_path)
+    monkeypatch.setattr(tuning, "_choose", on_path)
     before = grouped_gemm.loads.copy()
     yield path
     launched = grouped_gemm.loads - before

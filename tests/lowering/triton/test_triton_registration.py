@@ -187,11 +187,12 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     assert decode.up.block_n == decode.down.block_n == 128
     # bf16's up GEMM swaps its operands at decode (measured faster on an H200), int4_weight's does not (mixed)
     assert decode.up.swap_ab and not tuning.default_config(4 / E, torch.bfloat16, "int4_weight").up.swap_ab
-    # fp8 and fp8_block swap both (e4m3 wgmma; unswapped 16-row tiles convert to f16), int8 (native mma.sync) not
+    # the one-byte modes' decode tiles stay unswapped (fp8's swapped tile is a tuning candidate; fp8_block never
+    # swaps: its swapped rescale was wrong on an H100)
     swapped = {q: tuning.default_config(4 / E, torch.bfloat16, q) for q in ("fp8", "int8", "fp8_block")}
-    assert {q: (c.up.swap_ab, c.down.swap_ab) for q, c in swapped.items()} == {
-        "fp8": (True, True), "int8": (False, False), "fp8_block": (True, True)
-    }  # fmt: skip
+    assert {q: (c.up.swap_ab, c.down.swap_ab) for q, c in swapped.items()} == dict.fromkeys(swapped, (False, False))
+    forced = tuning.ExpertsConfig(*(replace(c, swap_ab=True) for c in (decode.up, decode.down)))
+    assert not tuning.conform(forced, "fp8_block").up.swap_ab and not tuning.conform(forced, "fp8_block").down.swap_ab
     spread = tuning.spread(decode, E, D, F, 4, sms=132)
     assert (spread.up.block_n, spread.down.block_n) == (64, 64)
     assert spread == tuning.ExpertsConfig(replace(decode.up, block_n=64), replace(decode.down, block_n=64))
@@ -199,9 +200,10 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     assert tuning.spread(tuning.default_config(8 / 128, torch.bfloat16), 128, 2048, 768, 8, 132).up.block_n == 32
     prefill = tuning.default_config(8192 * K / E, torch.bfloat16)
     assert tuning.spread(prefill, E, D, F, 8192 * K, sms=132) == prefill
-    # Mixtral at T=1 (2 experts, D=4096: 128 down programs at BLOCK_N=64): fp8's swapped down tile keeps 64 rows
+    # Mixtral at T=1 (2 experts, D=4096: 128 down programs at BLOCK_N=64): a swapped fp8 down tile keeps 64 rows
     # (wgmma's), its gated up tile may go to 32 columns (64 weight rows); unswapped tiles narrow to 32
-    fp8 = tuning.default_config(2 / 8, torch.bfloat16, "fp8")
+    unswapped_fp8 = tuning.default_config(2 / 8, torch.bfloat16, "fp8")
+    fp8 = tuning.ExpertsConfig(*(replace(c, swap_ab=True) for c in (unswapped_fp8.up, unswapped_fp8.down)))
     narrowed = tuning.spread(fp8, 8, 4096, 14336, 2, sms=132)
     assert (narrowed.up.block_n, narrowed.down.block_n) == (64, 64)  # 2·224 up programs: no narrowing
     assert tuning.spread(fp8, 8, 4096, 1024, 2, sms=132).up.block_n == 32  # 2·16 up programs: 64 weight rows
