@@ -78,7 +78,7 @@ def main():
         for name in args.shapes for quant in args.quant for path in others for T in sorted({min(args.T), max(args.T)})
     }  # fmt: skip
     print("each path against pointers, rel diff of one call:", checks)
-    rows, path = [], None  # the JSON is rewritten after every cell: a run cut short keeps what it measured
+    rows, written = [], None  # the JSON is rewritten after every cell: a run cut short keeps what it measured
     ratios_head = " | ".join(f"{p} / pointers" for p in others)
     head = " | ".join(f"{path} µs" for path in args.paths)
     print(f"| shape | quant | T | {head} | {ratios_head} | best |\n|{'---|' * (4 + len(args.paths) + len(others))}")
@@ -101,7 +101,7 @@ def main():
                 cells = " | ".join(f"{best_us[path]:.1f}" for path in args.paths)
                 ratios = " | ".join(f"{best_us[path] / best_us['pointers']:.3f}" for path in others)
                 print(f"| {name} | {quant} | {T} | {cells} | {ratios} | {won}: {config} |", flush=True)
-                path = write_rows(args.out, "gemm_paths", rows, path, checks_rel_diff=checks)
+                written = write_rows(args.out, "gemm_paths", rows, written, checks_rel_diff=checks)
 
 
 if __name__ == "__main__":
