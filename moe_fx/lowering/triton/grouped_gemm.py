@@ -25,10 +25,10 @@ not vectorise).
 
 fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
-partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. A tile's
-columns are at most two runs of 128 in one weight block each (where the layout allows: `_runs_in_blocks`), so
-a K-step loads two scalar weight scales, not one per column, and divides them once; the next K-block's scales
-are loaded before the current MMA is issued (Triton waits for it right after).
+partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
+K-step loads one weight scale per column. (Two scalar scales per run of 128 columns, `_runs_in_blocks`, and the
+next K-block's scales loaded before the MMA, were right in the interpreter and wrong on an H100: both off,
+bench/NOTES.md, 2026-12-05 fourth session.)
 """
 
 from __future__ import annotations
@@ -452,10 +452,6 @@ def _up_kernel(
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                # the next K-block's scales (the last one's again at the last step), in flight during this MMA
-                a_n, w_n0, w_n1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                                                run0, run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb,
-                                                stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
                 acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED, SWAP)
                 a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
                 if W_TMA:
@@ -467,7 +463,10 @@ def _up_kernel(
                                       QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     w_ptrs += (BLOCK_K // PACK) * stride_wd
                 a_ptrs += BLOCK_K * stride_xd
-                a_s, w_s0, w_s1 = a_n, w_n0, w_n1
+                # the next K-block's scales (the last one's again after the last step)
+                a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                                                run0, run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb,
+                                                stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, a_prev, w_prev0, w_prev1, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows,
@@ -550,14 +549,11 @@ def _down_kernel(
             run0, run1 = _runs(n, n_ok, QUANT, G)  # the N-tile starts at a multiple of BLOCK_N: 2·G, or a divisor of G
             n_k = tl.cdiv(F, BLOCK_K)
             a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1, 0,
-                                            stride_hsb, stride_wsb, QUANT, G, True)  # fmt: skip
+                                            stride_hsb, stride_wsb, QUANT, G, False)  # fmt: skip
             a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
-                a_n, w_n0, w_n1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
-                                                (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
-                                                True)  # fmt: skip
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, True, SWAP)
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, False, SWAP)
                 a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
@@ -571,11 +567,13 @@ def _down_kernel(
                                       PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     a_ptrs += BLOCK_K * stride_hf
                     w_ptrs += (BLOCK_K // PACK) * stride_wf
-                a_s, w_s0, w_s1 = a_n, w_n0, w_n1
+                a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
+                                                (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
+                                                False)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd,
-                              n_ok, QUANT, G, True)  # fmt: skip
+                              n_ok, QUANT, G, False)  # fmt: skip
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
