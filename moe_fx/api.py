@@ -294,7 +294,8 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             owner.forward = _RewrittenForward(
                 owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed
             )
+            note = owner.forward.guards.serves()
             for m in block_report.matches:
-                m.capture_note = owner.forward.guards.serves()
+                m.capture_note = note
     model._moe_fx_report = report
     return report

@@ -42,6 +42,14 @@ def _runs_rewritten(model, reference, shapes):
                 assert rel_err(out, ref) < TOLERANCE[torch.float32], shape
 
 
+def _runs_original(model, reference, args: tuple, why: str):
+    """A call outside the capture runs the original block, with a warning matching `why`, and equals it."""
+    with torch.no_grad(), pytest.warns(UserWarning, match=why):
+        out = model(*args)
+    with torch.no_grad():
+        assert rel_err(out, reference(*args)) < TOLERANCE[torch.float32]
+
+
 @pytest.mark.parametrize("example", [(4, 4), (1, 1), (1, 5), (3, 1)])
 def test_hf_block_captured_on_any_example_runs_every_size(example):
     """Dynamo's default capture fits (4, 4) as batch == seq (a reshape by one size for both: a (2, 5) call
@@ -83,12 +91,8 @@ def test_a_branch_on_a_size_is_guarded():
         "calls with every size, where input 0.size(0) > 4; other calls run the original block"
     )
     _runs_rewritten(model, reference, [(6, 32), (5, 32), (9, 32)])
-    x = torch.randn(3, 32)
     why = r"branched on input 0.size\(0\) > 4, which this call's sizes \(input 0.size\(0\) = 3\) do not meet"
-    with torch.no_grad(), pytest.warns(UserWarning, match=why):
-        out = model(x)
-    with torch.no_grad():
-        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+    _runs_original(model, reference, (torch.randn(3, 32),), why)
 
 
 class _AddsABias(ex.LoopMoE):
@@ -103,10 +107,8 @@ def test_sizes_tied_in_the_example_are_checked():
     reference = copy.deepcopy(model)
     moe_fx.apply(model, torch.randn(6, 32), torch.randn(6, 32))
     x, bias = torch.randn(5, 32), torch.randn(1, 32)
-    with torch.no_grad(), pytest.warns(UserWarning, match=r"input 1.size\(0\) is 1, captured as input 0.size\(0\)"):
-        out = model(x, bias)
+    _runs_original(model, reference, (x, bias), r"input 1.size\(0\) is 1, captured as input 0.size\(0\)")
     with torch.no_grad():
-        assert rel_err(out, reference(x, bias)) < TOLERANCE[torch.float32]
         assert rel_err(model(x, bias.expand(5, 32)), reference(x, bias)) < TOLERANCE[torch.float32]
 
 
@@ -132,11 +134,7 @@ def test_a_block_matched_only_with_fixed_sizes_is_captured_as_dynamo_does():
     assert model.forward.guards.fixed[0][1][2] == (1, 1, D)
     assert "capture 0: calls with input 0 (1, 1, 32); other calls run" in str(model._moe_fx_report)
     _runs_rewritten(model, reference, [(1, 1, D)])
-    x = torch.randn(2, 5, D)
-    with torch.no_grad(), pytest.warns(UserWarning, match=rf"captured for \(1, 1, {D}\)"):
-        out = model(x)
-    with torch.no_grad():
-        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+    _runs_original(model, reference, (torch.randn(2, 5, D),), rf"captured for \(1, 1, {D}\)")
 
 
 class _BranchOnMoreThanOne(ex.LoopMoE):
@@ -172,11 +170,7 @@ def test_a_branch_on_more_than_one_token(mode, why, monkeypatch):
         }[mode]
     )
     _runs_rewritten(model, reference, [(6, 32), (2, 32)])
-    x = torch.randn(1, 32)
-    with torch.no_grad(), pytest.warns(UserWarning, match=why):
-        out = model(x)
-    with torch.no_grad():
-        assert rel_err(out, reference(x)) < TOLERANCE[torch.float32]
+    _runs_original(model, reference, (torch.randn(1, 32),), why)
 
 
 class _ScalesTokens(ex.LoopMoE):

@@ -512,7 +512,7 @@ def _down_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
-    SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
+    SWAP: tl.constexpr, PERSISTENT: tl.constexpr, W_GROUPED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -549,11 +549,11 @@ def _down_kernel(
             run0, run1 = _runs(n, n_ok, QUANT, G)  # the N-tile starts at a multiple of BLOCK_N: 2·G, or a divisor of G
             n_k = tl.cdiv(F, BLOCK_K)
             a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1, 0,
-                                            stride_hsb, stride_wsb, QUANT, G, False)  # fmt: skip
+                                            stride_hsb, stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
             a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, False, SWAP)
+                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED, SWAP)
                 a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
@@ -569,11 +569,11 @@ def _down_kernel(
                     w_ptrs += (BLOCK_K // PACK) * stride_wf
                 a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
                                                 (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
-                                                False)  # fmt: skip
+                                                W_GROUPED)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd,
-                              n_ok, QUANT, G, False)  # fmt: skip
+                              n_ok, QUANT, G, W_GROUPED)  # fmt: skip
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -721,18 +721,24 @@ def experts(
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, W_GROUPED=GROUPED_SCALES,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
 
 
+# fp8_block's two scalar weight scales per run of G columns (`_runs_in_blocks`), in both GEMMs: off, it gave wrong
+# results on an H100 (2026-12-05, bench/NOTES.md) and right ones in the interpreter; per-column scales run
+GROUPED_SCALES = False
+
+
 def _runs_in_blocks(gate_up: str, gated: bool, F: int, G: int) -> bool:
     """Whether each run of G columns of an fp8_block up tile (BLOCK_N = G: the gate half, then the up half, or G
     stored rows of interleaved pairs) lies in one G×G weight block: the halves start at rows n0 and F + n0,
-    which straddle a block unless F is a multiple of G or both halves fit in the first block."""
-    return False  # off: wrong results on an H100 (2026-12-05, bench/NOTES.md), right in the interpreter
-    return not gated or gate_up == "interleaved" or F % G == 0 or 2 * F <= G
+    which straddle a block unless F is a multiple of G or both halves fit in the first block (a down tile of at
+    most 2·G columns always does). Never while GROUPED_SCALES is off."""
+    return GROUPED_SCALES and (not gated or gate_up == "interleaved" or F % G == 0 or 2 * F <= G)
 
 
 def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
