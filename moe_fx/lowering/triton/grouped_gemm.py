@@ -26,9 +26,9 @@ not vectorise).
 fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
-K-step loads one weight scale per column. (Two scalar scales per run of 128 columns, `_runs_in_blocks`, and the
-next K-block's scales loaded before the MMA, were right in the interpreter and wrong on an H100: both off,
-bench/NOTES.md, 2026-12-05 fourth session.)
+K-step loads one weight scale per column, and the next K-block's scales after the MMA. (Two scalar scales per
+run of 128 columns, and the next scales loaded before the MMA, were right in the interpreter and wrong on an
+H100, bench/NOTES.md, 2026-12-05 fourth session: deleted.)
 """
 
 from __future__ import annotations
@@ -121,78 +121,40 @@ def _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, run0, run1, kb,
-                  stride_ab, stride_wb, QUANT: tl.constexpr, G: tl.constexpr, GROUPED: tl.constexpr):  # fmt: skip
-    """fp8_block (QUANT 2): K-block kb's scales, 1 where masked: (the rows', per 1×G group, [M]; w0, w1) the
-    columns', per G×G weight block (stored rows w_rows // G).
-    GROUPED: the tile's columns are at most two runs of G columns (the first G, the rest), each in the weight
-    block whose stored rows start at run0 / run1 (-1: no such run): w0, w1 are two scalars; otherwise w0 (= w1)
-    holds one scale per column. Ones otherwise."""
+def _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, kb, stride_ab,
+                  stride_wb, QUANT: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """fp8_block (QUANT 2): K-block kb's scales, 1 where masked: the rows' ([M], per 1×G group) and the columns'
+    ([N], per G×G weight block, stored rows w_rows // G). Ones otherwise."""
     if QUANT == 2:
         a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=1.0)
-        if GROUPED:
-            w0 = tl.load(w_scale_ptr + (run0 // G) * stride_wr + kb * stride_wb, mask=run0 >= 0, other=1.0)
-            w1 = tl.load(w_scale_ptr + (run1 // G) * stride_wr + kb * stride_wb, mask=run1 >= 0, other=1.0)
-        else:
-            w0 = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
-            w1 = w0
-        return a_s, w0, w1
+        w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
+        return a_s, w_s
     else:
-        one = tl.full((), 1.0, tl.float32)
-        return tl.full(a_rows.shape, 1.0, tl.float32), one, one
+        return tl.full(a_rows.shape, 1.0, tl.float32), tl.full(w_rows.shape, 1.0, tl.float32)
 
 
 @triton.jit
-def _runs(w_rows, w_ok, QUANT: tl.constexpr, G: tl.constexpr):
-    """fp8_block: the stored rows of the tile's columns 0 and G (w_rows; w_ok: real), where `_block_scales`' runs
-    of G columns start; -1 for a run without a real column (or past the tile)."""
+def _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT: tl.constexpr, SWAP: tl.constexpr):
+    """fp8_block (QUANT 2): acc [M, N], held in units of the previous K-block's scales (`_block_scales`), in units
+    of the current one's. Unchanged otherwise."""
     if QUANT == 2:
-        j = tl.arange(0, w_rows.shape[0])
-        run0 = tl.sum(tl.where((j == 0) & w_ok, w_rows + 1, 0)) - 1
-        run1 = tl.sum(tl.where((j == G) & w_ok, w_rows + 1, 0)) - 1
-        return run0, run1
-    else:
-        return tl.full((), -1, tl.int32), tl.full((), -1, tl.int32)
-
-
-@triton.jit
-def _columns(w0, w1, COLS: tl.constexpr, G: tl.constexpr, GROUPED: tl.constexpr):
-    """The [COLS] column values of `_block_scales`' (w0, w1) layout: GROUPED, w0 for the first G columns and w1
-    for the rest; else w0, one per column."""
-    if GROUPED:
-        return tl.where(tl.arange(0, COLS) < G, w0, w1)
-    else:
-        return w0
-
-
-@triton.jit
-def _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT: tl.constexpr, G: tl.constexpr,
-                   GROUPED: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
-    """fp8_block (QUANT 2): acc ([M, N]; SWAP: [N, M]), held in units of the previous K-block's scales
-    (`_block_scales`), in units of the current one's. The column ratios are divided once per run when GROUPED,
-    not once per column: one multiply per accumulator element and no per-column loads. Unchanged otherwise."""
-    if QUANT == 2:
-        if SWAP:
-            col = _columns(w_prev0 / w_s0, w_prev1 / w_s1, acc.shape[0], G, GROUPED)
-            return acc * (col[:, None] * (a_prev / a_s)[None, :])
-        else:
-            col = _columns(w_prev0 / w_s0, w_prev1 / w_s1, acc.shape[1], G, GROUPED)
-            return acc * ((a_prev / a_s)[:, None] * col[None, :])
+        tl.static_assert(not SWAP, "fp8_block runs unswapped tiles (tuning.conform)")
+        return acc * ((a_prev / a_s)[:, None] * (w_prev / w_s)[None, :])
     else:
         return acc
 
 
 @triton.jit
-def _dequantize(acc, a_scale, w_scale0, w_scale1, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows,
-                stride_wr, w_mask, QUANT: tl.constexpr, G: tl.constexpr, GROUPED: tl.constexpr):  # fmt: skip
+def _dequantize(acc, a_scale, w_scale, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
+                w_mask, QUANT: tl.constexpr):  # fmt: skip
     """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the last K-block's
-    (QUANT 2: a_scale, w_scale0, w_scale1 from `_block_scales`), as is otherwise."""
+    (QUANT 2: a_scale, w_scale from `_block_scales`), as is otherwise."""
     if QUANT == 1:
         a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
         w_s = tl.load(w_scale_ptr + w_rows * stride_wr, mask=w_mask, other=0.0)
         return acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
     elif QUANT == 2:
-        return acc * (a_scale[:, None] * _columns(w_scale0, w_scale1, acc.shape[1], G, GROUPED)[None, :])
+        return acc * (a_scale[:, None] * w_scale[None, :])
     else:
         return acc
 
@@ -405,7 +367,7 @@ def _up_kernel(
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
     PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
-    W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr, W_GROUPED: tl.constexpr,
+    W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr,
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
@@ -444,16 +406,15 @@ def _up_kernel(
                 w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
-            run0, run1 = _runs(w_rows, w_ok, QUANT, G)
             n_k = tl.cdiv(D, BLOCK_K)
-            a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, run0,
-                                            run1, 0, stride_xsb, stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
-            a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+            a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, 0, stride_xsb,
+                                     stride_wsb, QUANT, G)  # fmt: skip
+            a_prev, w_prev = a_s, w_s
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED, SWAP)
-                a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+                acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
+                a_prev, w_prev = a_s, w_s
                 if W_TMA:
                     w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
                                      BLOCK_K, COLS)  # fmt: skip
@@ -464,13 +425,13 @@ def _up_kernel(
                     w_ptrs += (BLOCK_K // PACK) * stride_wd
                 a_ptrs += BLOCK_K * stride_xd
                 # the next K-block's scales (the last one's again after the last step)
-                a_s, w_s0, w_s1 = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                                                run0, run1, (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_xsb,
-                                                stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
+                kb = (min(k0 + 1, n_k - 1) * BLOCK_K) // G
+                a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, kb,
+                                         stride_xsb, stride_wsb, QUANT, G)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
-            acc = _dequantize(acc, a_prev, w_prev0, w_prev1, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows,
-                              stride_wsh, w_ok, QUANT, G, W_GROUPED)  # fmt: skip
+            acc = _dequantize(acc, a_prev, w_prev, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                              QUANT)  # fmt: skip
             if GATED:
                 if INTERLEAVED:
                     acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -512,7 +473,7 @@ def _down_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
-    SWAP: tl.constexpr, PERSISTENT: tl.constexpr, W_GROUPED: tl.constexpr,
+    SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
@@ -546,15 +507,14 @@ def _down_kernel(
                 w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
-            run0, run1 = _runs(n, n_ok, QUANT, G)  # the N-tile starts at a multiple of BLOCK_N: 2·G, or a divisor of G
             n_k = tl.cdiv(F, BLOCK_K)
-            a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1, 0,
-                                            stride_hsb, stride_wsb, QUANT, G, W_GROUPED)  # fmt: skip
-            a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+            a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, 0, stride_hsb,
+                                     stride_wsb, QUANT, G)  # fmt: skip
+            a_prev, w_prev = a_s, w_s
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
-                acc = _block_rescale(acc, a_prev, w_prev0, w_prev1, a_s, w_s0, w_s1, QUANT, G, W_GROUPED, SWAP)
-                a_prev, w_prev0, w_prev1 = a_s, w_s0, w_s1
+                acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
+                a_prev, w_prev = a_s, w_s
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
                     w = _weight_tile(
@@ -567,13 +527,13 @@ def _down_kernel(
                                       PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     a_ptrs += BLOCK_K * stride_hf
                     w_ptrs += (BLOCK_K // PACK) * stride_wf
-                a_s, w_s0, w_s1 = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, run0, run1,
-                                                (min(k0 + 1, n_k - 1) * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G,
-                                                W_GROUPED)  # fmt: skip
+                kb = (min(k0 + 1, n_k - 1) * BLOCK_K) // G  # the next K-block's scales, as in _up_kernel
+                a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, kb, stride_hsb,
+                                         stride_wsb, QUANT, G)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
-            acc = _dequantize(acc, a_prev, w_prev0, w_prev1, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd,
-                              n_ok, QUANT, G, W_GROUPED)  # fmt: skip
+            acc = _dequantize(acc, a_prev, w_prev, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
+                              QUANT)  # fmt: skip
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -693,8 +653,7 @@ def experts(
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
         INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
-        W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, W_GROUPED=_runs_in_blocks(gate_up, gated, F, G),
-        PERSISTENT=c.persistent,
+        W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
@@ -721,24 +680,11 @@ def experts(
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, W_GROUPED=GROUPED_SCALES,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G, num_warps=c.num_warps, num_stages=c.num_stages,
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent,
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y_RD
-
-
-# fp8_block's two scalar weight scales per run of G columns (`_runs_in_blocks`), in both GEMMs: off, it gave wrong
-# results on an H100 (2026-12-05, bench/NOTES.md) and right ones in the interpreter; per-column scales run
-GROUPED_SCALES = False
-
-
-def _runs_in_blocks(gate_up: str, gated: bool, F: int, G: int) -> bool:
-    """Whether each run of G columns of an fp8_block up tile (BLOCK_N = G: the gate half, then the up half, or G
-    stored rows of interleaved pairs) lies in one G×G weight block: the halves start at rows n0 and F + n0,
-    which straddle a block unless F is a multiple of G or both halves fit in the first block (a down tile of at
-    most 2·G columns always does). Never while GROUPED_SCALES is off."""
-    return GROUPED_SCALES and (not gated or gate_up == "interleaved" or F % G == 0 or 2 * F <= G)
 
 
 def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
