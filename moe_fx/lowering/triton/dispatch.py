@@ -149,9 +149,10 @@ def _sort_small_kernel(
 SMALL_CHUNKS = 4
 
 
-def _block_r(E: int) -> int:
-    """Rows per program: keep the [BLOCK_R, BLOCK_E] one-hot tile at 8K elements."""
-    return max(16, min(128, 8192 // next_power_of_2(E)))
+def _block_r(E: int, R: int) -> int:
+    """Rows per block: keep the [BLOCK_R, BLOCK_E] one-hot tile at 8K elements, and no larger than R needs (a
+    decode step's few rows: Qwen3's 8 at T=1 scanned a 64-row tile)."""
+    return min(max(16, min(128, 8192 // next_power_of_2(E))), max(16, next_power_of_2(R)))
 
 
 def dispatch(
@@ -183,7 +184,7 @@ def dispatch(
     row_args = (x, xq, xscale if xscale.numel() else row_weights_R, T, D, x.stride(0), xq.stride(0),
                 xscale.stride(0) if xscale.numel() else 0)  # fmt: skip
     row_programs = tiling.programs(T) if D else 0
-    BLOCK_E, BLOCK_R = next_power_of_2(E), _block_r(E)
+    BLOCK_E, BLOCK_R = next_power_of_2(E), _block_r(E, R)
     chunks = cdiv(R, BLOCK_R)
     if R == 0 and row_programs == 0:
         offsets_E1.zero_()
