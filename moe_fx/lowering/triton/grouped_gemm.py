@@ -43,7 +43,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
 from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
-from moe_fx.lowering.triton.quantize import _cast, _nan_max, _quantize_tile, _scale
+from moe_fx.lowering.triton.quantize import _quantize_tile
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
 
@@ -145,39 +145,12 @@ def _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT: tl.constexpr, SWAP: tl.
 
 
 @triton.jit
-def _row_scales(a_ptr, rows, row_ok, K, stride_ar, stride_ak, QMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_K: tl.constexpr):  # fmt: skip
-    """The per-token scales `quantize.quantize_rows` gives the rows of a [*, K] float activation: max(amax, 1e-12) /
-    QMAX over each whole row (NaN propagating), read in BLOCK_K chunks (a max is the same in any order)."""
-    k = tl.arange(0, BLOCK_K)
-    amax = tl.zeros((BLOCK_M,), tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        a = tl.load(a_ptr + rows[:, None].to(tl.int64) * stride_ar + (k0 + k)[None, :] * stride_ak,
-                    mask=row_ok[:, None] & (k0 + k < K)[None, :], other=0.0)  # fmt: skip
-        amax = _nan_max(amax, tl.reduce(tl.abs(a.to(tl.float32)), 1, _nan_max))
-    return _scale(amax, QMAX)
-
-
-@triton.jit
-def _quantize_loaded(a, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr, A_QUANT: tl.constexpr):
-    """A_QUANT: a float [M, K] tile quantised with its rows' `_row_scales`, as `quantize.quantize_rows` would."""
-    if A_QUANT:
-        return _cast(a.to(tl.float32) / scale[:, None], QMAX, IS_INT)
-    else:
-        return a
-
-
-@triton.jit
 def _dequantize(acc, a_scale, w_scale, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
-                w_mask, QUANT: tl.constexpr, A_QUANT: tl.constexpr = False):  # fmt: skip
-    """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1; the token scales
-    a_scale when A_QUANT, else loaded), × the last K-block's (QUANT 2: a_scale, w_scale from `_block_scales`), as
-    is otherwise."""
+                w_mask, QUANT: tl.constexpr):  # fmt: skip
+    """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the last K-block's
+    (QUANT 2: a_scale, w_scale from `_block_scales`), as is otherwise."""
     if QUANT == 1:
-        if A_QUANT:
-            a_s = a_scale
-        else:
-            a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
+        a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
         w_s = tl.load(w_scale_ptr + w_rows * stride_wr, mask=w_mask, other=0.0)
         return acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
     elif QUANT == 2:
@@ -501,7 +474,7 @@ def _down_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
-    SWAP: tl.constexpr, PERSISTENT: tl.constexpr, A_QUANT: tl.constexpr, QMAX: tl.constexpr,
+    SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
@@ -540,9 +513,6 @@ def _down_kernel(
             a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, 0, stride_hsb,
                                      stride_wsb, QUANT, G)  # fmt: skip
             a_prev, w_prev = a_s, w_s
-            a_tok = a_s
-            if A_QUANT:  # fp8 / int8 (pointer loads): h arrives in the model's dtype, quantised per token here
-                a_tok = _row_scales(h_ptr, rows, row_ok, F, stride_hr, stride_hf, QMAX, BLOCK_M, BLOCK_K)
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
                 acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
@@ -555,7 +525,6 @@ def _down_kernel(
                     acc = _mma(a, w, acc, PRECISION, SWAP)
                 else:
                     a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                    a = _quantize_loaded(a, a_tok, QMAX, IS_INT, A_QUANT)
                     acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_e, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
                                       PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     a_ptrs += BLOCK_K * stride_hf
@@ -565,10 +534,8 @@ def _down_kernel(
                                          stride_wsb, QUANT, G)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
-            if A_QUANT:
-                a_prev = a_tok
             acc = _dequantize(acc, a_prev, w_prev, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
-                              QUANT, A_QUANT)  # fmt: skip
+                              QUANT)  # fmt: skip
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -587,11 +554,6 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
 
 
 QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
-# fp8 / int8: a down GEMM of decode tiles (at most this many rows, pointer loads) quantises h per token itself,
-# as it loads it (`_row_scales`, `_quantize_loaded`), bit for bit as `quantize.quantize_rows`: one launch fewer at
-# decode, where a launch costs more than the work; larger tiles read h quantised by that kernel (each N-tile's
-# program would convert its rows again)
-QUANT_ON_LOAD_ROWS = 16
 loads = collections.Counter()  # GEMM launches by operand path, e.g. "up/tma", "down/pointers+swap" (tests read it)
 
 
@@ -697,15 +659,13 @@ def experts(
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
-    c = config.down
-    down_tma = _tma_fits(c, code, xq.device)
-    a_quant = code == 1 and not down_tma and c.block_m <= QUANT_ON_LOAD_ROWS
-    if code == 1 and not a_quant:
+    if code == 1:
         h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
     hs = _scale_strides(h_scale, row_weights)
     bias2 = w2_bias if w2_bias is not None else w2
+    c = config.down
     h_in = w_in = None
-    if down_tma:
+    if _tma_fits(c, code, xq.device):
         h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
         w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
     down_tma = h_in is not None and w_in is not None
@@ -722,8 +682,7 @@ def experts(
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, A_QUANT=a_quant,
-        QMAX=quant_fmt.QMAX.get(quant, 1.0),
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

@@ -231,30 +231,6 @@ def test_nan_token_stays_in_its_rows(mode):
     assert torch.equal(poisoned[others], clean[others]) and torch.isnan(poisoned[3]).all()
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int8"])
-@pytest.mark.parametrize("T,swap", [(1, False), (17, False), (17, True)])
-def test_down_gemm_quantises_h_as_it_loads_it(mode, T, swap, monkeypatch):
-    """fp8 / int8 decode tiles: the down GEMM quantising h per token as it loads it gives, bit for bit, what h
-    quantised by `quantize_rows` first gives (a NaN in one token's h stays in that token), with that launch gone."""
-    K, D, F_ = 2, 40, 136  # F over one K-tile: the row scales span several
-    x = torch.randn(T, D, device=DEVICE, dtype=HALF)
-    x[T // 2, 3] = float("nan")
-    w13, w2 = weights_for(D, F_, HALF)
-    weights, ids = routing(T, K, E, "random")
-    c = tuning.GemmConfig(16, 32, 32, 1, 4, 1, swap_ab=swap)
-    monkeypatch.setattr(tuning, "choose", lambda *a, **k: tuning.ExpertsConfig(c, c))
-    calls = []
-    quantize_rows = grouped_gemm.quantize.quantize_rows
-    monkeypatch.setattr(grouped_gemm.quantize, "quantize_rows", lambda *a: calls.append(a) or quantize_rows(*a))
-    on_load = layer(x, weights, ids, w13, w2, mode, "triton")
-    assert not calls
-    monkeypatch.setattr(grouped_gemm, "QUANT_ON_LOAD_ROWS", 0)
-    separate = layer(x, weights, ids, w13, w2, mode, "triton")
-    assert len(calls) == 1
-    assert torch.equal(on_load.isnan(), separate.isnan()) and on_load.isnan().any(-1).sum() == 1
-    assert torch.equal(on_load.nan_to_num(), separate.nan_to_num())
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="the prefill tiles' tensor-core path needs a GPU")
 @pytest.mark.parametrize("mode", ("none", *MODES))
 def test_prefill_tiles_on_every_path(mode, gemm_path):
