@@ -106,7 +106,6 @@ def specialise(kernel, args) -> tuple[dict, dict, dict]:
 def compile_for(kernel, args, meta, arch: int):
     """The kernel compiled by Triton for sm`arch` (PTX, and a cubin through Triton's bundled ptxas)."""
     consts = {p.name: meta.get(p.name, p.default) for p in kernel.params if p.is_constexpr}
-    consts["PDL"] = arch >= 90  # as `launch` passes it on a Hopper
     signature, ones, attrs = specialise(kernel, args)
     signature |= dict.fromkeys(consts, "constexpr")
     options = {"num_warps": meta["num_warps"], "num_stages": meta["num_stages"]}

@@ -14,15 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 SEARCH_MAX = 1024  # rows up to which combine finds each slot's row by comparison instead of inverting
 
 
 @triton.jit
-def _invert_kernel(row_index_ptr, slot_row_ptr, R, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_previous_kernel(PDL)
+def _invert_kernel(row_index_ptr, slot_row_ptr, R, BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     slots = tl.load(row_index_ptr + r, mask=r < R, other=0)
     tl.store(slot_row_ptr + slots, r.to(tl.int64), mask=r < R)
@@ -38,9 +37,7 @@ def _combine_kernel(
     stride_yr, stride_yd, stride_ot, stride_od,
     # meta-parameters
     K: tl.constexpr, WEIGHTED: tl.constexpr, SEARCH: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    PDL: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = d < D

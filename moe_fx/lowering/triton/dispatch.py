@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import MODES as QUANTISED
 from moe_fx.lowering.triton.quantize import _quantize_block, new_rows, row_constexprs, row_tiling
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
@@ -48,10 +48,9 @@ def _count_kernel(
     ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, cdiv(R, BLOCK_R)) count, the rest are `_rows`."""
-    wait_previous_kernel(PDL)
     pid = tl.program_id(0)
     chunks = tl.cdiv(R, BLOCK_R)
     if pid >= chunks:
@@ -72,9 +71,8 @@ def _scatter_kernel(
     # sizes
     R, E, K,
     # meta-parameters
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     pid = tl.program_id(0)
     e = tl.arange(0, BLOCK_E)
     counts_E = tl.load(counts_ptr + e, mask=e < E, other=0)
@@ -112,10 +110,9 @@ def _sort_small_kernel(
     # meta-parameters
     CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program 0 sorts, the rest are `_rows`."""
-    wait_previous_kernel(PDL)
     if tl.program_id(0) > 0:
         _rows(tl.program_id(0) - 1, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
               IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip

@@ -42,7 +42,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
-from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_tile
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
@@ -369,9 +369,8 @@ def _up_kernel(
     PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
     W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr,
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(F, BLOCK_N)
     pid, tiles = tl.program_id(0), real_tiles * num_pid_n
@@ -476,9 +475,8 @@ def _down_kernel(
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    G: tl.constexpr, PDL: tl.constexpr,
+    G: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(D, BLOCK_N)
     # the dropped rows [offsets[E], R) (dispatch puts dropped picks there) contribute nothing: zeros, first

@@ -13,33 +13,20 @@ short path is off in the interpreter, while launch hooks are set (profilers see 
 argument of a type it does not know, and for a Triton whose compiled kernels lack the launcher it calls
 (the long path is taken, never a guess; a launcher that refuses the arguments is logged once and
 the kernel goes back to Triton's path).
-
-Programmatic dependent launch (PDL, sm90+): a kernel that takes a `PDL` constexpr is launched with
-`launch_pdl` where `pdl_enabled` says so, and passed PDL=True; it calls `wait_previous_kernel(PDL)` before its
-first global memory access. The GPU may then start it while the kernel before it in the stream finishes (its
-launch and set-up overlap that kernel's last wave, a few µs per kernel boundary at decode, where the layer is a
-chain of short kernels). `wait_previous_kernel` blocks until the previous kernel has finished and its writes
-are visible, then lets the next kernel launch: so when a kernel starts, everything before the previous one has
-finished, and touching no memory before the wait keeps it as ordered as a plain launch. MOE_FX_PDL=0 turns it off.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 
 import torch
-import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering.triton.tuning import interpreting
 
 log = logging.getLogger("moe_fx")
 _I32 = range(-(2**31), 2**31)
-_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg", "launch_pdl")
+_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 _cache: dict = {}
 stats = {"short": 0, "long": 0}  # launches by path (tests check the short one runs)
 
@@ -98,41 +85,8 @@ def _constexpr_tail(kernel, n_args: int, meta: dict):
     return tuple(tail)
 
 
-@triton.jit
-def wait_previous_kernel(PDL: tl.constexpr):
-    """Under PDL: wait until the previous kernel in the stream has finished (its writes visible), then let the
-    next kernel launch. Call it before the kernel's first global load or store."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@functools.cache
-def pdl_enabled(device_index: int) -> bool:
-    """Whether kernels on this CUDA device launch with PDL: compute capability >= 9.0 (Hopper), a CUDA driver
-    path (not the interpreter) and MOE_FX_PDL not "0"."""
-    if _RUNTIME is None or os.environ.get("MOE_FX_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
-@functools.cache
-def _takes_pdl(kernel) -> bool:
-    return "PDL" in getattr(kernel, "arg_names", ())
-
-
-def _with_pdl(kernel, args: tuple, meta: dict) -> dict:
-    """meta with PDL and launch_pdl set, for a kernel that takes a PDL constexpr (on the first tensor's device)."""
-    if not _takes_pdl(kernel) or "PDL" in meta:
-        return meta
-    device = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-    on = device is not None and device.type == "cuda" and pdl_enabled(device.index or 0)
-    return {**meta, "PDL": on, "launch_pdl": on} if on else {**meta, "PDL": False}
-
-
 def launch(kernel, grid: tuple, *args, **meta):
-    """kernel[grid](*args, **meta), through the cached launcher when it can (with PDL where it applies)."""
-    meta = _with_pdl(kernel, args, meta)
+    """kernel[grid](*args, **meta), through the cached launcher when it can."""
     if _RUNTIME is None:
         return kernel[grid](*args, **meta)
     driver, knobs = _RUNTIME

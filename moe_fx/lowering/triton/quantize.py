@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering import quant as quant_fmt
-from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.lowering.triton.tuning import interpreting
 
@@ -114,9 +114,8 @@ def _quantize_block(
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
     QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     _quantize_block(x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, tl.program_id(0),
                     tl.program_id(1), QMAX, IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 

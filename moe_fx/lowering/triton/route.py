@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_fx.lowering.triton.launch import launch, wait_previous_kernel
+from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.sizes import next_power_of_2
 
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
@@ -79,9 +79,8 @@ def _route_kernel(
     # meta-parameters
     K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr, PDL: tl.constexpr,
+    ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    wait_previous_kernel(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
