@@ -26,9 +26,10 @@ not vectorise).
 fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
-K-step loads one weight scale per column, and the next K-block's scales after the MMA. (Two scalar scales per
-run of 128 columns, and the next scales loaded before the MMA, were right in the interpreter and wrong on an
-H100, bench/NOTES.md, 2026-12-05 fourth session: deleted.)
+K-step loads its K-block's scales (one weight scale per column) before its MMA, as the K-loop did when it last
+passed on a GPU (2026-12-04). (The third session's K-loops, two scalar weight scales per run of 128 columns,
+then per-column scales preloaded for the next K-step, were right in the interpreter and wrong on an H100 and
+an H200 for every input deeper than one K-block: bench/NOTES.md, 2026-12-05.)
 """
 
 from __future__ import annotations
@@ -407,12 +408,12 @@ def _up_kernel(
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
             n_k = tl.cdiv(D, BLOCK_K)
-            a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, 0, stride_xsb,
-                                     stride_wsb, QUANT, G)  # fmt: skip
-            a_prev, w_prev = a_s, w_s
+            a_prev, w_prev = tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((COLS,), 1.0, tl.float32)
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                                         (k0 * BLOCK_K) // G, stride_xsb, stride_wsb, QUANT, G)  # fmt: skip
                 acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
                 a_prev, w_prev = a_s, w_s
                 if W_TMA:
@@ -424,10 +425,6 @@ def _up_kernel(
                                       QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     w_ptrs += (BLOCK_K // PACK) * stride_wd
                 a_ptrs += BLOCK_K * stride_xd
-                # the next K-block's scales (the last one's again after the last step)
-                kb = (min(k0 + 1, n_k - 1) * BLOCK_K) // G
-                a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, kb,
-                                         stride_xsb, stride_wsb, QUANT, G)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, a_prev, w_prev, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
@@ -508,11 +505,11 @@ def _down_kernel(
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
             n_k = tl.cdiv(F, BLOCK_K)
-            a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, 0, stride_hsb,
-                                     stride_wsb, QUANT, G)  # fmt: skip
-            a_prev, w_prev = a_s, w_s
+            a_prev, w_prev = tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((BLOCK_N,), 1.0, tl.float32)
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
+                a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
+                                         (k0 * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G)  # fmt: skip
                 acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
                 a_prev, w_prev = a_s, w_s
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
@@ -527,9 +524,6 @@ def _down_kernel(
                                       PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     a_ptrs += BLOCK_K * stride_hf
                     w_ptrs += (BLOCK_K // PACK) * stride_wf
-                kb = (min(k0 + 1, n_k - 1) * BLOCK_K) // G  # the next K-block's scales, as in _up_kernel
-                a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, kb, stride_hsb,
-                                         stride_wsb, QUANT, G)  # fmt: skip
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, a_prev, w_prev, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
