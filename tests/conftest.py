@@ -1,4 +1,6 @@
+import contextlib
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,6 +17,18 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in float64."""
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+FALLBACK = "moe_fx: running the original block"  # the warning of a call that does not run the rewritten graph
+
+
+@contextlib.contextmanager
+def no_fallback():
+    """Inside, a call that runs a block's original forward instead of its rewritten graph fails (its warning is
+    an error)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", FALLBACK)
+        yield
 
 
 @pytest.fixture

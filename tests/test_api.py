@@ -3,7 +3,6 @@ through a block's module (moe_fx.passthrough)."""
 
 import copy
 import functools
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 import moe_fx
 from moe_fx import examples as ex
 from moe_fx.api import _RewrittenForward
-from tests.conftest import rel_err
+from tests.conftest import no_fallback, rel_err
 
 
 def test_explain_lists_two_forms_with_specs_and_lowerings():
@@ -193,8 +192,7 @@ def test_apply_passes_a_cache_through_to_the_attention_beside_the_block():
         cache, ref_cache = DynamicCache(), DynamicCache()
         for tokens in steps:
             x = torch.randn(2, tokens, 32)
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.filterwarnings("error", "moe_fx: running the original block")  # the rewritten layers run
+            with no_fallback(), torch.no_grad():  # the rewritten layers run
                 out = model(x, cache=cache)
                 ref = reference(x, cache=ref_cache)
             assert rel_err(out, ref) < 1e-5
@@ -259,6 +257,5 @@ def test_apply_gemma4_generates_with_a_cache():
         ref = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
     report = moe_fx.apply(model, ids, use_cache=True)
     assert len(report.matches) == hf_models.ARCHITECTURES["gemma4"].moe_blocks, str(report)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("error", "moe_fx: running the original block")  # every step runs the rewritten layer
+    with no_fallback(), torch.no_grad():  # every step runs the rewritten layer
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True), ref)

@@ -9,7 +9,7 @@ import torch
 
 import moe_fx
 from moe_fx import examples as ex
-from tests.conftest import TOLERANCE, rel_err
+from tests.conftest import TOLERANCE, no_fallback, rel_err
 
 CALLS_3D = ((4, 4), (2, 5), (5, 2), (1, 1), (3, 1), (1, 6), (0, 3))
 
@@ -32,8 +32,7 @@ def _mixtral_block(D: int = 64):
 
 def _runs_rewritten(model, reference, shapes):
     """Every call runs the rewritten graph (a fallback warns: an error here) and matches the original."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("error", "moe_fx: running the original block")
+    with no_fallback(), torch.no_grad():
         for shape in shapes:
             x = torch.randn(*shape)
             out, ref = _out(model(x)), _out(reference(x))
@@ -188,8 +187,7 @@ def test_a_size_one_input_broadcast_against_the_tokens():
     moe_fx.apply(model, torch.randn(6, 32), scale)
     assert [sizes for _, (_, _, sizes) in model.forward.guards.fixed] == [(None, 32), (1, 32)]
     assert not hasattr(scale, "_dynamo_static_indices")  # the marks the capture set are gone
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("error", "moe_fx: running the original block")
+    with no_fallback(), torch.no_grad():
         for T in (6, 1, 0, 9):
             x = torch.randn(T, 32)
             out, ref = model(x, scale), reference(x, scale)

@@ -3,7 +3,6 @@ random weights: torch.compile(backend="moe_fx") and moe_fx.apply rewrite every M
 
 import copy
 import functools
-import warnings
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch._dynamo.utils import counters
 import moe_fx
 from moe_fx import hf_models
 from moe_fx.backend import last_reports
-from tests.conftest import rel_err
+from tests.conftest import no_fallback, rel_err
 
 transformers = pytest.importorskip("transformers")
 TRANSFORMERS_4 = int(transformers.__version__.split(".")[0]) < 5
@@ -114,8 +113,7 @@ def test_every_architecture_apply(name, dtype):
     expected = 0 if name in APPLY_OPEN else expected_blocks(name)
     report = _apply_and_check(model, hf_models.example_inputs(model), expected, dtype)
     assert all(m.spec.experts.dtype == str(dtype).removeprefix("torch.") for m in report.matches)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.filterwarnings("error", "moe_fx: running the original block")
+    with no_fallback(), torch.no_grad():
         for inputs, ref in zip(others, refs):
             assert rel_err(hf_models.logits(model(**inputs)), ref) < TOL[dtype], str(report)
     # the block's module, not the model: below a decoder layer, or the layer itself (DiffusionGemma's `layers.0`)
