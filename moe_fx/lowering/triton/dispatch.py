@@ -149,7 +149,7 @@ SMALL_CHUNKS = 4
 def _block_r(E: int, R: int) -> int:
     """Rows per block: keep the [BLOCK_R, BLOCK_E] one-hot tile at 8K elements, and no larger than R needs (a
     decode step's few rows: Qwen3's 8 at T=1 scanned a 64-row tile)."""
-    return min(max(16, min(128, 8192 // next_power_of_2(E))), max(16, next_power_of_2(R)))
+    return max(16, min(128, 8192 // next_power_of_2(E), next_power_of_2(R)))
 
 
 def dispatch(
