@@ -26,10 +26,10 @@ not vectorise).
 fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
-K-step loads its K-block's scales (one weight scale per column) before its MMA, as the K-loop did when it last
-passed on a GPU (2026-12-04). (The third session's K-loops, two scalar weight scales per run of 128 columns,
-then per-column scales preloaded for the next K-step, were right in the interpreter and wrong on an H100 and
-an H200 for every input deeper than one K-block: bench/NOTES.md, 2026-12-05.)
+K-step loads its K-block's scales (one weight scale per column) before its MMA, as the K-loop of 2026-12-04 did
+(not yet run on a GPU in this form; CUDA refuses fp8_block meanwhile). The third session's K-loops, two scalar
+weight scales per run of 128 columns, then per-column scales preloaded for the next K-step, were right in the
+interpreter and wrong on an H100 and an H200 for every input deeper than one K-block (bench/NOTES.md, 2026-12-05).
 """
 
 from __future__ import annotations
