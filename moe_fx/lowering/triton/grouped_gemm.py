@@ -26,10 +26,10 @@ not vectorise).
 fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the current K-block's scale, so
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
-K-step loads its K-block's scales (one weight scale per column) before its MMA, as the K-loop of 2026-12-04 did
-(not yet run on a GPU in this form; CUDA refuses fp8_block meanwhile). The third session's K-loops, two scalar
-weight scales per run of 128 columns, then per-column scales preloaded for the next K-step, were right in the
-interpreter and wrong on an H100 and an H200 for every input deeper than one K-block (bench/NOTES.md, 2026-12-05).
+K-step loads both its own and the previous step's block scales (one weight scale per column; the previous
+ones hit L1) instead of carrying them through the loop: every carried form, right in the interpreter, was
+wrong on an H100 and an H200 for inputs deeper than one K-block (bench/NOTES.md, 2026-12-05). This form is
+not yet run on a GPU; CUDA refuses fp8_block meanwhile.
 """
 
 from __future__ import annotations
@@ -122,40 +122,47 @@ def _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M: tl.constexpr, GROUP_
 
 
 @triton.jit
-def _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, kb, stride_ab,
-                  stride_wb, QUANT: tl.constexpr, G: tl.constexpr):  # fmt: skip
-    """fp8_block (QUANT 2): K-block kb's scales, 1 where masked: the rows' ([M], per 1×G group) and the columns'
-    ([N], per G×G weight block, stored rows w_rows // G). Ones otherwise."""
-    if QUANT == 2:
-        a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=1.0)
-        w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
-        return a_s, w_s
-    else:
-        return tl.full(a_rows.shape, 1.0, tl.float32), tl.full(w_rows.shape, 1.0, tl.float32)
+def _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, stride_ab, stride_wb,
+                  kb, G: tl.constexpr):  # fmt: skip
+    """fp8_block: K-block kb's scales, 1 where masked: the rows' ([M], per 1×G group) and the columns' ([N], per
+    G×G weight block, stored rows w_rows // G)."""
+    a_s = tl.load(a_scale_ptr + a_rows * stride_ar + kb * stride_ab, mask=a_mask, other=1.0)
+    w_s = tl.load(w_scale_ptr + (w_rows // G) * stride_wr + kb * stride_wb, mask=w_mask, other=1.0)
+    return a_s, w_s
 
 
 @triton.jit
-def _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT: tl.constexpr, SWAP: tl.constexpr):
-    """fp8_block (QUANT 2): acc [M, N], held in units of the previous K-block's scales (`_block_scales`), in units
-    of the current one's. Unchanged otherwise."""
+def _block_rescale(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, stride_ab,
+                   stride_wb, k0, QUANT: tl.constexpr, SWAP: tl.constexpr, BLOCK_K: tl.constexpr,
+                   G: tl.constexpr):  # fmt: skip
+    """fp8_block (QUANT 2): acc [M, N], held in units of K-step k0 - 1's block scales, in units of K-step k0's
+    (at k0 = 0 acc is zero and the ratio 1). Both steps' scales are loaded here (the previous step's again, from
+    L1) rather than carried through the K-loop: the carried form was right in the interpreter and wrong on an
+    H100 and an H200 (bench/NOTES.md, 2026-12-05). Unchanged otherwise."""
     if QUANT == 2:
         tl.static_assert(not SWAP, "fp8_block runs unswapped tiles (tuning.conform)")
-        return acc * ((a_prev / a_s)[:, None] * (w_prev / w_s)[None, :])
+        a_p, w_p = _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
+                                 stride_ab, stride_wb, (tl.maximum(k0 - 1, 0) * BLOCK_K) // G, G)  # fmt: skip
+        a_s, w_s = _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
+                                 stride_ab, stride_wb, (k0 * BLOCK_K) // G, G)  # fmt: skip
+        return acc * ((a_p / a_s)[:, None] * (w_p / w_s)[None, :])
     else:
         return acc
 
 
 @triton.jit
-def _dequantize(acc, a_scale, w_scale, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr,
-                w_mask, QUANT: tl.constexpr):  # fmt: skip
-    """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the last K-block's
-    (QUANT 2: a_scale, w_scale from `_block_scales`), as is otherwise."""
+def _dequantize(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask, stride_ab,
+                stride_wb, k_last, QUANT: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr):  # fmt: skip
+    """The fp32 value of an accumulator: × the per-token and per-channel scales (QUANT 1), × the scales of the
+    last K-step's block (QUANT 2, the units `_block_rescale` left it in), as is otherwise."""
     if QUANT == 1:
         a_s = tl.load(a_scale_ptr + a_rows * stride_ar, mask=a_mask, other=0.0)
         w_s = tl.load(w_scale_ptr + w_rows * stride_wr, mask=w_mask, other=0.0)
         return acc.to(tl.float32) * (a_s[:, None] * w_s[None, :])
     elif QUANT == 2:
-        return acc * (a_scale[:, None] * w_scale[None, :])
+        a_s, w_s = _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
+                                 stride_ab, stride_wb, (k_last * BLOCK_K) // G, G)  # fmt: skip
+        return acc * (a_s[:, None] * w_s[None, :])
     else:
         return acc
 
@@ -408,14 +415,11 @@ def _up_kernel(
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
             n_k = tl.cdiv(D, BLOCK_K)
-            a_prev, w_prev = tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((COLS,), 1.0, tl.float32)
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
                 a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                a_s, w_s = _block_scales(xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                                         (k0 * BLOCK_K) // G, stride_xsb, stride_wsb, QUANT, G)  # fmt: skip
-                acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
-                a_prev, w_prev = a_s, w_s
+                acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                                     stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:
                     w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
                                      BLOCK_K, COLS)  # fmt: skip
@@ -427,8 +431,8 @@ def _up_kernel(
                 a_ptrs += BLOCK_K * stride_xd
             if SWAP:
                 acc = tl.trans(acc)
-            acc = _dequantize(acc, a_prev, w_prev, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                              QUANT)  # fmt: skip
+            acc = _dequantize(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, stride_xsb,
+                              stride_wsb, n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
             if GATED:
                 if INTERLEAVED:
                     acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
@@ -505,13 +509,10 @@ def _down_kernel(
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
             n_k = tl.cdiv(F, BLOCK_K)
-            a_prev, w_prev = tl.full((BLOCK_M,), 1.0, tl.float32), tl.full((BLOCK_N,), 1.0, tl.float32)
             for k0 in range(0, n_k):
                 k_left = F - k0 * BLOCK_K
-                a_s, w_s = _block_scales(hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
-                                         (k0 * BLOCK_K) // G, stride_hsb, stride_wsb, QUANT, G)  # fmt: skip
-                acc = _block_rescale(acc, a_prev, w_prev, a_s, w_s, QUANT, SWAP)
-                a_prev, w_prev = a_s, w_s
+                acc = _block_rescale(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb,
+                                     stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
                     w = _weight_tile(
@@ -526,8 +527,8 @@ def _down_kernel(
                     w_ptrs += (BLOCK_K // PACK) * stride_wf
             if SWAP:
                 acc = tl.trans(acc)
-            acc = _dequantize(acc, a_prev, w_prev, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
-                              QUANT)  # fmt: skip
+            acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb, stride_wsb,
+                              n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
