@@ -124,6 +124,20 @@ def test_quantised_block_on_gpu_runs_triton_or_names_the_capability(monkeypatch)
     assert 1e-3 < rel_err(out, ref) < BOUND["fp8"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs fp8")
+@pytest.mark.parametrize("mode", ["fp8", "fp8_block"])
+def test_quantised_block_deeper_than_a_scale_block_runs_triton_on_gpu(mode):
+    """Native Triton GEMMs end to end, D and F three and two 128-wide scale blocks deep (fp8_block's K-loop
+    rescales its accumulator between them), against the unquantised model."""
+    model = ex.LoopMoE(dim=384, ffn=256, num_experts=8).eval().cuda()
+    x = torch.randn(37, 384, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+    report = moe_fx.explain(model, x, options={"quant": mode})
+    assert all(report.matches[0].lowerings[op].name == "triton" for op in ("quantize_dispatch", "experts"))
+    assert 1e-3 < rel_err(compile_quant(model, x, mode), ref) < BOUND[mode]
+
+
 @pytest.mark.parametrize("cls", [ex.LoopMoE, ex.GatherEinsumMoE], ids=["per_expert", "stacked_3d"])
 def test_unquantised_weights_freed_on_request(cls):
     model = cls(dim=64, ffn=128, num_experts=8).eval()

@@ -37,23 +37,12 @@ def supports_router(spec: MoESpec) -> str | None:
 CAPABILITY = {"fp8": (8, 9), "fp8_block": (8, 9), "int8": (8, 0), "int4_weight": (8, 0)}
 
 
-# Modes whose Triton GEMMs gave wrong results on the last GPU that ran their tests: refused on CUDA (the reference
-# lowering runs them where the user allows it) until a GPU run passes tests/lowering/triton/test_triton_experts_quant.py
-# again. The interpreter (CPU tests) still runs their kernels.
-WRONG_ON_GPU = {
-    "fp8_block": "its GEMMs gave wrong results on an H100 and an H200 for inputs deeper than one 128-wide scale block "
-    "(2026-12-05, bench/NOTES.md), and the fix is not yet checked on a GPU",
-}
-
-
 def supports_quant(mode: str) -> str | None:
     """None if this process's CUDA device runs `mode`; asks the driver only for a quantised mode, at rewrite time."""
     if mode == "none":
         return None
     if mode not in CAPABILITY:
         return f"quant={mode!r} is not implemented by {NAME} (it runs {tuple(CAPABILITY)})"
-    if mode in WRONG_ON_GPU:
-        return f"quant={mode!r} is turned off in {NAME}: {WRONG_ON_GPU[mode]}"
     import torch
 
     if not torch.cuda.is_available():

@@ -27,9 +27,9 @@ fp8_block (scales per 128-deep K-block) keeps the accumulator in units of the cu
 the dot accumulates in place: acc = dot(a_k, b_k, acc · s_{k-1} / s_k), times s_last after the loop. A
 partial product per K-step (acc += dot(a_k, b_k) · s_k) would hold a second accumulator-sized tile. Each
 K-step loads both its own and the previous step's block scales (one weight scale per column; the previous
-ones hit L1) instead of carrying them through the loop: every carried form, right in the interpreter, was
-wrong on an H100 and an H200 for inputs deeper than one K-block (bench/NOTES.md, 2026-12-05). This form is
-not yet run on a GPU; CUDA refuses fp8_block meanwhile.
+ones hit L1) before its MMA; no scale vector is carried through the loop. Checked on an H200 (2026-12-05,
+bench/NOTES.md). The K-loops that loaded the next K-block's scales after the MMA (per column, or two scalars
+per run of 128 columns) were right in the interpreter and wrong on an H100 and an H200.
 """
 
 from __future__ import annotations
@@ -136,9 +136,8 @@ def _block_rescale(acc, a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_r
                    stride_wb, k0, QUANT: tl.constexpr, SWAP: tl.constexpr, BLOCK_K: tl.constexpr,
                    G: tl.constexpr):  # fmt: skip
     """fp8_block (QUANT 2): acc [M, N], held in units of K-step k0 - 1's block scales, in units of K-step k0's
-    (at k0 = 0 acc is zero and the ratio 1). Both steps' scales are loaded here (the previous step's again, from
-    L1) rather than carried through the K-loop: the carried form was right in the interpreter and wrong on an
-    H100 and an H200 (bench/NOTES.md, 2026-12-05). Unchanged otherwise."""
+    (at k0 = 0 acc is zero and the ratio 1). Both steps' scales are loaded here, before the MMA (the previous
+    step's again, from L1). Unchanged otherwise."""
     if QUANT == 2:
         tl.static_assert(not SWAP, "fp8_block runs unswapped tiles (tuning.conform)")
         a_p, w_p = _block_scales(a_scale_ptr, a_rows, stride_ar, a_mask, w_scale_ptr, w_rows, stride_wr, w_mask,
