@@ -1,0 +1,88 @@
+"""Decode tiles on this GPU: per shape, quant mode and T, the experts op under the entry `choose` ships, every
+device's entry of the same key in tuned.json, a fresh decode-only tuning (tiles of <= 32 rows, CUDA-graph
+replays) and the untuned default, each timed as graph replays in one process, and the JSON of the table.
+
+    MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/tune_decode.py --out OUT [--shapes qwen3] [--T 1 16]
+    python bench/merge_tuned.py OUT/tuning_cache.json      # ships the fresh entries
+
+Written when the H100's T=1 entries, tuned on eager calls (host-bound: the pick was noise), ran Qwen3 fp8
+1.36x slower than a graph-timed pick (bench/NOTES.md, sixth session).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from experts_op import write_rows  # noqa: E402
+from layer import SHAPES  # noqa: E402
+
+from moe_fx.lowering.triton import tuning  # noqa: E402
+
+ACTIVATION, DTYPE = "silu_gated", torch.bfloat16
+
+
+def shipped_entries(E: int, D: int, F: int, K: int, T: int, quant: str) -> dict[str, tuning.ExpertsConfig]:
+    """{"entry <device>": config} of every device's packaged entry for this key."""
+    head, tail = tuning._key_ends(E, D, F, K, True, DTYPE, T, quant)
+    found = {}
+    for key, entry in json.loads(tuning.PACKAGED.read_text()).items():
+        device = key[len(head) : -len(tail)]
+        if key.startswith(head) and key.endswith(tail) and device.startswith("NVIDIA"):
+            found[f"entry {device}"] = tuning.ExpertsConfig(
+                tuning.GemmConfig(**entry["up"]), tuning.GemmConfig(**entry["down"])
+            )
+    return found
+
+
+def time_configs(shape: str, quant: str, T: int, device: torch.device) -> dict[str, tuple[str, float]]:
+    """{name: (config, µs per graph replay)} for the shipped, packaged, freshly tuned and default configs."""
+    E, K, D, F = SHAPES[shape]
+    weights = tuning.random_weights(E, D, F, ACTIVATION, DTYPE, device, quant)
+    run = tuning.experts_call(T, K, ACTIVATION, DTYPE, weights, quant)
+    R, sms = T * K, tuning.sm_count(device)
+    configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
+    configs.update(shipped_entries(E, D, F, K, T, quant))
+    candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
+    tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant, candidates=tuple(c for c in candidates if c[0] <= 32))
+    configs["tuned"] = tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)
+    default = tuning.spread(tuning.default_config(R / E, DTYPE, quant), E, D, F, R, sms)
+    configs["default"] = tuning.conform(default, quant)
+    timed = {}
+    for name, config in configs.items():
+        replay = tuning.graph_replay(lambda c=config: run(c))
+        timed[name] = (tuning.describe(config), triton.testing.do_bench(replay, return_mode="median") * 1e3)
+        del replay
+    return timed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--quant", nargs="+", default=["none", "fp8"])
+    p.add_argument("--T", nargs="+", type=int, default=[1])
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    rows, path = [], None
+    print("| shape | quant | T | config | µs | over the fastest |")
+    for shape in args.shapes:
+        for quant in args.quant:
+            for T in args.T:
+                timed = time_configs(shape, quant, T, device)
+                fastest = min(us for _, us in timed.values())
+                for name, (config, us) in timed.items():
+                    print(f"| {shape} | {quant} | {T} | {name}: {config} | {us:.1f} | {us / fastest:.2f} |", flush=True)
+                rows.append({"shape": shape, "quant": quant, "T": T, "us": {n: us for n, (_, us) in timed.items()},
+                             "configs": {n: c for n, (c, _) in timed.items()}})  # fmt: skip
+                path = write_rows(args.out, "tune-decode", rows, path)
+
+
+if __name__ == "__main__":
+    main()
