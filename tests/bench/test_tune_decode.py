@@ -1,0 +1,36 @@
+"""bench/tune_decode.py: which packaged entries it times beside the shipped one (every device's entry of the key,
+no other quant mode's or dtype's)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+from moe_fx.lowering.triton import tuning
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _tune_decode():
+    sys.path.insert(0, str(BENCH))  # its sibling imports (experts_op, layer), as when run as a script
+    try:
+        spec = importlib.util.spec_from_file_location("bench_tune_decode", BENCH / "tune_decode.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_packaged_entries_of_every_device_and_only_this_key():
+    bench = _tune_decode()
+    E, K, D, F = bench.SHAPES["qwen3"]
+    for quant in ("none", "fp8"):
+        found = bench.shipped_entries(E, D, F, K, 1, quant)
+        assert set(found) == {"entry NVIDIA_H100_80GB_HBM3", "entry NVIDIA_H200"}, (quant, set(found))
+        head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, 1, quant)
+        for name, config in found.items():
+            entry = tuning._read(tuning.PACKAGED)[head + name.removeprefix("entry ") + tail]
+            assert config == tuning.ExpertsConfig(tuning.GemmConfig(**entry["up"]), tuning.GemmConfig(**entry["down"]))
+    assert bench.shipped_entries(E, D, F, K, 1, "int8") == {}  # none shipped; fp8's and bf16's not taken for it
