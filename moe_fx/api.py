@@ -205,6 +205,7 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
     size, that a capture keeping sizes 0 and 1 symbolic may leave a symbol); the last one's result stands."""
     leaves = pytree.tree_leaves(recorded[owner])
     modes = [m for m in CAPTURES if m != "ones_fixed" or with_ones(leaves)]
+    result = None
     for mode in modes:
         try:
             with capturing(mode, leaves) as capture:
@@ -219,10 +220,11 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
         passing = passed.capturing() if passed is not None else nullcontext()
         with torch.no_grad(), capturing(mode, leaves), passing:
             block_report = rewrite_graph(gm, flat_inputs, opts, owns_forward=True, rebind=rebind)
-        if len(block_report.matches) >= wanted or mode == modes[-1]:
-            return gm, flat_inputs, passed, assumed, rebind, block_report
+        result = gm, flat_inputs, passed, assumed, rebind, block_report
+        if len(block_report.matches) >= wanted:
+            break
         log.info("moe_fx: %s (%s) gave %d of %d blocks", type(owner).__name__, mode, len(block_report.matches), wanted)
-    raise AssertionError("unreachable")
+    return result
 
 
 def _export(owner: nn.Module, recorded: dict, snapshots: dict) -> tuple:
