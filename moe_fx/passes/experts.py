@@ -195,13 +195,30 @@ class ClampWatch(fx.Interpreter):
         return found
 
 
+def _role_tokens(name: str) -> list[str]:
+    """A parameter's name split at "." and "_" with its weight/bias marker dropped: "parameters_w1" and
+    "parameters_b1" give ["parameters", "1"], "experts.w_gate" and "experts.b_gate" ["experts", "gate"]."""
+    tokens = []
+    for token in re.split(r"[._]", name):
+        if token in ("w", "b", "weight", "bias"):
+            continue
+        numbered = re.fullmatch(r"(?:w|b|weight|bias)(\d+)", token)
+        tokens.append(numbered.group(1) if numbered else token)
+    return tokens
+
+
 def _bias_for(weight: Family, biases: list[Family]) -> Family | None:
-    """The bias family that belongs to `weight`, matched by module path (w1.weight <-> w1.bias)."""
+    """The bias family that belongs to `weight`, matched by name: its module path (w1.weight <-> w1.bias),
+    a `_bias` suffix (gate_up_proj <-> gate_up_proj_bias), else the same name but for the weight/bias marker
+    (w1 <-> b1, w_gate <-> b_gate, weight2 <-> bias2). Never by shape alone: zero-initialised biases of equal
+    shapes give every pairing the same output, so the probes could not tell a wrong one."""
     stem = re.sub(r"weight$", "", weight.name)
     for b in biases:
         if b.name in (stem + "bias", weight.name + "_bias"):
             return b
-    return None
+    tokens = _role_tokens(weight.name)
+    same = [b for b in biases if _role_tokens(b.name) == tokens]
+    return same[0] if len(same) == 1 else None
 
 
 def candidates(families: list[Family], hidden: int, num_experts: int, hints: dict, identity_experts: int = 0):
@@ -245,8 +262,6 @@ def candidates(families: list[Family], hidden: int, num_experts: int, hints: dic
                         or any(b.shape[1] != p.shape[h_dim] for b, p in zip(b13_parts, parts) if b is not None)
                     ):
                         continue
-                    if separate and any(b13_parts):
-                        continue  # separate stacked gate/up with biases: not supported yet
                     if separate:
                         w13, w3 = parts[0].materialize(), parts[1].materialize()
                     else:

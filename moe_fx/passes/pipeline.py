@@ -107,12 +107,14 @@ def _weight_bytes(gm: fx.GraphModule, new_nodes: list[fx.Node]) -> int:
     """Bytes of the weights (stacked or quantised), biases and scales the block's experts node reads."""
     experts = next(n for n in new_nodes if n.meta.get("moe_fx", {}).get("op") == "experts")
     args = dict(zip((a.name for a in experts.target._schema.arguments), experts.args))
-    total = 0
-    for node in (args[name] for name in _WEIGHT_ARGS):
-        if isinstance(node, fx.Node):
-            t = value(node) if value(node) is not None else getattr(gm, node.target)
-            total += t.numel() * t.element_size()
-    return total
+    return sum(_tensor_bytes(gm, args[name]) for name in _WEIGHT_ARGS if isinstance(args[name], fx.Node))
+
+
+def _tensor_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
+    if node.op == "call_function":  # a concatenation the graph makes per call (`rewrite._bind`): its parts
+        return sum(_tensor_bytes(gm, n) for n in node.all_input_nodes)
+    t = value(node) if value(node) is not None else getattr(gm, node.target)
+    return t.numel() * t.element_size()
 
 
 def _check_native_quant(match: MoEMatch, device: torch.device, options: Options) -> None:
@@ -131,6 +133,12 @@ def _check_native_quant(match: MoEMatch, device: torch.device, options: Options)
 def _viewed_families(match: MoEMatch) -> list[str]:
     b = match.binding
     return [f.name for f in (*b.w13_parts, b.w2_family) if f is not None and f.source is not None]
+
+
+def _concatenated_per_call(match: MoEMatch) -> list[str]:
+    """The bias families the rewritten graph concatenates per call (`rewrite._bind`): two stacked ones."""
+    parts = match.binding.w13_bias_parts
+    return [f.name for f in parts] if len(parts) > 1 and all(f.stacked for f in parts) else []
 
 
 def _block_nodes(match: MoEMatch) -> set[fx.Node]:
@@ -203,6 +211,12 @@ def rewrite_graph(
                 f"expert weights read as views ({', '.join(_viewed_families(match))}: stored flat as [E·F, D], "
                 f"or holding more experts) are not sharded for layout={options.layout!r} yet; they run on one "
                 "device (layout='single')"
+            )
+        if reason is None and options.layout != "single" and _concatenated_per_call(match):
+            reason = (
+                f"separate stacked gate/up biases ({', '.join(_concatenated_per_call(match))}) are concatenated "
+                f"per call and not sharded for layout={options.layout!r} yet; they run on one device "
+                "(layout='single')"
             )
         device = value(match.x).device
         reason = reason or select_lowerings(match, device.type, options.lowerings)

@@ -31,7 +31,7 @@ from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
 from moe_fx.passes.prequant import prequantised
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, QuantisedShard, quantised_experts
-from moe_fx.passes.weights import Family, remember_stack
+from moe_fx.passes.weights import Family, remember_stack, stack_parts
 from moe_fx.report import annotation
 
 log = logging.getLogger("moe_fx")
@@ -80,6 +80,12 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
             return family.nodes[0]
         rebind.append((family.source, family.source.detach()))  # keep_current follows a replaced parameter
         return _constant(gm, name, tensor)
+    if all(family.stacked for family in parts):  # separate stacked biases (b1, b3 of w1, w3 [E, F, D]): as views
+        # of one stack they would change strides, which Dynamo guards; the graph concatenates them per call
+        nodes = [_bind(gm, f"{name}{i}", stack_parts([f], dim), [f], dim, rebind) for i, f in enumerate(parts)]
+        last = next(n for n in reversed(gm.graph.nodes) if n in nodes)
+        with gm.graph.inserting_after(last):
+            return gm.graph.call_function(torch.cat, (nodes, dim))
     remember_stack(tensor)
     _stack_views(tensor, parts, dim, rebind)
     return _constant(gm, name, tensor)
@@ -270,6 +276,7 @@ def rewrite(
     g, b = gm.graph, match.binding
     impl = {op: sel.chosen.name for op, sel in match.selections.items()}
     view = GraphView(g)
+    fake_mode = _fake_mode(g)
     if shard is None:
         spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
         b13 = (
@@ -277,6 +284,8 @@ def rewrite(
             if b.w13_bias is not None
             else None
         )
+        if b13 is not None and b13.op == "call_function":  # separate stacked biases, concatenated per call
+            _set_meta(b13, fake_mode)
         b2 = (
             _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
             if b.w2_bias is not None
@@ -297,7 +306,6 @@ def rewrite(
             expert_map = _constant(gm, f"moe_fx_block{index}_expert_map", expert_map_E)
     out_dtype = value(view.result_node(match.output)).dtype
     new_nodes = []
-    fake_mode = _fake_mode(g)
 
     def call(target, *args, method=False):
         node = g.call_method(target, args) if method else g.call_function(target, args)

@@ -338,8 +338,7 @@ def test_clamped_silu_experts_are_rewritten_and_exact_past_the_limit():
 def test_every_form_with_clamped_silu_and_squared_relu(form, activation):
     """NaiveMoE's clamped_silu_gated clamps at examples.CLAMP_LIMIT (1), which its tokens pass."""
     stacked = form in ("gather_einsum", "masked_sum")  # 3-D parameters; ModuleList experts in the other forms
-    # biases on the ModuleList experts (the matcher pairs a stacked bias with its weight by name: b1 is no w1's)
-    model = ex.NaiveMoE(activation=activation, form=form, stacked=stacked, bias=not stacked).eval()
+    model = ex.NaiveMoE(activation=activation, form=form, stacked=stacked, bias=True).eval()
     x = torch.randn(9, 32) * 2
     with torch.no_grad():
         ref = model(x)
@@ -349,6 +348,35 @@ def test_every_form_with_clamped_silu_and_squared_relu(form, activation):
     experts = report.matches[0].spec.experts
     assert experts.activation == activation and (activation == "relu2" or experts.limit == ex.CLAMP_LIMIT)
     assert rel_err(out, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("activation", ["silu_gated", "gelu"])
+@pytest.mark.parametrize("form", ex.FORMS)
+def test_stacked_parameters_with_biases_in_every_form(form, activation):
+    """3-D w1, w3, w2 with [E, F] / [E, D] biases b1, b3, b2, paired by name (w1 <-> b1). Gated, the separate
+    stacked biases are concatenated by the graph per call, so an in-place update of b3 reaches it."""
+    torch.manual_seed(0)
+    model = ex.NaiveMoE(activation=activation, form=form, stacked=True, bias=True).eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = compiled(model, x)
+        report = last_reports()[-1]
+        assert counters["moe_fx"]["rewritten"] == 1, str(report)
+        experts = report.matches[0].spec.experts
+        gated = activation.endswith("_gated")
+        assert (experts.gate_up, experts.has_w13_bias, experts.has_w2_bias) == (
+            "separate" if gated else "concat", True, True
+        )
+        assert rel_err(out, ref) < TOL[torch.float32]
+        moe_fx.apply(model, x)
+        (model.b3 if gated else model.b1).add_(0.5)
+        with no_fallback():
+            out = model(x)
+    ref_model = ex.NaiveMoE(activation=activation, form=form, stacked=True, bias=True).eval()
+    ref_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert rel_err(out, ref_model(x)) < TOL[torch.float32]
 
 
 class Float32WeightsBf16ExpertsMoE(ex.GatherEinsumMoE):
