@@ -366,7 +366,9 @@ def test_stacked_parameters_with_biases_in_every_form(form, activation):
         experts = report.matches[0].spec.experts
         gated = activation.endswith("_gated")
         assert (experts.gate_up, experts.has_w13_bias, experts.has_w2_bias) == (
-            "separate" if gated else "concat", True, True
+            "separate" if gated else "concat",
+            True,
+            True,
         )
         assert rel_err(out, ref) < TOL[torch.float32]
         moe_fx.apply(model, x)
