@@ -365,11 +365,8 @@ def test_stacked_parameters_with_biases_in_every_form(form, activation):
         assert counters["moe_fx"]["rewritten"] == 1, str(report)
         experts = report.matches[0].spec.experts
         gated = activation.endswith("_gated")
-        assert (experts.gate_up, experts.has_w13_bias, experts.has_w2_bias) == (
-            "separate" if gated else "concat",
-            True,
-            True,
-        )
+        layout = "separate" if gated else "concat"
+        assert (experts.gate_up, experts.has_w13_bias, experts.has_w2_bias) == (layout, True, True)
         assert rel_err(out, ref) < TOL[torch.float32]
         moe_fx.apply(model, x)
         (model.b3 if gated else model.b1).add_(0.5)
