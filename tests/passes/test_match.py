@@ -378,6 +378,22 @@ def test_stacked_parameters_with_biases_in_every_form(form, activation):
         assert rel_err(out, ref_model(x)) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("seed", [1, 5, 7, 11])
+def test_a_one_token_example_tells_the_correction_bias_apart(seed):
+    """apply() on one token, E=4, top-1 of sigmoid scores + a correction bias: a router without the bias picks
+    the same expert on one token about half the time, so a few one-token probes let it pass (these seeds gave
+    rel err 0.5-1.4 at T=4 before the probes held >= 64 tokens); here it must be told apart."""
+    torch.manual_seed(seed)
+    model = ex.NaiveMoE(num_experts=4, k=1, dim=4, ffn=2, router="sigmoid_bias_scaled", form="masked_sum").eval()
+    x, x4 = torch.randn(1, 4), torch.randn(4, 4)
+    with torch.no_grad():
+        ref = model(x4)
+        report = moe_fx.apply(model, x)
+        assert report.matches and report.matches[0].spec.router.has_bias, str(report)
+        with no_fallback():
+            assert rel_err(model(x4), ref) < TOL[torch.float32]
+
+
 class Float32WeightsBf16ExpertsMoE(ex.GatherEinsumMoE):
     """HF Mixtral's and DeepSeek-V3's dtypes: float32 routing weights, renormalised in place, scale bf16
     experts, so the weighted sum is float32 (cast back after). The experts sum the down projection in two
