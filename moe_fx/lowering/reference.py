@@ -44,7 +44,10 @@ def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_
     if order == "topk_then_score":
         return logits_TE, logits_TE
     scores_TE = score(logits_TE, scoring).to(score_dtype).float()
-    select_TE = scores_TE if bias is None else scores_TE + bias.float()
+    if bias is not None:  # rounded as the original's sum was (bf16 scores + a bf16 bias: a bf16 sum, ties and all)
+        select_TE = (scores_TE + bias.float()).to(torch.promote_types(score_dtype, bias.dtype)).float()
+    else:
+        select_TE = scores_TE
     if n_group > 1:
         keep_TE = _group_mask(select_TE, n_group, topk_group, group_score_topk)
         select_TE = select_TE.masked_fill(~keep_TE, 0.0)

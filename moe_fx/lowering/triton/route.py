@@ -79,7 +79,8 @@ def _route_kernel(
     # meta-parameters
     K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
-    ROUND: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+    ROUND: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
@@ -91,8 +92,8 @@ def _route_kernel(
     else:
         source_E = _score(x_E, valid, SCORING, ROUND)
         select_E = source_E
-        if HAS_BIAS:
-            select_E += tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:  # the sum rounded as the original's was (bf16 scores + a bf16 bias: bf16)
+            select_E = _round(select_E + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32), ROUND_SUM)
         if N_GROUP > 1:
             keep_E = _group_keep(select_E, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, BLOCK_G)
             select_E = tl.where(keep_E, select_E, 0.0)
@@ -148,6 +149,7 @@ def route(
         logits.stride(0), logits.stride(1),
         K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
         HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],
+        ROUND_SUM=ROUND_CODES.get(torch.promote_types(score_dtype, bias.dtype), 0) if bias is not None else 0,
         N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
         BLOCK_E=BLOCK_E, BLOCK_K=next_power_of_2(k), BLOCK_G=next_power_of_2(max(n_group, 1)),
         num_warps=1 if BLOCK_E <= 128 else 2,

@@ -60,3 +60,21 @@ def test_scores_rounded_like_a_low_precision_router(score_dtype):
     torch.testing.assert_close(picked.sort(-1, descending=True).values, kth, rtol=0, atol=ulp)  # the k best
     torch.testing.assert_close(w.cpu(), picked, rtol=0, atol=ulp)
     assert (w.cpu() == w.cpu().to(score_dtype).float()).all()  # weights are the rounded scores
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32])
+def test_biased_sum_rounded_like_the_original(bias_dtype):
+    """bf16 sigmoid scores + a correction bias: a bf16 bias makes the original's sum bf16 (rounded, with its
+    ties), a float32 one keeps it float32. The reference picks the k best of that sum exactly; Triton within
+    one bf16 step (its sigmoid may round across a boundary of torch's, as in the test above)."""
+    from moe_fx.lowering.reference import route as reference_route
+
+    logits = (torch.randn(64, 8) * 0.05).to(torch.bfloat16).to(DEVICE)
+    bias = (torch.randn(8) * 0.01).to(bias_dtype).to(DEVICE)
+    select = (logits.float().sigmoid().to(torch.bfloat16) + bias).float().cpu()  # torch's own promotion
+    kth = select.topk(2, dim=-1).values
+    ulp = torch.finfo(torch.bfloat16).eps * kth.abs().max().item()
+    for impl, atol in ((reference_route, 0.0), (route, ulp)):
+        w, ids = impl(logits, bias, 2, "sigmoid", "score_then_topk", False, 1, 1, 2, 1.0, torch.bfloat16)
+        picked = select.gather(1, ids.long().cpu()).sort(-1, descending=True).values
+        torch.testing.assert_close(picked, kth, rtol=0, atol=atol)
