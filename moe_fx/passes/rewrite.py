@@ -70,7 +70,8 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
 
     A single stacked family is used directly: no copy, and its own graph node is returned (a family that is
     a view of its leaf, flat-stored or with more experts, becomes a constant of the graph sharing the
-    parameter's storage). The
+    parameter's storage). Several stacked families (separate stacked gate/up biases) are each bound so, and a
+    graph node concatenates them on every call. The
     (original parameter, view) pairs go to `rebind`, applied by the caller once tracing is over; the
     original parameters, now views of the stack, stay in state_dict.
     """
@@ -80,8 +81,8 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
             return family.nodes[0]
         rebind.append((family.source, family.source.detach()))  # keep_current follows a replaced parameter
         return _constant(gm, name, tensor)
-    if all(family.stacked for family in parts):  # separate stacked biases (b1, b3 of w1, w3 [E, F, D]): as views
-        # of one stack they would change strides, which Dynamo guards; the graph concatenates them per call
+    if all(family.stacked for family in parts):  # b1, b3 of w1, w3 [E, F, D]: as views of one stack they would
+        # change strides, which Dynamo guards on parameters
         nodes = [_bind(gm, f"{name}{i}", stack_parts([f], dim), [f], dim, rebind) for i, f in enumerate(parts)]
         last = next(n for n in reversed(gm.graph.nodes) if n in nodes)
         with gm.graph.inserting_after(last):
