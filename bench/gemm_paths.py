@@ -93,9 +93,8 @@ def main():
                                                           quant=quant, candidates=candidates).items()  # fmt: skip
                 won = min(by_path, key=lambda path: by_path[path]["best"])
                 config = by_path[won]["config"]
-                tuning.store(key, tuning.ExpertsConfig(tuning.GemmConfig(**config["up"]),
-                                                       tuning.GemmConfig(**config["down"])),
-                             {"best": by_path[won]["best"]}, tuning.capability(torch.device("cuda")))  # fmt: skip
+                tuning.store(key, tuning.entry_config(config), {"best": by_path[won]["best"]},
+                             tuning.capability(torch.device("cuda")))  # fmt: skip
                 best_us = {path: r["best"] for path, r in by_path.items()}
                 rows.append({"shape": name, "quant": quant, "T": T, "best_us": best_us, "won": won, "by_path": by_path})
                 cells = " | ".join(f"{best_us[path]:.1f}" for path in args.paths)

@@ -20,7 +20,7 @@ FIELDS = ("up", "down", "us", "capability")
 
 
 def describe(entry: dict) -> str:
-    return tuning.describe(tuning.ExpertsConfig(tuning.GemmConfig(**entry["up"]), tuning.GemmConfig(**entry["down"])))
+    return tuning.describe(tuning.entry_config(entry))
 
 
 def merge(cache: dict, shipped: dict, match: list[str]) -> list[str]:

@@ -12,7 +12,6 @@ Written when the H100's T=1 entries, tuned on eager calls (host-bound: the pick 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,14 +30,9 @@ ACTIVATION, DTYPE = "silu_gated", torch.bfloat16
 def shipped_entries(E: int, D: int, F: int, K: int, T: int, quant: str) -> dict[str, tuning.ExpertsConfig]:
     """{"entry <device>": config} of every device's packaged entry for this key."""
     head, tail = tuning._key_ends(E, D, F, K, True, DTYPE, T, quant)
-    found = {}
-    for key, entry in json.loads(tuning.PACKAGED.read_text()).items():
-        device = key[len(head) : -len(tail)]
-        if key.startswith(head) and key.endswith(tail) and device.startswith("NVIDIA"):
-            found[f"entry {device}"] = tuning.ExpertsConfig(
-                tuning.GemmConfig(**entry["up"]), tuning.GemmConfig(**entry["down"])
-            )
-    return found
+    packaged = tuning._read(tuning.PACKAGED).items()
+    return {f"entry {device}": tuning.entry_config(entry) for key, entry in packaged
+            if (device := tuning.key_device(key, head, tail)) is not None}  # fmt: skip
 
 
 def time_configs(shape: str, quant: str, T: int, device: torch.device) -> dict[str, tuple[str, float]]:

@@ -32,5 +32,5 @@ def test_packaged_entries_of_every_device_and_only_this_key():
         head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, 1, quant)
         for name, config in found.items():
             entry = tuning._read(tuning.PACKAGED)[head + name.removeprefix("entry ") + tail]
-            assert config == tuning.ExpertsConfig(tuning.GemmConfig(**entry["up"]), tuning.GemmConfig(**entry["down"]))
+            assert config == tuning.entry_config(entry)
     assert bench.shipped_entries(E, D, F, K, 1, "int8") == {}  # none shipped; fp8's and bf16's not taken for it

@@ -164,20 +164,29 @@ def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] |
     found = next(((device, c[head + device + tail]) for c in caches if head + device + tail in c), None)
 
     def stands_in(k: str, e: dict) -> bool:
-        other = k[len(head) : len(k) - len(tail)]  # a device name has no "-"; "fp8-NVIDIA_H200" does
-        return k.startswith(head) and k.endswith(tail) and "-" not in other and tuple(e.get("capability", ())) == cap
+        return key_device(k, head, tail) is not None and tuple(e.get("capability", ())) == cap
 
     if found is None and cap is not None:
-        found = next(
-            ((k[len(head) : len(k) - len(tail)], e) for c in caches for k, e in sorted(c.items()) if stands_in(k, e)),
-            None,
-        )  # fmt: skip
+        found = next(((key_device(k, head, tail), e) for c in caches for k, e in sorted(c.items()) if stands_in(k, e)),
+                     None)  # fmt: skip
         if found is not None:
             log.debug("moe_fx: no tuned entry %s; taking %s's (sm%d%d)", head + device + tail, found[0], *cap)
     if found is None:
         return None
     tuned_on, entry = found
-    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"])), tuned_on
+    return entry_config(entry), tuned_on
+
+
+def key_device(key: str, head: str, tail: str) -> str | None:
+    """The device name of `key` when it is head + a device + tail, else None (a device name has no "-": a bf16
+    head is a prefix of its fp8 keys too, whose middle is "fp8-NVIDIA_H200")."""
+    device = key[len(head) : len(key) - len(tail)]
+    return device if key.startswith(head) and key.endswith(tail) and "-" not in device else None
+
+
+def entry_config(entry: dict) -> ExpertsConfig:
+    """The ExpertsConfig of a tuned entry (or of `tune`'s "config"): its "up" and "down" GemmConfig fields."""
+    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
 
 
 def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
