@@ -130,15 +130,21 @@ def _check_native_quant(match: MoEMatch, device: torch.device, options: Options)
     )
 
 
-def _viewed_families(match: MoEMatch) -> list[str]:
+def _not_sharded(match: MoEMatch, layout: str) -> str | None:
+    """Why the block's weights are not sharded for the parallel `layout` yet (it runs on one device), or None:
+    weights read as views of their leaves, or separate stacked biases the graph concatenates per call
+    (`rewrite._bind`)."""
     b = match.binding
-    return [f.name for f in (*b.w13_parts, b.w2_family) if f is not None and f.source is not None]
-
-
-def _concatenated_per_call(match: MoEMatch) -> list[str]:
-    """The bias families the rewritten graph concatenates per call (`rewrite._bind`): two stacked ones."""
-    parts = match.binding.w13_bias_parts
-    return [f.name for f in parts] if len(parts) > 1 and all(f.stacked for f in parts) else []
+    viewed = [f.name for f in (*b.w13_parts, b.w2_family) if f is not None and f.source is not None]
+    biases = b.w13_bias_parts
+    if viewed:
+        what = (f"expert weights read as views ({', '.join(viewed)}: stored flat as [E·F, D], or holding more "
+                "experts) are")  # fmt: skip
+    elif len(biases) > 1 and all(f.stacked for f in biases):
+        what = f"separate stacked gate/up biases ({', '.join(f.name for f in biases)}) are concatenated per call and"
+    else:
+        return None
+    return f"{what} not sharded for layout={layout!r} yet; they run on one device (layout='single')"
 
 
 def _block_nodes(match: MoEMatch) -> set[fx.Node]:
@@ -206,18 +212,8 @@ def rewrite_graph(
                 "grad mode is on and the block's inputs or weights require grad, but moe_fx lowerings have no "
                 "autograd yet: run under torch.no_grad()/inference_mode() or call requires_grad_(False)"
             )
-        if reason is None and options.layout != "single" and _viewed_families(match):
-            reason = (
-                f"expert weights read as views ({', '.join(_viewed_families(match))}: stored flat as [E·F, D], "
-                f"or holding more experts) are not sharded for layout={options.layout!r} yet; they run on one "
-                "device (layout='single')"
-            )
-        if reason is None and options.layout != "single" and _concatenated_per_call(match):
-            reason = (
-                f"separate stacked gate/up biases ({', '.join(_concatenated_per_call(match))}) are concatenated "
-                f"per call and not sharded for layout={options.layout!r} yet; they run on one device "
-                "(layout='single')"
-            )
+        if reason is None and options.layout != "single":
+            reason = _not_sharded(match, options.layout)
         device = value(match.x).device
         reason = reason or select_lowerings(match, device.type, options.lowerings)
         if reason is None:
