@@ -109,8 +109,8 @@ PROBE_TOKENS = 64
 
 def probe_rounds(tokens: int) -> int:
     """Random probes of the example's shape to draw so that together they hold at least PROBE_TOKENS tokens (at
-    most 16): with a one-token example, 3 probes of one token each let a router that skips the correction
-    bias pass for one that adds it in about 1 case in 6 (seen by the fuzzer: wrong outputs at T > 1)."""
+    most 16): with a one-token example, the real token and 3 random ones let a router that skips the
+    correction bias pass for one that adds it in about 1 case in 6 (seen by the fuzzer: wrong outputs at T > 1)."""
     return min(16, max(1, -(-PROBE_TOKENS // max(tokens, 1))))
 
 

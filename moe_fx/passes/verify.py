@@ -201,9 +201,10 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
         worst = max(worst, err)
         if why is not None:
             return worst, why
-        finite = torch.isfinite(ref)
-        diff2 += (out[finite].double() - ref[finite].double()).square().sum().item()
-        ref2 += ref[finite].double().square().sum().item()
+        if quantised:
+            finite = torch.isfinite(ref)
+            diff2 += (out[finite].double() - ref[finite].double()).square().sum().item()
+            ref2 += ref[finite].double().square().sum().item()
     if quantised:
         err = math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
         return err, None if err <= tol else f"rel err {err:.2e} over the probes > {tol:.0e}"
