@@ -86,7 +86,9 @@ def _bind(gm: fx.GraphModule, name: str, tensor: torch.Tensor, parts: list[Famil
         nodes = [_bind(gm, f"{name}{i}", stack_parts([f], dim), [f], dim, rebind) for i, f in enumerate(parts)]
         last = next(n for n in reversed(gm.graph.nodes) if n in nodes)
         with gm.graph.inserting_after(last):
-            return gm.graph.call_function(torch.cat, (nodes, dim))
+            node = gm.graph.call_function(torch.cat, (nodes, dim))
+        _set_meta(node, _fake_mode(gm.graph))
+        return node
     remember_stack(tensor)
     _stack_views(tensor, parts, dim, rebind)
     return _constant(gm, name, tensor)
@@ -277,7 +279,6 @@ def rewrite(
     g, b = gm.graph, match.binding
     impl = {op: sel.chosen.name for op, sel in match.selections.items()}
     view = GraphView(g)
-    fake_mode = _fake_mode(g)
     if shard is None:
         spec, w13, w3, w2, w13_scale, w2_scale = _bind_expert_weights(gm, match, index, rebind)
         b13 = (
@@ -285,8 +286,6 @@ def rewrite(
             if b.w13_bias is not None
             else None
         )
-        if b13 is not None and b13.op == "call_function":  # separate stacked biases, concatenated per call
-            _set_meta(b13, fake_mode)
         b2 = (
             _bind(gm, f"moe_fx_block{index}_w2_bias", b.w2_bias, [b.w2_bias_family], 1, rebind)
             if b.w2_bias is not None
@@ -307,6 +306,7 @@ def rewrite(
             expert_map = _constant(gm, f"moe_fx_block{index}_expert_map", expert_map_E)
     out_dtype = value(view.result_node(match.output)).dtype
     new_nodes = []
+    fake_mode = _fake_mode(g)
 
     def call(target, *args, method=False):
         node = g.call_method(target, args) if method else g.call_function(target, args)
