@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [host] [hf] [defaults] [tma] [decode] [tune-decode] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -36,8 +36,11 @@ while [ $# -gt 0 ]; do
       timeout 420 python bench/gemm_paths.py --out "$out" --T 1 16 128 --quant int4_weight fp8 \
         --paths pointers swap 2>&1 | grep -v "it/s" | tee "$out/gemm_paths_decode.log" ;;
     tune-decode)  # T=1 entries: shipped against every device's, a fresh graph-timed tuning and the default
-      MOE_FX_TUNING_CACHE="$out/tuning_cache.json" timeout 540 python bench/tune_decode.py --out "$out" 2>&1 \
-        | grep -v "it/s" | tee "$out/tune_decode.log" ;;
+      MOE_FX_TUNING_CACHE="$out/tuning_cache.json" timeout 540 python bench/retune.py --out "$out" 2>&1 \
+        | grep -v "it/s" | tee "$out/retune_decode.log" ;;
+    tune-prefill)  # T=1024/8192 bf16 entries against a fresh tuning over TMA tiles
+      MOE_FX_TUNING_CACHE="$out/tuning_cache.json" timeout 540 python bench/retune.py --out "$out" --tiles prefill \
+        --quant none --T 1024 8192 2>&1 | grep -v "it/s" | tee "$out/retune_prefill.log" ;;
     persistent)  # persistent programs against one program per tile, at prefill (not in the tuning candidates yet)
       timeout 540 python bench/gemm_paths.py --out "$out" --T 1024 8192 --quant none fp8 \
         --paths pointers tma persistent 2>&1 | grep -v "it/s" | tee "$out/gemm_paths_persistent.log" ;;

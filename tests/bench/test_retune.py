@@ -1,4 +1,4 @@
-"""bench/tune_decode.py: which packaged entries it times beside the shipped one (every device's entry of the key,
+"""bench/retune.py: which packaged entries it times beside the shipped one (every device's entry of the key,
 no other quant mode's or dtype's)."""
 
 import importlib.util
@@ -12,10 +12,10 @@ from moe_fx.lowering.triton import tuning
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _tune_decode():
+def _retune():
     sys.path.insert(0, str(BENCH))  # its sibling imports (experts_op, layer), as when run as a script
     try:
-        spec = importlib.util.spec_from_file_location("bench_tune_decode", BENCH / "tune_decode.py")
+        spec = importlib.util.spec_from_file_location("bench_retune", BENCH / "retune.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     finally:
@@ -24,7 +24,7 @@ def _tune_decode():
 
 
 def test_packaged_entries_of_every_device_and_only_this_key():
-    bench = _tune_decode()
+    bench = _retune()
     E, K, D, F = bench.SHAPES["qwen3"]
     for quant in ("none", "fp8"):
         found = bench.shipped_entries(E, D, F, K, 1, quant)
@@ -34,3 +34,12 @@ def test_packaged_entries_of_every_device_and_only_this_key():
             entry = tuning._read(tuning.PACKAGED)[head + name.removeprefix("entry ") + tail]
             assert config == tuning.entry_config(entry)
     assert bench.shipped_entries(E, D, F, K, 1, "int8") == {}  # none shipped; fp8's and bf16's not taken for it
+
+
+def test_tile_families_split_the_candidates():
+    bench = _retune()
+    for candidates in (tuning.CANDIDATES, tuning.QUANT_CANDIDATES):
+        decode = [c for c in candidates if bench.TILES["decode"](c)]
+        prefill = [c for c in candidates if bench.TILES["prefill"](c)]
+        assert decode and prefill and not set(decode) & set(prefill)
+        assert all(c[0] >= 64 and c[5] for c in prefill)  # TMA descriptors, as the H200's prefill entries

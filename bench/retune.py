@@ -1,12 +1,15 @@
-"""Decode tiles on this GPU: per shape, quant mode and T, the experts op under the entry `choose` ships, every
-device's entry of the same key in tuned.json, a fresh decode-only tuning (tiles of <= 32 rows, CUDA-graph
-replays) and the untuned default, each timed as graph replays in one process, and the JSON of the table.
+"""Tiles re-tuned on this GPU: per shape, quant mode and T, the experts op under the entry `choose` ships, every
+device's entry of the same key in tuned.json, a fresh tuning over one family of tiles (`--tiles decode`: <= 32
+rows; `prefill`: >= 64 rows through TMA descriptors) and the untuned default, each timed as CUDA-graph replays
+in one process, and the JSON of the table.
 
-    MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/tune_decode.py --out OUT [--shapes qwen3] [--T 1 16]
-    python bench/merge_tuned.py OUT/tuning_cache.json      # ships the fresh entries
+    MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT [--shapes qwen3] [--T 1 16]
+    MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT --tiles prefill --T 1024 8192
+    python bench/merge_tuned.py OUT/tuning_cache.json      # ships the fresh entries (edit out the slower ones)
 
 Written when the H100's T=1 entries, tuned on eager calls (host-bound: the pick was noise), ran Qwen3 fp8
-1.36x slower than a graph-timed pick (bench/NOTES.md, sixth session).
+1.36x slower than a graph-timed pick (bench/NOTES.md, sixth session); `prefill` when the H100's T >= 1024
+entries, tuned before TMA loads existed, were found to use none.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ def shipped_entries(E: int, D: int, F: int, K: int, T: int, quant: str) -> dict[
             if (device := tuning.key_device(key, head, tail)) is not None}  # fmt: skip
 
 
-def time_configs(shape: str, quant: str, T: int, device: torch.device) -> dict[str, tuple[str, float]]:
+TILES = {  # which candidates (block_m, block_n, block_k, warps, stages, tma, swap_ab) a family tunes over
+    "decode": lambda c: c[0] <= 32,
+    "prefill": lambda c: c[0] >= 64 and c[5],
+}
+
+
+def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.device) -> dict[str, tuple[str, float]]:
     """{name: (config, µs per graph replay)} for the shipped, packaged, freshly tuned and default configs."""
     E, K, D, F = SHAPES[shape]
     weights = tuning.random_weights(E, D, F, ACTIVATION, DTYPE, device, quant)
@@ -44,7 +53,7 @@ def time_configs(shape: str, quant: str, T: int, device: torch.device) -> dict[s
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))
     candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
-    tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant, candidates=tuple(c for c in candidates if c[0] <= 32))
+    tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant, candidates=tuple(filter(TILES[tiles], candidates)))
     configs["tuned"] = tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)
     default = tuning.spread(tuning.default_config(R / E, DTYPE, quant), E, D, F, R, sms)
     configs["default"] = tuning.conform(default, quant)
@@ -61,6 +70,7 @@ def main():
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--quant", nargs="+", default=["none", "fp8"])
     p.add_argument("--T", nargs="+", type=int, default=[1])
+    p.add_argument("--tiles", choices=list(TILES), default="decode")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     device = torch.device("cuda")
@@ -69,13 +79,13 @@ def main():
     for shape in args.shapes:
         for quant in args.quant:
             for T in args.T:
-                timed = time_configs(shape, quant, T, device)
+                timed = time_configs(shape, quant, T, args.tiles, device)
                 fastest = min(us for _, us in timed.values())
                 for name, (config, us) in timed.items():
                     print(f"| {shape} | {quant} | {T} | {name}: {config} | {us:.1f} | {us / fastest:.2f} |", flush=True)
                 rows.append({"shape": shape, "quant": quant, "T": T, "us": {n: us for n, (_, us) in timed.items()},
                              "configs": {n: c for n, (c, _) in timed.items()}})  # fmt: skip
-                path = write_rows(args.out, "tune-decode", rows, path)
+                path = write_rows(args.out, f"retune-{args.tiles}", rows, path)
 
 
 if __name__ == "__main__":
