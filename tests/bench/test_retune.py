@@ -43,3 +43,4 @@ def test_tile_families_split_the_candidates():
         prefill = [c for c in candidates if bench.TILES["prefill"](c)]
         assert decode and prefill and not set(decode) & set(prefill)
         assert all(c[0] >= 64 and c[5] for c in prefill)  # TMA descriptors, as the H200's prefill entries
+        assert any(c[7] for c in prefill) and not any(c[7] for c in decode)  # persistent programs: prefill only

@@ -201,6 +201,11 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     assert tuning.spread(tuning.default_config(8 / 128, torch.bfloat16), 128, 2048, 768, 8, 132).up.block_n == 32
     prefill = tuning.default_config(8192 * K / E, torch.bfloat16)
     assert tuning.spread(prefill, E, D, F, 8192 * K, sms=132) == prefill
+    # bf16 prefill tiles run persistent TMA programs (measured faster on an H100); int4's and fp8's do not (untimed,
+    # mixed)
+    assert prefill.up.persistent and prefill.down.persistent and prefill.up.tma
+    for quant in ("int4_weight", "fp8"):
+        assert not tuning.default_config(8192 * K / E, torch.bfloat16, quant).up.persistent
     # Mixtral at T=1 (2 experts, D=4096: 128 down programs at BLOCK_N=64): a swapped fp8 down tile keeps 64 rows
     # (wgmma's), its gated up tile may go to 32 columns (64 weight rows); unswapped tiles narrow to 32
     unswapped_fp8 = tuning.default_config(2 / 8, torch.bfloat16, "fp8")
