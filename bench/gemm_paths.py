@@ -75,7 +75,8 @@ def main():
     base, *others = args.paths  # the ratios' denominator: the first path named
     checks = {
         f"{name}/{quant}/{path}/T{T}": same_output(name, quant, path, T)
-        for name in args.shapes for quant in args.quant for path in args.paths if path != "pointers" for T in sorted({min(args.T), max(args.T)})
+        for name in args.shapes for quant in args.quant for path in args.paths if path != "pointers"
+        for T in sorted({min(args.T), max(args.T)})
     }  # fmt: skip
     print("each path against pointers, rel diff of one call:", checks)
     rows, written = [], None  # the JSON is rewritten after every cell: a run cut short keeps what it measured
