@@ -1,7 +1,7 @@
 """Tiles re-tuned on this GPU: per shape, quant mode and T, the experts op under the entry `choose` ships, every
 device's entry of the same key in tuned.json, a fresh tuning over one family of tiles (`--tiles decode`: <= 32
 rows; `prefill`: >= 64 rows through TMA descriptors) and the untuned default, each timed as CUDA-graph replays
-in one process, and the JSON of the table.
+in one process (the median of 3 rounds in rotated order: `tuning.confirm`), and the JSON of the table.
 
     MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT [--shapes qwen3] [--T 1 16]
     MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT --tiles prefill --T 1024 8192
@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import torch
-import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import write_rows  # noqa: E402
@@ -57,12 +56,8 @@ def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.devic
     configs["tuned"] = tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)
     default = tuning.spread(tuning.default_config(R / E, DTYPE, quant), E, D, F, R, sms)
     configs["default"] = tuning.conform(default, quant)
-    timed = {}
-    for name, config in configs.items():
-        replay = tuning.graph_replay(lambda c=config: run(c))
-        timed[name] = (tuning.describe(config), triton.testing.do_bench(replay, return_mode="median") * 1e3)
-        del replay
-    return timed
+    _, medians = tuning.confirm(list(dict.fromkeys(configs.values())), lambda c: tuning.time_config(run, c))
+    return {name: (tuning.describe(config), medians[config]) for name, config in configs.items()}
 
 
 def main():

@@ -230,3 +230,20 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
     tuning.store(tuning.key(E, D, F, K, True, torch.bfloat16, "SOME_GPU", 1), tuned, {"best": 1.0}, [8, 6])
     assert tuning.choose(E, D, F, K, True, torch.bfloat16, cuda, 4) == tuned
     tuning._choose.cache_clear()
+
+
+def test_confirm_ranks_by_median_of_rotated_rounds():
+    """tuning.confirm times each config once per round, each round in an order rotated by one, and keeps the
+    lowest median: a GPU that slows down as it runs (later timings longer) does not decide the pick."""
+    drift = iter(range(100))
+    speed = {"a": 10.0, "b": 9.0, "c": 11.0}  # "b" is the fastest
+    order = []
+
+    def time_one(c):
+        order.append(c)
+        return speed[c] + 0.5 * next(drift)  # every timing 0.5 µs slower than the one before
+
+    best, medians = tuning.confirm(["a", "b", "c"], time_one, rounds=3)
+    assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert best == "b" and set(medians) == {"a", "b", "c"}
+    assert medians["b"] == 9.0 + 0.5 * 3  # b ran at positions 1, 3, 8: median 3
