@@ -8,7 +8,8 @@
    a linear of the tokens x_TD with an [E, D] weight;
 2. the cut: the top-k indices and the latest [T, K] weights tensor derived from the router alone;
 3. the output: the first node of x's shape that every path from the cut to the graph output
-   crosses (post-dominator), in-place accumulations included (`GraphView`);
+   crosses (post-dominator), in-place accumulations included (`GraphView`), and that the tokens' values
+   reach other than through the router (dense gates_TE scattered from the top-k have x's shape when E = D);
 4. identification: the region between cut and output is cut out as a function f(x, weights, ids)
    and compared, on real and random probes, with the moe_fx ops for every experts candidate
    (`passes/experts.py`); the router is identified the same way (`passes/router.py`) or kept opaque.
@@ -129,6 +130,8 @@ class BlockFinder:
         ]
         # sizes (SymInts) computed from the tokens are shape facts, not data: only tensors carry data
         self.depends_on_data = {n for n in self.view.forward(data_inputs) if isinstance(value(n), torch.Tensor)}
+        self.data_inputs = data_inputs
+        self.sizes = {n for n in gm.graph.nodes if isinstance(value(n), (int, torch.SymInt, torch.Size))}
         mutated = {self.view.root[m] for ms in self.view.mutations.values() for m in ms}
         self.mutated_inputs = {n for n in placeholders if n in mutated}
         self.generator = torch.Generator().manual_seed(0)
@@ -200,10 +203,15 @@ class BlockFinder:
         return ro
 
     def output_node(self, cut: list[fx.Node], x: fx.Node, router_only: set[fx.Node] = frozenset()) -> fx.Node | None:
+        """The block's output: the first node of x's shape [T, D] downstream of the top-k (cut[1:]) that every
+        path from it to the graph output crosses, and that the tokens' values reach other than through the
+        router or sizes; None when there is none. The dense form's gates_TE = zeros(T, E).scatter(ids, weights)
+        is [T, E], x's shape when E = D, but holds the router's values alone."""
         x_shape = shape_of(x)
         if x_shape is None:
             return None
         x_numel, hidden = numel(x_shape), x_shape[-1]
+        token_valued = self.view.forward(self.data_inputs, blocked=set(router_only) | self.sizes)
         for c in self.view.sorted(self.view.forward(cut[1:])):
             value_node = self.view.result_node(c)
             shape = shape_of(value_node)
@@ -216,7 +224,7 @@ class BlockFinder:
                 or not known_equal(shape[-1], hidden)
             ):
                 continue
-            if not known_equal(numel(shape), x_numel) or c.op == "output":
+            if not known_equal(numel(shape), x_numel) or c.op == "output" or c not in token_valued:
                 continue
             if not self.view.reaches_output_avoiding(cut[1:], c, outputs_of=router_only):
                 return c
@@ -326,8 +334,13 @@ class BlockFinder:
         """The tokens the experts read, when that is not the router's input `x` (Gemma4 and DiffusionGemma
         normalise the tokens for the experts only): the one tensor of x's shape (up to reshapes and casts)
         that the nodes downstream of the top-k read from outside them and the router; `x` when there is
-        none or more than one. The region, and the probes that identify it, then start there."""
+        none or more than one, or when no expert runs downstream of the top-k (those nodes read no expert
+        weight): every expert of a dense block runs on all the tokens upstream of its combine, and the [T, D]
+        tensors the combine reads are the experts' outputs (one expert: one such tensor, not the tokens). The
+        region, and the probes that identify it, then start there."""
         experts = self.view.forward([w, ids]) & needed
+        if not any(self.reads_weights(n) for n in experts):
+            return x
         read = {
             self.token_root(i)
             for n in experts
@@ -336,6 +349,17 @@ class BlockFinder:
         }
         read = {n for n in read if same_shape(shape_of(n), shape_of(x)) and tensor_meta(n).is_floating_point()}
         return read.pop() if len(read) == 1 else x
+
+    def reads_weights(self, node: fx.Node) -> bool:
+        """Whether `node` reads a weight, or a tensor computed from weights alone (a view `w1[e].t()`, a
+        dequantised weight)."""
+        return any(
+            i in self.weights
+            or i not in self.depends_on_data
+            and isinstance(value(i), torch.Tensor)
+            and not self.weights.isdisjoint(self.view.backward([i]))
+            for i in self.view.inputs[node]
+        )
 
     def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
         where = anchor.name
@@ -455,6 +479,14 @@ class BlockFinder:
                 best, best_err = binding, err
         if not_per_expert is not None and best is None:
             return not_per_expert  # no expert layout reads the weights as views either
+        if best is None and not families:
+            return Rejection(
+                where,
+                module_path,
+                f"the block between the top-k and its output ({output.name}) reads no expert weights: "
+                "nothing there to bind to the experts",
+                past_the_cut=True,
+            )
         if best is None:
             names = [f"{f.name}{list(f.shape)}" for f in families]
             return Rejection(where, module_path, f"no expert layout fits the weights {names}", past_the_cut=True)

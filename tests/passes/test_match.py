@@ -134,6 +134,37 @@ def test_experts_read_their_own_view_of_the_tokens():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+# shapes that made a [T, D] tensor look like another: E = 1 masked sum, its one expert's output (run on every
+# token) taken for the experts' tokens; E = D dense, the scattered gates_TE [T, E] taken for the block's output
+ALIASED_SHAPES = {
+    "one_expert_masked_sum": dict(num_experts=1, k=1, form="masked_sum"),
+    "one_expert_masked_sum_shared": dict(num_experts=1, k=1, form="masked_sum", shared=True),
+    "experts_equal_dim_dense": dict(num_experts=8, k=2, dim=8, form="dense", shared=True),
+}
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["modulelist", "stacked"])
+@pytest.mark.parametrize("case", ALIASED_SHAPES)
+def test_tensors_of_the_tokens_shape_are_not_taken_for_tokens_or_output(case, stacked):
+    """Rewritten under torch.compile (the example's T) and apply (a symbolic T: gates_TE's zeros then read T
+    from the tokens' size, which carries no token values)."""
+    torch.manual_seed(0)
+    model = ex.NaiveMoE(**ALIASED_SHAPES[case], stacked=stacked, bias=True).eval()
+    D = model.gate.weight.shape[1]
+    x, x13 = torch.randn(7, D), torch.randn(13, D)
+    with torch.no_grad():
+        ref, ref13 = model(x), model(x13)
+        out = compiled(model, x)
+        assert counters["moe_fx"]["rewritten"] == 1, str(last_reports()[-1])
+        assert rel_err(out, ref) < TOL[torch.float32]
+        report = moe_fx.apply(model, x)
+        assert len(report.matches) == 1, str(report)
+        assert report.matches[0].spec.experts.num_experts == model.gate.weight.shape[0]
+        with no_fallback():
+            assert rel_err(model(x), ref) < TOL[torch.float32]
+            assert rel_err(model(x13), ref13) < TOL[torch.float32]
+
+
 class OpaqueRouterMoE(ex.LoopMoE):
     """A router no recognised form reproduces (tanh scores, |v| normalised): it stays in the graph."""
 
@@ -224,6 +255,14 @@ class WeightAsBiasMoE(ex.LoopMoE):
         return out
 
 
+class RoutedScaleMoE(ex.LoopMoE):
+    """Routing weights scale the tokens themselves: a combine, but no expert weights to bind."""
+
+    def forward(self, x):
+        weights_TK, ids_TK = ex.softmax_topk(self.gate(x), self.k)
+        return x * (weights_TK * (ids_TK == 0)).sum(dim=-1, keepdim=True)
+
+
 class UnequalExpertsMoE(ex.LoopMoE):
     def __init__(self):
         super().__init__()
@@ -278,6 +317,7 @@ class NormalisedClampedSiLU(ex.SwiGLU):
         (DenseMLP(), None),
         (Sampler(), "no MoE combine found"),
         (WeightAsBiasMoE(), "no experts spec reproduces the block"),
+        (RoutedScaleMoE(), "(mul_1) reads no expert weights"),
         (UnequalExpertsMoE(), "not per-expert"),
         (ex.LoopMoE(expert=ex.TanhExpert), "no experts spec reproduces the block"),
         (ex.LoopMoE(expert=GateClampedSiLU), "no experts spec reproduces the block"),
@@ -289,6 +329,7 @@ class NormalisedClampedSiLU(ex.SwiGLU):
         "dense_mlp",
         "sampling_topk",
         "weight_used_as_bias",
+        "no_expert_weights",
         "unequal_experts",
         "tanh_expert",
         "clamped_gate_only",
