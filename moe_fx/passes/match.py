@@ -115,6 +115,16 @@ def probe_rounds(tokens: int) -> int:
     return min(16, max(1, -(-PROBE_TOKENS // max(tokens, 1))))
 
 
+def _unrepeated(node: fx.Node) -> fx.Node:
+    """The tokens under a batched form's copies of them: `repeat_interleave(x_TD, K, dim=0)` ([T·K, D], one row
+    per routed pair: transformers' `batched_mm`) and `unsqueeze` of it (the bmm's column vectors) crossed."""
+    while (
+        is_method(node, "unsqueeze", "repeat_interleave") or is_function(node, torch.unsqueeze, torch.repeat_interleave)
+    ) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
 class BlockFinder:
     """Finds and identifies MoE blocks in `gm`, given the real example inputs of its placeholders."""
 
@@ -342,7 +352,7 @@ class BlockFinder:
         if not any(self.reads_weights(n) for n in experts):
             return x
         read = {
-            self.token_root(i)
+            self.token_root(_unrepeated(i))
             for n in experts
             for i in self.view.inputs[n]
             if i not in experts and i not in ro and i not in (w, ids) and i in self.depends_on_data
