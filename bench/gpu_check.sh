@@ -41,7 +41,7 @@ while [ $# -gt 0 ]; do
     tune-prefill)  # T=1024/8192 bf16 entries against a fresh tuning over TMA tiles
       MOE_FX_TUNING_CACHE="$out/tuning_cache.json" timeout 540 python bench/retune.py --out "$out" --tiles prefill \
         --quant none --T 1024 8192 2>&1 | grep -v "it/s" | tee "$out/retune_prefill.log" ;;
-    persistent)  # persistent programs against one program per tile, at prefill (not in the tuning candidates yet)
+    persistent)  # persistent programs against one program per tile, at prefill (tuning candidates since 2026-12-05)
       timeout 540 python bench/gemm_paths.py --out "$out" --T 1024 8192 --quant none fp8 \
         --paths pointers tma persistent 2>&1 | grep -v "it/s" | tee "$out/gemm_paths_persistent.log" ;;
     layer)

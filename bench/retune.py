@@ -37,7 +37,7 @@ def shipped_entries(E: int, D: int, F: int, K: int, T: int, quant: str) -> dict[
             if (device := tuning.key_device(key, head, tail)) is not None}  # fmt: skip
 
 
-TILES = {  # which candidates (block_m, block_n, block_k, warps, stages, tma, swap_ab) a family tunes over
+TILES = {  # which candidates (block_m, block_n, block_k, warps, stages, tma, swap_ab, persistent) a family tunes
     "decode": lambda c: c[0] <= 32,
     "prefill": lambda c: c[0] >= 64 and c[5],
 }
