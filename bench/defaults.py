@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES, bench  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import timing, tuning  # noqa: E402
 
 
 def main():
@@ -45,7 +45,7 @@ def main():
                 "spread": tuning.spread(default, E, D, F, R, sms),
                 "tuned": tuning.choose(E, D, F, K, True, torch.bfloat16, device, R),
             }
-            us = {k: bench(tuning.graph_replay(lambda c=c, run=run: run(c))) for k, c in configs.items()}
+            us = {k: bench(timing.graph_replay(lambda c=c, run=run: run(c))) for k, c in configs.items()}
             rows.append({"shape": name, "T": T, "us": us, "configs": {k: str(c) for k, c in configs.items()}})
             cells = [f"{us[k]:.1f} ({c.up.block_n}/{c.down.block_n})" for k, c in configs.items()]
             print(f"| {name} | {T} | " + " | ".join(cells) + " |", flush=True)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer import SHAPES, bench, rel_err  # noqa: E402
 
 from moe_fx import hf_models  # noqa: E402
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import timing  # noqa: E402
 
 VOCAB = 32000
 # name: (transformers config, model class, bench/layer.py shape, config fields beyond the MoE sizes)
@@ -190,7 +190,7 @@ def run_model(name: str, Ts: list[int], chosen: list[str], tiny: bool, device: s
                     continue
                 if cuda and v != "hf_eager":
                     try:
-                        row["graph_us"][v] = bench(tuning.graph_replay(call))
+                        row["graph_us"][v] = bench(timing.graph_replay(call))
                     except Exception as err:  # eager ran; only the CUDA-graph capture failed
                         row.setdefault("graph_failed", {})[v] = f"{type(err).__name__}: {err}"[:300]
         rows.append(row)

@@ -5,11 +5,11 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 Every variant runs the same HF Mixtral-style block (router linear -> softmax -> top-k -> renormalise
 -> SiLU-gated experts) on the same inputs and weights, so the routing is the same. Times are medians of
-`triton.testing.do_bench` (L2 flushed before each repetition) over --rounds rounds, each round timing every
-variant once in an order rotated by one (a long run heats the GPU and lowers its clocks: a variant timed
-always last would pay for it); rows with T <= 1024 are also timed as CUDA-graph replays. The floor is
-max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the same run; bytes = weights
-of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
+`timing.median_us` (the L2 emptied before each repetition, by default by a read: --flush) over --rounds
+rounds, each round timing every variant once in an order rotated by one (a long run heats the GPU and lowers
+its clocks: a variant timed always last would pay for it); rows with T <= 1024 are also timed as CUDA-graph
+replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the
+same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
 A quantised variant `moe_fx_<mode>` has its own floor: its quantised weights (one byte, or half a byte for
 int4_weight, plus their fp32 scales) and the e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too:
 H100's int8 and fp8 tensor-core peaks are equal, and `torch._int_mm`, also measured, reaches far less;
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import triton
 
 from moe_fx.lowering import quant
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import timing, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
@@ -63,7 +63,7 @@ def ceilings() -> tuple[float, dict[str, float]]:
     """(copy bytes/s counting read + write, {"bf16" | "fp8" | "int8": matmul flop/s}), measured here."""
     a = torch.empty(2**29, dtype=torch.bfloat16, device="cuda")
     b = torch.empty_like(a)
-    t = triton.testing.do_bench(lambda: b.copy_(a), return_mode="median") * 1e-3
+    t = bench(lambda: b.copy_(a)) * 1e-6
     bw = 2 * a.numel() * 2 / t
 
     n = 8192
@@ -76,7 +76,7 @@ def ceilings() -> tuple[float, dict[str, float]]:
         "fp8": lambda: torch._scaled_mm(x8, y8, one, one, out_dtype=torch.bfloat16),
         "int8": lambda: torch._int_mm(xi, yi),
     }
-    return bw, {k: 2 * n**3 / (triton.testing.do_bench(f, return_mode="median") * 1e-3) for k, f in mms.items()}
+    return bw, {k: 2 * n**3 / (bench(f) * 1e-6) for k, f in mms.items()}
 
 
 def hf_block(E, K, D, F_):
@@ -153,9 +153,12 @@ def sort_gmm_layer(block, E, K):
     return run
 
 
+FLUSH = "read"  # how the L2 is emptied before each repetition (`timing.empty_l2`; --flush)
+
+
 def bench(fn) -> float:
-    """Median microseconds of `triton.testing.do_bench` (L2 flushed before each repetition)."""
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e3
+    """Median microseconds of fn, the L2 emptied before each repetition (`timing.median_us`)."""
+    return timing.median_us(fn, FLUSH)
 
 
 def timed_in_rounds(fns: dict, rounds: int) -> dict[str, float]:
@@ -183,18 +186,27 @@ def host_us(fn, x, n=50) -> float:
 
 
 def kernels(fn, calls: int = 3, top: int = 10) -> dict[str, float]:
-    """{GPU kernel or copy name: µs per call} of `fn` under torch.profiler (CUPTI), the `top` longest."""
-    from torch.profiler import ProfilerActivity, profile
+    """{GPU kernel or copy name: µs per call} of `fn` under torch.profiler (CUPTI), the `top` longest, each call
+    after the L2 is emptied as `bench` empties it (the emptying's own kernels subtracted)."""
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
+    def per_call(f):
+        from torch.profiler import ProfilerActivity, profile
+
+        f()
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_time_total > 0]
-    events.sort(key=lambda e: -e.device_time_total)
-    return {e.key[:80]: e.device_time_total / calls for e in events[:top]}
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                f()
+            torch.cuda.synchronize()
+        return {e.key[:80]: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
+
+    def flushed():
+        timing.empty_l2(FLUSH)
+        fn()
+
+    flush = per_call(lambda: timing.empty_l2(FLUSH))
+    times = {k: us - flush.get(k, 0.0) for k, us in per_call(flushed).items()}
+    return dict(sorted(((k, us) for k, us in times.items() if us > 0.05), key=lambda kv: -kv[1])[:top])
 
 
 def rel_err(out, ref):
@@ -244,7 +256,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
                     row["err"][v] = rel_err(out, ref)
                     eager[v] = lambda v=v, x=x: fns[v](x)
                     if T <= 1024 and v in GRAPHED:
-                        graphs[v] = tuning.graph_replay(eager[v])
+                        graphs[v] = timing.graph_replay(eager[v])
                         row.setdefault("host_us", {})[v] = host_us(fns[v], x)
                 except Exception as err:  # a peer that cannot run a shape is reported, not fatal
                     row["us"][v] = float("nan")
@@ -301,6 +313,7 @@ def _print_row(row, variants):
 
 
 def main():
+    global FLUSH
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=[1, 16, 128, 1024, 8192])
@@ -308,8 +321,10 @@ def main():
     p.add_argument("--tune", action="store_true", help="tune the triton GEMMs per T-bucket first")
     p.add_argument("--rounds", type=int, default=3, help="time every variant once per round, in rotated order")
     p.add_argument("--profile", action="store_true", help="record each variant's GPU kernels (torch.profiler)")
+    p.add_argument("--flush", choices=timing.FLUSHES, default=FLUSH, help="how the L2 is emptied (timing.empty_l2)")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
+    FLUSH = args.flush
     torch.manual_seed(0)
     bw, rates = ceilings()
     mm = ", ".join(f"{k} matmul {r / 1e12:.0f} TFLOP/s" for k, r in rates.items())
@@ -330,7 +345,7 @@ def _write(out, stamp, args, bw, rates, rows):
         "device": torch.cuda.get_device_name(), "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}",
         "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rates["bf16"],
         "matmul_flops_by_dtype": rates,
-        "variants": args.variants, "tuned": args.tune, "rounds": args.rounds,
+        "variants": args.variants, "tuned": args.tune, "rounds": args.rounds, "l2_flush": args.flush,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
         "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 1024)",
     }  # fmt: skip

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import triton
 
+from moe_fx.lowering.triton import timing
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
 
@@ -279,25 +279,28 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int, gate
 
 
 def _with_load_paths(candidates: tuple) -> tuple:
-    """Each candidate through pointers, the tiles of 64 rows or more through TMA descriptors too, those of 128
-    rows also with persistent programs, and the decode tiles (<= 32 rows) with the dot's operands swapped too."""
+    """Each candidate through pointers and through TMA descriptors (the weights; a decode tile's gathered rows
+    stay pointer loads), the tiles of 128 rows also with persistent programs, and the decode tiles (<= 32
+    rows) with the dot's operands swapped too, on either path."""
     return (
         tuple((*c, False, False, False) for c in candidates)
-        + tuple((*c, True, False, False) for c in candidates if c[0] >= 64)
+        + tuple((*c, True, False, False) for c in candidates)
         + tuple((*c, True, False, True) for c in candidates if c[0] >= 128)
-        + tuple((*c, False, True, False) for c in candidates if c[0] <= 32)
+        + tuple((*c, tma, True, False) for tma in (False, True) for c in candidates if c[0] <= 32)
     )
 
 
-# (block_m, block_n, block_k, num_warps, num_stages, tma, swap_ab, persistent); group_m 8
+# (block_m, block_n, block_k, num_warps, num_stages, tma, swap_ab, persistent); group_m 8. The decode tiles
+# (16, 32 rows) stream the weights with few rows to compute: deeper pipelines keep more bytes in flight.
 CANDIDATES = _with_load_paths((
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
+    (16, 32, 128, 4, 6), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4), (16, 64, 64, 4, 8),
     (64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
 ))  # fmt: skip
 QUANT_CANDIDATES = _with_load_paths((  # one-byte operands: deeper K-tiles for the same shared memory
     (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4),
-    (32, 128, 128, 4, 4),
+    (32, 128, 128, 4, 4), (16, 32, 256, 4, 6), (16, 64, 512, 4, 3),
     (64, 128, 128, 4, 3), (64, 128, 128, 4, 4),
     (64, 256, 128, 8, 3), (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (128, 128, 128, 8, 4),
 ))  # fmt: skip
@@ -410,21 +413,11 @@ def confirm(configs: list, time_one, rounds: int = ROUNDS) -> tuple:
 
 def time_config(run, config) -> float:
     """µs per CUDA-graph replay of run(config) (at decode an eager call is bound by its launch, not its kernels)."""
-    replay = graph_replay(lambda: run(config))
+    replay = timing.graph_replay(lambda: run(config))
     try:
-        return triton.testing.do_bench(replay, return_mode="median") * 1e3
+        return timing.median_us(replay)
     finally:
         del replay  # its graph's memory pool with it
-
-
-def graph_replay(fn):
-    """`fn` run once (compiling what it launches), then captured in a CUDA graph: the graph's replay."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def describe(config: ExpertsConfig) -> str:
