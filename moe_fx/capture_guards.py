@@ -11,8 +11,9 @@ What the capture still assumed is a guard here (`CaptureGuards`): each input's d
 sizes, a Python constant's value, sizes that tracing found equal (one symbol in two places), and the
 conditions on sizes the traced Python code branched on (`if x.shape[0] > 4:`: the graph holds one branch).
 A call that breaks one runs the original block, with the reason. Conditions Dynamo met while running an
-op's fake implementation (einsum choosing a strategy for a size of 1, a reshape's stride checks) are not
-guards here: they shape that op's metadata only, and the graph calls the op itself, on any size.
+op's fake implementation (einsum choosing a strategy for a size of 1, a reshape's stride checks), or while
+`torch._dynamo.export` ran the traced graph once more on fake tensors, are not guards here: they shape that
+op's metadata only, and the graph calls the op itself, on any size.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import torch._dynamo.utils as dynamo_utils
 import torch.fx.experimental._config as fx_config
 from torch.utils._sympy.printers import PythonPrinter
 
-_local = threading.local()  # .meta: ids of the guards added inside an op's fake run, while capturing
+# .capture: the `Capture` a `capturing` block in this thread fills (the guards an op's fake run added, those the
+# traced code had added when tracing ended)
+_local = threading.local()
 _install_lock = threading.Lock()
 
 
@@ -37,29 +40,52 @@ def _recording_run_node(run_node):
     adds while a `capturing` block records in this thread."""
 
     def run(tracer, *args, **kwargs):
-        meta = getattr(_local, "meta", None)
+        capture = getattr(_local, "capture", None)
         guards = getattr(getattr(tracer, "shape_env", None), "guards", None)
-        if meta is None or guards is None:
+        if capture is None or guards is None:
             return run_node(tracer, *args, **kwargs)
         before = len(guards)
         try:
             return run_node(tracer, *args, **kwargs)
         finally:
-            meta.update(id(g) for g in guards[before:])
+            capture.meta.update(id(g) for g in guards[before:])
 
     run._moe_fx_records = True
     return run
 
 
+def _recording_user_compiler(call_user_compiler):
+    """Dynamo's `OutputGraph.call_user_compiler` (tracing is over, the backend gets the graph), noting the shape
+    guards that exist by then while a `capturing` block records in this thread. `torch._dynamo.export`'s backend
+    then runs the graph once more on fake tensors, under the Python dispatcher, whose decompositions add guards
+    of their own (a one-token example's einsum of gates by stacked expert outputs: Eq(D·T², D·T), true for T=1
+    only): an op's metadata again, not the traced code's branches."""
+
+    def call(self, *args, **kwargs):
+        capture = getattr(_local, "capture", None)
+        if capture is not None:
+            capture.traced = {id(g) for g in self.shape_env.guards}
+        return call_user_compiler(self, *args, **kwargs)
+
+    call._moe_fx_records = True
+    return call
+
+
 def _install() -> bool:
-    """Wrap Dynamo's `run_node` once (transparent outside `capturing`). False on a torch without it: every
-    condition then counts as one the code branched on (more calls run the original block, none wrongly)."""
+    """Wrap Dynamo's `run_node` and `OutputGraph.call_user_compiler` once (transparent outside `capturing`).
+    False on a torch without them: every condition then counts as one the code branched on (more calls run the
+    original block, none wrongly)."""
+    from torch._dynamo.output_graph import OutputGraph
+
     with _install_lock:
         run_node = getattr(dynamo_utils, "run_node", None)
-        if run_node is None:
+        call_user_compiler = getattr(OutputGraph, "call_user_compiler", None)
+        if run_node is None or call_user_compiler is None:
             return False
         if not getattr(run_node, "_moe_fx_records", False):
             dynamo_utils.run_node = _recording_run_node(run_node)
+        if not getattr(call_user_compiler, "_moe_fx_records", False):
+            OutputGraph.call_user_compiler = _recording_user_compiler(call_user_compiler)
         return True
 
 
@@ -73,16 +99,20 @@ class Assumed:
 
 
 class Capture:
-    """Filled by `capturing`: the ids of the shape guards that only an op's fake run needed."""
+    """Filled by `capturing`: the ids of the shape guards that only an op's fake run needed (`meta`), and of
+    those that existed when tracing ended (`traced`; None where the hook did not run: then every guard counts)."""
 
     def __init__(self, least_size: int):
         self.meta: set[int] = set()
+        self.traced: set[int] | None = None
         self.least_size = least_size
 
     def assumed(self, gm: torch.fx.GraphModule) -> Assumed:
         env = _shape_env(gm)  # each condition in the symbols the sizes are now (`x.shape[-1] == 64` once fixed: True)
-        branched = () if env is None else tuple(env.replace(g.expr) for g in env.guards if id(g) not in self.meta)
-        return Assumed(branched, self.least_size)
+        guards = [] if env is None else [g for g in env.guards if id(g) not in self.meta]
+        if self.traced is not None:
+            guards = [g for g in guards if id(g) in self.traced]
+        return Assumed(tuple(env.replace(g.expr) for g in guards), self.least_size)
 
 
 # How `apply` captures a block's owner, in the order it tries them (the next when one cannot trace the owner or
@@ -102,13 +132,13 @@ def capturing(mode: str = "every_size", example: list = ()):
     if oblivious:
         patch["backed_size_oblivious"] = True
     recording = _install()
-    previous = getattr(_local, "meta", None)
-    _local.meta = capture.meta if recording else None
+    previous = getattr(_local, "capture", None)
+    _local.capture = capture if recording else None
     try:
         with fx_config.patch(patch), _ones_static(example if mode == "ones_fixed" else ()):
             yield capture
     finally:
-        _local.meta = previous
+        _local.capture = previous
 
 
 def with_ones(example: list) -> list[torch.Tensor]:

@@ -70,6 +70,19 @@ def test_loop_block_captured_on_one_token_or_T_equal_to_D(T):
     _runs_rewritten(model, reference, [(t, 32) for t in (1, 32, 7, 0, 2)])
 
 
+@pytest.mark.parametrize("stacked", [False, True])
+def test_dense_block_with_a_shared_expert_captured_on_one_token(stacked):
+    """`torch._dynamo.export` runs the traced graph once more on fake tensors, whose einsum of gates by stacked
+    expert outputs guarded Eq(D·T², D·T) for a one-token example: every call with T > 1 ran the original
+    block. A guard added after tracing is an op's metadata, not a branch of the code."""
+    model = ex.NaiveMoE(dim=16, ffn=8, form="dense", stacked=stacked, bias=True, shared=True).eval()
+    reference = copy.deepcopy(model)
+    report = moe_fx.apply(model, torch.randn(1, 16))
+    assert len(report.matches) == 1 and report.matches[0].capture_note == ""  # every call
+    assert model.forward.guards.branched == []
+    _runs_rewritten(model, reference, [(t, 16) for t in (1, 5, 16, 0, 2)])
+
+
 class _BranchOnTokens(ex.LoopMoE):
     """Code that branches on a size: the graph holds the branch taken on the example only."""
 
