@@ -73,19 +73,19 @@ def _recording_user_compiler(call_user_compiler):
 
 def _install() -> bool:
     """Wrap Dynamo's `run_node` and `OutputGraph.call_user_compiler` once (transparent outside `capturing`).
-    False on a torch without them: every condition then counts as one the code branched on (more calls run the
-    original block, none wrongly)."""
+    False on a torch without `run_node`: every condition then counts as one the code branched on (more calls
+    run the original block, none wrongly); without `call_user_compiler`, those export's second fake run adds do."""
     from torch._dynamo.output_graph import OutputGraph
 
     with _install_lock:
-        run_node = getattr(dynamo_utils, "run_node", None)
         call_user_compiler = getattr(OutputGraph, "call_user_compiler", None)
-        if run_node is None or call_user_compiler is None:
+        if call_user_compiler is not None and not getattr(call_user_compiler, "_moe_fx_records", False):
+            OutputGraph.call_user_compiler = _recording_user_compiler(call_user_compiler)
+        run_node = getattr(dynamo_utils, "run_node", None)
+        if run_node is None:
             return False
         if not getattr(run_node, "_moe_fx_records", False):
             dynamo_utils.run_node = _recording_run_node(run_node)
-        if not getattr(call_user_compiler, "_moe_fx_records", False):
-            OutputGraph.call_user_compiler = _recording_user_compiler(call_user_compiler)
         return True
 
 
