@@ -2,11 +2,12 @@
 emptied before each repetition.
 
 How the L2 is emptied matters at decode. `triton.testing.do_bench` writes zeros over a 256 MB buffer: the L2
-is then full of dirty lines, and the timed call, streaming its weights in, first writes those back (an H100's
-50 MB: ~17 µs of its 3 TB/s, a third of a Qwen3 layer at T=1). Real layers follow layers that read far more
-than they write (weights, the KV cache), so the default here empties the L2 by reading a buffer larger than
-it, which leaves clean lines. "write" reproduces `do_bench`'s emptying, "none" leaves the L2 as the last call
-left it (weights that fit in it come from it).
+is then full of dirty lines, and the timed call, streaming its weights in, writes them back first: 8-10 µs of
+every timed call on an H100, at every shape and T (`bench/flush.py`), a sixth of a Qwen3 layer at T=1. Real
+layers follow layers that read far more than they write (weights, the KV cache), so the default here empties
+the L2 by reading a buffer larger than it, which leaves clean lines (timed the same as leaving the L2 as the
+last call left it, to 1 µs: the benchmark shapes' weights do not fit in it). "write" reproduces `do_bench`'s
+emptying, "none" leaves the L2 as the last call left it.
 """
 
 from __future__ import annotations
