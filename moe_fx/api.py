@@ -22,7 +22,7 @@ from torch.utils import _pytree as pytree
 
 from moe_fx import passthrough
 from moe_fx.backend import capture_config
-from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, with_ones
+from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, ones_fixed
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
@@ -204,7 +204,13 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
     one traces the owner and yields the `wanted` blocks (the matcher needs some sizes known, such as the hidden
     size, that a capture keeping sizes 0 and 1 symbolic may leave a symbol); the last one's result stands."""
     leaves = pytree.tree_leaves(recorded[owner])
-    modes = [m for m in CAPTURES if m != "ones_fixed" or with_ones(leaves)]
+    modes, fixing = [], []  # a mode that fixes no size, or the same sizes as the one before, is the same capture
+    for mode in CAPTURES:
+        fixed = [(id(t), dims) for t, dims in ones_fixed(mode, leaves)]
+        if mode.endswith("ones_fixed") and (not fixed or fixed == fixing):
+            continue
+        modes.append(mode)
+        fixing = fixed
     result = None
     for mode in modes:
         try:

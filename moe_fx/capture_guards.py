@@ -117,15 +117,17 @@ class Capture:
 
 # How `apply` captures a block's owner, in the order it tries them (the next when one cannot trace the owner or
 # yields fewer blocks): every size a symbol, sizes 0 and 1 included (range >= 0; a one-token example serves every
-# size); the same with the example's sizes of 1 fixed (code that broadcasts a size-1 tensor against a larger one
-# cannot be traced with that 1 a symbol); Dynamo's default (sizes 0 and 1 fixed, every symbol taken to be >= 2)
-CAPTURES = ("every_size", "ones_fixed", "dynamo")
+# size); the same with the sizes of 1 fixed where another input of the same rank is larger in that dimension
+# (code that broadcasts a size-1 tensor against a larger one, such as rotary embeddings of batch 1 against
+# hidden states of batch 2, cannot be traced with that 1 a symbol; a one-token sequence stays symbolic); with
+# every size of 1 fixed; Dynamo's default (sizes 0 and 1 fixed, every symbol taken to be >= 2)
+CAPTURES = ("every_size", "broadcast_ones_fixed", "ones_fixed", "dynamo")
 
 
 @contextlib.contextmanager
 def capturing(mode: str = "every_size", example: list = ()):
     """Yields the `Capture` that tells the traced code's own conditions on sizes from those of ops' fake runs;
-    mode: one of CAPTURES, example: the call's leaves (the tensors whose sizes of 1 "ones_fixed" fixes)."""
+    mode: one of CAPTURES, example: the call's leaves (whose sizes of 1 the "*ones_fixed" modes fix)."""
     oblivious = mode != "dynamo" and "backed_size_oblivious" in fx_config._config  # torch >= 2.7
     capture = Capture(least_size=0 if oblivious else 2)
     patch = {"use_duck_shape": mode == "dynamo"}
@@ -135,29 +137,40 @@ def capturing(mode: str = "every_size", example: list = ()):
     previous = getattr(_local, "capture", None)
     _local.capture = capture if recording else None
     try:
-        with fx_config.patch(patch), _ones_static(example if mode == "ones_fixed" else ()):
+        with fx_config.patch(patch), _static_sizes(ones_fixed(mode, example)):
             yield capture
     finally:
         _local.capture = previous
 
 
-def with_ones(example: list) -> list[torch.Tensor]:
-    """The tensors among `example` with a size of 1."""
-    return [t for t in example if isinstance(t, torch.Tensor) and 1 in t.shape]
+def ones_fixed(mode: str, example: list) -> list[tuple[torch.Tensor, list[int]]]:
+    """(tensor, its dims of size 1) that capture `mode` fixes among the call's leaves `example`: every size of 1
+    ("ones_fixed"), those where another tensor of the same rank is larger ("broadcast_ones_fixed"), none else."""
+    tensors = [t for t in example if isinstance(t, torch.Tensor)]
+    if mode == "ones_fixed":
+        fixed = [(t, [d for d, s in enumerate(t.shape) if s == 1]) for t in tensors]
+    elif mode == "broadcast_ones_fixed":
+
+        def broadcast(t, d):
+            return any(u is not t and u.dim() == t.dim() and u.shape[d] > 1 for u in tensors)
+
+        fixed = [(t, [d for d, s in enumerate(t.shape) if s == 1 and broadcast(t, d)]) for t in tensors]
+    else:
+        return []
+    return [(t, dims) for t, dims in fixed if dims]
 
 
 @contextlib.contextmanager
-def _ones_static(example: list):
-    """The tensors' sizes of 1 static while tracing (`torch._dynamo.mark_static`), their marks restored after."""
+def _static_sizes(fixed: list[tuple[torch.Tensor, list[int]]]):
+    """The tensors' listed dims static while tracing (`torch._dynamo.mark_static`), their marks restored after."""
     attrs = ("_dynamo_static_indices", "_has_dynamo_dim_marking")
-    tensors = with_ones(example)
-    saved = [{a: copy.copy(getattr(t, a)) for a in attrs if hasattr(t, a)} for t in tensors]
-    for t in tensors:
-        torch._dynamo.mark_static(t, [d for d, s in enumerate(t.shape) if s == 1])
+    saved = [{a: copy.copy(getattr(t, a)) for a in attrs if hasattr(t, a)} for t, _ in fixed]
+    for t, dims in fixed:
+        torch._dynamo.mark_static(t, dims)
     try:
         yield
     finally:
-        for t, marks in zip(tensors, saved):
+        for (t, _), marks in zip(fixed, saved):
             for a in attrs:
                 if a in marks:
                     setattr(t, a, marks[a])

@@ -207,6 +207,26 @@ def test_a_size_one_input_broadcast_against_the_tokens():
             assert out.shape == ref.shape and (T == 0 or rel_err(out, ref) < TOLERANCE[torch.float32])
 
 
+class _AddsPositions(ex.LoopMoE):
+    def forward(self, x_BTD, positions_1TD):
+        h_BTD = x_BTD + positions_1TD  # position embeddings of batch 1, as HF's rotary ones
+        return super().forward(h_BTD.reshape(-1, h_BTD.shape[-1])).reshape(h_BTD.shape)
+
+
+def test_a_batch_one_input_broadcast_on_a_one_token_example():
+    """x_BTD + positions_1TD on a decode-shaped example (B=2, T=1): with every size a symbol the trace cannot
+    broadcast the 1 (it may be any size); fixing every size of 1 fixed T=1 too (every longer call ran the original
+    block). The capture fixes the positions' batch alone, where the other input is larger: every T runs."""
+    model = _AddsPositions().eval()
+    reference = copy.deepcopy(model)
+    moe_fx.apply(model, torch.randn(2, 1, 32), torch.randn(1, 1, 32))
+    assert [sizes for _, (_, _, sizes) in model.forward.guards.fixed] == [(None, None, 32), (1, None, 32)]
+    with no_fallback(), torch.no_grad():
+        for B, T in ((2, 1), (2, 5), (3, 9), (1, 4)):
+            x, positions = torch.randn(B, T, 32), torch.randn(1, T, 32)
+            assert rel_err(model(x, positions), reference(x, positions)) < TOLERANCE[torch.float32]
+
+
 def test_a_later_compile_of_the_model_traces_the_checks():
     """apply, then torch.compile of the whole model: Dynamo traces the checks (guards on the sizes, no graph break
     of their own), so a compiled call that breaks the branch's condition still runs the original block."""
