@@ -98,6 +98,28 @@ def _is_slot(x) -> bool:
     return isinstance(x, _Slot)
 
 
+@contextlib.contextmanager
+def _attention_flags_decided():
+    """`F.scaled_dot_product_attention` taking a symbolic `is_causal` as a bool, while an opaque call runs on fake
+    tensors. transformers' SDPA attention sets is_causal = (query length > 1), a SymBool when the sequence length
+    is a symbol (a one-token example keeps it one), and the op's binding refuses a SymBool. The fake run only
+    needs the output's sizes, which is_causal does not change; each real call decides it on its own sizes."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def decided(*args, is_causal=False, **kwargs):
+        if isinstance(is_causal, torch.SymBool):
+            is_causal = guard_or_false(is_causal)
+        return sdpa(*args, is_causal=is_causal, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = decided
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+
+
 def _resolve(tree, objects: list):
     """`tree` with each `_Slot` replaced by its object."""
     return pytree.tree_map(lambda x: objects[x.index] if _is_slot(x) else x, tree, is_leaf=_is_slot)
@@ -176,7 +198,8 @@ class Passthrough:
             with torch._subclasses.fake_tensor.unset_fake_temporarily():
                 objects = copy.deepcopy(self.snapshot)
             a, k = _resolve((args, kwargs), objects)
-            return forward(*a, **k)
+            with _attention_flags_decided():
+                return forward(*a, **k)
 
         return call
 

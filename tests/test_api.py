@@ -259,3 +259,24 @@ def test_apply_gemma4_generates_with_a_cache():
     assert len(report.matches) == hf_models.ARCHITECTURES["gemma4"].moe_blocks, str(report)
     with no_fallback(), torch.no_grad():  # every step runs the rewritten layer
         assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True), ref)
+
+
+def test_apply_gemma4_on_one_token_serves_every_length():
+    """A one-token example of Gemma4 (batch 2): its rotary embeddings have batch 1 (fixed by the capture), its
+    sequence length stays a symbol (transformers' SDPA takes is_causal = length > 1, a SymBool while the fake
+    run traces the attention: decided there, `passthrough._attention_flags_decided`). Before, the capture fixed
+    the length at 1 and every longer call ran the original layer."""
+    pytest.importorskip("transformers")
+    from moe_fx import hf_models
+
+    if reason := hf_models.missing("gemma4"):
+        pytest.skip(reason)
+    model = hf_models.build("gemma4", "grouped_mm").eval()
+    reference = copy.deepcopy(model)
+    report = moe_fx.apply(model, **hf_models.example_inputs(model, T=1, seed=0))
+    assert len(report.matches) == hf_models.ARCHITECTURES["gemma4"].moe_blocks, str(report)
+    with no_fallback(), torch.no_grad():
+        for T in (1, 5, 9):
+            x = hf_models.example_inputs(model, T=T, seed=T)
+            out, ref = hf_models.logits(model(**x)), hf_models.logits(reference(**x))
+            assert rel_err(out, ref) < 1e-5, T
