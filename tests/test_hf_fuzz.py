@@ -66,17 +66,19 @@ def run_case(case: dict, seed: int) -> tuple[str, str]:
     "invalid" (transformers rejects the config), "fallback" (a call ran the original block), "wrong"."""
     name, dtype = case["name"], case["dtype"]
     torch.manual_seed(seed)
-    try:
+    try:  # a drawn config transformers rejects, when built (its validators raise several types) or run
         args = (name, case["impl"]) if case["impl"] else (name,)
         model = hf_models.build(*args, **case["overrides"]).to(dtype).eval()
-    except Exception as err:  # a drawn config transformers itself rejects (its validators raise several types)
+        inputs = [hf_models.example_inputs(model, T=T, seed=seed + i) for i, T in enumerate(case["T"])]
+        original = copy.deepcopy(model)
+        with torch.no_grad():
+            expected = [hf_models.logits(original(**x)) for x in inputs]
+    except Exception as err:
         return "invalid", f"{type(err).__name__}: {err}"[:200]
-    original = copy.deepcopy(model)
-    inputs = [hf_models.example_inputs(model, T=T, seed=seed + i) for i, T in enumerate(case["T"])]
     report = moe_fx.apply(model, **inputs[0])
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        errs = [rel_err(hf_models.logits(model(**x)), hf_models.logits(original(**x))) for x in inputs]
+        errs = [rel_err(hf_models.logits(model(**x)), ref) for x, ref in zip(inputs, expected)]
     if max(errs) > TOL[dtype]:
         return "wrong", f"rel errs {errs}"
     if len(report.matches) < hf_models.ARCHITECTURES[name].moe_blocks:
