@@ -268,17 +268,23 @@ class BlockFinder:
         return [self.inputs[n] if n.op == "placeholder" else getattr(self.gm, n.target) for n in leaves]
 
     def random_cuts(self, x, w, ids, num_experts):
-        """Probes that give every expert tokens: cyclic expert assignments, then a random one."""
+        """Probes that give every expert tokens: cyclic expert assignments (tokens in ascending expert order, then
+        descending: a cut whose region sorts rows by expert must not find them sorted already), then random
+        ones, up to 4 or PROBE_TOKENS tokens. With 2 experts and top-1, the cyclic rows all went to expert 0 and
+        the one random probe of 4 tokens was sorted 5 times in 16: transformers' grouped_mm experts' weights in
+        expert-sorted order ([T·K, 1], shaped as [T, K] at K=1) then passed for the routing weights."""
         T, K = ids.reshape(ids.shape[0], -1).shape if ids.dim() > 1 else (ids.shape[0], 1)
         probes = []
-        rounds = min(8, max(1, -(-2 * num_experts // max(T * K, 1))))
+        cyclic = max(2, min(8, -(-2 * num_experts // max(T * K, 1))))
+        randoms = min(4, probe_rounds(T))
         scale = x.float().std().item() if x.numel() > 1 else 1.0
         scale = scale if scale == scale and scale > 0 else 1.0
-        for r in range(rounds + 1):
+        for r in range(cyclic + randoms):
             g = self.generator
             x_p = (torch.randn(x.shape, generator=g) * 2 * scale).to(x.dtype).to(x.device)
-            if r < rounds:
-                ids_p = (torch.arange(T * K).view(T, K) + r * T * K + torch.arange(T).view(T, 1)) % num_experts
+            if r < cyclic:
+                ids_p = (torch.arange(T * K).view(T, K) + r * T * K) % num_experts
+                ids_p = ids_p.flip(0) if r % 2 else ids_p
             else:
                 ids_p = torch.rand(T, num_experts, generator=g).argsort(dim=-1)[:, :K]
             w_p = (torch.rand(T, K, generator=g) * 0.9 + 0.1).to(w.dtype).to(w.device)

@@ -474,3 +474,27 @@ def test_low_precision_router_scores_are_rounded_like_the_original():
     assert last_reports()[-1].matches[0].spec.router.score_dtype == "bfloat16"
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     assert last_reports()[-1].matches[0].spec.router.summary().endswith("bfloat16 scores")
+
+
+@pytest.mark.parametrize("T", [2, 4, 7])
+def test_two_experts_top1_weights_not_taken_in_sorted_order(T):
+    """Qwen3-MoE with 2 experts, top-1, no renormalisation: transformers' grouped_mm experts hold the routing
+    weights in expert-sorted order as [T·K, 1], which at K=1 has the top-k's shape. The probes' cyclic rows all
+    went to expert 0 and their one random probe was often sorted, so that tensor passed for the routing weights
+    and the block was refused at verification (rel err ~5e-2). Now rewritten, with eager's logits."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from moe_fx import hf_models
+
+    torch.manual_seed(0)
+    sizes = dict(hidden_size=64, moe_intermediate_size=16, intermediate_size=16)
+    model = hf_models.build("qwen3_moe", "grouped_mm", num_experts=2, num_experts_per_tok=1, norm_topk_prob=False,
+                            **sizes).eval()  # fmt: skip
+    reference = copy.deepcopy(model)
+    report = moe_fx.apply(model, **hf_models.example_inputs(model, T=T, seed=0))
+    assert len(report.matches) == 1 and not report.rejections, str(report)
+    with no_fallback(), torch.no_grad():
+        for t in (T, 9):
+            x = hf_models.example_inputs(model, T=t, seed=t)
+            assert rel_err(hf_models.logits(model(**x)), hf_models.logits(reference(**x))) < 1e-5
