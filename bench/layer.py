@@ -185,9 +185,10 @@ def host_us(fn, x, n=50) -> float:
     return elapsed / n * 1e6
 
 
-def kernels(fn, calls: int = 3, top: int = 10) -> dict[str, float]:
+def kernels(fn, calls: int = 3, top: int = 10, flush: str | None = None) -> dict[str, float]:
     """{GPU kernel or copy name: µs per call} of `fn` under torch.profiler (CUPTI), the `top` longest, each call
-    after the L2 is emptied as `bench` empties it (the emptying's own kernels subtracted)."""
+    after the L2 is emptied by `flush` (default: as `bench` empties it; the emptying's own kernels subtracted)."""
+    flush = FLUSH if flush is None else flush
 
     def per_call(f):
         from torch.profiler import ProfilerActivity, profile
@@ -201,11 +202,11 @@ def kernels(fn, calls: int = 3, top: int = 10) -> dict[str, float]:
         return {e.key[:80]: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
 
     def flushed():
-        timing.empty_l2(FLUSH)
+        timing.empty_l2(flush)
         fn()
 
-    flush = per_call(lambda: timing.empty_l2(FLUSH))
-    times = {k: us - flush.get(k, 0.0) for k, us in per_call(flushed).items()}
+    emptying = per_call(lambda: timing.empty_l2(flush))
+    times = {k: us - emptying.get(k, 0.0) for k, us in per_call(flushed).items()}
     return dict(sorted(((k, us) for k, us in times.items() if us > 0.05), key=lambda kv: -kv[1])[:top])
 
 
