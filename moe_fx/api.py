@@ -62,11 +62,24 @@ def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]],
         return gm.forward
 
     torch._dynamo.reset()
-    with capture_config(), torch.no_grad():
-        torch.compile(fn, backend=backend)(*args, **kwargs)
+    failed = None
+    try:
+        with capture_config(), torch.no_grad():
+            torch.compile(fn, backend=backend)(*args, **kwargs)
+    except Exception as err:  # Dynamo failing under the capture flags: capture as a plain compile would
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        failed = (
+            f"Dynamo failed under moe_fx's capture flags ({type(err).__name__}: {first_line[:200]}); "
+            "captured without them"
+        )
+        log.warning("moe_fx: %s", failed)
+        graphs.clear()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.compile(fn, backend=backend)(*args, **kwargs)
     breaks = [_break_text(r) for r in torch._dynamo.utils.graph_break_reasons]
     torch._dynamo.reset()
-    return graphs, breaks
+    return graphs, [failed, *breaks] if failed else breaks
 
 
 def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs) -> Report:

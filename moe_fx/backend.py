@@ -21,6 +21,7 @@ import warnings
 
 import torch
 
+from moe_fx.capture_breaks import breaks_on_unbacked_tolist
 from moe_fx.hf_experts import traceable_eager_experts
 from moe_fx.opaque_experts import opaque_loop_experts
 from moe_fx.options import parse_options
@@ -40,12 +41,18 @@ _LOCK = threading.Lock()  # guards _reports: apply/explain may run while another
 def capture_config():
     """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
     are traced as `batched_mm` (see `moe_fx.hf_experts`), other experts-contract modules as one opaque
-    op (see `moe_fx.opaque_experts`).
+    op (see `moe_fx.opaque_experts`); a `.tolist()` the flags would fail on breaks the graph
+    (`moe_fx.capture_breaks`).
 
     `config.patch` overrides are thread-local on this torch (ContextVar-backed), so a thread that
     compiles with moe_fx never changes what another thread's compile sees.
     """
-    with torch._dynamo.config.patch(CAPTURE_FLAGS), traceable_eager_experts(), opaque_loop_experts():
+    with (
+        torch._dynamo.config.patch(CAPTURE_FLAGS),
+        traceable_eager_experts(),
+        opaque_loop_experts(),
+        breaks_on_unbacked_tolist(),
+    ):
         yield
 
 

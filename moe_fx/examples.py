@@ -280,6 +280,130 @@ class QuantisedCheckpointMoE(nn.Module):
         return (y_TKD * weights_TK.to(x.dtype).unsqueeze(-1)).sum(dim=1).reshape(x.shape)
 
 
+class TorchtitanStyleMoE(nn.Module):
+    """torchtitan-style: histc counts, a stable argsort, a split loop over 3-D weights, scatter_add into the shared
+    expert's output.
+
+    The router runs in fp32 (sigmoid, renormalised, or softmax); the picks are sorted by expert with a stable
+    argsort; the experts are a loop over `split` by the counts, or `torch._grouped_mm` (`grouped_mm`: bf16 on the
+    CPU); the scores multiply the experts' input (`score_before`) or their output; the routed rows are
+    scatter-added into the shared expert's output (zeros without one; `inplace`: `scatter_add_`)."""
+
+    def __init__(self, dim=32, ffn=24, num_experts=8, k=2, scoring="sigmoid", score_before=True, grouped_mm=False,
+                 shared=True, inplace=False):  # fmt: skip
+        super().__init__()
+        self.k, self.scoring, self.score_before = k, scoring, score_before
+        self.grouped_mm, self.inplace = grouped_mm, inplace
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, dim, ffn) / ffn**0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, ffn, dim) / dim**0.5)
+        self.shared_experts = SwiGLU(dim, ffn) if shared else None
+
+    def experts(self, x_RD, tokens_per_expert_E):
+        if self.grouped_mm:
+            offsets_E = torch.cumsum(tokens_per_expert_E, dim=0, dtype=torch.int32)
+            h_RF = F.silu(torch._grouped_mm(x_RD, self.w1.transpose(-2, -1), offs=offsets_E))
+            h_RF = h_RF * torch._grouped_mm(x_RD, self.w3.transpose(-2, -1), offs=offsets_E)
+            return torch._grouped_mm(h_RF, self.w2.transpose(-2, -1), offs=offsets_E).type_as(x_RD)
+        sizes = tokens_per_expert_E.tolist()
+        outs = []
+        for e, x_e in enumerate(torch.split(x_RD[: sum(sizes)], sizes, dim=0)):
+            h = F.silu(x_e @ self.w1[e].transpose(-2, -1)) * (x_e @ self.w3[e].transpose(-2, -1))
+            outs.append(h @ self.w2[e].transpose(-2, -1))
+        return torch.cat(outs, dim=0)
+
+    def forward(self, x):
+        B, S, D = x.shape
+        x_TD = x.view(-1, D)
+        scores_TE = self.gate(x_TD).to(torch.float32)
+        scores_TE = torch.sigmoid(scores_TE) if self.scoring == "sigmoid" else F.softmax(scores_TE, dim=1)
+        top_scores_TK, ids_TK = torch.topk(scores_TE, k=self.k, dim=1)
+        if self.scoring == "sigmoid":
+            top_scores_TK = top_scores_TK / (top_scores_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        E = self.w1.shape[0]
+        tokens_per_expert_E = torch.histc(ids_TK.view(-1).float(), bins=E, min=0, max=E).to(torch.int64)
+        order_R = torch.argsort(ids_TK.view(-1), stable=True)
+        scores_R = top_scores_TK.view(-1)[order_R]
+        index_RD = (order_R // self.k).reshape(-1, 1).expand(-1, D)
+        x_RD = torch.gather(x_TD, dim=0, index=index_RD)
+        if self.score_before:
+            x_RD = (x_RD.to(torch.float32) * scores_R.reshape(-1, 1)).to(x.dtype)
+        y_RD = self.experts(x_RD, tokens_per_expert_E)
+        if not self.score_before:
+            y_RD = (y_RD.to(torch.float32) * scores_R.reshape(-1, 1)).to(x.dtype)
+        out_TD = self.shared_experts(x_TD) if self.shared_experts is not None else torch.zeros_like(x_TD)
+        if self.inplace:
+            out_TD.scatter_add_(0, index_RD, y_RD)
+        else:
+            out_TD = out_TD.scatter_add(dim=0, index=index_RD, src=y_RD)
+        return out_TD.reshape(B, S, D)
+
+
+class Llama4ReferenceMoE(nn.Module):
+    """llama-models' Llama 4 reference code: every expert on every token, batched by bmm.
+
+    The router is an [D, E] matrix; the top-k scores are scattered into -inf, transposed to [E, T], then
+    sigmoid-ed; each expert's copy of every token is scaled by its score before the experts, and the rows are
+    scatter-added in place into the shared expert's output."""
+
+    def __init__(self, dim=32, ffn=24, num_experts=8, k=1):
+        super().__init__()
+        self.k, self.num_experts = k, num_experts
+        self.router_DE = nn.Parameter(torch.randn(dim, num_experts) / dim**0.5)
+        self.w1_EDF = nn.Parameter(torch.randn(num_experts, dim, ffn) / dim**0.5)
+        self.w3_EDF = nn.Parameter(torch.randn(num_experts, dim, ffn) / dim**0.5)
+        self.w2_EFD = nn.Parameter(torch.randn(num_experts, ffn, dim) / ffn**0.5)
+        self.shared_expert = SwiGLU(dim, ffn)
+
+    def experts(self, x_RD):
+        x_EGD = x_RD.view(self.num_experts, -1, x_RD.shape[-1])
+        h_EGF = F.silu(torch.bmm(x_EGD, self.w1_EDF)) * torch.bmm(x_EGD, self.w3_EDF)
+        return torch.bmm(h_EGF, self.w2_EFD).view(-1, x_RD.shape[-1])
+
+    def forward(self, x_BSD):
+        _, S, D = x_BSD.shape
+        x_TD = x_BSD.view(-1, D)
+        scores_ET = torch.matmul(x_TD, self.router_DE).transpose(0, 1)
+        top_TK, ids_TK = torch.topk(scores_ET.transpose(0, 1), self.k, dim=1)
+        scores_TE = torch.full_like(scores_ET.transpose(0, 1), float("-inf")).scatter_(1, ids_TK, top_TK)
+        scores_ET = scores_TE.transpose(0, 1)
+        tokens_ET = torch.arange(x_TD.shape[0], device=x_TD.device).view(1, -1).expand(scores_ET.size(0), -1)
+        scores_ET = torch.sigmoid(scores_ET)
+        index_RD = tokens_ET.reshape(-1, 1).expand(-1, D)
+        x_RD = torch.gather(x_TD, dim=0, index=index_RD) * scores_ET.reshape(-1, 1)
+        out_TD = self.shared_expert(x_TD)
+        out_TD.scatter_add_(dim=0, index=index_RD, src=self.experts(x_RD))
+        return out_TD.view(-1, S, D)
+
+
+class DeepSeekReferenceMoE(nn.Module):
+    """DeepSeek-V3's reference inference code: counts by `bincount(...).tolist()` and a loop that skips the experts
+    without tokens (`if counts[i] == 0: continue`). That branch on data splits any Dynamo graph: moe_fx leaves the
+    block untouched and says so (drop the skip, which changes nothing, and the loop is rewritten)."""
+
+    def __init__(self, dim=32, ffn=24, num_experts=8, k=2, skip_empty=True):
+        super().__init__()
+        self.k, self.skip_empty = k, skip_empty
+        self.gate = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(dim, ffn) for _ in range(num_experts))
+        self.shared_experts = SwiGLU(dim, 2 * ffn)
+
+    def forward(self, x):
+        shape = x.size()
+        x = x.view(-1, shape[-1])
+        weights, indices = softmax_topk(self.gate(x), self.k)
+        weights = weights.type_as(x)
+        y = torch.zeros_like(x)
+        counts = torch.bincount(indices.flatten(), minlength=len(self.experts)).tolist() if self.skip_empty else None
+        for i, expert in enumerate(self.experts):
+            if counts is not None and counts[i] == 0:
+                continue
+            idx, top = torch.where(indices == i)
+            y[idx] += expert(x[idx]) * weights[idx, top, None]
+        return (y + self.shared_experts(x)).view(shape)
+
+
 # ---------------------------------------------------------------- any naive block, from parameters
 ROUTERS = ("softmax_topk", "softmax_topk_renorm", "topk_softmax", "sigmoid_topk_renorm", "sigmoid_bias_scaled")
 FORMS = ("loop_where", "loop_nonzero", "gather_einsum", "dense", "masked_sum")

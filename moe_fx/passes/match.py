@@ -99,6 +99,9 @@ class MoEMatch:
     errors: dict[str, float]
     selections: dict = field(default_factory=dict)
     weights_note: str = ""  # how pre-quantised expert weights are used (passes/prequant.py), for the report
+    # a tensor from outside the block that its combine accumulates into (`shared(x).scatter_add(0, idx, y)`:
+    # torchtitan): the rewrite adds it to the combine's output
+    base: fx.Node | None = None
 
     @property
     def router_recognized(self) -> bool:
@@ -106,6 +109,11 @@ class MoEMatch:
 
 
 PROBE_TOKENS = 64
+# ops that add their source into their first argument (self + scatter(source)): a combine whose self comes from
+# outside the block accumulates into it. Not setitem: `out[idx] = y` overwrites.
+_ACCUMULATES = ("scatter_add", "scatter_add_", "index_add", "index_add_")
+# a self made here holds no value from outside the block: the combine's own start, part of the region
+_FILLS = ("zeros", "zeros_like", "new_zeros", "full", "full_like", "new_full", "empty", "empty_like", "new_empty")
 
 
 def probe_rounds(tokens: int) -> int:
@@ -288,7 +296,9 @@ class BlockFinder:
             else:
                 ids_p = torch.rand(T, num_experts, generator=g).argsort(dim=-1)[:, :K]
             w_p = (torch.rand(T, K, generator=g) * 0.9 + 0.1).to(w.dtype).to(w.device)
-            probes.append((x_p, w_p.reshape(w.shape), ids_p.to(ids.dtype).to(ids.device).reshape(ids.shape)))
+            # contiguous, as top-k's outputs are: the block may view them (torchtitan's `selected.view(-1)`)
+            ids_p = ids_p.to(ids.dtype).to(ids.device).contiguous().reshape(ids.shape)
+            probes.append((x_p, w_p.reshape(w.shape), ids_p))
         return probes
 
     # ---------------------------------------------------------------- per anchor
@@ -377,21 +387,36 @@ class BlockFinder:
             for i in self.view.inputs[node]
         )
 
+    def accumulated_base(self, output: fx.Node, w: fx.Node, ids: fx.Node) -> fx.Node | None:
+        """The tensor the block's combine adds its rows into when that comes from outside the block: the self of
+        a `scatter_add`/`index_add` output that the routing does not reach and the block did not fill itself
+        (torchtitan starts from the shared experts' output). None otherwise."""
+        if target_name(output) not in _ACCUMULATES or not output.args or not isinstance(output.args[0], fx.Node):
+            return None
+        base = output.args[0]
+        if target_name(base) in _FILLS or base in self.view.forward([w, ids]):
+            return None
+        return base if same_shape(shape_of(base), shape_of(output)) else None
+
     def match_cut(self, anchor, logits, x, w, ids, ro, num_experts, module_path) -> MoEMatch | Rejection:
         where = anchor.name
         cut = [x, w, ids]
         output = self.output_node(cut, x, ro)
         if output is None:
+            split = any(n.op == "output" for n in self.view.forward(cut[1:]))
             return Rejection(
                 where,
                 module_path,
                 "the top-k outputs do not reach one tensor of the tokens' shape "
-                "that combines them (no MoE combine found)",
+                "that combines them (no MoE combine found)"
+                + ("; they leave this graph: a graph break splits the block" if split else ""),
             )
+        base = self.accumulated_base(output, w, ids)
+        cut += [base] if base is not None else []
         needed = self.view.backward([output], blocked=cut)
         x_experts = self.experts_input(x, w, ids, needed, ro)
         if x_experts is not x:
-            x, cut = x_experts, [x_experts, w, ids]
+            x, cut = x_experts, [x_experts, *cut[1:]]
             needed = self.view.backward([output], blocked=cut)
         if ids not in needed:  # e.g. a sampler returning its top-k ids beside a sum of the top-k values
             return Rejection(
@@ -409,7 +434,7 @@ class BlockFinder:
         region = self.view.forward([w, ids], blocked=[output]) & needed
         region |= {n for n in needed - ro if n not in cut and n.op not in ("placeholder", "get_attr")}
         region -= self.view.backward([x, logits]) | set(cut)
-        foreign = [n for n in region if is_inplace(n) and self.view.root[n] not in region]
+        foreign = [n for n in region if is_inplace(n) and self.view.root[n] not in region | {base} - {None}]
         if foreign:
             return Rejection(
                 where, module_path, f"the block mutates {self.view.root[foreign[0]].name}, which lives outside it"
@@ -456,11 +481,17 @@ class BlockFinder:
         probes = [(x_real, w_real, ids_real), *self.random_cuts(x_real, w_real, ids_real, num_experts)]
         clamps = [env[n] for n in experts_id.float_clamps(region) if n in env]  # not the dequantisation's
         watch = experts_id.ClampWatch(region_fn, clamps) if clamps else None
+        (zero_base,) = [torch.zeros_like(v) for v in self.real_values([base])] if base is not None else [None]
+
+        def run_region(p):  # the block on a probe, accumulating into zeros (a fresh tensor: it may be in place)
+            bases = [zero_base.clone()] if base is not None else []
+            return (watch.run if watch else region_fn)(*p, *bases, *leaf_vals)[0]
+
         with torch.no_grad():
-            refs = [(watch.run if watch else region_fn)(*p, *leaf_vals)[0] for p in probes]
+            refs = [run_region(p) for p in probes]
             if watch is not None:  # agreeing inside a clamp's bounds proves nothing past them: probe past them
                 scaled = scaled_probes(probes, watch.scale_to_reach())
-                probes, refs = probes + scaled, refs + [watch.run(*p, *leaf_vals)[0] for p in scaled]
+                probes, refs = probes + scaled, refs + [run_region(p) for p in scaled]
         if watch is not None and (unreached := watch.unreached()):
             more = f"; {len(unreached) - 2} more" if len(unreached) > 2 else ""
             return Rejection(
@@ -545,6 +576,7 @@ class BlockFinder:
             router_bias,
             best,
             errors,
+            base=base,
         )
 
     @staticmethod
@@ -636,6 +668,8 @@ class BlockFinder:
             "argwhere",
             "opaque_experts",
             "opaque_experts.default",
+            "split",
+            "split_with_sizes",
         }:
             return "expert_loop"
         gathers_weights = any(  # a weight, or a weight dequantised in the graph (passes/prequant.py)

@@ -344,6 +344,8 @@ def rewrite(
         result = match.output if not is_inplace(match.output) else view.root[match.output]
         if len(shape_of(result)) == len(shape_of(match.x)):
             out = call("reshape_as", out, match.x, method=True)
+        if match.base is not None:  # the tensor the original combine accumulated into
+            out = call(operator.add, match.base, out)
     ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts"), (combine, "combine"))
     if match.router_recognized:
         ops_nodes = ((route, "route"), *ops_nodes)

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from moe_fx.ops import route_args
-from moe_fx.passes.graph_view import shape_of, target_name, tensor_meta
+from moe_fx.passes.graph_view import is_function, shape_of, target_name, tensor_meta
 from moe_fx.spec import RouterSpec
 
 
@@ -115,6 +115,9 @@ def routing_error(weights_TK, ids_TK, ref_weights, ref_ids) -> float:
 # ---------------------------------------------------------------- Llama4: sigmoid of a scattered top-k
 _SIGMOIDS = (torch.sigmoid, torch.nn.functional.sigmoid, "sigmoid")
 _FLOAT_CASTS = ("float", "to")
+# layout ops that commute with sigmoid: llama-models' reference code transposes the scattered [T, E] scores to
+# [E, T] before the sigmoid
+_TRANSPOSES = ("transpose", "t", "permute")
 
 
 def _is_neg_inf_full(node) -> bool:
@@ -124,16 +127,26 @@ def _is_neg_inf_full(node) -> bool:
     return isinstance(fill, float) and fill == float("-inf")
 
 
-def sigmoid_after_scatter_sites(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
-    """Llama4's router: s_TE = sigmoid(full_like(logits, -inf).scatter_(1, ids_TK, v_TK)[.float()]).
+def _layout_or_cast(node) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_method"
+        and node.target in _FLOAT_CASTS + _TRANSPOSES
+        or is_function(node, torch.transpose, torch.t, torch.permute)
+    )
 
-    Returns (sigmoid node, scatter node, casts between them) for each such site."""
+
+def sigmoid_after_scatter_sites(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node, list[fx.Node]]]:
+    """Llama4's router: s_TE = sigmoid(full_like(logits, -inf).scatter_(1, ids_TK, v_TK)[.float()]), with
+    transposes between the scatter and the sigmoid too (llama-models' reference code).
+
+    Returns (sigmoid node, scatter node, the casts and transposes between them) for each such site."""
     sites = []
     for node in graph.nodes:
         if not (node.op in ("call_function", "call_method") and (node.target in _SIGMOIDS)):
             continue
         casts, src = [], node.args[0]
-        while isinstance(src, fx.Node) and src.op == "call_method" and src.target in _FLOAT_CASTS:
+        while _layout_or_cast(src):
             casts.append(src)
             src = src.args[0]
         if isinstance(src, fx.Node) and target_name(src) in ("scatter", "scatter_") and len(src.args) == 4:
@@ -163,7 +176,8 @@ def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
         with g.inserting_before(sig):
             w = values
             for c in casts:  # the same casts, now on the [T, K] values
-                w = made(g.call_method(c.target, (w, *c.args[1:]), dict(c.kwargs)))
+                if c.target in _FLOAT_CASTS:
+                    w = made(g.call_method(c.target, (w, *c.args[1:]), dict(c.kwargs)))
             w = made(g.call_function(sig.target, (w,), dict(sig.kwargs)))
             shape = tuple(
                 s if isinstance(s, int) else made(g.call_method("size", (index, i)))
@@ -171,6 +185,9 @@ def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
             )
             zeros = made(g.call_method("new_zeros", (w, shape)))
             dense = made(g.call_method("scatter", (zeros, dim, index, w)))
+            for c in casts:  # the transposes, in their order, now on the dense scores
+                if c.target not in _FLOAT_CASTS:
+                    dense = made(g.create_node(c.op, c.target, (dense, *c.args[1:]), dict(c.kwargs)))
         sig.replace_all_uses_with(dense)
         g.erase_node(sig)
         for c in reversed(casts):

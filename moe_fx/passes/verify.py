@@ -84,6 +84,7 @@ def _map_match(match: MoEMatch, env: dict[fx.Node, fx.Node]) -> MoEMatch:
         router_nodes={env[n] for n in match.router_nodes},
         router_bias=None if match.router_bias is None else env[match.router_bias],
         binding=binding,
+        base=None if match.base is None else env[match.base],
     )
 
 

@@ -1,0 +1,63 @@
+"""Graph breaks where Dynamo, under moe_fx's capture flags, would fail the whole compile.
+
+`backend.CAPTURE_FLAGS` (`capture_dynamic_output_shape_ops`, `capture_scalar_outputs`) let Dynamo trace
+the loop forms whole, but they also send it down paths it does not finish. DeepSeek-V3's reference
+inference code counts tokens per expert with `torch.bincount(ids, minlength=E).tolist()`: bincount's
+length depends on the data, and Dynamo's `tolist` iterates the tensor in Python, which raises
+`GuardOnDataDependentSymNode` (torch 2.11-2.13) and fails the compile; without the flags Dynamo breaks
+the graph at bincount and runs on.
+
+While a moe_fx capture runs (`capture_config`), `.tolist()` of a tensor whose size depends on the data is
+a graph break instead: the model compiles as it would under any other backend, and the block shows in
+moe_fx's report as split by that break (a block in two graphs cannot be rewritten). Where this Dynamo lacks
+the method patched, nothing is patched.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from moe_fx.capture_switch import CaptureSwitch
+
+_installed: list = []
+
+
+def _unbacked_size(tensor) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return isinstance(tensor, torch.Tensor) and bool(free_unbacked_symbols(tensor.shape))
+
+
+def _install() -> None:
+    if _installed:
+        return
+    _installed.append(True)
+    try:
+        from torch._dynamo.exc import unimplemented
+        from torch._dynamo.variables.tensor import TensorVariable
+    except ImportError:  # another Dynamo layout: no patch
+        return
+    original = getattr(TensorVariable, "method_tolist", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def method_tolist(self, tx, *args, **kwargs):
+        if SWITCH.active and _unbacked_size(self.as_proxy().node.meta.get("example_value")):
+            unimplemented(
+                gb_type="moe_fx: tolist() of a data-dependent size",
+                context=f"call_method {self} tolist",
+                explanation="The tensor's length depends on its data (e.g. torch.bincount); Dynamo cannot iterate "
+                "it under moe_fx's capture flags, so the graph breaks here.",
+                hints=["Give the tensor a fixed size (e.g. torch.zeros(E).index_add_ / scatter_add_ of ones)."],
+            )
+        return original(self, tx, *args, **kwargs)
+
+    TensorVariable.method_tolist = method_tolist
+
+
+SWITCH = CaptureSwitch(_install)
+# Within the context, `.tolist()` of a data-dependent size breaks the graph instead of failing the compile.
+breaks_on_unbacked_tolist = SWITCH.on
