@@ -55,8 +55,10 @@ QUANT_VARIANTS = {
 QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "bf16"}
 # *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
+# moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; not in the default set
+EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear")
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
-GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *OSS_VARIANTS)
+GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *EXTRA_VARIANTS)
 
 
 def ceilings() -> tuple[float, dict[str, float]]:
@@ -93,9 +95,18 @@ def hf_block(E, K, D, F_):
     return block
 
 
-def moe_fx_layer(block, spec, impl, oss_storage=False):
+def route(spec, x, gate, linear_outside=False):
+    """moe_fx's route as the rewrite builds it on a GPU: Triton's route takes the router's linear (a GEMV at
+    decode); `linear_outside`: torch's linear (cuBLAS) then route on its logits, as until 2026-12-05."""
+    if linear_outside:
+        return OPS.route(*route_args(spec.router, F.linear(x, gate), None, "triton"))
+    return OPS.route(*route_args(spec.router, x, None, "triton", gate))
+
+
+def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False):
     """moe_fx's four ops on the block's weights; `oss_storage`: the same weights stored as GPT-OSS stores
-    its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone."""
+    its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone;
+    `linear_outside`: the router's linear by torch, not by route (see `route`)."""
     w13, w2, gate = block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
     if oss_storage:
         E, H, D = w13.shape
@@ -106,8 +117,7 @@ def moe_fx_layer(block, spec, impl, oss_storage=False):
         spec = spec.replace(experts=dataclasses.replace(spec.experts, **oss))
 
     def run(x):
-        logits = F.linear(x, gate)
-        weights, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
+        weights, ids = route(spec, x, gate, linear_outside)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
         y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, impl))
         return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
@@ -123,8 +133,7 @@ def moe_fx_quant_layer(block, spec, mode):
     weight_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
 
     def run(x):
-        logits = F.linear(x, gate)
-        weights, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
+        weights, ids = route(spec, x, gate)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
         y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2))
         return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
@@ -231,6 +240,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
         "moe_fx_triton": moe_fx_layer(block, spec, "triton"),
         "moe_fx_vendor": moe_fx_layer(block, spec, "grouped_mm"),
         **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
+        "moe_fx_triton_linear": moe_fx_layer(block, spec, "triton", linear_outside=True),
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
@@ -318,7 +328,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--T", nargs="+", type=int, default=[1, 16, 128, 1024, 8192])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + tuple(OSS_VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + EXTRA_VARIANTS)
     p.add_argument("--tune", action="store_true", help="tune the triton GEMMs per T-bucket first")
     p.add_argument("--rounds", type=int, default=3, help="time every variant once per round, in rotated order")
     p.add_argument("--profile", action="store_true", help="record each variant's GPU kernels (torch.profiler)")

@@ -5,6 +5,8 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts (global), L experts o
 K top-k, R dispatched rows (T*K on one device; what this rank receives under expert parallelism).
 
     route(logits_TE)                          -> weights_TK fp32, ids_TK int32 (id -1: dropped by capacity)
+    route(x_TD, proj_weight=w_ED[, proj_bias=b_E]): the same of logits = linear(x, w, b), the router's own
+                                                 projection taken into the op (a decode GEMV can beat cuBLAS)
     quantize_dispatch(x_TD, ids_TK, w_TK)     -> xq_ND, xscale_N*, expert_offsets_L1 int64,
                                                  gather_index_R int64, row_weights_R fp32,
                                                  row_index_R int64, comm_splits int64
@@ -89,6 +91,8 @@ def route(
     impl: str,
     score_dtype: torch.dtype = torch.float32,
     capacity: int = 0,
+    proj_weight: torch.Tensor | None = None,
+    proj_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE (or [G, S, E], T = G*S) [, bias_E] -> (weights_TK float32, ids_TK int32).
 
@@ -96,10 +100,15 @@ def route(
     router that scores in low precision does (ties then fall the same way: lowest expert index first).
     `capacity` > 0: each expert takes at most `capacity` picks per group (a row of [G, S, E] logits, or
     all T tokens), first choices first, then in token order; the others get id -1 and weight 0.
+    With `proj_weight` [E, D] (and `proj_bias` [E]), `logits` holds the tokens [..., D] and the logits are
+    `linear(tokens, proj_weight, proj_bias)`, in the tokens' dtype: a lowering registered with `projects=True`
+    computes them, for any other this op does first (torch's linear, as the original router did).
     """
-    return _run(
-        "route",
-        impl,
+    entry = registry.lookup("route", impl)
+    if proj_weight is not None and not entry.projects:
+        logits, proj_weight, proj_bias = torch.nn.functional.linear(logits, proj_weight, proj_bias), None, None
+    projection = dict(proj_weight=proj_weight, proj_bias=proj_bias) if entry.projects else {}
+    return entry.fn(
         logits=logits,
         bias=bias,
         k=k,
@@ -112,12 +121,14 @@ def route(
         scale=scale,
         score_dtype=score_dtype,
         capacity=capacity,
+        **projection,
     )
 
 
 @torch.library.register_fake("moe_fx::route")
 def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl,
-      score_dtype=torch.float32, capacity=0):  # fmt: skip
+      score_dtype=torch.float32, capacity=0, proj_weight=None, proj_bias=None):  # fmt: skip
+    # [..., E] logits or [..., D] tokens: T is the product of the leading dims either way
     T = logits.numel() // logits.shape[-1] if logits.dim() != 2 else logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
 
@@ -330,10 +341,11 @@ def weight_at(spec: MoESpec) -> str:
     return "input" if spec.weight_placement == "input" else "none"
 
 
-def route_args(router: RouterSpec, logits_TE, bias, impl: str) -> tuple:
+def route_args(router: RouterSpec, logits_TE, bias, impl: str, proj_weight=None, proj_bias=None) -> tuple:
+    """`route`'s arguments; with `proj_weight`, `logits_TE` is the tokens and route projects them."""
     r = router
     return (logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
-            r.scale, impl, getattr(torch, r.score_dtype), r.capacity)  # fmt: skip
+            r.scale, impl, getattr(torch, r.score_dtype), r.capacity, proj_weight, proj_bias)  # fmt: skip
 
 
 def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,

@@ -81,3 +81,23 @@ def test_tune_writes_entries_that_choose_then_reads(tmp_path, monkeypatch):
         assert dataclasses.asdict(picked) == r["config"], key
     note = moe_fx.explain(model, x).matches[0].tiles_note  # the report names the buckets just tuned
     assert note.startswith("Triton tiles tuned for T-buckets 4, 64 (this GPU)"), note
+
+
+def test_route_takes_the_router_linear_on_cuda():
+    """Triton's route projects the tokens itself (a GEMV up to PROJECT_MAX_T tokens, torch's linear above): the
+    router's linear leaves the graph, outputs stay within bf16 tolerance, and a CUDA graph holds the decode call."""
+    model = ex.DeepSeekStyleMoE().eval().cuda().to(torch.bfloat16)
+    xs = [torch.randn(T, 32, device="cuda", dtype=torch.bfloat16) for T in (1, 16, 40)]
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+        report = moe_fx.apply(model, xs[1])
+        assert "takes the router's linear" in report.matches[0].lowerings["route"].reason, str(report)
+        for x, ref in zip(xs, refs):
+            assert rel_err(model(x), ref) < 2e-2
+        graph, static_x = torch.cuda.CUDAGraph(), xs[0].clone()
+        model(static_x)  # warm-up: compile the kernels outside the capture
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        static_x.copy_(torch.randn_like(static_x))
+        graph.replay()
+        assert rel_err(static_out, model(static_x)) < 1e-6

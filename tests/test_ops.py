@@ -30,6 +30,18 @@ def test_route_schema_and_opcheck():
     assert ids.shape == (3 * T, K) and (ids == -1).any() and (weights[ids == -1] == 0).all()
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])  # triton: the interpreter on the CPU
+def test_route_with_the_routers_projection(impl):
+    """route(x, proj_weight=w, proj_bias=b) is route(linear(x, w, b)): the reference lowering (no `projects`) has the
+    op apply torch's linear; Triton's projects itself (a GEMV at decode sizes)."""
+    x_TD, w_ED, b_E = torch.randn(5, D), torch.randn(E, D), torch.randn(E)
+    args = (K, "sigmoid", "score_then_topk", True, 1, 1, 2, 2.5, impl, torch.float32, 0)
+    weights, ids = OPS.route(x_TD, None, *args, w_ED, b_E)
+    ref_weights, ref_ids = OPS.route(torch.nn.functional.linear(x_TD, w_ED, b_E), None, *args)
+    assert torch.equal(ids, ref_ids) and (weights - ref_weights).abs().max() < 1e-6
+    torch.library.opcheck(OPS.route, (x_TD, None, *args, w_ED, b_E))
+
+
 def test_dispatch_experts_combine_with_dropped_picks_opcheck():
     logits = torch.randn(T, E)
     weights, ids = OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference",

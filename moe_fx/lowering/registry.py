@@ -42,6 +42,9 @@ class Lowering:
     # a quantize_dispatch that returns once its exchange has started (outputs filled when experts or combine
     # first runs: `distributed/exchanges.py`); the rewrite moves the block's shared expert after it
     overlaps: bool = False
+    # a route lowering that takes the router's projection (`proj_weight`, `proj_bias`: the tokens come in place of
+    # the logits) and computes the logits itself; for the others `moe_fx::route` applies the projection first
+    projects: bool = False
 
     def __str__(self) -> str:
         return f"{self.name} (priority {self.priority})"
@@ -77,10 +80,12 @@ def register_lowering(
     priority: int = 0,
     supports: Callable[[MoESpec], str | None] | None = None,
     overlaps: bool = False,
+    projects: bool = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any.
     `overlaps` (quantize_dispatch only): fn returns before its exchange lands, having registered it with
-    `moe_fx.lowering.distributed.exchanges.start_exchange`."""
+    `moe_fx.lowering.distributed.exchanges.start_exchange`. `projects` (route only): fn takes `proj_weight` and
+    `proj_bias` and, when they are given, the tokens in place of the logits."""
     if op not in OPS:
         raise ValueError(f"moe_fx: op={op!r} is not one of {OPS}")
     if layout not in LAYOUTS:
@@ -89,7 +94,9 @@ def register_lowering(
     def decorator(fn: Callable) -> Callable:
         if overlaps and op != "quantize_dispatch":
             raise ValueError(f"moe_fx: overlaps=True is for quantize_dispatch lowerings, not {op!r}")
-        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps)
+        if projects and op != "route":
+            raise ValueError(f"moe_fx: projects=True is for route lowerings, not {op!r}")
+        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps, projects)
         with _LOCK:
             entries = _ENTRIES.setdefault((op, device, layout), [])
             if any(e.name == name for e in entries):

@@ -314,14 +314,21 @@ def rewrite(
         new_nodes.append(node)
         return node
 
+    projection = router_projection(match, E_routed)
     with g.inserting_before(match.output):
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
-            logits_TE = call("reshape", match.logits, -1, E_routed, method=True)
             bias_E = match.router_bias
             if bias_E is not None and len(shape_of(bias_E)) != 1:
                 bias_E = call("reshape", bias_E, E_routed, method=True)  # Ernie4.5 keeps it as [1, E]
-            route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
+            if projection is None:
+                logits_TE = call("reshape", match.logits, -1, E_routed, method=True)
+                route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
+            else:  # route takes the router's linear: its tokens, weight and bias
+                tokens, w_ED, b_E = projection
+                tokens_TD = call("reshape", tokens, -1, shape_of(w_ED)[1], method=True)
+                args = route_args(spec.router, tokens_TD, bias_E, impl["route"], w_ED, b_E)
+                route = call(OPS.route.default, *args)
             weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
         else:
             weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
@@ -360,10 +367,33 @@ def rewrite(
             if user not in new and view.order.get(user, -1) > after:
                 user.replace_input_with(result, out)
     match.output.replace_all_uses_with(out, delete_user_cb=lambda u: u not in new)
-    _erase(g, match.region | match.router_nodes | {match.output})
+    _erase(g, match.region | match.router_nodes | {match.output} | ({match.logits} if projection else set()))
     g.lint()
     gm.recompile()
     return [n for n in new_nodes if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "moe_fx"]
+
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def router_projection(match: MoEMatch, E: int) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(tokens, weight_ED, bias_E) of the router's `linear`, for a route lowering that takes the projection
+    (`projects`: Triton's GEMV at decode) when nothing but the router reads the logits (a block that returns
+    them keeps its linear); else None."""
+    sel, logits = match.selections.get("route"), match.logits
+    if not match.router_recognized or sel is None or sel.chosen is None or not sel.chosen.projects:
+        return None
+    if logits.op != "call_function" or logits.target not in _LINEARS or not set(logits.users) <= match.router_nodes:
+        return None
+    args = list(logits.args) + [None] * (3 - len(logits.args))
+    tokens = args[0]
+    weight, bias = logits.kwargs.get("weight", args[1]), logits.kwargs.get("bias", args[2])
+    w_shape, b_shape = shape_of(weight), shape_of(bias) if bias is not None else None
+    if not isinstance(tokens, fx.Node) or not isinstance(weight, fx.Node) or w_shape is None or len(w_shape) != 2:
+        return None
+    if w_shape[0] != E or not isinstance(w_shape[1], int) or (bias is not None and b_shape != (E,)):
+        return None
+    return tokens, weight, bias
 
 
 def _erase(g: fx.Graph, doomed: set[fx.Node]) -> None:

@@ -1,10 +1,16 @@
 """Triton `route`: scoring, (group-limited) top-k, renormalisation and scaling in one kernel.
 
-Legend: T tokens, E experts, K top-k, G expert groups.
+Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
 
 One program per token holds its E logits in registers. Top-k is K rounds of "take the maximum,
 lowest index first", so on tie-free data the expert set equals `torch.topk`'s, in the same
 (descending) order. All math is fp32; ids are int32.
+
+The router's projection, when `route` is given it (`project`): up to PROJECT_MAX_T tokens, a GEMV kernel
+whose ~64 programs each read a few experts' rows of the [E, D] weight (cuBLAS ran Qwen3's [1, 2048] x
+[2048, 128] as two 64x8 tiles in 4.9 us, GPT-OSS's with split-K plus a reduce in 4.4 + 1.5 us on an H100:
+bench/NOTES.md); above, torch's linear. Its fp32 sums are rounded to the tokens' dtype, as the original
+linear's output was.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import triton
 import triton.language as tl
 
 from moe_fx.lowering.triton.launch import launch
-from moe_fx.lowering.triton.sizes import next_power_of_2
+from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
 
@@ -116,6 +122,70 @@ def _route_kernel(
     w_K = w_K * scale
     tl.store(weights_ptr + t * K + k, w_K, mask=k < K)
     tl.store(ids_ptr + t * K + k, ids_K, mask=k < K)
+
+
+@triton.jit
+def _project_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    # sizes
+    T, E, D,
+    # strides
+    stride_xt, stride_we, stride_ot,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """logits[t, e] = x[t, :] . w[e, :] (+ b[e]) for a block of tokens and experts: fp32 sums over D."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    acc_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        x_TD = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + d[None, :],
+                       mask=(t[:, None] < T) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
+        w_ED = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_we + d[None, :],
+                       mask=(e[:, None] < E) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
+        acc_TE += tl.sum(x_TD[:, None, :] * w_ED[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc_TE += tl.load(b_ptr + e, mask=e < E, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + t[:, None].to(tl.int64) * stride_ot + e[None, :]
+    tl.store(out, acc_TE.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & (e[None, :] < E))
+
+
+# Tokens up to which `project` runs its GEMV (decode; not measured yet: bench/NOTES.md, 2026-12-05 ninth session).
+# Its loop over D is not pipelined, so each step costs a memory round trip: one step per row at T = 1 for every
+# benchmark shape, two for Qwen3 at T = 4; above, cuBLAS's tensor-core tiles win.
+PROJECT_MAX_T = 4
+PROJECT_PROGRAMS = 64  # expert blocks the GEMV aims at: enough programs to stream the weight, few enough to share x
+PROJECT_TILE = 8192  # fp32 products a program holds per step (BLOCK_T * BLOCK_E * BLOCK_D): 64 a thread at 4 warps
+
+
+def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None) -> torch.Tensor:
+    """The router's logits_TE = linear(x_TD, w_ED, b_E), in x's dtype (a GEMV kernel up to PROJECT_MAX_T tokens)."""
+    T, D = x_TD.shape
+    E = w_ED.shape[0]
+    if w_ED.shape[1] != D or (b_E is not None and b_E.shape != (E,)):
+        raise ValueError(
+            f"moe_fx: route's projection expects weight [E, {D}] and bias [E], got {tuple(w_ED.shape)} and "
+            f"{None if b_E is None else tuple(b_E.shape)}"
+        )
+    if T > PROJECT_MAX_T or x_TD.dtype != w_ED.dtype:
+        return torch.nn.functional.linear(x_TD, w_ED, b_E)
+    x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
+    w_ED = w_ED if w_ED.stride(-1) == 1 else w_ED.contiguous()
+    logits_TE = torch.empty((T, E), dtype=x_TD.dtype, device=x_TD.device)
+    if T == 0 or E == 0:
+        return logits_TE
+    BLOCK_T = next_power_of_2(T)
+    BLOCK_E = min(next_power_of_2(cdiv(E, PROJECT_PROGRAMS)), 16)
+    BLOCK_D = max(16, min(PROJECT_TILE // (BLOCK_T * BLOCK_E), next_power_of_2(D)))
+    launch(
+        _project_kernel, (cdiv(E, BLOCK_E), cdiv(T, BLOCK_T)),
+        x_TD, w_ED, b_E if b_E is not None else w_ED, logits_TE, T, E, D,
+        x_TD.stride(0), w_ED.stride(0), logits_TE.stride(0),
+        HAS_BIAS=b_E is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+    )  # fmt: skip
+    return logits_TE
 
 
 def route(

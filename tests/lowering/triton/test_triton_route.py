@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from moe_fx.lowering.triton.route import route
+from moe_fx.lowering.triton.route import PROJECT_MAX_T, project, route
 from tests.conftest import rel_err
 from tests.lowering.test_reference import oracle_route
-from tests.lowering.triton.conftest import DEVICE
+from tests.lowering.triton.conftest import DEVICE, DTYPES
 
 CASES = {  # k, scoring, order, renormalize, n_group, topk_group, scale, bias
     "softmax_renorm": (2, "softmax", "score_then_topk", True, 1, 1, 1.0, False),
@@ -78,3 +78,30 @@ def test_biased_sum_rounded_like_the_original(bias_dtype):
         w, ids = impl(logits, bias, 2, "sigmoid", "score_then_topk", False, 1, 1, 2, 1.0, torch.bfloat16)
         picked = select.gather(1, ids.long().cpu()).sort(-1, descending=True).values
         torch.testing.assert_close(picked, kth, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)  # bf16 on the GPU: the kernel has no tl.dot, but the GPU runs it
+@pytest.mark.parametrize("T", [0, 1, 3, PROJECT_MAX_T])
+@pytest.mark.parametrize("E, D", [(16, 40), (12, 300), (130, 64), (8, 9000)])  # 9000: two steps over D at T = 1
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_project_against_float64(dtype, T, E, D, bias):
+    """The decode GEMV of the router's projection (odd E and D, more experts than its programs aim at), with
+    outputs poisoned by the conftest: fp32 sums rounded once to the tokens' dtype."""
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=dtype)
+    w_ED = (torch.randn(E, D, device=DEVICE) / D**0.5).to(dtype)
+    b_E = (torch.randn(E, device=DEVICE) * 0.1).to(dtype) if bias else None
+    logits = project(x_TD, w_ED, b_E)
+    assert logits.shape == (T, E) and logits.dtype == dtype
+    if T:
+        ref = torch.nn.functional.linear(x_TD.double(), w_ED.double(), None if b_E is None else b_E.double())
+        assert rel_err(logits, ref) < {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+
+
+def test_project_beyond_its_tokens_is_torchs_linear():
+    x_TD, w_ED = torch.randn(PROJECT_MAX_T + 1, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
+    assert torch.equal(project(x_TD, w_ED, None), torch.nn.functional.linear(x_TD, w_ED))
+
+
+def test_project_rejects_a_weight_of_another_width():
+    with pytest.raises(ValueError, match=r"moe_fx: route's projection expects weight \[E, 32\]"):
+        project(torch.randn(2, 32, device=DEVICE), torch.randn(8, 33, device=DEVICE), None)

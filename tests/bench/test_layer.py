@@ -1,0 +1,48 @@
+"""bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear and
+the router's linear by torch compute the same layer as the reference lowerings."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
+from tests.conftest import rel_err
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+OPS = torch.ops.moe_fx
+
+
+def _layer():
+    sys.path.insert(0, str(BENCH))  # its sibling imports, as when run as a script
+    try:
+        spec = importlib.util.spec_from_file_location("bench_layer", BENCH / "layer.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
+    return module
+
+
+def test_moe_fx_variants_compute_the_layer():
+    layer = _layer()
+    E, K, D, F = 8, 2, 32, 48
+    g = torch.Generator().manual_seed(0)
+    block = SimpleNamespace(  # the attributes moe_fx_layer reads of transformers' Mixtral block
+        experts=SimpleNamespace(gate_up_proj=torch.randn(E, 2 * F, D, generator=g) / D**0.5,
+                                down_proj=torch.randn(E, D, F, generator=g) / F**0.5),
+        gate=SimpleNamespace(weight=torch.randn(E, D, generator=g) / D**0.5),
+    )  # fmt: skip
+    spec = MoESpec(ExpertsSpec(E, D, F, dtype="float32"), K, router=RouterSpec(K, renormalize=True))
+    x = torch.randn(5, D, generator=g)
+    weights, ids = OPS.route(*route_args(spec.router, x, None, "reference", block.gate.weight))
+    d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
+    w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
+    y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "reference"))
+    ref = OPS.combine(*combine_args(spec, y, weights, d, "reference"))
+    for outside in (False, True):
+        out = layer.moe_fx_layer(block, spec, "triton", linear_outside=outside)(x)
+        assert rel_err(out, ref) < 1e-5, outside

@@ -1,0 +1,108 @@
+"""The rewrite's router projection: a route lowering registered with `projects=True` takes the router's linear
+(tokens, weight, bias) in place of its logits, unless something else reads the logits. On the CPU a test lowering
+stands in for Triton's (its route, the projection GEMV included, under the interpreter)."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import moe_fx
+from moe_fx import examples as ex
+from moe_fx.lowering import registry
+from moe_fx.lowering import triton as triton_lowering
+from tests.conftest import TOLERANCE, no_fallback, rel_err
+
+NAME = "projecting_test_route"
+
+
+@pytest.fixture
+def projecting_route():
+    """Triton's route lowering registered for the CPU with `projects=True`, above the reference."""
+    calls = []
+
+    def route(*, proj_weight=None, proj_bias=None, **kwargs):
+        calls.append(proj_weight is not None)
+        return triton_lowering.triton_route(proj_weight=proj_weight, proj_bias=proj_bias, **kwargs)
+
+    registry.register_lowering("route", device="cpu", name=NAME, priority=100, projects=True)(route)
+    yield calls
+    registry.unregister_lowering("route", device="cpu", name=NAME)
+
+
+def _route_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and "moe_fx.route" in str(n.target)]
+
+
+class ReturnsLogits(ex.LoopMoE):
+    """A block that returns its router logits beside its output (an auxiliary loss reads them)."""
+
+    def forward(self, x):
+        logits_TE = self.gate(x)
+        weights_TK, ids_TK = ex.softmax_topk(logits_TE, self.k)
+        out_TD = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            out_TD.index_add_(0, token_idx, expert(x[token_idx]) * weights_TK[token_idx, slot_idx, None])
+        return out_TD, logits_TE
+
+
+class BiasedRouter(nn.Module):
+    """GPT-OSS's router: a linear with a bias, top-k, then softmax over the k values."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=6, k=2):
+        super().__init__()
+        self.k = k
+        self.router = nn.Linear(dim, num_experts, bias=True)
+        self.experts = nn.ModuleList(ex.SwiGLU(dim, ffn) for _ in range(num_experts))
+
+    def forward(self, x):
+        values_TK, ids_TK = F.linear(x, self.router.weight, self.router.bias).topk(self.k, dim=-1)
+        weights_TK = values_TK.softmax(dim=-1)
+        out_TD = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            out_TD.index_add_(0, token_idx, expert(x[token_idx]) * weights_TK[token_idx, slot_idx, None])
+        return out_TD
+
+
+@pytest.mark.parametrize("model", [ex.LoopMoE, ex.DeepSeekStyleMoE, BiasedRouter], ids=lambda m: m.__name__)
+def test_route_takes_the_routers_linear(model, projecting_route):
+    model = model().eval()
+    xs = [torch.randn(T, 32) for T in (7, 1, 3, 20)]  # 7, 20 > PROJECT_MAX_T: torch's linear inside route
+    with torch.no_grad():
+        refs = [model(x) for x in xs]
+        report = moe_fx.apply(model, xs[0])
+        with no_fallback():
+            outs = [model(x) for x in xs]
+    route_choice = report.matches[0].lowerings["route"]
+    assert route_choice.name == NAME and "takes the router's linear" in route_choice.reason
+    (route,) = _route_nodes(model.forward.gm)
+    assert route.args[-2] is not None, route  # proj_weight
+    linears = [n for n in model.forward.gm.graph.nodes if n.target in (torch._C._nn.linear, F.linear)]
+    assert all(n.args[0] is not route.args[0] for n in linears), "the router's linear is gone from the graph"
+    assert projecting_route[-len(xs) :] == [True] * len(xs)  # the calls after apply (verify's came before)
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_logits_read_elsewhere_keep_the_linear(projecting_route):
+    model = ReturnsLogits().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        ref, ref_logits = model(x)
+        moe_fx.apply(model, x)
+        out, logits = model(x)
+    (route,) = _route_nodes(model.forward.gm)
+    assert route.args[-2] is None and not any(projecting_route)
+    assert torch.equal(logits, ref_logits) and rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_the_reference_route_keeps_the_linear():
+    """No `projects`: the graph keeps the router's linear and route reads its logits, as before."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        moe_fx.apply(model, x)
+    (route,) = _route_nodes(model.forward.gm)
+    assert route.args[-2] is None
