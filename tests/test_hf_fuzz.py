@@ -1,9 +1,11 @@
 """Randomized tiny configs of the real HuggingFace MoE architectures that moe_fx rewrites: `apply` on an example
-of T1 tokens, then the logits of that example and of T2 fresh tokens against an untouched copy. A case is
-rewritten (every MoE block) with equal logits, or left untouched with the reason; never rewritten wrong.
+of T1 tokens (or `torch.compile(backend="moe_fx")`, a third of the cases), then the logits of that example and of
+T2 fresh tokens against an untouched copy. A case is rewritten (every MoE block) with equal logits, or left
+untouched with the reason; never rewritten wrong.
 
 Draws E, k, D, F, the expert groups (n_group, topk_group), renormalisation, the experts implementation
-(grouped_mm, batched_mm, eager), the dtype and T1, T2 over every architecture `hf_models` lists as rewritten.
+(grouped_mm, batched_mm, eager), the dtype, T1, T2 and the entry point over every architecture `hf_models` lists
+as rewritten.
 CI runs CASES derandomized cases; more, each run new:
 
     MOE_FX_FUZZ_HF=200 pytest -s tests/test_hf_fuzz.py              # MOE_FX_FUZZ_HF_SEED=n repeats a run
@@ -22,6 +24,7 @@ import torch
 
 import moe_fx
 from moe_fx import hf_models
+from moe_fx.backend import last_reports
 from tests.conftest import FALLBACK, rel_err
 
 transformers = pytest.importorskip("transformers")
@@ -58,7 +61,24 @@ def draw_case(rng: random.Random) -> dict:
     impl = rng.choice(["grouped_mm", "batched_mm", "eager"]) if hf_models.has_experts_implementations(name) else None
     dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
     T = (rng.choice([1, 2, 5, 7]), rng.choice([1, 3, 9, 16]))
-    return dict(name=name, overrides=overrides, impl=impl, dtype=dtype, T=T)
+    entry = rng.choice(["apply", "apply", "compile"])
+    return dict(name=name, overrides=overrides, impl=impl, dtype=dtype, T=T, entry=entry)
+
+
+def _rewrite_and_run(model, inputs: list[dict], entry: str) -> tuple[list, int, str]:
+    """(logits of each input, MoE blocks rewritten, the report as text) after `entry` ("apply": on the first
+    input; "compile": torch.compile(backend="moe_fx") with eager inside)."""
+    if entry == "apply":
+        report = moe_fx.apply(model, **inputs[0])
+        with torch.no_grad():
+            return [hf_models.logits(model(**x)) for x in inputs], len(report.matches), str(report)
+    before = len(last_reports())
+    compiled = torch.compile(model, backend="moe_fx", options={"inner": "eager"})
+    with torch.no_grad():
+        outs = [hf_models.logits(compiled(**x)) for x in inputs]
+    reports = last_reports()[before:]  # a recompile for the second input reports its blocks again: count paths
+    blocks = len({m.module_path for r in reports for m in r.matches})
+    return outs, blocks, "; ".join(map(str, reports))
 
 
 def run_case(case: dict, seed: int) -> tuple[str, str]:
@@ -75,14 +95,14 @@ def run_case(case: dict, seed: int) -> tuple[str, str]:
             expected = [hf_models.logits(original(**x)) for x in inputs]
     except Exception as err:
         return "invalid", f"{type(err).__name__}: {err}"[:200]
-    report = moe_fx.apply(model, **inputs[0])
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        errs = [rel_err(hf_models.logits(model(**x)), ref) for x, ref in zip(inputs, expected)]
+        outs, blocks, report = _rewrite_and_run(model, inputs, case.get("entry", "apply"))
+    errs = [rel_err(out, ref) for out, ref in zip(outs, expected)]
     if max(errs) > TOL[dtype]:
         return "wrong", f"rel errs {errs}"
-    if len(report.matches) < hf_models.ARCHITECTURES[name].moe_blocks:
-        return "refused", str(report).replace("\n", " | ")[:400]
+    if blocks < hf_models.ARCHITECTURES[name].moe_blocks:
+        return "refused", report.replace("\n", " | ")[:400]
     if any(FALLBACK in str(w.message) for w in caught):
         return "fallback", next(str(w.message) for w in caught if FALLBACK in str(w.message))[:300]
     return "rewritten", ""
@@ -96,7 +116,8 @@ def test_random_hf_configs_are_rewritten_right_or_refused():
         outcomes[outcome] += 1
         if outcome != "rewritten":
             sizes = {k: case["overrides"].get(k) for k in SIZES}
-            notes.append(f"{outcome}: {case['name']} {case['impl']} {case['dtype']} T={case['T']} {sizes} {detail}")
+            what = f"{case['name']} {case['entry']} {case['impl']} {case['dtype']} T={case['T']}"
+            notes.append(f"{outcome}: {what} {sizes} {detail}")
     print(f"\nhf fuzz seed {SEED}: {dict(outcomes)}", *notes, sep="\n")
     assert outcomes["wrong"] == 0, notes
     assert outcomes["rewritten"] + outcomes["invalid"] + outcomes["refused"] + outcomes["fallback"] == CASES
