@@ -44,18 +44,25 @@ def _install() -> None:
         return
 
     @functools.wraps(original)
-    def method_tolist(self, tx, *args, **kwargs):
+    def method_tolist(self, *args, **kwargs):  # (self, tx) on torch 2.13, (self) on older Dynamo
         if SWITCH.active and _unbacked_size(self.as_proxy().node.meta.get("example_value")):
-            unimplemented(
-                gb_type="moe_fx: tolist() of a data-dependent size",
-                context=f"call_method {self} tolist",
-                explanation="The tensor's length depends on its data (e.g. torch.bincount); Dynamo cannot iterate "
-                "it under moe_fx's capture flags, so the graph breaks here.",
-                hints=["Give the tensor a fixed size (e.g. torch.zeros(E).index_add_ / scatter_add_ of ones)."],
-            )
-        return original(self, tx, *args, **kwargs)
+            _graph_break(unimplemented, f"call_method {self} tolist")
+        return original(self, *args, **kwargs)
 
     TensorVariable.method_tolist = method_tolist
+
+
+def _graph_break(unimplemented, context: str) -> None:
+    explanation = (
+        "moe_fx: tolist() of a data-dependent size: the tensor's length depends on its data (e.g. torch.bincount); "
+        "Dynamo cannot iterate it under moe_fx's capture flags, so the graph breaks here"
+    )
+    hint = "A loop that skips experts without tokens (`if counts[i] == 0: continue`) can drop the skip."
+    try:
+        unimplemented(gb_type="moe_fx: tolist() of a data-dependent size", context=context, explanation=explanation,
+                      hints=[hint])  # fmt: skip
+    except TypeError:  # an older Dynamo, whose unimplemented takes the message alone
+        unimplemented(explanation)
 
 
 SWITCH = CaptureSwitch(_install)
