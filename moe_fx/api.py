@@ -53,9 +53,28 @@ def _break_text(reason) -> str:
     return f"{text} ({where.filename}:{where.lineno})" if where else text
 
 
+def _skipped_frames(before: dict) -> list[str]:
+    """Why Dynamo skipped whole frames since `before` (a copy of its "unimplemented" counter): a graph break inside
+    a loop makes it run the frame eagerly and record no graph break reason, so a block there shows in no graph."""
+    from torch._dynamo.utils import counters
+
+    found = []
+    for text, n in counters["unimplemented"].items():
+        if n <= before.get(text, 0) or "frame skipped" not in text:
+            continue
+        first = text.strip().splitlines()[0]
+        where = text[text.index("frame skipped") :].splitlines()[0].removeprefix("frame skipped: ")
+        found.append(f"{first} inside a loop: Dynamo skipped the frame {where} and runs it eagerly (no graph)")
+    return found
+
+
 def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]], list[str]]:
-    """The Dynamo graphs of one call of fn, with their real example inputs, and why the graph broke."""
+    """The Dynamo graphs of one call of fn, with their real example inputs, and why the graph broke (or a frame
+    was skipped)."""
+    from torch._dynamo.utils import counters
+
     graphs = []
+    before = dict(counters["unimplemented"])
 
     def backend(gm, example_inputs, **_):
         graphs.append((gm, list(example_inputs)))
@@ -77,7 +96,7 @@ def _capture(fn, args, kwargs) -> tuple[list[tuple[torch.fx.GraphModule, list]],
         torch._dynamo.reset()
         with torch.no_grad():
             torch.compile(fn, backend=backend)(*args, **kwargs)
-    breaks = [_break_text(r) for r in torch._dynamo.utils.graph_break_reasons]
+    breaks = [_break_text(r) for r in torch._dynamo.utils.graph_break_reasons] + _skipped_frames(before)
     torch._dynamo.reset()
     return graphs, [failed, *breaks] if failed else breaks
 

@@ -8,8 +8,9 @@ length depends on the data, and Dynamo's `tolist` iterates the tensor in Python,
 the graph at bincount and runs on.
 
 While a moe_fx capture runs (`capture_config`), `.tolist()` of a tensor whose size depends on the data is
-a graph break instead: the model compiles as it would under any other backend, and the block shows in
-moe_fx's report as split by that break (a block in two graphs cannot be rewritten). Where this Dynamo lacks
+a graph break instead, and so is `if n:` on such a size (`if idx.numel():`, which failed the same way): the
+model compiles as it would under any other backend, and the block shows in moe_fx's report as split by that
+break (a block in two graphs cannot be rewritten). Where this Dynamo lacks
 the method patched, nothing is patched.
 """
 
@@ -39,6 +40,7 @@ def _install() -> None:
         from torch._dynamo.variables.tensor import TensorVariable
     except ImportError:  # another Dynamo layout: no patch
         return
+    _install_jump_guard()
     original = getattr(TensorVariable, "method_tolist", None)
     if original is None:
         return
@@ -50,6 +52,35 @@ def _install() -> None:
         return original(self, *args, **kwargs)
 
     TensorVariable.method_tolist = method_tolist
+
+
+def _install_jump_guard() -> None:
+    """`if n:` on an int whose value depends on data (`if idx.numel():` under the capture flags): Dynamo 2.13 guards
+    on `n != 0` with `guard_bool`, whose GuardOnDataDependentSymNode nothing catches there, and the compile fails;
+    it catches a UserError there and breaks the graph, as it does for `if n > 0:`. While moe_fx captures, the
+    first becomes the second."""
+    try:
+        from torch._dynamo import symbolic_convert
+        from torch._dynamo.exc import UserError, UserErrorType
+        from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+    except ImportError:
+        return
+    original = getattr(symbolic_convert, "guard_bool", None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def guard_bool(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except GuardOnDataDependentSymNode as err:
+            if not SWITCH.active:
+                raise
+            raise UserError(
+                UserErrorType.ANTI_PATTERN, f"moe_fx: a branch on data-dependent truthiness: {err}"
+            ) from err
+
+    symbolic_convert.guard_bool = guard_bool
 
 
 def _graph_break(unimplemented, context: str) -> None:

@@ -280,3 +280,38 @@ def test_apply_gemma4_on_one_token_serves_every_length():
             x = hf_models.example_inputs(model, T=T, seed=T)
             out, ref = hf_models.logits(model(**x)), hf_models.logits(reference(**x))
             assert rel_err(out, ref) < 1e-5, T
+
+
+class SkipsUnusedExperts(ex.LoopMoE):
+    """An expert loop that skips experts without tokens: `if idx.numel():` (under moe_fx's capture flags Dynamo
+    2.13 failed the whole capture on it: `moe_fx.capture_breaks`) or `if mask.sum():` (vLLM's reference
+    torch_moe). Either is a graph break inside a loop, so Dynamo skips the frame and records no graph break."""
+
+    def __init__(self, skip: str):
+        super().__init__()
+        self.skip = skip
+
+    def forward(self, x):
+        weights_TK, ids_TK = ex.softmax_topk(self.gate(x), self.k)
+        out_TD = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token_idx, slot_idx = torch.where(ids_TK == e)
+            if token_idx.numel() if self.skip == "numel" else (ids_TK == e).sum():
+                out_TD.index_add_(0, token_idx, expert(x[token_idx]) * weights_TK[token_idx, slot_idx, None])
+        return out_TD
+
+
+@pytest.mark.parametrize("skip", ["numel", "sum"])
+def test_a_frame_dynamo_skips_is_named_with_the_reason(skip):
+    model = SkipsUnusedExperts(skip).eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+        report = moe_fx.apply(model, x)
+        out = model(x)
+    assert not report.matches, str(report)  # the expert modules' and softmax_topk's own frames are graphs
+    assert any("Dynamo skipped the frame forward" in r for r in report.break_reasons), str(report)
+    assert not any("failed under moe_fx's capture flags" in r for r in report.break_reasons), str(report)
+    assert torch.equal(out, ref)
+    with torch.no_grad():  # and a torch.compile with moe_fx runs it as Dynamo does with any backend
+        assert torch.equal(torch.compile(model, backend="moe_fx", options={"inner": "eager"})(x), ref)
