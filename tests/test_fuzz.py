@@ -80,6 +80,9 @@ def _run(params, dtype, T, entry, seed, stats):
     stats.update([f"form={params['form']}", f"E={params['num_experts']}", f"router={params['router']}", str(dtype)])
     stats.update([f"act={params['activation']}", f"entry={entry}"] + [k for k in ("bias", "shared") if params[k]])
     stats["verify_failed"] += counters["moe_fx"]["verify_failed"]
+    if counters["moe_fx"]["verify_failed"]:  # identified, then refused by verification: name the case
+        why = "; ".join(r.reason for r in report.rejections)[:300]
+        stats[f"verify_failed case: {params} {dtype} T={T} {entry} seed={seed}: {why}"] += 1
     errs = [rel_err(o, r) for o, r in zip(outs, refs)]
     if report.matches:
         stats["rewritten"] += 1
