@@ -1,27 +1,16 @@
 """bench/experts_op.py (what bench/gemm_paths.py and bench/defaults.py time) on the CPU, under the Triton interpreter:
 its op is the experts op on the rows it dispatched (checked against the float64 oracle)."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
+from tests.bench.scripts import load
 from tests.conftest import TOLERANCE, rel_err
 from tests.lowering.test_reference import oracle
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _experts_op():
-    spec = importlib.util.spec_from_file_location("bench_experts_op", BENCH / "experts_op.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.experts_op
 
 
 def test_the_bench_op_is_the_experts_op_on_its_rows(poison_outputs):
     E, K, D, F, T = 6, 2, 32, 24, 5
-    run = _experts_op()((E, K, D, F), T, device="cpu", dtype=torch.float32)
+    run = load("experts_op").experts_op((E, K, D, F), T, device="cpu", dtype=torch.float32)
     x, ids, weights, w13, w2 = run.inputs
     y_RD = run()  # rows grouped by expert; each token's rows weighted and summed give the layer's output
     assert y_RD.shape == (T * K, D) and torch.isfinite(y_RD).all()

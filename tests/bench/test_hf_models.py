@@ -1,26 +1,18 @@
 """bench/hf_models.py at tiny sizes on the CPU: every model builds, the run writes its JSON, moe_fx rewrites the
 block and its logits match HF eager's."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.bench.scripts import load
+
 pytest.importorskip("transformers")
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_hf_models", ROOT / "bench" / "hf_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_model_builds_tiny():
-    bench = _bench()
+    bench = load("hf_models")
     for name in bench.MODELS:
         model = bench.build(name, tiny=True, device="cpu")
         assert model.config.num_hidden_layers == 1
@@ -28,7 +20,7 @@ def test_every_model_builds_tiny():
 
 
 def test_tiny_run_writes_the_table(tmp_path):
-    bench = _bench()
+    bench = load("hf_models")
     argv = ["--tiny", "--models", "mixtral", "--variants", "hf_eager", "hf_gmm", "moe_fx", "--inner", "eager"]
     result = bench.main([*argv, "--out", str(tmp_path)])
     written = json.loads(Path(result["path"]).read_text())

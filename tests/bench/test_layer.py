@@ -1,34 +1,20 @@
 """bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear and
 the router's linear by torch compute the same layer as the reference lowerings."""
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
+from tests.bench.scripts import load
 from tests.conftest import rel_err
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 OPS = torch.ops.moe_fx
 
 
-def _layer():
-    sys.path.insert(0, str(BENCH))  # its sibling imports, as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("bench_layer", BENCH / "layer.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
 def test_moe_fx_variants_compute_the_layer():
-    layer = _layer()
+    layer = load("layer")
     E, K, D, F = 8, 2, 32, 48
     g = torch.Generator().manual_seed(0)
     block = SimpleNamespace(  # the attributes moe_fx_layer reads of transformers' Mixtral block

@@ -1,30 +1,14 @@
 """bench/retune.py: which packaged entries it times beside the shipped one (every device's entry of the key,
 no other quant mode's or dtype's)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 
 from moe_fx.lowering.triton import tuning
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _retune():
-    sys.path.insert(0, str(BENCH))  # its sibling imports (experts_op, layer), as when run as a script
-    try:
-        spec = importlib.util.spec_from_file_location("bench_retune", BENCH / "retune.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+from tests.bench.scripts import load
 
 
 def test_packaged_entries_of_every_device_and_only_this_key():
-    bench = _retune()
+    bench = load("retune")
     E, K, D, F = bench.SHAPES["qwen3"]
     for quant in ("none", "fp8"):
         found = bench.shipped_entries(E, D, F, K, 1, quant)
@@ -37,7 +21,7 @@ def test_packaged_entries_of_every_device_and_only_this_key():
 
 
 def test_tile_families_split_the_candidates():
-    bench = _retune()
+    bench = load("retune")
     for candidates in (tuning.CANDIDATES, tuning.QUANT_CANDIDATES):
         decode = [c for c in candidates if bench.TILES["decode"](c)]
         prefill = [c for c in candidates if bench.TILES["prefill"](c)]
