@@ -246,7 +246,7 @@ def rewrite_graph(
         old = set(gm.graph.nodes)
         rewrite(gm, match, index, [] if dry_run else pending, shard, owns_forward and not dry_run)
         new_nodes = [n for n in gm.graph.nodes if n not in old]
-        if any(n.target is torch.ops.moe_fx.route.default and n.args[-2] is not None for n in new_nodes):
+        if any(n.meta.get("moe_fx", {}).get("projects") for n in new_nodes):
             route = block.lowerings["route"]
             route.reason = f"{route.reason}; takes the router's linear (projects the tokens itself)"
         if options.overlap_shared and match.selections["quantize_dispatch"].chosen.overlaps:

@@ -359,6 +359,8 @@ def rewrite(
     for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
         node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
+    if projection is not None:  # the report says so (`pipeline.rewrite_graph`)
+        route.meta["moe_fx"]["projects"] = True
 
     new = set(new_nodes)
     if is_inplace(match.output):
