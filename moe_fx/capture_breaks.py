@@ -35,12 +35,12 @@ def _install() -> None:
     if _installed:
         return
     _installed.append(True)
+    _install_jump_guard()
     try:
         from torch._dynamo.exc import unimplemented
         from torch._dynamo.variables.tensor import TensorVariable
     except ImportError:  # another Dynamo layout: no patch
         return
-    _install_jump_guard()
     original = getattr(TensorVariable, "method_tolist", None)
     if original is None:
         return
