@@ -11,7 +11,10 @@ to running as opaque calls on each call's own objects (`moe_fx.passthrough`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
+import re
 import warnings
 from contextlib import nullcontext
 from typing import Any
@@ -20,10 +23,12 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from moe_fx import passthrough
+from moe_fx import hit_loops, passthrough
 from moe_fx.backend import capture_config
 from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, ones_fixed
+from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.options import parse_options
+from moe_fx.passes.match import block_tolerance
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
 from moe_fx.passes.rewrite import apply_rebind
@@ -309,7 +314,9 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         rejections=list(found.rejections),
     )
     paths = list(dict.fromkeys(m.module_path for m in found.matches))
-    recorded, snapshots = _record_inputs(model, args, kwargs, {model.get_submodule(p) for p in paths})
+    loop_owners = _hit_loop_owners(model, found, paths)
+    owners = {model.get_submodule(p) for p in paths} | set(loop_owners.values())
+    recorded, snapshots = _record_inputs(model, args, kwargs, owners)
     for path in paths:
         owner = model.get_submodule(path)
         if owner not in recorded:
@@ -337,5 +344,137 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             note = owner.forward.guards.serves()
             for m in block_report.matches:
                 m.capture_note = note
+    rewritten: list[str] = []
+    for path, owner in loop_owners.items():
+        if not any(_nested(path, done) for done in rewritten) and _rewrite_hit_loop(
+            path, owner, recorded, snapshots, opts, report
+        ):
+            rewritten.append(path)
     model._moe_fx_report = report
     return report
+
+
+_BREAK_AT = (re.compile(r"\(([^()]+):(\d+)\)$"), re.compile(r"\(([^()]+) line (\d+)\)"))
+
+
+def _break_lines(break_reasons: list[str]) -> set[tuple[str, int]]:
+    """The (file, line) of the user code where each graph break (or skipped frame) happened."""
+    lines = set()
+    for text in break_reasons:
+        for pattern in _BREAK_AT:
+            if found := pattern.search(text or ""):
+                lines.add((found.group(1), int(found.group(2))))
+    return lines
+
+
+@functools.cache
+def _class_span(cls: type) -> tuple[str, int, int] | None:
+    """(file, first line, last line) of a class's source, or None where it has none."""
+    try:
+        lines, first = inspect.getsourcelines(cls)
+        return inspect.getsourcefile(cls) or "", first, first + len(lines) - 1
+    except (OSError, TypeError):
+        return None
+
+
+@functools.cache
+def _class_source(cls: type) -> str:
+    """The source of a class and of the classes it inherits from (nn.Module's aside), "" where there is none."""
+    texts = []
+    for c in cls.__mro__:
+        if c in (nn.Module, object):
+            continue
+        try:
+            texts.append(inspect.getsource(c))
+        except (OSError, TypeError):
+            pass
+    return "\n".join(texts)
+
+
+def _in_class_code(cls: type, lines: set[tuple[str, int]]) -> bool:
+    """Whether one of the break `lines` lies in the code of `cls` or of a class it inherits from (nn.Module's
+    aside)."""
+    spans = [_class_span(c) for c in cls.__mro__ if c not in (nn.Module, object)]
+    return any(span and f == span[0] and span[1] <= n <= span[2] for span in spans for f, n in lines)
+
+
+def _nested(a: str, b: str) -> bool:
+    """Whether module paths a and b are one and the same, or one holds the other."""
+    return a == b or not a or not b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _hit_loop_owners(model: nn.Module, found: Report, taken: list[str]) -> dict[str, nn.Module]:
+    """Where a loop over the experts hit may hide a block (`moe_fx.hit_loops`): the modules whose class's code
+    broke the capture (or made Dynamo skip a frame) and whose code, or a submodule's, calls a top-k; deepest
+    first, apart from those that hold or are held by a block found already."""
+    lines = _break_lines(found.break_reasons)
+    if not lines:
+        return {}
+    owners = {
+        path: m
+        for path, m in model.named_modules()
+        if _in_class_code(type(m), lines)
+        and any("topk" in _class_source(type(sub)) for sub in m.modules())
+        and not any(_nested(path, t) for t in taken)
+    }
+    return dict(sorted(owners.items(), key=lambda item: -item[0].count(".") - bool(item[0])))
+
+
+def _rewrite_hit_loop(path: str, owner: nn.Module, recorded: dict, snapshots: dict, opts, report: Report) -> bool:
+    """Capture `owner` with its loops over the experts hit run over every expert (`hit_loops`), and install the
+    rewrite if it agrees with the original forward on probes (most experts without tokens). A module that
+    yields no block this way is left as it is, and the report as the ordinary capture made it."""
+    if owner not in recorded or owner in snapshots:  # not called, or passing objects through: not this way
+        return False
+    try:
+        with hit_loops.every_expert():
+            gm, flat_inputs, passed, assumed, rebind, block_report = _capture_and_rewrite(
+                owner, recorded, snapshots, opts, 1
+            )
+    except Exception as e:  # not capturable this way either: the ordinary capture's report stands
+        log.info("moe_fx: %s: no capture with its hit-expert loops unrolled: %r", path or "<root>", e)
+        return False
+    if not block_report.matches:
+        return False
+    margs, mkwargs = recorded[owner]
+    tensors = [t for t in (*pytree.tree_leaves((margs, mkwargs)), *owner.parameters()) if isinstance(t, torch.Tensor)]
+    tol = max(
+        block_tolerance(*(t.dtype for t in tensors if t.is_floating_point())),
+        *(EXPECTED_ERROR.get(m.spec.quant.mode, 0.0) for m in block_report.matches),
+    )
+
+    def rewritten(*args, **kwargs):
+        refresh(gm)
+        return gm(*args, **kwargs)
+
+    err, why = hit_loops.check_against_original(owner.forward, rewritten, margs, mkwargs, tol)
+    if why is not None:
+        _reject(report, path, f"captured with its loop over the experts hit run over every expert, it disagrees "
+                f"with the original forward: {why}")  # fmt: skip
+        return False
+    apply_rebind(rebind)
+    owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed)
+    note = "; ".join(
+        n
+        for n in (
+            "its loop over the experts hit was captured as a loop over every expert, and the rewrite agrees with "
+            f"the original forward on probes where most experts get no token (rel err {err:.1e})",
+            owner.forward.guards.serves(),
+        )
+        if n
+    )
+    for m in block_report.matches:
+        m.module_path = ".".join(p for p in (path, m.module_path) if p)
+        m.errors["against the original forward"] = err
+        m.capture_note = note
+    report.matches += block_report.matches
+    report.rejections = [r for r in report.rejections if not _in_code_of(r.source, owner)]
+    report.rejections += block_report.rejections
+    return True
+
+
+def _in_code_of(source: str, module: nn.Module) -> bool:
+    """Whether the "file:line" `source` lies in the code of `module`'s class, of a submodule's, or of a class
+    either inherits from."""
+    file, _, line = source.rpartition(":")
+    return line.isdigit() and any(_in_class_code(type(m), {(file, int(line))}) for m in module.modules())

@@ -16,8 +16,10 @@ transformers 4.57 (the last 4.x line, tested by `.ci/transformers457` on TRANSFO
 `nn.ModuleList`s of per-expert MLPs (or stacked parameters) run by Python code, with no implementation to
 select. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and the dense
 bmm (Llama4) are captured whole under moe_fx's capture flags and rewritten (per-expert weights are stacked
-once); the `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen, GPT-OSS on the CPU) and the loops with
-a data-dependent `if` (DeepSeek-V3) graph-break, and moe_fx leaves them untouched (`refused_4x`).
+once). The `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen2/3-MoE) and the loop with a
+data-dependent `if` (DeepSeek-V3) graph-break: `apply` captures them as loops over every expert and rewrites
+them once they agree with the original forward (`moe_fx.hit_loops`), `torch.compile` leaves them untouched
+(`apply_only_4x`); GPT-OSS's loop (CPU) is left untouched by both (`refused_4x`).
 
 Architectures added with transformers 5.x are `shrink=True` entries: the config's defaults shrunk by TINY.
 Multimodal ones are built as their MoE text model (`logits` then reads its last hidden state); an
@@ -116,6 +118,7 @@ class Architecture:
     `shrink`: start from the config's defaults shrunk by TINY (then `overrides`), not from COMMON.
     `refused_4x`: why moe_fx leaves the transformers 4.57 form of the blocks untouched (TRANSFORMERS_4 lists
     the architectures tested on that line; empty: rewritten there too).
+    `apply_only_4x`: why only `apply` rewrites the transformers 4.57 form (`torch.compile` leaves it untouched).
     """
 
     config: str
@@ -127,14 +130,18 @@ class Architecture:
     refused: str = ""
     shrink: bool = False
     refused_4x: str = ""
+    apply_only_4x: str = ""
 
 
-# transformers 4.57's experts loop (Mixtral, Qwen2/3-MoE)
+# transformers 4.57's experts loops: over the experts hit (Mixtral, Qwen2/3-MoE), or over every expert skipping the
+# empty ones (DeepSeek-V3)
 LOOP_4X = (
-    "the transformers 4.57 block loops over the experts hit (`for e in expert_hit`, from `nonzero()`): "
-    "Dynamo graph-breaks at the data-dependent loop, so the experts reach no graph (the top-k's graph has"
-    " no combine); left untouched"
+    "the transformers 4.57 block loops {}: `apply` captures it as a loop over every expert "
+    "and rewrites it once it agrees with the original forward on probes where most experts get no token "
+    '(`moe_fx.hit_loops`); `torch.compile(backend="moe_fx")` leaves it untouched (Dynamo graph-breaks at the '
+    "data-dependent loop)"
 )
+HIT_LOOP_4X = LOOP_4X.format("over the experts hit (`for e in expert_hit`, from `nonzero()`)")
 
 # HY-V4, DeepSeek-V4, GLM-5-Next: experts whose SwiGLU clamps at swiglu_limit
 CLAMPED_SILU = (
@@ -149,7 +156,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         dict(num_hidden_layers=2, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2),
         moe_blocks=2,
         notes="softmax → top-k → renormalise; SiLU-gated experts",
-        refused_4x=LOOP_4X,
+        apply_only_4x=HIT_LOOP_4X,
     ),
     "qwen2_moe": Architecture(
         "Qwen2MoeConfig",
@@ -162,14 +169,14 @@ ARCHITECTURES: dict[str, Architecture] = {
             intermediate_size=96,
         ),
         notes="shared expert with a sigmoid gate, left as ordinary nodes",
-        refused_4x=LOOP_4X,
+        apply_only_4x=HIT_LOOP_4X,
     ),
     "qwen3_moe": Architecture(
         "Qwen3MoeConfig",
         "Qwen3MoeForCausalLM",
         dict(moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, head_dim=16),
         notes="softmax → top-k → renormalise",
-        refused_4x=LOOP_4X,
+        apply_only_4x=HIT_LOOP_4X,
     ),
     "qwen3_next": Architecture(
         "Qwen3NextConfig",
@@ -233,8 +240,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         notes="sigmoid + e_score_correction_bias, group-limited top-k (group score = top-2 sum), unbiased "
         "weights, renormalise, × routed_scaling_factor",
-        refused_4x="the transformers 4.57 block loops over every expert with a data-dependent `if tokens.numel() > 0`: "
-        "Dynamo graph-breaks there, so the experts reach no graph; left untouched",
+        apply_only_4x=LOOP_4X.format("over every expert, skipping those without tokens (`if tokens.numel() > 0`)"),
     ),
     "glm4_moe": Architecture(
         "Glm4MoeConfig",
@@ -299,7 +305,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
         refused_4x="on the CPU the transformers 4.57 experts loop over the experts hit (`nonzero()`; the dense bmm "
-        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph; left untouched",
+        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph, and `apply`'s capture "
+        "over every expert fails too (the loop takes `expert_idx[0]` of what is then an int); left untouched",
     ),
     "llama4": Architecture(
         "Llama4TextConfig",
@@ -886,7 +893,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # The architectures tested on transformers 4.57 (the last 4.x line; `.ci/transformers457`): its forms are
 # per-expert `nn.ModuleList`s run by Python loops, the dense bmm of Llama4, the `.tolist()` + split of Granite
-# and JetMoE; `refused_4x` says which are left untouched.
+# and JetMoE; `refused_4x` says which are left untouched, `apply_only_4x` which only `apply` rewrites.
 TRANSFORMERS_4 = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3", "gpt_oss", "llama4")
 TRANSFORMERS_4 += ("granitemoe", "jetmoe")
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from moe_fx.passes.match import block_tolerance
-from moe_fx.passes.verify import _compare
+from moe_fx.passes.verify import compare
 
 # what export takes as a leaf of its inputs (besides these, only pytree containers)
 _TAKEN = (torch.Tensor, int, float, complex, bool, str, bytes, type(None), torch.device, torch.dtype, torch.layout,
@@ -236,7 +236,7 @@ class Passthrough:
             return f"the captured graph returns {got_spec}, the module {want_spec}"
         for i, (g, w) in enumerate(zip(got_leaves, want_leaves)):
             if isinstance(w, torch.Tensor):
-                why = _compare(g, w, block_tolerance(w.dtype))[1]
+                why = compare(g, w, block_tolerance(w.dtype))[1]
             else:
                 why = None if type(g) is type(w) and (g == w if isinstance(w, _TAKEN) else True) else f"{g!r}"
             if why is not None:

@@ -102,6 +102,7 @@ class RejectionReport:
     where: str
     reason: str
     graph: int = 0
+    source: str = ""  # "file:line" of the user code that made the anchor node, where the graph says
 
 
 HEAD = ["#", "module", "form", "router", "experts", "lowering", "weights", "verified rel err"]

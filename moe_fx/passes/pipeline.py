@@ -7,6 +7,7 @@ blocks that pass are rewritten, so a failed block is left exactly as it was.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import torch
@@ -27,6 +28,12 @@ from moe_fx.report import BlockReport, LoweringChoice, RejectionReport, Report
 from moe_fx.spec import QuantSpec
 
 log = logging.getLogger("moe_fx")
+
+
+def source_line(node: fx.Node | None) -> str:
+    """ "file:line" of the innermost user frame in `node`'s stack trace ("" where it has none)."""
+    found = re.findall(r'File "([^"]+)", line (\d+)', (node.meta.get("stack_trace") or "") if node is not None else "")
+    return f"{found[-1][0]}:{found[-1][1]}" if found else ""
 
 
 _COUNT_LOCK = threading.Lock()
@@ -200,7 +207,10 @@ def rewrite_graph(
             "into a graph of its own)"
         )
     report = Report(graphs=1)
-    report.rejections += [RejectionReport(r.module_path, r.where, r.reason, graph) for r in rejections]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    report.rejections += [
+        RejectionReport(r.module_path, r.where, r.reason, graph, source_line(nodes.get(r.where))) for r in rejections
+    ]
     count("rejected", len(rejections))
     accepted = []
     for match in matches:  # every check runs on the pristine graph; the rewrites come after

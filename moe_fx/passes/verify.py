@@ -88,7 +88,7 @@ def _map_match(match: MoEMatch, env: dict[fx.Node, fx.Node]) -> MoEMatch:
     )
 
 
-def _compare(out, ref, tol: float) -> tuple[float, str | None]:
+def compare(out, ref, tol: float) -> tuple[float, str | None]:
     """(rel err, why it is a mismatch or None)."""
     if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
@@ -198,7 +198,7 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
         tied = _tied_tokens(finder, match, logits)
         if tied is not None and out.shape == ref.shape and tied.numel() == ref.reshape(-1, ref.shape[-1]).shape[0]:
             out, ref = (t.reshape(-1, t.shape[-1])[~tied] for t in (out, ref))
-        err, why = _compare(out, ref, math.inf if quantised else tol)
+        err, why = compare(out, ref, math.inf if quantised else tol)
         worst = max(worst, err)
         if why is not None:
             return worst, why

@@ -1,0 +1,167 @@
+"""Capture a loop over the experts hit as a loop over every expert (`apply` only, checked against the original).
+
+transformers 4.57's Mixtral, Qwen2-MoE and Qwen3-MoE blocks loop over the experts hit,
+`for e in expert_mask.sum(...).gt(0).nonzero():`; its DeepSeek-V3 loops over every expert but skips the empty
+ones, `if token_indices.numel() > 0:`. Dynamo can neither unroll a loop whose length depends on the data nor
+take a branch on it, so such a block never reaches one graph and no capture finds it.
+
+While `SWITCH.on()`, in a Dynamo trace:
+- iterating the result of `nonzero()` of a 1-D tensor of static length E (at most MAX_EXPERTS) yields the ints
+  0 … E-1, as if every expert were hit. The original yields 1-element tensors; indexing with either picks the
+  same expert, with one leading dimension fewer (Mixtral's `.squeeze(0)` then has nothing to drop);
+- a branch on whether a data-dependent size is non-zero (`if idx.numel() > 0:`, `if n:`) is taken.
+
+The captured loop runs its body for the experts without tokens too. That is the original block only if the
+body then does nothing (an `index_add_` of no rows), which no graph shows. So `apply` captures this way only
+the modules whose code broke the ordinary capture, and installs a rewrite only after it agrees with the
+module's original forward, run eagerly, on probes where most experts get no token (`check_against_original`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils import _pytree as pytree
+
+from moe_fx.capture_switch import CaptureSwitch
+
+MAX_EXPERTS = 1024  # the longest hit-expert loop unrolled
+_installed: list = []
+
+
+def _hit_loop_length(var) -> int | None:
+    """E when `var` (a Dynamo TensorVariable) is `nonzero()` of a 1-D tensor of static length E <= MAX_EXPERTS,
+    whose own length depends on the data; None otherwise."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    try:
+        node = var.as_proxy().node
+    except Exception:
+        return None
+    value = node.meta.get("example_value")
+    if node.target not in ("nonzero", torch.nonzero) or not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return None
+    if not free_unbacked_symbols(value.shape[0]) or node.kwargs.get("as_tuple"):
+        return None
+    source = node.args[0].meta.get("example_value") if isinstance(node.args[0], torch.fx.Node) else None
+    if not isinstance(source, torch.Tensor) or source.dim() != 1 or not isinstance(source.shape[0], int):
+        return None
+    return source.shape[0] if 0 < source.shape[0] <= MAX_EXPERTS else None
+
+
+def _tests_nonempty(value) -> bool:
+    """Whether `value` (a SymBool) tests that data-dependent sizes are non-zero: false when they are 0, true for
+    every positive size tried."""
+    import sympy
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    if not isinstance(value, torch.SymBool):
+        return False
+    expr = value.node.expr
+    sizes = free_unbacked_symbols(expr)
+    if not sizes or set(expr.free_symbols) != set(sizes):
+        return False
+
+    def at(n: int):
+        return expr.subs({s: n for s in sizes})
+
+    return at(0) == sympy.false and all(at(n) == sympy.true for n in (1, 2, 3, 64, 4096))
+
+
+def _install() -> None:
+    if _installed:
+        return
+    _installed.append(True)
+    try:
+        from torch._dynamo import symbolic_convert
+        from torch._dynamo.variables.constant import ConstantVariable
+        from torch._dynamo.variables.tensor import SymNodeVariable, TensorVariable
+    except ImportError:  # another Dynamo layout: nothing is patched, such loops stay uncaptured
+        return
+    unpack = TensorVariable.unpack_var_sequence
+
+    @functools.wraps(unpack)
+    def unpack_var_sequence(self, tx, idxes=None):
+        length = _hit_loop_length(self) if SWITCH.active and idxes is None else None
+        if length is not None:
+            return [ConstantVariable.create(e) for e in range(length)]
+        return unpack(self, tx, idxes)
+
+    evaluate = SymNodeVariable.evaluate_expr
+
+    @functools.wraps(evaluate)
+    def evaluate_expr(self, *args, **kwargs):  # `if n > 0:`
+        if SWITCH.active and _tests_nonempty(self.sym_num):
+            return True
+        return evaluate(self, *args, **kwargs)
+
+    guard_bool = getattr(symbolic_convert, "guard_bool", None)
+
+    def guard_nonempty(value, *args, **kwargs):  # `if n:` (Dynamo guards on n != 0)
+        if SWITCH.active and _tests_nonempty(value):
+            return True
+        return guard_bool(value, *args, **kwargs)
+
+    TensorVariable.unpack_var_sequence = unpack_var_sequence
+    SymNodeVariable.evaluate_expr = evaluate_expr
+    if guard_bool is not None:
+        symbolic_convert.guard_bool = functools.wraps(guard_bool)(guard_nonempty)
+
+
+SWITCH = CaptureSwitch(_install)
+# Within the context, Dynamo captures loops over the experts hit as loops over every expert.
+every_expert = SWITCH.on
+
+
+def _probe_calls(margs: tuple, mkwargs: dict, rounds: int = 2) -> list[tuple[tuple, dict]]:
+    """The recorded call, then calls with its floating-point tensors replaced: random ones at their scale
+    (`rounds`), and as many where every token is one random token (each floating tensor of 2+ dimensions holds
+    one row repeated): that token's top-k experts get every row, all others none."""
+    g = torch.Generator().manual_seed(0)
+
+    def random_like(t: torch.Tensor) -> torch.Tensor:
+        std = t.float().std().item() if t.numel() > 1 else 1.0
+        std = std if 0 < std < float("inf") else 1.0
+        return (torch.randn(t.shape, generator=g) * std).to(t.dtype).to(t.device)
+
+    def one_token(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2:
+            return t
+        return t.reshape(-1, t.shape[-1])[:1].expand(t.numel() // t.shape[-1], t.shape[-1]).reshape(t.shape)
+
+    def replaced(fn):
+        def leaf(v):
+            return fn(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+
+        return pytree.tree_map(leaf, (margs, mkwargs))
+
+    calls = [(margs, mkwargs)]
+    calls += [replaced(random_like) for _ in range(rounds)]
+    calls += [replaced(lambda t: one_token(random_like(t))) for _ in range(rounds)]
+    return calls
+
+
+def check_against_original(original, rewritten, margs: tuple, mkwargs: dict, tol: float) -> tuple[float, str | None]:
+    """(worst rel err, None) when `rewritten(*args, **kwargs)` agrees with `original` on every probe call
+    (`_probe_calls`) within `tol`, output leaf by output leaf; (err, why) at the first that does not."""
+    from moe_fx.passes.verify import compare
+
+    worst = 0.0
+    for i, (args, kwargs) in enumerate(_probe_calls(margs, mkwargs)):
+        with torch.no_grad():
+            ref = pytree.tree_leaves(original(*args, **kwargs))
+            try:
+                out = pytree.tree_leaves(rewritten(*args, **kwargs))
+            except Exception as e:
+                return float("inf"), f"the rewritten module failed on probe {i}: {e!r}"[:300]
+        if len(out) != len(ref):
+            return float("inf"), f"probe {i}: {len(out)} outputs where the original gives {len(ref)}"
+        for o, r in zip(out, ref):
+            if not isinstance(r, torch.Tensor):
+                continue
+            err, why = compare(o, r, tol)
+            worst = max(worst, err)
+            if why is not None:
+                return worst, f"probe {i}: {why}"
+    return worst, None
