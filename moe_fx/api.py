@@ -115,6 +115,17 @@ def explain(model_or_fn, *args, options: dict[str, Any] | None = None, **kwargs)
     """
     opts = parse_options(options)
     args, kwargs = _example_inputs(model_or_fn, args, kwargs)
+    report = _explain(model_or_fn, args, kwargs, opts)
+    if isinstance(model_or_fn, nn.Module):  # what apply's second capture would find (the model stays as it is)
+        owners = _hit_loop_owners(model_or_fn, report, [m.module_path for m in report.matches])
+        if owners:
+            recorded, snapshots = _record_inputs(model_or_fn, args, kwargs, set(owners.values()))
+            _rewrite_hit_loops(owners, recorded, snapshots, opts, report, install=False)
+    return report
+
+
+def _explain(model_or_fn, args: tuple, kwargs: dict, opts) -> Report:
+    """`explain` of the ordinary capture: one run under Dynamo, each graph rewritten as a dry run."""
     graphs, breaks = _capture(model_or_fn, args, kwargs)
     report = Report(break_reasons=breaks)
     for i, (gm, example_inputs) in enumerate(graphs):
@@ -306,7 +317,7 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         return done
     opts = parse_options(options)
     args, kwargs = _example_inputs(model, args, kwargs)
-    found = explain(model, *args, options=options, **kwargs)
+    found = _explain(model, args, kwargs, opts)
     report = Report(
         graphs=found.graphs,
         graph_breaks=found.graph_breaks,
@@ -344,12 +355,7 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
             note = owner.forward.guards.serves()
             for m in block_report.matches:
                 m.capture_note = note
-    rewritten: list[str] = []
-    for path, owner in loop_owners.items():
-        if not any(_nested(path, done) for done in rewritten) and _rewrite_hit_loop(
-            path, owner, recorded, snapshots, opts, report
-        ):
-            rewritten.append(path)
+    _rewrite_hit_loops(loop_owners, recorded, snapshots, opts, report, install=True)
     model._moe_fx_report = report
     return report
 
@@ -420,10 +426,22 @@ def _hit_loop_owners(model: nn.Module, found: Report, taken: list[str]) -> dict[
     return dict(sorted(owners.items(), key=lambda item: -item[0].count(".") - bool(item[0])))
 
 
-def _rewrite_hit_loop(path: str, owner: nn.Module, recorded: dict, snapshots: dict, opts, report: Report) -> bool:
-    """Capture `owner` with its loops over the experts hit run over every expert (`hit_loops`), and install the
-    rewrite if it agrees with the original forward on probes (most experts without tokens). A module that
-    yields no block this way is left as it is, and the report as the ordinary capture made it."""
+def _rewrite_hit_loops(owners: dict, recorded: dict, snapshots: dict, opts, report: Report, install: bool) -> None:
+    """`_rewrite_hit_loop` for each of `owners` (deepest first) but those that hold one rewritten before."""
+    done: list[str] = []
+    for path, owner in owners.items():
+        if not any(_nested(path, d) for d in done) and _rewrite_hit_loop(
+            path, owner, recorded, snapshots, opts, report, install
+        ):
+            done.append(path)
+
+
+def _rewrite_hit_loop(
+    path: str, owner: nn.Module, recorded: dict, snapshots: dict, opts, report: Report, install: bool
+) -> bool:
+    """Capture `owner` with its loops over the experts hit run over every expert (`hit_loops`), and, if the rewrite
+    agrees with the original forward on probes (most experts without tokens), report it and, `install`, install
+    it. A module that yields no block this way is left as it is, and the report as the ordinary capture made it."""
     if owner not in recorded or owner in snapshots:  # not called, or passing objects through: not this way
         return False
     try:
@@ -452,17 +470,15 @@ def _rewrite_hit_loop(path: str, owner: nn.Module, recorded: dict, snapshots: di
         _reject(report, path, f"captured with its loop over the experts hit run over every expert, it disagrees "
                 f"with the original forward: {why}")  # fmt: skip
         return False
-    apply_rebind(rebind)
-    owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed)
-    note = "; ".join(
-        n
-        for n in (
-            "its loop over the experts hit was captured as a loop over every expert, and the rewrite agrees with "
-            f"the original forward on probes where most experts get no token (rel err {err:.1e})",
-            owner.forward.guards.serves(),
-        )
-        if n
-    )
+    notes = [
+        "its loop over the experts hit was captured as a loop over every expert, and the rewrite agrees with "
+        f"the original forward on probes where most experts get no token (rel err {err:.1e})"
+    ]
+    if install:
+        apply_rebind(rebind)
+        owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed)
+        notes.append(owner.forward.guards.serves())
+    note = "; ".join(n for n in notes if n)
     for m in block_report.matches:
         m.module_path = ".".join(p for p in (path, m.module_path) if p)
         m.errors["against the original forward"] = err

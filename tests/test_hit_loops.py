@@ -137,3 +137,17 @@ def test_compile_leaves_the_loops_untouched():
     assert counters["moe_fx"]["rewritten"] == 0
     assert torch.equal(out, ref)
     assert not hit_loops.SWITCH.active
+
+
+def test_explain_reports_what_apply_would_do_and_leaves_the_model_as_it_is():
+    torch.manual_seed(0)
+    model = HitLoopMoE("hit").eval()
+    x = _batches()[0]
+    with torch.no_grad():
+        ref = model(x)[0]
+        report = moe_fx.explain(model, x)
+        out = model(x)[0]
+    assert len(report.matches) == 1 and not report.rejections, str(report)
+    assert report.matches[0].capture_note.startswith("its loop over the experts hit")
+    assert "forward" not in vars(model)  # no rewritten forward installed
+    assert torch.equal(out, ref)
