@@ -465,7 +465,8 @@ def _rewrite_hit_loop(
         refresh(gm)
         return gm(*args, **kwargs)
 
-    err, why = hit_loops.check_against_original(owner.forward, rewritten, margs, mkwargs, tol)
+    pooled = any(m.spec.quant.mode != "none" for m in block_report.matches)
+    err, why = hit_loops.check_against_original(owner.forward, rewritten, margs, mkwargs, tol, pooled)
     if why is not None:
         _reject(report, path, f"captured with its loop over the experts hit run over every expert, it disagrees "
                 f"with the original forward: {why}")  # fmt: skip

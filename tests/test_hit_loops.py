@@ -151,3 +151,14 @@ def test_explain_reports_what_apply_would_do_and_leaves_the_model_as_it_is():
     assert report.matches[0].capture_note.startswith("its loop over the experts hit")
     assert "forward" not in vars(model)  # no rewritten forward installed
     assert torch.equal(out, ref)
+
+
+def test_a_quantised_rewrite_is_checked_over_the_probes_together():
+    """fp8 (the reference lowering's true fp8 arithmetic on the CPU): the check pools each output's error over the
+    probes, against the mode's expected error, as the graph check does."""
+    torch.manual_seed(0)
+    model = HitLoopMoE("hit").eval()
+    x = _batches()[0]
+    report = moe_fx.apply(model, x, options={"quant": "fp8"})
+    assert len(report.matches) == 1, str(report)
+    assert 1e-3 < report.matches[0].errors["against the original forward"] < 8e-2
