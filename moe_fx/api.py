@@ -383,13 +383,16 @@ def _class_span(cls: type) -> tuple[str, int, int] | None:
         return None
 
 
+def _own_classes(cls: type) -> list[type]:
+    """`cls` and the classes it inherits from, nn.Module and object aside: where a module's own code lives."""
+    return [c for c in cls.__mro__ if c not in (nn.Module, object)]
+
+
 @functools.cache
 def _class_source(cls: type) -> str:
-    """The source of a class and of the classes it inherits from (nn.Module's aside), "" where there is none."""
+    """The source of a module class's own code (`_own_classes`), "" where there is none."""
     texts = []
-    for c in cls.__mro__:
-        if c in (nn.Module, object):
-            continue
+    for c in _own_classes(cls):
         try:
             texts.append(inspect.getsource(c))
         except (OSError, TypeError):
@@ -398,9 +401,8 @@ def _class_source(cls: type) -> str:
 
 
 def _in_class_code(cls: type, lines: set[tuple[str, int]]) -> bool:
-    """Whether one of the break `lines` lies in the code of `cls` or of a class it inherits from (nn.Module's
-    aside)."""
-    spans = [_class_span(c) for c in cls.__mro__ if c not in (nn.Module, object)]
+    """Whether one of the (file, line) `lines` lies in a module class's own code (`_own_classes`)."""
+    spans = [_class_span(c) for c in _own_classes(cls)]
     return any(span and f == span[0] and span[1] <= n <= span[2] for span in spans for f, n in lines)
 
 

@@ -19,6 +19,7 @@ module's original forward, run eagerly, on probes where most experts get no toke
 
 from __future__ import annotations
 
+import collections
 import functools
 
 import torch
@@ -118,12 +119,9 @@ def _probe_calls(margs: tuple, mkwargs: dict, rounds: int = 2) -> list[tuple[tup
     """The recorded call, then calls with its floating-point tensors replaced: random ones at their scale
     (`rounds`), and as many where every token is one random token (each floating tensor of 2+ dimensions holds
     one row repeated): that token's top-k experts get every row, all others none."""
-    g = torch.Generator().manual_seed(0)
+    from moe_fx.passes.verify import random_like
 
-    def random_like(t: torch.Tensor) -> torch.Tensor:
-        std = t.float().std().item() if t.numel() > 1 else 1.0
-        std = std if 0 < std < float("inf") else 1.0
-        return (torch.randn(t.shape, generator=g) * std).to(t.dtype).to(t.device)
+    g = torch.Generator().manual_seed(0)
 
     def one_token(t: torch.Tensor) -> torch.Tensor:
         if t.dim() < 2:
@@ -137,8 +135,8 @@ def _probe_calls(margs: tuple, mkwargs: dict, rounds: int = 2) -> list[tuple[tup
         return pytree.tree_map(leaf, (margs, mkwargs))
 
     calls = [(margs, mkwargs)]
-    calls += [replaced(random_like) for _ in range(rounds)]
-    calls += [replaced(lambda t: one_token(random_like(t))) for _ in range(rounds)]
+    calls += [replaced(lambda t: random_like(t, g)) for _ in range(rounds)]
+    calls += [replaced(lambda t: one_token(random_like(t, g))) for _ in range(rounds)]
     return calls
 
 
@@ -149,9 +147,9 @@ def check_against_original(
     within `tol`, output leaf by output leaf, each call on its own or, `pooled` (quantised blocks, whose error
     varies from probe to probe), over all calls together; (err, why) where it does not. Shapes, dtypes and
     non-finite patterns must agree on every call either way."""
-    from moe_fx.passes.verify import compare
+    from moe_fx.passes.verify import PooledError, compare
 
-    worst, diff2, ref2 = 0.0, {}, {}  # pooled: per output leaf
+    worst, pools = 0.0, collections.defaultdict(PooledError)  # pooled: per output leaf
     for i, (args, kwargs) in enumerate(_probe_calls(margs, mkwargs)):
         with torch.no_grad():
             ref = pytree.tree_leaves(original(*args, **kwargs))
@@ -168,10 +166,8 @@ def check_against_original(
             worst = max(worst, err)
             if why is not None:
                 return worst, f"probe {i}: {why}"
-            finite = torch.isfinite(r)
-            diff2[j] = diff2.get(j, 0.0) + (o[finite].double() - r[finite].double()).square().sum().item()
-            ref2[j] = ref2.get(j, 0.0) + r[finite].double().square().sum().item()
+            if pooled:
+                pools[j].add(o, r)
     if pooled:
-        err = max((((diff2[j] / ref2[j]) if ref2[j] > 0 else diff2[j]) ** 0.5 for j in diff2), default=0.0)
-        return err, None if err <= tol else f"rel err {err:.2e} over the probes > {tol:.0e}"
+        return max((pool.check(tol) for pool in pools.values()), default=(0.0, None), key=lambda c: c[0])
     return worst, None

@@ -100,14 +100,36 @@ def compare(out, ref, tol: float) -> tuple[float, str | None]:
     return err, None if err <= tol else f"rel err {err:.2e} > {tol:.0e}"
 
 
+class PooledError:
+    """The rel err of outputs against their references over many probes together, sqrt(sum |out - ref|^2 /
+    sum |ref|^2) over the references' finite elements: a quantised block's error varies from probe to probe, and
+    the largest of many would refuse right rewrites."""
+
+    def __init__(self):
+        self.diff2, self.ref2 = 0.0, 0.0
+
+    def add(self, out: torch.Tensor, ref: torch.Tensor) -> None:
+        finite = torch.isfinite(ref)
+        self.diff2 += (out[finite].double() - ref[finite].double()).square().sum().item()
+        self.ref2 += ref[finite].double().square().sum().item()
+
+    def check(self, tol: float) -> tuple[float, str | None]:
+        """(rel err, why it exceeds tol or None)."""
+        err = math.sqrt(self.diff2 / self.ref2) if self.ref2 > 0 else math.sqrt(self.diff2)
+        return err, None if err <= tol else f"rel err {err:.2e} over the probes > {tol:.0e}"
+
+
+def random_like(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Standard normal values at t's scale (its std; 1 where that is 0, not finite or undefined), t's shape, dtype
+    and device."""
+    std = t.float().std().item() if t.numel() > 1 else 1.0
+    std = std if 0 < std < float("inf") else 1.0
+    return (torch.randn(t.shape, generator=g) * std).to(t.dtype).to(t.device)
+
+
 def _probes(finder: BlockFinder, match: MoEMatch) -> list[tuple[torch.Tensor, torch.Tensor]]:
     x_real, logits_real = finder.real_values([match.x, match.logits])
     g = torch.Generator().manual_seed(0)
-
-    def like(t: torch.Tensor) -> torch.Tensor:
-        std = t.float().std().item() if t.numel() > 1 else 1.0
-        std = std if std == std and 0 < std < float("inf") else 1.0
-        return (torch.randn(t.shape, generator=g) * std).to(t.dtype).to(t.device)
 
     def unit() -> torch.Tensor:
         return torch.randn(logits_real.shape, generator=g).to(logits_real.dtype).to(logits_real.device)
@@ -116,8 +138,8 @@ def _probes(finder: BlockFinder, match: MoEMatch) -> list[tuple[torch.Tensor, to
     # tell apart routers that agree on near one-hot logits (renormalised or not); as many random ones as
     # give PROBE_TOKENS tokens where the example has few
     rounds = probe_rounds(logits_real.numel() // max(logits_real.shape[-1], 1))
-    at_scale = [(like(x_real), like(logits_real)) for _ in range(rounds)]
-    return [(x_real, logits_real), *at_scale, *((like(x_real), unit()) for _ in range(rounds))]
+    at_scale = [(random_like(x_real, g), random_like(logits_real, g)) for _ in range(rounds)]
+    return [(x_real, logits_real), *at_scale, *((random_like(x_real, g), unit()) for _ in range(rounds))]
 
 
 def _tied_tokens(finder: BlockFinder, match: MoEMatch, logits: torch.Tensor) -> torch.Tensor | None:
@@ -183,7 +205,7 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
     # quantisation error varies from probe to probe; the largest of many would refuse right rewrites);
     # unquantised: every probe within the float tolerance
     quantised = match.spec.quant.mode != "none"
-    worst, diff2, ref2 = 0.0, 0.0, 0.0
+    worst, pooled = 0.0, PooledError()
     for (x, logits), ref in zip(probes, refs):
         inputs = [x, logits, *(v for v in leaf_values if isinstance(v, torch.Tensor)), *block.buffers()]
         inputs = [t for t in inputs if not t.is_inference()]  # inference tensors keep no version counter
@@ -203,10 +225,5 @@ def verify(finder: BlockFinder, match: MoEMatch) -> tuple[float | None, str | No
         if why is not None:
             return worst, why
         if quantised:
-            finite = torch.isfinite(ref)
-            diff2 += (out[finite].double() - ref[finite].double()).square().sum().item()
-            ref2 += ref[finite].double().square().sum().item()
-    if quantised:
-        err = math.sqrt(diff2 / ref2) if ref2 > 0 else math.sqrt(diff2)
-        return err, None if err <= tol else f"rel err {err:.2e} over the probes > {tol:.0e}"
-    return worst, None
+            pooled.add(out, ref)
+    return pooled.check(tol) if quantised else (worst, None)
