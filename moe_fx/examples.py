@@ -175,7 +175,8 @@ class MaskedSumMoE(nn.Module):
 
 
 class GroupLimitedRouter(nn.Module):
-    """DeepSeek-V3 routing: sigmoid, correction bias, group-limited top-k, unbiased weights, renorm, scale."""
+    """DeepSeek-V3 routing as transformers writes it: sigmoid, correction bias, group-limited top-k (0.0 over the
+    dropped groups), unbiased weights, renorm, scale."""
 
     def __init__(self, dim, num_experts, k, n_group, topk_group, scale):
         super().__init__()
@@ -198,12 +199,33 @@ class GroupLimitedRouter(nn.Module):
         return weights_TK * self.scale, ids_TK
 
 
-class DeepSeekStyleMoE(nn.Module):
-    """Group-limited sigmoid router, looped experts, and a shared expert added afterwards."""
+class DeepSeekGate(GroupLimitedRouter):
+    """DeepSeek-V3 routing as DeepSeek's own inference code writes it: the dropped groups' experts are set to -inf
+    (in place, on a [T, G, E/G] view) before the top-k; the same as transformers' 0.0 unless the bias makes
+    kept experts' values negative."""
 
-    def __init__(self, dim=32, ffn=48, num_experts=8, k=2, n_group=4, topk_group=2, scale=2.5):
+    def forward(self, x_TD):
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        original_TE = scores_TE
+        scores_TGS = (scores_TE + self.e_score_correction_bias).view(x_TD.size(0), self.n_group, -1)
+        group_TG = scores_TGS.topk(2, dim=-1)[0].sum(dim=-1)
+        indices = group_TG.topk(self.topk_group, dim=-1)[1]
+        drop_TG = scores_TGS.new_ones(x_TD.size(0), self.n_group, dtype=torch.bool).scatter_(1, indices, False)
+        choice_TE = scores_TGS.masked_fill_(drop_TG.unsqueeze(-1), float("-inf")).flatten(1)
+        ids_TK = torch.topk(choice_TE, self.k, dim=-1)[1]
+        weights_TK = original_TE.gather(1, ids_TK)
+        weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        return weights_TK * self.scale, ids_TK
+
+
+class DeepSeekStyleMoE(nn.Module):
+    """Group-limited sigmoid router (gate: "transformers" or "deepseek", `DeepSeekGate`), looped experts, and a
+    shared expert added afterwards."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=8, k=2, n_group=4, topk_group=2, scale=2.5, gate="transformers"):
         super().__init__()
-        self.gate = GroupLimitedRouter(dim, num_experts, k, n_group, topk_group, scale)
+        router = {"transformers": GroupLimitedRouter, "deepseek": DeepSeekGate}[gate]
+        self.gate = router(dim, num_experts, k, n_group, topk_group, scale)
         self.experts = nn.ModuleList(SwiGLU(dim, ffn) for _ in range(num_experts))
         self.shared_expert = SwiGLU(dim, ffn)
 

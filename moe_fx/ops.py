@@ -93,6 +93,7 @@ def route(
     capacity: int = 0,
     proj_weight: torch.Tensor | None = None,
     proj_bias: torch.Tensor | None = None,
+    group_fill: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE (or [G, S, E], T = G*S) [, bias_E] -> (weights_TK float32, ids_TK int32).
 
@@ -103,6 +104,7 @@ def route(
     With `proj_weight` [E, D] (and `proj_bias` [E]), `logits` holds the tokens [..., D] and the logits are
     `linear(tokens, proj_weight, proj_bias)`, in the tokens' dtype: a lowering registered with `projects=True`
     computes them, for any other this op does first (torch's linear, as the original router did).
+    `group_fill`: the selection value of experts outside the kept groups (n_group > 1).
     """
     entry = registry.lookup("route", impl)
     if proj_weight is not None and not entry.projects:
@@ -121,13 +123,14 @@ def route(
         scale=scale,
         score_dtype=score_dtype,
         capacity=capacity,
+        group_fill=group_fill,
         **projection,
     )
 
 
 @torch.library.register_fake("moe_fx::route")
 def _(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, impl,
-      score_dtype=torch.float32, capacity=0, proj_weight=None, proj_bias=None):  # fmt: skip
+      score_dtype=torch.float32, capacity=0, proj_weight=None, proj_bias=None, group_fill=0.0):  # fmt: skip
     # [..., E] logits or [..., D] tokens: T is the product of the leading dims either way
     T = logits.numel() // logits.shape[-1] if logits.dim() != 2 else logits.shape[0]
     return logits.new_empty((T, k), dtype=torch.float32), logits.new_empty((T, k), dtype=torch.int32)
@@ -345,7 +348,7 @@ def route_args(router: RouterSpec, logits_TE, bias, impl: str, proj_weight=None,
     """`route`'s arguments; with `proj_weight`, `logits_TE` is the tokens and route projects them."""
     r = router
     return (logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
-            r.scale, impl, getattr(torch, r.score_dtype), r.capacity, proj_weight, proj_bias)  # fmt: skip
+            r.scale, impl, getattr(torch, r.score_dtype), r.capacity, proj_weight, proj_bias, r.group_fill)  # fmt: skip
 
 
 def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name: str = "", expert_map=None,

@@ -45,7 +45,9 @@ class RouterSpec:
     score_then_topk: w, ids = topk(score(logits + bias?)); w gathered from the unbiased scores.
     topk_then_score: v, ids = topk(logits); w = score(v) (softmax over the K picked).
     n_group/topk_group: group-limited top-k (DeepSeek-V3): groups ranked by the sum of their
-    top `group_score_topk` scores, experts outside the `topk_group` best groups are masked.
+    top `group_score_topk` scores, experts outside the `topk_group` best groups are masked: their
+    selection value becomes `group_fill` (0.0 in transformers' DeepSeek-V3, -inf in DeepSeek's own
+    inference code; the two differ once a bias makes kept experts' values negative).
     capacity: the most (token, slot) picks one expert takes per capacity group (0: no limit; Switch,
     NLLB-MoE). Picks are admitted first choices first, then in token order; a pick past capacity is
     dropped (id -1, weight 0) and contributes nothing. A group is one row of logits [G, S, E] (the
@@ -60,6 +62,7 @@ class RouterSpec:
     n_group: int = 1
     topk_group: int = 1
     group_score_topk: int = 2
+    group_fill: float = 0.0
     scale: float = 1.0
     score_dtype: str = "float32"  # the dtype the original router's scores are rounded to before top-k
     capacity: int = 0
@@ -80,7 +83,8 @@ class RouterSpec:
         if self.has_bias:
             parts.insert(1, "+bias")
         if self.n_group > 1:
-            parts.append(f"groups {self.topk_group}/{self.n_group}")
+            rest = f" (others {self.group_fill:g})" if self.group_fill != 0.0 else ""
+            parts.append(f"groups {self.topk_group}/{self.n_group}{rest}")
         if self.renormalize:
             parts.append("renorm")
         if self.scale != 1.0:

@@ -122,6 +122,27 @@ def test_every_architecture_apply(name, dtype):
     assert all(m.module_path.count(".") >= 2 or model.get_submodule(m.module_path) in layers for m in report.matches)
 
 
+# The value over the dropped groups: -inf in transformers 5's DeepSeek-V3 and Kimi-Linear, 0.0 in AXK2's
+GROUP_FILLS = {"deepseek_v3": float("-inf"), "kimi_linear": float("-inf"), "axk2": 0.0}
+
+
+@five
+@pytest.mark.parametrize("name", GROUP_FILLS)
+def test_group_fill_where_the_correction_bias_makes_scores_negative(name):
+    """Trained correction biases can make every kept expert's value negative; then -inf over the dropped groups
+    picks other experts than 0.0 would. The fill is read off the graph, and a -inf router's rewrite equals
+    eager there (for a 0.0 router the dropped experts then tie at 0.0, which top-k breaks as it likes)."""
+    model = tiny(name)
+    fill = GROUP_FILLS[name]
+    if fill:
+        with torch.no_grad():
+            for buf_name, buf in model.named_buffers():
+                if buf_name.endswith("e_score_correction_bias"):
+                    buf.copy_(torch.randn(buf.shape) * 0.1 - 2.0)
+    report = _apply_and_check(model, hf_models.example_inputs(model), expected_blocks(name), torch.float32)
+    assert {m.spec.router.group_fill for m in report.matches} == {fill}, str(report)
+
+
 CLAMPED_SILU = ["deepseek_v4", "glm5_next", "hy_v4", "hy_v4_vl"]
 
 

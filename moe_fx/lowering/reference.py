@@ -38,8 +38,9 @@ def _group_mask(select_TE: torch.Tensor, n_group: int, topk_group: int, group_sc
     return keep_TG.repeat_interleave(E // n_group, dim=-1).bool()
 
 
-def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype):
-    """(scores_TE, select_TE) float32: the scores weights are read from, and the values top-k ranks."""
+def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype, group_fill=0.0):
+    """(scores_TE, select_TE) float32: the scores weights are read from, and the values top-k ranks (those of
+    experts outside the kept groups set to `group_fill`)."""
     logits_TE = logits_TE.float()
     if order == "topk_then_score":
         return logits_TE, logits_TE
@@ -50,7 +51,7 @@ def selection(logits_TE, bias, scoring, order, n_group, topk_group, group_score_
         select_TE = scores_TE
     if n_group > 1:
         keep_TE = _group_mask(select_TE, n_group, topk_group, group_score_topk)
-        select_TE = select_TE.masked_fill(~keep_TE, 0.0)
+        select_TE = select_TE.masked_fill(~keep_TE, group_fill)
     return scores_TE, select_TE
 
 
@@ -67,11 +68,13 @@ def capacity_keep(ids_TK: torch.Tensor, num_experts: int, capacity: int, group: 
 
 @register_lowering("route", device=ANY_DEVICE, name=NAME, priority=PRIORITY)
 def route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype,
-          capacity=0):  # fmt: skip
+          capacity=0, group_fill=0.0):  # fmt: skip
     E = logits.shape[-1]
     group = logits.shape[-2] if logits.dim() == 3 else logits.numel() // E  # tokens that share a capacity
     logits = logits.reshape(-1, E)
-    scores_TE, select_TE = selection(logits, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype)
+    scores_TE, select_TE = selection(
+        logits, bias, scoring, order, n_group, topk_group, group_score_topk, score_dtype, group_fill
+    )
     if order == "topk_then_score":
         values_TK, ids_TK = select_TE.topk(k, dim=-1)
         weights_TK = score(values_TK, scoring).to(score_dtype).float()

@@ -4,6 +4,7 @@ Recognised (the route op replaces them):
     softmax(logits) -> topk -> [renormalise] -> [x scale]                 Mixtral, Qwen, OLMoE
     topk(logits) -> softmax                                               GPT-OSS, Granite, JetMoE
     sigmoid(logits) [+ bias_E] -> [group-limited] topk -> gather -> [renorm] -> [x scale]   DeepSeek-V3
+        (the dropped groups' experts set to 0.0 as in transformers, or to -inf as in DeepSeek's own code)
     softmax(logits).max(-1)                                               top-1
 Candidates come from the ops present; each is checked on probes against the original router.
 Anything else stays in the graph as an opaque router, and the rewrite starts at its top-k outputs.
@@ -46,7 +47,7 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
         if scoring in names_after:
             orders.append(("topk_then_score", scoring))
     orders = orders or [("score_then_topk", "none")]
-    groups = [(1, 1, 2)]
+    groups, fills = [(1, 1, 2)], (0.0,)
     for n in router_nodes:
         shape = shape_of(n)
         if shape and len(shape) == 3 and 1 < shape[1] < num_experts and shape[1] * shape[2] == num_experts:
@@ -55,11 +56,12 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
                 for topk_group in _group_topks(router_nodes, shape[1])
                 for score_k in (2, 1)
             ]
+            fills = _group_fills(anchor)
             break
     scales = {1.0} | {c for n in router_nodes if target_name(n) in ("mul", "__mul__") for c in _float_constants(n)}
     biases = [None] + [b for b in bias_leaves]
-    for (order, scoring), (n_group, topk_group, score_k), scale, renorm, bias in itertools.product(
-        orders, groups, sorted(scales), (False, True), biases
+    for (order, scoring), (n_group, topk_group, score_k), fill, scale, renorm, bias in itertools.product(
+        orders, groups, fills, sorted(scales), (False, True), biases
     ):
         if bias is not None and order != "score_then_topk":
             continue
@@ -72,10 +74,32 @@ def candidates(router_nodes: list[fx.Node], anchor: fx.Node, k: int, num_experts
             n_group=n_group,
             topk_group=topk_group,
             group_score_topk=score_k,
+            group_fill=fill,
             scale=scale,
             score_dtype=_score_dtype(router_nodes, scoring),
         )
         yield spec, bias
+
+
+# ops between the group mask and the top-k that leave the masked values as they are
+_KEEPS_VALUES = ("flatten", "view", "reshape", "float", "to", "contiguous", "type_as")
+
+
+def _group_fills(anchor: fx.Node) -> tuple[float, ...]:
+    """The value a group-limited router writes over the experts of the groups it drops, read off the op that
+    feeds its top-k: `masked_fill(drop, v)` or `where(keep, x, v)` (transformers' DeepSeek-V3 writes 0.0,
+    DeepSeek's own code -inf). Both are tried, 0.0 first, where no such op shows it: the probes cannot tell
+    them apart unless a bias makes the kept experts' values negative."""
+    n = anchor.args[0] if anchor.args else anchor.kwargs.get("input")
+    while isinstance(n, fx.Node) and target_name(n) in _KEEPS_VALUES:
+        n = n.args[0]
+    if isinstance(n, fx.Node) and target_name(n) in ("masked_fill", "masked_fill_") and len(n.args) > 2:
+        fill = n.args[2]
+    elif isinstance(n, fx.Node) and target_name(n) == "where" and len(n.args) == 3:
+        fill = next((a for a in n.args[1:] if isinstance(a, (int, float))), None)
+    else:
+        fill = None
+    return (float(fill),) if isinstance(fill, (int, float)) and not isinstance(fill, bool) else (0.0, float("-inf"))
 
 
 def _precedes(a: fx.Node, b: fx.Node) -> bool:

@@ -153,7 +153,7 @@ def _tied_tokens(finder: BlockFinder, match: MoEMatch, logits: torch.Tensor) -> 
     bias = None if match.router_bias is None else finder.leaf_values([match.router_bias])[0]
     _, select_TE = selection(
         logits.reshape(-1, E), bias, r.scoring, r.order, r.n_group, r.topk_group, r.group_score_topk,
-        getattr(torch, r.score_dtype),
+        getattr(torch, r.score_dtype), r.group_fill,
     )  # fmt: skip
     top_TK1 = select_TE.topk(r.k + 1, dim=-1).values
     return top_TK1[:, r.k - 1] == top_TK1[:, r.k]

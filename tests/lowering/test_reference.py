@@ -152,7 +152,7 @@ def test_weight_on_input():
     assert rel_err(out, oracle(x, weights, ids, "silu_gated", w1, w3, w2)) > 1e-2  # the placement matters
 
 
-def oracle_route(logits, k, bias=None, n_group=1, topk_group=1, scale=1.0, renorm=False, sigmoid=False):
+def oracle_route(logits, k, bias=None, n_group=1, topk_group=1, scale=1.0, renorm=False, sigmoid=False, fill=0.0):
     out_w, out_ids = [], []
     for row in logits.double():
         scores = row.sigmoid() if sigmoid else row.softmax(-1)
@@ -161,7 +161,7 @@ def oracle_route(logits, k, bias=None, n_group=1, topk_group=1, scale=1.0, renor
             groups = choice.view(n_group, -1).topk(2, dim=-1).values.sum(-1)
             keep = torch.zeros(n_group, dtype=torch.bool)
             keep[groups.topk(topk_group).indices] = True
-            choice = torch.where(keep.repeat_interleave(len(row) // n_group), choice, torch.zeros_like(choice))
+            choice = torch.where(keep.repeat_interleave(len(row) // n_group), choice, torch.full_like(choice, fill))
         ids = choice.topk(k).indices
         w = scores[ids]
         w = w / w.sum() if renorm else w
@@ -171,14 +171,21 @@ def oracle_route(logits, k, bias=None, n_group=1, topk_group=1, scale=1.0, renor
 
 
 @pytest.mark.parametrize("T", [0, 1, 13])
-def test_route_group_limited_against_oracle(T):
-    logits, bias = torch.randn(T, 16), torch.randn(16) * 0.1
-    w, ids = OPS.route(logits, bias, 3, "sigmoid", "score_then_topk", True, 4, 2, 2, 2.5, "reference")
+@pytest.mark.parametrize("fill, shift", [(0.0, 0.0), (float("-inf"), 0.0), (float("-inf"), -2.0)])
+def test_route_group_limited_against_oracle(T, fill, shift):
+    """shift -2: every biased value is negative, so -inf over the dropped groups keeps the picks in the kept
+    ones where 0.0 would not (a 0.0 fill then ties among the dropped experts: not an oracle case)."""
+    logits, bias = torch.randn(T, 16), torch.randn(16) * 0.1 + shift
+    args = (logits, bias, 3, "sigmoid", "score_then_topk", True, 4, 2, 2, 2.5, "reference")
+    w, ids = OPS.route(*args, group_fill=fill)
     assert w.shape == ids.shape == (T, 3)
     if T:
-        ref_w, ref_ids = oracle_route(logits, 3, bias, 4, 2, 2.5, renorm=True, sigmoid=True)
+        ref_w, ref_ids = oracle_route(logits, 3, bias, 4, 2, 2.5, renorm=True, sigmoid=True, fill=fill)
         assert torch.equal(ids.long().sort(-1).values, ref_ids.sort(-1).values)
         assert rel_err(w.sort(-1).values, ref_w.sort(-1).values) < 1e-6
+    if T and shift:  # and the fill matters here
+        zero_ids = OPS.route(*args)[1].long().sort(-1).values
+        assert not torch.equal(zero_ids, ids.long().sort(-1).values)
 
 
 def test_route_topk_then_softmax():

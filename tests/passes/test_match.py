@@ -220,6 +220,23 @@ def test_recognised_router_becomes_four_nodes():
     assert rel_err(out, ref) < TOL[torch.float32]
 
 
+@pytest.mark.parametrize("gate, fill", [("transformers", 0.0), ("deepseek", float("-inf"))])
+def test_group_fill_read_off_the_graph(gate, fill):
+    """The value over the dropped groups is read off the graph (the probes cannot tell 0.0 from -inf): with a bias
+    that makes every kept value negative the two pick different experts, and the rewrite follows the original."""
+    torch.manual_seed(0)
+    model = ex.DeepSeekStyleMoE(num_experts=16, k=4, gate=gate).eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        report = moe_fx.apply(model, x)
+        assert report.matches[0].spec.router.group_fill == fill, str(report)
+        assert ("others -inf" in str(report)) == (fill != 0.0)
+        model.gate.e_score_correction_bias.copy_(torch.randn(16) * 0.1 - 2.0)
+        x = torch.randn(33, 32)
+        out, ref = model(x), model.forward.original(x)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 # ---------------------------------------------------------------- near-misses: never rewritten
 
 

@@ -79,7 +79,7 @@ def _route_kernel(
     # pointers
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
     # sizes
-    E, EG, scale,
+    E, EG, scale, group_fill,
     # strides
     stride_lt, stride_le,
     # meta-parameters
@@ -102,7 +102,7 @@ def _route_kernel(
             select_E = _round(select_E + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32), ROUND_SUM)
         if N_GROUP > 1:
             keep_E = _group_keep(select_E, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, BLOCK_G)
-            select_E = tl.where(keep_E, select_E, 0.0)
+            select_E = tl.where(keep_E, select_E, group_fill)
     select_E = tl.where(valid, select_E, -float("inf"))
 
     k = tl.arange(0, BLOCK_K)
@@ -200,6 +200,7 @@ def route(
     group_score_topk: int,
     scale: float,
     score_dtype: torch.dtype = torch.float32,
+    group_fill: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits_TE [, bias_E] -> (weights_TK fp32, ids_TK int32), the `moe_fx::route` contract."""
     T, E = logits.shape
@@ -215,7 +216,7 @@ def route(
     launch(
         _route_kernel, (T,),
         logits, bias if bias is not None else logits, weights_TK, ids_TK,
-        E, E // max(n_group, 1), float(scale),
+        E, E // max(n_group, 1), float(scale), float(group_fill),
         logits.stride(0), logits.stride(1),
         K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
         HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],

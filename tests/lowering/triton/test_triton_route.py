@@ -39,6 +39,18 @@ def test_route_against_oracle(case, T, E):
     assert rel_err(w.cpu(), ref_w.cpu()) < 1e-6
 
 
+@pytest.mark.parametrize("T", [1, 13])
+def test_route_group_fill_neg_inf(T):
+    """DeepSeek's own gate writes -inf over the dropped groups: with a bias that makes every value negative the
+    picks stay in the kept groups, in the oracle's order."""
+    logits = torch.randn(T, 16, device=DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float32)
+    bias = torch.randn(16, device=DEVICE) * 0.1 - 2.0
+    w, ids = route(logits, bias, 3, "sigmoid", "score_then_topk", True, 4, 2, 2, 2.5, group_fill=float("-inf"))
+    ref_w, ref_ids = oracle_route(logits.cpu(), 3, bias.cpu(), 4, 2, 2.5, renorm=True, sigmoid=True, fill=float("-inf"))
+    assert torch.equal(ids.long().cpu(), ref_ids)
+    assert rel_err(w.cpu(), ref_w) < 1e-6
+
+
 def test_route_rejects_bad_sizes():
     logits = torch.randn(3, 6, device=DEVICE)
     with pytest.raises(ValueError, match="moe_fx: router k \\(7\\)"):
