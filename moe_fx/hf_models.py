@@ -305,8 +305,10 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
         refused_4x="on the CPU the transformers 4.57 experts loop over the experts hit (`nonzero()`; the dense bmm "
-        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph, and `apply`'s capture "
-        "over every expert fails too (the loop takes `expert_idx[0]` of what is then an int); left untouched",
+        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph. `apply`'s capture over "
+        "every expert holds the block in one graph, but its experts read the router's dense [T, E] scores "
+        "(`zeros_like(logits).scatter_(1, ids, w)`, which the block also returns), not the top-k weights; left "
+        "untouched",
     ),
     "llama4": Architecture(
         "Llama4TextConfig",

@@ -6,9 +6,11 @@ ones, `if token_indices.numel() > 0:`. Dynamo can neither unroll a loop whose le
 take a branch on it, so such a block never reaches one graph and no capture finds it.
 
 While `SWITCH.on()`, in a Dynamo trace:
-- iterating the result of `nonzero()` of a 1-D tensor of static length E (at most MAX_EXPERTS) yields the ints
-  0 … E-1, as if every expert were hit. The original yields 1-element tensors; indexing with either picks the
-  same expert, with one leading dimension fewer (Mixtral's `.squeeze(0)` then has nothing to drop);
+- iterating the result of `nonzero()` of a 1-D tensor of static length E (at most MAX_EXPERTS) yields the
+  indices [0] … [E-1], as if every expert were hit. Like the original's 1-element tensors, each keeps a leading
+  dimension of 1 where it indexes a tensor (Mixtral's `mask[e].squeeze(0)`, with k = 1 too), gives e at `[0]`
+  (GPT-OSS's and Switch's `expert_idx[0]`), and is e as a key of an nn.ModuleList (`self.experts[e]`) or in a
+  comparison (`if e == num_experts:`);
 - a branch on whether a data-dependent size is non-zero (`if idx.numel() > 0:`, `if n:`) is taken.
 
 The captured loop runs its body for the experts without tokens too. That is the original block only if the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import operator
 
 import torch
 from torch.utils import _pytree as pytree
@@ -32,8 +35,8 @@ _installed: list = []
 
 
 def _hit_loop_length(var) -> int | None:
-    """E when `var` (a Dynamo TensorVariable) is `nonzero()` of a 1-D tensor of static length E <= MAX_EXPERTS,
-    whose own length depends on the data; None otherwise."""
+    """E when `var` (a Dynamo TensorVariable) is `nonzero()` (or `nonzero()[:]`) of a 1-D tensor of static length
+    E <= MAX_EXPERTS, whose own length depends on the data; None otherwise."""
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     try:
@@ -41,6 +44,8 @@ def _hit_loop_length(var) -> int | None:
     except Exception:
         return None
     value = node.meta.get("example_value")
+    if node.target is operator.getitem and node.args[1] == slice(None):  # `nonzero()[:]` (GPT-OSS 4.57)
+        node = node.args[0]
     if node.target not in ("nonzero", torch.nonzero) or not isinstance(value, torch.Tensor) or value.dim() != 2:
         return None
     if not free_unbacked_symbols(value.shape[0]) or node.kwargs.get("as_tuple"):
@@ -76,17 +81,31 @@ def _install() -> None:
     _installed.append(True)
     try:
         from torch._dynamo import symbolic_convert
+        from torch._dynamo.variables.base import ValueMutationNew
         from torch._dynamo.variables.constant import ConstantVariable
+        from torch._dynamo.variables.lists import ListVariable
         from torch._dynamo.variables.tensor import SymNodeVariable, TensorVariable
     except ImportError:  # another Dynamo layout: nothing is patched, such loops stay uncaptured
         return
+
+    class HitExpertVariable(ListVariable):
+        """[e], one row of the hit experts' `nonzero()`: a list where it indexes (a tensor, or itself at [0]), e
+        where Dynamo asks for its constant value (an nn.Module container's key, a comparison)."""
+
+        def as_python_constant(self):
+            return self.items[0].as_python_constant()
+
+        def nb_index_impl(self, tx):  # operator.index (ModuleList.__getitem__, inlined)
+            return self.items[0]
+
     unpack = TensorVariable.unpack_var_sequence
 
     @functools.wraps(unpack)
     def unpack_var_sequence(self, tx, idxes=None):
         length = _hit_loop_length(self) if SWITCH.active and idxes is None else None
         if length is not None:
-            return [ConstantVariable.create(e) for e in range(length)]
+            return [HitExpertVariable([ConstantVariable.create(e)], mutation_type=ValueMutationNew())
+                    for e in range(length)]  # fmt: skip
         return unpack(self, tx, idxes)
 
     evaluate = SymNodeVariable.evaluate_expr
