@@ -11,7 +11,7 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `options`: `moe_fx.options.VALID_KEYS`;
 - user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
-- user_guide.md `transformers4`: `moe_fx.hf_models.TRANSFORMERS_4` and each one's `refused_4x` or `apply_only_4x`;
+- user_guide.md `transformers4`: `moe_fx.hf_models.TRANSFORMERS_4` and each one's `refused` or `apply_only_4x`;
 - performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
   section of bench/NOTES.md.
 - performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it;
@@ -269,7 +269,7 @@ def transformers4_section() -> str:
     rows = []
     for name in TRANSFORMERS_4:
         arch = ARCHITECTURES[name]
-        reason = arch.refused or arch.refused_4x
+        reason = arch.refused
         rewritten = f"by `apply` only: {arch.apply_only_4x}" if arch.apply_only_4x else "yes"
         rows.append([f"`{name}`", f"`{arch.model}`", f"no: {reason}" if reason else rewritten])
     return _table(["`--hf` name", "model", "rewritten on transformers 4.57"], rows)

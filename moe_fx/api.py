@@ -412,17 +412,24 @@ def _nested(a: str, b: str) -> bool:
 
 
 def _hit_loop_owners(model: nn.Module, found: Report, taken: list[str]) -> dict[str, nn.Module]:
-    """Where a loop over the experts hit may hide a block (`moe_fx.hit_loops`): the modules whose class's code
-    broke the capture (or made Dynamo skip a frame) and whose code, or a submodule's, calls a top-k; deepest
-    first, apart from those that hold or are held by a block found already."""
+    """Where a loop over the experts hit may hide a block (`moe_fx.hit_loops`): the modules whose code, or a
+    submodule's, calls a top-k, and whose own code broke the capture (or made Dynamo skip a frame), or, where the
+    loop is a submodule's (GPT-OSS's experts in 4.57), the smallest module holding both; deepest first, apart from
+    those that hold or are held by a block found already."""
     lines = _break_lines(found.break_reasons)
     if not lines:
         return {}
+
+    def holds(m: nn.Module) -> tuple[bool, bool]:  # (a top-k, a break line) in m's code or a submodule's
+        subs = list(m.modules())
+        return (any("topk" in _class_source(type(sub)) for sub in subs),
+                any(_in_class_code(type(sub), lines) for sub in subs))  # fmt: skip
+
     owners = {
         path: m
         for path, m in model.named_modules()
-        if _in_class_code(type(m), lines)
-        and any("topk" in _class_source(type(sub)) for sub in m.modules())
+        if holds(m)[0]
+        and (_in_class_code(type(m), lines) or holds(m)[1] and not any(all(holds(c)) for c in m.children()))
         and not any(_nested(path, t) for t in taken)
     }
     return dict(sorted(owners.items(), key=lambda item: -item[0].count(".") - bool(item[0])))

@@ -158,6 +158,28 @@ class DenseMoE(nn.Module):
         return torch.einsum("te,etd->td", gates_TE, y_ETD)
 
 
+class DenseLikeLogitsMoE(DenseMoE):
+    """The dense form with its gates made like the router's logits, as many hand-written blocks make them:
+    `zeros_like(logits).scatter(1, ids, w)` (fill: "zeros_like"), `logits.new_zeros(T, E)` or
+    `full_like(logits, 0.0)`."""
+
+    def __init__(self, dim=32, ffn=48, num_experts=4, k=2, fill="zeros_like"):
+        super().__init__(dim, ffn, num_experts, k)
+        self.fill = fill
+
+    def forward(self, x):
+        logits_TE = self.gate(x)
+        weights_TK, ids_TK = softmax_topk(logits_TE, self.k)
+        gates_TE = {
+            "zeros_like": lambda: torch.zeros_like(logits_TE),
+            "new_zeros": lambda: logits_TE.new_zeros(x.shape[0], len(self.experts)),
+            "full_like": lambda: torch.full_like(logits_TE, 0.0),
+        }[self.fill]()
+        gates_TE = gates_TE.scatter(1, ids_TK, weights_TK.to(x.dtype))
+        y_ETD = torch.stack([expert(x) for expert in self.experts])
+        return torch.einsum("te,etd->td", gates_TE, y_ETD)
+
+
 class MaskedSumMoE(nn.Module):
     """Top-1 `max` router, every expert on every token, per-expert masked weighted sum."""
 

@@ -17,9 +17,9 @@ transformers 4.57 (the last 4.x line, tested by `.ci/transformers457` on TRANSFO
 select. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Granite, JetMoE) and the dense
 bmm (Llama4) are captured whole under moe_fx's capture flags and rewritten (per-expert weights are stacked
 once). The `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen2/3-MoE) and the loop with a
-data-dependent `if` (DeepSeek-V3) graph-break: `apply` captures them as loops over every expert and rewrites
-them once they agree with the original forward (`moe_fx.hit_loops`), `torch.compile` leaves them untouched
-(`apply_only_4x`); GPT-OSS's loop (CPU) is left untouched by both (`refused_4x`).
+data-dependent `if` (DeepSeek-V3), and GPT-OSS's on the CPU, graph-break: `apply` captures them as loops over
+every expert and rewrites them once they agree with the original forward (`moe_fx.hit_loops`), `torch.compile`
+leaves them untouched (`apply_only_4x`).
 
 Architectures added with transformers 5.x are `shrink=True` entries: the config's defaults shrunk by TINY.
 Multimodal ones are built as their MoE text model (`logits` then reads its last hidden state); an
@@ -116,8 +116,6 @@ class Architecture:
     `notes`: what moe_fx does with the architecture (shown in the user guide).
     `refused`: why moe_fx leaves its MoE blocks untouched (empty: every block is rewritten).
     `shrink`: start from the config's defaults shrunk by TINY (then `overrides`), not from COMMON.
-    `refused_4x`: why moe_fx leaves the transformers 4.57 form of the blocks untouched (TRANSFORMERS_4 lists
-    the architectures tested on that line; empty: rewritten there too).
     `apply_only_4x`: why only `apply` rewrites the transformers 4.57 form (`torch.compile` leaves it untouched).
     """
 
@@ -129,7 +127,6 @@ class Architecture:
     common: bool = True
     refused: str = ""
     shrink: bool = False
-    refused_4x: str = ""
     apply_only_4x: str = ""
 
 
@@ -304,11 +301,12 @@ ARCHITECTURES: dict[str, Architecture] = {
             layer_types=["full_attention"],
         ),
         notes="router bias, top-k → softmax; transposed [E, D, 2F] interleaved gate/up with biases, clamped SwiGLU",
-        refused_4x="on the CPU the transformers 4.57 experts loop over the experts hit (`nonzero()`; the dense bmm "
-        "path runs on CUDA only): Dynamo graph-breaks there, so the experts reach no graph. `apply`'s capture over "
-        "every expert holds the block in one graph, but its experts read the router's dense [T, E] scores "
-        "(`zeros_like(logits).scatter_(1, ids, w)`, which the block also returns), not the top-k weights; left "
-        "untouched",
+        apply_only_4x=LOOP_4X.format(
+            "on the CPU over the experts hit (`for expert_idx in expert_hit[:]`, then `expert_idx[0]`; the dense "
+            "bmm path runs on CUDA only), its experts reading the router's dense [T, E] scores "
+            "(`zeros_like(logits).scatter_(1, ids, w)`, rebuilt from the ids' sizes so that only the top-k reaches "
+            "them)"
+        ),
     ),
     "llama4": Architecture(
         "Llama4TextConfig",
@@ -895,7 +893,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 
 # The architectures tested on transformers 4.57 (the last 4.x line; `.ci/transformers457`): its forms are
 # per-expert `nn.ModuleList`s run by Python loops, the dense bmm of Llama4, the `.tolist()` + split of Granite
-# and JetMoE; `refused_4x` says which are left untouched, `apply_only_4x` which only `apply` rewrites.
+# and JetMoE; `apply_only_4x` says which only `apply` rewrites.
 TRANSFORMERS_4 = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3", "gpt_oss", "llama4")
 TRANSFORMERS_4 += ("granitemoe", "jetmoe")
 

@@ -272,10 +272,10 @@ def test_state_dict_and_save_pretrained_round_trip(name, tmp_path):
 @pytest.mark.parametrize("name", hf_models.TRANSFORMERS_4)
 def test_transformers4_forms(name):
     """transformers 4.57: the forms Dynamo captures whole are rewritten by compile and apply; the loops over the
-    experts hit by apply alone (`apply_only_4x`); GPT-OSS's loop by neither. Logits equal eager either way."""
+    experts hit by apply alone (`apply_only_4x`). Logits equal eager either way."""
     arch = hf_models.ARCHITECTURES[name]
     model = tiny(name, impl=None)
-    expected = 0 if arch.refused or arch.refused_4x else arch.moe_blocks
+    expected = 0 if arch.refused else arch.moe_blocks
     _compile_and_check(model, hf_models.example_inputs(model), 0 if arch.apply_only_4x else expected, torch.float32)
     if expected:  # a refusal shows under compile; apply's second capture would only repeat it
         torch._dynamo.reset()

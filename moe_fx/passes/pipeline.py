@@ -22,7 +22,7 @@ from moe_fx.passes.graph_view import value
 from moe_fx.passes.match import EMPTY_BATCH, BlockFinder, MoEMatch, find_blocks
 from moe_fx.passes.overlap import hoist_past_dispatch
 from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
-from moe_fx.passes.router import sink_sigmoid_into_scatter
+from moe_fx.passes.router import fills_from_scatter_index, sink_sigmoid_into_scatter
 from moe_fx.passes.verify import verify
 from moe_fx.report import BlockReport, LoweringChoice, RejectionReport, Report
 from moe_fx.spec import QuantSpec
@@ -195,6 +195,7 @@ def rewrite_graph(
     pending = [] if rebind is None else rebind
     fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
     sink_sigmoid_into_scatter(gm, lambda node: _set_meta(node, fake_mode))
+    fills_from_scatter_index(gm, lambda node: _set_meta(node, fake_mode))
     finder = BlockFinder(gm, example_inputs)
     matches, rejections = find_blocks(gm, example_inputs, finder)
     empty = [r for r in rejections if r.reason == EMPTY_BATCH]

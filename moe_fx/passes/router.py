@@ -16,6 +16,7 @@ import itertools
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from moe_fx.ops import route_args
 from moe_fx.passes.graph_view import is_function, shape_of, target_name, tensor_meta
@@ -221,6 +222,73 @@ def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
         if not scatter.users and set(base.users) == {scatter}:  # nothing else reads the -inf tensor
             g.erase_node(scatter)
             g.erase_node(base)
+        count += 1
+    if count:
+        g.lint()
+        gm.recompile()
+    return count
+
+
+# ---------------------------------------------------------------- dense scores scattered into a fill like the logits
+# fills that read their tensor argument's shape, dtype and device alone -> the `new_*` method that makes the same
+_FILLS_LIKE = {
+    "zeros_like": "new_zeros", "new_zeros": "new_zeros", "ones_like": "new_ones", "new_ones": "new_ones",
+    "empty_like": "new_empty", "new_empty": "new_empty", "full_like": "new_full", "new_full": "new_full",
+}  # fmt: skip
+
+
+def _fill_value(fill: fx.Node):
+    """A full's fill value (a number), None for the other fills, or False where it is not a plain number."""
+    if target_name(fill) not in ("full_like", "new_full"):
+        return None
+    positional = len(fill.args) > (1 if target_name(fill) == "full_like" else 2)
+    v = fill.args[-1] if positional else fill.kwargs.get("fill_value")
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else False
+
+
+def fills_from_scatter_index(gm: fx.GraphModule, set_meta) -> int:
+    """Rebuild each fill made like a computed tensor (`zeros_like(logits)`, `logits.new_zeros(T, E)`) that is the
+    base of a `scatter(dim, index, src)` from the index's sizes: `index.new_zeros(shape, dtype=...)`, the same
+    values. The dense [T, E] weights that naive blocks (and GPT-OSS's 4.57 router) scatter from the top-k then read
+    the top-k ids' sizes instead of the logits, so that no router value but the top-k reaches the experts.
+    Only where the index spans the fill on every dimension but `dim` and the fill's size along `dim` is static.
+    Returns the count."""
+    count, g = 0, gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    for fill in list(g.nodes):
+        if target_name(fill) not in _FILLS_LIKE or not fill.args or not isinstance(fill.args[0], fx.Node):
+            continue
+        value, meta = _fill_value(fill), tensor_meta(fill)
+        scatters = [u for u in fill.users if target_name(u) in ("scatter", "scatter_") and len(u.args) == 4]
+        if value is False or meta is None or not scatters or set(fill.kwargs) - {"dtype", "device", "fill_value"}:
+            continue
+        _, dim, index, _ = scatters[0].args
+        index_meta = tensor_meta(index) if isinstance(index, fx.Node) else None
+        if not isinstance(dim, int) or index_meta is None or index_meta.dim() != meta.dim() or meta.dim() == 0:
+            continue
+        dim %= meta.dim()
+        if index_meta.device != meta.device or not isinstance(meta.shape[dim], int):
+            continue
+        pairs = [(a, b) for d, (a, b) in enumerate(zip(meta.shape, index_meta.shape)) if d != dim]
+        if not all(statically_known_true(a == b) for a, b in pairs):  # the index spans the fill but along dim
+            continue
+        first_use = min(fill.users, key=order.__getitem__)
+        if order[index] > order[first_use]:  # the rebuilt fill goes before its first use, after the index
+            continue
+        with g.inserting_before(first_use):
+            shape = []
+            for d, size in enumerate(meta.shape):
+                if isinstance(size, int):
+                    shape.append(size)
+                else:
+                    shape.append(g.call_method("size", (index, d)))
+                    set_meta(shape[-1])
+            args = (index, tuple(shape)) + ((value,) if value is not None else ())
+            rebuilt = g.call_method(_FILLS_LIKE[target_name(fill)], args, {"dtype": meta.dtype})
+            set_meta(rebuilt)
+            rebuilt.meta.update({k: fill.meta[k] for k in ("nn_module_stack", "stack_trace") if k in fill.meta})
+        fill.replace_all_uses_with(rebuilt)
+        g.erase_node(fill)
         count += 1
     if count:
         g.lint()

@@ -18,6 +18,7 @@ FORMS = {
     "gather_einsum": (ex.GatherEinsumMoE, "gather_einsum"),
     "gather_matmul_fused_w13_gelu": (ex.GatherMatmulMoE, "gather_matmul"),
     "dense_scatter_gates": (ex.DenseMoE, "dense"),
+    "dense_gates_like_logits": (ex.DenseLikeLogitsMoE, "dense"),
     "dense_top1_masked_sum": (ex.MaskedSumMoE, "dense"),
     "torchtitan_split_loop_scatter_add_shared": (ex.TorchtitanStyleMoE, "expert_loop"),
 }
@@ -74,6 +75,20 @@ def test_apply_rewrites_every_form_for_any_token_count(form, dtype):
             assert out.shape == refs[T].shape
             if T:
                 assert rel_err(out, refs[T]) < TOL[dtype], T
+
+
+@pytest.mark.parametrize("fill", ["new_zeros", "full_like"])
+def test_gates_made_like_the_logits(fill):
+    """A fill like the logits reads only their shape: rebuilt from the top-k ids' sizes before matching
+    (`router.fills_from_scatter_index`), so that no router value but the top-k reaches the experts."""
+    model = ex.DenseLikeLogitsMoE(fill=fill).eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        ref = model(x)
+        report = moe_fx.apply(model, x)
+        out = model(x)
+    assert [m.form for m in report.matches] == ["dense"], str(report)
+    assert fill not in model.forward.gm.code and rel_err(out, ref) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("k", [1, 4])
