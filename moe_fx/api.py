@@ -494,9 +494,15 @@ def _rewrite_hit_loop(
         m.errors["against the original forward"] = err
         m.capture_note = note
     report.matches += block_report.matches
-    report.rejections = [r for r in report.rejections if not _in_code_of(r.source, owner)]
-    report.rejections += block_report.rejections
+    # the owner's capture replaces what the ordinary one said of it (it holds the owner's whole forward)
+    inside = [r for r in report.rejections if _in_code_of(r.source, owner) or _within(r.module_path, path)]
+    report.rejections = [r for r in report.rejections if r not in inside] + block_report.rejections
     return True
+
+
+def _within(path: str, owner_path: str) -> bool:
+    """Whether module `path` is `owner_path` or lies below it."""
+    return not owner_path or path == owner_path or path.startswith(owner_path + ".")
 
 
 def _in_code_of(source: str, module: nn.Module) -> bool:

@@ -11,7 +11,11 @@ While `SWITCH.on()`, in a Dynamo trace:
   dimension of 1 where it indexes a tensor (Mixtral's `mask[e].squeeze(0)`, with k = 1 too), gives e at `[0]`
   (GPT-OSS's and Switch's `expert_idx[0]`), and is e as a key of an nn.ModuleList (`self.experts[e]`) or in a
   comparison (`if e == num_experts:`);
-- a branch on whether a data-dependent size is non-zero (`if idx.numel() > 0:`, `if n:`) is taken.
+- `torch.bincount(ids, minlength=E)` has E elements (`expert_counts`: the routing ids are below E), so that its
+  `.tolist()` holds E data-dependent counts (DeepSeek-V3's reference code: `counts = ….tolist()`);
+- a branch on whether a data-dependent size or count is zero (`if idx.numel() > 0:`, `if n:`,
+  `if counts[i] == 0:`) takes the side of a positive one. The counts `.tolist()` read are then used by no node:
+  `drop_unused_counts` removes them (their `.item()` calls would each wait for the GPU).
 
 The captured loop runs its body for the experts without tokens too. That is the original block only if the
 body then does nothing (an `index_add_` of no rows), which no graph shows. So `apply` captures this way only
@@ -56,23 +60,27 @@ def _hit_loop_length(var) -> int | None:
     return source.shape[0] if 0 < source.shape[0] <= MAX_EXPERTS else None
 
 
-def _tests_nonempty(value) -> bool:
-    """Whether `value` (a SymBool) tests that data-dependent sizes are non-zero: false when they are 0, true for
-    every positive size tried."""
+def _when_hit(value) -> bool | None:
+    """The value of `value` (a SymBool over data-dependent sizes or counts) when they are positive, where it tests
+    whether they are zero: the same at every positive value tried, the other at 0 (`n > 0`, `n != 0`, `n == 0`).
+    None for any other test."""
     import sympy
     from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
     if not isinstance(value, torch.SymBool):
-        return False
+        return None
     expr = value.node.expr
     sizes = free_unbacked_symbols(expr)
     if not sizes or set(expr.free_symbols) != set(sizes):
-        return False
+        return None
 
     def at(n: int):
         return expr.subs({s: n for s in sizes})
 
-    return at(0) == sympy.false and all(at(n) == sympy.true for n in (1, 2, 3, 64, 4096))
+    hit = {at(n) for n in (1, 2, 3, 64, 4096)}
+    if len(hit) != 1 or hit == {at(0)} or not hit <= {sympy.true, sympy.false}:
+        return None
+    return hit == {sympy.true}
 
 
 def _install() -> None:
@@ -85,6 +93,7 @@ def _install() -> None:
         from torch._dynamo.variables.constant import ConstantVariable
         from torch._dynamo.variables.lists import ListVariable
         from torch._dynamo.variables.tensor import SymNodeVariable, TensorVariable
+        from torch._dynamo.variables.torch import TorchInGraphFunctionVariable
     except ImportError:  # another Dynamo layout: nothing is patched, such loops stay uncaptured
         return
 
@@ -111,18 +120,28 @@ def _install() -> None:
     evaluate = SymNodeVariable.evaluate_expr
 
     @functools.wraps(evaluate)
-    def evaluate_expr(self, *args, **kwargs):  # `if n > 0:`
-        if SWITCH.active and _tests_nonempty(self.sym_num):
-            return True
-        return evaluate(self, *args, **kwargs)
+    def evaluate_expr(self, *args, **kwargs):  # `if n > 0:`, `if counts[e] == 0:`
+        hit = _when_hit(self.sym_num) if SWITCH.active else None
+        return evaluate(self, *args, **kwargs) if hit is None else hit
 
     guard_bool = getattr(symbolic_convert, "guard_bool", None)
 
     def guard_nonempty(value, *args, **kwargs):  # `if n:` (Dynamo guards on n != 0)
-        if SWITCH.active and _tests_nonempty(value):
-            return True
-        return guard_bool(value, *args, **kwargs)
+        hit = _when_hit(value) if SWITCH.active else None
+        return guard_bool(value, *args, **kwargs) if hit is None else hit
 
+    call_torch = TorchInGraphFunctionVariable.call_function
+
+    @functools.wraps(call_torch)
+    def call_function(self, tx, args, kwargs):  # bincount(ids, minlength=E): E counts
+        if SWITCH.active and self.value is torch.bincount and len(args) == 1 and set(kwargs) == {"minlength"}:
+            minlength = kwargs["minlength"]
+            if minlength.is_python_constant() and 0 < minlength.as_python_constant() <= MAX_EXPERTS:
+                counts = TorchInGraphFunctionVariable(torch.ops.moe_fx.expert_counts.default)
+                return call_torch(counts, tx, [args[0], minlength], {})
+        return call_torch(self, tx, args, kwargs)
+
+    TorchInGraphFunctionVariable.call_function = call_function
     TensorVariable.unpack_var_sequence = unpack_var_sequence
     SymNodeVariable.evaluate_expr = evaluate_expr
     if guard_bool is not None:
@@ -130,6 +149,44 @@ def _install() -> None:
 
 
 SWITCH = CaptureSwitch(_install)
+
+
+@torch.library.custom_op("moe_fx::expert_counts", mutates_args=())
+def expert_counts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`torch.bincount(ids, minlength=num_experts)` (1-D int ids) with exactly num_experts elements."""
+    counts = torch.bincount(ids, minlength=num_experts)
+    if counts.numel() != num_experts:
+        raise ValueError(f"moe_fx: expert ids must be below num_experts ({num_experts}), got {counts.numel() - 1}")
+    return counts
+
+
+@expert_counts.register_fake
+def _(ids, num_experts):
+    return ids.new_empty((num_experts,), dtype=torch.int64)
+
+
+def drop_unused_counts(gm: torch.fx.GraphModule) -> int:
+    """Remove the unused `.item()` reads of `expert_counts` and what made them (indexing, the counts); returns how
+    many nodes went."""
+    g, dropped = gm.graph, 0
+    for node in reversed(list(g.nodes)):
+        unused = not node.users
+        item = node.op == "call_method" and node.target == "item"
+        made = node.target is operator.getitem or node.target is torch.ops.moe_fx.expert_counts.default
+        if unused and (item or made and _reads_counts(node)):
+            g.erase_node(node)
+            dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
+
+
+def _reads_counts(node: torch.fx.Node) -> bool:
+    while node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        node = node.args[0]
+    return node.target is torch.ops.moe_fx.expert_counts.default
+
+
 # Within the context, Dynamo captures loops over the experts hit as loops over every expert.
 every_expert = SWITCH.on
 

@@ -1,8 +1,8 @@
 """MoE blocks written as widely used codebases write them (`moe_fx.examples`): torchtitan's (histc, stable argsort,
 `torch._grouped_mm` or a split loop, scores before or after the experts, routed rows scatter-added into the shared
 expert's output), llama-models' Llama 4 reference (transposed scattered scores, bmm over every expert) and
-DeepSeek-V3's reference inference code (a loop that skips experts without tokens). Through `apply` and
-`torch.compile`: rewritten with equal outputs, or left untouched with the reason, never a crash."""
+DeepSeek-V3's reference inference code (a loop that skips experts without tokens: `apply` only). Through `apply`
+and `torch.compile`: rewritten with equal outputs, or left untouched with the reason, never a crash."""
 
 import copy
 import warnings
@@ -86,14 +86,24 @@ def test_the_combine_accumulates_into_the_shared_experts_output():
     assert shared_reads, "the shared expert runs in the rewritten graph as before"
 
 
-@pytest.mark.parametrize("entry", ["apply", "compile"])
-def test_deepseek_reference_loop_is_left_untouched_with_the_reason(entry):
+def test_deepseek_reference_loop_is_rewritten_by_apply():
+    """`counts = bincount(ids, minlength=E).tolist()` and `if counts[i] == 0: continue`: apply captures the loop over
+    every expert (`moe_fx.hit_loops`), checked against the original forward; no count is read in the rewrite."""
+    model = ex.DeepSeekReferenceMoE()
+    report = _rewrite_and_compare(model, "apply")
+    assert report.matches[0].capture_note.startswith("its loop over the experts hit"), str(report)
+    assert not report.rejections, str(report)
+    code = model.forward.gm.code
+    assert ".item()" not in code and "expert_counts" not in code and "bincount" not in code, code
+
+
+def test_deepseek_reference_loop_is_left_untouched_by_compile_with_the_reason():
     """`bincount(...).tolist()` made Dynamo fail the whole compile under moe_fx's capture flags; it is a graph
-    break now (`moe_fx.capture_breaks`), and the report says the break splits the block."""
-    if entry == "apply":
-        text = str(moe_fx.explain(ex.DeepSeekReferenceMoE(), _inputs(torch.float32)[0]))
-        assert "tolist() of a data-dependent size" in text and "a graph break splits the block" in text, text
-    _rewrite_and_compare(ex.DeepSeekReferenceMoE(), entry, blocks=0)
+    break now (`moe_fx.capture_breaks`), and the reports say the break splits the block."""
+    first = len(last_reports())
+    _rewrite_and_compare(ex.DeepSeekReferenceMoE(), "compile", blocks=0)
+    text = "\n".join(map(str, last_reports()[first:]))
+    assert "a graph break splits the block" in text, text
 
 
 @pytest.mark.parametrize("entry", ["apply", "compile"])
