@@ -284,3 +284,7 @@ def test_transformers4_forms(name):
         if arch.apply_only_4x:  # and the ordinary capture's rejection of the split block is gone
             assert all("loop over the experts hit" in m.capture_note for m in report.matches), str(report)
             assert not report.rejections, str(report)
+            one = hf_models.example_inputs(model, T=1, batch=1, seed=1)  # a decode step: the rewrite serves it
+            with no_fallback(), torch.no_grad():
+                out, ref = hf_models.logits(model(**one)), hf_models.logits(tiny(name, impl=None)(**one))
+            assert rel_err(out, ref) < TOL[torch.float32]

@@ -176,9 +176,10 @@ class ClampWatch(fx.Interpreter):
     def scale_to_reach(self, margin: float = 3.0) -> float | None:
         """The factor on the tokens that takes the clamp the runs so far came least close to (by their largest
         |value|) to `margin` times the largest |bound|: the clamps act on projections, so their inputs scale
-        with the tokens (plus biases). None when a clamp saw only zeros or non-finite values."""
+        with the tokens (plus biases). Clamps that saw no value (an expert without tokens in every run) do not
+        count. None when the others saw only zeros or non-finite values."""
         bounds = [abs(b) for n in self.clamps for b in _clamp_bounds(n).values() if isinstance(b, (int, float))]
-        reach = min(max(-self.low[n], self.high[n]) for n in self.clamps)
+        reach = min((max(-self.low[n], self.high[n]) for n in self.clamps if self.low[n] <= self.high[n]), default=0)
         return margin * max(bounds) / reach if bounds and 0 < reach < math.inf else None
 
     def unreached(self) -> list[str]:

@@ -373,7 +373,12 @@ class BlockFinder:
             for i in self.view.inputs[n]
             if i not in experts and i not in ro and i not in (w, ids) and i in self.depends_on_data
         }
-        read = {n for n in read if same_shape(shape_of(n), shape_of(x)) and tensor_meta(n).is_floating_point()}
+        read = {
+            n
+            for n in read
+            if same_shape(shape_of(n), shape_of(x)) and tensor_meta(n).is_floating_point()
+            and target_name(n) not in _FILLS  # the output's `zeros_like(x)` holds no token
+        }  # fmt: skip
         return read.pop() if len(read) == 1 else x
 
     def reads_weights(self, node: fx.Node) -> bool:
