@@ -170,10 +170,9 @@ def drop_unused_counts(gm: torch.fx.GraphModule) -> int:
     many nodes went."""
     g, dropped = gm.graph, 0
     for node in reversed(list(g.nodes)):
-        unused = not node.users
-        item = node.op == "call_method" and node.target == "item"
+        item = node.op == "call_method" and node.target == "item" and isinstance(node.args[0], torch.fx.Node)
         made = node.target is operator.getitem or node.target is torch.ops.moe_fx.expert_counts.default
-        if unused and (item or made and _reads_counts(node)):
+        if not node.users and (item and _reads_counts(node.args[0]) or made and _reads_counts(node)):
             g.erase_node(node)
             dropped += 1
     if dropped:
