@@ -7,6 +7,8 @@ K top-k, R dispatched rows (T*K on one device; what this rank receives under exp
     route(logits_TE)                          -> weights_TK fp32, ids_TK int32 (id -1: dropped by capacity)
     route(x_TD, proj_weight=w_ED[, proj_bias=b_E]): the same of logits = linear(x, w, b), the router's own
                                                  projection taken into the op (a decode GEMV can beat cuBLAS)
+    route(..., n_group, topk_group, group_score_topk, group_fill): group-limited top-k; the dropped groups'
+                                                 experts rank at group_fill (0.0 or -inf, read off the graph)
     quantize_dispatch(x_TD, ids_TK, w_TK)     -> xq_ND, xscale_N*, expert_offsets_L1 int64,
                                                  gather_index_R int64, row_weights_R fp32,
                                                  row_index_R int64, comm_splits int64
