@@ -150,10 +150,13 @@ class DenseMoE(nn.Module):
         self.gate = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(expert(dim, ffn) for _ in range(num_experts))
 
+    def zero_gates(self, x, logits_TE):
+        return torch.zeros(x.shape[0], len(self.experts), dtype=x.dtype, device=x.device)
+
     def forward(self, x):
-        weights_TK, ids_TK = softmax_topk(self.gate(x), self.k)
-        gates_TE = torch.zeros(x.shape[0], len(self.experts), dtype=x.dtype, device=x.device)
-        gates_TE = gates_TE.scatter(1, ids_TK, weights_TK.to(x.dtype))
+        logits_TE = self.gate(x)
+        weights_TK, ids_TK = softmax_topk(logits_TE, self.k)
+        gates_TE = self.zero_gates(x, logits_TE).scatter(1, ids_TK, weights_TK.to(x.dtype))
         y_ETD = torch.stack([expert(x) for expert in self.experts])
         return torch.einsum("te,etd->td", gates_TE, y_ETD)
 
@@ -167,17 +170,12 @@ class DenseLikeLogitsMoE(DenseMoE):
         super().__init__(dim, ffn, num_experts, k)
         self.fill = fill
 
-    def forward(self, x):
-        logits_TE = self.gate(x)
-        weights_TK, ids_TK = softmax_topk(logits_TE, self.k)
-        gates_TE = {
+    def zero_gates(self, x, logits_TE):
+        return {
             "zeros_like": lambda: torch.zeros_like(logits_TE),
             "new_zeros": lambda: logits_TE.new_zeros(x.shape[0], len(self.experts)),
             "full_like": lambda: torch.full_like(logits_TE, 0.0),
         }[self.fill]()
-        gates_TE = gates_TE.scatter(1, ids_TK, weights_TK.to(x.dtype))
-        y_ETD = torch.stack([expert(x) for expert in self.experts])
-        return torch.einsum("te,etd->td", gates_TE, y_ETD)
 
 
 class MaskedSumMoE(nn.Module):

@@ -12,6 +12,7 @@ Anything else stays in the graph as an opaque router, and the rewrite starts at 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -184,6 +185,19 @@ def sigmoid_after_scatter_sites(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node,
     return sites
 
 
+def _made(node: fx.Node, set_meta, like: fx.Node) -> fx.Node:
+    """A node a normalisation inserted, with its fake value and the module stack and trace of the node it stands
+    for."""
+    set_meta(node)
+    node.meta.update({k: like.meta[k] for k in ("nn_module_stack", "stack_trace") if k in like.meta})
+    return node
+
+
+def _shape_from(g: fx.Graph, shape, index: fx.Node, made) -> tuple:
+    """`shape` with each symbolic size read off `index` (`index.size(d)`), which spans it there."""
+    return tuple(s if isinstance(s, int) else made(g.call_method("size", (index, d))) for d, s in enumerate(shape))
+
+
 def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
     """Rewrite each `sigmoid(full(-inf).scatter(d, ids, v))` as `zeros.scatter(d, ids, sigmoid(v))`: equal
     exactly (sigmoid(-inf) = 0), and the [T, K] routing weights sigmoid(v) become a tensor of the graph,
@@ -194,9 +208,7 @@ def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
         g = gm.graph
 
         def made(node: fx.Node, like: fx.Node = sig) -> fx.Node:
-            set_meta(node)
-            node.meta.update({k: like.meta[k] for k in ("nn_module_stack", "stack_trace") if k in like.meta})
-            return node
+            return _made(node, set_meta, like)
 
         with g.inserting_before(sig):
             w = values
@@ -204,11 +216,7 @@ def sink_sigmoid_into_scatter(gm: fx.GraphModule, set_meta) -> int:
                 if c.target in _FLOAT_CASTS:
                     w = made(g.call_method(c.target, (w, *c.args[1:]), dict(c.kwargs)))
             w = made(g.call_function(sig.target, (w,), dict(sig.kwargs)))
-            shape = tuple(
-                s if isinstance(s, int) else made(g.call_method("size", (index, i)))
-                for i, s in enumerate(shape_of(scatter))
-            )
-            zeros = made(g.call_method("new_zeros", (w, shape)))
+            zeros = made(g.call_method("new_zeros", (w, _shape_from(g, shape_of(scatter), index, made))))
             dense = made(g.call_method("scatter", (zeros, dim, index, w)))
             for c in casts:  # the transposes, in their order, now on the dense scores
                 if c.target not in _FLOAT_CASTS:
@@ -276,17 +284,9 @@ def fills_from_scatter_index(gm: fx.GraphModule, set_meta) -> int:
         if order[index] > order[first_use]:  # the rebuilt fill goes before its first use, after the index
             continue
         with g.inserting_before(first_use):
-            shape = []
-            for d, size in enumerate(meta.shape):
-                if isinstance(size, int):
-                    shape.append(size)
-                else:
-                    shape.append(g.call_method("size", (index, d)))
-                    set_meta(shape[-1])
-            args = (index, tuple(shape)) + ((value,) if value is not None else ())
-            rebuilt = g.call_method(_FILLS_LIKE[target_name(fill)], args, {"dtype": meta.dtype})
-            set_meta(rebuilt)
-            rebuilt.meta.update({k: fill.meta[k] for k in ("nn_module_stack", "stack_trace") if k in fill.meta})
+            made = functools.partial(_made, set_meta=set_meta, like=fill)
+            args = (index, _shape_from(g, meta.shape, index, made)) + ((value,) if value is not None else ())
+            rebuilt = made(g.call_method(_FILLS_LIKE[target_name(fill)], args, {"dtype": meta.dtype}))
         fill.replace_all_uses_with(rebuilt)
         g.erase_node(fill)
         count += 1
