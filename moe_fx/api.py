@@ -420,6 +420,7 @@ def _hit_loop_owners(model: nn.Module, found: Report, taken: list[str]) -> dict[
     if not lines:
         return {}
 
+    @functools.cache  # asked of each module up to three times (itself, as a child, the condition's two halves)
     def holds(m: nn.Module) -> tuple[bool, bool]:  # (a top-k, a break line) in m's code or a submodule's
         subs = list(m.modules())
         return (any("topk" in _class_source(type(sub)) for sub in subs),
