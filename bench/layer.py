@@ -55,8 +55,10 @@ QUANT_VARIANTS = {
 QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "bf16"}
 # *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
-# moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; not in the default set
-EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear")
+# moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; *_reduce: combine's sum in the
+# down GEMM's epilogue (`experts(..., reduce=True)`); not in the default set
+REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_fp8_reduce")
+EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
 GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *EXTRA_VARIANTS)
 
@@ -103,10 +105,11 @@ def route(spec, x, gate, linear_outside=False):
     return OPS.route(*route_args(spec.router, x, None, "triton", gate))
 
 
-def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False):
+def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, reduce=False):
     """moe_fx's four ops on the block's weights; `oss_storage`: the same weights stored as GPT-OSS stores
     its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone;
-    `linear_outside`: the router's linear by torch, not by route (see `route`)."""
+    `linear_outside`: the router's linear by torch, not by route (see `route`); `reduce`: three ops, combine's
+    sum done by experts."""
     w13, w2, gate = block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
     if oss_storage:
         E, H, D = w13.shape
@@ -119,14 +122,15 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False):
     def run(x):
         weights, ids = route(spec, x, gate, linear_outside)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, impl))
-        return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
+        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, impl, reduce=reduce))
+        return y if reduce else OPS.combine(*combine_args(spec, y, weights, d, "triton"))
 
     return run
 
 
-def moe_fx_quant_layer(block, spec, mode):
-    """moe_fx with the Triton lowerings under quant `mode`: the weights quantised once, as the rewrite does."""
+def moe_fx_quant_layer(block, spec, mode, reduce=False):
+    """moe_fx with the Triton lowerings under quant `mode`: the weights quantised once, as the rewrite does;
+    `reduce` as `moe_fx_layer`'s."""
     w13, s13 = quant.quantize_weight(block.experts.gate_up_proj, mode)
     w2, s2 = quant.quantize_weight(block.experts.down_proj, mode)
     spec, gate = spec.replace(quant=QuantSpec(mode)), block.gate.weight
@@ -135,8 +139,8 @@ def moe_fx_quant_layer(block, spec, mode):
     def run(x):
         weights, ids = route(spec, x, gate)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2))
-        return OPS.combine(*combine_args(spec, y, weights, d, "triton"))
+        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, reduce))
+        return y if reduce else OPS.combine(*combine_args(spec, y, weights, d, "triton"))
 
     return run, weight_bytes
 
@@ -241,6 +245,8 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
         "moe_fx_vendor": moe_fx_layer(block, spec, "grouped_mm"),
         **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
         "moe_fx_triton_linear": moe_fx_layer(block, spec, "triton", linear_outside=True),
+        "moe_fx_triton_reduce": moe_fx_layer(block, spec, "triton", reduce=True),
+        **{v: moe_fx_quant_layer(block, spec, "fp8", reduce=True)[0] for v in ["moe_fx_fp8_reduce"] if v in variants},
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
@@ -260,6 +266,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
                 # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
                 rate = rates[QUANT_RATE[QUANT_VARIANTS[v]]]
                 row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
+            _reduce_floors(row, variants)
             eager, graphs = {}, {}
             for v in variants:
                 try:
@@ -303,10 +310,19 @@ def _best_us(row, v):
     return row["graph_us"].get(v, row["us"].get(v, float("nan")))
 
 
+def _reduce_floors(row, variants):
+    """moe_fx_fp8_reduce reads what moe_fx_fp8 reads: the same floor (moe_fx_fp8 timed beside it)."""
+    floors = row.get("quant_floor_us", {})
+    if "moe_fx_fp8" in floors and "moe_fx_fp8_reduce" in variants:
+        floors["moe_fx_fp8_reduce"] = floors["moe_fx_fp8"]
+
+
 def _speedups(row):
-    """Each quantised variant's speedup over moe_fx bf16 and ratio to its own floor (graph times if any)."""
+    """Each quantised variant's speedup over moe_fx bf16 (a *_reduce variant: over moe_fx_triton_reduce) and ratio
+    to its own floor (graph times if any)."""
     for v, floor in row.get("quant_floor_us", {}).items():
-        row.setdefault("speedup_vs_bf16", {})[v] = _best_us(row, "moe_fx_triton") / _best_us(row, v)
+        base = "moe_fx_triton_reduce" if v.endswith("_reduce") else "moe_fx_triton"
+        row.setdefault("speedup_vs_bf16", {})[v] = _best_us(row, base) / _best_us(row, v)
         row.setdefault("ratio_to_quant_floor", {})[v] = _best_us(row, v) / floor
 
 

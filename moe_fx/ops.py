@@ -14,6 +14,8 @@ K top-k, R dispatched rows (T*K on one device; what this rank receives under exp
                                                  row_index_R int64, comm_splits int64
     experts(xq_ND, xscale, offsets, gather_index_R, row_weights_R, w13, w2)   -> y_RD
     combine(y_RD, weights_TK, row_index_R, comm_splits)                       -> out_TD
+    experts(..., reduce=True)                 -> out_ND: combine's weighted sum done by `experts` (one device,
+                                                 a lowering registered with reduces=True); no combine node
 
 N is the number of rows this rank holds after dispatch: the T tokens themselves on one device (the
 rows are not copied K times; `experts` gathers them), the received rows under expert parallelism.
@@ -225,8 +227,13 @@ def experts(
     out_dtype: torch.dtype,
     impl: str,
     after: torch.Tensor | None = None,
+    reduce: bool = False,
 ) -> torch.Tensor:
     """Rows xq[gather_index[r]], grouped by expert (expert_offsets_L1) -> y_RD = w2 · act(w13 · x) per row.
+
+    `reduce` (one device, a lowering registered with `reduces=True`): -> out_ND instead, combine's sum done
+    here: out[t] = Σ over the rows r of token t (gather_index[r] = t) of y_r, × row_weights[r] unless
+    weight_at is "input"; the rewrite then has no `combine` node.
 
     `after`: a tensor only read for the order, the result of a block's shared expert that runs between its
     dispatch and its experts (`passes/overlap.py`): a compiler that schedules the graph itself (Inductor)
@@ -261,6 +268,7 @@ def experts(
         limit=limit,
         quant=quant,
         out_dtype=out_dtype,
+        **({"reduce": True} if reduce else {}),  # only a lowering with `reduces=True` takes it
     )
 
 
@@ -289,9 +297,10 @@ def _(
     out_dtype,
     impl,
     after=None,
+    reduce=False,
 ):
     D = w2.shape[2] if w2_transposed else w2.shape[1]
-    return xq.new_empty((gather_index.shape[0], D), dtype=out_dtype)
+    return xq.new_empty((xq.shape[0] if reduce else gather_index.shape[0], D), dtype=out_dtype)
 
 
 @_define
@@ -361,12 +370,13 @@ def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name
 
 
 def experts_args(spec: MoESpec, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,
-                 w13_scale=None, w2_scale=None) -> tuple:  # fmt: skip
+                 w13_scale=None, w2_scale=None, reduce: bool = False) -> tuple:  # fmt: skip
+    """`experts`' arguments; `reduce`: combine's sum done by experts too (a lowering with `reduces=True`)."""
     xq, xscale, offsets, gather_index, row_weights = dispatched[:5]
     es = spec.experts
     return (xq, xscale, offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale,
             weight_at(spec), es.activation, es.gate_up, es.w13_transposed, es.w2_transposed, es.alpha, es.limit,
-            spec.quant.mode, out_dtype, impl)  # fmt: skip
+            spec.quant.mode, out_dtype, impl) + ((None, True) if reduce else ())  # fmt: skip
 
 
 def combine_args(spec: MoESpec, y_RD, weights_TK, dispatched, impl: str, group_name: str = "") -> tuple:

@@ -35,8 +35,12 @@ VALID_KEYS = {
     "and leave it untouched on a mismatch",
     "overlap_shared": "a bool (default True): under layout 'ep_alltoall' (exact exchanges), run each block's "
     "shared expert (work that needs neither the routed path nor the exchanged rows) while its rows travel",
+    "fuse_combine": "a bool (default True): on one device, let an experts lowering that can (Triton's) do combine's "
+    "weighted sum in its down GEMM's epilogue, with atomic adds in the model's dtype: no combine node and no "
+    "[T*K, D] round trip through memory, but the sum's order (and so its last bits) varies from run to run; "
+    "False keeps the combine node (a fixed order, fp32 accumulation)",
 }
-BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify", "overlap_shared")
+BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify", "overlap_shared", "fuse_combine")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Options:
     expert_placement: tuple[int, ...] | None = None
     max_tokens_per_rank: int = 0
     overlap_shared: bool = True
+    fuse_combine: bool = True
 
 
 def _placement(value) -> tuple[int, ...]:

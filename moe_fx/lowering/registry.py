@@ -45,9 +45,15 @@ class Lowering:
     # a route lowering that takes the router's projection (`proj_weight`, `proj_bias`: the tokens come in place of
     # the logits) and computes the logits itself; for the others `moe_fx::route` applies the projection first
     projects: bool = False
+    # an experts lowering that also sums each token's rows (`experts(..., reduce=True)`, one device), for every
+    # spec or for those a predicate accepts: the rewrite then leaves combine out
+    reduces: bool | Callable[[MoESpec], bool] = False
 
     def __str__(self) -> str:
         return f"{self.name} (priority {self.priority})"
+
+    def reduces_for(self, spec: MoESpec) -> bool:
+        return self.reduces(spec) if callable(self.reduces) else self.reduces
 
 
 @dataclass(frozen=True)
@@ -81,11 +87,13 @@ def register_lowering(
     supports: Callable[[MoESpec], str | None] | None = None,
     overlaps: bool = False,
     projects: bool = False,
+    reduces: bool | Callable[[MoESpec], bool] = False,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any.
     `overlaps` (quantize_dispatch only): fn returns before its exchange lands, having registered it with
     `moe_fx.lowering.distributed.exchanges.start_exchange`. `projects` (route only): fn takes `proj_weight` and
-    `proj_bias` and, when they are given, the tokens in place of the logits."""
+    `proj_bias` and, when they are given, the tokens in place of the logits. `reduces` (experts only, True or a
+    predicate of the spec): fn takes `reduce` and, when it is True, returns combine's out_ND (`moe_fx::experts`)."""
     if op not in OPS:
         raise ValueError(f"moe_fx: op={op!r} is not one of {OPS}")
     if layout not in LAYOUTS:
@@ -96,7 +104,10 @@ def register_lowering(
             raise ValueError(f"moe_fx: overlaps=True is for quantize_dispatch lowerings, not {op!r}")
         if projects and op != "route":
             raise ValueError(f"moe_fx: projects=True is for route lowerings, not {op!r}")
-        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps, projects)
+        if reduces and op != "experts":
+            raise ValueError(f"moe_fx: reduces=True is for experts lowerings, not {op!r}")
+        entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps, projects,
+                         reduces)  # fmt: skip
         with _LOCK:
             entries = _ENTRIES.setdefault((op, device, layout), [])
             if any(e.name == name for e in entries):

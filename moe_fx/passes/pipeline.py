@@ -70,6 +70,12 @@ def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockRep
             "route": LoweringChoice("route", "opaque", "router kept in the graph: not a recognised form"),
             **lowerings,
         }
+    if match.combine_in_experts:
+        experts = match.selections["experts"].chosen.name
+        lowerings["combine"] = LoweringChoice(
+            "combine", f"in experts ({experts})", f"{experts} experts sums each token's rows itself "
+            "(options={'fuse_combine': False} keeps a combine node)", lowerings["combine"].rejected
+        )  # fmt: skip
     block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
     block.weights_note = match.weights_note
     block.tiles_note = _tiles_note(match, device)
@@ -228,7 +234,7 @@ def rewrite_graph(
         if reason is None and options.layout != "single":
             reason = _not_sharded(match, options.layout)
         device = value(match.x).device
-        reason = reason or select_lowerings(match, device.type, options.lowerings)
+        reason = reason or select_lowerings(match, device.type, options.lowerings, options.fuse_combine)
         if reason is None:
             _check_native_quant(match, device, options)
         if reason is None and options.verify:

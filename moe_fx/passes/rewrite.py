@@ -5,6 +5,7 @@
     xq, xscale, offsets, rows, splits = quantize_dispatch(x_TD, ids_TK, weights_TK)
     y_RD = experts(xq, xscale, offsets, w13, w2, ...)
     out_TD = combine(y_RD, weights_TK, rows, splits)  -> replaces every later use of the block's output
+    (or out_TD = experts(..., reduce=True), no combine: an experts lowering that sums the rows itself)
 
 Expert weights are stacked once: a stacked 3-D parameter is used as it is; per-expert (or separate
 gate/up) parameters are copied into one stacked tensor and the originals are rebound as views into it,
@@ -38,8 +39,9 @@ log = logging.getLogger("moe_fx")
 OPS = torch.ops.moe_fx
 
 
-def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str]) -> str | None:
-    """Fill `match.selections`; return a reason if some op has no lowering for this spec/device."""
+def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_combine: bool = True) -> str | None:
+    """Fill `match.selections` and `match.combine_in_experts` (`fuse_combine`, one device, an experts lowering
+    that `reduces`, no combine lowering forced); return a reason if some op has no lowering for this spec/device."""
     for op in registry.OPS:
         if op == "route" and not match.router_recognized:
             continue
@@ -47,6 +49,8 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str]) -> st
         match.selections[op] = sel
         if sel.chosen is None:
             return sel.reason
+    single, reduces = match.spec.layout == "single", match.selections["experts"].chosen.reduces_for(match.spec)
+    match.combine_in_experts = fuse_combine and single and reduces and "combine" not in forced
     return None
 
 
@@ -271,7 +275,8 @@ def rewrite(
     shard: Shard | None = None,
     owns_forward: bool = False,
 ) -> list[fx.Node]:
-    """Rewrite one block in place. Returns the four moe_fx nodes (three when the router is opaque).
+    """Rewrite one block in place. Returns the four moe_fx nodes (one fewer when the router is opaque, one fewer
+    when experts does combine's sum: `match.combine_in_experts`).
 
     `shard`: this rank's part under a parallel layout (the graph then reads only its weight shard and
     passes the group's name and the expert map to dispatch/combine); `owns_forward`: see `_bind_shard`.
@@ -340,12 +345,13 @@ def rewrite(
         args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
         dispatch = call(OPS.quantize_dispatch.default, *args)
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
-        y = call(
-            OPS.experts.default,
-            *experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale),
-        )
-        args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
-        out = combine = call(OPS.combine.default, *args)
+        reduce = match.combine_in_experts and shard is None
+        args = experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale,
+                            reduce)  # fmt: skip
+        out = y = call(OPS.experts.default, *args)
+        if not reduce:  # else experts did combine's sum
+            args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
+            out = combine = call(OPS.combine.default, *args)
         if spec.experts.identity_experts:
             out = call(identity.add, out, x_TD, identity_T1)
         result = match.output if not is_inplace(match.output) else view.root[match.output]
@@ -353,7 +359,7 @@ def rewrite(
             out = call("reshape_as", out, match.x, method=True)
         if match.base is not None:  # the tensor the original combine accumulated into
             out = call(operator.add, match.base, out)
-    ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts"), (combine, "combine"))
+    ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts")) + (() if reduce else ((combine, "combine"),))
     if match.router_recognized:
         ops_nodes = ((route, "route"), *ops_nodes)
     for node, op in ops_nodes:

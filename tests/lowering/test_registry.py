@@ -92,3 +92,5 @@ def test_registration_errors_name_the_value():
         moe_fx.register_lowering("experts", device="cpu", layout="ring", name="x")
     with pytest.raises(ValueError, match="already registered"):
         moe_fx.register_lowering("experts", device="*", name="reference")(lambda **kw: None)
+    with pytest.raises(ValueError, match="moe_fx: reduces=True is for experts lowerings, not 'route'"):
+        moe_fx.register_lowering("route", device="cpu", name="x", reduces=True)(lambda **kw: None)

@@ -1,6 +1,8 @@
-"""The rewrite's router projection: a route lowering registered with `projects=True` takes the router's linear
-(tokens, weight, bias) in place of its logits, unless something else reads the logits. On the CPU a test lowering
-stands in for Triton's (its route, the projection GEMV included, under the interpreter)."""
+"""The rewrite's choices that follow the lowerings' abilities. Router projection: a route lowering registered with
+`projects=True` takes the router's linear (tokens, weight, bias) in place of its logits, unless something else reads
+the logits. Combine in experts: an experts lowering registered with `reduces=True` returns the block's output itself,
+and the graph has no combine node. On the CPU test lowerings stand in for Triton's (its route, the projection GEMV
+included, and its experts, under the interpreter)."""
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 
 import moe_fx
 from moe_fx import examples as ex
+from moe_fx import hf_models
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
 from tests.conftest import TOLERANCE, no_fallback, rel_err
@@ -106,3 +109,78 @@ def test_the_reference_route_keeps_the_linear():
         moe_fx.apply(model, x)
     (route,) = _route_nodes(model.forward.gm)
     assert route.args[13] is None
+
+
+REDUCING = "reducing_test_experts"
+
+
+@pytest.fixture
+def reducing_experts():
+    """Triton's experts lowering registered for the CPU with `reduces=True`, above the reference; records `reduce`."""
+    calls = []
+
+    def experts(*, reduce=False, **kwargs):
+        calls.append(reduce)
+        return triton_lowering.triton_experts(reduce=reduce, **kwargs)
+
+    registry.register_lowering("experts", device="cpu", name=REDUCING, priority=100, reduces=True)(experts)
+    yield calls
+    registry.unregister_lowering("experts", device="cpu", name=REDUCING)
+
+
+def _longcat():
+    """LongCat-Flash (transformers): zero-computation experts, whose picks dispatch drops and whose tokens are
+    added after the sum; the correction bias zeroed so that the example picks both kinds."""
+    if reason := hf_models.missing("longcat_flash"):
+        pytest.skip(reason)
+    model = hf_models.build("longcat_flash", "grouped_mm")
+    router = next(m for m in model.modules() if type(m).__name__ == "LongcatFlashTopkRouter")
+    with torch.no_grad():
+        router.e_score_correction_bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("name,fuse", [("LoopMoE", True), ("LoopMoE", False), ("DeepSeekStyleMoE", True),
+                                       ("longcat_flash", True)])  # fmt: skip
+def test_combine_in_experts(name, fuse, reducing_experts):
+    """Verification off: the interpreted kernels are slow, and the outputs are compared here."""
+    if name == "longcat_flash":
+        model = _longcat()
+        inputs = [hf_models.example_inputs(model)]
+        run = lambda kw: hf_models.logits(model(**kw))  # noqa: E731
+    else:
+        model = getattr(ex, name)().eval()
+        inputs = [{"x": torch.randn(T, 32)} for T in (7, 1, 20)]
+        run = lambda kw: model(**kw)  # noqa: E731
+    with torch.no_grad():
+        refs = [run(kw) for kw in inputs]
+        report = moe_fx.apply(model, **inputs[0], options={"fuse_combine": fuse, "verify": False})
+        with no_fallback():
+            outs = [run(kw) for kw in inputs]
+    assert report.matches, str(report)
+    for block in report.matches:
+        combine = block.lowerings["combine"]
+        assert (combine.name == f"in experts ({REDUCING})") == fuse, combine
+        combines = [n for n in block.after.nodes if "moe_fx.combine" in str(n.target)]
+        assert len(combines) == (0 if fuse else 1), block.after
+    assert reducing_experts[-len(inputs) :] == [fuse] * len(inputs)
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_combine_in_experts_under_torch_compile(reducing_experts):
+    """Through Dynamo and Inductor: the fake `experts(reduce=True)` is [T, D], and the compiled model matches."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(9, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="moe_fx")(x)
+    assert reducing_experts and all(reducing_experts) and rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_a_forced_combine_is_kept(reducing_experts):
+    model = ex.LoopMoE().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        report = moe_fx.apply(model, x, options={"lowerings": {"combine": "reference"}, "verify": False})
+    assert report.matches[0].lowerings["combine"].name == "reference" and not any(reducing_experts)

@@ -91,7 +91,18 @@ def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, 
     return _dispatch.dispatch(x, ids, weights, num_local_experts, quant)
 
 
-@register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts)
+def reduces_natively(spec: MoESpec) -> bool:
+    """Whether this GPU adds the experts' dtype atomically in L2 (the sum in experts: `experts(reduce=True)`):
+    bf16 from sm90 (`atom.add.noftz.bf16`; before, a compare-and-swap loop per element), fp16 and fp32 before."""
+    import torch
+
+    if spec.experts.dtype != "bfloat16":
+        return True
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts,
+                   reduces=reduces_natively)  # fmt: skip
 def triton_experts(
     xq,
     xscale,
@@ -114,10 +125,11 @@ def triton_experts(
     limit,
     quant,
     out_dtype,
+    reduce=False,
 ):
     return _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
                          activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype, quant=quant,
-                         xscale=xscale, w13_scale=w13_scale, w2_scale=w2_scale)  # fmt: skip
+                         xscale=xscale, w13_scale=w13_scale, w2_scale=w2_scale, reduce=reduce)  # fmt: skip
 
 
 @register_lowering("combine", device="cuda", name=NAME, priority=PRIORITY)

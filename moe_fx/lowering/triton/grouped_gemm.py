@@ -362,9 +362,9 @@ def _weight_tile(desc, expert, n0, k0, GATED: tl.constexpr, INTERLEAVED: tl.cons
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
-    xs_ptr, ws_ptr, hs_ptr,
+    xs_ptr, ws_ptr, hs_ptr, out_ptr,
     # sizes
-    D, F, E, NPROG, alpha, limit,
+    D, F, E, NPROG, alpha, limit, OUT_NUMEL,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
     # strides
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
@@ -376,8 +376,14 @@ def _up_kernel(
     PACK: tl.constexpr, INTERLEAVED: tl.constexpr, SEPARATE: tl.constexpr, W_TMA: tl.constexpr,
     W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr,
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr,
+    BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
 ):  # fmt: skip
+    if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
+        chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
+        first = tl.program_id(0).to(tl.int64) * chunk
+        for z0 in range(first, tl.minimum(OUT_NUMEL, first + chunk), 1024):
+            z = z0 + tl.arange(0, 1024)
+            tl.store(out_ptr + z, tl.zeros((1024,), out_ptr.dtype.element_ty), mask=z < OUT_NUMEL)
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(F, BLOCK_N)
     pid, tiles = tl.program_id(0), real_tiles * num_pid_n
@@ -464,7 +470,7 @@ def _up_kernel(
 @triton.jit
 def _down_kernel(
     # pointers
-    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr,
+    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr, gather_ptr,
     # sizes
     D, F, E, R, NPROG,
     # strides
@@ -473,15 +479,16 @@ def _down_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
-    SWAP: tl.constexpr, PERSISTENT: tl.constexpr,
+    SWAP: tl.constexpr, PERSISTENT: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
     G: tl.constexpr,
 ):  # fmt: skip
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(D, BLOCK_N)
     # the dropped rows [offsets[E], R) (dispatch puts dropped picks there) contribute nothing: zeros, first
+    # (REDUCE: y is the tokens' out, which they are not added to)
     kept = tl.sum(tl.where(e == E - 1, hi_E, 0), axis=0)
-    for z in range(tl.program_id(0), tl.cdiv(R - kept, BLOCK_M) * num_pid_n, NPROG):
+    for z in range(tl.program_id(0), 0 if REDUCE else tl.cdiv(R - kept, BLOCK_M) * num_pid_n, NPROG):
         rows = kept + (z // num_pid_n) * BLOCK_M + tl.arange(0, BLOCK_M)
         n = (z % num_pid_n) * BLOCK_N + tl.arange(0, BLOCK_N)
         y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
@@ -533,7 +540,13 @@ def _down_kernel(
                 acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             if WEIGHT_OUTPUT:
                 acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            if REDUCE:  # y is out_ND: each row added into its token's, in the order the tiles finish
+                tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+                out_ptrs = y_ptr + tokens[:, None] * stride_yr + n[None, :] * stride_yd
+                tl.atomic_add(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :],
+                              sem="relaxed")  # fmt: skip
+            else:
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
@@ -572,8 +585,13 @@ def experts(
     xscale: torch.Tensor | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    reduce: bool = False,
 ) -> torch.Tensor:
     """Rows xq_ND[gather_index_R], grouped by expert_offsets_E1 -> y_RD (see the `moe_fx::experts` contract).
+
+    reduce: -> out_ND instead, each row's y (× its routing weight unless weight_at is "input") added into its
+    token's row gather_index[r] by the down GEMM's epilogue, in out_dtype atomics (the up GEMM's programs write
+    the zeros first): `combine` done without y's round trip through memory, in no fixed order.
 
     quant "fp8" | "int8" | "fp8_block": xq, w13, w2 and their scales in the formats of `quant.py`; both GEMMs
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
@@ -600,9 +618,9 @@ def experts(
     h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
-    y_RD = torch.empty((R, D), dtype=out_dtype, device=xq.device)
+    y_RD = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)
     if R == 0:
-        return y_RD
+        return y_RD.zero_()
     if config is None:
         dtype = xq.dtype if code == 0 else out_dtype
         config = tuning.choose(E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
@@ -636,8 +654,8 @@ def experts(
     launch(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-        h_scale if code == 2 else row_weights,
-        D, F, E, grid, float(alpha), float(limit),
+        h_scale if code == 2 else row_weights, y_RD,
+        D, F, E, grid, float(alpha), float(limit), y_RD.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1),
@@ -649,7 +667,7 @@ def experts(
         INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-        num_warps=c.num_warps, num_stages=c.num_stages,
+        ZERO_OUT=reduce, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if code == 1:
         h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
@@ -667,14 +685,15 @@ def experts(
     grid = _programs(c, R, E, D, xq.device)
     launch(
         _down_kernel, (grid,),
-        h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0],
+        h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0], gather_index,
         D, F, E, R, grid,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
-        HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output", EVEN_K=F % c.block_k == 0,
+        HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output" or (reduce and weight_at == "none"),
+        EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent,
+        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

@@ -16,16 +16,19 @@ E = 4
 
 
 def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False, t2=False, placement="output",
-        impl="triton", spec_weight_at=None, num_experts=E):  # fmt: skip
+        impl="triton", spec_weight_at=None, num_experts=E, reduce=False):  # fmt: skip
+    """The four ops (three with `reduce`: experts does combine's sum)."""
     F_ = w2.shape[1] if t2 else w2.shape[2]
     experts = ExpertsSpec(num_experts, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None,
                           dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
     spec = MoESpec(experts, ids.shape[1], weight_placement=placement)
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-    args = list(experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, impl))
+    args = list(experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, impl, reduce=reduce))
     if spec_weight_at is not None:  # "output": the routing weight fused into the second GEMM
         args[12] = spec_weight_at
     y = OPS.experts(*args)
+    if reduce:
+        return y
     combine = list(combine_args(spec, y, weights, dispatched, "triton"))
     combine[4] = args[12] == "none"
     return OPS.combine(*combine)
@@ -168,3 +171,26 @@ def test_dropped_picks_contribute_nothing(T, K, weight_in_experts, gemm_path):
               spec_weight_at="output" if weight_in_experts else None)  # fmt: skip
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2)  # weight 0: nothing added
     assert torch.isfinite(out).all() and rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,pattern", [(0, 2, "random"), (1, 4, "random"), (7, 2, "one_expert"), (33, 2, "empty"),
+                                         (40, 4, "dropped"), (64, 4, "random")])  # fmt: skip
+@pytest.mark.parametrize("placement", ["output", "input"])
+def test_reduce_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_path):
+    """experts(reduce=True) returns combine's out_TD itself: the down GEMM's epilogue adds each row, weighted
+    unless the weight went in before w13 (placement "input"), into its token's row, which the up GEMM's programs
+    zero first (the outputs are poisoned: a row left unwritten shows); dropped picks add nothing."""
+    D, FF = 24, 20
+    x = torch.randn(T, D).to(dtype)
+    w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
+    if placement == "input" and pattern == "dropped":
+        b2 = None  # the oracle would run a dropped pick on its zero-weighted input: b2, where dispatch drops it
+    weights, ids = routing(T, K, E, pattern)
+    weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
+    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
+              reduce=True)  # fmt: skip
+    assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
+    ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
+                 weight_on_input=placement == "input")  # fmt: skip
+    assert T == 0 or rel_err(out.cpu(), ref) < TOLERANCE[dtype]

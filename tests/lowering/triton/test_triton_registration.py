@@ -247,3 +247,14 @@ def test_confirm_ranks_by_median_of_rotated_rounds():
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert best == "b" and set(medians) == {"a", "b", "c"}
     assert medians["b"] == 9.0 + 0.5 * 3  # b ran at positions 1, 3, 8: median 3
+
+
+@pytest.mark.parametrize("dtype,capability,reduces", [("bfloat16", (9, 0), True), ("bfloat16", (8, 0), False),
+                                                      ("float16", (8, 0), True), ("float32", (7, 5), True)])  # fmt: skip
+def test_the_sum_in_experts_needs_native_atomics_of_the_dtype(monkeypatch, dtype, capability, reduces):
+    """bf16 atomic adds are native from sm90 (a compare-and-swap loop per element before): Triton's experts does
+    combine's sum there and for fp16/fp32 everywhere; elsewhere the block keeps its combine node."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    spec = SPEC.replace(experts=replace(SPEC.experts, dtype=dtype))
+    assert registry.select("experts", "cuda", spec).chosen.reduces_for(spec) is reduces
