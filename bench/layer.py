@@ -321,8 +321,9 @@ def _speedups(row):
     """Each quantised variant's speedup over moe_fx bf16 (a *_reduce variant: over moe_fx_triton_reduce) and ratio
     to its own floor (graph times if any)."""
     for v, floor in row.get("quant_floor_us", {}).items():
-        base = "moe_fx_triton_reduce" if v.endswith("_reduce") else "moe_fx_triton"
-        row.setdefault("speedup_vs_bf16", {})[v] = _best_us(row, base) / _best_us(row, v)
+        base = _best_us(row, "moe_fx_triton_reduce" if v.endswith("_reduce") else "moe_fx_triton")
+        if not math.isnan(base):  # the bf16 variant was timed
+            row.setdefault("speedup_vs_bf16", {})[v] = base / _best_us(row, v)
         row.setdefault("ratio_to_quant_floor", {})[v] = _best_us(row, v) / floor
 
 

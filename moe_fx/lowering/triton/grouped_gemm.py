@@ -4,6 +4,8 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
 
     up:   h_RF = act(x[gather_index] · w13[e]ᵀ + b13[e])    gather fused into the A loads, act in the epilogue
     down: y_RD = (h_RF · w2[e]ᵀ + b2[e]) · row_weight?      routing weight fused into the epilogue
+    reduce: out_ND[gather_index[r]] += y_r (atomics)      combine's sum in the down epilogue; the up GEMM's
+                                                          programs write out's zeros first
 
 Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles; the real tiles are numbered in grouped order (GROUP_M
 M-tiles share an N-column) so weight tiles and A rows are reused from L2, and a program finds a tile's expert
