@@ -65,10 +65,11 @@ def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, can
     from moe_fx.lowering.triton import tuning  # Triton is optional: moe_fx imports without it
 
     device = next((p.device for p in model.parameters() if p.is_cuda), torch.device("cuda"))
+    reduce = None if (options or {}).get("fuse_combine", True) else False  # None: as the rewrite does on this GPU
     results = {}
     for E, D, F, K, activation, dtype, quant in shapes:
         log.info("moe_fx: tuning E=%d D=%d F=%d K=%d %s %s quant=%s at T=%s", E, D, F, K, activation, dtype, quant,
                  list(tokens))  # fmt: skip
         results.update(tuning.tune(E, D, F, K, activation, getattr(torch, dtype), list(tokens), device=device,
-                                   quant=quant, candidates=candidates))  # fmt: skip
+                                   quant=quant, candidates=candidates, reduce=reduce))  # fmt: skip
     return results

@@ -11,6 +11,7 @@ from moe_fx.lowering.triton import combine as _combine
 from moe_fx.lowering.triton import dispatch as _dispatch
 from moe_fx.lowering.triton import grouped_gemm as _gemm
 from moe_fx.lowering.triton import route as _route
+from moe_fx.lowering.triton import tuning as _tuning
 from moe_fx.spec import MoESpec
 
 NAME = "triton"
@@ -92,13 +93,11 @@ def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, 
 
 
 def reduces_natively(spec: MoESpec) -> bool:
-    """Whether this GPU adds the experts' dtype atomically in L2 (the sum in experts: `experts(reduce=True)`):
-    bf16 from sm90 (`atom.add.noftz.bf16`; before, a compare-and-swap loop per element), fp16 and fp32 before."""
+    """Whether this GPU adds the experts' dtype atomically in L2 (`tuning.native_atomics`): then Triton's
+    experts does combine's sum too (`experts(reduce=True)`)."""
     import torch
 
-    if spec.experts.dtype != "bfloat16":
-        return True
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+    return _tuning.native_atomics(getattr(torch, spec.experts.dtype))
 
 
 @register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts,

@@ -106,6 +106,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def native_atomics(dtype: torch.dtype) -> bool:
+    """Whether this process's GPU adds `dtype` atomically in L2, which the experts' sum of each token's rows
+    (`experts(reduce=True)`) needs to pay: bf16 from sm90 (`atom.add.noftz.bf16`; a compare-and-swap loop per
+    element before), fp16 and fp32 on every GPU Triton runs on."""
+    if dtype != torch.bfloat16:
+        return True
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
 def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
     """Constraints on a config: K-tiles never straddle a 128-wide scale block (BLOCK_K <= 128) under fp8_block
     and int4_weight, and fp8_block's up N-tile is one 128-column activation group (quantised in its epilogue),
@@ -320,10 +329,12 @@ def random_weights(E: int, D: int, F: int, activation: str, dtype: torch.dtype, 
     return w13, w2, scales
 
 
-def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none"):
-    """run(config=None) -> y_RD: the Triton experts op on `weights` (`random_weights`) for T random tokens,
-    each routed to K distinct experts uniformly at random, dispatched once. run.inputs = (x_TD, ids_TK,
-    weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for combine)."""
+def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none",
+                 reduce: bool = False):  # fmt: skip
+    """run(config=None) -> y_RD (`reduce`: out_TD, the rows summed by experts): the Triton experts op on `weights`
+    (`random_weights`) for T random tokens, each routed to K distinct experts uniformly at random, dispatched
+    once. run.inputs = (x_TD, ids_TK, weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for
+    combine)."""
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
 
@@ -336,7 +347,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
 
     def run(config=None):
         return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", activation, "concat",
-                       False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale,
+                       False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale, reduce=reduce,
                        **scales)  # fmt: skip
 
     run.inputs, run.row_index = (x, ids, routing), row_index
@@ -344,9 +355,11 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
 
 
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
-         quant: str = "none", candidates: tuple | None = None) -> dict:  # fmt: skip
+         quant: str = "none", candidates: tuple | None = None, reduce: bool | None = None) -> dict:  # fmt: skip
     """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
-    at each T (random routing), store the best per T-bucket.
+    at each T (random routing), store the best per T-bucket. `reduce`: time the down GEMM with the sum of each
+    token's rows in its epilogue (`experts(reduce=True)`), by default where the rewrite puts it there (one GPU
+    with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store the other choice times).
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up; after each, the
     CONFIRMED fastest pairs are timed again (`confirm`), and the best of those is kept.
@@ -363,8 +376,9 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
     bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
+    reduce = native_atomics(dtype) if reduce is None else reduce
     for T in Ts:
-        run = experts_call(T, K, activation, dtype, weights, quant)
+        run = experts_call(T, K, activation, dtype, weights, quant, reduce)
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}
         for part in ("up", "down"):

@@ -194,3 +194,20 @@ def test_reduce_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_path
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
     assert T == 0 or rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+def test_tuning_times_the_reduce_path():
+    """`tuning.experts_call(reduce=True)`, what `tuning.tune` times where the rewrite sums in experts, returns the
+    tokens' out_TD: the stored rows of the same call summed by combine."""
+    from moe_fx.lowering.triton import combine, tuning
+
+    weights = tuning.random_weights(E, 32, 32, "silu_gated", torch.float32, DEVICE)
+    runs = []
+    for reduce in (False, True):
+        torch.manual_seed(1)  # the same tokens and routing
+        runs.append(tuning.experts_call(9, 2, "silu_gated", torch.float32, weights, reduce=reduce))
+    plain, summed = runs
+    assert all(torch.equal(a, b) for a, b in zip(plain.inputs, summed.inputs))
+    ref = combine.combine(plain(), plain.inputs[2], plain.row_index, True)
+    out = summed()
+    assert out.shape == (9, 32) and rel_err(out.cpu(), ref.cpu()) < TOLERANCE[torch.float32]

@@ -250,7 +250,8 @@ def test_confirm_ranks_by_median_of_rotated_rounds():
 
 
 @pytest.mark.parametrize("dtype,capability,reduces", [("bfloat16", (9, 0), True), ("bfloat16", (8, 0), False),
-                                                      ("float16", (8, 0), True), ("float32", (7, 5), True)])  # fmt: skip
+                                                      ("float16", (8, 0), True),
+                                                      ("float32", (7, 5), True)])  # fmt: skip
 def test_the_sum_in_experts_needs_native_atomics_of_the_dtype(monkeypatch, dtype, capability, reduces):
     """bf16 atomic adds are native from sm90 (a compare-and-swap loop per element before): Triton's experts does
     combine's sum there and for fp16/fp32 everywhere; elsewhere the block keeps its combine node."""
