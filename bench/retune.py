@@ -47,7 +47,7 @@ def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.devic
     """{name: (config, µs per graph replay)} for the shipped, packaged, freshly tuned and default configs."""
     E, K, D, F = SHAPES[shape]
     weights = tuning.random_weights(E, D, F, ACTIVATION, DTYPE, device, quant)
-    run = tuning.experts_call(T, K, ACTIVATION, DTYPE, weights, quant)
+    run = tuning.experts_call(T, K, ACTIVATION, DTYPE, weights, quant, tuning.native_atomics(DTYPE))  # as tune times
     R, sms = T * K, tuning.sm_count(device)
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))
