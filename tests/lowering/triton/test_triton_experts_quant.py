@@ -29,9 +29,10 @@ PREFILL_AGREE = {"fp8": 1.5e-2, "fp8_block": 1.5e-2, "int8": 1e-2, "int4_weight"
 
 
 def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="concat", b13=None, b2=None,
-          placement="output", weight_at=None, scales=None, limit=7.0):  # fmt: skip
+          placement="output", weight_at=None, scales=None, limit=7.0, reduce=False):  # fmt: skip
     """The four ops; quantised modes quantise the canonical [E, H, D] weights first, as the rewrite does, unless
-    `scales` holds the (w13, w2) scales of w13, w2 quantised already. `limit`: the clamped activations'."""
+    `scales` holds the (w13, w2) scales of w13, w2 quantised already. `limit`: the clamped activations'.
+    `reduce`: three ops, experts doing combine's sum."""
     D, F_ = w2.shape[1], w13.shape[1] // 2 if act in GATED_ACTIVATIONS else w13.shape[1]
     es = ExpertsSpec(E, D, F_, act, gate_up, False, False, b13 is not None, b2 is not None, limit=limit,
                      dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
@@ -42,10 +43,12 @@ def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="conca
         (w13, s13), (w2, s2) = quant.quantize_weight(w13, mode), quant.quantize_weight(w2, mode)
         scales = (s13, s2)
     d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, impl))
-    args = list(experts_args(spec, d, w13, None, w2, b13, b2, x.dtype, impl, *scales))
+    args = list(experts_args(spec, d, w13, None, w2, b13, b2, x.dtype, impl, *scales, reduce=reduce))
     if weight_at is not None:  # "output": the routing weight fused into the second GEMM's epilogue
         args[12] = weight_at
     y = OPS.experts(*args)
+    if reduce:
+        return y
     combine = list(combine_args(spec, y, weights, d, impl))
     combine[4] = args[12] == "none"
     return OPS.combine(*combine)
@@ -76,6 +79,18 @@ def test_against_reference_and_unquantised(mode, T, K, pattern, dtype):
     agree, quant_err = rel_err(out, ref), rel_err(ref.cpu(), exact)
     assert agree < AGREE[dtype] and agree < quant_err / 4, (agree, quant_err)
     assert quant_err < quant.EXPECTED_ERROR[mode]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reduce_in_experts_under_every_mode(mode):
+    """experts(reduce=True) sums each token's rows in the down GEMM's epilogue whatever the operands: the same
+    quantised block as the four ops, to fp32 rounding (the sum's order alone differs)."""
+    T, K, D, F_ = 9, 2, 40, 24
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    weights, ids = routing(T, K, E, "random")
+    out = layer(x, weights, ids, w13, w2, mode, "triton", reduce=True)
+    assert out.shape == (T, D) and rel_err(out, layer(x, weights, ids, w13, w2, mode, "triton")) < AGREE[torch.float32]
 
 
 @pytest.mark.parametrize("mode,D,F_", [("fp8_block", 136, 130), ("int4_weight", 137, 131)])
