@@ -345,7 +345,7 @@ def rewrite(
         args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
         dispatch = call(OPS.quantize_dispatch.default, *args)
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
-        reduce = match.combine_in_experts and shard is None
+        reduce = match.combine_in_experts  # one device only (`select_lowerings`)
         args = experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale,
                             reduce)  # fmt: skip
         out = y = call(OPS.experts.default, *args)

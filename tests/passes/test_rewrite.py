@@ -4,6 +4,8 @@ the logits. Combine in experts: an experts lowering registered with `reduces=Tru
 and the graph has no combine node. On the CPU test lowerings stand in for Triton's (its route, the projection GEMV
 included, and its experts, under the interpreter)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -15,6 +17,7 @@ from moe_fx import hf_models
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
 from tests.conftest import TOLERANCE, no_fallback, rel_err
+from tests.passes.test_identity_experts import _longcat
 
 NAME = "projecting_test_route"
 
@@ -128,24 +131,12 @@ def reducing_experts():
     registry.unregister_lowering("experts", device="cpu", name=REDUCING)
 
 
-def _longcat():
-    """LongCat-Flash (transformers): zero-computation experts, whose picks dispatch drops and whose tokens are
-    added after the sum; the correction bias zeroed so that the example picks both kinds."""
-    if reason := hf_models.missing("longcat_flash"):
-        pytest.skip(reason)
-    model = hf_models.build("longcat_flash", "grouped_mm")
-    router = next(m for m in model.modules() if type(m).__name__ == "LongcatFlashTopkRouter")
-    with torch.no_grad():
-        router.e_score_correction_bias.zero_()
-    return model
-
-
 @pytest.mark.parametrize("name,fuse", [("LoopMoE", True), ("LoopMoE", False), ("DeepSeekStyleMoE", True),
                                        ("longcat_flash", True)])  # fmt: skip
 def test_combine_in_experts(name, fuse, reducing_experts):
     """Verification off: the interpreted kernels are slow, and the outputs are compared here."""
-    if name == "longcat_flash":
-        model = _longcat()
+    if name == "longcat_flash":  # zero-computation experts: dispatch drops their picks, added after the sum
+        model = copy.deepcopy(_longcat())
         inputs = [hf_models.example_inputs(model)]
         run = lambda kw: hf_models.logits(model(**kw))  # noqa: E731
     else:

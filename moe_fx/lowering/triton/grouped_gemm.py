@@ -620,9 +620,9 @@ def experts(
     h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
-    y_RD = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)
+    y = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)  # y_RD, or out_ND
     if R == 0:
-        return y_RD.zero_()
+        return y.zero_()
     if config is None:
         dtype = xq.dtype if code == 0 else out_dtype
         config = tuning.choose(E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
@@ -656,8 +656,8 @@ def experts(
     launch(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-        h_scale if code == 2 else row_weights, y_RD,
-        D, F, E, grid, float(alpha), float(limit), y_RD.numel() if reduce else 0,
+        h_scale if code == 2 else row_weights, y,
+        D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1),
@@ -687,10 +687,10 @@ def experts(
     grid = _programs(c, R, E, D, xq.device)
     launch(
         _down_kernel, (grid,),
-        h_in, expert_offsets, row_weights, w_in, bias2, y_RD, hs[0], ws2[0], gather_index,
+        h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
         D, F, E, R, grid,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
-        bias2.stride(0), bias2.stride(-1), y_RD.stride(0), y_RD.stride(1),
+        bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
         HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output" or (reduce and weight_at == "none"),
         EVEN_K=F % c.block_k == 0,
@@ -699,7 +699,7 @@ def experts(
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
-    return y_RD
+    return y
 
 
 def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
