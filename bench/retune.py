@@ -52,7 +52,14 @@ def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.devic
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))
     candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
-    tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant, candidates=tuple(filter(TILES[tiles], candidates)))
+    tuned = tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant,
+                        candidates=tuple(filter(TILES[tiles], candidates)))  # fmt: skip
+    for timings in (r["timings"] for r in tuned.values()):  # the fastest fused and two-kernel configs, timed once
+        for kind, found in (("fused", {c: us for c, us in timings.items() if "fused" in c}),
+                            ("two kernels", {c: us for c, us in timings.items() if "fused" not in c})):  # fmt: skip
+            if found:
+                fastest = min(found, key=found.get)
+                print(f"  {shape} {quant} T={T} fastest {kind}: {fastest} {found[fastest]:.1f} µs")
     configs["tuned"] = tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)
     default = tuning.spread(tuning.default_config(R / E, DTYPE, quant), E, D, F, R, sms)
     configs["default"] = tuning.conform(default, quant)

@@ -364,7 +364,7 @@ def _weight_tile(desc, expert, n0, k0, GATED: tl.constexpr, INTERLEAVED: tl.cons
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
-    xs_ptr, ws_ptr, hs_ptr, out_ptr,
+    xs_ptr, ws_ptr, hs_ptr, out_ptr, w2_ptr, b2_ptr, sum_ptr, done_ptr,
     # sizes
     D, F, E, NPROG, alpha, limit, OUT_NUMEL,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
@@ -372,6 +372,7 @@ def _up_kernel(
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
     stride_be, stride_bh, stride_hr, stride_hf,
     stride_xst, stride_xsb, stride_wse, stride_wsh, stride_wsb, stride_hsr,
+    stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
@@ -379,6 +380,7 @@ def _up_kernel(
     W_KMAJOR: tl.constexpr, UP_FIRST: tl.constexpr, SWAP: tl.constexpr,
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
+    FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
@@ -466,7 +468,54 @@ def _up_kernel(
             if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
                 h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
                 tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
-            tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            if FUSED:
+                _down_slice(h.to(w2_ptr.dtype.element_ty), rows, row_ok, tokens, expert, n, n_ok,
+                            tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D, stride_2e,
+                            stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2, WEIGHT_OUTPUT, PRECISION,
+                            BLOCK_D)  # fmt: skip
+            else:
+                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+    if FUSED:
+        _cast_when_last(sum_ptr, done_ptr, out_ptr, OUT_NUMEL, NPROG)
+
+
+@triton.jit
+def _down_slice(h, rows, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D,
+                stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2: tl.constexpr,
+                WEIGHT_OUTPUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """The down GEMM of one up tile (fused): h [M, BLOCK_N], the activations of its rows over the F-slice f,
+    times w2[expert, :, f]ᵀ, one BLOCK_D-wide column block at a time, each block's product (+ b2's first b2_cols
+    columns: all D in the first F-slice's program, none in the others; × the routing weight) added in fp32 into
+    the rows' tokens of sum_TD. The F-slices' partial products meet there, in no fixed order."""
+    w2_e = w2_ptr + expert.to(tl.int64) * stride_2e
+    if WEIGHT_OUTPUT:
+        row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)
+    sum_rows = sum_ptr + tokens.to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        w = tl.load(w2_e + f[:, None] * stride_2f + d[None, :] * stride_2d, mask=f_ok[:, None] & d_ok[None, :],
+                    other=0.0)  # fmt: skip
+        y = tl.dot(h, w, input_precision=PRECISION, out_dtype=tl.float32)
+        if HAS_B2:
+            b2 = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + d * stride_b2d, mask=d < b2_cols, other=0.0)
+            y += b2.to(tl.float32)[None, :]
+        if WEIGHT_OUTPUT:
+            y *= row_w[:, None]
+        tl.atomic_add(sum_rows + d[None, :], y, mask=row_ok[:, None] & d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _cast_when_last(sum_ptr, done_ptr, out_ptr, NUMEL, NPROG):
+    """The program to finish last (a counter at done_ptr, from zero) writes the fp32 sums as out's dtype. The
+    barrier orders every thread's atomics before the counter's release; the sums are read from L2 (.cg), where
+    the atomics were done."""
+    tl.debug_barrier()
+    if tl.atomic_add(done_ptr, 1, sem="acq_rel") == NPROG - 1:
+        for z0 in range(0, NUMEL, 1024):
+            z = z0 + tl.arange(0, 1024)
+            total = tl.load(sum_ptr + z, mask=z < NUMEL, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + z, total.to(out_ptr.dtype.element_ty), mask=z < NUMEL)
 
 
 @triton.jit
@@ -618,7 +667,7 @@ def experts(
     if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
         F = w13.shape[1] // 2 if gated else w13.shape[1]
     h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
-    h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)
+    h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)  # (fused: never written)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)  # y_RD, or out_ND
     if R == 0:
@@ -651,30 +700,38 @@ def experts(
     bias13 = w13_bias if w13_bias is not None else w13
     xs = _scale_strides(xscale, row_weights)
     ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    loads[load_path("up", up_tma, c)] += 1
+    bias2 = w2_bias if w2_bias is not None else w2
+    weight_output = weight_at == "output" or (reduce and weight_at == "none")
+    fused = config.fused and reduce and code == 0
+    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element)
+    sums = torch.zeros((y.numel() + 1 if fused else 1,), dtype=torch.int32, device=xq.device)
+    loads[load_path("fused" if fused else "up", up_tma, c)] += 1
     grid = _programs(c, R, E, F, xq.device)
     launch(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-        h_scale if code == 2 else row_weights, y,
+        h_scale if code == 2 else row_weights, y, w2, bias2, sums[:-1].view(torch.float32), sums[-1:],
         D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
         wu.stride(0), wu.stride(1),
         bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
         xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
+        w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1),
         GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
         WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
         QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
         INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-        ZERO_OUT=reduce, num_warps=c.num_warps, num_stages=c.num_stages,
+        ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
+        BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
+    if fused:
+        return y
     if code == 1:
         h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
     hs = _scale_strides(h_scale, row_weights)
-    bias2 = w2_bias if w2_bias is not None else w2
     c = config.down
     h_in = w_in = None
     if _tma_fits(c, code, xq.device):
@@ -692,7 +749,7 @@ def experts(
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
         hs[1], hs[2], ws2[1], ws2[2], ws2[3],
-        HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_at == "output" or (reduce and weight_at == "none"),
+        HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
         EVEN_K=F % c.block_k == 0,
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
         W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,

@@ -50,10 +50,15 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class ExpertsConfig:
-    """Configs of the two GEMMs of `experts`: up (gather + w13 + activation) and down (w2)."""
+    """Configs of the two GEMMs of `experts`: up (gather + w13 + activation) and down (w2).
+
+    fused: where experts sums each token's rows (`reduce`) and the operands are unquantised, one kernel: each up
+    tile's activations, an F-slice of its rows, go on through w2's F-slice in its epilogue (the down GEMM split
+    over F, down.block_n wide column blocks), fp32 atomics into a sum the last program casts."""
 
     up: GemmConfig
     down: GemmConfig
+    fused: bool = False
 
 
 PACKAGED = Path(__file__).with_name("tuned.json")  # tuned on the lent H100 by bench/layer.py --tune
@@ -197,7 +202,7 @@ def key_device(key: str, head: str, tail: str) -> str | None:
 
 def entry_config(entry: dict) -> ExpertsConfig:
     """The ExpertsConfig of a tuned entry (or of `tune`'s "config"): its "up" and "down" GemmConfig fields."""
-    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]))
+    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]), entry.get("fused", False))
 
 
 def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
@@ -239,6 +244,8 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], c
     path = cache_path()
     data = _read(path)
     data[cache_key] = {"up": asdict(config.up), "down": asdict(config.down), "us": timings_us, "capability": cap}
+    if config.fused:
+        data[cache_key]["fused"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -357,7 +364,8 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
          quant: str = "none", candidates: tuple | None = None, reduce: bool | None = None) -> dict:  # fmt: skip
     """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
-    at each T (random routing), store the best per T-bucket. `reduce`: time the down GEMM with the sum of each
+    at each T (random routing), then, where experts sums the rows unquantised, the decode tiles as fused configs
+    (`ExpertsConfig.fused`); store the best per T-bucket. `reduce`: time the down GEMM with the sum of each
     token's rows in its epilogue (`experts(reduce=True)`), by default where the rewrite puts it there (one GPU
     with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store the other choice times).
 
@@ -375,16 +383,21 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     if candidates is None:
         candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
-    bar = tqdm(total=len(Ts) * 2 * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     reduce = native_atomics(dtype) if reduce is None else reduce
+    parts = ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
+    bar = tqdm(total=len(Ts) * len(parts) * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     for T in Ts:
         run = experts_call(T, K, activation, dtype, weights, quant, reduce)
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}
-        for part in ("up", "down"):
+        for part in parts:
             for m, n, k, warps, stages, *loads in candidates:
-                config = conform(replace(best, **{part: GemmConfig(m, n, k, 8, warps, stages, *loads)}), quant)
-                if config in timings:  # conform() made it a duplicate
+                gemm = GemmConfig(m, n, k, 8, warps, stages, *loads)
+                if part == "fused":  # the up tile with the down GEMM in its epilogue: decode tiles only
+                    config = ExpertsConfig(gemm, replace(best.down, block_n=FUSED_BLOCK_D), fused=True)
+                else:
+                    config = conform(replace(best, **{part: gemm}), quant)
+                if config in timings or (part == "fused" and m > FUSED_MAX_BLOCK_M):  # a duplicate (conform)
                     bar.update()
                     continue
                 try:
@@ -409,6 +422,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
 
 
 CONFIRMED, ROUNDS = 3, 3  # the fastest pairs timed again, and how many times each
+FUSED_BLOCK_D, FUSED_MAX_BLOCK_M = 256, 32  # fused candidates: w2's column blocks, the up tiles tried (decode)
 
 
 def confirm(configs: list, time_one, rounds: int = ROUNDS) -> tuple:
@@ -436,8 +450,13 @@ def time_config(run, config) -> float:
 
 def describe(config: ExpertsConfig) -> str:
     """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3 tma persistent"."""
-    return " | ".join(
+    if config.fused:
+        return f"{_describe('up', config.up)} | fused down {config.down.block_n}-wide"
+    return " | ".join(_describe(name, c) for name, c in (("up", config.up), ("down", config.down)))
+
+
+def _describe(name: str, c: GemmConfig) -> str:
+    return (
         f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
         f"{' swap' if c.swap_ab else ''}{' persistent' if c.persistent else ''}"
-        for name, c in (("up", config.up), ("down", config.down))
     )

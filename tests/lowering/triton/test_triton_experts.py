@@ -1,9 +1,11 @@
 """Triton experts (through the moe_fx ops, with triton dispatch and combine) against the float64 oracle."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from moe_fx.lowering.triton import grouped_gemm
+from moe_fx.lowering.triton import grouped_gemm, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, weight_at
 from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import TOLERANCE, rel_err
@@ -194,6 +196,33 @@ def test_reduce_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_path
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
     assert T == 0 or rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,K,pattern", [(1, 4, "random"), (7, 2, "one_expert"), (33, 2, "empty"),
+                                         (40, 4, "dropped")])  # fmt: skip
+@pytest.mark.parametrize("placement", ["output", "input"])
+def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_path, monkeypatch):
+    """A fused config (`ExpertsConfig.fused`): one kernel, each up tile's F-slice of activations through w2's
+    F-slice in its epilogue, the partial products summed in fp32 and cast by the last program, b2 added once per
+    row; against the float64 oracle, outputs poisoned, with every load path of the up tile."""
+    chosen = tuning._choose  # the gemm_path fixture's
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
+    D, FF = 24, 40  # three ragged F-slices and two ragged column blocks of w2 in the interpreter's 16-wide tiles
+    x = torch.randn(T, D).to(dtype)
+    w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
+    if placement == "input" and pattern == "dropped":
+        b2 = None  # as in test_reduce_sums_each_tokens_rows
+    weights, ids = routing(T, K, E, pattern)
+    weights = weights.masked_fill(ids < 0, 0.0)
+    before = grouped_gemm.loads.copy()
+    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
+              reduce=True)  # fmt: skip
+    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]  # one launch
+    assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
+    ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
+                 weight_on_input=placement == "input")  # fmt: skip
+    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
 def test_tuning_times_the_reduce_path():

@@ -102,6 +102,22 @@ def test_tuning_cache_is_json_per_t_bucket(tmp_path, monkeypatch):
     assert tuning.choose(*shape, torch.device("cpu"), 26) == tuning.default_config(26 / 8, torch.bfloat16)
 
 
+def test_a_fused_entry_reads_back_fused(tmp_path, monkeypatch):
+    """A tuned fused config (the down GEMM in the up tile's epilogue) is stored with "fused" and chosen as such;
+    entries without the field (every one tuned before it) read as two GEMMs."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    shape = (8, 64, 96, 2, True, torch.bfloat16)
+    gemm = tuning.GemmConfig(16, 32, 128, 8, 4, 4, swap_ab=True)
+    fused = tuning.ExpertsConfig(gemm, tuning.GemmConfig(16, 256, 128), fused=True)
+    tuning.store(tuning.key(*shape, "cpu", 1), fused, {"best": 1.0})
+    tuning.store(tuning.key(*shape, "cpu", 2), tuning.ExpertsConfig(gemm, gemm), {"best": 1.0})
+    assert '"fused": true' in (tmp_path / "tuning.json").read_text()
+    assert tuning.choose(*shape, torch.device("cpu"), 2) == fused
+    assert not tuning.choose(*shape, torch.device("cpu"), 4).fused
+    assert tuning.describe(fused) == "up 16x32x128 w4 s4 swap | fused down 256-wide"
+
+
 def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, monkeypatch):
     """An H200 with no entry of its own takes the H100's (both sm90), never an sm80 device's; its own wins."""
     monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
