@@ -296,12 +296,12 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int, gate
 
 def _with_load_paths(candidates: tuple) -> tuple:
     """Each candidate through pointers and through TMA descriptors (the weights; a decode tile's gathered rows
-    stay pointer loads), the tiles of 64 rows and more also with persistent programs, and the decode tiles (<= 32
+    stay pointer loads), the tiles of 128 rows also with persistent programs, and the decode tiles (<= 32
     rows) with the dot's operands swapped too, on either path."""
     return (
         tuple((*c, False, False, False) for c in candidates)
         + tuple((*c, True, False, False) for c in candidates)
-        + tuple((*c, True, False, True) for c in candidates if c[0] >= 64)
+        + tuple((*c, True, False, True) for c in candidates if c[0] >= 128)
         + tuple((*c, tma, True, False) for tma in (False, True) for c in candidates if c[0] <= 32)
     )
 
