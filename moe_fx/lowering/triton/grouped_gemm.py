@@ -703,14 +703,18 @@ def experts(
     bias2 = w2_bias if w2_bias is not None else w2
     weight_output = weight_at == "output" or (reduce and weight_at == "none")
     fused = config.fused and reduce and code == 0
-    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element)
-    sums = torch.zeros((y.numel() + 1 if fused else 1,), dtype=torch.int32, device=xq.device)
+    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
+    # otherwise the kernel never reads them (row_weights stands in: no allocation, no fill)
+    sum_TD, done = row_weights, gather_index
+    if fused:
+        sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
+        sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
     loads[load_path("fused" if fused else "up", up_tma, c)] += 1
     grid = _programs(c, R, E, F, xq.device)
     launch(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-        h_scale if code == 2 else row_weights, y, w2, bias2, sums[:-1].view(torch.float32), sums[-1:],
+        h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
         D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
         xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
