@@ -6,6 +6,10 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
     down: y_RD = (h_RF · w2[e]ᵀ + b2[e]) · row_weight?      routing weight fused into the epilogue
     reduce: out_ND[gather_index[r]] += y_r (atomics)      combine's sum in the down epilogue; the up GEMM's
                                                           programs write out's zeros first
+    fused (a decode config, with reduce): one kernel      each up tile's h, an F-slice of its rows, times that
+                                                          F-slice of w2 in the up epilogue (the down GEMM split
+                                                          over its K = F), fp32 atomics into sum_TD, cast by the
+                                                          last program to finish
 
 Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles; the real tiles are numbered in grouped order (GROUP_M
 M-tiles share an N-column) so weight tiles and A rows are reused from L2, and a program finds a tile's expert
