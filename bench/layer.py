@@ -57,7 +57,9 @@ QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "b
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
 # moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; *_reduce: combine's sum in the
 # down GEMM's epilogue (`experts(..., reduce=True)`); not in the default set
-REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_fp8_reduce")
+REDUCE_QUANT = {"moe_fx_fp8_reduce": "fp8"}
+REDUCE_VARIANTS = ("moe_fx_triton_reduce", *REDUCE_QUANT)
+QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT}  # every quantised variant's mode
 EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
 GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *EXTRA_VARIANTS)
@@ -232,8 +234,10 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
     block = hf_block(E, K, D, F_)
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
     quantised = {v: moe_fx_quant_layer(block, spec, mode) for v, mode in QUANT_VARIANTS.items() if v in variants}
+    quantised.update({v: moe_fx_quant_layer(block, spec, mode, reduce=True) for v, mode in REDUCE_QUANT.items()
+                      if v in variants})  # fmt: skip
     if tune:
-        for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_VARIANTS[v] for v in quantised]:
+        for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_MODE[v] for v in quantised]:
             tuning.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts, quant=mode)
     compiled = torch.compile(block, dynamic=True) if "hf_gmm_compiled" in variants else None
     fns = {
@@ -246,7 +250,6 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
         **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
         "moe_fx_triton_linear": moe_fx_layer(block, spec, "triton", linear_outside=True),
         "moe_fx_triton_reduce": moe_fx_layer(block, spec, "triton", reduce=True),
-        **{v: moe_fx_quant_layer(block, spec, "fp8", reduce=True)[0] for v in ["moe_fx_fp8_reduce"] if v in variants},
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
@@ -264,9 +267,8 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
             for v, (_, weight_bytes) in quantised.items():  # hit experts' share of the quantised weights
                 qbytes = weight_bytes * hit / E + (E * D + 2 * T * D) * 2
                 # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
-                rate = rates[QUANT_RATE[QUANT_VARIANTS[v]]]
+                rate = rates[QUANT_RATE[QUANT_MODE[v]]]
                 row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
-            _reduce_floors(row, variants)
             eager, graphs = {}, {}
             for v in variants:
                 try:
@@ -308,13 +310,6 @@ def _hf(block, x, impl):
 
 def _best_us(row, v):
     return row["graph_us"].get(v, row["us"].get(v, float("nan")))
-
-
-def _reduce_floors(row, variants):
-    """moe_fx_fp8_reduce reads what moe_fx_fp8 reads: the same floor (moe_fx_fp8 timed beside it)."""
-    floors = row.get("quant_floor_us", {})
-    if "moe_fx_fp8" in floors and "moe_fx_fp8_reduce" in variants:
-        floors["moe_fx_fp8_reduce"] = floors["moe_fx_fp8"]
 
 
 def _speedups(row):
