@@ -397,7 +397,8 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                     config = ExpertsConfig(gemm, replace(best.down, block_n=FUSED_BLOCK_D), fused=True)
                 else:
                     config = conform(replace(best, **{part: gemm}), quant)
-                if config in timings or (part == "fused" and m > FUSED_MAX_BLOCK_M):  # a duplicate (conform)
+                # skipped: a duplicate (conform made it one), or a fused prefill tile
+                if config in timings or (part == "fused" and m > FUSED_MAX_BLOCK_M):
                     bar.update()
                     continue
                 try:

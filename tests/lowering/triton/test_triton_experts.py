@@ -114,25 +114,35 @@ def test_activations_layouts_biases(act, layout, gemm_path):
     w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
     weights, ids = routing(T, K, E, "random")
     ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
+    out = run(*dev(x, weights, ids), *stored(act, layout, w1, w3, w2, b1, b3, b2), act, *storage(layout))
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+    if act in UNCLAMPED:  # the inputs reach the limit (7): the clamps change the result
+        assert rel_err(unclamped_oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2), ref) > 1e-3
+
+
+def storage(layout):
+    """(gate_up, w13 transposed, w2 transposed) of a test layout."""
     t = layout.endswith("transposed")
-    w3_arg, gate_up = None, {"transposed": "concat", "interleaved_transposed": "interleaved"}.get(layout, layout)
+    return {"transposed": "concat", "interleaved_transposed": "interleaved"}.get(layout, layout), t, t
+
+
+def stored(act, layout, w1, w3, w2, b1, b3, b2):
+    """(w13, w3, w2, b13, b2) on the device, as `layout` stores the gate (w1), up (w3) and down (w2) weights."""
+    gate_up, t, _ = storage(layout)
+    w3_arg = None
     if act in PLAIN:
         w13, b13 = w1, b1
     elif gate_up == "interleaved":
-        w13, b13 = torch.stack([w1, w3], dim=2).reshape(E, 2 * FF, D), torch.stack([b1, b3], dim=2).reshape(E, -1)
+        w13, b13 = torch.stack([w1, w3], dim=2).reshape(E, -1, w1.shape[2]), torch.stack([b1, b3], dim=2).reshape(E, -1)
     elif layout == "up_first":
         w13, b13 = torch.cat([w3, w1], 1), torch.cat([b3, b1], 1)
     elif layout == "separate":
         w13, w3_arg, b13 = w1, w3, torch.cat([b1, b3], 1)
     else:
         w13, b13 = torch.cat([w1, w3], 1), torch.cat([b1, b3], 1)
-    w2_arg = w2.transpose(1, 2).contiguous() if t else w2
     if t:
-        w13 = w13.transpose(1, 2).contiguous()
-    out = run(*dev(x, weights, ids, w13, w3_arg, w2_arg, b13, b2), act, gate_up, t, t)
-    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
-    if act in UNCLAMPED:  # the inputs reach the limit (7): the clamps change the result
-        assert rel_err(unclamped_oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2), ref) > 1e-3
+        w13, w2 = w13.transpose(1, 2).contiguous(), w2.transpose(1, 2).contiguous()
+    return dev(w13, w3_arg, w2, b13, b2)
 
 
 @pytest.mark.parametrize("where", ["input", "output"])
@@ -223,6 +233,24 @@ def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
     assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("act,layout", [("gelu", "transposed"), ("clamped_swiglu", "interleaved_transposed"),
+                                        ("silu_gated", "separate"), ("gelu_tanh_gated", "up_first")])  # fmt: skip
+def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
+    """The fused kernel on GPT-OSS's storage (interleaved gate/up, both weights transposed: w2's F-slice is then
+    rows, not columns), a plain activation, separate and up-first gate/up, with both biases, against the oracle."""
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(tuning.default_config(1, torch.float32), fused=True))
+    T, K, D, FF = 9, 2, 24, 40
+    x = torch.randn(T, D) * 2
+    w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
+    weights, ids = routing(T, K, E, "random")
+    before = grouped_gemm.loads.copy()
+    out = run(*dev(x, weights, ids), *stored(act, layout, w1, w3, w2, b1, b3, b2), act, *storage(layout),
+              reduce=True)  # fmt: skip
+    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]
+    ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
 
 
 def test_tuning_times_the_reduce_path():
