@@ -209,6 +209,11 @@ def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtyp
                   quant: str = "none") -> dict[int, str]:  # fmt: skip
     """{T-bucket: the device its entry was tuned on} for each bucket `choose` takes a tuned entry in on `device`
     (its own, else a same-capability stand-in); every other bucket runs the defaults."""
+    return {T: tuned_on for T, (_, tuned_on) in _tuned_entries(E, D, F, K, gated, dtype, device, quant).items()}
+
+
+def _tuned_entries(E, D, F, K, gated, dtype, device, quant) -> dict[int, tuple]:
+    """{T-bucket: (ExpertsConfig, the device it was tuned on)} of `tuned_buckets`."""
     head, _ = _key_ends(E, D, F, K, gated, dtype, 1, quant)
     path, name, cap = str(cache_path()), device_name(device), capability(device)
     buckets = set()
@@ -218,16 +223,17 @@ def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtyp
             if k.startswith(head) and "-" not in other and T.isdigit():
                 buckets.add(int(T))
     found = {T: _lookup(path, head, name, f"-T{T}", tuple(cap) if cap else None) for T in sorted(buckets)}
-    return {T: hit[1] for T, hit in found.items() if hit is not None}
+    return {T: hit for T, hit in found.items() if hit is not None}
 
 
 def tiles_note(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
                quant: str = "none") -> str:  # fmt: skip
     """One line for the report: which T-buckets of this experts shape run tuned tiles on `device`, and where
-    their entries come from."""
+    their entries come from; which of them run the experts as one fused kernel."""
     name = device_name(device)
     by_device: dict[str, list[int]] = {}
-    for T, tuned_on in tuned_buckets(E, D, F, K, gated, dtype, device, quant).items():
+    entries = _tuned_entries(E, D, F, K, gated, dtype, device, quant)
+    for T, (_, tuned_on) in entries.items():
         by_device.setdefault(tuned_on, []).append(T)
     if not by_device:
         return f"Triton tiles untuned on {name}: every T runs the defaults; moe_fx.tune(model, x) tunes them"
@@ -235,7 +241,9 @@ def tiles_note(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, 
         f"{', '.join(map(str, Ts))} ({'this GPU' if on == name else f'stand-in: {on}, same capability'})"
         for on, Ts in by_device.items()
     ]
-    return f"Triton tiles tuned for T-buckets {'; '.join(parts)}; other T run the defaults (moe_fx.tune tunes them)"
+    note = f"Triton tiles tuned for T-buckets {'; '.join(parts)}; other T run the defaults (moe_fx.tune tunes them)"
+    fused = [str(T) for T, (config, _) in entries.items() if config.fused]
+    return note + (f"; T-buckets {', '.join(fused)}: one fused kernel (where experts sums the rows)" if fused else "")
 
 
 def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], cap: list[int] | None = None) -> None:

@@ -173,6 +173,10 @@ def test_tiles_note_names_the_tuned_buckets_and_whose_entries_they_are(tmp_path,
         "Triton tiles tuned for T-buckets 1, 16 (this GPU); 1024 (stand-in: NVIDIA_H100_80GB_HBM3, same capability); "
         "other T run the defaults (moe_fx.tune tunes them)"
     )
+    tuning.store(tuning.key(*shape, "NVIDIA_H200", 1), replace(c, fused=True), {"best": 1.0}, [9, 0])
+    assert tuning.tiles_note(*shape, cuda).endswith(
+        "(moe_fx.tune tunes them); T-buckets 1: one fused kernel (where experts sums the rows)"
+    )
 
 
 def test_shipped_entries_name_their_capability():
