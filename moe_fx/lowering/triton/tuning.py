@@ -431,7 +431,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
 
 
 CONFIRMED, ROUNDS = 3, 3  # the fastest pairs timed again, and how many times each
-FUSED_BLOCK_D, FUSED_MAX_BLOCK_M = 256, 32  # fused candidates: w2's column blocks, the up tiles tried (decode)
+FUSED_BLOCK_D, FUSED_MAX_BLOCK_M = 128, 32  # fused candidates: w2's column blocks, the up tiles tried (decode)
 
 
 def confirm(configs: list, time_one, rounds: int = ROUNDS) -> tuple:
