@@ -193,18 +193,7 @@ def test_reduce_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_path
     """experts(reduce=True) returns combine's out_TD itself: the down GEMM's epilogue adds each row, weighted
     unless the weight went in before w13 (placement "input"), into its token's row, which the up GEMM's programs
     zero first (the outputs are poisoned: a row left unwritten shows); dropped picks add nothing."""
-    D, FF = 24, 20
-    x = torch.randn(T, D).to(dtype)
-    w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
-    if placement == "input" and pattern == "dropped":
-        b2 = None  # the oracle would run a dropped pick on its zero-weighted input: b2, where dispatch drops it
-    weights, ids = routing(T, K, E, pattern)
-    weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
-    out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
-              reduce=True)  # fmt: skip
-    assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
-    ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
-                 weight_on_input=placement == "input")  # fmt: skip
+    out, ref = summed_rows(dtype, T, K, pattern, placement, 24, 20)
     assert T == 0 or rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
@@ -218,21 +207,29 @@ def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_
     row; against the float64 oracle, outputs poisoned, with every load path of the up tile."""
     chosen = tuning._choose  # the gemm_path fixture's
     monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
-    D, FF = 24, 40  # three ragged F-slices and two ragged column blocks of w2 in the interpreter's 16-wide tiles
+    before = grouped_gemm.loads.copy()
+    # D, FF: three ragged F-slices and two ragged column blocks of w2 in the interpreter's 16-wide tiles
+    out, ref = summed_rows(dtype, T, K, pattern, placement, 24, 40)
+    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]  # one launch
+    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+
+
+def summed_rows(dtype, T, K, pattern, placement, D, FF):
+    """(experts(reduce=True)'s out_TD, the float64 oracle) for silu-gated experts with b2 (none where a dropped
+    pick's zero-weighted input would run it in the oracle), dropped picks zero-weighted as route leaves them;
+    asserts out's shape, dtype and that every element was written (the outputs are poisoned)."""
     x = torch.randn(T, D).to(dtype)
     w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
     if placement == "input" and pattern == "dropped":
-        b2 = None  # as in test_reduce_sums_each_tokens_rows
+        b2 = None  # the oracle would run a dropped pick on its zero-weighted input: b2, where dispatch drops it
     weights, ids = routing(T, K, E, pattern)
-    weights = weights.masked_fill(ids < 0, 0.0)
-    before = grouped_gemm.loads.copy()
+    weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
     out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
               reduce=True)  # fmt: skip
-    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]  # one launch
     assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
-    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
+    return out, ref
 
 
 @pytest.mark.parametrize("act,layout", [("gelu", "transposed"), ("clamped_swiglu", "interleaved_transposed"),
@@ -256,7 +253,7 @@ def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
 def test_tuning_times_the_reduce_path():
     """`tuning.experts_call(reduce=True)`, what `tuning.tune` times where the rewrite sums in experts, returns the
     tokens' out_TD: the stored rows of the same call summed by combine."""
-    from moe_fx.lowering.triton import combine, tuning
+    from moe_fx.lowering.triton import combine
 
     weights = tuning.random_weights(E, 32, 32, "silu_gated", torch.float32, DEVICE)
     runs = []
