@@ -19,6 +19,8 @@ adds at most one partial tile) times the N-tiles, the programs past the real til
 `persistent` config, two programs per SM, each taking every grid-th tile in one loop that Triton flattens
 with the K loop (the next tile's first loads in flight during this one's last K-steps and epilogue). The down
 GEMM's programs first write zeros over the dropped rows [offsets[E], R), where dispatch puts dropped picks.
+An up tile may compute fewer columns than its power-of-two width (SLICE_N, `ExpertsConfig.f_slice`): at decode
+that spreads the few hit experts' weights over about one program per SM.
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
@@ -385,6 +387,7 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    SLICE_N: tl.constexpr,
 ):  # fmt: skip
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
@@ -393,7 +396,7 @@ def _up_kernel(
             z = z0 + tl.arange(0, 1024)
             tl.store(out_ptr + z, tl.zeros((1024,), out_ptr.dtype.element_ty), mask=z < OUT_NUMEL)
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
-    num_pid_n = tl.cdiv(F, BLOCK_N)
+    num_pid_n = tl.cdiv(F, SLICE_N)  # each N-tile computes SLICE_N <= BLOCK_N columns (ExpertsConfig.f_slice)
     pid, tiles = tl.program_id(0), real_tiles * num_pid_n
     for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):  # see _down_kernel
         t = pid + i * NPROG
@@ -402,8 +405,10 @@ def _up_kernel(
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < end
             tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
-            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n = pid_n * SLICE_N + tl.arange(0, BLOCK_N)
             n_ok = n < F
+            if SLICE_N < BLOCK_N:  # the tile's columns past its slice are the next tile's
+                n_ok = n_ok & (tl.arange(0, BLOCK_N) < SLICE_N)
             k = tl.arange(0, BLOCK_K)
             a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
             # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
@@ -411,12 +416,16 @@ def _up_kernel(
             COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
             j = tl.arange(0, COLS)
             if INTERLEAVED:
-                w_rows = pid_n * 2 * BLOCK_N + j
+                w_rows = pid_n * 2 * SLICE_N + j
                 w_ok = w_rows < 2 * F
+                if SLICE_N < BLOCK_N:
+                    w_ok = w_ok & (j < 2 * SLICE_N)
             else:
                 is_up = j >= BLOCK_N
-                n_j = pid_n * BLOCK_N + j % BLOCK_N
+                n_j = pid_n * SLICE_N + j % BLOCK_N
                 w_ok = n_j < F
+                if SLICE_N < BLOCK_N:
+                    w_ok = w_ok & (j % BLOCK_N < SLICE_N)
                 w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
             if not W_TMA:
                 w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
@@ -434,7 +443,7 @@ def _up_kernel(
                 acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
                                      stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:
-                    w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
+                    w = _weight_tile(wg_ptr, expert, pid_n * SLICE_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
                                      BLOCK_K, COLS)  # fmt: skip
                     acc = _mma(a, w, acc, PRECISION, SWAP)
                 else:
@@ -714,7 +723,7 @@ def experts(
         sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
         sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
     loads[load_path("fused" if fused else "up", up_tma, c)] += 1
-    grid = _programs(c, R, E, F, xq.device)
+    grid = _programs(c, R, E, F, xq.device, config.up_cols)
     launch(
         _up_kernel, (grid,),
         xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
@@ -733,7 +742,7 @@ def experts(
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if fused:
         return y
@@ -773,13 +782,14 @@ def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
     return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
 
 
-def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device) -> int:
-    """The grid of a GEMM over N output columns: a program per tile that may do work (M-tiles: at most
+def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device, cols: int | None = None) -> int:
+    """The grid of a GEMM over N output columns, `cols` of them per tile (default BLOCK_N): a program per tile
+    that may do work (M-tiles: at most
     cdiv(R, BLOCK_M) + min(E, R), as at most R experts are hit and each adds at most one partial tile; the
     dropped rows' zero tiles are fewer), sized without reading the offsets (no host sync). Persistent: two
     programs per SM (one where a program's shared memory fills an SM; a second one then takes the other half
     of the tiles), each taking every grid-th tile; three in the interpreter, so that a program takes several."""
-    tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, c.block_n)
+    tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, cols or c.block_n)
     if c.persistent:
         sms = tuning.sm_count(device)  # None off CUDA
         return min(tiles, 2 * sms if sms else 3)

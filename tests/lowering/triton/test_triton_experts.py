@@ -250,6 +250,34 @@ def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
     assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("act,layout", [("silu_gated", "concat"), ("clamped_swiglu", "interleaved_transposed"),
+                                        ("gelu", "transposed")])  # fmt: skip
+def test_up_tiles_narrower_than_their_block(fused, act, layout, gemm_path, monkeypatch):
+    """`ExpertsConfig.f_slice`: each up tile computes 4 columns fewer than its width, so the N-tiles start off
+    the power-of-two grid and the last is ragged (F = 40 in 12-column slices in the interpreter); the columns
+    past a slice, masked or loaded and dropped, never reach h or the fused sum. Both biases, poisoned outputs,
+    every load path, the stored and the fused down GEMM, against the float64 oracle."""
+    chosen = tuning._choose  # the gemm_path fixture's
+
+    def sliced(*args):
+        c = chosen(*args)
+        return replace(c, fused=fused, f_slice=c.up.block_n - 4)
+
+    monkeypatch.setattr(tuning, "_choose", sliced)
+    T, K, D, FF = 7, 4, 24, 40
+    x = torch.randn(T, D) * 2
+    w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
+    weights, ids = routing(T, K, E, "random")
+    before = grouped_gemm.loads.copy()
+    out = run(*dev(x, weights, ids), *stored(act, layout, w1, w3, w2, b1, b3, b2), act, *storage(layout),
+              reduce=fused)  # fmt: skip
+    launched = [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()]
+    assert sorted(launched) == (["fused"] if fused else ["down", "up"])
+    ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
+    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
+
+
 def test_tuning_times_the_reduce_path():
     """`tuning.experts_call(reduce=True)`, what `tuning.tune` times where the rewrite sums in experts, returns the
     tokens' out_TD: the stored rows of the same call summed by combine."""
