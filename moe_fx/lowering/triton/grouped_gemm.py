@@ -387,7 +387,7 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    SLICE_N: tl.constexpr,
+    SLICE_N: tl.constexpr, A_TMA: tl.constexpr,
 ):  # fmt: skip
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
@@ -410,7 +410,8 @@ def _up_kernel(
             if SLICE_N < BLOCK_N:  # the tile's columns past its slice are the next tile's
                 n_ok = n_ok & (tl.arange(0, BLOCK_N) < SLICE_N)
             k = tl.arange(0, BLOCK_K)
-            a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
+            if not A_TMA:  # (A_TMA: x_ptr is a descriptor over x's rows in expert order, ExpertsConfig.sort_x)
+                a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
             # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
             # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
             COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
@@ -439,7 +440,11 @@ def _up_kernel(
             n_k = tl.cdiv(D, BLOCK_K)
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
-                a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                if A_TMA:  # the rows past this expert's are the next expert's (or zeros): never stored
+                    a = x_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
+                else:
+                    a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                    a_ptrs += BLOCK_K * stride_xd
                 acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
                                      stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:
@@ -450,7 +455,6 @@ def _up_kernel(
                     acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_e, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
                                       QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     w_ptrs += (BLOCK_K // PACK) * stride_wd
-                a_ptrs += BLOCK_K * stride_xd
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, stride_xsb,
@@ -722,11 +726,15 @@ def experts(
     if fused:
         sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
         sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
-    loads[load_path("fused" if fused else "up", up_tma, c)] += 1
+    x_in = None
+    if config.sort_x and up_tma:  # x's rows in expert order, loaded through a descriptor (prefill)
+        x_RD = xq.index_select(0, gather_index)
+        x_in = _descriptor(x_RD, list(x_RD.shape), list(x_RD.stride()), [c.block_m, c.block_k])
+    loads[load_path("fused" if fused else "up", up_tma, c, x_in is not None)] += 1
     grid = _programs(c, R, E, F, xq.device, config.up_cols)
     launch(
         _up_kernel, (grid,),
-        xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
+        xq if x_in is None else x_in, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
         D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
@@ -742,7 +750,8 @@ def experts(
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, num_warps=c.num_warps, num_stages=c.num_stages,
+        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, A_TMA=x_in is not None, num_warps=c.num_warps,
+        num_stages=c.num_stages,
     )  # fmt: skip
     if fused:
         return y
@@ -776,10 +785,11 @@ def experts(
     return y
 
 
-def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
-    """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped,
-    whether its programs are persistent."""
-    return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
+def load_path(gemm: str, tma: bool, c: tuning.GemmConfig, sorted_x: bool = False) -> str:
+    """The `loads` key of one launch: the GEMM, how its operands load (+sorted: the up GEMM's rows too, from x
+    copied into expert order), whether the dot's operands are swapped, whether its programs are persistent."""
+    flags = f"{'+sorted' if sorted_x else ''}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
+    return f"{gemm}/{'tma' if tma else 'pointers'}{flags}"
 
 
 def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device, cols: int | None = None) -> int:
