@@ -730,11 +730,13 @@ def experts(
     if config.sort_x and up_tma:  # x's rows in expert order, loaded through a descriptor (prefill)
         x_RD = xq.index_select(0, gather_index)
         x_in = _descriptor(x_RD, list(x_RD.shape), list(x_RD.stride()), [c.block_m, c.block_k])
-    loads[load_path("fused" if fused else "up", up_tma, c, x_in is not None)] += 1
+    a_tma = x_in is not None
+    loads[load_path("fused" if fused else "up", up_tma, c, a_tma)] += 1
     grid = _programs(c, R, E, F, xq.device, config.up_cols)
     launch(
         _up_kernel, (grid,),
-        xq if x_in is None else x_in, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
+        x_in if a_tma else xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13,
+        h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
         D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
@@ -750,7 +752,7 @@ def experts(
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, A_TMA=x_in is not None, num_warps=c.num_warps,
+        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, A_TMA=a_tma, num_warps=c.num_warps,
         num_stages=c.num_stages,
     )  # fmt: skip
     if fused:
