@@ -19,8 +19,6 @@ adds at most one partial tile) times the N-tiles, the programs past the real til
 `persistent` config, two programs per SM, each taking every grid-th tile in one loop that Triton flattens
 with the K loop (the next tile's first loads in flight during this one's last K-steps and epilogue). The down
 GEMM's programs first write zeros over the dropped rows [offsets[E], R), where dispatch puts dropped picks.
-An up tile may compute fewer columns than its power-of-two width (SLICE_N, `ExpertsConfig.f_slice`): at decode
-that spreads the few hit experts' weights over about one program per SM.
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
@@ -387,7 +385,6 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    SLICE_N: tl.constexpr, A_TMA: tl.constexpr,
 ):  # fmt: skip
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
@@ -396,7 +393,7 @@ def _up_kernel(
             z = z0 + tl.arange(0, 1024)
             tl.store(out_ptr + z, tl.zeros((1024,), out_ptr.dtype.element_ty), mask=z < OUT_NUMEL)
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
-    num_pid_n = tl.cdiv(F, SLICE_N)  # each N-tile computes SLICE_N <= BLOCK_N columns (ExpertsConfig.f_slice)
+    num_pid_n = tl.cdiv(F, BLOCK_N)
     pid, tiles = tl.program_id(0), real_tiles * num_pid_n
     for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):  # see _down_kernel
         t = pid + i * NPROG
@@ -405,28 +402,21 @@ def _up_kernel(
             rows = start + tl.arange(0, BLOCK_M)
             row_ok = rows < end
             tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
-            n = pid_n * SLICE_N + tl.arange(0, BLOCK_N)
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < F
-            if SLICE_N < BLOCK_N:  # the tile's columns past its slice are the next tile's
-                n_ok = n_ok & (tl.arange(0, BLOCK_N) < SLICE_N)
             k = tl.arange(0, BLOCK_K)
-            if not A_TMA:  # (A_TMA: x_ptr is a descriptor over x's rows in expert order, ExpertsConfig.sort_x)
-                a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
+            a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
             # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
             # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
             COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
             j = tl.arange(0, COLS)
             if INTERLEAVED:
-                w_rows = pid_n * 2 * SLICE_N + j
+                w_rows = pid_n * 2 * BLOCK_N + j
                 w_ok = w_rows < 2 * F
-                if SLICE_N < BLOCK_N:
-                    w_ok = w_ok & (j < 2 * SLICE_N)
             else:
                 is_up = j >= BLOCK_N
-                n_j = pid_n * SLICE_N + j % BLOCK_N
+                n_j = pid_n * BLOCK_N + j % BLOCK_N
                 w_ok = n_j < F
-                if SLICE_N < BLOCK_N:
-                    w_ok = w_ok & (j % BLOCK_N < SLICE_N)
                 w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
             if not W_TMA:
                 w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
@@ -440,21 +430,18 @@ def _up_kernel(
             n_k = tl.cdiv(D, BLOCK_K)
             for k0 in range(0, n_k):
                 k_left = D - k0 * BLOCK_K
-                if A_TMA:  # the rows past this expert's are the next expert's (or zeros): never stored
-                    a = x_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
-                else:
-                    a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                    a_ptrs += BLOCK_K * stride_xd
+                a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
                 acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
                                      stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:
-                    w = _weight_tile(wg_ptr, expert, pid_n * SLICE_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
+                    w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
                                      BLOCK_K, COLS)  # fmt: skip
                     acc = _mma(a, w, acc, PRECISION, SWAP)
                 else:
                     acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_e, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
                                       QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     w_ptrs += (BLOCK_K // PACK) * stride_wd
+                a_ptrs += BLOCK_K * stride_xd
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, stride_xsb,
@@ -726,17 +713,11 @@ def experts(
     if fused:
         sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
         sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
-    x_in = None
-    if config.sort_x and up_tma:  # x's rows in expert order, loaded through a descriptor (prefill)
-        x_RD = xq.index_select(0, gather_index)
-        x_in = _descriptor(x_RD, list(x_RD.shape), list(x_RD.stride()), [c.block_m, c.block_k])
-    a_tma = x_in is not None
-    loads[load_path("fused" if fused else "up", up_tma, c, a_tma)] += 1
-    grid = _programs(c, R, E, F, xq.device, config.up_cols)
+    loads[load_path("fused" if fused else "up", up_tma, c)] += 1
+    grid = _programs(c, R, E, F, xq.device)
     launch(
         _up_kernel, (grid,),
-        x_in if a_tma else xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13,
-        h_RF, xs[0], ws13[0],
+        xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
         h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
         D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
         gate_row, up_row, step, bias_gate, bias_up,
@@ -752,8 +733,7 @@ def experts(
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, SLICE_N=config.up_cols, A_TMA=a_tma, num_warps=c.num_warps,
-        num_stages=c.num_stages,
+        BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if fused:
         return y
@@ -787,21 +767,19 @@ def experts(
     return y
 
 
-def load_path(gemm: str, tma: bool, c: tuning.GemmConfig, sorted_x: bool = False) -> str:
-    """The `loads` key of one launch: the GEMM, how its operands load (+sorted: the up GEMM's rows too, from x
-    copied into expert order), whether the dot's operands are swapped, whether its programs are persistent."""
-    flags = f"{'+sorted' if sorted_x else ''}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
-    return f"{gemm}/{'tma' if tma else 'pointers'}{flags}"
+def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:
+    """The `loads` key of one launch: the GEMM, how its operands load, whether the dot's operands are swapped,
+    whether its programs are persistent."""
+    return f"{gemm}/{'tma' if tma else 'pointers'}{'+swap' if c.swap_ab else ''}{'+persistent' if c.persistent else ''}"
 
 
-def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device, cols: int | None = None) -> int:
-    """The grid of a GEMM over N output columns, `cols` of them per tile (default BLOCK_N): a program per tile
-    that may do work (M-tiles: at most
+def _programs(c: tuning.GemmConfig, R: int, E: int, N: int, device: torch.device) -> int:
+    """The grid of a GEMM over N output columns: a program per tile that may do work (M-tiles: at most
     cdiv(R, BLOCK_M) + min(E, R), as at most R experts are hit and each adds at most one partial tile; the
     dropped rows' zero tiles are fewer), sized without reading the offsets (no host sync). Persistent: two
     programs per SM (one where a program's shared memory fills an SM; a second one then takes the other half
     of the tiles), each taking every grid-th tile; three in the interpreter, so that a program takes several."""
-    tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, cols or c.block_n)
+    tiles = (cdiv(R, c.block_m) + min(E, R)) * cdiv(N, c.block_n)
     if c.persistent:
         sms = tuning.sm_count(device)  # None off CUDA
         return min(tiles, 2 * sms if sms else 3)

@@ -54,31 +54,11 @@ class ExpertsConfig:
 
     fused: where experts sums each token's rows (`reduce`) and the operands are unquantised, one kernel: each up
     tile's activations, an F-slice of its rows, go on through w2's F-slice in its epilogue (the down GEMM split
-    over F, down.block_n wide column blocks), fp32 atomics into a sum the last program casts.
-
-    f_slice: the F-columns each up tile computes, at most up.block_n (0: up.block_n). A tile's width is a power
-    of two; its slice need not be, so a decode GEMM can have about one program per SM (Qwen3 at T=1: 8 hit
-    experts × 16 slices of 48 columns = 128 programs on 132 SMs, against 96 of 64 columns). The tile's columns
-    past its slice are masked (pointer loads) or computed and dropped (TMA loads the full box).
-
-    sort_x: x's rows are copied into expert order first (xq[gather_index], R rows), so that a TMA up tile loads
-    its rows through a descriptor as the down GEMM loads h, not gathered by pointers (prefill: a probe's
-    Mixtral-shaped up GEMM on an H100 ran 5231 µs so, against 6109 µs gathering, for a 99 µs copy)."""
+    over F, down.block_n wide column blocks), fp32 atomics into a sum the last program casts."""
 
     up: GemmConfig
     down: GemmConfig
     fused: bool = False
-    f_slice: int = 0
-    sort_x: bool = False
-
-    def __post_init__(self):
-        if not (self.f_slice == 0 or 0 < self.f_slice <= self.up.block_n):
-            raise ValueError(f"moe_fx: f_slice must be 0 or in [1, up.block_n={self.up.block_n}], got {self.f_slice}")
-
-    @property
-    def up_cols(self) -> int:
-        """The F-columns each up tile computes."""
-        return self.f_slice or self.up.block_n
 
 
 PACKAGED = Path(__file__).with_name("tuned.json")  # tuned on the lent H100 by bench/layer.py --tune
@@ -148,10 +128,9 @@ def conform(config: ExpertsConfig, quant: str) -> ExpertsConfig:
     if quant not in ("fp8_block", "int4_weight"):
         return config
     up, down = (replace(c, block_k=min(c.block_k, 128)) for c in (config.up, config.down))
-    if quant == "fp8_block":  # (and whole N-tiles: a tile's scale is stored per N-tile)
+    if quant == "fp8_block":
         up, down = replace(up, block_n=128, swap_ab=False), replace(down, block_n=min(down.block_n, 256), swap_ab=False)
-        return replace(config, up=up, down=down, f_slice=0)
-    return replace(config, up=up, down=down)
+    return ExpertsConfig(up, down)
 
 
 def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "none") -> ExpertsConfig:
@@ -223,8 +202,7 @@ def key_device(key: str, head: str, tail: str) -> str | None:
 
 def entry_config(entry: dict) -> ExpertsConfig:
     """The ExpertsConfig of a tuned entry (or of `tune`'s "config"): its "up" and "down" GemmConfig fields."""
-    up, down = GemmConfig(**entry["up"]), GemmConfig(**entry["down"])
-    return ExpertsConfig(up, down, entry.get("fused", False), entry.get("f_slice", 0), entry.get("sort_x", False))
+    return ExpertsConfig(GemmConfig(**entry["up"]), GemmConfig(**entry["down"]), entry.get("fused", False))
 
 
 def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
@@ -276,10 +254,6 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], c
     data[cache_key] = {"up": asdict(config.up), "down": asdict(config.down), "us": timings_us, "capability": cap}
     if config.fused:
         data[cache_key]["fused"] = True
-    if config.f_slice:
-        data[cache_key]["f_slice"] = config.f_slice
-    if config.sort_x:
-        data[cache_key]["sort_x"] = True
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -420,35 +394,27 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     reduce = native_atomics(dtype) if reduce is None else reduce
     parts = ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
     bar = tqdm(total=len(Ts) * len(parts) * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
-    sms = sm_count(device) or 1
     for T in Ts:
         run = experts_call(T, K, activation, dtype, weights, quant, reduce)
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}
         for part in parts:
             for m, n, k, warps, stages, *loads in candidates:
-                bar.update()
                 gemm = GemmConfig(m, n, k, 8, warps, stages, *loads)
                 if part == "fused":  # the up tile with the down GEMM in its epilogue: decode tiles only
-                    if m > FUSED_MAX_BLOCK_M:
-                        continue
                     config = ExpertsConfig(gemm, replace(best.down, block_n=FUSED_BLOCK_D), fused=True)
                 else:
                     config = conform(replace(best, **{part: gemm}), quant)
-                variants = [config]
-                if part != "down" and m <= FUSED_MAX_BLOCK_M and quant != "fp8_block":
-                    f_slice = filling_slice(F, T * K, E, sms, n)
-                    variants += [replace(config, f_slice=f_slice)] if f_slice else []
-                if part == "up" and m > FUSED_MAX_BLOCK_M and config.up.tma:  # prefill: rows in expert order too
-                    variants.append(replace(config, sort_x=True))
-                for config in variants:
-                    if config in timings:  # a duplicate: conform made it one
-                        continue
-                    try:
-                        timings[config] = time_config(run, config)
-                    except Exception as err:  # a config out of shared memory or registers: skip it, say so
-                        log.debug("moe_fx: tuning config %s failed: %s", config, err)
-                        failed[describe(config)] = f"{type(err).__name__}: {err}"[:200]
+                # skipped: a duplicate (conform made it one), or a fused prefill tile
+                if config in timings or (part == "fused" and m > FUSED_MAX_BLOCK_M):
+                    bar.update()
+                    continue
+                try:
+                    timings[config] = time_config(run, config)
+                except Exception as err:  # a config out of shared memory or registers: skip it, say so
+                    log.debug("moe_fx: tuning config %s failed: %s", config, err)
+                    failed[describe(config)] = f"{type(err).__name__}: {err}"[:200]
+                bar.update()
             best, medians = confirm(sorted(timings, key=timings.get)[:CONFIRMED], functools.partial(time_config, run))
             confirmed.update(medians)
         cache_key = key(E, D, F, K, gated, dtype, device_name(device), T, quant)
@@ -462,14 +428,6 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         }
     bar.close()
     return results
-
-
-def filling_slice(F: int, R: int, E: int, sms: int, block_n: int) -> int:
-    """The F-slice (`ExpertsConfig.f_slice`, a multiple of 16 between block_n/2 and block_n) that gives a decode
-    up GEMM about one program per SM, each of the min(E, R) hit experts owning one M-tile; 0 where none does
-    (block_n's own tiles, or half-width ones, come as close). Qwen3 at T=1 (F=768, 8 hit experts, 132 SMs): 48."""
-    f_slice = cdiv(cdiv(F, max(1, sms // max(min(E, R), 1))), 16) * 16
-    return f_slice if block_n // 2 < f_slice < block_n else 0
 
 
 CONFIRMED, ROUNDS = 3, 3  # the fastest pairs timed again, and how many times each
@@ -500,14 +458,10 @@ def time_config(run, config) -> float:
 
 
 def describe(config: ExpertsConfig) -> str:
-    """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3 tma persistent"; an up
-    tile computing fewer columns than its width ends in e.g. "slice48" (`ExpertsConfig.f_slice`), one loading x's
-    rows in expert order in "sorted-x" (`ExpertsConfig.sort_x`)."""
-    up = _describe("up", config.up) + (f" slice{config.f_slice}" if config.f_slice else "")
-    up += " sorted-x" if config.sort_x else ""
+    """One line per config pair, e.g. "up 128x128x64 w8 s3 tma | down 128x256x64 w8 s3 tma persistent"."""
     if config.fused:
-        return f"{up} | fused down {config.down.block_n}-wide"
-    return f"{up} | {_describe('down', config.down)}"
+        return f"{_describe('up', config.up)} | fused down {config.down.block_n}-wide"
+    return " | ".join(_describe(name, c) for name, c in (("up", config.up), ("down", config.down)))
 
 
 def _describe(name: str, c: GemmConfig) -> str:

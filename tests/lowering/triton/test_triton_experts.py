@@ -214,11 +214,10 @@ def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_
     assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
-def summed_rows(dtype, T, K, pattern, placement, D, FF, reduce=True):
+def summed_rows(dtype, T, K, pattern, placement, D, FF):
     """(experts(reduce=True)'s out_TD, the float64 oracle) for silu-gated experts with b2 (none where a dropped
     pick's zero-weighted input would run it in the oracle), dropped picks zero-weighted as route leaves them;
-    asserts out's shape, dtype and that every element was written (the outputs are poisoned). `reduce=False`:
-    the rows stored, then summed by combine."""
+    asserts out's shape, dtype and that every element was written (the outputs are poisoned)."""
     x = torch.randn(T, D).to(dtype)
     w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
     if placement == "input" and pattern == "dropped":
@@ -226,7 +225,7 @@ def summed_rows(dtype, T, K, pattern, placement, D, FF, reduce=True):
     weights, ids = routing(T, K, E, pattern)
     weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
     out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
-              reduce=reduce)  # fmt: skip
+              reduce=True)  # fmt: skip
     assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
@@ -249,54 +248,6 @@ def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
     assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]
     ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
     assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
-
-
-@pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("act,layout", [("silu_gated", "concat"), ("clamped_swiglu", "interleaved_transposed"),
-                                        ("gelu", "transposed")])  # fmt: skip
-def test_up_tiles_narrower_than_their_block(fused, act, layout, gemm_path, monkeypatch):
-    """`ExpertsConfig.f_slice`: each up tile computes 4 columns fewer than its width, so the N-tiles start off
-    the power-of-two grid and the last is ragged (F = 40 in 12-column slices in the interpreter); the columns
-    past a slice, masked or loaded and dropped, never reach h or the fused sum. Both biases, poisoned outputs,
-    every load path, the stored and the fused down GEMM, against the float64 oracle."""
-    chosen = tuning._choose  # the gemm_path fixture's
-
-    def sliced(*args):
-        c = chosen(*args)
-        return replace(c, fused=fused, f_slice=c.up.block_n - 4)
-
-    monkeypatch.setattr(tuning, "_choose", sliced)
-    T, K, D, FF = 7, 4, 24, 40
-    x = torch.randn(T, D) * 2
-    w1, w3, w2, b1, b3, b2 = weights_for(torch.float32, D, FF, bias=True, scale=(3, 3, 4))
-    weights, ids = routing(T, K, E, "random")
-    before = grouped_gemm.loads.copy()
-    out = run(*dev(x, weights, ids), *stored(act, layout, w1, w3, w2, b1, b3, b2), act, *storage(layout),
-              reduce=fused)  # fmt: skip
-    launched = [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()]
-    assert sorted(launched) == (["fused"] if fused else ["down", "up"])
-    ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
-    assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,K,pattern", [(1, 2, "random"), (9, 2, "one_expert"), (33, 2, "empty"), (40, 4, "dropped"),
-                                         (64, 4, "random")])  # fmt: skip
-@pytest.mark.parametrize("reduce", [False, True])
-def test_up_rows_from_x_in_expert_order(dtype, T, K, pattern, reduce, monkeypatch):
-    """`ExpertsConfig.sort_x`: x's rows are copied into expert order, and the up GEMM loads its A tiles through
-    a descriptor, the rows past an expert's (the next expert's, or past R) computed and never stored; against
-    the float64 oracle, outputs poisoned, with the rows stored or summed in experts."""
-    tile = tuning.default_config(1, dtype).up
-
-    def sorted_tma(*args):
-        return tuning.ExpertsConfig(replace(tile, tma=True), replace(tile, tma=True), sort_x=True)
-
-    monkeypatch.setattr(tuning, "_choose", sorted_tma)
-    before = grouped_gemm.loads.copy()
-    out, ref = summed_rows(dtype, T, K, pattern, "output", 24, 20, reduce)
-    assert (grouped_gemm.loads - before)["up/tma+sorted"] == 1
-    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
 def test_tuning_times_the_reduce_path():

@@ -93,26 +93,6 @@ def test_reduce_in_experts_under_every_mode(mode):
     assert out.shape == (T, D) and rel_err(out, layer(x, weights, ids, w13, w2, mode, "triton")) < AGREE[torch.float32]
 
 
-@pytest.mark.parametrize("mode", ["fp8", "fp8_block", "int8"])
-def test_up_rows_from_x_in_expert_order_under_quant(mode, monkeypatch):
-    """`ExpertsConfig.sort_x` on one-byte operands: the quantised x rows copied into expert order and loaded by
-    a descriptor, their per-token (fp8_block: per-group) scales still read by token; against the reference on
-    the same quantised operands, with a ragged last K-step (D = 144: rows of 16-byte multiples, as TMA needs)."""
-    tile = tuning.default_config(1, torch.float32, mode).up
-    tile = tuning.GemmConfig(tile.block_m if DEVICE == "cpu" else 64, tile.block_n, tile.block_k, 1, 4, 1, tma=True)
-    config = tuning.conform(tuning.ExpertsConfig(tile, tile, sort_x=True), mode)
-    monkeypatch.setattr(tuning, "choose", lambda *args: config)
-    T, K, D, F_ = 33, 2, 144, 48
-    x = torch.randn(T, D, device=DEVICE)
-    w13, w2 = weights_for(D, F_, torch.float32)
-    weights, ids = routing(T, K, E, "random")
-    before = grouped_gemm.loads.copy()
-    out = layer(x, weights, ids, w13, w2, mode, "triton")
-    assert (grouped_gemm.loads - before)["up/tma+sorted"] == 1, grouped_gemm.loads - before
-    tol = AGREE[torch.float32] if DEVICE == "cpu" else PREFILL_AGREE[mode]
-    assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < tol
-
-
 @pytest.mark.parametrize("mode,D,F_", [("fp8_block", 136, 130), ("int4_weight", 137, 131)])
 def test_block_scales_partial_128_groups(mode, D, F_):
     """D and F span two 128-wide groups, the second partial (int4_weight: odd, rows end in half a byte), over

@@ -118,37 +118,6 @@ def test_a_fused_entry_reads_back_fused(tmp_path, monkeypatch):
     assert tuning.describe(fused) == "up 16x32x128 w4 s4 swap | fused down 256-wide"
 
 
-def test_a_sliced_entry_reads_back_sliced(tmp_path, monkeypatch):
-    """An up tile computing fewer columns than its width (`ExpertsConfig.f_slice`) is stored with "f_slice" and
-    chosen as such, read back from the cache and named in `describe`; a slice wider than the tile is a clear
-    error; fp8_block (a scale per whole 128-column N-tile) drops it."""
-    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(tuning, "interpreting", lambda: False)
-    shape = (8, 64, 96, 2, True, torch.bfloat16)
-    gemm = tuning.GemmConfig(16, 64, 128, 8, 4, 4, tma=True)
-    sliced = tuning.ExpertsConfig(gemm, tuning.GemmConfig(16, 128, 128), fused=True, f_slice=48)
-    tuning.store(tuning.key(*shape, "cpu", 1), sliced, {"best": 1.0})
-    assert '"f_slice": 48' in (tmp_path / "tuning.json").read_text()
-    assert tuning.choose(*shape, torch.device("cpu"), 2) == sliced and sliced.up_cols == 48
-    assert tuning.describe(sliced) == "up 16x64x128 w4 s4 tma slice48 | fused down 128-wide"
-    assert tuning.conform(sliced, "fp8").f_slice == 48 and tuning.conform(sliced, "fp8_block").f_slice == 0
-    with pytest.raises(ValueError, match=r"moe_fx: f_slice must be 0 or in \[1, up.block_n=64\], got 80"):
-        replace(sliced, f_slice=80)
-
-
-@pytest.mark.parametrize("F,R,E,block_n,expected", [
-    (768, 8, 128, 64, 48),     # Qwen3 T=1: 8 hit experts × 16 slices = 128 programs on 132 SMs
-    (768, 8, 128, 128, 0),     # 48 columns of a 128-wide tile: the 64-wide tile does it
-    (2880, 4, 32, 128, 96),    # GPT-OSS T=1: 4 × 30 = 120 programs
-    (768, 32, 128, 64, 0),     # Qwen3 T=4: 32 hit experts fill the SMs at 64 columns already
-])  # fmt: skip
-def test_filling_slice_gives_about_one_program_per_sm(F, R, E, block_n, expected):
-    f_slice = tuning.filling_slice(F, R, E, 132, block_n)
-    assert f_slice == expected
-    if f_slice:
-        assert min(E, R) * -(-F // f_slice) <= 132 < min(E, R) * -(-F // (f_slice - 16))
-
-
 def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, monkeypatch):
     """An H200 with no entry of its own takes the H100's (both sm90), never an sm80 device's; its own wins."""
     monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
