@@ -23,6 +23,7 @@ import json
 import re
 import subprocess
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -52,7 +53,8 @@ def _type(a) -> str:
 
 
 def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T=4, K=2, dtype=torch.bfloat16):
-    """[(kernel, args, meta)] that one experts call on CPU tensors of this shape launches with `config`."""
+    """[(kernel, args, meta)] that one experts call on CPU tensors of this shape launches with `config` (summing
+    each token's rows in experts, `reduce`, where the config is fused)."""
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
     scales = {}
     if quant_mode != "none":
@@ -72,7 +74,7 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
     ):  # fmt: skip
         grouped_gemm.experts(x, torch.zeros(E + 1, dtype=torch.int64), rows, torch.zeros(R), w13, None, w2, None, None,
                              "none", "silu_gated", "concat", False, False, 1.7, 7.0, dtype, config=config,
-                             quant=quant_mode, xscale=xscale, **scales)  # fmt: skip
+                             quant=quant_mode, xscale=xscale, reduce=config.fused, **scales)  # fmt: skip
     return captured
 
 
@@ -176,6 +178,7 @@ def main():
     p.add_argument("--tma", action="store_true", help="TMA descriptor loads (the weights; the down GEMM's h too)")
     p.add_argument("--persistent", action="store_true", help="persistent programs (tile and K loops flattened)")
     p.add_argument("--half-tails", action="store_true", help="half-height tail tiles (GemmConfig.half_tails)")
+    p.add_argument("--fused", action="store_true", help="one kernel, the down GEMM in the up tile's epilogue")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--sass", action="store_true", help="also the cubin: registers, occupancy, the main loop's SASS")
@@ -195,7 +198,10 @@ def main():
     m, n, k, warps, stages = args.tile
     gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent,
                              half_tails=args.half_tails)  # fmt: skip
-    for kernel, kargs, meta in launches(args.quant, tuning.conform(tuning.ExpertsConfig(gemm, gemm), args.quant)):
+    config = tuning.ExpertsConfig(gemm, gemm)
+    if args.fused:  # w2 in the column blocks `tune` times fused candidates with
+        config = tuning.ExpertsConfig(gemm, replace(gemm, block_n=tuning.FUSED_BLOCK_D), fused=True)
+    for kernel, kargs, meta in launches(args.quant, tuning.conform(config, args.quant)):
         compiled = compile_for(kernel, kargs, meta, args.arch)
         text = compiled.asm["ptx"]
         ops = collections.Counter(re.findall(r"^\s+([a-z][\w.]*)", text, re.M))

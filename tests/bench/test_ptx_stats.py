@@ -84,3 +84,15 @@ def test_half_tails_share_the_tiles_shared_memory():
     (plain_mma, plain_shared), (half_mma, half_shared) = found.values()
     assert half_shared == plain_shared
     assert all(h > p for h, p in zip(half_mma, plain_mma, strict=True))
+
+
+def test_a_fused_config_compiles_one_kernel_with_the_down_gemm():
+    """`--fused`: the experts op is one kernel (`ExpertsConfig.fused`), its up tile's epilogue running the down
+    GEMM's F-slice, so it issues more MMAs than the up kernel of the same tile alone."""
+    mma = {}
+    for flags in ((), ("--fused",)):
+        out = ptx_stats("--tile", "16", "64", "128", "4", "4", "--tma", *flags)
+        kernels = [line.split()[0] for line in out.splitlines() if " sm90 " in line]
+        assert kernels == (["_up_kernel"] if flags else ["_up_kernel", "_down_kernel"]), out
+        mma[flags] = int(re.search(r"mma\.sync (\d+)", out).group(1))  # the first line: the up kernel
+    assert mma[("--fused",)] > mma[()]
