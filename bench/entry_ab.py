@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from experts_op import write_rows  # noqa: E402
+from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
 from moe_fx.lowering.triton import tuning  # noqa: E402
 
-ACTIVATION, DTYPE = "silu_gated", torch.bfloat16
+DTYPE = torch.bfloat16
 
 
 def changed(config: tuning.ExpertsConfig, assignments: list[str]) -> tuning.ExpertsConfig:
@@ -50,8 +50,7 @@ def changed(config: tuning.ExpertsConfig, assignments: list[str]) -> tuning.Expe
 def compare(shape: str, quant: str, T: int, assignments: list[str], store: bool, device: torch.device) -> dict:
     """One cell's row: both configs described and timed, and the outputs' relative difference."""
     E, K, D, F = SHAPES[shape]
-    weights = tuning.random_weights(E, D, F, ACTIVATION, DTYPE, device, quant)
-    run = tuning.experts_call(T, K, ACTIVATION, DTYPE, weights, quant, tuning.native_atomics(DTYPE))  # as tune times
+    run = experts_op(shape, T, quant, device, DTYPE, reduce=tuning.native_atomics(DTYPE))  # as tune times it
     chosen = tuning.choose(E, D, F, K, True, DTYPE, device, T * K, quant)
     other = tuning.conform(changed(chosen, assignments), quant)
     ref = run(chosen).float()

@@ -19,13 +19,15 @@ from layer import SHAPES  # noqa: E402
 from moe_fx.lowering.triton import tuning  # noqa: E402
 
 
-def experts_op(name: str | tuple, T: int, quant: str = "none", device="cuda", dtype=torch.bfloat16):
-    """run(config) -> y_RD: the SiLU-gated experts op of shape `name` (or (E, K, D, F)) at T tokens, dispatched
-    once (`tuning.experts_call`, what `tuning.tune` times); run.inputs holds (x_TD, ids_TK, weights_TK,
-    w13_EHD, w2_EDF) (the weights quantised under `quant`), run.row_index the dispatched rows' slots."""
+def experts_op(name: str | tuple, T: int, quant: str = "none", device="cuda", dtype=torch.bfloat16,
+               reduce: bool = False):  # fmt: skip
+    """run(config) -> y_RD (`reduce`: out_TD, the rows summed in experts): the SiLU-gated experts op of shape
+    `name` (or (E, K, D, F)) at T tokens, dispatched once (`tuning.experts_call`, what `tuning.tune` times);
+    run.inputs holds (x_TD, ids_TK, weights_TK, w13_EHD, w2_EDF) (the weights quantised under `quant`),
+    run.row_index the dispatched rows' slots."""
     E, K, D, F = SHAPES[name] if isinstance(name, str) else name
     weights = tuning.random_weights(E, D, F, "silu_gated", dtype, device, quant)
-    run = tuning.experts_call(T, K, "silu_gated", dtype, weights, quant)
+    run = tuning.experts_call(T, K, "silu_gated", dtype, weights, quant, reduce)
     run.inputs = (*run.inputs, *weights[:2])
     return run
 

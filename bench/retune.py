@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from experts_op import write_rows  # noqa: E402
+from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
 from moe_fx.lowering.triton import tuning  # noqa: E402
@@ -46,8 +46,7 @@ TILES = {  # which candidates (block_m, block_n, block_k, warps, stages, tma, sw
 def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.device) -> dict[str, tuple[str, float]]:
     """{name: (config, µs per graph replay)} for the shipped, packaged, freshly tuned and default configs."""
     E, K, D, F = SHAPES[shape]
-    weights = tuning.random_weights(E, D, F, ACTIVATION, DTYPE, device, quant)
-    run = tuning.experts_call(T, K, ACTIVATION, DTYPE, weights, quant, tuning.native_atomics(DTYPE))  # as tune times
+    run = experts_op(shape, T, quant, device, DTYPE, reduce=tuning.native_atomics(DTYPE))  # as tune times it
     R, sms = T * K, tuning.sm_count(device)
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))

@@ -760,20 +760,22 @@ def experts(
         h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
     hs = _scale_strides(h_scale, row_weights)
     c = config.down
-    h_in = w_in = h_half = None
+    h_in = w_in = None
     if _tma_fits(c, code, xq.device):
-        h_in, h_half = (_descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [m, c.block_k])
-                        for m in (c.block_m, c.block_m // 2))  # fmt: skip
+        h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
         w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
     down_tma = h_in is not None and w_in is not None
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
+    h_half = h_in  # half_tails through TMA: the half-height tiles' rows of h by a descriptor of their own
+    if down_tma and c.half_tails:
+        h_half = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m // 2, c.block_k])
     loads[load_path("down", down_tma, c)] += 1
     grid = _programs(c, R, E, D, xq.device)
     launch(
         _down_kernel, (grid,),
         h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
-        h_half if down_tma and c.half_tails else h_in,
+        h_half,
         D, F, E, R, grid,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
