@@ -3,7 +3,7 @@ alone, CUDA-graph replays in one process (the median of 3 rounds in rotated orde
 outputs compared; a table and JSON. `--store` writes the faster of each pair into $MOE_FX_TUNING_CACHE, for
 `bench/layer.py` to time in whole layers.
 
-    python bench/entry_ab.py --out OUT --set up.half_tails=true down.half_tails=true --T 1024 8192
+    python bench/entry_ab.py --out OUT --set up.persistent=false down.persistent=false --T 1024 8192
     MOE_FX_TUNING_CACHE=OUT/c.json python bench/entry_ab.py --out OUT --set down.num_stages=4 --store
 
 Written for one field flipped on the shipped entries. A full re-tuning (`bench/retune.py`) times every

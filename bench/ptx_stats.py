@@ -147,7 +147,6 @@ def sass(compiled, warps: int) -> dict:
 TABLE = (
     ("none", 16, 64, 128, 4, 4, ""), ("none", 16, 64, 128, 4, 4, "swap_ab"), ("none", 64, 64, 64, 4, 4, ""),
     ("none", 128, 128, 64, 8, 3, "tma"), ("none", 128, 128, 64, 8, 3, "tma persistent"),
-    ("none", 128, 128, 64, 8, 3, "tma half_tails"),
     ("fp8", 16, 64, 256, 4, 3, "swap_ab"), ("fp8", 128, 128, 128, 8, 3, "tma"),
     ("fp8_block", 16, 128, 128, 4, 3, "swap_ab"), ("fp8_block", 128, 128, 128, 8, 3, "tma"),
     ("int8", 16, 64, 256, 4, 4, ""), ("int4_weight", 16, 64, 128, 4, 4, ""), ("int4_weight", 64, 64, 64, 4, 4, ""),
@@ -177,7 +176,6 @@ def main():
     p.add_argument("--swap", action="store_true", help="swap_ab: the weights as the dot's first operand")
     p.add_argument("--tma", action="store_true", help="TMA descriptor loads (the weights; the down GEMM's h too)")
     p.add_argument("--persistent", action="store_true", help="persistent programs (tile and K loops flattened)")
-    p.add_argument("--half-tails", action="store_true", help="half-height tail tiles (GemmConfig.half_tails)")
     p.add_argument("--fused", action="store_true", help="one kernel, the down GEMM in the up tile's epilogue")
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
@@ -196,8 +194,7 @@ def main():
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
         return
     m, n, k, warps, stages = args.tile
-    gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent,
-                             half_tails=args.half_tails)  # fmt: skip
+    gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent)
     config = tuning.ExpertsConfig(gemm, gemm)
     if args.fused:  # w2 in the column blocks `tune` times fused candidates with
         config = tuning.ExpertsConfig(gemm, replace(gemm, block_n=tuning.FUSED_BLOCK_D), fused=True)

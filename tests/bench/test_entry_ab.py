@@ -11,15 +11,15 @@ def test_set_changes_the_named_fields_of_either_gemm_or_the_pair():
     bench = load("entry_ab")
     up, down = tuning.GemmConfig(128, 128, 64, tma=True), tuning.GemmConfig(128, 256, 64, tma=True, persistent=True)
     config = tuning.ExpertsConfig(up, down)
-    new = bench.changed(config, ["up.half_tails=true", "down.half_tails=true", "down.num_stages=4", "fused=false"])
+    new = bench.changed(config, ["up.persistent=true", "down.persistent=false", "down.num_stages=4", "fused=false"])
     assert new == tuning.ExpertsConfig(
-        tuning.GemmConfig(128, 128, 64, tma=True, half_tails=True),
-        tuning.GemmConfig(128, 256, 64, num_stages=4, tma=True, persistent=True, half_tails=True),
+        tuning.GemmConfig(128, 128, 64, tma=True, persistent=True),
+        tuning.GemmConfig(128, 256, 64, num_stages=4, tma=True),
     )
     assert bench.changed(config, []) == config
 
 
-@pytest.mark.parametrize("assignment", ["up.half_tail=true", "mid.tma=true", "half_tails=true", "up.tma", "up.tma=yes"])
+@pytest.mark.parametrize("assignment", ["up.persist=true", "mid.tma=true", "persistent=true", "up.tma", "up.tma=yes"])
 def test_a_bad_assignment_names_itself(assignment):
     bench = load("entry_ab")
     config = tuning.default_config(1024, torch.bfloat16)

@@ -70,22 +70,6 @@ def test_table_rows_for_a_before_and_after_diff(tmp_path):
         assert f"| {r['config']} | {r['kernel']} | {r['regs']} |" in out
 
 
-def test_half_tails_share_the_tiles_shared_memory():
-    """`GemmConfig.half_tails` emits each kernel's tile body at two heights: twice the MMAs in the PTX, and the
-    same shared memory as one height (the two copies' pipeline buffers are allocated over each other), so the
-    tile keeps its occupancy."""
-    sass = r"sass: (\d+) registers, (\d+) B shared"
-    found = {}
-    for flags in ((), ("--half-tails",)):
-        out = ptx_stats("--tile", "128", "64", "64", "4", "2", "--tma", "--sass", *flags)
-        wgmma = [int(n) for n in re.findall(r"wgmma (\d+)", out)]
-        found[flags] = wgmma, [int(shared) for _, shared in re.findall(sass, out)]
-        assert len(wgmma) == 2 == len(found[flags][1]), out  # up, down
-    (plain_mma, plain_shared), (half_mma, half_shared) = found.values()
-    assert half_shared == plain_shared
-    assert all(h > p for h, p in zip(half_mma, plain_mma, strict=True))
-
-
 def test_a_fused_config_compiles_one_kernel_with_the_down_gemm():
     """`--fused`: the experts op is one kernel (`ExpertsConfig.fused`), its up tile's epilogue running the down
     GEMM's F-slice, so it issues more MMAs than the up kernel of the same tile alone."""

@@ -28,5 +28,3 @@ def test_tile_families_split_the_candidates():
         assert decode and prefill and not set(decode) & set(prefill)
         assert all(c[0] >= 64 and c[5] for c in prefill)  # TMA descriptors, as the H200's prefill entries
         assert any(c[7] for c in prefill) and not any(c[7] for c in decode)  # persistent programs: prefill only
-        half_tails = [c for c in candidates if c[8:] == (True,)]  # half-height tail tiles: 128+-row TMA tiles
-        assert half_tails and all(c[0] >= 128 and c[5] for c in half_tails)

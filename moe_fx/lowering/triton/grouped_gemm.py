@@ -19,9 +19,6 @@ adds at most one partial tile) times the N-tiles, the programs past the real til
 `persistent` config, two programs per SM, each taking every grid-th tile in one loop that Triton flattens
 with the K loop (the next tile's first loads in flight during this one's last K-steps and epilogue). The down
 GEMM's programs first write zeros over the dropped rows [offsets[E], R), where dispatch puts dropped picks.
-`half_tails` configs run an expert's last M-tile at BLOCK_M/2 rows when it has no more: the tile body is
-emitted at both heights (shared memory is allocated once for both), and the tail reads the weight tiles its
-expert's other M-tiles just brought into L2 (a launch of its own would read them from memory again).
 
 Gate/up layouts are pointer arithmetic: the gate of column n is w13 row GATE_ROW + n·ROW_STEP and the
 up is UP_ROW + n·ROW_STEP of w13 (or of w3 when "separate"); transposed storage only swaps strides.
@@ -388,7 +385,6 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    HALF_TAILS: tl.constexpr,
 ):  # fmt: skip
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
@@ -403,93 +399,86 @@ def _up_kernel(
         t = pid + i * NPROG
         if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
             expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
-            # HALF_TAILS: an expert's last M-tile with at most BLOCK_M/2 rows runs as a BLOCK_M/2-row tile (the
-            # body below is emitted once per height; the tail's weight tiles are in L2 from the expert's others)
-            small = end - start <= BLOCK_M // 2
-            for TILE_M in tl.static_range(BLOCK_M // (1 + HALF_TAILS), BLOCK_M + 1, BLOCK_M // 2):
-                if HALF_TAILS == 0 or (small if TILE_M < BLOCK_M else not small):
-                    rows = start + tl.arange(0, TILE_M)
-                    row_ok = rows < end
-                    tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
-                    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                    n_ok = n < F
-                    k = tl.arange(0, BLOCK_K)
-                    a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
-                    # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
-                    # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
-                    COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-                    j = tl.arange(0, COLS)
-                    if INTERLEAVED:
-                        w_rows = pid_n * 2 * BLOCK_N + j
-                        w_ok = w_rows < 2 * F
-                    else:
-                        is_up = j >= BLOCK_N
-                        n_j = pid_n * BLOCK_N + j % BLOCK_N
-                        w_ok = n_j < F
-                        # SEPARATE: UP_ROW 0, the up rows are w3's
-                        w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP
-                    if not W_TMA:
-                        w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
-                        if SEPARATE:
-                            w_up = wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh
-                            w_base = tl.where(is_up, w_up, w_base)
-                        # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
-                        kw = tl.arange(0, BLOCK_K // PACK)
-                        w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
-                    ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
-                    acc = _accumulator(TILE_M, COLS, IS_INT, SWAP)
-                    n_k = tl.cdiv(D, BLOCK_K)
-                    for k0 in range(0, n_k):
-                        k_left = D - k0 * BLOCK_K
-                        a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                        acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                                             stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
-                        if W_TMA:
-                            w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED,
-                                             W_KMAJOR, BLOCK_K, COLS)  # fmt: skip
-                            acc = _mma(a, w, acc, PRECISION, SWAP)
-                        else:
-                            acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_e, w_rows, stride_wsh, k0, stride_wsb,
-                                              EVEN_K, QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
-                            w_ptrs += (BLOCK_K // PACK) * stride_wd
-                        a_ptrs += BLOCK_K * stride_xd
-                    if SWAP:
-                        acc = tl.trans(acc)
-                    acc = _dequantize(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
-                                      stride_xsb, stride_wsb, n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
-                    if GATED:
-                        if INTERLEAVED:
-                            acc_g, acc_u = tl.split(tl.reshape(acc, (TILE_M, BLOCK_N, 2)))
-                        else:
-                            acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (TILE_M, 2, BLOCK_N)), (0, 2, 1)))
-                            if UP_FIRST:  # a descriptor's tile holds the stored halves in order: up, then gate
-                                acc_g, acc_u = acc_u, acc_g
-                    else:
-                        acc_g = acc
-                        acc_u = acc
-                    if WEIGHT_INPUT:
-                        row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-                        acc_g *= row_w
-                        acc_u *= row_w
-                    if HAS_BIAS:
-                        b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be
-                        b_gate = tl.load(b_ptrs + (BIAS_GATE + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
-                        acc_g += b_gate.to(tl.float32)[None, :]
-                        if GATED:
-                            b_up = tl.load(b_ptrs + (BIAS_UP + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
-                            acc_u += b_up.to(tl.float32)[None, :]
-                    h = _activate(acc_g, acc_u, alpha, limit, ACT)
-                    h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
-                    if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
-                        h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
-                        tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
-                    if FUSED:
-                        _down_slice(h.to(w2_ptr.dtype.element_ty), rows, row_ok, tokens, expert, n, n_ok,
-                                    tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D, stride_2e,
-                                    stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2, WEIGHT_OUTPUT, PRECISION,
-                                    BLOCK_D)  # fmt: skip
-                    else:
-                        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < F
+            k = tl.arange(0, BLOCK_K)
+            a_ptrs = x_ptr + tokens[:, None] * stride_xt + k[None, :] * stride_xd
+            # the weight tile's columns j: gated, the N-tile's gate rows then its up rows (or, INTERLEAVED, the
+            # 2·BLOCK_N adjacent (gate, up) rows as stored); not gated, its BLOCK_N rows
+            COLS: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+            j = tl.arange(0, COLS)
+            if INTERLEAVED:
+                w_rows = pid_n * 2 * BLOCK_N + j
+                w_ok = w_rows < 2 * F
+            else:
+                is_up = j >= BLOCK_N
+                n_j = pid_n * BLOCK_N + j % BLOCK_N
+                w_ok = n_j < F
+                w_rows = tl.where(is_up, UP_ROW, GATE_ROW) + n_j * ROW_STEP  # SEPARATE: UP_ROW 0, the up rows are w3's
+            if not W_TMA:
+                w_base = wg_ptr + expert.to(tl.int64) * stride_we + w_rows * stride_wh
+                if SEPARATE:
+                    w_base = tl.where(is_up, wu_ptr + expert.to(tl.int64) * stride_ue + w_rows * stride_uh, w_base)
+                # the weights' K-rows of a K-block (int4_weight: bytes of two elements)
+                kw = tl.arange(0, BLOCK_K // PACK)
+                w_ptrs = w_base[None, :] + kw[:, None] * stride_wd
+            ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
+            acc = _accumulator(BLOCK_M, COLS, IS_INT, SWAP)
+            n_k = tl.cdiv(D, BLOCK_K)
+            for k0 in range(0, n_k):
+                k_left = D - k0 * BLOCK_K
+                a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                acc = _block_rescale(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok,
+                                     stride_xsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
+                if W_TMA:
+                    w = _weight_tile(wg_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, GATED, INTERLEAVED, W_KMAJOR,
+                                     BLOCK_K, COLS)  # fmt: skip
+                    acc = _mma(a, w, acc, PRECISION, SWAP)
+                else:
+                    acc = _weight_mma(a, w_ptrs, w_ok, k_left, acc, ws_e, w_rows, stride_wsh, k0, stride_wsb, EVEN_K,
+                                      QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
+                    w_ptrs += (BLOCK_K // PACK) * stride_wd
+                a_ptrs += BLOCK_K * stride_xd
+            if SWAP:
+                acc = tl.trans(acc)
+            acc = _dequantize(acc, xs_ptr, tokens, stride_xst, row_ok, ws_e, w_rows, stride_wsh, w_ok, stride_xsb,
+                              stride_wsb, n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
+            if GATED:
+                if INTERLEAVED:
+                    acc_g, acc_u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+                else:
+                    acc_g, acc_u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+                    if UP_FIRST:  # a descriptor's tile holds the stored halves in order: up, then gate
+                        acc_g, acc_u = acc_u, acc_g
+            else:
+                acc_g = acc
+                acc_u = acc
+            if WEIGHT_INPUT:
+                row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+                acc_g *= row_w
+                acc_u *= row_w
+            if HAS_BIAS:
+                b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be
+                b_gate = tl.load(b_ptrs + (BIAS_GATE + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
+                acc_g += b_gate.to(tl.float32)[None, :]
+                if GATED:
+                    b_up = tl.load(b_ptrs + (BIAS_UP + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
+                    acc_u += b_up.to(tl.float32)[None, :]
+            h = _activate(acc_g, acc_u, alpha, limit, ACT)
+            h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
+            if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
+                h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
+                tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
+            if FUSED:
+                _down_slice(h.to(w2_ptr.dtype.element_ty), rows, row_ok, tokens, expert, n, n_ok,
+                            tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D, stride_2e,
+                            stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2, WEIGHT_OUTPUT, PRECISION,
+                            BLOCK_D)  # fmt: skip
+            else:
+                tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
     if FUSED:
         _cast_when_last(sum_ptr, done_ptr, out_ptr, OUT_NUMEL, NPROG)
 
@@ -536,7 +525,7 @@ def _cast_when_last(sum_ptr, done_ptr, out_ptr, NUMEL, NPROG):
 @triton.jit
 def _down_kernel(
     # pointers
-    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr, gather_ptr, h_half_ptr,
+    h_ptr, offsets_ptr, row_weights_ptr, w_ptr, bias_ptr, y_ptr, hs_ptr, ws_ptr, gather_ptr,
     # sizes
     D, F, E, R, NPROG,
     # strides
@@ -547,7 +536,7 @@ def _down_kernel(
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     SWAP: tl.constexpr, PERSISTENT: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    G: tl.constexpr, HALF_TAILS: tl.constexpr,
+    G: tl.constexpr,
 ):  # fmt: skip
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(D, BLOCK_N)
@@ -568,59 +557,51 @@ def _down_kernel(
         t = pid + i * NPROG
         if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
             expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
-            # HALF_TAILS: an expert's last M-tile with at most BLOCK_M/2 rows runs as a BLOCK_M/2-row tile (the
-            # body below is emitted once per height; the tail's weight tiles are in L2 from the expert's others)
-            small = end - start <= BLOCK_M // 2
-            for TILE_M in tl.static_range(BLOCK_M // (1 + HALF_TAILS), BLOCK_M + 1, BLOCK_M // 2):
-                if HALF_TAILS == 0 or (small if TILE_M < BLOCK_M else not small):
-                    rows = start + tl.arange(0, TILE_M)
-                    row_ok = rows < end
-                    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-                    n_ok = n < D
-                    y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
-                    if not W_TMA:
-                        k = tl.arange(0, BLOCK_K)
-                        a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
-                        kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
-                        w_e = w_ptr + expert.to(tl.int64) * stride_we
-                        w_ptrs = w_e + kw[:, None] * stride_wf + n[None, :] * stride_wd
-                    ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
-                    acc = _accumulator(TILE_M, BLOCK_N, IS_INT, SWAP)
-                    n_k = tl.cdiv(F, BLOCK_K)
-                    for k0 in range(0, n_k):
-                        k_left = F - k0 * BLOCK_K
-                        acc = _block_rescale(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok,
-                                             stride_hsb, stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
-                        # W_TMA: h's rows are contiguous; the rows past this expert's (the next expert's) are never
-                        # stored
-                        if W_TMA:
-                            a = (h_half_ptr if TILE_M < BLOCK_M else h_ptr).load([start.to(tl.int32), k0 * BLOCK_K])
-                            w = _weight_tile(
-                                w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N
-                            )
-                            acc = _mma(a, w, acc, PRECISION, SWAP)
-                        else:
-                            a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
-                            acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_e, n, stride_wsd, k0, stride_wsb, EVEN_K,
-                                              QUANT, PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
-                            a_ptrs += BLOCK_K * stride_hf
-                            w_ptrs += (BLOCK_K // PACK) * stride_wf
-                    if SWAP:
-                        acc = tl.trans(acc)
-                    acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb,
-                                      stride_wsb, n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
-                    if HAS_BIAS:
-                        b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
-                        acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                    if WEIGHT_OUTPUT:
-                        acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-                    if REDUCE:  # y is out_ND: each row added into its token's, in the order the tiles finish
-                        tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-                        out_ptrs = y_ptr + tokens[:, None] * stride_yr + n[None, :] * stride_yd
-                        tl.atomic_add(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :],
-                                      sem="relaxed")  # fmt: skip
-                    else:
-                        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+            rows = start + tl.arange(0, BLOCK_M)
+            row_ok = rows < end
+            n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = n < D
+            y_ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_yr + n[None, :] * stride_yd
+            if not W_TMA:
+                k = tl.arange(0, BLOCK_K)
+                a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
+                kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
+                w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
+            ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
+            acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
+            n_k = tl.cdiv(F, BLOCK_K)
+            for k0 in range(0, n_k):
+                k_left = F - k0 * BLOCK_K
+                acc = _block_rescale(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb,
+                                     stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
+                if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
+                    a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
+                    w = _weight_tile(
+                        w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N
+                    )
+                    acc = _mma(a, w, acc, PRECISION, SWAP)
+                else:
+                    a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
+                    acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_e, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
+                                      PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
+                    a_ptrs += BLOCK_K * stride_hf
+                    w_ptrs += (BLOCK_K // PACK) * stride_wf
+            if SWAP:
+                acc = tl.trans(acc)
+            acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb, stride_wsb,
+                              n_k - 1, QUANT, BLOCK_K, G)  # fmt: skip
+            if HAS_BIAS:
+                b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be + n * stride_bd
+                acc += tl.load(b_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            if WEIGHT_OUTPUT:
+                acc *= tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
+            if REDUCE:  # y is out_ND: each row added into its token's, in the order the tiles finish
+                tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+                out_ptrs = y_ptr + tokens[:, None] * stride_yr + n[None, :] * stride_yd
+                tl.atomic_add(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :],
+                              sem="relaxed")  # fmt: skip
+            else:
+                tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
 def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
@@ -752,7 +733,7 @@ def experts(
         W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
         ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, HALF_TAILS=int(c.half_tails), num_warps=c.num_warps, num_stages=c.num_stages,
+        BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     if fused:
         return y
@@ -767,15 +748,11 @@ def experts(
     down_tma = h_in is not None and w_in is not None
     if not down_tma:
         h_in, w_in = h_RF, w2_EDF
-    h_half = h_in  # half_tails through TMA: the half-height tiles' rows of h by a descriptor of their own
-    if down_tma and c.half_tails:
-        h_half = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m // 2, c.block_k])
     loads[load_path("down", down_tma, c)] += 1
     grid = _programs(c, R, E, D, xq.device)
     launch(
         _down_kernel, (grid,),
         h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
-        h_half,
         D, F, E, R, grid,
         h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
         bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
@@ -785,7 +762,7 @@ def experts(
         PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
         W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-        HALF_TAILS=int(c.half_tails), num_warps=c.num_warps, num_stages=c.num_stages,
+        num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
     return y
 

@@ -46,9 +46,6 @@ class GemmConfig:
     # loads are in flight during this one's last K-steps and epilogue (bf16 T=8192 on an H100: 0.86-0.92x the
     # time of the same TMA tiles; T=1024 0.97-1.02x; fp8 0.94-1.09x)
     persistent: bool = False
-    # an expert's last M-tile, when it has at most block_m/2 rows, runs as a block_m/2-row tile: at T=1024 a quarter
-    # (Mixtral) to a half (Qwen3) of 128-row tiles' MMA work is padding, half of that with such tails (NOTES.md)
-    half_tails: bool = False
 
 
 @dataclass(frozen=True)
@@ -307,21 +304,18 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int, gate
 
 def _with_load_paths(candidates: tuple) -> tuple:
     """Each candidate through pointers and through TMA descriptors (the weights; a decode tile's gathered rows
-    stay pointer loads), the tiles of 128 rows also with persistent programs and, through TMA, with half-height
-    tail tiles (`GemmConfig.half_tails`), and the decode tiles (<= 32 rows) with the dot's operands swapped too,
-    on either path."""
+    stay pointer loads), the tiles of 128 rows also with persistent programs, and the decode tiles (<= 32
+    rows) with the dot's operands swapped too, on either path."""
     return (
         tuple((*c, False, False, False) for c in candidates)
         + tuple((*c, True, False, False) for c in candidates)
         + tuple((*c, True, False, True) for c in candidates if c[0] >= 128)
-        + tuple((*c, True, False, p, True) for p in (False, True) for c in candidates if c[0] >= 128)
         + tuple((*c, tma, True, False) for tma in (False, True) for c in candidates if c[0] <= 32)
     )
 
 
-# (block_m, block_n, block_k, num_warps, num_stages, tma, swap_ab, persistent[, half_tails]); group_m 8. The
-# deeper decode pipelines (5-8 stages, 256/512-deep K) and TMA at decode won 0-4 % on an H100 (GPT-OSS's picks
-# use them).
+# (block_m, block_n, block_k, num_warps, num_stages, tma, swap_ab, persistent); group_m 8. The deeper decode
+# pipelines (5-8 stages, 256/512-deep K) and TMA at decode won 0-4 % on an H100 (GPT-OSS's picks use them).
 CANDIDATES = _with_load_paths((
     (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 128, 128, 4, 3), (32, 64, 128, 4, 4),
     (16, 32, 128, 4, 6), (16, 64, 128, 4, 5), (16, 32, 256, 4, 4), (16, 64, 64, 4, 8),
@@ -473,5 +467,5 @@ def describe(config: ExpertsConfig) -> str:
 def _describe(name: str, c: GemmConfig) -> str:
     return (
         f"{name} {c.block_m}x{c.block_n}x{c.block_k} w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}"
-        f"{' swap' if c.swap_ab else ''}{' persistent' if c.persistent else ''}{' half-tails' if c.half_tails else ''}"
+        f"{' swap' if c.swap_ab else ''}{' persistent' if c.persistent else ''}"
     )

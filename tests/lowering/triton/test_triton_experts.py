@@ -214,11 +214,10 @@ def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_
     assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
-def summed_rows(dtype, T, K, pattern, placement, D, FF, reduce=True):
+def summed_rows(dtype, T, K, pattern, placement, D, FF):
     """(experts(reduce=True)'s out_TD, the float64 oracle) for silu-gated experts with b2 (none where a dropped
     pick's zero-weighted input would run it in the oracle), dropped picks zero-weighted as route leaves them;
-    asserts out's shape, dtype and that every element was written (the outputs are poisoned). `reduce=False`:
-    the rows stored, then summed by combine."""
+    asserts out's shape, dtype and that every element was written (the outputs are poisoned)."""
     x = torch.randn(T, D).to(dtype)
     w1, w3, w2, _, _, b2 = weights_for(dtype, D, FF, bias=True)
     if placement == "input" and pattern == "dropped":
@@ -226,7 +225,7 @@ def summed_rows(dtype, T, K, pattern, placement, D, FF, reduce=True):
     weights, ids = routing(T, K, E, pattern)
     weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
     out = run(*dev(x, weights, ids, torch.cat([w1, w3], 1), None, w2, None, b2), "silu_gated", placement=placement,
-              reduce=reduce)  # fmt: skip
+              reduce=True)  # fmt: skip
     assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
     ref = oracle(x, weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2, b2=b2,
                  weight_on_input=placement == "input")  # fmt: skip
@@ -249,24 +248,6 @@ def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
     assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]
     ref = oracle(x, weights.cpu(), ids.cpu(), act, w1, w3, w2, b1, b3, b2)
     assert rel_err(out.cpu(), ref) < TOLERANCE[torch.float32]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,K,pattern", [(1, 2, "random"), (33, 2, "random"), (40, 4, "dropped"),
-                                         (41, 2, "one_expert"), (50, 2, "one_expert")])  # fmt: skip
-@pytest.mark.parametrize("path", ["pointers", "tma", "tma+persistent"])
-@pytest.mark.parametrize("reduce", [False, True])
-def test_half_height_tail_tiles(dtype, T, K, pattern, path, reduce, monkeypatch):
-    """`GemmConfig.half_tails`: an expert's last M-tile with at most BLOCK_M/2 rows runs as a BLOCK_M/2-row
-    tile (the down GEMM's h then through a half-height descriptor); tails of more rows, and whole tiles, at full
-    height. 32-row tiles: the routings leave tails of both kinds (one_expert: 41 rows per hit expert, a tail of
-    9; 50 rows, a tail of 18; random: single partial tiles above and below 16 rows). Against
-    the float64 oracle, outputs poisoned, rows stored or summed in experts."""
-    tma, persistent = path != "pointers", path.endswith("persistent")
-    tile = replace(tuning.default_config(1, dtype).up, block_m=32, tma=tma, persistent=persistent, half_tails=True)
-    monkeypatch.setattr(tuning, "_choose", lambda *args: tuning.ExpertsConfig(tile, tile))
-    out, ref = summed_rows(dtype, T, K, pattern, "output", 24, 20, reduce)
-    assert rel_err(out.cpu(), ref) < TOLERANCE[dtype]
 
 
 def test_tuning_times_the_reduce_path():

@@ -246,28 +246,6 @@ def test_nan_token_stays_in_its_rows(mode):
     assert torch.equal(poisoned[others], clean[others]) and torch.isnan(poisoned[3]).all()
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("T,pattern", [(80, "one_expert"), (100, "random")] if DEVICE == "cpu" else
-                         [(160, "one_expert"), (300, "random")])  # fmt: skip
-def test_half_height_tail_tiles_under_every_mode(mode, T, pattern, monkeypatch):
-    """`GemmConfig.half_tails` on quantised operands: an expert's tail of at most BLOCK_M/2 rows runs as a
-    half-height tile (64-row tiles in the interpreter, whose fp8 dots need 32 rows; 128 on a GPU), with its
-    per-token or per-group activation scales, fp8_block's epilogue quantisation of h and int4's unpacking; one
-    hit expert's rows end in such a tail (one_expert), random routings in tails of both heights."""
-    m = 64 if DEVICE == "cpu" else 128
-    tile = tuning.GemmConfig(m, 32 if DEVICE == "cpu" else 128, 32 if DEVICE == "cpu" else 128, 1, 4, 1, tma=True,
-                             half_tails=True)  # fmt: skip
-    config = tuning.conform(tuning.ExpertsConfig(tile, tile), mode)
-    monkeypatch.setattr(tuning, "choose", lambda *args: config)
-    K, D, F_ = 2, 144, 48
-    x = torch.randn(T, D, device=DEVICE)
-    w13, w2 = weights_for(D, F_, torch.float32)
-    weights, ids = routing(T, K, E, pattern)
-    out = layer(x, weights, ids, w13, w2, mode, "triton")
-    tol = AGREE[torch.float32] if DEVICE == "cpu" else PREFILL_AGREE[mode]
-    assert rel_err(out, layer(x, weights, ids, w13, w2, mode, "reference")) < tol
-
-
 @pytest.mark.skipif(DEVICE != "cuda", reason="the prefill tiles' tensor-core path needs a GPU")
 @pytest.mark.parametrize("mode", ("none", *MODES))
 def test_prefill_tiles_on_every_path(mode, gemm_path):
