@@ -1,0 +1,48 @@
+"""bench/timeline.py: the stamped up kernel compiles for sm90 (no GPU needed), and the stamps read back as
+µs from the first program's start (the GPU run is not done here)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+
+from tests.bench.scripts import load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps():
+    # in a subprocess, as tests/bench/test_ptx_stats.py: the tests' kernels are interpreted, not compiled
+    code = textwrap.dedent("""
+        from moe_fx.lowering.triton import tuning
+        from tests.bench.scripts import load
+        timeline, ptx_stats = load("timeline"), load("ptx_stats")
+        ptx_stats.grouped_gemm = timeline.instrumented_module()
+        up = tuning.GemmConfig(16, 64, 128, 8, 4, 4, tma=True)
+        config = tuning.ExpertsConfig(up, tuning.GemmConfig(16, tuning.FUSED_BLOCK_D, 64), fused=True)
+        launches = ptx_stats.launches("none", config)
+        ptx = ptx_stats.compile_for(*launches[0], 90).asm["ptx"]
+        print(len(launches), ptx.count("%globaltimer"), ptx.count("%smid"))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    kernels, timer_reads, smid_reads = map(int, result.stdout.split()[-3:])
+    assert (kernels, timer_reads, smid_reads) == (1, 5, 1)  # one kernel (fused); the five stamps; the SM
+
+
+def test_stamps_read_as_microseconds_from_the_first_start():
+    timeline = load("timeline")
+    h = torch.full((64, 1024), -1, dtype=torch.bfloat16)  # as the stamped experts allocates it
+    raw = h.view(torch.int64).view(-1, 8)
+    raw[0, :5] = torch.tensor([5_000, 5_600, 25_000, 34_000, 35_000])
+    raw[1, :5] = torch.tensor([4_000, 4_700, -1, -1, 6_000])  # a program with no tile: no up or down stamps
+    raw[:2, 7] = torch.tensor([3, 9])
+    rel, sms = timeline.stamps(h)
+    assert sms.tolist() == [3, 9]
+    assert rel[0].tolist() == [1.0, 1.6, 21.0, 30.0, 31.0]
+    assert rel[1, :2].tolist() == [0.0, 0.7] and rel[1, 2:4].isnan().all() and rel[1, 4] == 2.0
