@@ -107,7 +107,7 @@ def instrumented_module():
     return module
 
 
-def stamps(h: torch.Tensor) -> torch.Tensor:
+def stamps(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[programs, 5] µs from the first program's start (NaN where a program did not get there: no tile), and
     [programs] SM ids, of the programs that ran."""
     st = h.view(torch.int64).flatten()[: 8 * (h.numel() * h.element_size() // 64)].view(-1, 8).cpu()
