@@ -31,7 +31,7 @@ from layer import SHAPES  # noqa: E402
 
 from moe_fx.lowering.triton import timing  # noqa: E402
 
-COLS, BN, ROWS_A = 2048, 128, 16  # the weight matrix's row length, a program's column stripe, the dot's rows
+COLS, BN = 2048, 128  # the weight matrix's row length, a program's column stripe
 PROGRAMS = (96, 128, 192, 256, 384)
 PATHS = ("tma", "pointers", "tma+pointers")
 

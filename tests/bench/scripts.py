@@ -1,10 +1,13 @@
 """The bench scripts as modules, for the tests of tests/bench."""
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "bench"
 
 
 def load(name: str):
@@ -18,3 +21,12 @@ def load(name: str):
     finally:
         sys.path.remove(str(BENCH))
     return module
+
+
+def run_compiled(*args: str, timeout: int = 300) -> str:
+    """stdout of `python *args` at the repository root with Triton compiling its kernels (the tests' own are
+    interpreted: TRITON_INTERPRET is dropped), asserting it exits 0."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout

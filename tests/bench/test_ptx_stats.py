@@ -4,15 +4,11 @@ unpack has no int-to-float conversion; `--sass` reads the cubin (registers, occu
 in a subprocess: the tests' kernels are interpreted, not compiled."""
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.scripts import BENCH, run_compiled
 
 
 @pytest.mark.parametrize("quant", ["none", "int4_weight"])
@@ -53,11 +49,7 @@ def test_sass_reads_registers_occupancy_and_the_main_loop(quant, swap, mma):
 
 
 def ptx_stats(*args: str) -> str:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, str(ROOT / "bench" / "ptx_stats.py"), *args]
-    out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout
+    return run_compiled(str(BENCH / "ptx_stats.py"), *args)
 
 
 def test_table_rows_for_a_before_and_after_diff(tmp_path):

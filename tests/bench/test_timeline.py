@@ -1,17 +1,11 @@
 """bench/timeline.py: the stamped up kernel compiles for sm90 (no GPU needed), and the stamps read back as
 µs from the first program's start (the GPU run is not done here)."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import torch
 
-from tests.bench.scripts import load
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench.scripts import load, run_compiled
 
 
 def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps():
@@ -27,11 +21,7 @@ def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps():
         ptx = ptx_stats.compile_for(*launches[0], 90).asm["ptx"]
         print(len(launches), ptx.count("%globaltimer"), ptx.count("%smid"))
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels, timer_reads, smid_reads = map(int, result.stdout.split()[-3:])
+    kernels, timer_reads, smid_reads = map(int, run_compiled("-c", code, timeout=600).split()[-3:])
     assert (kernels, timer_reads, smid_reads) == (1, 5, 1)  # one kernel (fused); the five stamps; the SM
 
 
