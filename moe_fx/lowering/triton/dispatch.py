@@ -4,7 +4,8 @@ Legend: T tokens, D model dim, E experts, K top-k, R = T*K routed rows.
 
 A counting sort with no host synchronisation. Up to SMALL_CHUNKS blocks of rows (decode), one
 program does it all in `_sort_small_kernel`: count, cumsum, then place each block's rows after the
-previous blocks' (stable, like the reference). Above, two launches:
+previous blocks' (stable, like the reference); one block (a decode step's few rows) is ranked instead,
+each row's place counted in one [R, R] comparison (`_sort_one_block`). Above, two launches:
   1. `_count_kernel`: each block of BLOCK_R rows counts its rows per expert and adds the counts to
      counts_E with one vector atomic.
   2. `_scatter_kernel`: every program turns counts_E into expert starts (a cumsum over E), reserves
@@ -102,6 +103,27 @@ def _scatter_kernel(
 
 
 @triton.jit
+def _sort_one_block(ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr, R, E, K,
+                    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """All R rows in one block: each row's place is the number of rows before it in (expert, row) order, an
+    expert's end the number of rows of it and the experts before it; two independent reductions, no scans.
+    Dropped picks (id -1) order as expert E: after every expert's rows."""
+    r = tl.arange(0, BLOCK_R)
+    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+    ok = (r < R) & (ids_R < E)
+    key_R = tl.where(ok, tl.where(ids_R < 0, E, ids_R), E + 1)  # E + 1: past R, never stored
+    before_RR = (key_R[None, :] < key_R[:, None]) | ((key_R[None, :] == key_R[:, None]) & (r[None, :] < r[:, None]))
+    pos_R = tl.sum(before_RR.to(tl.int32), axis=1)
+    e = tl.arange(0, BLOCK_E)
+    ends_E = tl.sum((key_R[None, :] <= e[:, None]).to(tl.int32), axis=1)
+    tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
+    tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+    tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
+    tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
+    tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+@triton.jit
 def _sort_small_kernel(
     # pointers
     ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr, R, E, K,
@@ -116,6 +138,10 @@ def _sort_small_kernel(
     if tl.program_id(0) > 0:
         _rows(tl.program_id(0) - 1, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
               IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+        return
+    if CHUNKS == 1:
+        _sort_one_block(ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr, R, E, K,
+                        BLOCK_R, BLOCK_E)  # fmt: skip
         return
     e = tl.arange(0, BLOCK_E)
     counts_E = tl.zeros((BLOCK_E,), tl.int32)

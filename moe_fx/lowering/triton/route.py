@@ -3,8 +3,9 @@
 Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
 
 One program per token holds its E logits in registers. Top-k is K rounds of "take the maximum,
-lowest index first", so on tie-free data the expert set equals `torch.topk`'s, in the same
-(descending) order. All math is fp32; ids are int32.
+lowest index first", each one reduction over int64 keys that hold the value and the index
+(`_order_key`), so on tie-free data the expert set equals `torch.topk`'s, in the same (descending)
+order. All math is fp32; ids are int32.
 
 The router's projection, when `route` is given it (`project`): up to PROJECT_MAX_T tokens, a GEMV kernel
 whose ~64 programs each read a few experts' rows of the [E, D] weight (cuBLAS ran Qwen3's [1, 2048] x
@@ -75,6 +76,16 @@ def _group_keep(select_E, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.co
 
 
 @triton.jit
+def _order_key(v_E, e, BLOCK_E: tl.constexpr):
+    """int64 keys whose order is v's, ties broken towards the lower index: v's fp32 bits made to order as
+    signed integers (-0 as +0, NaN above +inf as in torch.topk) in the high half, BLOCK_E - 1 - e in the low."""
+    bits = (v_E + 0.0).to(tl.int32, bitcast=True)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    bits = tl.where(v_E != v_E, 0x7FFFFFFF, bits)
+    return (bits.to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)
+
+
+@triton.jit
 def _route_kernel(
     # pointers
     logits_ptr, bias_ptr, weights_ptr, ids_ptr,
@@ -105,15 +116,15 @@ def _route_kernel(
             select_E = tl.where(keep_E, select_E, group_fill)
     select_E = tl.where(valid, select_E, -float("inf"))
 
+    # top-k: K rounds of one max over keys that order the values and, among equal values, the lower index first
     k = tl.arange(0, BLOCK_K)
     ids_K = tl.zeros((BLOCK_K,), tl.int32)
-    w_K = tl.zeros((BLOCK_K,), tl.float32)
+    key_E = _order_key(select_E, e, BLOCK_E)
     for i in tl.static_range(K):
-        m = tl.max(select_E, axis=0)
-        best = tl.min(tl.where(select_E == m, e, BLOCK_E), axis=0)
-        ids_K = tl.where(k == i, best, ids_K)
-        w_K = tl.where(k == i, tl.sum(tl.where(e == best, source_E, 0.0), axis=0), w_K)
-        select_E = tl.where(e == best, -float("inf"), select_E)
+        best = tl.max(key_E, axis=0)
+        ids_K = tl.where(k == i, BLOCK_E - 1 - best.to(tl.int32), ids_K)
+        key_E = tl.where(key_E == best, -(2**63), key_E)
+    w_K = tl.sum(tl.where(e[None, :] == ids_K[:, None], source_E[None, :], 0.0), axis=1)
     if TOPK_FIRST:
         w_K = _score(w_K, k < K, SCORING, ROUND)
     w_K = tl.where(k < K, w_K, 0.0)

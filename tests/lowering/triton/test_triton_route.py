@@ -51,6 +51,23 @@ def test_route_group_fill_neg_inf(T):
     assert rel_err(w.cpu(), ref_w) < 1e-6
 
 
+def test_route_orders_ties_nans_and_signed_zeros():
+    """The top-k keys: equal values go lowest index first (-0.0 equal to +0.0), a NaN ranks above every number
+    as in torch.topk, and every token's ids are k distinct experts in range."""
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor([
+        [0.5, 0.5, 0.5, 0.5, 0.5, 0.5],  # all equal: 0, 1, 2
+        [-0.0, 0.0, -0.0, -1.0, -inf, -inf],  # signed zeros equal: 0, 1, 2
+        [1.0, 2.0, nan, 3.0, -inf, 0.0],  # NaN first, then 3, 1
+        [-inf, -inf, -inf, -inf, -inf, -inf],  # nothing finite: still 0, 1, 2
+        [nan, -nan, 1.0, 0.0, 2.0, nan],  # NaNs of both signs first, by index
+    ], device=DEVICE)  # fmt: skip
+    w, ids = route(logits, None, 3, "none", "score_then_topk", False, 1, 1, 2, 1.0)
+    expected = [[0, 1, 2], [0, 1, 2], [2, 3, 1], [0, 1, 2], [0, 1, 5]]
+    assert ids.long().cpu().tolist() == expected
+    torch.testing.assert_close(w.cpu(), logits.cpu().gather(1, torch.tensor(expected)), equal_nan=True)
+
+
 def test_route_rejects_bad_sizes():
     logits = torch.randn(3, 6, device=DEVICE)
     with pytest.raises(ValueError, match="moe_fx: router k \\(7\\)"):
