@@ -68,3 +68,44 @@ def test_reduce_overhead_across_t_buckets():
             for _ in range(3):  # warm-up, record, replay
                 out = compiled(x)
             assert rel_err(out, reference(x)) < TOLERANCE[torch.bfloat16], T
+
+
+def test_fused_decode_workspace_under_reduce_overhead_and_on_two_streams(monkeypatch):
+    """Fused configs take their sums and counter from `workspace.zeroed`: under torch.compile's reduce-overhead
+    (warm-up inside a graph memory pool, record, replays) and from two streams at once, the outputs match the
+    model's, and each stream's buffer reads zero afterwards."""
+    from dataclasses import replace
+
+    from moe_fx.lowering.triton import grouped_gemm, workspace
+
+    if not tuning.native_atomics(torch.bfloat16):
+        pytest.skip("fused configs sum in experts, which needs native bf16 atomics (Hopper)")
+    chosen = tuning._choose
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
+    model = ex.LoopMoE(dim=64, ffn=96, num_experts=8, k=2).eval().cuda().to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    before = grouped_gemm.loads.copy()
+    with torch.no_grad():
+        moe_fx.apply(model, torch.randn(5, 64, device="cuda", dtype=torch.bfloat16))
+        compiled = torch.compile(model, mode="reduce-overhead", dynamic=False)
+        for T in (1, 4, 1):
+            x = torch.randn(T, 64, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):  # warm-up, record, replay
+                out = compiled(x)
+            assert rel_err(out, reference(x)) < TOLERANCE[torch.bfloat16], T
+        streams = [torch.cuda.Stream() for _ in range(2)]
+        xs = [torch.randn(2, 64, device="cuda", dtype=torch.bfloat16) for _ in streams]
+        outs = [[] for _ in streams]
+        for _ in range(20):  # interleaved launches: the streams' kernels overlap on the GPU
+            for s, x, o in zip(streams, xs, outs):
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    o.append(model(x))
+        torch.cuda.synchronize()
+        for x, o in zip(xs, outs):
+            ref = reference(x)
+            assert all(rel_err(out, ref) < TOLERANCE[torch.bfloat16] for out in o)
+        for s in streams:
+            with torch.cuda.stream(s):
+                assert not workspace.zeroed(2 * 64 + 1, torch.device("cuda")).any()
+    assert any(k.startswith("fused") for k in grouped_gemm.loads - before)  # the fused kernel ran
