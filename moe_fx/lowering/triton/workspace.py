@@ -29,9 +29,10 @@ MIN_WORDS = 1 << 14  # 64 KB: a decode step of up to 8 tokens × 2048 wide in on
 
 
 def _key(device: torch.device) -> tuple:
-    if device.type == "cuda":
-        return device, torch.cuda.current_stream(device).cuda_stream
-    return device, threading.get_ident()  # the interpreter: one buffer per thread
+    if device.type == "cuda":  # the raw stream handle, as Inductor's generated code reads it (no Stream object)
+        index = torch.cuda.current_device() if device.index is None else device.index
+        return device.type, index, torch._C._cuda_getCurrentRawStream(index)
+    return device.type, device.index, threading.get_ident()  # the interpreter: one buffer per thread
 
 
 def zeroed(numel: int, device: torch.device) -> torch.Tensor | None:
