@@ -76,11 +76,10 @@ def triton_route(logits, bias, k, scoring, order, renormalize, n_group, topk_gro
                  score_dtype, capacity, group_fill=0.0, proj_weight=None, proj_bias=None):  # fmt: skip
     if capacity:
         raise NotImplementedError(f"moe_fx: {NAME} route has no token capacity, got capacity={capacity}")
-    routing = (bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, score_dtype,
-               group_fill)  # fmt: skip
     if proj_weight is not None:  # `logits` holds the tokens
-        return _route.project_route(logits.reshape(-1, logits.shape[-1]), proj_weight, proj_bias, *routing)[:2]
-    return _route.route(logits, *routing)
+        logits = _route.project(logits.reshape(-1, logits.shape[-1]), proj_weight, proj_bias)
+    return _route.route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale,
+                        score_dtype, group_fill)  # fmt: skip
 
 
 @register_lowering("quantize_dispatch", device="cuda", name=NAME, priority=PRIORITY, supports=supports_rows)
