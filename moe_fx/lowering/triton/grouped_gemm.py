@@ -48,7 +48,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moe_fx.lowering import quant as quant_fmt
-from moe_fx.lowering.triton import quantize, tuning, workspace
+from moe_fx.lowering.triton import quantize, tuning
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_tile
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
@@ -511,8 +511,7 @@ def _down_slice(h, rows, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_pt
 
 @triton.jit
 def _cast_when_last(sum_ptr, done_ptr, out_ptr, NUMEL, NPROG):
-    """The program to finish last (a counter at done_ptr, from zero) writes the fp32 sums as out's dtype, then
-    zeros over the sums and the counter (`workspace.zeroed`: the next call finds them as this one did). The
+    """The program to finish last (a counter at done_ptr, from zero) writes the fp32 sums as out's dtype. The
     barrier orders every thread's atomics before the counter's release; the sums are read from L2 (.cg), where
     the atomics were done."""
     tl.debug_barrier()
@@ -521,8 +520,6 @@ def _cast_when_last(sum_ptr, done_ptr, out_ptr, NUMEL, NPROG):
             z = z0 + tl.arange(0, 1024)
             total = tl.load(sum_ptr + z, mask=z < NUMEL, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr + z, total.to(out_ptr.dtype.element_ty), mask=z < NUMEL)
-            tl.store(sum_ptr + z, tl.zeros((1024,), tl.float32), mask=z < NUMEL)
-        tl.store(done_ptr, 0)
 
 
 @triton.jit
@@ -710,14 +707,11 @@ def experts(
     bias2 = w2_bias if w2_bias is not None else w2
     weight_output = weight_at == "output" or (reduce and weight_at == "none")
     fused = config.fused and reduce and code == 0
-    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element),
-    # zeros the kernel leaves zero (`workspace.zeroed`: no fill kernel); otherwise the kernel never reads them
-    # (row_weights stands in: no allocation, no fill)
+    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
+    # otherwise the kernel never reads them (row_weights stands in: no allocation, no fill)
     sum_TD, done = row_weights, gather_index
     if fused:
-        sums = workspace.zeroed(y.numel() + 1, xq.device)
-        if sums is None:  # captured before this stream had a buffer: the fill is captured too
-            sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
+        sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
         sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
     loads[load_path("fused" if fused else "up", up_tma, c)] += 1
     grid = _programs(c, R, E, F, xq.device)

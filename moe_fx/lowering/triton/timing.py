@@ -69,15 +69,10 @@ def median_us(fn, flush: str = "read", warmup_ms: float = 10.0, rep_ms: float = 
 
 
 def graph_replay(fn):
-    """`fn` run once (compiling what it launches), then captured in a CUDA graph: the graph's replay. Both on
-    one side stream, as torch.compile's CUDA graphs warm up and record (`workspace.zeroed` finds the buffer
-    the warm-up made, as there)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
+    """`fn` run once (compiling what it launches), then captured in a CUDA graph: the graph's replay."""
+    fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with torch.cuda.graph(graph):
         fn()
     return graph.replay
