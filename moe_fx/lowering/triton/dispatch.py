@@ -45,6 +45,21 @@ def _rows(
 
 
 @triton.jit
+def _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E: tl.constexpr):
+    """expert_offsets_E1: 0, then each expert's end."""
+    tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
+    tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+
+
+@triton.jit
+def _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr):
+    """Routed rows r (where ok) into their sorted places pos_R: token, row and routing weight."""
+    tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
+    tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
+    tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+
+
+@triton.jit
 def _count_kernel(
     ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -79,8 +94,7 @@ def _scatter_kernel(
     counts_E = tl.load(counts_ptr + e, mask=e < E, other=0)
     ends_E = tl.cumsum(counts_E, axis=0)
     if pid == 0:
-        tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
-        tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+        _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
     hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
@@ -97,9 +111,7 @@ def _scatter_kernel(
     first_dropped = kept + tl.where(block_dropped > 0, reserved, 0)
     pos_R = tl.where(dropped_R, first_dropped + tl.cumsum(dropped_R.to(tl.int32), axis=0) - 1, pos_R)
     ok = (r < R) & (ids_R < E)
-    tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
-    tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
-    tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
 
 
 @triton.jit
@@ -116,11 +128,8 @@ def _sort_one_block(ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_p
     pos_R = tl.sum(before_RR.to(tl.int32), axis=1)
     e = tl.arange(0, BLOCK_E)
     ends_E = tl.sum((key_R[None, :] <= e[:, None]).to(tl.int32), axis=1)
-    tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
-    tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
-    tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
-    tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
-    tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+    _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E)
+    _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
 
 
 @triton.jit
@@ -150,8 +159,7 @@ def _sort_small_kernel(
         ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
         counts_E += tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
     ends_E = tl.cumsum(counts_E, axis=0)
-    tl.store(offsets_ptr + e + 1, ends_E.to(tl.int64), mask=e < E)
-    tl.store(offsets_ptr + e, tl.zeros((BLOCK_E,), tl.int64), mask=e == 0)
+    _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E)
     next_E = ends_E - counts_E
     next_dropped = tl.sum(counts_E, axis=0)  # dropped picks (id -1) go after every expert's rows
     for c in tl.static_range(CHUNKS):
@@ -164,9 +172,7 @@ def _sort_small_kernel(
         pos_R = tl.where(dropped_R > 0, next_dropped + tl.cumsum(dropped_R, axis=0) - 1, pos_R)
         next_dropped += tl.sum(dropped_R, axis=0)
         ok = (r < R) & (ids_R < E)
-        tl.store(gather_ptr + pos_R, (r // K).to(tl.int64), mask=ok)
-        tl.store(row_index_ptr + pos_R, r.to(tl.int64), mask=ok)
-        tl.store(row_weights_ptr + pos_R, tl.load(weights_ptr + r, mask=ok, other=0.0).to(tl.float32), mask=ok)
+        _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
 
 
 SMALL_CHUNKS = 4
