@@ -136,9 +136,9 @@ class Layer:
         exchanges.finish_exchanges()  # ep_alltoall returns once its exchange has started: time it landing
         return dispatched
 
-    def experts(self, dispatched):
+    def experts(self, x_TD, dispatched):
         impl = self.impl["experts"]
-        args = experts_args(self.spec, dispatched, self.w13, None, self.w2, None, None, self.dtype, impl,
+        args = experts_args(self.spec, x_TD, dispatched, self.w13, None, self.w2, None, None, self.dtype, impl,
                             self.w13_scale, self.w2_scale)  # fmt: skip
         return OPS.experts(*args)
 
@@ -181,13 +181,13 @@ def bench_layer(layer: Layer, T: int, device: torch.device, group, reps: int) ->
     logits_TE = torch.randn(T, s.E, device=device, generator=gen)
     weights_TK, ids_TK = layer.route(logits_TE)
     dispatch_s, dispatched = timed(lambda: layer.dispatch(x_TD, weights_TK, ids_TK), device, group, reps)
-    y = layer.experts(dispatched)
+    y = layer.experts(x_TD, dispatched)
     combine_s, _ = timed(lambda: layer.combine(y, weights_TK, dispatched), device, group, reps)
 
     def whole():
         w, ids = layer.route(logits_TE)
         d = layer.dispatch(x_TD, w, ids)
-        return layer.combine(layer.experts(d), w, d)
+        return layer.combine(layer.experts(x_TD, d), w, d)
 
     layer_s, _ = timed(whole, device, group, reps)
     graph_s = None

@@ -124,7 +124,7 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, red
     def run(x):
         weights, ids = route(spec, x, gate, linear_outside)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, impl, reduce=reduce))
+        y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, impl, reduce=reduce))
         return y if reduce else OPS.combine(*combine_args(spec, y, weights, d, "triton"))
 
     return run
@@ -141,7 +141,7 @@ def moe_fx_quant_layer(block, spec, mode, reduce=False):
     def run(x):
         weights, ids = route(spec, x, gate)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-        y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, reduce))
+        y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, reduce))
         return y if reduce else OPS.combine(*combine_args(spec, y, weights, d, "triton"))
 
     return run, weight_bytes

@@ -17,9 +17,11 @@ K top-k, R dispatched rows (T*K on one device; what this rank receives under exp
     experts(..., reduce=True)                 -> out_ND: combine's weighted sum done by `experts` (one device,
                                                  a lowering registered with reduces=True); no combine node
 
-N is the number of rows this rank holds after dispatch: the T tokens themselves on one device (the
-rows are not copied K times; `experts` gathers them), the received rows under expert parallelism.
-Row r of the experts' computation reads `xq[gather_index[r]]`; rows are grouped by local expert, and
+N is the number of rows this rank holds after dispatch: the received rows under expert parallelism.
+Where the rows would be the tokens themselves (one device or tp, activations not quantised:
+`rows_are_tokens`), dispatch returns no rows (xq [0, D]) and the rewrite passes x_TD to `experts` in
+xq's place: no copy of the tokens (an op's output may not alias its input). The rows are never copied
+K times either: `experts` gathers them. Row r of the experts' computation reads `xq[gather_index[r]]`; rows are grouped by local expert, and
 `expert_offsets_L1` are the group bounds. `row_weights_R` is the routing weight of row r, for a
 lowering that applies it inside `experts` (`weight_at` "input" for Llama4, or "output" fused into the
 second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is the flat (t*K + k) slot
@@ -176,11 +178,17 @@ def quantize_dispatch(
     )
 
 
+def rows_are_tokens(quant: str, layout: str) -> bool:
+    """Whether dispatch's rows would be x itself (one device or tp, whose ranks sort their own replicated tokens,
+    with the activations not quantised): then it returns none, and `experts` reads x (`experts_args`)."""
+    return layout in ("single", "tp") and quant not in quant_fmt.ACTIVATION_QUANTISED
+
+
 @torch.library.register_fake("moe_fx::quantize_dispatch")
 def _(x, ids, weights, num_local_experts, quant, layout, group_name, expert_map, impl, max_tokens_per_rank=0):
     T, D = x.shape
     if layout in ("single", "tp"):  # tp: every rank sorts its own (replicated) tokens, no exchange
-        N, R, H = T, T * ids.shape[1], 0
+        N, R, H = 0 if rows_are_tokens(quant, layout) else T, T * ids.shape[1], 0
     elif max_tokens_per_rank:  # the padded exchange: W peers' C rows each, the handle one entry per pick
         from moe_fx.lowering.distributed.alltoall_padded import rows_per_peer
         from moe_fx.lowering.distributed.comm import group_of
@@ -369,10 +377,13 @@ def dispatch_args(spec: MoESpec, x_TD, ids_TK, weights_TK, impl: str, group_name
             spec.max_tokens_per_rank)  # fmt: skip
 
 
-def experts_args(spec: MoESpec, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,
+def experts_args(spec: MoESpec, x_TD, dispatched, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: str,
                  w13_scale=None, w2_scale=None, reduce: bool = False) -> tuple:  # fmt: skip
-    """`experts`' arguments; `reduce`: combine's sum done by experts too (a lowering with `reduces=True`)."""
+    """`experts`' arguments; x_TD: dispatch's input, the rows where `rows_are_tokens`; `reduce`: combine's sum
+    done by experts too (a lowering with `reduces=True`)."""
     xq, xscale, offsets, gather_index, row_weights = dispatched[:5]
+    if rows_are_tokens(spec.quant.mode, spec.layout):
+        xq = x_TD
     es = spec.experts
     return (xq, xscale, offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale,
             weight_at(spec), es.activation, es.gate_up, es.w13_transposed, es.w2_transposed, es.alpha, es.limit,

@@ -53,7 +53,7 @@ def test_dispatch_experts_combine_with_dropped_picks_opcheck():
     dispatched = OPS.quantize_dispatch(*args)
     assert dispatched[2][-1] == (ids >= 0).sum()  # dropped rows lie past the last expert's group
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
-    eargs = experts_args(SPEC, dispatched, w13, None, w2, None, None, x.dtype, "reference")
+    eargs = experts_args(SPEC, x, dispatched, w13, None, w2, None, None, x.dtype, "reference")
     torch.library.opcheck(OPS.experts, eargs)
     y = OPS.experts(*eargs)
     assert (y[dispatched[2][-1] :] == 0).all()
@@ -69,12 +69,12 @@ def test_dispatch_experts_combine_opcheck():
     torch.library.opcheck(OPS.quantize_dispatch, args)
     dispatched = OPS.quantize_dispatch(*args)
     xq, xscale, offsets, gather, row_w, rows, splits = dispatched
-    assert xq.shape == (T, D) and offsets.shape == (E + 1,) and splits.numel() == 0
+    assert xq.shape == (0, D) and offsets.shape == (E + 1,) and splits.numel() == 0  # no rows: experts reads x
     assert gather.shape == row_w.shape == rows.shape == (T * K,)
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
     b13, b2 = torch.randn(E, 2 * F), torch.randn(E, D)
     for spec in (SPEC, SPEC.replace(weight_placement="input")):
-        experts_args_ = experts_args(spec, dispatched, w13, None, w2, b13, b2, torch.float32, "reference")
+        experts_args_ = experts_args(spec, x, dispatched, w13, None, w2, b13, b2, torch.float32, "reference")
         torch.library.opcheck(OPS.experts, experts_args_)
         y = OPS.experts(*experts_args_)
         torch.library.opcheck(OPS.combine, combine_args(spec, y, weights, dispatched, "reference"))
@@ -95,13 +95,13 @@ def test_fake_shapes_under_fake_mode():
         w, ids = OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "reference")
         dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, "reference"))
         w13, w2 = torch.empty(E, 2 * F, D), torch.empty(E, D, F)
-        y = OPS.experts(*experts_args(spec, dispatched, w13, None, w2, None, None, torch.bfloat16, "reference"))
+        y = OPS.experts(*experts_args(spec, x, dispatched, w13, None, w2, None, None, torch.bfloat16, "reference"))
         out = OPS.combine(*combine_args(spec, y, w, dispatched, "reference"))
     xq, offs = dispatched[0], dispatched[2]
     assert (w.shape, ids.dtype, xq.shape, offs.shape, y.shape, y.dtype, out.shape) == (
         (5, K),
         torch.int32,
-        (5, D),
+        (0, D),
         (E + 1,),
         (5 * K, D),
         torch.bfloat16,

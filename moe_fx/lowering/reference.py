@@ -104,8 +104,8 @@ def quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, group_n
     row_weights_R = weights.reshape(-1).float()[row_index_R]
     if quant in quant_fmt.ACTIVATION_QUANTISED:
         xq_ND, xscale = quant_fmt.quantize_rows(x, quant)
-    else:
-        xq_ND, xscale = x.clone(), x.new_empty((0,), dtype=torch.float32)
+    else:  # the rows are x itself (`ops.rows_are_tokens`): experts reads x
+        xq_ND, xscale = x.new_empty((0, x.shape[1])), x.new_empty((0,), dtype=torch.float32)
     splits = x.new_empty((0,), dtype=torch.int64)
     return xq_ND, xscale, expert_offsets_L1, row_index_R // K, row_weights_R, row_index_R, splits
 

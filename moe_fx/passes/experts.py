@@ -306,7 +306,7 @@ def run_experts(binding: ExpertsBinding, x_TD, weights_TK, ids_TK, out_dtype, im
     if spec.experts.identity_experts:
         ids_TK, weights_TK, identity_T1 = identity.split(ids_TK, weights_TK, spec.experts.num_experts)
     dispatched = ops.quantize_dispatch(*dispatch_args(spec, x_TD, ids_TK, weights_TK, impl))
-    y = ops.experts(*experts_args(spec, dispatched, b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias, out_dtype, impl))
+    y = ops.experts(*experts_args(spec, x_TD, dispatched, b.w13, b.w3, b.w2, b.w13_bias, b.w2_bias, out_dtype, impl))
     out = ops.combine(*combine_args(spec, y, weights_TK, dispatched, impl))
     return identity.add(out, x_TD, identity_T1) if spec.experts.identity_experts else out
 

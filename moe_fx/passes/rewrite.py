@@ -3,7 +3,8 @@
     x_TD, logits_TE                      (kept)
     weights_TK, ids_TK = route(logits_TE)            or the opaque router's top-k outputs
     xq, xscale, offsets, rows, splits = quantize_dispatch(x_TD, ids_TK, weights_TK)
-    y_RD = experts(xq, xscale, offsets, w13, w2, ...)
+    y_RD = experts(xq, xscale, offsets, w13, w2, ...)   x_TD in xq's place where dispatch returns no rows
+                                                       (one device, activations unquantised: no copy of x)
     out_TD = combine(y_RD, weights_TK, rows, splits)  -> replaces every later use of the block's output
     (or out_TD = experts(..., reduce=True), no combine: an experts lowering that sums the rows itself)
 
@@ -346,8 +347,8 @@ def rewrite(
         dispatch = call(OPS.quantize_dispatch.default, *args)
         dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
         reduce = match.combine_in_experts  # one device only (`select_lowerings`)
-        args = experts_args(spec, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale, w2_scale,
-                            reduce)  # fmt: skip
+        args = experts_args(spec, x_TD, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale,
+                            w2_scale, reduce)  # fmt: skip
         out = y = call(OPS.experts.default, *args)
         if not reduce:  # else experts did combine's sum
             args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)

@@ -27,7 +27,7 @@ def test_moe_fx_variants_compute_the_layer():
     weights, ids = OPS.route(*route_args(spec.router, x, None, "reference", block.gate.weight))
     d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
     w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
-    y = OPS.experts(*experts_args(spec, d, w13, None, w2, None, None, x.dtype, "reference"))
+    y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "reference"))
     ref = OPS.combine(*combine_args(spec, y, weights, d, "reference"))
     for outside in (False, True):
         out = layer.moe_fx_layer(block, spec, "triton", linear_outside=outside)(x)

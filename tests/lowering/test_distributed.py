@@ -73,7 +73,7 @@ def _quantised_layer(layout: str, mode: str, T: int, rank: int, placement=None, 
         assert d[0].dtype == activation_dtype(spec.quant.mode, x_TD.dtype)  # the rows that travelled
         w13_, w13_scale, w2_, w2_scale = weights
         y = ops.experts(
-            *experts_args(spec, d, w13_, None, w2_, None, None, x_TD.dtype, "reference", w13_scale, w2_scale)
+            *experts_args(spec, x_TD, d, w13_, None, w2_, None, None, x_TD.dtype, "reference", w13_scale, w2_scale)
         )
         return ops.combine(*combine_args(spec, y, w_TK, d, impl, group))
 

@@ -103,7 +103,7 @@ def test_reference_quantised_experts_against_oracle(mode, T, act):
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
     xq, xscale = dispatched[:2]
     assert xq.dtype == quant.activation_dtype(mode, x.dtype)
-    args = experts_args(spec, dispatched, w13q, None, w2q, b13, b2, torch.float32, "reference", s13, s2)
+    args = experts_args(spec, x, dispatched, w13q, None, w2q, b13, b2, torch.float32, "reference", s13, s2)
     y = OPS.experts(*args)
     out = OPS.combine(*combine_args(spec, y, weights, dispatched, "reference"))
     assert out.shape == (T, D) and torch.isfinite(out).all()

@@ -73,7 +73,7 @@ def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False,
     experts = ExpertsSpec(E, x.shape[1], F_, act, gate_up, t13, t2, b13 is not None, b2 is not None)
     spec = MoESpec(experts, ids.shape[1], weight_placement="input" if weight_on_input else "output")
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
-    y = OPS.experts(*experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, "reference"))
+    y = OPS.experts(*experts_args(spec, x, dispatched, w13, w3, w2, b13, b2, x.dtype, "reference"))
     return OPS.combine(*combine_args(spec, y, weights, dispatched, "reference"))
 
 

@@ -46,7 +46,7 @@ def _reference(model, x, spec):
     x_TD = x.reshape(-1, x.shape[-1])
     weights_TK, ids_TK = ops.route(*route_args(spec.router, model.gate(x_TD), None, "reference"))
     dispatched = ops.quantize_dispatch(*dispatch_args(spec, x_TD, ids_TK, weights_TK, "reference"))
-    args = experts_args(spec, dispatched, model.w13_q, None, model.w2_q, None, None, x.dtype, "reference",
+    args = experts_args(spec, x_TD, dispatched, model.w13_q, None, model.w2_q, None, None, x.dtype, "reference",
                         model.w13_scale_inv, model.w2_scale_inv)  # fmt: skip
     return ops.combine(*combine_args(spec, ops.experts(*args), weights_TK, dispatched, "reference"))
 

@@ -5,6 +5,7 @@ and the graph has no combine node. On the CPU test lowerings stand in for Triton
 included, and its experts, under the interpreter)."""
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from moe_fx import examples as ex
 from moe_fx import hf_models
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
+from moe_fx.lowering.quant import EXPECTED_ERROR
 from tests.conftest import TOLERANCE, no_fallback, rel_err
 from tests.passes.test_identity_experts import _longcat
 
@@ -175,3 +177,28 @@ def test_a_forced_combine_is_kept(reducing_experts):
     with torch.no_grad():
         report = moe_fx.apply(model, x, options={"lowerings": {"combine": "reference"}, "verify": False})
     assert report.matches[0].lowerings["combine"].name == "reference" and not any(reducing_experts)
+
+
+def _op_nodes(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and f"moe_fx.{op}." in str(n.target)]
+
+
+@pytest.mark.parametrize("quant", ["none", "fp8"])
+def test_experts_read_the_tokens_unless_quantised(quant):
+    """One device, activations unquantised: dispatch returns no rows and experts reads x itself, so the tokens are
+    not copied (`ops.rows_are_tokens`); quantised, experts reads dispatch's rows."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        ref = model(x)
+        moe_fx.apply(model, x, options={"quant": quant})
+        out = model(x)
+    gm = model.forward.gm
+    (dispatch,), (experts,) = _op_nodes(gm, "quantize_dispatch"), _op_nodes(gm, "experts")
+    rows = experts.args[0]
+    if quant == "none":
+        assert rows is dispatch.args[0] and dispatch.meta["val"][0].shape == (0, 32)
+    else:
+        assert rows.target is operator.getitem and rows.args == (dispatch, 0)
+        assert dispatch.meta["val"][0].shape == (7, 32)
+    assert rel_err(out, ref) < (TOLERANCE[torch.float32] if quant == "none" else EXPECTED_ERROR[quant])

@@ -16,9 +16,9 @@ Dropped picks (id -1: token capacity, zero-computation experts) land after every
 Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
 order within an expert may vary from run to run. Every row is computed independently downstream, so
 the layer's output does not depend on it. The T tokens (not the T*K rows: experts gathers them) are
-quantised under fp8 / fp8_block / int8 (`quantize._quantize_block`) or copied by more programs of the first
-launch (`_rows`, after the sort's own programs): one launch in all at decode, where a launch costs more
-than its work.
+quantised under fp8 / fp8_block / int8 (`quantize._quantize_block`) by more programs of the first launch
+(`_rows`, after the sort's own programs): one launch in all at decode, where a launch costs more than its
+work. Unquantised, the rows are x itself (`ops.rows_are_tokens`): nothing is copied.
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 @triton.jit
 def _rows(
     rp, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
-    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Row program rp of the activations: a block of tokens quantised (`quantize._quantize_block`) or copied."""
     _quantize_block(x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, rp // COL_TILES, rp % COL_TILES,
-                    QMAX, IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+                    QMAX, IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 
 
 @triton.jit
@@ -63,7 +63,7 @@ def _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_i
 def _count_kernel(
     ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Programs [0, cdiv(R, BLOCK_R)) count, the rest are `_rows`."""
@@ -71,7 +71,7 @@ def _count_kernel(
     chunks = tl.cdiv(R, BLOCK_R)
     if pid >= chunks:
         _rows(pid - chunks, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX, IS_INT,
-              COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+              ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
@@ -140,13 +140,13 @@ def _sort_small_kernel(
     x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
     # meta-parameters
     CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
-    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr,
+    COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Program 0 sorts, the rest are `_rows`."""
     if tl.program_id(0) > 0:
         _rows(tl.program_id(0) - 1, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
-              IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+              IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
     if CHUNKS == 1:
         _sort_one_block(ids_ptr, weights_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr, R, E, K,
@@ -190,9 +190,9 @@ def dispatch(
     """x_TD, ids_TK int, weights_TK -> the `moe_fx::quantize_dispatch` 7-tuple for one device.
 
     Returns (xq_TD, xscale, expert_offsets_E1 int64, gather_index_R int64, row_weights_R fp32, row_index_R
-    int64, empty comm_splits). Under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`;
-    otherwise (none, int4_weight) xq is a copy of x (an op output may not alias its input), xscale empty.
-    The activations' programs run in the sort's first launch, after its own programs: one launch at decode.
+    int64, empty comm_splits). Under fp8 / fp8_block / int8, (xq, xscale) are `quantize.quantize_rows(x)`, whose
+    programs run in the sort's first launch, after its own programs: one launch at decode. Otherwise (none,
+    int4_weight) the rows are x itself (`ops.rows_are_tokens`): xq [0, D] and xscale are empty.
     """
     T, K = ids.shape
     R, E, device = T * K, num_experts, x.device
@@ -202,17 +202,21 @@ def dispatch(
     gather_R = torch.empty((R,), dtype=torch.int64, device=device)
     row_index_R = torch.empty((R,), dtype=torch.int64, device=device)
     row_weights_R = torch.empty((R,), dtype=torch.float32, device=device)
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    mode = quant if quant in QUANTISED else "copy"
-    xq, xscale = new_rows(x, mode)
     D = x.shape[1]
-    if D == 0:
-        xscale.fill_(1.0)
-    tiling = row_tiling(D, mode)
-    rows = dict(COL_TILES=tiling.col_tiles, **row_constexprs(mode, tiling))
+    if quant in QUANTISED:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        xq, xscale = new_rows(x, quant)
+        if D == 0:
+            xscale.fill_(1.0)
+        tiling = row_tiling(D, quant)
+        row_programs = tiling.programs(T) if D else 0
+        rows = dict(COL_TILES=tiling.col_tiles, **row_constexprs(quant, tiling))
+    else:  # no rows: experts reads x; the row programs' constexprs are fp8's, for programs that never run
+        xq, xscale = x.new_empty((0, D)), x.new_empty((0,), dtype=torch.float32)
+        tiling, row_programs = row_tiling(16, "fp8")._replace(num_warps=4), 0
+        rows = dict(COL_TILES=1, **row_constexprs("fp8", tiling))
     row_args = (x, xq, xscale if xscale.numel() else row_weights_R, T, D, x.stride(0), xq.stride(0),
                 xscale.stride(0) if xscale.numel() else 0)  # fmt: skip
-    row_programs = tiling.programs(T) if D else 0
     BLOCK_E, BLOCK_R = next_power_of_2(E), _block_r(E, R)
     chunks = cdiv(R, BLOCK_R)
     if R == 0 and row_programs == 0:

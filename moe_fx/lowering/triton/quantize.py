@@ -75,21 +75,16 @@ def _quantize_tile(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
 @triton.jit
 def _quantize_block(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, row_block, col_tile,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Rows row_block·BLOCK_N + [0, BLOCK_N) of x quantised into q and scale (column tile col_tile: a group, or
-    the whole row when ONE_TILE), or, COPY, copied into q as they are (no scale)."""
+    the whole row when ONE_TILE)."""
     rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     d = tl.arange(0, BLOCK_D)
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xn
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
-    if COPY:
-        for d0 in range(0, D, BLOCK_D):
-            mask = row_ok[:, None] & (d0 + d < D)[None, :]
-            tl.store(q_rows + (d0 + d)[None, :], tl.load(x_rows + (d0 + d)[None, :], mask=mask), mask=mask)
-    elif ONE_TILE:  # a group (BLOCK_D == G), or the whole row (one tile)
+    if ONE_TILE:  # a group (BLOCK_D == G), or the whole row (one tile)
         cols = col_tile * BLOCK_D + d
         mask = row_ok[:, None] & (cols < D)[None, :]
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -113,11 +108,10 @@ def _quantize_block(
 @triton.jit
 def _quantize_rows_kernel(
     x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn,
-    QMAX: tl.constexpr, IS_INT: tl.constexpr, COPY: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     _quantize_block(x_ptr, q_ptr, scale_ptr, N, D, stride_xn, stride_qn, stride_sn, tl.program_id(0),
-                    tl.program_id(1), QMAX, IS_INT, COPY, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+                    tl.program_id(1), QMAX, IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 
 
 def qdtype(mode: str) -> torch.dtype:
@@ -139,7 +133,7 @@ class RowTiling(NamedTuple):
 
 
 def row_tiling(D: int, mode: str) -> RowTiling:
-    """The tiling of `mode` (MODES, or "copy": the rows as they are, in the non-grouped modes' tiles)."""
+    """The tiling of `mode` (one of MODES)."""
     G = quant_fmt.BLOCK
     grouped = mode == "fp8_block"
     one_tile = grouped or D <= ONE_TILE_MAX
@@ -150,16 +144,14 @@ def row_tiling(D: int, mode: str) -> RowTiling:
 
 
 def row_constexprs(mode: str, tiling: RowTiling) -> dict:
-    """The constexprs of `_quantize_block` for `mode` (MODES or "copy")."""
-    return dict(QMAX=quant_fmt.QMAX.get(mode, 1.0), IS_INT=mode == "int8", COPY=mode == "copy",
-                ONE_TILE=tiling.one_tile, BLOCK_N=tiling.block_n, BLOCK_D=tiling.block_d)  # fmt: skip
+    """The constexprs of `_quantize_block` for `mode` (one of MODES)."""
+    return dict(QMAX=quant_fmt.QMAX[mode], IS_INT=mode == "int8", ONE_TILE=tiling.one_tile, BLOCK_N=tiling.block_n,
+                BLOCK_D=tiling.block_d)  # fmt: skip
 
 
 def new_rows(x_ND: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty (xq_ND, x_scale) for `quantize_rows(x_ND, mode)` (MODES, or "copy": xq in x's dtype, no scale)."""
+    """Empty (xq_ND, x_scale) for `quantize_rows(x_ND, mode)`."""
     N, D = x_ND.shape
-    if mode == "copy":
-        return torch.empty((N, D), dtype=x_ND.dtype, device=x_ND.device), x_ND.new_empty((0,), dtype=torch.float32)
     shape = (N, cdiv(D, quant_fmt.BLOCK)) if mode == "fp8_block" else (N,)
     return torch.empty((N, D), dtype=qdtype(mode), device=x_ND.device), x_ND.new_empty(shape, dtype=torch.float32)
 

@@ -352,6 +352,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
     combine)."""
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
+    from moe_fx.ops import rows_are_tokens
 
     w13, w2, scales = weights
     E, D, device = w13.shape[0], w2.shape[1], w13.device
@@ -359,6 +360,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
     ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
     routing = torch.rand(T, K, device=device)
     xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch(x, ids, routing, E, quant)
+    xq = x if rows_are_tokens(quant, "single") else xq
 
     def run(config=None):
         return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", activation, "concat",

@@ -37,8 +37,8 @@ def test_short_path_runs_and_matches_on_fresh_inputs(gemm_path):
     def run(x):
         ids = torch.rand(T, E, device="cuda").argsort(-1)[:, :K].int()
         weights = torch.rand(T, K, device="cuda")
-        xq, _, offsets, gather, row_w, row_index, _ = dispatch(x, ids, weights, E, "none")
-        y = experts(xq, offsets, gather, row_w, w13, None, w2, None, None, "none", "silu_gated", "concat", False, False,
+        _, _, offsets, gather, row_w, row_index, _ = dispatch(x, ids, weights, E, "none")
+        y = experts(x, offsets, gather, row_w, w13, None, w2, None, None, "none", "silu_gated", "concat", False, False,
                     1.7, 7.0, torch.bfloat16)  # fmt: skip
         out = torch.zeros(T, D, device="cuda").index_add_(0, gather, y.float())  # unweighted
         ref = oracle(x.cpu(), torch.ones(T, K), ids.cpu(), "silu_gated", w13[:, :F].cpu(), w13[:, F:].cpu(), w2.cpu())

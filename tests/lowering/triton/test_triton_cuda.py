@@ -20,7 +20,7 @@ OPS = torch.ops.moe_fx
 def pipeline(spec, x, logits, w13, w2):
     weights, ids = OPS.route(*route_args(spec.router, logits, None, "triton"))
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-    y = OPS.experts(*experts_args(spec, dispatched, w13, None, w2, None, None, x.dtype, "triton"))
+    y = OPS.experts(*experts_args(spec, x, dispatched, w13, None, w2, None, None, x.dtype, "triton"))
     return OPS.combine(*combine_args(spec, y, weights, dispatched, "triton")), weights, ids
 
 

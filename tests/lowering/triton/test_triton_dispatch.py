@@ -33,7 +33,7 @@ def test_dispatch_groups_rows_like_reference(T, K, E, pattern):
     weights, ids = routing(T, K, E, pattern)
     xq, xscale, offsets, gather, row_w, row_index, splits = dispatch(x, ids, weights, E)
     ref = reference.quantize_dispatch(x, ids, weights, E, "none", "single", "", None)
-    assert torch.equal(xq, x) and (xq.data_ptr() != x.data_ptr() or T == 0)
+    assert xq.shape == (0, 8)  # the rows are x itself: experts reads x (`ops.rows_are_tokens`), nothing copied
     assert xscale.numel() == 0 and splits.numel() == 0
     assert torch.equal(offsets, ref[2])
     bounds = offsets.tolist()

@@ -25,7 +25,7 @@ def run(x, weights, ids, w13, w3, w2, b13, b2, act, gate_up="concat", t13=False,
                           dtype=str(x.dtype).removeprefix("torch."))  # fmt: skip
     spec = MoESpec(experts, ids.shape[1], weight_placement=placement)
     dispatched = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-    args = list(experts_args(spec, dispatched, w13, w3, w2, b13, b2, x.dtype, impl, reduce=reduce))
+    args = list(experts_args(spec, x, dispatched, w13, w3, w2, b13, b2, x.dtype, impl, reduce=reduce))
     if spec_weight_at is not None:  # "output": the routing weight fused into the second GEMM
         args[12] = spec_weight_at
     y = OPS.experts(*args)
@@ -162,7 +162,7 @@ def test_routing_weight_inside_experts(where):
 def test_routing_weight_applied_exactly_once(placement):
     spec = MoESpec(ExpertsSpec(E, 8, 8), 2, weight_placement=placement)
     dispatched = tuple(torch.zeros(1) for _ in range(7))
-    experts_weight = experts_args(spec, dispatched, *[None] * 6, "triton")[12]
+    experts_weight = experts_args(spec, None, dispatched, *[None] * 6, "triton")[12]
     combine_weighted = combine_args(spec, None, None, dispatched, "triton")[4]
     assert (experts_weight != "none") != combine_weighted
     assert experts_weight == weight_at(spec) and (placement != "input" or experts_weight == "input")

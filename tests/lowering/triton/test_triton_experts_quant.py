@@ -43,7 +43,7 @@ def layer(x, weights, ids, w13, w2, mode, impl, act="silu_gated", gate_up="conca
         (w13, s13), (w2, s2) = quant.quantize_weight(w13, mode), quant.quantize_weight(w2, mode)
         scales = (s13, s2)
     d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, impl))
-    args = list(experts_args(spec, d, w13, None, w2, b13, b2, x.dtype, impl, *scales, reduce=reduce))
+    args = list(experts_args(spec, x, d, w13, None, w2, b13, b2, x.dtype, impl, *scales, reduce=reduce))
     if weight_at is not None:  # "output": the routing weight fused into the second GEMM's epilogue
         args[12] = weight_at
     y = OPS.experts(*args)
