@@ -4,8 +4,8 @@ Legend: T tokens, D model dim, E experts, K top-k, G expert groups.
 
 One program per token holds its E logits in registers. Top-k is K rounds of "take the maximum,
 lowest index first", each one reduction over int64 keys that hold the value and the index
-(`_order_key`), so on tie-free data the expert set equals `torch.topk`'s, in the same (descending)
-order. All math is fp32; ids are int32.
+(`_order_key`, `_pop_max`), so on tie-free data the expert set equals `torch.topk`'s, in the same
+(descending) order; the group-limited choice of groups picks the same way. All math is fp32; ids are int32.
 
 The router's projection, when `route` is given it (`project`): up to PROJECT_MAX_T tokens, a GEMV kernel
 whose ~64 programs each read a few experts' rows of the [E, D] weight (cuBLAS ran Qwen3's [1, 2048] x
@@ -52,30 +52,6 @@ def _score(x, valid, SCORING: tl.constexpr, ROUND: tl.constexpr):
 
 
 @triton.jit
-def _group_keep(select_E, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                GROUP_TOPK: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
-    """Experts in the TOPK_GROUP groups with the largest sum of their GROUP_TOPK best scores."""
-    group_E = e // EG
-    g = tl.arange(0, BLOCK_G)
-    group_score_G = tl.full((BLOCK_G,), -float("inf"), tl.float32)
-    for gi in tl.static_range(N_GROUP):
-        v = tl.where(valid & (group_E == gi), select_E, -float("inf"))
-        s = 0.0
-        for _ in tl.static_range(GROUP_TOPK):
-            m = tl.max(v, axis=0)
-            s += m
-            v = tl.where(e == tl.min(tl.where(v == m, e, 1 << 30), axis=0), -float("inf"), v)
-        group_score_G = tl.where(g == gi, s, group_score_G)
-    keep_E = e < 0
-    for _ in tl.static_range(TOPK_GROUP):
-        m = tl.max(group_score_G, axis=0)
-        best = tl.min(tl.where(group_score_G == m, g, 1 << 30), axis=0)
-        keep_E = keep_E | (group_E == best)
-        group_score_G = tl.where(g == best, -float("inf"), group_score_G)
-    return keep_E
-
-
-@triton.jit
 def _order_key(v_E, e, BLOCK_E: tl.constexpr):
     """int64 keys whose order is v's, ties broken towards the lower index: v's fp32 bits made to order as
     signed integers (-0 as +0, NaN above +inf as in torch.topk) in the high half, BLOCK_E - 1 - e in the low."""
@@ -83,6 +59,43 @@ def _order_key(v_E, e, BLOCK_E: tl.constexpr):
     bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     bits = tl.where(v_E != v_E, 0x7FFFFFFF, bits)
     return (bits.to(tl.int64) << 32) | (BLOCK_E - 1 - e).to(tl.int64)
+
+
+@triton.jit
+def _pop_max(key):
+    """(the largest of the keys, the keys with it taken out)."""
+    best = tl.max(key, axis=0)
+    return best, tl.where(key == best, -(2**63), key)
+
+
+@triton.jit
+def _key_value(key):
+    """The fp32 value an `_order_key` key holds (-0.0 read back as +0.0, a NaN as a NaN)."""
+    bits = (key >> 32).to(tl.int32)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_keep(select_E, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                GROUP_TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
+    """Experts in the TOPK_GROUP groups with the largest sum of their GROUP_TOPK best scores: each pick one max
+    over `_order_key` keys, so NaNs rank first and ties go to the lower index, as torch.topk does."""
+    group_E = e // EG
+    g = tl.arange(0, BLOCK_G)
+    group_score_G = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+    for gi in tl.static_range(N_GROUP):
+        key_E = _order_key(tl.where(valid & (group_E == gi), select_E, -float("inf")), e, BLOCK_E)
+        s = 0.0
+        for _ in tl.static_range(GROUP_TOPK):
+            best, key_E = _pop_max(key_E)
+            s += _key_value(best)
+        group_score_G = tl.where(g == gi, s, group_score_G)
+    key_G = _order_key(group_score_G, g, BLOCK_G)
+    keep_E = e < 0
+    for _ in tl.static_range(TOPK_GROUP):
+        best, key_G = _pop_max(key_G)
+        keep_E = keep_E | (group_E == BLOCK_G - 1 - best.to(tl.int32))
+    return keep_E
 
 
 @triton.jit
@@ -112,7 +125,7 @@ def _route_kernel(
         if HAS_BIAS:  # the sum rounded as the original's was (bf16 scores + a bf16 bias: bf16)
             select_E = _round(select_E + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32), ROUND_SUM)
         if N_GROUP > 1:
-            keep_E = _group_keep(select_E, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, BLOCK_G)
+            keep_E = _group_keep(select_E, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, BLOCK_E, BLOCK_G)
             select_E = tl.where(keep_E, select_E, group_fill)
     select_E = tl.where(valid, select_E, -float("inf"))
 
@@ -121,9 +134,8 @@ def _route_kernel(
     ids_K = tl.zeros((BLOCK_K,), tl.int32)
     key_E = _order_key(select_E, e, BLOCK_E)
     for i in tl.static_range(K):
-        best = tl.max(key_E, axis=0)
+        best, key_E = _pop_max(key_E)
         ids_K = tl.where(k == i, BLOCK_E - 1 - best.to(tl.int32), ids_K)
-        key_E = tl.where(key_E == best, -(2**63), key_E)
     w_K = tl.sum(tl.where(e[None, :] == ids_K[:, None], source_E[None, :], 0.0), axis=1)
     if TOPK_FIRST:
         w_K = _score(w_K, k < K, SCORING, ROUND)
