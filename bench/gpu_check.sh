@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
   shift
   case $step in
     tests)
-      timeout 420 python -m pytest -q -n 4 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
+      timeout 420 python -m pytest -q -n 12 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
         tests/passes/test_quantize_weights.py tests/lowering/test_quant.py tests/test_autotune.py 2>&1 \
         | tee "$out/gpu_tests.log" | tail -8 ;;
     host)
