@@ -21,15 +21,15 @@ N is the number of rows this rank holds after dispatch: the received rows under 
 Where the rows would be the tokens themselves (one device or tp, activations not quantised:
 `rows_are_tokens`), dispatch returns no rows (xq [0, D]) and the rewrite passes x_TD to `experts` in
 xq's place: no copy of the tokens (an op's output may not alias its input). The rows are never copied
-K times either: `experts` gathers them. Row r of the experts' computation reads `xq[gather_index[r]]`; rows are grouped by local expert, and
-`expert_offsets_L1` are the group bounds. `row_weights_R` is the routing weight of row r, for a
-lowering that applies it inside `experts` (`weight_at` "input" for Llama4, or "output" fused into the
-second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is the flat (t*K + k) slot
-that row r belongs to (under expert parallelism: where combine puts row r back before the reverse
-exchange); `comm_splits` is the int64 handle of the parallel layouts: send/recv row counts per rank and
-what else combine needs (each layout's module documents its handle; empty on one device and under tp).
-`xscale` is empty unless activations are quantised. Every op takes `impl`, the name of the registry
-entry that runs it, chosen at rewrite time.
+K times either: `experts` gathers them. Row r of the experts' computation reads `xq[gather_index[r]]`;
+rows are grouped by local expert, and `expert_offsets_L1` are the group bounds. `row_weights_R` is the
+routing weight of row r, for a lowering that applies it inside `experts` (`weight_at` "input" for Llama4,
+or "output" fused into the second GEMM's epilogue); combine then sums unweighted. `row_index_R[r]` is
+the flat (t*K + k) slot that row r belongs to (under expert parallelism: where combine puts row r back
+before the reverse exchange); `comm_splits` is the int64 handle of the parallel layouts: send/recv row
+counts per rank and what else combine needs (each layout's module documents its handle; empty on one
+device and under tp). `xscale` is empty unless activations are quantised. Every op takes `impl`, the name
+of the registry entry that runs it, chosen at rewrite time.
 
 A dispatch lowering registered with `overlaps=True` (ep_alltoall's) returns once its exchange has started:
 xq, xscale and row_weights are filled when `experts` or `combine` next runs, which wait for it first

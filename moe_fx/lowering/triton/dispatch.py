@@ -39,7 +39,7 @@ def _rows(
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Row program rp of the activations: a block of tokens quantised (`quantize._quantize_block`) or copied."""
+    """Row program rp of the activations: a block of tokens quantised (`quantize._quantize_block`)."""
     _quantize_block(x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, rp // COL_TILES, rp % COL_TILES,
                     QMAX, IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
 
