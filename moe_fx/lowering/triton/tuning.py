@@ -11,11 +11,13 @@ entries tuned for the four benchmark shapes on an H100; the user's cache wins ov
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import statistics
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -349,7 +351,8 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
     """run(config=None) -> y_RD (`reduce`: out_TD, the rows summed by experts): the Triton experts op on `weights`
     (`random_weights`) for T random tokens, each routed to K distinct experts uniformly at random, dispatched
     once. run.inputs = (x_TD, ids_TK, weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for
-    combine)."""
+    combine), run.reference() = what the reference lowering computes from the same rows (`agreement`)."""
+    from moe_fx.lowering.reference import experts as ref_experts
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
     from moe_fx.ops import rows_are_tokens
@@ -367,8 +370,68 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
                        False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale, reduce=reduce,
                        **scales)  # fmt: skip
 
-    run.inputs, run.row_index = (x, ids, routing), row_index
+    def reference():  # the reference lowering on the same rows; under `reduce`, weighted and summed per token
+        y = ref_experts(xq, xscale, offsets, gather, row_weights, w13, None, w2, None, None,
+                        scales.get("w13_scale"), scales.get("w2_scale"), "none", activation, "concat", False, False,
+                        1.702, 7.0, quant, dtype)  # fmt: skip
+        if not reduce:
+            return y
+        kept = int(offsets[-1])
+        rows = y[:kept].float() * row_weights[:kept, None]
+        return torch.zeros((T, D), device=device).index_add_(0, gather[:kept], rows).to(dtype)
+
+    run.inputs, run.row_index, run.reference = (x, ids, routing), row_index, reference
     return run
+
+
+# A candidate is timed only if its output agrees with the reference lowering's on the same rows (`agreement`):
+# the largest relative error of one output row, where a miscompiled tile is O(1) however many right rows
+# surround it (in the whole output's norm one wrong 128-row tile of 65536 rows is 4e-2). Two roundings to bf16
+# leave ~5e-3 per row; quantised modes also round h to e4m3 (or int8) where the two may differ by one step.
+AGREEMENT = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
+QUANT_AGREEMENT = 0.1
+
+
+def agreement_bound(dtype: torch.dtype, quant: str = "none") -> float:
+    return AGREEMENT[dtype] if quant == "none" else max(AGREEMENT[dtype], QUANT_AGREEMENT)
+
+
+def row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over rows r of ‖out_r − ref_r‖ / ‖ref_r‖ in float64, a row's norm floored at 1e-3 of the rows' mean
+    (rows near zero compare absolutely); inf where out has a NaN or Inf that ref has not."""
+    out, ref = out.double(), ref.double()
+    if not torch.equal(torch.isfinite(out), torch.isfinite(ref)):
+        return float("inf")
+    finite = torch.isfinite(ref)
+    diff = torch.where(finite, out - ref, 0.0).norm(dim=-1)
+    norm = torch.where(finite, ref, 0.0).norm(dim=-1)
+    floor = 1e-3 * norm.mean().clamp_min(1e-30)
+    return (diff / torch.maximum(norm, floor)).max().item() if diff.numel() else 0.0
+
+
+@contextlib.contextmanager
+def poisoned():
+    """Inside, torch.empty returns NaN-filled memory (deterministic mode's fill): an output element a config
+    leaves unwritten shows as NaN. The states are restored after."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deterministic mode's warnings about the ops around the kernels
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def agreement(run, config, ref: torch.Tensor) -> float:
+    """`row_error` of run(config), its outputs poisoned, against `ref` (run.reference())."""
+    with poisoned():
+        out = run(config)
+    return row_error(out, ref)
 
 
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
@@ -380,7 +443,10 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store the other choice times).
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up; after each, the
-    CONFIRMED fastest pairs are timed again (`confirm`), and the best of those is kept.
+    CONFIRMED fastest pairs are timed again (`confirm`), and the best of those is kept. Each pair is run once
+    first, its outputs NaN-poisoned, against the reference lowering on the same rows (`agreement`): one that
+    disagrees beyond `agreement_bound` (a tile this GPU and Triton compile wrong) is not timed, and is listed
+    in "failed" with its error.
     Returns {cache key: {"best": µs of the best pair, "config": it, "timings": {config: µs} of every pair
     timed once, "confirmed": {config: median µs} of the pairs timed again, "failed": {config: error} of those
     that did not run}}. Needs a GPU.
@@ -396,8 +462,10 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     reduce = native_atomics(dtype) if reduce is None else reduce
     parts = ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
     bar = tqdm(total=len(Ts) * len(parts) * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
+    bound = agreement_bound(dtype, quant)
     for T in Ts:
         run = experts_call(T, K, activation, dtype, weights, quant, reduce)
+        ref = run.reference()
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}
         for part in parts:
@@ -412,7 +480,14 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                     bar.update()
                     continue
                 try:
-                    timings[config] = time_config(run, config)
+                    err = agreement(run, config, ref)
+                    if err > bound:  # a config this GPU and Triton compile wrong: never timed, never chosen
+                        log.warning("moe_fx: tuning config %s is wrong here: a row's rel err %.3g against the "
+                                    "reference lowering (at most %g); skipped", describe(config), err,
+                                    bound)  # fmt: skip
+                        failed[describe(config)] = f"wrong output: a row's rel err {err:.3g} (at most {bound:g})"
+                    else:
+                        timings[config] = time_config(run, config)
                 except Exception as err:  # a config out of shared memory or registers: skip it, say so
                     log.debug("moe_fx: tuning config %s failed: %s", config, err)
                     failed[describe(config)] = f"{type(err).__name__}: {err}"[:200]

@@ -1,0 +1,89 @@
+"""`tuning.tune` times only configs whose output agrees with the reference lowering (`tuning.agreement`)."""
+
+import json
+
+import pytest
+import torch
+
+from moe_fx.lowering.triton import tuning
+from tests.lowering.triton.conftest import DEVICE, DTYPES
+
+E, D, F, K, T = 4, 32, 48, 2, 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("quant,reduce", [("none", False), ("fp8", True)])
+def test_agreement_holds_for_right_outputs_and_not_for_a_wrong_or_unwritten_row(dtype, quant, reduce):
+    """The Triton experts agree with the reference lowering on the same rows (the rows, or their weighted sums per
+    token); one row changed by 10 %, or one row left unwritten (NaN under `tuning.poisoned`), does not."""
+    if quant == "fp8" and dtype == torch.float32 and DEVICE == "cuda":
+        pytest.skip("fp8 runs bf16/fp16 models on the GPU")
+    torch.manual_seed(0)
+    run = tuning.experts_call(T, K, "silu_gated", dtype, tuning.random_weights(E, D, F, "silu_gated", dtype, DEVICE,
+                                                                               quant), quant, reduce)  # fmt: skip
+    ref = run.reference()
+    assert ref.shape == ((T, D) if reduce else (T * K, D)) and ref.dtype == dtype
+    bound = tuning.agreement_bound(dtype, quant)
+    assert tuning.agreement(run, None, ref) < bound / 4
+
+    def changed(config=None):
+        out = run(config)
+        out[3] *= 1.1
+        return out
+
+    def unwritten(config=None):
+        out = run(config)
+        fresh = torch.empty_like(out)
+        fresh[1:] = out[1:]
+        return fresh
+
+    assert 0.05 < tuning.agreement(changed, None, ref) < 0.2
+    assert tuning.agreement(unwritten, None, ref) == float("inf")
+
+
+def test_row_error_floors_near_zero_rows_and_counts_nonfinite_mismatches():
+    ref = torch.tensor([[3.0, 4.0], [0.0, 0.0], [float("nan"), 1.0]])
+    assert tuning.row_error(ref.clone(), ref) == 0.0
+    near = ref.clone()
+    near[1] = torch.tensor([0.0, 1e-6])  # a zero row compared against 1e-3 of the rows' mean norm, not itself
+    assert 0 < tuning.row_error(near, ref) < 1e-3
+    wrong = ref.clone()
+    wrong[0] = torch.tensor([3.0, 5.0])
+    assert tuning.row_error(wrong, ref) == pytest.approx(0.2)
+    nan = ref.clone()
+    nan[0, 0] = float("nan")
+    assert tuning.row_error(nan, ref) == float("inf")
+
+
+def test_tune_never_times_or_stores_a_config_that_disagrees(tmp_path, monkeypatch):
+    """A candidate whose output is wrong (here made so) is listed in "failed" with its error and never stored,
+    though the (fake) timer would rank it fastest; the right candidates are timed and the best is stored."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    wrong_n = 32  # the candidate of this up block_n computes wrong rows
+    calls = tuning.experts_call
+
+    def experts_call(*args, **kwargs):
+        run = calls(*args, **kwargs)
+
+        def maybe_wrong(config=None):
+            out = run(config)
+            if config is not None and config.up.block_n == wrong_n:
+                out[0] = -out[0]
+            return out
+
+        maybe_wrong.reference = run.reference
+        return maybe_wrong
+
+    monkeypatch.setattr(tuning, "experts_call", experts_call)
+    timed = []  # the fake timer ranks the wrong candidate fastest
+    monkeypatch.setattr(tuning, "time_config", lambda run, c: timed.append(c) or 100.0 - c.up.block_n)
+    candidates = ((16, 16, 16, 4, 1, False), (16, wrong_n, 16, 4, 1, False))
+    results = tuning.tune(E, D, F, K, "silu_gated", torch.float32, [T], device=DEVICE, candidates=candidates,
+                          reduce=False)  # fmt: skip
+    ((key, entry),) = results.items()
+    assert timed and all(c.up.block_n != wrong_n for c in timed)
+    bad = {config: reason for config, reason in entry["failed"].items() if config.startswith(f"up 16x{wrong_n}x16")}
+    assert bad and all(reason.startswith("wrong output: a row's rel err") for reason in bad.values()), entry
+    assert entry["config"]["up"]["block_n"] == 16
+    stored = json.loads((tmp_path / "tuning.json").read_text())[key]
+    assert tuning.entry_config(stored) == tuning.entry_config(entry["config"])
