@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [verify] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -26,6 +26,8 @@ while [ $# -gt 0 ]; do
         | tee "$out/gpu_tests.log" | tail -8 ;;
     verify)  # every tuning candidate against the reference lowering, every quant mode, ragged shapes
       timeout 540 python bench/verify_candidates.py --out "$out" 2>&1 | tee "$out/verify_candidates.log" ;;
+    fuzz)  # random experts problems and tiles against the reference lowering, bf16, ~8 minutes
+      timeout 570 python bench/fuzz_experts.py --out "$out" --cases 20000 --seconds 500 2>&1 | tee "$out/fuzz_experts.log" ;;
     host)
       python bench/host_overhead.py --out "$out" --profile ;;
     hf)
