@@ -156,6 +156,7 @@ def _worker(first: int, count: int, device: str, dtype: torch.dtype) -> None:
     """Cases first .. first + count - 1, one JSON line each (the draw and its result)."""
     for seed in range(first, first + count):
         case = draw(seed, device, dtype)
+        print(f"start {seed}", flush=True)  # the case a worker that dies (a fault, not an exception) was running
         print(json.dumps({"case": case, **check(case, device)}), flush=True)
 
 
@@ -195,7 +196,9 @@ def main() -> None:
             out, err = proc.communicate()
         results += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         if proc.returncode not in (0, -9):
-            print(f"a worker exited {proc.returncode}:\n{err[-3000:]}", flush=True)
+            seed = int([line for line in out.splitlines() if line.startswith("start ")][-1].split()[1])
+            case = json.dumps(draw(seed, device, dtype))
+            print(f"a worker exited {proc.returncode} in case {seed}: --repro '{case}'\n{err[-3000:]}", flush=True)
     by = {s: [r for r in results if r["status"] == s] for s in ("right", "wrong", "no_fit", "error")}
     ran = by["right"] + by["wrong"]
     print(f"{len(results)} cases in {time.time() - start:.0f} s: " + ", ".join(f"{len(v)} {s}" for s, v in by.items()))
