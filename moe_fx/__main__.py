@@ -140,6 +140,9 @@ def tune(args) -> None:
     results = moe_fx.tune(model, *inputs, tokens=tuple(args.tokens), options=options, **kwargs)
     for key, r in results.items():
         print(f"{key}: {r['best']:.1f} µs  {r['config']}")
+        for config, why in r["failed"].items():
+            if why.startswith("wrong output"):  # a tile this GPU and Triton compile wrong: say so, loudly
+                print(f"  skipped {config}: {why}")
     from moe_fx.lowering.triton import tuning
 
     print(f"wrote {len(results)} entries to {tuning.cache_path()}")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import moe_fx
 from moe_fx import hf_models
 from moe_fx.__main__ import main
 
@@ -84,3 +85,17 @@ def test_tune_without_a_gpu_says_so(capsys):
         main(["tune", "--hf", "mixtral", "--tokens", "1", "16"])
     assert exit_.value.code == 2
     assert "moe_fx: tune times the Triton GEMMs on a CUDA GPU" in capsys.readouterr().err
+
+
+def test_tune_prints_each_best_config_and_the_wrong_ones_it_skipped(capsys, monkeypatch, tmp_path):
+    """The tune command prints each cache key's best, and each candidate `tune` refused as wrong on this GPU."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "cache.json"))
+    result = {"best": 12.5, "config": {"up": "u", "down": "d"}, "failed": {
+        "up 16x32x128 w4 s4 | down 16x64x128 w4 s4": "wrong output: a row's rel err 0.9 (at most 0.06)",
+        "up 128x256x64 w8 s4 | down 128x256x64 w8 s3": "OutOfResources: out of resource: shared memory"}}  # fmt: skip
+    monkeypatch.setattr(moe_fx, "tune", lambda *a, **kw: {"E8-D64-key-T1": result})
+    main(["tune", "--module", "moe_fx.examples:LoopMoE", "--tokens", "1"])
+    out = capsys.readouterr().out
+    assert "E8-D64-key-T1: 12.5 µs" in out
+    assert "skipped up 16x32x128 w4 s4 | down 16x64x128 w4 s4: wrong output: a row's rel err 0.9" in out
+    assert "OutOfResources" not in out

@@ -21,9 +21,14 @@ def test_random_cases_agree_with_the_reference(dtype):
 def test_a_case_draws_every_knob_and_a_wrong_result_shows(monkeypatch):
     fuzz = load("fuzz_experts")
     cases = [fuzz.draw(seed, "cpu", torch.float16) for seed in range(200)]
-    for knob, values in [("quant", {"none", "fp8", "int8", "int4_weight", "fp8_block"}), ("routing", set(fuzz.ROUTINGS)),
-                         ("gate_up", {"concat", "interleaved", "separate", "up_first"}),
-                         ("weight_at", {"none", "input", "output"}), ("reduce", {True, False})]:  # fmt: skip
+    drawn = {
+        "quant": {"none", "fp8", "int8", "int4_weight", "fp8_block"},
+        "routing": set(fuzz.ROUTINGS),
+        "gate_up": {"concat", "interleaved", "separate", "up_first"},
+        "weight_at": {"none", "input", "output"},
+        "reduce": {True, False},
+    }
+    for knob, values in drawn.items():
         assert {c[knob] for c in cases} == values, knob
     assert any(c["config"]["fused"] for c in cases) and any(c["D"] % 2 for c in cases)
     case = next(c for c in cases if c["quant"] == "none" and not c["reduce"])
