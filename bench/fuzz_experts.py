@@ -126,7 +126,7 @@ def check(case: dict, device: str) -> dict:
     w = _weights(case, gen, dtype)
     x = torch.randn(case["T"], case["D"], generator=gen, device=device).to(dtype)
     quant, E = case["quant"], case["E"]
-    xq, xscale, offsets, gather, row_weights, _, _ = dispatch.dispatch(x, ids_TK, weights_TK, E, quant)
+    xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch.dispatch(x, ids_TK, weights_TK, E, quant)
     xq = x if rows_are_tokens(quant, "single") else xq
     common = (case["weight_at"], case["activation"], case["gate_up"], case["w13_transposed"], case["w2_transposed"],
               1.702, 7.0)  # fmt: skip
@@ -144,10 +144,8 @@ def check(case: dict, device: str) -> dict:
         return {"status": status, "row_err": None, "bound": bound, "error": f"{type(err).__name__}: {err}"[:300]}
     y = reference.experts(xq, xscale, offsets, gather, row_weights, w["w13"], w["w3"], w["w2"], w["b13"], w["b2"],
                           w["w13_scale"], w["w2_scale"], *common, quant, dtype)  # fmt: skip
-    if case["reduce"]:  # the rows summed per token, each × its routing weight unless the experts applied it
-        kept = int(offsets[-1])
-        rows = y[:kept].float() * (row_weights[:kept, None] if case["weight_at"] == "none" else 1.0)
-        y = torch.zeros(out.shape, device=device).index_add_(0, gather[:kept], rows).to(dtype)
+    if case["reduce"]:  # combine's sum, each row × its routing weight unless the experts applied it
+        y = reference.combine(y, weights_TK, row_index, None, case["weight_at"] == "none", "single", "")
     err = tuning.row_error(out, y)
     return {"status": "right" if err <= bound else "wrong", "row_err": err, "bound": bound}
 

@@ -352,7 +352,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
     (`random_weights`) for T random tokens, each routed to K distinct experts uniformly at random, dispatched
     once. run.inputs = (x_TD, ids_TK, weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for
     combine), run.reference() = what the reference lowering computes from the same rows (`agreement`)."""
-    from moe_fx.lowering.reference import experts as ref_experts
+    from moe_fx.lowering import reference as reference_lowering
     from moe_fx.lowering.triton.dispatch import dispatch
     from moe_fx.lowering.triton.grouped_gemm import experts
     from moe_fx.ops import rows_are_tokens
@@ -370,15 +370,11 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
                        False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale, reduce=reduce,
                        **scales)  # fmt: skip
 
-    def reference():  # the reference lowering on the same rows; under `reduce`, weighted and summed per token
-        y = ref_experts(xq, xscale, offsets, gather, row_weights, w13, None, w2, None, None,
-                        scales.get("w13_scale"), scales.get("w2_scale"), "none", activation, "concat", False, False,
-                        1.702, 7.0, quant, dtype)  # fmt: skip
-        if not reduce:
-            return y
-        kept = int(offsets[-1])
-        rows = y[:kept].float() * row_weights[:kept, None]
-        return torch.zeros((T, D), device=device).index_add_(0, gather[:kept], rows).to(dtype)
+    def reference():  # the reference lowering on the same rows; under `reduce`, its combine's weighted sum too
+        y = reference_lowering.experts(xq, xscale, offsets, gather, row_weights, w13, None, w2, None, None,
+                                       scales.get("w13_scale"), scales.get("w2_scale"), "none", activation, "concat",
+                                       False, False, 1.702, 7.0, quant, dtype)  # fmt: skip
+        return reference_lowering.combine(y, routing, row_index, None, True, "single", "") if reduce else y
 
     run.inputs, run.row_index, run.reference = (x, ids, routing), row_index, reference
     return run
