@@ -18,7 +18,7 @@ import logging
 import os
 import statistics
 import warnings
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -179,20 +179,34 @@ def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] |
     name alone: a bf16 head is a prefix of its fp8 keys' heads too, and an fp8 entry (256-deep K-tiles) is out
     of shared memory in bf16."""
     caches = (_read(Path(path)), _read(PACKAGED))
-    found = next(((device, c[head + device + tail]) for c in caches if head + device + tail in c), None)
+    own = head + device + tail
+    found = [(own, c[own]) for c in caches if own in c]
 
-    def stands_in(k: str, e: dict) -> bool:
-        return key_device(k, head, tail) is not None and tuple(e.get("capability", ())) == cap
+    def stands_in(k: str, e) -> bool:
+        return key_device(k, head, tail) is not None and isinstance(e, dict) and tuple(e.get("capability", ())) == cap
 
-    if found is None and cap is not None:
-        found = next(((key_device(k, head, tail), e) for c in caches for k, e in sorted(c.items()) if stands_in(k, e)),
-                     None)  # fmt: skip
-        if found is not None:
-            log.debug("moe_fx: no tuned entry %s; taking %s's (sm%d%d)", head + device + tail, found[0], *cap)
-    if found is None:
+    if cap is not None:
+        found += [(k, e) for c in caches for k, e in sorted(c.items()) if stands_in(k, e)]
+    for k, entry in found:  # the first entry this version can read
+        config = _readable_config(k, entry)
+        if config is not None:
+            if k != own:
+                log.debug("moe_fx: no tuned entry %s; taking %s (sm%d%d)", own, k, *cap)
+            return config, key_device(k, head, tail)
+    return None
+
+
+def _readable_config(key: str, entry) -> ExpertsConfig | None:
+    """`entry_config(entry)`, or None with a warning where this version of moe_fx can't read it (written by
+    another version: a field it no longer has, a GEMM missing): a tuned config only makes a shape faster, so
+    the next entry or the defaults run instead of every call failing."""
+    try:
+        return entry_config(entry)
+    except (TypeError, KeyError, ValueError) as err:
+        log.warning("moe_fx: ignoring tuning entry %s: %s: %s; expected \"up\" and \"down\" with the fields %s "
+                    "(re-tune the shape or delete the entry)", key, type(err).__name__, err,
+                    [f.name for f in fields(GemmConfig)])  # fmt: skip
         return None
-    tuned_on, entry = found
-    return entry_config(entry), tuned_on
 
 
 def key_device(key: str, head: str, tail: str) -> str | None:

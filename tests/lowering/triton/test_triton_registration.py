@@ -1,9 +1,10 @@
 """Registration and selection of the Triton and vendor lowerings; the JSON tuning cache."""
 
 import json
+import logging
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -279,3 +280,30 @@ def test_the_sum_in_experts_needs_native_atomics_of_the_dtype(monkeypatch, dtype
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     spec = SPEC.replace(experts=replace(SPEC.experts, dtype=dtype))
     assert registry.select("experts", "cuda", spec).chosen.reduces_for(spec) is reduces
+
+
+def test_an_entry_this_version_cannot_read_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
+    """A cache entry written by another moe_fx version (a GemmConfig field it no longer has, a missing GEMM) is
+    not this version's config: `choose` warns, names the entry, and takes the next one (the shipped entry, a
+    stand-in, the defaults) instead of failing every call of the model."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
+    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
+    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
+    shape, cuda = (8, 64, 96, 2, True, torch.bfloat16), torch.device("cuda")
+    good = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64), tuning.GemmConfig(16, 32, 128))
+    tuning.store(tuning.key(*shape, "NVIDIA_H100_80GB_HBM3", 16), good, {"best": 1.0}, [9, 0])  # a stand-in
+    stale, broken = tuning.key(*shape, "NVIDIA_H200", 16), tuning.key(*shape, "NVIDIA_H200", 1024)
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    data[stale] = {"up": {**asdict(good.up), "half_tails": True}, "down": asdict(good.down), "capability": [9, 0]}
+    data[broken] = {"down": asdict(good.down), "capability": [9, 0]}
+    (tmp_path / "tuning.json").write_text(json.dumps(data))
+    with caplog.at_level(logging.WARNING, logger="moe_fx"):
+        assert tuning.choose(*shape, cuda, 16 * 2) == good
+        assert tuning.choose(*shape, cuda, 1024 * 2) == tuning.default_config(1024 * 2 / 8, torch.bfloat16)
+        assert tuning.tuned_buckets(*shape, cuda) == {16: "NVIDIA_H100_80GB_HBM3"}
+    text = caplog.text
+    assert f"moe_fx: ignoring tuning entry {stale}" in text and "half_tails" in text, text
+    assert f"moe_fx: ignoring tuning entry {broken}" in text and "'up'" in text, text
