@@ -165,10 +165,15 @@ def default_config(rows_per_expert: float, dtype: torch.dtype, quant: str = "non
 
 def _read(path: Path) -> dict:
     try:
-        return json.loads(path.read_text()) if path.exists() else {}
+        data = json.loads(path.read_text()) if path.exists() else {}
     except (OSError, json.JSONDecodeError) as err:
         log.warning("moe_fx: ignoring unreadable tuning cache %s: %s", path, err)
         return {}
+    if not isinstance(data, dict):
+        log.warning("moe_fx: ignoring tuning cache %s: expected a JSON object of entries, got %s", path,
+                    type(data).__name__)  # fmt: skip
+        return {}
+    return data
 
 
 @functools.lru_cache(maxsize=4096)

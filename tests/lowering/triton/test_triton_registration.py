@@ -307,3 +307,16 @@ def test_an_entry_this_version_cannot_read_is_skipped_with_a_warning(tmp_path, m
     text = caplog.text
     assert f"moe_fx: ignoring tuning entry {stale}" in text and "half_tails" in text, text
     assert f"moe_fx: ignoring tuning entry {broken}" in text and "'up'" in text, text
+
+
+def test_a_cache_that_is_not_an_object_of_entries_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
+    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
+    (tmp_path / "tuning.json").write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING, logger="moe_fx"):
+        config = tuning.choose(8, 64, 96, 2, True, torch.bfloat16, torch.device("cuda"), 7 * 2)
+    assert config == tuning.default_config(7 * 2 / 8, torch.bfloat16)
+    assert "expected a JSON object of entries, got list" in caplog.text
