@@ -265,7 +265,7 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
             with capturing(mode, leaves) as capture:
                 gm, flat_inputs, passed = _export(owner, recorded, snapshots)
         except Exception as e:
-            if mode == modes[-1]:
+            if mode == modes[-1] or _fails_in_every_mode(e):
                 raise _CaptureFailed(e) from e
             log.info("moe_fx: capturing %s (%s) failed: %r", type(owner).__name__, mode, e)
             continue
@@ -279,6 +279,15 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
             break
         log.info("moe_fx: %s (%s) gave %d of %d blocks", type(owner).__name__, mode, len(block_report.matches), wanted)
     return result
+
+
+def _fails_in_every_mode(e: Exception) -> bool:
+    """Whether a capture's error is one the other modes, which differ only in the sizes they keep symbolic, would
+    raise again: an input or output of a type export can't flatten (a transformers `EncoderDecoderCache`
+    returned by the owner). Each retry traces the whole owner again."""
+    from torch._dynamo.exc import UserError, UserErrorType
+
+    return isinstance(e, UserError) and e.error_type in (UserErrorType.INVALID_INPUT, UserErrorType.INVALID_OUTPUT)
 
 
 def _export(owner: nn.Module, recorded: dict, snapshots: dict) -> tuple:

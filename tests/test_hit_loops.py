@@ -220,3 +220,35 @@ def test_a_quantised_rewrite_is_checked_over_the_probes_together():
     report = moe_fx.apply(model, x, options={"quant": "fp8"})
     assert len(report.matches) == 1, str(report)
     assert 1e-3 < report.matches[0].errors["against the original forward"] < 8e-2
+
+
+class Stats:
+    """Not a pytree: export can't return it."""
+
+    def __init__(self, logits):
+        self.logits = logits
+
+
+class ReturnsStats(HitLoopMoE):
+    def forward(self, hidden_states):
+        out, logits = super().forward(hidden_states)
+        return out, Stats(logits)
+
+
+def test_an_owner_whose_output_export_cannot_flatten_is_tried_once(monkeypatch):
+    """The loop's owner returns an object export can't flatten: every capture mode would fail alike, so the
+    capture is tried once (each try traces the whole owner), and the block is left as it is."""
+    from moe_fx import api
+
+    exports = []
+    export = api._export
+    monkeypatch.setattr(api, "_export", lambda *a: exports.append(1) or export(*a))
+    torch.manual_seed(0)
+    model = ReturnsStats("hit").eval()
+    x = _batches()[0]  # batch 1: the modes that fix sizes of 1 are tried after the first
+    with torch.no_grad():
+        ref = model(x)[0]
+        report = moe_fx.apply(model, x)
+        out = model(x)[0]
+    assert len(exports) == 1 and not report.matches, str(report)
+    assert torch.equal(out, ref)
