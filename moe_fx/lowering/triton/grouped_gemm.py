@@ -657,8 +657,11 @@ def experts(
     values in the activations' dtype and multiplies the even and odd K-columns of the activations by the low
     and high nibbles; the group scales multiply the K-step's partial product (decode tiles) or the weights
     (`_int4_mma`); the activations stay in their dtype throughout.
-    `config` overrides the tuned/default block sizes (used by `tuning.tune`).
+    `config` overrides the tuned/default block sizes (used by `tuning.tune`). Without it, a tuned config that
+    does not compile on this GPU and Triton (out of shared memory or registers) gives way to the defaults, with
+    a warning (`tuning.unfit`).
     """
+    call = dict(locals())  # the arguments, for a second run with the defaults
     if quant not in QUANT_CODES:
         raise NotImplementedError(f"moe_fx: triton experts runs quant in {tuple(QUANT_CODES)}, got {quant!r}")
     if quant != "none" and (w3 is not None or w13_scale is None or w2_scale is None):
@@ -676,95 +679,104 @@ def experts(
     y = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)  # y_RD, or out_ND
     if R == 0:
         return y.zero_()
+    shape = chosen = None  # the arguments of `tuning.choose` and its config, where it chose
     if config is None:
         dtype = xq.dtype if code == 0 else out_dtype
-        config = tuning.choose(E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
-    config = tuning.conform(config, quant)
-    w13_EHD = w13.transpose(1, 2) if w13_transposed else w13
-    gate_row, up_row, step = _gate_up_rows(gate_up, gated, F)
-    bias_gate, bias_up = gate_row, up_row
-    c = config.up
-    interleaved = gated and gate_up == "interleaved"
-    wg = None
-    if _tma_fits(c, code, xq.device) and not (gated and gate_up == "separate"):
-        wg = _weight_descriptor(w13, gated, interleaved, not w13_transposed, c)
-    up_tma = wg is not None
-    up_first = up_tma and gated and gate_up == "up_first"
-    if up_first:  # the descriptor's tile holds the halves as stored; the kernel swaps them after the K loop
-        gate_row, up_row = 0, F
-    wu = w13_EHD
-    if gate_up == "separate" and gated:
-        wu = w3.transpose(1, 2) if w13_transposed else w3
-        up_row = 0
-        if wu.stride(2) != w13_EHD.stride(2):  # one K-stride for the whole weight tile
-            w13_EHD, wu = w13_EHD.contiguous(), wu.contiguous()
-    precision = "ieee" if xq.dtype == torch.float32 or code in (1, 2) else "tf32"
-    is_int = quant == "int8"
-    BLOCK_E = next_power_of_2(E)
-    bias13 = w13_bias if w13_bias is not None else w13
-    xs = _scale_strides(xscale, row_weights)
-    ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
-    bias2 = w2_bias if w2_bias is not None else w2
-    weight_output = weight_at == "output" or (reduce and weight_at == "none")
-    fused = config.fused and reduce and code == 0
-    # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
-    # otherwise the kernel never reads them (row_weights stands in: no allocation, no fill)
-    sum_TD, done = row_weights, gather_index
-    if fused:
-        sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
-        sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
-    loads[load_path("fused" if fused else "up", up_tma, c)] += 1
-    grid = _programs(c, R, E, F, xq.device)
-    launch(
-        _up_kernel, (grid,),
-        xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-        h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
-        D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
-        gate_row, up_row, step, bias_gate, bias_up,
-        xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
-        wu.stride(0), wu.stride(1),
-        bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
-        xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
-        w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1),
-        GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
-        WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
-        QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
-        INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
-        W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-        ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
-    )  # fmt: skip
-    if fused:
+        shape = (E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
+        config = chosen = tuning.choose(*shape)
+    try:
+        config = tuning.conform(config, quant)
+        w13_EHD = w13.transpose(1, 2) if w13_transposed else w13
+        gate_row, up_row, step = _gate_up_rows(gate_up, gated, F)
+        bias_gate, bias_up = gate_row, up_row
+        c = config.up
+        interleaved = gated and gate_up == "interleaved"
+        wg = None
+        if _tma_fits(c, code, xq.device) and not (gated and gate_up == "separate"):
+            wg = _weight_descriptor(w13, gated, interleaved, not w13_transposed, c)
+        up_tma = wg is not None
+        up_first = up_tma and gated and gate_up == "up_first"
+        if up_first:  # the descriptor's tile holds the halves as stored; the kernel swaps them after the K loop
+            gate_row, up_row = 0, F
+        wu = w13_EHD
+        if gate_up == "separate" and gated:
+            wu = w3.transpose(1, 2) if w13_transposed else w3
+            up_row = 0
+            if wu.stride(2) != w13_EHD.stride(2):  # one K-stride for the whole weight tile
+                w13_EHD, wu = w13_EHD.contiguous(), wu.contiguous()
+        precision = "ieee" if xq.dtype == torch.float32 or code in (1, 2) else "tf32"
+        is_int = quant == "int8"
+        BLOCK_E = next_power_of_2(E)
+        bias13 = w13_bias if w13_bias is not None else w13
+        xs = _scale_strides(xscale, row_weights)
+        ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
+        bias2 = w2_bias if w2_bias is not None else w2
+        weight_output = weight_at == "output" or (reduce and weight_at == "none")
+        fused = config.fused and reduce and code == 0
+        # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
+        # otherwise the kernel never reads them (row_weights stands in: no allocation, no fill)
+        sum_TD, done = row_weights, gather_index
+        if fused:
+            sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
+            sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
+        loads[load_path("fused" if fused else "up", up_tma, c)] += 1
+        grid = _programs(c, R, E, F, xq.device)
+        launch(
+            _up_kernel, (grid,),
+            xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
+            h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
+            D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
+            gate_row, up_row, step, bias_gate, bias_up,
+            xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
+            wu.stride(0), wu.stride(1),
+            bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
+            xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
+            w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1),
+            GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
+            WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
+            QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
+            INTERLEAVED=interleaved, SEPARATE=gated and gate_up == "separate", W_TMA=up_tma,
+            W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
+            ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
+            BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
+        if fused:
+            return y
+        if code == 1:
+            h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
+        hs = _scale_strides(h_scale, row_weights)
+        c = config.down
+        h_in = w_in = None
+        if _tma_fits(c, code, xq.device):
+            h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
+            w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
+        down_tma = h_in is not None and w_in is not None
+        if not down_tma:
+            h_in, w_in = h_RF, w2_EDF
+        loads[load_path("down", down_tma, c)] += 1
+        grid = _programs(c, R, E, D, xq.device)
+        launch(
+            _down_kernel, (grid,),
+            h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
+            D, F, E, R, grid,
+            h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
+            bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
+            hs[1], hs[2], ws2[1], ws2[2], ws2[3],
+            HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
+            EVEN_K=F % c.block_k == 0,
+            PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
+            W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
+            num_warps=c.num_warps, num_stages=c.num_stages,
+        )  # fmt: skip
         return y
-    if code == 1:
-        h_RF, h_scale = quantize.quantize_rows(h_RF, quant)
-    hs = _scale_strides(h_scale, row_weights)
-    c = config.down
-    h_in = w_in = None
-    if _tma_fits(c, code, xq.device):
-        h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
-        w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
-    down_tma = h_in is not None and w_in is not None
-    if not down_tma:
-        h_in, w_in = h_RF, w2_EDF
-    loads[load_path("down", down_tma, c)] += 1
-    grid = _programs(c, R, E, D, xq.device)
-    launch(
-        _down_kernel, (grid,),
-        h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
-        D, F, E, R, grid,
-        h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
-        bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
-        hs[1], hs[2], ws2[1], ws2[2], ws2[3],
-        HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-        EVEN_K=F % c.block_k == 0,
-        PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
-        W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,
-        BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-        num_warps=c.num_warps, num_stages=c.num_stages,
-    )  # fmt: skip
-    return y
+    except triton.runtime.errors.OutOfResources as err:  # a chosen tuned config this GPU and Triton cannot compile
+        fallback = None if chosen is None else tuning.unfit(chosen, err, *shape)
+        if fallback is None or fallback == chosen:  # given, or the default: a config the tests compile
+            raise
+        args = {name: value for name, value in call.items() if name != "config"}
+        return experts(**args, config=fallback)
 
 
 def load_path(gemm: str, tma: bool, c: tuning.GemmConfig) -> str:

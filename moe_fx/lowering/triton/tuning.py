@@ -283,6 +283,25 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], c
     _choose.cache_clear()
 
 
+_UNFIT: set[ExpertsConfig] = set()  # tuned configs this process's GPU and Triton could not compile (`unfit`)
+
+
+def unfit(config: ExpertsConfig, err: Exception, E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype,
+          device: torch.device, R: int, quant: str = "none") -> ExpertsConfig:  # fmt: skip
+    """`choose`'s config for these arguments once the tuned `config` is known not to fit this GPU with this
+    Triton (`err`: out of shared memory or registers; an entry tuned under another Triton version, whose
+    kernels take more, or on another GPU of the same capability): from now on the untuned default, with a
+    warning. `config` itself where it was the default already (the caller raises then)."""
+    _UNFIT.add(config)
+    _choose.cache_clear()
+    fallback = choose(E, D, F, K, gated, dtype, device, R, quant)
+    if fallback != config:
+        log.warning("moe_fx: the tuned Triton tiles %s do not fit this GPU with Triton %s (%s); running the "
+                    "defaults %s instead (moe_fx.tune re-tunes the shape)", describe(config),
+                    __import__("triton").__version__, err, describe(fallback))  # fmt: skip
+    return fallback
+
+
 def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device, R: int,
            quant: str = "none"):  # fmt: skip
     """The ExpertsConfig for R = T*K routed rows: tuned if the cache has this T-bucket, else the default."""
@@ -296,7 +315,7 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
         head, tail = _key_ends(E, D, F, K, gated, dtype, R // max(K, 1), quant)
         cap = capability(device)
         tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
-    if tuned is not None:
+    if tuned is not None and tuned[0] not in _UNFIT:
         return tuned[0]
     config = default_config(R / max(E, 1), dtype, quant)
     sms = None if interpret else sm_count(device)

@@ -320,3 +320,46 @@ def test_a_cache_that_is_not_an_object_of_entries_is_ignored_with_a_warning(tmp_
         config = tuning.choose(8, 64, 96, 2, True, torch.bfloat16, torch.device("cuda"), 7 * 2)
     assert config == tuning.default_config(7 * 2 / 8, torch.bfloat16)
     assert "expected a JSON object of entries, got list" in caplog.text
+
+
+def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(tmp_path, monkeypatch, caplog):
+    """A tuned entry this GPU and Triton can't compile (out of shared memory: tuned under another Triton version)
+    runs the defaults instead, with one warning; the result is right, and later calls go to the defaults directly.
+    The defaults failing the same way, or a config given by the caller, raise as before."""
+    from triton.runtime.errors import OutOfResources
+
+    from moe_fx.lowering.triton import grouped_gemm
+
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # choose reads the cache; the kernels interpret
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
+    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
+    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
+    monkeypatch.setattr(tuning, "_UNFIT", set())
+    E, D, F, K, T = 4, 32, 48, 2, 5
+    tuned = tuning.ExpertsConfig(tuning.GemmConfig(16, 32, 32), tuning.GemmConfig(16, 32, 32))
+    tuning.store(tuning.key(E, D, F, K, True, torch.float32, "NVIDIA_H200", T), tuned, {"best": 1.0}, [9, 0])
+    refused = []
+    launch = grouped_gemm.launch
+
+    def launch_unless_tuned(kernel, grid, *args, **meta):
+        if meta["BLOCK_N"] == 32:  # the tuned tiles: out of shared memory "on this GPU"
+            refused.append(meta["BLOCK_N"])
+            raise OutOfResources(300000, 232448, "shared memory")
+        return launch(kernel, grid, *args, **meta)
+
+    monkeypatch.setattr(grouped_gemm, "launch", launch_unless_tuned)
+    weights = tuning.random_weights(E, D, F, "silu_gated", torch.float32, "cpu")
+    run = tuning.experts_call(T, K, "silu_gated", torch.float32, weights)
+    with caplog.at_level(logging.WARNING, logger="moe_fx"):
+        outs = [run(), run()]  # config=None: the experts choose, as the lowering does
+    assert refused == [32], refused  # tried once, then the defaults directly
+    assert "do not fit this GPU" in caplog.text and caplog.text.count("do not fit") == 1, caplog.text
+    assert all(tuning.row_error(out, run.reference()) < tuning.AGREEMENT[torch.float32] for out in outs)
+    assert tuning.choose(E, D, F, K, True, torch.float32, torch.device("cpu"), T * K) != tuned
+    with pytest.raises(OutOfResources):
+        run(tuned)  # a config given by the caller (tune) is its to handle
+    monkeypatch.setattr(grouped_gemm, "launch", lambda *a, **kw: launch_unless_tuned(*a, **{**kw, "BLOCK_N": 32}))
+    with pytest.raises(OutOfResources):
+        run()  # the defaults do not fit either: nothing to fall back to
