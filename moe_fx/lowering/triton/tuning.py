@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import triton
 
 from moe_fx.lowering.triton import timing
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
@@ -298,7 +299,7 @@ def unfit(config: ExpertsConfig, err: Exception, E: int, D: int, F: int, K: int,
     if fallback != config:
         log.warning("moe_fx: the tuned Triton tiles %s do not fit this GPU with Triton %s (%s); running the "
                     "defaults %s instead (moe_fx.tune re-tunes the shape)", describe(config),
-                    __import__("triton").__version__, err, describe(fallback))  # fmt: skip
+                    triton.__version__, err, describe(fallback))  # fmt: skip
     return fallback
 
 
