@@ -65,7 +65,9 @@ def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, can
     from moe_fx.lowering.triton import tuning  # Triton is optional: moe_fx imports without it
 
     device = next((p.device for p in model.parameters() if p.is_cuda), torch.device("cuda"))
-    reduce = None if (options or {}).get("fuse_combine", True) else False  # None: as the rewrite does on this GPU
+    # None: as the rewrite does on this GPU; it keeps combine under fuse_combine=False or deterministic algorithms
+    fused = (options or {}).get("fuse_combine", True) and not torch.are_deterministic_algorithms_enabled()
+    reduce = None if fused else False
     results = {}
     for E, D, F, K, activation, dtype, quant in shapes:
         log.info("moe_fx: tuning E=%d D=%d F=%d K=%d %s %s quant=%s at T=%s", E, D, F, K, activation, dtype, quant,

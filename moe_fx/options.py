@@ -38,7 +38,8 @@ VALID_KEYS = {
     "fuse_combine": "a bool (default True): on one device, let an experts lowering that can (Triton's) do combine's "
     "weighted sum in its down GEMM's epilogue, with atomic adds in the model's dtype: no combine node and no "
     "[T*K, D] round trip through memory, but the sum's order (and so its last bits) varies from run to run; "
-    "False keeps the combine node (a fixed order, fp32 accumulation)",
+    "False keeps the combine node (a fixed order, fp32 accumulation), as torch.use_deterministic_algorithms(True) "
+    "does",
 }
 BOOLS = ("allow_reference_fallback", "keep_original_weights", "verify", "overlap_shared", "fuse_combine")
 

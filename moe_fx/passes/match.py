@@ -100,6 +100,8 @@ class MoEMatch:
     selections: dict = field(default_factory=dict)
     # the experts lowering also does combine's sum (`experts(..., reduce=True)`): set by `select_lowerings`
     combine_in_experts: bool = False
+    # why combine stays its own op though the experts lowering could do its sum (`select_lowerings`), or ""
+    combine_kept: str = ""
     weights_note: str = ""  # how pre-quantised expert weights are used (passes/prequant.py), for the report
     # a tensor from outside the block that its combine accumulates into (`shared(x).scatter_add(0, idx, y)`:
     # torchtitan): the rewrite adds it to the combine's output

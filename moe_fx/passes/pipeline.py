@@ -76,6 +76,11 @@ def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockRep
             "combine", f"in experts ({experts})", f"{experts} experts sums each token's rows itself "
             "(options={'fuse_combine': False} keeps a combine node)", lowerings["combine"].rejected
         )  # fmt: skip
+    elif match.combine_kept:
+        kept = lowerings["combine"]
+        lowerings["combine"] = LoweringChoice(
+            "combine", kept.name, f"{kept.reason}; {match.combine_kept}", kept.rejected
+        )
     block = BlockReport(match.module_path, match.form, match.spec, lowerings, match.errors, 0, graph)
     block.weights_note = match.weights_note
     block.tiles_note = _tiles_note(match, device)

@@ -42,7 +42,8 @@ OPS = torch.ops.moe_fx
 
 def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_combine: bool = True) -> str | None:
     """Fill `match.selections` and `match.combine_in_experts` (`fuse_combine`, one device, an experts lowering
-    that `reduces`, no combine lowering forced); return a reason if some op has no lowering for this spec/device."""
+    that `reduces`, no combine lowering forced, deterministic algorithms off); return a reason if some op has no
+    lowering for this spec/device."""
     for op in registry.OPS:
         if op == "route" and not match.router_recognized:
             continue
@@ -52,7 +53,19 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_
             return sel.reason
     single, reduces = match.spec.layout == "single", match.selections["experts"].chosen.reduces_for(match.spec)
     match.combine_in_experts = fuse_combine and single and reduces and "combine" not in forced
+    if match.combine_in_experts and torch.are_deterministic_algorithms_enabled():
+        match.combine_in_experts = False
+        match.combine_kept = DETERMINISTIC_COMBINE.format(match.selections["experts"].chosen.name)
     return None
+
+
+# Why combine keeps its node under torch.use_deterministic_algorithms(True): Dynamo guards on that flag, so
+# torch.compile rewrites again when it changes; an applied graph that sums in experts sums in order at run time
+# instead (the Triton experts op).
+DETERMINISTIC_COMBINE = (
+    "kept out of experts: deterministic algorithms are on (torch.use_deterministic_algorithms), and {} experts "
+    "adds each token's rows with atomics, in no fixed order; combine sums them in order"
+)
 
 
 Rebind = list[tuple[torch.Tensor, torch.Tensor]]

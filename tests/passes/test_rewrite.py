@@ -4,6 +4,7 @@ the logits. Combine in experts: an experts lowering registered with `reduces=Tru
 and the graph has no combine node. On the CPU test lowerings stand in for Triton's (its route, the projection GEMV
 included, and its experts, under the interpreter)."""
 
+import contextlib
 import copy
 import operator
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 import moe_fx
 from moe_fx import examples as ex
-from moe_fx import hf_models
+from moe_fx import hf_models, ops
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
 from moe_fx.lowering.quant import EXPECTED_ERROR
@@ -177,6 +178,82 @@ def test_a_forced_combine_is_kept(reducing_experts):
     with torch.no_grad():
         report = moe_fx.apply(model, x, options={"lowerings": {"combine": "reference"}, "verify": False})
     assert report.matches[0].lowerings["combine"].name == "reference" and not any(reducing_experts)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms(True) inside (errors, not warnings, for an op without such an
+    implementation), off after."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture
+def gemm_reduces(monkeypatch):
+    """The `reduce` of each grouped-GEMM launch the Triton experts op makes."""
+    calls, experts = [], triton_lowering._gemm.experts
+
+    def recorded(*args, reduce=False, **kwargs):
+        calls.append(reduce)
+        return experts(*args, reduce=reduce, **kwargs)
+
+    monkeypatch.setattr(triton_lowering._gemm, "experts", recorded)
+    return calls
+
+
+def test_deterministic_algorithms_keep_combine(reducing_experts, gemm_reduces):
+    """Under torch.use_deterministic_algorithms(True) the block keeps its combine node (experts' sum adds with
+    atomics in no fixed order), and the report says why."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad(), deterministic():
+        ref = model(x)
+        report = moe_fx.apply(model, x, options={"verify": False})
+        out = model(x)
+    (block,) = report.matches
+    combine = block.lowerings["combine"]
+    assert combine.name == "reference" and "deterministic algorithms are on" in combine.reason, combine
+    assert "deterministic algorithms are on" in str(report)
+    assert len(_op_nodes(model.forward.gm, "combine")) == 1
+    assert reducing_experts and not any(reducing_experts) and not any(gemm_reduces)
+    assert rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_an_applied_sum_in_experts_runs_in_order_once_deterministic(reducing_experts, gemm_reduces):
+    """Rewritten with the sum in experts, then run under deterministic algorithms: the experts op stores the
+    weighted rows and sums them per token in order (no atomics); the outputs still equal the model's."""
+    x = torch.randn(3, 3, 32)
+    # the routing weight applied by the sum, then on the experts' input tokens (torchtitan's score_before)
+    for model, weight_at in ((ex.LoopMoE(), "none"), (ex.TorchtitanStyleMoE(shared=False), "input")):
+        model.eval()
+        with torch.no_grad():
+            ref = model(x)
+            report = moe_fx.apply(model, x, options={"verify": False})
+            with deterministic():
+                out = model(x)
+            fused = model(x)
+        assert ops.weight_at(report.matches[0].spec) == weight_at, report
+        assert reducing_experts[-2:] == [True, True] and gemm_reduces[-2:] == [False, True]
+        assert rel_err(out, ref) < TOLERANCE[torch.float32] and rel_err(fused, ref) < TOLERANCE[torch.float32]
+
+
+def test_torch_compile_rewrites_again_when_deterministic_algorithms_turn_on(reducing_experts):
+    """Dynamo guards on the flag: the next call compiles again, and that graph keeps its combine node."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(9, 32)
+    compiled = torch.compile(model, backend="moe_fx")
+    with torch.no_grad():
+        ref = model(x)
+        first = compiled(x)
+        before = len(reducing_experts)  # the rewrite's verification runs experts too
+        with deterministic():
+            second = compiled(x)
+    assert before and all(reducing_experts[:before])
+    assert len(reducing_experts) > before and not any(reducing_experts[before:])
+    assert rel_err(first, ref) < TOLERANCE[torch.float32] and rel_err(second, ref) < TOLERANCE[torch.float32]
 
 
 def _op_nodes(gm, op):

@@ -6,6 +6,8 @@ first launch). Under TRITON_INTERPRET=1 the same launchers run on CPU tensors (t
 
 from __future__ import annotations
 
+import torch
+
 from moe_fx.lowering.registry import register_lowering
 from moe_fx.lowering.triton import combine as _combine
 from moe_fx.lowering.triton import dispatch as _dispatch
@@ -44,8 +46,6 @@ def supports_quant(mode: str) -> str | None:
         return None
     if mode not in CAPABILITY:
         return f"quant={mode!r} is not implemented by {NAME} (it runs {tuple(CAPABILITY)})"
-    import torch
-
     if not torch.cuda.is_available():
         return f"quant={mode!r} needs a CUDA device, none is available"
     have, need = torch.cuda.get_device_capability(), CAPABILITY[mode]
@@ -95,8 +95,6 @@ def triton_quantize_dispatch(x, ids, weights, num_local_experts, quant, layout, 
 def reduces_natively(spec: MoESpec) -> bool:
     """Whether this GPU adds the experts' dtype atomically in L2 (`tuning.native_atomics`): then Triton's
     experts does combine's sum too (`experts(reduce=True)`)."""
-    import torch
-
     return _tuning.native_atomics(getattr(torch, spec.experts.dtype))
 
 
@@ -126,9 +124,21 @@ def triton_experts(
     out_dtype,
     reduce=False,
 ):
-    return _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
-                         activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype, quant=quant,
-                         xscale=xscale, w13_scale=w13_scale, w2_scale=w2_scale, reduce=reduce)  # fmt: skip
+    """reduce under torch.use_deterministic_algorithms(True) (a graph rewritten before it was set): the rows are
+    stored, weighted as the sum would weight them, and summed per token in row order, in place of the down GEMM's
+    atomics, whose order differs from run to run."""
+    in_order = reduce and torch.are_deterministic_algorithms_enabled()
+    if in_order and weight_at == "none":  # the sum weights each row by its routing weight
+        weight_at = "output"
+    y = _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
+                      activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype, quant=quant,
+                      xscale=xscale, w13_scale=w13_scale, w2_scale=w2_scale,
+                      reduce=reduce and not in_order)  # fmt: skip
+    if not in_order:
+        return y
+    # y_RD -> out_TD: index_add_ is deterministic in this mode (rows of a token in row order: by expert)
+    out_TD = torch.zeros((xq.shape[0], y.shape[1]), dtype=torch.float32, device=y.device)
+    return out_TD.index_add_(0, gather_index, y.float()).to(out_dtype)
 
 
 @register_lowering("combine", device="cuda", name=NAME, priority=PRIORITY)
