@@ -73,8 +73,9 @@ def _block_report(match: MoEMatch, graph: int, device: torch.device) -> BlockRep
     if match.combine_in_experts:
         experts = match.selections["experts"].chosen.name
         lowerings["combine"] = LoweringChoice(
-            "combine", f"in experts ({experts})", f"{experts} experts sums each token's rows itself "
-            "(options={'fuse_combine': False} keeps a combine node)", lowerings["combine"].rejected
+            "combine", f"in experts ({experts})", f"{experts} experts sums each token's rows itself, in no fixed "
+            "order (options={'fuse_combine': False} or torch.use_deterministic_algorithms(True) keeps a combine node)",
+            lowerings["combine"].rejected,
         )  # fmt: skip
     elif match.combine_kept:
         kept = lowerings["combine"]
