@@ -98,6 +98,12 @@ def reduces_natively(spec: MoESpec) -> bool:
     return _tuning.native_atomics(getattr(torch, spec.experts.dtype))
 
 
+def sums_in_order() -> bool:
+    """Whether `experts(reduce=True)` must give the same bits on every run: torch.use_deterministic_algorithms(True)
+    (warn_only too: PyTorch's ops take their deterministic implementations then as well)."""
+    return torch.are_deterministic_algorithms_enabled()
+
+
 @register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts,
                    reduces=reduces_natively)  # fmt: skip
 def triton_experts(
@@ -127,7 +133,7 @@ def triton_experts(
     """reduce under torch.use_deterministic_algorithms(True) (a graph rewritten before it was set): the rows are
     stored, weighted as the sum would weight them, and summed per token in row order, in place of the down GEMM's
     atomics, whose order differs from run to run."""
-    in_order = reduce and torch.are_deterministic_algorithms_enabled()
+    in_order = reduce and sums_in_order()
     if in_order and weight_at == "none":  # the sum weights each row by its routing weight
         weight_at = "output"
     y = _gemm.experts(xq, expert_offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, weight_at,
