@@ -284,7 +284,9 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], c
     _choose.cache_clear()
 
 
-_UNFIT: set[ExpertsConfig] = set()  # tuned configs this process's GPU and Triton could not compile (`unfit`)
+# tuned configs this process's GPU and Triton could not compile (`unfit`), with what sizes their tiles in shared
+# memory besides the config: gated (a 2·BLOCK_N weight tile), the dtype and the quant mode (bytes per element)
+_UNFIT: set[tuple[ExpertsConfig, bool, torch.dtype, str]] = set()
 
 
 def unfit(config: ExpertsConfig, err: Exception, E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype,
@@ -292,8 +294,9 @@ def unfit(config: ExpertsConfig, err: Exception, E: int, D: int, F: int, K: int,
     """`choose`'s config for these arguments once the tuned `config` is known not to fit this GPU with this
     Triton (`err`: out of shared memory or registers; an entry tuned under another Triton version, whose
     kernels take more, or on another GPU of the same capability): from now on the untuned default, with a
-    warning. `config` itself where it was the default already (the caller raises then)."""
-    _UNFIT.add(config)
+    warning (for the shapes with this gating, dtype and quant mode: those size the tiles in shared memory).
+    `config` itself where it was the default already (the caller raises then)."""
+    _UNFIT.add((config, gated, dtype, quant))
     _choose.cache_clear()
     fallback = choose(E, D, F, K, gated, dtype, device, R, quant)
     if fallback != config:
@@ -316,7 +319,7 @@ def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -
         head, tail = _key_ends(E, D, F, K, gated, dtype, R // max(K, 1), quant)
         cap = capability(device)
         tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
-    if tuned is not None and tuned[0] not in _UNFIT:
+    if tuned is not None and (tuned[0], gated, dtype, quant) not in _UNFIT:
         return tuned[0]
     config = default_config(R / max(E, 1), dtype, quant)
     sms = None if interpret else sm_count(device)

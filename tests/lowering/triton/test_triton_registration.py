@@ -358,6 +358,9 @@ def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(tmp_path, mo
     assert "do not fit this GPU" in caplog.text and caplog.text.count("do not fit") == 1, caplog.text
     assert all(tuning.row_error(out, run.reference()) < tuning.AGREEMENT[torch.float32] for out in outs)
     assert tuning.choose(E, D, F, K, True, torch.float32, torch.device("cpu"), T * K) != tuned
+    # the same tiles over 2-byte elements take less shared memory: their entry still stands
+    tuning.store(tuning.key(E, D, F, K, True, torch.float16, "NVIDIA_H200", T), tuned, {"best": 1.0}, [9, 0])
+    assert tuning.choose(E, D, F, K, True, torch.float16, torch.device("cpu"), T * K) == tuned
     with pytest.raises(OutOfResources):
         run(tuned)  # a config given by the caller (tune) is its to handle
     monkeypatch.setattr(grouped_gemm, "launch", lambda *a, **kw: launch_unless_tuned(*a, **{**kw, "BLOCK_N": 32}))
