@@ -244,11 +244,11 @@ def test_torch_compile_rewrites_again_when_deterministic_algorithms_turn_on(redu
     """Dynamo guards on the flag: the next call compiles again, and that graph keeps its combine node."""
     model = ex.LoopMoE().eval()
     x = torch.randn(9, 32)
-    compiled = torch.compile(model, backend="moe_fx")
+    compiled = torch.compile(model, backend="moe_fx", options={"verify": False})  # the interpreter is slow
     with torch.no_grad():
         ref = model(x)
         first = compiled(x)
-        before = len(reducing_experts)  # the rewrite's verification runs experts too
+        before = len(reducing_experts)
         with deterministic():
             second = compiled(x)
     assert before and all(reducing_experts[:before])
