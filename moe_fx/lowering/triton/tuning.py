@@ -284,8 +284,8 @@ def store(cache_key: str, config: ExpertsConfig, timings_us: dict[str, float], c
     _choose.cache_clear()
 
 
-# tuned configs this process's GPU and Triton could not compile (`unfit`), with what sizes their tiles in shared
-# memory besides the config: gated (a 2·BLOCK_N weight tile), the dtype and the quant mode (bytes per element)
+# tuned configs this process's GPU and Triton could not compile (`unfit`), each with the other things that size
+# its tiles in shared memory: gated (a 2·BLOCK_N weight tile), the dtype and the quant mode (bytes per element)
 _UNFIT: set[tuple[ExpertsConfig, bool, torch.dtype, str]] = set()
 
 
