@@ -137,7 +137,7 @@ def test_deterministic_algorithms_repeat_the_bits_on_cuda():
     """Under torch.use_deterministic_algorithms(True) (warn_only: cuBLAS's workspace setting is not this test's)
     a block with 8 picks per token gives the same bits on every call: rewritten under the flag (combine kept,
     summing in slot order), and rewritten before it (experts stores its rows and sums them in order in place
-    of the down GEMM's bf16 atomics)."""
+    of the down GEMM's bf16 atomics), in a CUDA graph too."""
     model = ex.LoopMoE(dim=512, ffn=256, num_experts=16, k=8).eval().cuda().to(torch.bfloat16)
     x = torch.randn(4096, 512, device="cuda", dtype=torch.bfloat16)
     earlier = copy.deepcopy(model)
@@ -148,9 +148,14 @@ def test_deterministic_algorithms_repeat_the_bits_on_cuda():
         try:
             report = moe_fx.apply(model, x)
             runs = {name: [m(x) for _ in range(4)] for name, m in (("under the flag", model), ("before", earlier))}
+            graph = torch.cuda.CUDAGraph()  # the in-order sum (index_add_'s deterministic path) in a CUDA graph
+            with torch.cuda.graph(graph):
+                replayed = earlier(x)
+            graph.replay()
         finally:
             torch.use_deterministic_algorithms(False)
     assert "deterministic algorithms are on" in report.matches[0].lowerings["combine"].reason, str(report)
     for name, outs in runs.items():
         assert all(torch.equal(out, outs[0]) for out in outs), name
         assert rel_err(outs[0], ref) < 2e-2, name
+    assert torch.equal(replayed, runs["before"][0])
