@@ -57,8 +57,8 @@ def draw(seed: int, device: str, dtype: torch.dtype) -> dict:
     gated = activation in GATED_ACTIVATIONS
     layouts = ("concat", "interleaved", "separate", "up_first") if quant == "none" else ("concat", "interleaved")
     reduce = rng.random() < 0.6
-    candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
-    up, down = (tuning.GemmConfig(*c[:3], 8, *c[3:]) for c in (rng.choice(candidates), rng.choice(candidates)))
+    gemms = tuning.candidate_gemms(tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES)
+    up, down = rng.choice(gemms), rng.choice(gemms)
     fused = reduce and quant == "none" and up.block_m <= tuning.FUSED_MAX_BLOCK_M and rng.random() < 0.4
     if fused:
         down = replace(down, block_n=tuning.FUSED_BLOCK_D)

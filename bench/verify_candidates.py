@@ -20,7 +20,6 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -32,20 +31,12 @@ SHAPES = ((8, 2, 2880, 2880), (16, 4, 1000, 704))  # (E, K, D, F): GPT-OSS's wid
 TS = (1, 7, 64, 1000)
 
 
-def configs(quant: str, rows_per_expert: float, fused: bool) -> list[tuning.ExpertsConfig]:
+def configs(quant: str, rows_per_expert: float, reduce: bool) -> list[tuning.ExpertsConfig]:
     """What `tuning.tune` tries at this T, in its order, without duplicates."""
     default = tuning.default_config(rows_per_expert, torch.bfloat16, quant)
-    candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
-    out = []
-    for part in ("up", "down", "fused") if fused else ("up", "down"):
-        for m, n, k, warps, stages, *loads in candidates:
-            gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, *loads)
-            if part == "fused":
-                if m <= tuning.FUSED_MAX_BLOCK_M:
-                    out.append(tuning.ExpertsConfig(gemm, replace(default.down, block_n=tuning.FUSED_BLOCK_D), True))
-            else:
-                out.append(tuning.conform(replace(default, **{part: gemm}), quant))
-    return list(dict.fromkeys(out))
+    gemms = tuning.candidate_gemms(tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES)
+    tried = (tuning.tried_config(part, g, default, quant) for part in tuning.tuned_parts(reduce, quant) for g in gemms)
+    return list(dict.fromkeys(c for c in tried if c is not None))
 
 
 def job(mode: str, shape: tuple, Ts: tuple, part: int = 0, parts: int = 1) -> dict:
@@ -62,7 +53,7 @@ def job(mode: str, shape: tuple, Ts: tuple, part: int = 0, parts: int = 1) -> di
         run = tuning.experts_call(T, K, "silu_gated", torch.bfloat16, weights, quant, reduce)
         ref = run.reference()
         checked, worst = 0, 0.0
-        for config in configs(quant, T * K / E, reduce and quant == "none")[part::parts]:
+        for config in configs(quant, T * K / E, reduce)[part::parts]:
             try:
                 err = tuning.agreement(run, config, ref)
             except Exception as e:  # out of shared memory or registers: tune skips these too

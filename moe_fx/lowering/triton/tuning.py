@@ -498,7 +498,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         candidates = CANDIDATES if quant == "none" else QUANT_CANDIDATES
     results = {}
     reduce = native_atomics(dtype) if reduce is None else reduce
-    parts = ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
+    parts = tuned_parts(reduce, quant)
     bar = tqdm(total=len(Ts) * len(parts) * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     bound = agreement_bound(dtype, quant)
     for T in Ts:
@@ -507,14 +507,9 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}
         for part in parts:
-            for m, n, k, warps, stages, *loads in candidates:
-                gemm = GemmConfig(m, n, k, 8, warps, stages, *loads)
-                if part == "fused":  # the up tile with the down GEMM in its epilogue: decode tiles only
-                    config = ExpertsConfig(gemm, replace(best.down, block_n=FUSED_BLOCK_D), fused=True)
-                else:
-                    config = conform(replace(best, **{part: gemm}), quant)
-                # skipped: a duplicate (conform made it one), or a fused prefill tile
-                if config in timings or (part == "fused" and m > FUSED_MAX_BLOCK_M):
+            for gemm in candidate_gemms(candidates):
+                config = tried_config(part, gemm, best, quant)
+                if config is None or config in timings:  # not tried, or a duplicate (conform made it one)
                     bar.update()
                     continue
                 try:
@@ -547,6 +542,27 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
 
 CONFIRMED, ROUNDS = 3, 3  # the fastest pairs timed again, and how many times each
 FUSED_BLOCK_D, FUSED_MAX_BLOCK_M = 128, 32  # fused candidates: w2's column blocks, the up tiles tried (decode)
+
+
+def tuned_parts(reduce: bool, quant: str) -> tuple[str, ...]:
+    """What `tune` tunes, in order: the up GEMM, the down GEMM, and where experts sums the rows unquantised,
+    fused decode configs."""
+    return ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
+
+
+def candidate_gemms(candidates) -> list[GemmConfig]:
+    """The GemmConfigs of candidate tuples (block_m, block_n, block_k, warps, stages, *loads)."""
+    return [GemmConfig(m, n, k, 8, warps, stages, *loads) for m, n, k, warps, stages, *loads in candidates]
+
+
+def tried_config(part: str, gemm: GemmConfig, base: ExpertsConfig, quant: str) -> ExpertsConfig | None:
+    """The pair `tune` tries for `gemm` as `part` of `base` (conformed), or None where it tries none: a fused
+    config is the up tile with the down GEMM in its epilogue, for decode tiles only."""
+    if part != "fused":
+        return conform(replace(base, **{part: gemm}), quant)
+    if gemm.block_m > FUSED_MAX_BLOCK_M:
+        return None
+    return ExpertsConfig(gemm, replace(base.down, block_n=FUSED_BLOCK_D), fused=True)
 
 
 def confirm(configs: list, time_one, rounds: int = ROUNDS) -> tuple:
