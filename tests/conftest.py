@@ -34,10 +34,10 @@ def no_fallback():
 @pytest.fixture
 def poison_outputs():
     """torch.empty returns NaN-filled memory, so an output row a lowering forgets to write shows."""
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(False)
+    from moe_fx.lowering.triton.tuning import poisoned
+
+    with poisoned(quiet=False):
+        yield
 
 
 @pytest.fixture(autouse=True)

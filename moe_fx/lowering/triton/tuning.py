@@ -448,15 +448,18 @@ def row_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @contextlib.contextmanager
-def poisoned():
+def poisoned(quiet: bool = True):
     """Inside, torch.empty returns NaN-filled memory (deterministic mode's fill): an output element a config
-    leaves unwritten shows as NaN. The states are restored after."""
+    leaves unwritten shows as NaN. `quiet`: without deterministic mode's warnings about the ops around the
+    kernels. The states are restored after."""
     enabled = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deterministic mode's warnings about the ops around the kernels
+        with contextlib.ExitStack() as quieted:
+            if quiet:
+                quieted.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.utils.deterministic.fill_uninitialized_memory = True
             yield
