@@ -138,13 +138,13 @@ def tune(args) -> None:
     """Tune the Triton GEMMs of the chosen model's MoE blocks; print the best config per cache key."""
     model, inputs, kwargs, options = _model(args)
     results = moe_fx.tune(model, *inputs, tokens=tuple(args.tokens), options=options, **kwargs)
+    from moe_fx.lowering.triton import tuning
+
     for key, r in results.items():
         print(f"{key}: {r['best']:.1f} µs  {r['config']}")
         for config, why in r["failed"].items():
-            if why.startswith("wrong output"):  # a tile this GPU and Triton compile wrong: say so, loudly
+            if why.startswith(tuning.WRONG_OUTPUT):  # a tile this GPU and Triton compile wrong: say so, loudly
                 print(f"  skipped {config}: {why}")
-    from moe_fx.lowering.triton import tuning
-
     print(f"wrote {len(results)} entries to {tuning.cache_path()}")
 
 

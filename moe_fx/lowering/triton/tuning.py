@@ -428,6 +428,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
 # leave ~5e-3 per row; quantised modes also round h to e4m3 (or int8) where the two may differ by one step.
 AGREEMENT = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 QUANT_AGREEMENT = 0.1
+WRONG_OUTPUT = "wrong output"  # how `tune`'s "failed" names a candidate that disagrees (the CLI prints those)
 
 
 def agreement_bound(dtype: torch.dtype, quant: str = "none") -> float:
@@ -521,7 +522,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                         log.warning("moe_fx: tuning config %s is wrong here: a row's rel err %.3g against the "
                                     "reference lowering (at most %g); skipped", describe(config), err,
                                     bound)  # fmt: skip
-                        failed[describe(config)] = f"wrong output: a row's rel err {err:.3g} (at most {bound:g})"
+                        failed[describe(config)] = f"{WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})"
                     else:
                         timings[config] = time_config(run, config)
                 except Exception as err:  # a config out of shared memory or registers: skip it, say so
