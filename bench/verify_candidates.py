@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+import triton
 
 from moe_fx.lowering.triton import tuning
 
@@ -113,7 +114,7 @@ def main() -> None:
                 print(f"  WRONG T={w['T']} {w['config']}: row err {w['row_err']:.3g}", flush=True)
         time.sleep(1)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "T": args.T}
-    meta["triton"] = __import__("triton").__version__
+    meta["triton"] = triton.__version__
     (args.out / "verify-candidates.json").write_text(json.dumps({"meta": meta, "jobs": results}, indent=1))
 
 
