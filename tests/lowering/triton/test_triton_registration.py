@@ -282,24 +282,32 @@ def test_the_sum_in_experts_needs_native_atomics_of_the_dtype(monkeypatch, dtype
     assert registry.select("experts", "cuda", spec).chosen.reduces_for(spec) is reduces
 
 
-def test_an_entry_this_version_cannot_read_is_skipped_with_a_warning(tmp_path, monkeypatch, caplog):
-    """A cache entry written by another moe_fx version (a GemmConfig field it no longer has, a missing GEMM) is
-    not this version's config: `choose` warns, names the entry, and takes the next one (the shipped entry, a
-    stand-in, the defaults) instead of failing every call of the model."""
-    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+@pytest.fixture
+def h200_cache(tmp_path, monkeypatch):
+    """`choose` as on an H200 (sm90, SM count not asked), reading the returned cache file and no shipped entries;
+    in the interpreter the kernels still run on the CPU."""
+    cache = tmp_path / "tuning.json"
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(cache))
     monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
     monkeypatch.setattr(tuning, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
     monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
     monkeypatch.setattr(tuning, "sm_count", lambda d: None)
+    return cache
+
+
+def test_an_entry_this_version_cannot_read_is_skipped_with_a_warning(h200_cache, caplog):
+    """A cache entry written by another moe_fx version (a GemmConfig field it no longer has, a missing GEMM) is
+    not this version's config: `choose` warns, names the entry, and takes the next one (the shipped entry, a
+    stand-in, the defaults) instead of failing every call of the model."""
     shape, cuda = (8, 64, 96, 2, True, torch.bfloat16), torch.device("cuda")
     good = tuning.ExpertsConfig(tuning.GemmConfig(32, 64, 64), tuning.GemmConfig(16, 32, 128))
     tuning.store(tuning.key(*shape, "NVIDIA_H100_80GB_HBM3", 16), good, {"best": 1.0}, [9, 0])  # a stand-in
     stale, broken = tuning.key(*shape, "NVIDIA_H200", 16), tuning.key(*shape, "NVIDIA_H200", 1024)
-    data = json.loads((tmp_path / "tuning.json").read_text())
+    data = json.loads(h200_cache.read_text())
     data[stale] = {"up": {**asdict(good.up), "half_tails": True}, "down": asdict(good.down), "capability": [9, 0]}
     data[broken] = {"down": asdict(good.down), "capability": [9, 0]}
-    (tmp_path / "tuning.json").write_text(json.dumps(data))
+    h200_cache.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="moe_fx"):
         assert tuning.choose(*shape, cuda, 16 * 2) == good
         assert tuning.choose(*shape, cuda, 1024 * 2) == tuning.default_config(1024 * 2 / 8, torch.bfloat16)
@@ -309,20 +317,15 @@ def test_an_entry_this_version_cannot_read_is_skipped_with_a_warning(tmp_path, m
     assert f"moe_fx: ignoring tuning entry {broken}" in text and "'up'" in text, text
 
 
-def test_a_cache_that_is_not_an_object_of_entries_is_ignored_with_a_warning(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(tuning, "interpreting", lambda: False)
-    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
-    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
-    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
-    (tmp_path / "tuning.json").write_text("[1, 2]")
+def test_a_cache_that_is_not_an_object_of_entries_is_ignored_with_a_warning(h200_cache, caplog):
+    h200_cache.write_text("[1, 2]")
     with caplog.at_level(logging.WARNING, logger="moe_fx"):
         config = tuning.choose(8, 64, 96, 2, True, torch.bfloat16, torch.device("cuda"), 7 * 2)
     assert config == tuning.default_config(7 * 2 / 8, torch.bfloat16)
     assert "expected a JSON object of entries, got list" in caplog.text
 
 
-def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(tmp_path, monkeypatch, caplog):
+def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(h200_cache, monkeypatch, caplog):
     """A tuned entry this GPU and Triton can't compile (out of shared memory: tuned under another Triton version)
     runs the defaults instead, with one warning; the result is right, and later calls go to the defaults directly.
     The defaults failing the same way, or a config given by the caller, raise as before."""
@@ -330,12 +333,6 @@ def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(tmp_path, mo
 
     from moe_fx.lowering.triton import grouped_gemm
 
-    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
-    monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
-    monkeypatch.setattr(tuning, "interpreting", lambda: False)  # choose reads the cache; the kernels interpret
-    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H200")
-    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
-    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
     monkeypatch.setattr(tuning, "_UNFIT", set())
     E, D, F, K, T = 4, 32, 48, 2, 5
     tuned = tuning.ExpertsConfig(tuning.GemmConfig(16, 32, 32), tuning.GemmConfig(16, 32, 32))
