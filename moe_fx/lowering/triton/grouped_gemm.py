@@ -41,6 +41,7 @@ per run of 128 columns) were right in the interpreter and wrong on an H100 and a
 from __future__ import annotations
 
 import collections
+from typing import NamedTuple
 
 import torch
 import triton
@@ -51,6 +52,7 @@ from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.triton import quantize, tuning
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_tile
+from moe_fx.lowering.triton.route import _route_row, route_meta
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
 
@@ -377,6 +379,8 @@ def _up_kernel(
     stride_be, stride_bh, stride_hr, stride_hf,
     stride_xst, stride_xsb, stride_wse, stride_wsh, stride_wsb, stride_hsr,
     stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
+    # ROUTED: the router's logits and `route`'s arguments (`route._route_row`), each program routing its token
+    logits_ptr, route_bias_ptr, PICKS, EG, route_scale, group_fill, stride_lt, stride_le,
     # meta-parameters
     GATED: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, WEIGHT_INPUT: tl.constexpr,
     EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
@@ -385,23 +389,51 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROUTED: tl.constexpr = False, TOP_K: tl.constexpr = 1, SCORING: tl.constexpr = 0, TOPK_FIRST: tl.constexpr = False,
+    RENORMALIZE: tl.constexpr = False, HAS_ROUTE_BIAS: tl.constexpr = False, N_GROUP: tl.constexpr = 1,
+    TOPK_GROUP: tl.constexpr = 1, GROUP_TOPK: tl.constexpr = 1, ROUND: tl.constexpr = 0, ROUND_SUM: tl.constexpr = 0,
+    BLOCK_ER: tl.constexpr = 1, BLOCK_KR: tl.constexpr = 1, BLOCK_G: tl.constexpr = 1,
 ):  # fmt: skip
+    """The up GEMM's tiles (see the module's docstring). ROUTED (fused, decode): no dispatch; program t is the
+    F-slice t % cdiv(F, BLOCK_N) of pick t // cdiv(F, BLOCK_N) (token p // TOP_K, its (p % TOP_K)-th expert),
+    which it finds by routing the token's logits itself, as `route` does; one row of the tile is real."""
     if ZERO_OUT:  # the down GEMM adds its rows into out (REDUCE): zeros first, a share of them per program
         chunk = tl.cdiv(tl.cdiv(OUT_NUMEL, NPROG), 1024) * 1024
         first = tl.program_id(0).to(tl.int64) * chunk
         for z0 in range(first, tl.minimum(OUT_NUMEL, first + chunk), 1024):
             z = z0 + tl.arange(0, 1024)
             tl.store(out_ptr + z, tl.zeros((1024,), out_ptr.dtype.element_ty), mask=z < OUT_NUMEL)
-    e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(F, BLOCK_N)
-    pid, tiles = tl.program_id(0), real_tiles * num_pid_n
+    if ROUTED:
+        tiles = PICKS * num_pid_n
+    else:
+        e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
+        tiles = real_tiles * num_pid_n
+    pid = tl.program_id(0)
     for i in tl.range(0, tl.cdiv(tiles - pid, NPROG) if PERSISTENT else 1, flatten=PERSISTENT):  # see _down_kernel
         t = pid + i * NPROG
         if PERSISTENT or t < tiles:  # a grid of one program per tile may have more programs than tiles
-            expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
-            rows = start + tl.arange(0, BLOCK_M)
-            row_ok = rows < end
-            tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
+            row_w = tl.zeros((BLOCK_M,), tl.float32)  # the rows' routing weights, where a weight_at reads them
+            if ROUTED:
+                pick, pid_n = t // num_pid_n, t % num_pid_n
+                token = pick // TOP_K
+                w_K, ids_K, k_K = _route_row(logits_ptr, route_bias_ptr, token.to(tl.int64), E, EG, route_scale,
+                                             group_fill, stride_lt, stride_le, TOP_K, SCORING, TOPK_FIRST,
+                                             RENORMALIZE, HAS_ROUTE_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND,
+                                             ROUND_SUM, BLOCK_ER, BLOCK_KR, BLOCK_G)  # fmt: skip
+                mine = k_K == pick % TOP_K
+                expert = tl.sum(tl.where(mine, ids_K, 0), axis=0)
+                rows = tl.arange(0, BLOCK_M)
+                row_ok = rows == 0
+                tokens = tl.zeros((BLOCK_M,), tl.int64) + token
+                row_w = tl.where(row_ok, tl.sum(tl.where(mine, w_K, 0.0), axis=0), 0.0)
+            else:
+                expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
+                rows = start + tl.arange(0, BLOCK_M)
+                row_ok = rows < end
+                tokens = tl.load(gather_ptr + rows, mask=row_ok, other=0)
+                if WEIGHT_INPUT or (FUSED and WEIGHT_OUTPUT):
+                    row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)
             n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = n < F
             k = tl.arange(0, BLOCK_K)
@@ -457,9 +489,8 @@ def _up_kernel(
                 acc_g = acc
                 acc_u = acc
             if WEIGHT_INPUT:
-                row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)[:, None]
-                acc_g *= row_w
-                acc_u *= row_w
+                acc_g *= row_w[:, None]
+                acc_u *= row_w[:, None]
             if HAS_BIAS:
                 b_ptrs = bias_ptr + expert.to(tl.int64) * stride_be
                 b_gate = tl.load(b_ptrs + (BIAS_GATE + n * ROW_STEP) * stride_bh, mask=n_ok, other=0.0)
@@ -473,8 +504,8 @@ def _up_kernel(
                 h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
                 tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
             if FUSED:
-                _down_slice(h.to(w2_ptr.dtype.element_ty), rows, row_ok, tokens, expert, n, n_ok,
-                            tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D, stride_2e,
+                _down_slice(h.to(w2_ptr.dtype.element_ty), row_ok, tokens, expert, n, n_ok,
+                            tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_w, sum_ptr, D, stride_2e,
                             stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2, WEIGHT_OUTPUT, PRECISION,
                             BLOCK_D)  # fmt: skip
             else:
@@ -484,7 +515,7 @@ def _up_kernel(
 
 
 @triton.jit
-def _down_slice(h, rows, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, row_weights_ptr, sum_ptr, D,
+def _down_slice(h, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, row_w, sum_ptr, D,
                 stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2: tl.constexpr,
                 WEIGHT_OUTPUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     """The down GEMM of one up tile (fused): h [M, BLOCK_N], the activations of its rows over the F-slice f,
@@ -492,8 +523,6 @@ def _down_slice(h, rows, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_pt
     columns: all D in the first F-slice's program, none in the others; × the routing weight) added in fp32 into
     the rows' tokens of sum_TD. The F-slices' partial products meet there, in no fixed order."""
     w2_e = w2_ptr + expert.to(tl.int64) * stride_2e
-    if WEIGHT_OUTPUT:
-        row_w = tl.load(row_weights_ptr + rows, mask=row_ok, other=0.0)
     sum_rows = sum_ptr + tokens.to(tl.int64)[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
@@ -617,6 +646,28 @@ QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
 loads = collections.Counter()  # GEMM launches by operand path, e.g. "up/tma", "down/pointers+swap" (tests read it)
 
 
+class Routing(NamedTuple):
+    """What the fused decode kernel routes each pick by (`experts(routing=...)`): the router's logits_TE and the
+    rest of `route`'s arguments (`route.route_meta`)."""
+
+    logits: torch.Tensor
+    bias: torch.Tensor | None
+    k: int
+    scoring: str
+    order: str
+    renormalize: bool
+    n_group: int
+    topk_group: int
+    group_score_topk: int
+    scale: float
+    score_dtype: torch.dtype
+    group_fill: float
+
+
+# The routing meta-parameters under the up kernel's names (its own K and BLOCK_K are the GEMM's).
+_ROUTED_NAMES = {"K": "TOP_K", "HAS_BIAS": "HAS_ROUTE_BIAS", "BLOCK_E": "BLOCK_ER", "BLOCK_K": "BLOCK_KR"}
+
+
 def experts(
     xq: torch.Tensor,
     expert_offsets: torch.Tensor,
@@ -641,6 +692,8 @@ def experts(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     reduce: bool = False,
+    routing: Routing | None = None,
+    sums: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows xq_ND[gather_index_R], grouped by expert_offsets_E1 -> y_RD (see the `moe_fx::experts` contract).
 
@@ -660,13 +713,21 @@ def experts(
     `config` overrides the tuned/default block sizes (used by `tuning.tune`). Without it, a tuned config that
     does not compile on this GPU and Triton (out of shared memory or registers) gives way to the defaults, with
     a warning (`tuning.unfit`).
+
+    routing (reduce, unquantised, a fused config: `routes_at`): no dispatch; xq is x_TD, each of its tokens routed
+    by `routing` (the router's logits and `route`'s arguments) inside the fused kernel, whose program for pick p
+    finds its expert by running the token's top-k itself (`route._route_row`); the three dispatch tensors are not
+    read. `sums`: the fused kernel's fp32 sums and counter, int32 [T·D + 1] of zeros, where the caller zeroed them
+    (the router's GEMV, `route.project(zero=...)`); else this call allocates and zeroes them.
     """
     call = dict(locals())  # the arguments, for a second run with the defaults
+    if routing is not None:  # placeholders: the routing kernel reads none of the dispatch tensors
+        expert_offsets = gather_index = row_weights = routing.logits
     if quant not in QUANT_CODES:
         raise NotImplementedError(f"moe_fx: triton experts runs quant in {tuple(QUANT_CODES)}, got {quant!r}")
     if quant != "none" and (w3 is not None or w13_scale is None or w2_scale is None):
         raise ValueError(f"moe_fx: quant={quant!r} experts take canonical w13 (no w3) and both weight scales")
-    R, E = gather_index.shape[0], w13.shape[0]
+    R, E = (xq.shape[0] * routing.k if routing is not None else gather_index.shape[0]), w13.shape[0]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
     gated = activation in GATED_ACTIVATIONS
     code, G = QUANT_CODES[quant], quant_fmt.BLOCK
@@ -713,14 +774,25 @@ def experts(
         bias2 = w2_bias if w2_bias is not None else w2
         weight_output = weight_at == "output" or (reduce and weight_at == "none")
         fused = config.fused and reduce and code == 0
+        if routing is not None and not fused:
+            raise ValueError(f"moe_fx: experts routes its picks in a fused config only, got {tuning.describe(config)}")
         # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
         # otherwise the kernel never reads them (row_weights stands in: no allocation, no fill)
         sum_TD, done = row_weights, gather_index
         if fused:
-            sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
+            if sums is None:
+                sums = torch.zeros((y.numel() + 1,), dtype=torch.int32, device=xq.device)
             sum_TD, done = sums[:-1].view(torch.float32), sums[-1:]
-        loads[load_path("fused" if fused else "up", up_tma, c)] += 1
-        grid = _programs(c, R, E, F, xq.device)
+        loads[load_path("routed" if routing is not None else "fused" if fused else "up", up_tma, c)] += 1
+        grid, route_args, route_kw = _programs(c, R, E, F, xq.device), (row_weights,) * 2 + (0, 1, 1.0, 0.0, 0, 0), {}
+        if routing is not None:  # a program per F-slice of each pick, which routes its token itself
+            r, logits = routing, routing.logits
+            grid = R * cdiv(F, c.block_n)
+            route_args = (logits, r.bias if r.bias is not None else logits, R, logits.shape[1] // max(r.n_group, 1),
+                          float(r.scale), float(r.group_fill), logits.stride(0), logits.stride(1))  # fmt: skip
+            meta = route_meta(logits.shape[1], r.bias, r.k, r.scoring, r.order, r.renormalize, r.n_group,
+                              r.topk_group, r.group_score_topk, r.score_dtype)  # fmt: skip
+            route_kw = dict(ROUTED=True, **{_ROUTED_NAMES.get(name, name): value for name, value in meta.items()})
         launch(
             _up_kernel, (grid,),
             xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
@@ -732,6 +804,7 @@ def experts(
             bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
             xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
             w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1),
+            *route_args,
             GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
             WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
             QUANT=code, QMAX=quant_fmt.QMAX.get(quant, 1.0), IS_INT=is_int, PACK=2 if code == 3 else 1,
@@ -739,7 +812,7 @@ def experts(
             W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
             ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-            BLOCK_D=config.down.block_n, num_warps=c.num_warps, num_stages=c.num_stages,
+            BLOCK_D=config.down.block_n, **route_kw, num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
         if fused:
             return y
@@ -773,8 +846,8 @@ def experts(
         return y
     except triton.runtime.errors.OutOfResources as err:  # a chosen tuned config this GPU and Triton cannot compile
         fallback = None if chosen is None else tuning.unfit(chosen, err, *shape)
-        if fallback is None or fallback == chosen:  # given, or the default: a config the tests compile
-            raise
+        if fallback is None or fallback == chosen or routing is not None:  # given, or the default (a config the
+            raise  # tests compile), or routed (a fused config only: the caller then runs route and dispatch)
         args = {name: value for name, value in call.items() if name != "config"}
         return experts(**args, config=fallback)
 

@@ -99,20 +99,15 @@ def _group_keep(select_E, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.co
 
 
 @triton.jit
-def _route_kernel(
-    # pointers
-    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
-    # sizes
-    E, EG, scale, group_fill,
-    # strides
-    stride_lt, stride_le,
-    # meta-parameters
+def _route_row(
+    logits_ptr, bias_ptr, t, E, EG, scale, group_fill, stride_lt, stride_le,
     K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
     ROUND: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0).to(tl.int64)
+    """Token t's route: (w_K fp32, ids_K int32, k), its K picks in the lanes k < K: the `route` contract for one
+    row of logits (run by `_route_kernel`, and by each program of the experts kernel that routes its own pick)."""
     e = tl.arange(0, BLOCK_E)
     valid = e < E
     x_E = tl.load(logits_ptr + t * stride_lt + e * stride_le, mask=valid, other=0.0).to(tl.float32)
@@ -142,7 +137,27 @@ def _route_kernel(
     w_K = tl.where(k < K, w_K, 0.0)
     if RENORMALIZE:
         w_K = w_K / (tl.sum(w_K, axis=0) + 1e-20)
-    w_K = w_K * scale
+    return w_K * scale, ids_K, k
+
+
+@triton.jit
+def _route_kernel(
+    # pointers
+    logits_ptr, bias_ptr, weights_ptr, ids_ptr,
+    # sizes
+    E, EG, scale, group_fill,
+    # strides
+    stride_lt, stride_le,
+    # meta-parameters
+    K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
+    ROUND: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0).to(tl.int64)
+    w_K, ids_K, k = _route_row(logits_ptr, bias_ptr, t, E, EG, scale, group_fill, stride_lt, stride_le, K, SCORING,
+                               TOPK_FIRST, RENORMALIZE, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND, ROUND_SUM,
+                               BLOCK_E, BLOCK_K, BLOCK_G)  # fmt: skip
     tl.store(weights_ptr + t * K + k, w_K, mask=k < K)
     tl.store(ids_ptr + t * K + k, ids_K, mask=k < K)
 
@@ -150,15 +165,23 @@ def _route_kernel(
 @triton.jit
 def _project_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, out_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, zero_ptr,
     # sizes
-    T, E, D,
+    T, E, D, ZERO_NUMEL,
     # strides
     stride_xt, stride_we, stride_ot,
     # meta-parameters
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """logits[t, e] = x[t, :] . w[e, :] (+ b[e]) for a block of tokens and experts: fp32 sums over D."""
+    """logits[t, e] = x[t, :] . w[e, :] (+ b[e]) for a block of tokens and experts: fp32 sums over D. The programs
+    also write zeros over zero_ptr's ZERO_NUMEL int32s, a share each (the next kernel's sums: no fill launch)."""
+    if ZERO_NUMEL > 0:
+        programs = tl.num_programs(0) * tl.num_programs(1)
+        chunk = tl.cdiv(tl.cdiv(ZERO_NUMEL, programs), 256) * 256
+        first = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * chunk
+        for z0 in range(first, tl.minimum(ZERO_NUMEL, first + chunk), 256):
+            z = z0 + tl.arange(0, 256)
+            tl.store(zero_ptr + z, tl.zeros((256,), tl.int32), mask=z < ZERO_NUMEL)
     e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     acc_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
@@ -184,8 +207,10 @@ PROJECT_PROGRAMS = 64  # expert blocks the GEMV aims at: enough programs to stre
 PROJECT_TILE = 8192  # fp32 products a program holds per step (BLOCK_T * BLOCK_E * BLOCK_D): 64 a thread at 4 warps
 
 
-def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None) -> torch.Tensor:
-    """The router's logits_TE = linear(x_TD, w_ED, b_E), in x's dtype (a GEMV kernel up to PROJECT_MAX_T tokens)."""
+def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None, zero: torch.Tensor | None = None
+            ) -> torch.Tensor:  # fmt: skip
+    """The router's logits_TE = linear(x_TD, w_ED, b_E), in x's dtype (a GEMV kernel up to PROJECT_MAX_T tokens).
+    `zero` (int32, contiguous): written with zeros too, by the GEMV's programs (or a fill above PROJECT_MAX_T)."""
     T, D = x_TD.shape
     E = w_ED.shape[0]
     if w_ED.shape[1] != D or (b_E is not None and b_E.shape != (E,)):
@@ -193,23 +218,36 @@ def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None) ->
             f"moe_fx: route's projection expects weight [E, {D}] and bias [E], got {tuple(w_ED.shape)} and "
             f"{None if b_E is None else tuple(b_E.shape)}"
         )
-    if T > PROJECT_MAX_T or x_TD.dtype != w_ED.dtype:
+    if T > PROJECT_MAX_T or x_TD.dtype != w_ED.dtype or T == 0 or E == 0:
+        if zero is not None:
+            zero.zero_()
         return torch.nn.functional.linear(x_TD, w_ED, b_E)
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     w_ED = w_ED if w_ED.stride(-1) == 1 else w_ED.contiguous()
     logits_TE = torch.empty((T, E), dtype=x_TD.dtype, device=x_TD.device)
-    if T == 0 or E == 0:
-        return logits_TE
     BLOCK_T = next_power_of_2(T)
     BLOCK_E = min(next_power_of_2(cdiv(E, PROJECT_PROGRAMS)), 16)
     BLOCK_D = max(16, min(PROJECT_TILE // (BLOCK_T * BLOCK_E), next_power_of_2(D)))
     launch(
         _project_kernel, (cdiv(E, BLOCK_E), cdiv(T, BLOCK_T)),
-        x_TD, w_ED, b_E if b_E is not None else w_ED, logits_TE, T, E, D,
+        x_TD, w_ED, b_E if b_E is not None else w_ED, logits_TE, zero if zero is not None else logits_TE, T, E, D,
+        zero.numel() if zero is not None else 0,
         x_TD.stride(0), w_ED.stride(0), logits_TE.stride(0),
         HAS_BIAS=b_E is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
     )  # fmt: skip
     return logits_TE
+
+
+def route_meta(E: int, bias: torch.Tensor | None, k: int, scoring: str, order: str, renormalize: bool, n_group: int,
+               topk_group: int, group_score_topk: int, score_dtype: torch.dtype) -> dict:  # fmt: skip
+    """`_route_row`'s meta-parameters for `route`'s arguments (E experts)."""
+    return dict(
+        K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
+        HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],
+        ROUND_SUM=ROUND_CODES.get(torch.promote_types(score_dtype, bias.dtype), 0) if bias is not None else 0,
+        N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
+        BLOCK_E=next_power_of_2(E), BLOCK_K=next_power_of_2(k), BLOCK_G=next_power_of_2(max(n_group, 1)),
+    )  # fmt: skip
 
 
 def route(
@@ -236,17 +274,12 @@ def route(
     ids_TK = torch.empty((T, k), dtype=torch.int32, device=logits.device)
     if T == 0:
         return weights_TK, ids_TK
-    BLOCK_E = next_power_of_2(E)
     launch(
         _route_kernel, (T,),
         logits, bias if bias is not None else logits, weights_TK, ids_TK,
         E, E // max(n_group, 1), float(scale), float(group_fill),
         logits.stride(0), logits.stride(1),
-        K=k, SCORING=SCORING_CODES[scoring], TOPK_FIRST=order == "topk_then_score", RENORMALIZE=renormalize,
-        HAS_BIAS=bias is not None, ROUND=ROUND_CODES[score_dtype],
-        ROUND_SUM=ROUND_CODES.get(torch.promote_types(score_dtype, bias.dtype), 0) if bias is not None else 0,
-        N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_TOPK=group_score_topk,
-        BLOCK_E=BLOCK_E, BLOCK_K=next_power_of_2(k), BLOCK_G=next_power_of_2(max(n_group, 1)),
-        num_warps=1 if BLOCK_E <= 128 else 2,
+        **route_meta(E, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, score_dtype),
+        num_warps=1 if E <= 128 else 2,
     )  # fmt: skip
     return weights_TK, ids_TK
