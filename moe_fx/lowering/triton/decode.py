@@ -38,8 +38,14 @@ def routed_config(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, k: in
     return config if config.fused else None
 
 
-def routed_experts(x_TD: torch.Tensor, tokens_TD: torch.Tensor | None, proj_weight: torch.Tensor | None,
-                   proj_bias: torch.Tensor | None, routing: Routing, experts_args: dict) -> torch.Tensor | None:  # fmt: skip
+def routed_experts(
+    x_TD: torch.Tensor,
+    tokens_TD: torch.Tensor | None,
+    proj_weight: torch.Tensor | None,
+    proj_bias: torch.Tensor | None,
+    routing: Routing,
+    experts_args: dict,
+) -> torch.Tensor | None:
     """out_TD of `experts(reduce=True)` over the rows `routing` picks, in two kernels; None where it does not route.
 
     `proj_weight` set: the logits are linear(tokens_TD, proj_weight, proj_bias) (routing.logits is ignored);
