@@ -95,7 +95,8 @@ def _label(node: fx.Node) -> str:
         head = node.meta.get("source", node.name)
     elif "moe_fx" in node.meta:
         info = node.meta["moe_fx"]
-        head = f"moe_fx::{info['op']}  [{info['selection'].chosen.name}]"
+        op = "routed_experts" if info.get("routes") else info["op"]
+        head = f"moe_fx::{op}  [{info['selection'].chosen.name}]"
         detail = op_detail(info["op"], info["spec"])
         return "\n".join(s for s in (head, detail, shape) if s)
     elif node.op == "call_method":

@@ -48,6 +48,10 @@ class Lowering:
     # an experts lowering that also sums each token's rows (`experts(..., reduce=True)`, one device), for every
     # spec or for those a predicate accepts: the rewrite then leaves combine out
     reduces: bool | Callable[[MoESpec], bool] = False
+    # an experts lowering that reduces and can also route and dispatch its rows itself at decode
+    # (`moe_fx::routed_experts`): routes(x, tokens, proj_weight, proj_bias, route_args, experts_args) -> out_TD,
+    # or None where it does not (the op then runs the route, dispatch and experts lowerings)
+    routes: Callable | None = None
 
     def __str__(self) -> str:
         return f"{self.name} (priority {self.priority})"
@@ -88,12 +92,14 @@ def register_lowering(
     overlaps: bool = False,
     projects: bool = False,
     reduces: bool | Callable[[MoESpec], bool] = False,
+    routes: Callable | None = None,
 ) -> Callable[[Callable], Callable]:
     """Decorator: register `fn` as lowering `name` of `op` for (device, layout). device "*" = any.
     `overlaps` (quantize_dispatch only): fn returns before its exchange lands, having registered it with
     `moe_fx.lowering.distributed.exchanges.start_exchange`. `projects` (route only): fn takes `proj_weight` and
     `proj_bias` and, when they are given, the tokens in place of the logits. `reduces` (experts only, True or a
-    predicate of the spec): fn takes `reduce` and, when it is True, returns combine's out_ND (`moe_fx::experts`)."""
+    predicate of the spec): fn takes `reduce` and, when it is True, returns combine's out_ND (`moe_fx::experts`).
+    `routes` (an experts lowering that reduces): see `Lowering.routes`."""
     if op not in OPS:
         raise ValueError(f"moe_fx: op={op!r} is not one of {OPS}")
     if layout not in LAYOUTS:
@@ -106,8 +112,10 @@ def register_lowering(
             raise ValueError(f"moe_fx: projects=True is for route lowerings, not {op!r}")
         if reduces and op != "experts":
             raise ValueError(f"moe_fx: reduces=True is for experts lowerings, not {op!r}")
+        if routes is not None and not reduces:
+            raise ValueError(f"moe_fx: routes is for experts lowerings that reduce, not {op!r} {name!r}")
         entry = Lowering(op, name, device, layout, fn, priority, supports or _supports_all, overlaps, projects,
-                         reduces)  # fmt: skip
+                         reduces, routes)  # fmt: skip
         with _LOCK:
             entries = _ENTRIES.setdefault((op, device, layout), [])
             if any(e.name == name for e in entries):

@@ -102,6 +102,8 @@ class MoEMatch:
     combine_in_experts: bool = False
     # why combine stays its own op though the experts lowering could do its sum (`select_lowerings`), or ""
     combine_kept: str = ""
+    # `routed_experts` in place of route, quantize_dispatch and experts (`rewrite.select_lowerings`)
+    route_in_experts: bool = False
     weights_note: str = ""  # how pre-quantised expert weights are used (passes/prequant.py), for the report
     # a tensor from outside the block that its combine accumulates into (`shared(x).scatter_add(0, idx, y)`:
     # torchtitan): the rewrite adds it to the combine's output

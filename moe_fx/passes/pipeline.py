@@ -108,6 +108,14 @@ def _overlap(gm: fx.GraphModule, new_nodes: list[fx.Node], block: BlockReport, e
         dispatch.reason = f"{dispatch.reason}; its exchange overlaps {len(moved)} node(s) of the block's shared work"
 
 
+# The report's word on route and dispatch where one `routed_experts` node runs them (`rewrite.select_lowerings`).
+ROUTED = (
+    "in one routed_experts node with experts ({}): at the few tokens where its tiles are fused, its kernel routes "
+    "each pick itself after the router's GEMV (no route, sort or fill kernels); elsewhere this lowering runs "
+    "(options={{'fuse_route': False}} keeps the three nodes)"
+)
+
+
 def _tiles_note(match: MoEMatch, device: torch.device) -> str:
     """Which T-buckets the Triton experts run tuned tiles in, for a block on one GPU; "" for other lowerings."""
     spec = match.spec
@@ -127,7 +135,7 @@ def _weight_bytes(gm: fx.GraphModule, new_nodes: list[fx.Node]) -> int:
     """Bytes of the weights (stacked or quantised), biases and scales the block's experts node reads."""
     experts = next(n for n in new_nodes if n.meta.get("moe_fx", {}).get("op") == "experts")
     args = dict(zip((a.name for a in experts.target._schema.arguments), experts.args))
-    return sum(_tensor_bytes(gm, args[name]) for name in _WEIGHT_ARGS if isinstance(args[name], fx.Node))
+    return sum(_tensor_bytes(gm, args.get(name)) for name in _WEIGHT_ARGS if isinstance(args.get(name), fx.Node))
 
 
 def _tensor_bytes(gm: fx.GraphModule, node: fx.Node) -> int:
@@ -240,7 +248,8 @@ def rewrite_graph(
         if reason is None and options.layout != "single":
             reason = _not_sharded(match, options.layout)
         device = value(match.x).device
-        reason = reason or select_lowerings(match, device.type, options.lowerings, options.fuse_combine)
+        reason = reason or select_lowerings(match, device.type, options.lowerings, options.fuse_combine,
+                                            options.fuse_route)  # fmt: skip
         if reason is None:
             _check_native_quant(match, device, options)
         if reason is None and options.verify:
@@ -274,6 +283,11 @@ def rewrite_graph(
         if any(n.meta.get("moe_fx", {}).get("projects") for n in new_nodes):
             route = block.lowerings["route"]
             route.reason = f"{route.reason}; takes the router's linear (projects the tokens itself)"
+        if match.route_in_experts:
+            experts = block.lowerings["experts"]
+            for op in ("route", "quantize_dispatch"):
+                choice = block.lowerings[op]
+                choice.reason = f"{choice.reason}; {ROUTED.format(experts.name)}"
         if options.overlap_shared and match.selections["quantize_dispatch"].chosen.overlaps:
             overlapping.append((new_nodes, block))
         block.after, block.weight_bytes = snapshot(new_nodes), _weight_bytes(gm, new_nodes)

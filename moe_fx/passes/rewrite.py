@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_fx.lowering import registry
 from moe_fx.lowering.distributed.placement import Shard, shard_weights
-from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.passes import identity_experts as identity
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
@@ -40,10 +40,11 @@ log = logging.getLogger("moe_fx")
 OPS = torch.ops.moe_fx
 
 
-def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_combine: bool = True) -> str | None:
-    """Fill `match.selections` and `match.combine_in_experts` (`fuse_combine`, one device, an experts lowering
-    that `reduces`, no combine lowering forced, deterministic algorithms off); return a reason if some op has no
-    lowering for this spec/device."""
+def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_combine: bool = True,
+                     fuse_route: bool = True) -> str | None:  # fmt: skip
+    """Fill `match.selections`, `match.combine_in_experts` (`fuse_combine`, one device, an experts lowering
+    that `reduces`, no combine lowering forced, deterministic algorithms off) and `match.route_in_experts`
+    (`fuse_route`, `routed`); return a reason if some op has no lowering for this spec/device."""
     for op in registry.OPS:
         if op == "route" and not match.router_recognized:
             continue
@@ -56,7 +57,20 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_
     if match.combine_in_experts and torch.are_deterministic_algorithms_enabled():
         match.combine_in_experts = False
         match.combine_kept = DETERMINISTIC_COMBINE.format(match.selections["experts"].chosen.name)
+    match.route_in_experts = fuse_route and _routes_in_experts(match, forced)
     return None
+
+
+def _routes_in_experts(match: MoEMatch, forced: dict[str, str]) -> bool:
+    """Whether the block's route, quantize_dispatch and experts may be one `routed_experts` node: combine's sum is
+    in experts, whose lowering `routes`, the route lowering is of the same backend (the routed kernel routes as
+    it does), none of the three is forced, and the block has no quantised activations, capacity or identity
+    experts (picks the routed kernel would have to drop)."""
+    if not match.combine_in_experts or not match.router_recognized or forced.keys() & {"route", "quantize_dispatch"}:
+        return False
+    experts, spec = match.selections["experts"].chosen, match.spec
+    same_backend = experts.routes is not None and match.selections["route"].chosen.name == experts.name
+    return same_backend and spec.quant.mode == "none" and not spec.router.capacity and not spec.experts.identity_experts
 
 
 # Why combine keeps its node under torch.use_deterministic_algorithms(True): Dynamo guards on that flag, so
@@ -290,7 +304,8 @@ def rewrite(
     owns_forward: bool = False,
 ) -> list[fx.Node]:
     """Rewrite one block in place. Returns the four moe_fx nodes (one fewer when the router is opaque, one fewer
-    when experts does combine's sum: `match.combine_in_experts`).
+    when experts does combine's sum: `match.combine_in_experts`; one `routed_experts` node where it also routes
+    and dispatches: `match.route_in_experts`).
 
     `shard`: this rank's part under a parallel layout (the graph then reads only its weight shard and
     passes the group's name and the expert map to dispatch/combine); `owns_forward`: see `_bind_shard`.
@@ -334,6 +349,7 @@ def rewrite(
         return node
 
     projection = router_projection(match, E_routed)
+    routed = match.route_in_experts
     with g.inserting_before(match.output):
         x_TD = call("reshape", match.x, -1, D, method=True)
         if match.router_recognized:
@@ -341,31 +357,34 @@ def rewrite(
             if bias_E is not None and len(shape_of(bias_E)) != 1:
                 bias_E = call("reshape", bias_E, E_routed, method=True)  # Ernie4.5 keeps it as [1, E]
             if projection is None:
-                logits_TE = call("reshape", match.logits, -1, E_routed, method=True)
-                route = call(OPS.route.default, *route_args(spec.router, logits_TE, bias_E, impl["route"]))
+                route_in, proj = call("reshape", match.logits, -1, E_routed, method=True), ()
             else:  # route takes the router's linear: its tokens, weight and bias
                 tokens, w_ED, b_E = projection
-                tokens_TD = call("reshape", tokens, -1, shape_of(w_ED)[1], method=True)
-                args = route_args(spec.router, tokens_TD, bias_E, impl["route"], w_ED, b_E)
-                route = call(OPS.route.default, *args)
-            weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
+                route_in, proj = call("reshape", tokens, -1, shape_of(w_ED)[1], method=True), (w_ED, b_E)
+        if routed:  # route, dispatch and experts(reduce=True) in one node
+            args = routed_args(spec, x_TD, route_in, bias_E, w13, w3, w2, b13, b2, out_dtype, impl, *proj)
+            out = y = call(OPS.routed_experts.default, *args)
         else:
-            weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
-            ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
-        if spec.experts.identity_experts:  # their picks become dropped ones, added back after combine
-            split = call(identity.split, ids_TK, weights_TK, E)
-            ids_TK, weights_TK, identity_T1 = (call(operator.getitem, split, i) for i in range(3))
-        impl_d = impl["quantize_dispatch"]
-        args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
-        dispatch = call(OPS.quantize_dispatch.default, *args)
-        dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
-        reduce = match.combine_in_experts  # one device only (`select_lowerings`)
-        args = experts_args(spec, x_TD, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale,
-                            w2_scale, reduce)  # fmt: skip
-        out = y = call(OPS.experts.default, *args)
-        if not reduce:  # else experts did combine's sum
-            args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
-            out = combine = call(OPS.combine.default, *args)
+            if match.router_recognized:
+                route = call(OPS.route.default, *route_args(spec.router, route_in, bias_E, impl["route"], *proj))
+                weights_TK, ids_TK = call(operator.getitem, route, 0), call(operator.getitem, route, 1)
+            else:
+                weights_TK = call("float", call("reshape", match.weights_cut, -1, K, method=True), method=True)
+                ids_TK = call("int", call("reshape", match.ids_cut, -1, K, method=True), method=True)
+            if spec.experts.identity_experts:  # their picks become dropped ones, added back after combine
+                split = call(identity.split, ids_TK, weights_TK, E)
+                ids_TK, weights_TK, identity_T1 = (call(operator.getitem, split, i) for i in range(3))
+            impl_d = impl["quantize_dispatch"]
+            args = dispatch_args(spec, x_TD, ids_TK, weights_TK, impl_d, group_name, expert_map, num_local)
+            dispatch = call(OPS.quantize_dispatch.default, *args)
+            dispatched = tuple(call(operator.getitem, dispatch, i) for i in range(7))
+            reduce = match.combine_in_experts  # one device only (`select_lowerings`)
+            args = experts_args(spec, x_TD, dispatched, w13, w3, w2, b13, b2, out_dtype, impl["experts"], w13_scale,
+                                w2_scale, reduce)  # fmt: skip
+            out = y = call(OPS.experts.default, *args)
+            if not reduce:  # else experts did combine's sum
+                args = combine_args(spec, y, weights_TK, dispatched, impl["combine"], group_name)
+                out = combine = call(OPS.combine.default, *args)
         if spec.experts.identity_experts:
             out = call(identity.add, out, x_TD, identity_T1)
         result = match.output if not is_inplace(match.output) else view.root[match.output]
@@ -373,14 +392,19 @@ def rewrite(
             out = call("reshape_as", out, match.x, method=True)
         if match.base is not None:  # the tensor the original combine accumulated into
             out = call(operator.add, match.base, out)
-    ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts")) + (() if reduce else ((combine, "combine"),))
-    if match.router_recognized:
-        ops_nodes = ((route, "route"), *ops_nodes)
+    if routed:
+        ops_nodes = ((y, "experts"),)
+    else:
+        ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts")) + (() if reduce else ((combine, "combine"),))
+        if match.router_recognized:
+            ops_nodes = ((route, "route"), *ops_nodes)
     for node, op in ops_nodes:
         node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
         node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
     if projection is not None:  # the report says so (`pipeline.rewrite_graph`)
-        route.meta["moe_fx"]["projects"] = True
+        (y if routed else route).meta["moe_fx"]["projects"] = True
+    if routed:
+        y.meta["moe_fx"]["routes"] = True
 
     new = set(new_nodes)
     if is_inplace(match.output):

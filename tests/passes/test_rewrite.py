@@ -279,3 +279,88 @@ def test_experts_read_the_tokens_unless_quantised(quant):
         assert rows.target is operator.getitem and rows.args == (dispatch, 0)
         assert dispatch.meta["val"][0].shape == (7, 32)
     assert rel_err(out, ref) < (TOLERANCE[torch.float32] if quant == "none" else EXPECTED_ERROR[quant])
+
+
+ROUTING = "routing_test_triton"
+
+
+@pytest.fixture
+def routing_lowerings(monkeypatch):
+    """Triton's route (projecting) and experts (reducing and routing) registered for the CPU under one name, above
+    the reference, every experts config fused (the interpreter's defaults are not): what a GPU runs at decode.
+    Records the tokens of each routed call that the two-kernel path took."""
+    from dataclasses import replace
+
+    from moe_fx.lowering.triton import tuning
+
+    choose = tuning._choose
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
+    routed, real = [], triton_lowering._decode.routed_experts
+
+    def recorded(x, *args):
+        out = real(x, *args)
+        if out is not None:
+            routed.append(x.shape[0])
+        return out
+
+    monkeypatch.setattr(triton_lowering._decode, "routed_experts", recorded)
+    reg = dict(device="cpu", name=ROUTING, priority=100)
+    registry.register_lowering("route", projects=True, **reg)(triton_lowering.triton_route)
+    registry.register_lowering("experts", reduces=True, routes=triton_lowering.routes, **reg)(
+        triton_lowering.triton_experts
+    )
+    yield routed
+    registry.unregister_lowering("route", device="cpu", name=ROUTING)
+    registry.unregister_lowering("experts", device="cpu", name=ROUTING)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_route_and_dispatch_in_experts(fuse, routing_lowerings):
+    """With route and experts lowerings that can, the block is one `routed_experts` node: at T <= 4 its two
+    kernels (the GEMV, then experts routing each pick), above that route, dispatch and experts; outputs equal the
+    model's either way, and the report says where route and dispatch went. fuse_route=False keeps three nodes."""
+    model = ex.LoopMoE().eval()
+    inputs = [torch.randn(T, 32) for T in (3, 1, 9)]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+        report = moe_fx.apply(model, inputs[0], options={"fuse_route": fuse, "verify": False})
+        with no_fallback():
+            outs = [model(x) for x in inputs]
+    gm = model.forward.gm
+    counts = {op: len(_op_nodes(gm, op)) for op in ("routed_experts", "route", "quantize_dispatch", "experts")}
+    assert counts == ({"routed_experts": 1, "route": 0, "quantize_dispatch": 0, "experts": 0} if fuse else
+                      {"routed_experts": 0, "route": 1, "quantize_dispatch": 1, "experts": 1})  # fmt: skip
+    (block,) = report.matches
+    for op in ("route", "quantize_dispatch"):
+        assert ("in one routed_experts node" in block.lowerings[op].reason) == fuse, block.lowerings[op]
+    assert routing_lowerings == ([3, 1] if fuse else [])  # T=9: more tokens than the GEMV's, the three ops
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < TOLERANCE[torch.float32]
+    if fuse:
+        assert "moe_fx::routed_experts  [" + ROUTING in moe_fx.draw.to_dot(block.after)
+
+
+def test_route_and_dispatch_in_experts_under_torch_compile(routing_lowerings):
+    """Through Dynamo and Inductor: the fake `routed_experts` is [T, D]; decode takes the two kernels."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend="moe_fx", options={"verify": False})(x)
+    assert routing_lowerings == [2] and rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+def test_deterministic_algorithms_route_apart(routing_lowerings):
+    """Under torch.use_deterministic_algorithms(True) the block keeps combine, and with it route and dispatch; an
+    applied routed node runs the three ops (the decode kernel sums with atomics)."""
+    model = ex.LoopMoE().eval()
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with deterministic():
+            report = moe_fx.apply(copy.deepcopy(model), x, options={"verify": False})
+        assert "in one routed_experts node" not in str(report)
+        moe_fx.apply(model, x, options={"verify": False})
+        with deterministic():
+            out = model(x)
+    assert routing_lowerings == [] and rel_err(out, ref) < TOLERANCE[torch.float32]

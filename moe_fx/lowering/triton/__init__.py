@@ -10,6 +10,7 @@ import torch
 
 from moe_fx.lowering.registry import register_lowering
 from moe_fx.lowering.triton import combine as _combine
+from moe_fx.lowering.triton import decode as _decode
 from moe_fx.lowering.triton import dispatch as _dispatch
 from moe_fx.lowering.triton import grouped_gemm as _gemm
 from moe_fx.lowering.triton import route as _route
@@ -104,8 +105,16 @@ def sums_in_order() -> bool:
     return torch.are_deterministic_algorithms_enabled()
 
 
+def routes(x, tokens, proj_weight, proj_bias, routing, weights):
+    """`moe_fx::routed_experts` in two kernels where the experts' config at this T is fused (`decode.py`); None
+    elsewhere, and under deterministic algorithms (its sums are atomics)."""
+    if sums_in_order():
+        return None
+    return _decode.routed_experts(x, tokens, proj_weight, proj_bias, _gemm.Routing(**routing), weights)
+
+
 @register_lowering("experts", device="cuda", name=NAME, priority=PRIORITY, supports=supports_experts,
-                   reduces=reduces_natively)  # fmt: skip
+                   reduces=reduces_natively, routes=routes)  # fmt: skip
 def triton_experts(
     xq,
     xscale,
