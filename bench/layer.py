@@ -38,7 +38,7 @@ import triton
 
 from moe_fx.lowering import quant
 from moe_fx.lowering.triton import timing, tuning
-from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 OPS = torch.ops.moe_fx
@@ -56,9 +56,10 @@ QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "b
 # *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
 # moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; *_reduce: combine's sum in the
-# down GEMM's epilogue (`experts(..., reduce=True)`); not in the default set
+# down GEMM's epilogue (`experts(..., reduce=True)`); moe_fx_triton_routed: route, dispatch and experts as the
+# rewrite's one `routed_experts` node (at decode the GEMV, then one kernel that routes each pick); not by default
 REDUCE_QUANT = {"moe_fx_fp8_reduce": "fp8"}
-REDUCE_VARIANTS = ("moe_fx_triton_reduce", *REDUCE_QUANT)
+REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_triton_routed", *REDUCE_QUANT)
 QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT}  # every quantised variant's mode
 EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
@@ -107,11 +108,11 @@ def route(spec, x, gate, linear_outside=False):
     return OPS.route(*route_args(spec.router, x, None, "triton", gate))
 
 
-def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, reduce=False):
+def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, reduce=False, routed=False):
     """moe_fx's four ops on the block's weights; `oss_storage`: the same weights stored as GPT-OSS stores
     its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone;
     `linear_outside`: the router's linear by torch, not by route (see `route`); `reduce`: three ops, combine's
-    sum done by experts."""
+    sum done by experts; `routed`: one `routed_experts` op in place of the three (Triton's route and dispatch)."""
     w13, w2, gate = block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
     if oss_storage:
         E, H, D = w13.shape
@@ -122,6 +123,9 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, red
         spec = spec.replace(experts=dataclasses.replace(spec.experts, **oss))
 
     def run(x):
+        if routed:
+            impls = {"route": "triton", "quantize_dispatch": "triton", "experts": impl}
+            return OPS.routed_experts(*routed_args(spec, x, x, None, w13, None, w2, None, None, x.dtype, impls, gate))
         weights, ids = route(spec, x, gate, linear_outside)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
         y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, impl, reduce=reduce))
@@ -250,6 +254,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
         **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
         "moe_fx_triton_linear": moe_fx_layer(block, spec, "triton", linear_outside=True),
         "moe_fx_triton_reduce": moe_fx_layer(block, spec, "triton", reduce=True),
+        "moe_fx_triton_routed": moe_fx_layer(block, spec, "triton", routed=True),
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
