@@ -97,7 +97,7 @@ def _label(node: fx.Node) -> str:
         info = node.meta["moe_fx"]
         op = "routed_experts" if info.get("routes") else info["op"]
         head = f"moe_fx::{op}  [{info['selection'].chosen.name}]"
-        detail = op_detail(info["op"], info["spec"])
+        detail = op_detail(op, info["spec"])
         return "\n".join(s for s in (head, detail, shape) if s)
     elif node.op == "call_method":
         head = f".{node.target}()"

@@ -240,6 +240,8 @@ def op_detail(op: str, spec: MoESpec) -> str:
     if op == "experts":
         layout = "" if not es.gated or es.gate_up == "concat" else f" {es.gate_up}"
         return f"E={es.num_experts} F={es.ffn} {es.activation}{layout}"
+    if op == "routed_experts":  # route, dispatch and experts(reduce=True) in one node
+        return f"{op_detail('route', spec)} -> {op_detail('experts', spec)}, summed"
     return f"weight at {spec.weight_placement}"
 
 

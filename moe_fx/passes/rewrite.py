@@ -403,8 +403,9 @@ def rewrite(
         node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
     if projection is not None:  # the report says so (`pipeline.rewrite_graph`)
         (y if routed else route).meta["moe_fx"]["projects"] = True
-    if routed:
+    if routed:  # the report's lookups find it as the block's experts node
         y.meta["moe_fx"]["routes"] = True
+        y.meta["custom"] = annotation("routed_experts", spec, impl["experts"])
 
     new = set(new_nodes)
     if is_inplace(match.output):

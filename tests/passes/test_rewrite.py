@@ -336,8 +336,9 @@ def test_route_and_dispatch_in_experts(fuse, routing_lowerings):
     assert routing_lowerings == ([3, 1] if fuse else [])  # T=9: more tokens than the GEMV's, the three ops
     for out, ref in zip(outs, refs):
         assert rel_err(out, ref) < TOLERANCE[torch.float32]
-    if fuse:
+    if fuse:  # the drawing and print_readable name the one node
         assert "moe_fx::routed_experts  [" + ROUTING in moe_fx.draw.to_dot(block.after)
+        assert f"routed_experts [{ROUTING}]" in gm.print_readable(print_output=False)
 
 
 def test_route_and_dispatch_in_experts_under_torch_compile(routing_lowerings):
