@@ -104,6 +104,16 @@ def test_route_takes_the_router_linear_on_cuda():
         assert rel_err(static_out, model(static_x)) < 1e-6
 
 
+def replayed_logits(model, inputs: dict) -> torch.Tensor:
+    """The model's logits on `inputs` from a CUDA graph's replay (the kernels compiled by a call before)."""
+    graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs.items()}
+    model(**static)
+    with torch.cuda.graph(graph):
+        static_out = model(**static).logits
+    graph.replay()
+    return static_out
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_combine_in_experts_on_cuda(fuse):
     """Triton's experts does combine's sum in its down GEMM's epilogue (bf16 atomics) unless fuse_combine is off:
@@ -125,12 +135,7 @@ def test_combine_in_experts_on_cuda(fuse):
             assert len(combines) == (0 if fuse else 1)
         for kw, ref in zip(inputs, refs):
             assert rel_err(model(**kw).logits, ref) < 2e-2
-        graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs[0].items()}
-        model(**static)  # warm-up: compile the kernels outside the capture
-        with torch.cuda.graph(graph):
-            static_out = model(**static).logits
-        graph.replay()
-        assert rel_err(static_out, refs[0]) < 2e-2
+        assert rel_err(replayed_logits(model, inputs[0]), refs[0]) < 2e-2
 
 
 def test_deterministic_algorithms_repeat_the_bits_on_cuda():
@@ -184,9 +189,4 @@ def test_routed_decode_on_cuda(monkeypatch):
             before = grouped_gemm.loads.copy()
             assert rel_err(model(**kw).logits, ref) < 2e-2
             assert kind in {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()}
-        graph, static = torch.cuda.CUDAGraph(), {k: v.clone() for k, v in inputs[0].items()}
-        model(**static)  # warm-up: compile the kernels outside the capture
-        with torch.cuda.graph(graph):
-            static_out = model(**static).logits
-        graph.replay()
-        assert rel_err(static_out, refs[0]) < 2e-2
+        assert rel_err(replayed_logits(model, inputs[0]), refs[0]) < 2e-2
