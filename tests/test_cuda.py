@@ -181,7 +181,7 @@ def test_routed_decode_on_cuda(monkeypatch):
     inputs = [{k: v.cuda() for k, v in kw.items()} for kw in inputs]
     with torch.no_grad():
         refs = [model(**kw).logits for kw in inputs]
-        report = moe_fx.apply(model, **inputs[1])
+        report = moe_fx.apply(model, **inputs[1], options={"fuse_route": True})
         assert report.matches and all(
             "in one routed_experts node" in b.lowerings["route"].reason for b in report.matches
         ), str(report)

@@ -110,9 +110,9 @@ def _overlap(gm: fx.GraphModule, new_nodes: list[fx.Node], block: BlockReport, e
 
 # The report's word on route and dispatch where one `routed_experts` node runs them (`rewrite.select_lowerings`).
 ROUTED = (
-    "in one routed_experts node with experts ({}): at the few tokens where its tiles are fused, its kernel routes "
-    "each pick itself after the router's GEMV (no route, sort or fill kernels); elsewhere this lowering runs "
-    "(options={{'fuse_route': False}} keeps the three nodes)"
+    "in one routed_experts node with experts ({}) (fuse_route): at the few tokens where its tiles are fused, its "
+    "kernel routes each pick itself after the router's GEMV (no route, sort or fill kernels); elsewhere this "
+    "lowering runs"
 )
 
 

@@ -318,7 +318,8 @@ def routing_lowerings(monkeypatch):
 def test_route_and_dispatch_in_experts(fuse, routing_lowerings):
     """With route and experts lowerings that can, the block is one `routed_experts` node: at T <= 4 its two
     kernels (the GEMV, then experts routing each pick), above that route, dispatch and experts; outputs equal the
-    model's either way, and the report says where route and dispatch went. fuse_route=False keeps three nodes."""
+    model's either way, and the report says where route and dispatch went. Without fuse_route (the default), three
+    nodes."""
     model = ex.LoopMoE().eval()
     inputs = [torch.randn(T, 32) for T in (3, 1, 9)]
     with torch.no_grad():
@@ -347,7 +348,7 @@ def test_route_and_dispatch_in_experts_under_torch_compile(routing_lowerings):
     x = torch.randn(2, 32)
     with torch.no_grad():
         ref = model(x)
-        out = torch.compile(model, backend="moe_fx", options={"verify": False})(x)
+        out = torch.compile(model, backend="moe_fx", options={"verify": False, "fuse_route": True})(x)
     assert routing_lowerings == [2] and rel_err(out, ref) < TOLERANCE[torch.float32]
 
 
@@ -359,9 +360,9 @@ def test_deterministic_algorithms_route_apart(routing_lowerings):
     with torch.no_grad():
         ref = model(x)
         with deterministic():
-            report = moe_fx.apply(copy.deepcopy(model), x, options={"verify": False})
+            report = moe_fx.apply(copy.deepcopy(model), x, options={"verify": False, "fuse_route": True})
         assert "in one routed_experts node" not in str(report)
-        moe_fx.apply(model, x, options={"verify": False})
+        moe_fx.apply(model, x, options={"verify": False, "fuse_route": True})
         with deterministic():
             out = model(x)
     assert routing_lowerings == [] and rel_err(out, ref) < TOLERANCE[torch.float32]
