@@ -11,7 +11,7 @@ SM, and the main loop's SASS instruction mix per warp and K-step. What a config 
 spending GPU time on it (e.g. whether a decode tile reaches wgmma, how many instructions a K-step issues).
 
     python bench/ptx_stats.py --quant int4_weight --swap --tile 16 64 128 4 4 [--tma] [--persistent] [--sass]
-        [--arch 90] [--top 25]
+        [--arch 90] [--top 25] [--fused [--routed]]
     python bench/ptx_stats.py --table [MATCH] [--json rows.json]   # every mode and path: diff before/after
 """
 
@@ -52,9 +52,11 @@ def _type(a) -> str:
     return {bool: "i1", int: "i32", float: "fp32"}[type(a)]
 
 
-def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T=4, K=2, dtype=torch.bfloat16):
+def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T=4, K=2, dtype=torch.bfloat16,
+             routed: bool = False):  # fmt: skip
     """[(kernel, args, meta)] that one experts call on CPU tensors of this shape launches with `config` (summing
-    each token's rows in experts, `reduce`, where the config is fused)."""
+    each token's rows in experts, `reduce`, where the config is fused; `routed`: each program routing its own
+    pick from softmax logits, as `routed_experts` runs a fused config at decode)."""
     w13, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
     scales = {}
     if quant_mode != "none":
@@ -66,6 +68,11 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
         x, xscale = quant.quantize_rows(x, quant_mode)
     R = T * K
     rows = torch.zeros(R, dtype=torch.int64)
+    routing = None
+    if routed:
+        logits = torch.randn(T, E, dtype=dtype)
+        routing = grouped_gemm.Routing(logits, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0,
+                                       torch.float32, 0.0)  # fmt: skip
     captured = []
     with (
         mock.patch.object(grouped_gemm, "launch", lambda kernel, grid, *a, **meta: captured.append((kernel, a, meta))),
@@ -74,7 +81,8 @@ def launches(quant_mode: str, config: tuning.ExpertsConfig, E=8, D=256, F=128, T
     ):  # fmt: skip
         grouped_gemm.experts(x, torch.zeros(E + 1, dtype=torch.int64), rows, torch.zeros(R), w13, None, w2, None, None,
                              "none", "silu_gated", "concat", False, False, 1.7, 7.0, dtype, config=config,
-                             quant=quant_mode, xscale=xscale, reduce=config.fused, **scales)  # fmt: skip
+                             quant=quant_mode, xscale=xscale, reduce=config.fused, routing=routing,
+                             **scales)  # fmt: skip
     return captured
 
 
@@ -177,6 +185,8 @@ def main():
     p.add_argument("--tma", action="store_true", help="TMA descriptor loads (the weights; the down GEMM's h too)")
     p.add_argument("--persistent", action="store_true", help="persistent programs (tile and K loops flattened)")
     p.add_argument("--fused", action="store_true", help="one kernel, the down GEMM in the up tile's epilogue")
+    p.add_argument("--routed", action="store_true", help="--fused, each program routing its own pick")
+    p.add_argument("--shape", nargs=4, type=int, default=[8, 2, 256, 128], metavar=("E", "K", "D", "F"))
     p.add_argument("--arch", type=int, default=90)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--sass", action="store_true", help="also the cubin: registers, occupancy, the main loop's SASS")
@@ -198,7 +208,9 @@ def main():
     config = tuning.ExpertsConfig(gemm, gemm)
     if args.fused:  # w2 in the column blocks `tune` times fused candidates with
         config = tuning.ExpertsConfig(gemm, replace(gemm, block_n=tuning.FUSED_BLOCK_D), fused=True)
-    for kernel, kargs, meta in launches(args.quant, tuning.conform(config, args.quant)):
+    E, K, D, F = args.shape
+    for kernel, kargs, meta in launches(args.quant, tuning.conform(config, args.quant), E, D, F, 4, K,
+                                        routed=args.routed):  # fmt: skip
         compiled = compile_for(kernel, kargs, meta, args.arch)
         text = compiled.asm["ptx"]
         ops = collections.Counter(re.findall(r"^\s+([a-z][\w.]*)", text, re.M))

@@ -72,3 +72,21 @@ def test_a_fused_config_compiles_one_kernel_with_the_down_gemm():
         assert kernels == (["_up_kernel"] if flags else ["_up_kernel", "_down_kernel"]), out
         mma[flags] = int(re.search(r"mma\.sync (\d+)", out).group(1))  # the first line: the up kernel
     assert mma[("--fused",)] > mma[()]
+
+
+def test_the_routing_decode_kernel_compiles_like_the_fused_one():
+    """--fused --routed: Qwen3's shipped T=1 tile, each program routing its own pick (`routed_experts`), compiles
+    for sm90 to one kernel with the fused kernel's shared memory and occupancy, no spills, and the route's
+    shuffles (its reductions) beside the same MMAs."""
+    shape = ("--shape", "128", "8", "2048", "768", "--tile", "16", "64", "128", "4", "4", "--tma", "--fused", "--sass")
+    stats = {}
+    for routed in (False, True):
+        out = ptx_stats(*shape, *["--routed"] * routed, "--top", "100")
+        (line,) = [line for line in out.splitlines() if " sm90 " in line]
+        (sass,) = re.findall(r"sass: (\d+) registers, (\d+) B shared, (\d+) blocks per SM, (\d+) B stack", out)
+        stats[routed] = dict(line=line, sass=[int(n) for n in sass], out=out)
+    fused, routed = stats[False], stats[True]
+    assert fused["line"].split()[0] == routed["line"].split()[0] == "_up_kernel", routed["out"]
+    assert routed["sass"][1:] == fused["sass"][1:] and routed["sass"][3] == 0, (fused["sass"], routed["sass"])
+    assert re.search(r"mma\.sync (\d+)", routed["line"])[1] == re.search(r"mma\.sync (\d+)", fused["line"])[1]
+    assert "shfl.sync.bfly" in routed["out"]
