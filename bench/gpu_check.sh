@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [routed] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -24,6 +24,11 @@ while [ $# -gt 0 ]; do
       timeout 420 python -m pytest -q -n 12 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
         tests/passes/test_quantize_weights.py tests/lowering/test_quant.py tests/test_autotune.py 2>&1 \
         | tee "$out/gpu_tests.log" | tail -8 ;;
+    routed)  # the decode chain against routed_experts' two kernels (fuse_route), then the layer with each, T=1 and 4
+      timeout 150 python bench/decode_chain.py --out "$out" 2>&1 | grep -v "^wrote" | tee "$out/decode_chain.log"
+      timeout 200 python bench/layer.py --out "$out" --shapes qwen3 gptoss --T 1 4 --profile \
+        --variants moe_fx_triton_reduce moe_fx_triton_routed moe_fx_fp8_reduce 2>&1 | grep -v "it/s" \
+        | tee "$out/layer_routed.log" ;;
     verify)  # every tuning candidate against the reference lowering, every quant mode, ragged shapes
       timeout 540 python bench/verify_candidates.py --out "$out" 2>&1 | tee "$out/verify_candidates.log" ;;
     fuzz)  # random experts problems and tiles against the reference lowering, bf16, ~8 minutes
