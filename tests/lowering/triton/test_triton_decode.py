@@ -70,6 +70,19 @@ def test_routed_decode_equals_the_chain_and_the_oracle(dtype, T, case, fused):
     assert rel_err(out.cpu(), expected) < TOLERANCE[dtype]
 
 
+def test_routed_decode_on_every_load_path(gemm_path, monkeypatch):
+    """The routing kernel through pointers, TMA descriptors, swapped operands and persistent programs (the
+    `gemm_path` fixture's configs, made fused here), against the chain."""
+    chosen = tuning._choose  # the gemm_path fixture's
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
+    T, dtype = 3, torch.float16
+    x, w_router = torch.randn(T, D).to(dtype).to(DEVICE), (torch.randn(E, D) / 2).to(dtype).to(DEVICE)
+    routing, kw = routing_of("softmax_renorm"), experts_kw(dtype)
+    out = decode.routed_experts(x, x, w_router, None, routing, kw)
+    ref, _, _ = chain(x, x, w_router, routing, kw)
+    assert rel_err(out.cpu(), ref.cpu()) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("weight_at", ["input", "output"])
 def test_routed_decode_weighs_where_the_spec_says(weight_at, fused):
     """The routing weight the kernel finds for its pick scales the expert's input (Llama4) or output."""
