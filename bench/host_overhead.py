@@ -6,7 +6,9 @@
 `--profile` also writes `host_profile.txt`: cProfile of the four ops through the dispatcher, by cumulative time.
 `--bodies` times the four ops and their launchers with the kernel launches replaced by a no-op: the Python
 around the launches (dispatcher, sizes, allocations, config choice), which needs no GPU; writes
-`host_overhead-bodies.json`.
+`host_overhead-bodies.json`. The two "T=1" rows are a decode step's summing block: route (projecting), dispatch
+and experts(reduce=True) as three ops, and as one `routed_experts` op where the experts' config is fused (its
+two launches; under `--bodies` every config is taken as fused, as Qwen3's shipped T=1 entry is on a GPU).
 
 Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
 a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import json
 import platform
@@ -27,8 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from moe_fx.lowering.triton import combine, dispatch, grouped_gemm, route
-from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
+from moe_fx.lowering.triton import combine, dispatch, grouped_gemm, route, tuning
+from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
 
 OPS = torch.ops.moe_fx
@@ -72,6 +75,14 @@ def main():
     d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, w, setup))
     y = torch.randn(T * K, D, device=device, dtype=torch.bfloat16)
     r = spec.router
+    x1, gate = x[:1], torch.randn(E, D, device=device, dtype=torch.bfloat16)
+    impls = dict.fromkeys(("route", "quantize_dispatch", "experts"), "triton")
+
+    def chain_1():  # route, dispatch, experts(reduce=True) at T=1
+        w1, ids1 = OPS.route(*route_args(r, x1, None, "triton", gate))
+        d1 = OPS.quantize_dispatch(*dispatch_args(spec, x1, ids1, w1, "triton"))
+        return OPS.experts(*experts_args(spec, x1, d1, w13, None, w2, None, None, x.dtype, "triton", reduce=True))
+
     rows = {
         "noop triton launch": lambda: _noop_kernel[(1,)](x, 1, BLOCK=16),
         "torch.empty": lambda: torch.empty(16, device=device),
@@ -85,11 +96,20 @@ def main():
         "op combine": lambda: OPS.combine(*combine_args(spec, y, w, d, "triton")),
         "launcher combine": lambda: combine.combine(y, w, d[5], True),
     }  # fmt: skip
+    decode_rows = {
+        "ops chain T=1": chain_1,
+        "op routed_experts T=1": lambda: OPS.routed_experts(*routed_args(spec, x1, x1, None, w13, None, w2, None,
+                                                                         None, x.dtype, impls, gate)),
+    }  # fmt: skip
     if args.bodies:
         for module in (route, dispatch, grouped_gemm, combine):
             module.launch = lambda *args, **kwargs: None
         rows = {name: fn for name, fn in rows.items() if name != "noop triton launch"}
     result = {name: host_us(fn) for name, fn in rows.items()}
+    if args.bodies:  # as on a GPU with a fused T=1 entry: routed_experts takes its two launches
+        choose = tuning._choose
+        tuning._choose = lambda *args: dataclasses.replace(choose(*args), fused=True)
+    result |= {name: host_us(fn) for name, fn in decode_rows.items()}
     for name, us in result.items():
         print(f"{name:22s} {us:8.1f} µs")
     out = Path(args.out)
