@@ -52,8 +52,6 @@ def routed_experts(
     `experts_args`: `grouped_gemm.experts`' keyword arguments past the rows (w13 … out_dtype)."""
     a = experts_args
     gated = a["activation"] in GATED_ACTIVATIONS
-    if a["w3"] is not None:
-        return None
     if routed_config(x_TD, a["w13"], a["w2"], routing.k, gated, a["w2_transposed"]) is None:
         return None
     D = a["w2"].shape[2] if a["w2_transposed"] else a["w2"].shape[1]
