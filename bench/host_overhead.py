@@ -6,9 +6,10 @@
 `--profile` also writes `host_profile.txt`: cProfile of the four ops through the dispatcher, by cumulative time.
 `--bodies` times the four ops and their launchers with the kernel launches replaced by a no-op: the Python
 around the launches (dispatcher, sizes, allocations, config choice), which needs no GPU; writes
-`host_overhead-bodies.json`. The two "T=1" rows are a decode step's summing block: route (projecting), dispatch
+`host_overhead-bodies.json`. The "T=1" rows are a decode step's summing block: route (projecting), dispatch
 and experts(reduce=True) as three ops, and as one `routed_experts` op where the experts' config is fused (its
-two launches; under `--bodies` every config is taken as fused, as Qwen3's shipped T=1 entry is on a GPU).
+two launches; under `--bodies` every config is taken as fused, as Qwen3's shipped T=1 entry is on a GPU); the
+"T=16" rows the same past the routing kernel's tokens, where `routed_experts` runs the three ops itself.
 
 Times n calls with no synchronisation in between (the GPU is idle enough not to back-pressure):
 a do-nothing Triton kernel, torch.empty, each moe_fx op through the dispatcher, and each launcher direct.
@@ -78,10 +79,13 @@ def main():
     x1, gate = x[:1], torch.randn(E, D, device=device, dtype=torch.bfloat16)
     impls = dict.fromkeys(("route", "quantize_dispatch", "experts"), "triton")
 
-    def chain_1():  # route, dispatch, experts(reduce=True) at T=1
-        w1, ids1 = OPS.route(*route_args(r, x1, None, "triton", gate))
-        d1 = OPS.quantize_dispatch(*dispatch_args(spec, x1, ids1, w1, "triton"))
-        return OPS.experts(*experts_args(spec, x1, d1, w13, None, w2, None, None, x.dtype, "triton", reduce=True))
+    def chain(x_TD):  # route, dispatch, experts(reduce=True)
+        w_, ids_ = OPS.route(*route_args(r, x_TD, None, "triton", gate))
+        d_ = OPS.quantize_dispatch(*dispatch_args(spec, x_TD, ids_, w_, "triton"))
+        return OPS.experts(*experts_args(spec, x_TD, d_, w13, None, w2, None, None, x.dtype, "triton", reduce=True))
+
+    def routed(x_TD):
+        return OPS.routed_experts(*routed_args(spec, x_TD, x_TD, None, w13, None, w2, None, None, x.dtype, impls, gate))
 
     rows = {
         "noop triton launch": lambda: _noop_kernel[(1,)](x, 1, BLOCK=16),
@@ -96,11 +100,12 @@ def main():
         "op combine": lambda: OPS.combine(*combine_args(spec, y, w, d, "triton")),
         "launcher combine": lambda: combine.combine(y, w, d[5], True),
     }  # fmt: skip
-    decode_rows = {
-        "ops chain T=1": chain_1,
-        "op routed_experts T=1": lambda: OPS.routed_experts(*routed_args(spec, x1, x1, None, w13, None, w2, None,
-                                                                         None, x.dtype, impls, gate)),
-    }  # fmt: skip
+    decode_rows = {  # T=16: past the routing kernel's tokens, routed_experts runs the three ops itself
+        "ops chain T=1": lambda: chain(x1),
+        "op routed_experts T=1": lambda: routed(x1),
+        "ops chain T=16": lambda: chain(x),
+        "op routed_experts T=16": lambda: routed(x),
+    }
     if args.bodies:
         for module in (route, dispatch, grouped_gemm, combine):
             module.launch = lambda *args, **kwargs: None
