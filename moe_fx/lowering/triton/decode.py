@@ -20,22 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 
-from moe_fx.lowering.triton import grouped_gemm, route, tuning
+from moe_fx.lowering.triton import grouped_gemm, route
 from moe_fx.lowering.triton.grouped_gemm import Routing
-from moe_fx.spec import GATED_ACTIVATIONS
 
 MAX_TOKENS = route.PROJECT_MAX_T  # the GEMV's range: above it torch's linear, and picks enough to sort
-
-
-def routed_config(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, k: int, gated: bool, w2_transposed: bool
-                  ) -> tuning.ExpertsConfig | None:  # fmt: skip
-    """The experts' config at this T where it is fused (the kernel can route), else None."""
-    T = x_TD.shape[0]
-    if not 0 < T <= MAX_TOKENS:
-        return None
-    D, F = (w2.shape[2], w2.shape[1]) if w2_transposed else (w2.shape[1], w2.shape[2])
-    config = tuning.choose(w13.shape[0], D, F, k, gated, x_TD.dtype, x_TD.device, T * k, "none")
-    return config if config.fused else None
 
 
 def routed_experts(
@@ -51,8 +39,9 @@ def routed_experts(
     `proj_weight` set: the logits are linear(tokens_TD, proj_weight, proj_bias) (routing.logits is ignored);
     `experts_args`: `grouped_gemm.experts`' keyword arguments past the rows (w13 … out_dtype)."""
     a = experts_args
-    gated = a["activation"] in GATED_ACTIVATIONS
-    if routed_config(x_TD, a["w13"], a["w2"], routing.k, gated, a["w2_transposed"]) is None:
+    if not 0 < x_TD.shape[0] <= MAX_TOKENS:
+        return None
+    if not grouped_gemm.routes_at(x_TD, a["w13"], a["w2"], a["w2_transposed"], a["activation"], routing.k):
         return None
     D = a["w2"].shape[2] if a["w2_transposed"] else a["w2"].shape[1]
     sums = torch.empty((x_TD.shape[0] * D + 1,), dtype=torch.int32, device=x_TD.device)

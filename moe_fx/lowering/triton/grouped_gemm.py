@@ -668,6 +668,26 @@ class Routing(NamedTuple):
 _ROUTED_NAMES = {"K": "TOP_K", "HAS_BIAS": "HAS_ROUTE_BIAS", "BLOCK_E": "BLOCK_ER", "BLOCK_K": "BLOCK_KR"}
 
 
+def _choice(xq: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed: bool, activation: str, R: int,
+            quant: str, out_dtype: torch.dtype) -> tuple:  # fmt: skip
+    """`tuning.choose`'s arguments for `experts` over R rows of xq's tokens: (E, D, F, K, gated, dtype, device, R,
+    quant)."""
+    gated, code = activation in GATED_ACTIVATIONS, QUANT_CODES[quant]
+    D, F = (w2.shape[2], w2.shape[1]) if w2_transposed else (w2.shape[1], w2.shape[2])
+    if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
+        F = w13.shape[1] // 2 if gated else w13.shape[1]
+    dtype = xq.dtype if code == 0 else out_dtype
+    return (w13.shape[0], D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
+
+
+def routes_at(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed: bool, activation: str,
+              k: int) -> bool:  # fmt: skip
+    """Whether `experts(routing=...)` can run for x_TD's tokens, k picks each: the config chosen at this T (the
+    one `experts` will choose) is fused."""
+    return tuning.choose(*_choice(x_TD, w13, w2, w2_transposed, activation, x_TD.shape[0] * k, "none",
+                                  x_TD.dtype)).fused  # fmt: skip
+
+
 def experts(
     xq: torch.Tensor,
     expert_offsets: torch.Tensor,
@@ -714,7 +734,7 @@ def experts(
     does not compile on this GPU and Triton (out of shared memory or registers) gives way to the defaults, with
     a warning (`tuning.unfit`).
 
-    routing (reduce, unquantised, a fused config: `routes_at`): no dispatch; xq is x_TD, each of its tokens routed
+    routing (reduce, unquantised, where `routes_at`: a fused config): no dispatch; xq is x_TD, each of its tokens routed
     by `routing` (the router's logits and `route`'s arguments) inside the fused kernel, whose program for pick p
     finds its expert by running the token's top-k itself (`route._route_row`); the three dispatch tensors are not
     read. `sums`: the fused kernel's fp32 sums and counter, int32 [T·D + 1] of zeros, where the caller zeroed them
@@ -727,23 +747,19 @@ def experts(
         raise NotImplementedError(f"moe_fx: triton experts runs quant in {tuple(QUANT_CODES)}, got {quant!r}")
     if quant != "none" and (w3 is not None or w13_scale is None or w2_scale is None):
         raise ValueError(f"moe_fx: quant={quant!r} experts take canonical w13 (no w3) and both weight scales")
-    R, E = (xq.shape[0] * routing.k if routing is not None else gather_index.shape[0]), w13.shape[0]
+    R = xq.shape[0] * routing.k if routing is not None else gather_index.shape[0]
+    shape = _choice(xq, w13, w2, w2_transposed, activation, R, quant, out_dtype)  # `tuning.choose`'s arguments
+    E, D, F, _, gated = shape[:5]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
-    gated = activation in GATED_ACTIVATIONS
     code, G = QUANT_CODES[quant], quant_fmt.BLOCK
-    D, F = w2_EDF.shape[1], w2_EDF.shape[2]
-    if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
-        F = w13.shape[1] // 2 if gated else w13.shape[1]
     h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)  # (fused: never written)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
     y = torch.empty((xq.shape[0] if reduce else R, D), dtype=out_dtype, device=xq.device)  # y_RD, or out_ND
     if R == 0:
         return y.zero_()
-    shape = chosen = None  # the arguments of `tuning.choose` and its config, where it chose
+    chosen = None  # `tuning.choose`'s config, where it chose
     if config is None:
-        dtype = xq.dtype if code == 0 else out_dtype
-        shape = (E, D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
         config = chosen = tuning.choose(*shape)
     try:
         config = tuning.conform(config, quant)
