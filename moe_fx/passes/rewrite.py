@@ -398,14 +398,12 @@ def rewrite(
         ops_nodes = ((dispatch, "quantize_dispatch"), (y, "experts")) + (() if reduce else ((combine, "combine"),))
         if match.router_recognized:
             ops_nodes = ((route, "route"), *ops_nodes)
-    for node, op in ops_nodes:
-        node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op]}
-        node.meta["custom"] = annotation(op, spec, impl[op])  # shown by GraphModule.print_readable()
+    for node, op in ops_nodes:  # a routed_experts node is the block's experts node to the report's lookups
+        node.meta["moe_fx"] = {"op": op, "spec": spec, "selection": match.selections[op], "routes": routed}
+        shown = "routed_experts" if routed else op  # by GraphModule.print_readable()
+        node.meta["custom"] = annotation(shown, spec, impl[op])
     if projection is not None:  # the report says so (`pipeline.rewrite_graph`)
         (y if routed else route).meta["moe_fx"]["projects"] = True
-    if routed:  # the report's lookups find it as the block's experts node
-        y.meta["moe_fx"]["routes"] = True
-        y.meta["custom"] = annotation("routed_experts", spec, impl["experts"])
 
     new = set(new_nodes)
     if is_inplace(match.output):
