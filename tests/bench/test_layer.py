@@ -1,34 +1,46 @@
-"""bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear and
-the router's linear by torch compute the same layer as the reference lowerings."""
+"""bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear, the
+router's linear by torch, and one `routed_experts` op compute the same layer as the reference lowerings."""
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 
+from moe_fx.lowering.triton import decode, grouped_gemm, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
 from tests.bench.scripts import load
 from tests.conftest import rel_err
 
 OPS = torch.ops.moe_fx
+E, K, D, F = 8, 2, 32, 48
 
 
-def test_moe_fx_variants_compute_the_layer():
-    layer = load("layer")
-    E, K, D, F = 8, 2, 32, 48
-    g = torch.Generator().manual_seed(0)
-    block = SimpleNamespace(  # the attributes moe_fx_layer reads of transformers' Mixtral block
+def block_and_spec(g: torch.Generator):
+    """The attributes moe_fx_layer reads of transformers' Mixtral block, random, and its spec."""
+    block = SimpleNamespace(
         experts=SimpleNamespace(gate_up_proj=torch.randn(E, 2 * F, D, generator=g) / D**0.5,
                                 down_proj=torch.randn(E, D, F, generator=g) / F**0.5),
         gate=SimpleNamespace(weight=torch.randn(E, D, generator=g) / D**0.5),
     )  # fmt: skip
-    spec = MoESpec(ExpertsSpec(E, D, F, dtype="float32"), K, router=RouterSpec(K, renormalize=True))
-    x = torch.randn(5, D, generator=g)
+    return block, MoESpec(ExpertsSpec(E, D, F, dtype="float32"), K, router=RouterSpec(K, renormalize=True))
+
+
+def reference_layer(block, spec, x):
+    """The four ops with the reference lowerings."""
     weights, ids = OPS.route(*route_args(spec.router, x, None, "reference", block.gate.weight))
     d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
     w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
     y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "reference"))
-    ref = OPS.combine(*combine_args(spec, y, weights, d, "reference"))
+    return OPS.combine(*combine_args(spec, y, weights, d, "reference"))
+
+
+def test_moe_fx_variants_compute_the_layer():
+    layer = load("layer")
+    g = torch.Generator().manual_seed(0)
+    block, spec = block_and_spec(g)
+    x = torch.randn(5, D, generator=g)
+    ref = reference_layer(block, spec, x)
     for outside in (False, True):
         out = layer.moe_fx_layer(block, spec, "triton", linear_outside=outside)(x)
         assert rel_err(out, ref) < 1e-5, outside
@@ -37,28 +49,14 @@ def test_moe_fx_variants_compute_the_layer():
 def test_the_routed_variant_computes_the_layer(monkeypatch):
     """moe_fx_triton_routed: one `routed_experts` op, at decode (every config fused here) the GEMV and the kernel
     that routes each pick, above it route, dispatch and experts; both the reference lowerings' layer."""
-    from dataclasses import replace
-
-    from moe_fx.lowering.triton import decode, grouped_gemm, tuning
-
     choose = tuning._choose
     monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
     layer = load("layer")
-    E, K, D, F = 8, 2, 32, 48
     g = torch.Generator().manual_seed(0)
-    block = SimpleNamespace(
-        experts=SimpleNamespace(gate_up_proj=torch.randn(E, 2 * F, D, generator=g) / D**0.5,
-                                down_proj=torch.randn(E, D, F, generator=g) / F**0.5),
-        gate=SimpleNamespace(weight=torch.randn(E, D, generator=g) / D**0.5),
-    )  # fmt: skip
-    spec = MoESpec(ExpertsSpec(E, D, F, dtype="float32"), K, router=RouterSpec(K, renormalize=True))
-    w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
+    block, spec = block_and_spec(g)
     for T in (2, decode.MAX_TOKENS + 3):
         x = torch.randn(T, D, generator=g)
-        weights, ids = OPS.route(*route_args(spec.router, x, None, "reference", block.gate.weight))
-        d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "reference"))
-        y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "reference"))
-        ref = OPS.combine(*combine_args(spec, y, weights, d, "reference"))
+        ref = reference_layer(block, spec, x)
         before = grouped_gemm.loads.copy()
         out = layer.moe_fx_layer(block, spec, "triton", routed=True)(x)
         kinds = {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()}
