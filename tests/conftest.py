@@ -31,6 +31,18 @@ def no_fallback():
         yield
 
 
+def fuse_every_config(monkeypatch) -> None:
+    """From here on every config the Triton experts op chooses is fused (the down GEMM in the up tile's epilogue):
+    what the kernel that routes its own picks needs, and the interpreter's defaults are not. Wraps whatever chooses
+    now (a test's own load-path choice too)."""
+    from dataclasses import replace
+
+    from moe_fx.lowering.triton import tuning
+
+    choose = tuning._choose
+    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
+
+
 @pytest.fixture
 def poison_outputs():
     """torch.empty returns NaN-filled memory, so an output row a lowering forgets to write shows."""

@@ -10,7 +10,7 @@ from torch._dynamo.utils import counters
 import moe_fx
 from moe_fx import examples as ex
 from moe_fx.backend import last_reports
-from tests.conftest import rel_err
+from tests.conftest import fuse_every_config, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -172,10 +172,9 @@ def test_routed_decode_on_cuda(monkeypatch):
     that routes each pick, at T=300 route, dispatch and experts; outputs within bf16 tolerance, and the one-token
     call replayed in a CUDA graph (the GEMV writes the sums' zeros inside it)."""
     from moe_fx import hf_models
-    from moe_fx.lowering.triton import grouped_gemm, tuning
+    from moe_fx.lowering.triton import grouped_gemm
 
-    choose = tuning._choose
-    monkeypatch.setattr(tuning, "_choose", lambda *args: dataclasses.replace(choose(*args), fused=True))
+    fuse_every_config(monkeypatch)
     model = hf_models.build("qwen3_moe", "grouped_mm", num_experts=16, num_experts_per_tok=8).cuda().to(torch.bfloat16)
     inputs = [hf_models.example_inputs(model, T, batch=1) for T in (1, 3, 300)]
     inputs = [{k: v.cuda() for k, v in kw.items()} for kw in inputs]

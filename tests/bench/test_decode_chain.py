@@ -1,19 +1,15 @@
 """bench/decode_chain.py: every variant it times computes what it says, on the CPU (Triton under the interpreter,
 fp16: its bf16 dots are wrong); the timing needs a GPU and is not run here."""
 
-from dataclasses import replace
-
 import torch
 
-from moe_fx.lowering.triton import tuning
 from tests.bench.scripts import load
-from tests.conftest import TOLERANCE, rel_err
+from tests.conftest import TOLERANCE, fuse_every_config, rel_err
 from tests.lowering.triton.conftest import DEVICE
 
 
 def test_the_chain_and_the_routed_kernel_compute_one_layer(monkeypatch):
-    choose = tuning._choose
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))  # routed: fused only
+    fuse_every_config(monkeypatch)  # the routed variant runs with fused configs only
     bench = load("decode_chain")
     monkeypatch.setitem(bench.SHAPES, "tiny", (8, 2, 64, 32))
     fns = bench.variants("tiny", 3, DEVICE, torch.float16)

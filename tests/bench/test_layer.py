@@ -1,16 +1,15 @@
 """bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear, the
 router's linear by torch, and one `routed_experts` op compute the same layer as the reference lowerings."""
 
-from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
 
-from moe_fx.lowering.triton import decode, grouped_gemm, tuning
+from moe_fx.lowering.triton import decode, grouped_gemm
 from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args
 from moe_fx.spec import ExpertsSpec, MoESpec, RouterSpec
 from tests.bench.scripts import load
-from tests.conftest import rel_err
+from tests.conftest import fuse_every_config, rel_err
 
 OPS = torch.ops.moe_fx
 E, K, D, F = 8, 2, 32, 48
@@ -49,8 +48,7 @@ def test_moe_fx_variants_compute_the_layer():
 def test_the_routed_variant_computes_the_layer(monkeypatch):
     """moe_fx_triton_routed: one `routed_experts` op, at decode (every config fused here) the GEMV and the kernel
     that routes each pick, above it route, dispatch and experts; both the reference lowerings' layer."""
-    choose = tuning._choose
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
+    fuse_every_config(monkeypatch)
     layer = load("layer")
     g = torch.Generator().manual_seed(0)
     block, spec = block_and_spec(g)

@@ -19,7 +19,7 @@ from moe_fx import hf_models, ops
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
 from moe_fx.lowering.quant import EXPECTED_ERROR
-from tests.conftest import TOLERANCE, no_fallback, rel_err
+from tests.conftest import TOLERANCE, fuse_every_config, no_fallback, rel_err
 from tests.passes.test_identity_experts import _longcat
 
 NAME = "projecting_test_route"
@@ -289,12 +289,7 @@ def routing_lowerings(monkeypatch):
     """Triton's route (projecting) and experts (reducing and routing) registered for the CPU under one name, above
     the reference, every experts config fused (the interpreter's defaults are not): what a GPU runs at decode.
     Records the tokens of each routed call that the two-kernel path took."""
-    from dataclasses import replace
-
-    from moe_fx.lowering.triton import tuning
-
-    choose = tuning._choose
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
+    fuse_every_config(monkeypatch)
     routed, real = [], triton_lowering._decode.routed_experts
 
     def recorded(x, *args):

@@ -1,14 +1,12 @@
 """Triton's decode step in two kernels (`decode.routed_experts`): the GEMV, then the fused experts kernel that
 routes each pick itself, against the four-op chain's own kernels and the float64 oracle."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
 from moe_fx.lowering.triton import decode, grouped_gemm, route, tuning
 from moe_fx.lowering.triton.dispatch import dispatch
-from tests.conftest import TOLERANCE, rel_err
+from tests.conftest import TOLERANCE, fuse_every_config, rel_err
 from tests.lowering.test_reference import oracle
 from tests.lowering.triton.conftest import DEVICE, DTYPES
 from tests.lowering.triton.test_triton_route import CASES
@@ -18,9 +16,8 @@ E, D, FF = 12, 24, 40  # FF: three ragged F-slices of the interpreter's 16-wide 
 
 @pytest.fixture
 def fused(monkeypatch):
-    """Every chosen config fused (the interpreter's defaults are not): the decode kernel's precondition."""
-    choose = tuning._choose
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(choose(*args), fused=True))
+    """Every chosen config fused: the decode kernel's precondition."""
+    fuse_every_config(monkeypatch)
 
 
 def experts_kw(dtype, w2_bias=None, weight_at="none", activation="silu_gated"):
@@ -73,8 +70,7 @@ def test_routed_decode_equals_the_chain_and_the_oracle(dtype, T, case, fused):
 def test_routed_decode_on_every_load_path(gemm_path, monkeypatch):
     """The routing kernel through pointers, TMA descriptors, swapped operands and persistent programs (the
     `gemm_path` fixture's configs, made fused here), against the chain."""
-    chosen = tuning._choose  # the gemm_path fixture's
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
+    fuse_every_config(monkeypatch)  # over the gemm_path fixture's choice
     T, dtype = 3, torch.float16
     x, w_router = torch.randn(T, D).to(dtype).to(DEVICE), (torch.randn(E, D) / 2).to(dtype).to(DEVICE)
     routing, kw = routing_of("softmax_renorm"), experts_kw(dtype)

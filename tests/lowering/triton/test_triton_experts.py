@@ -8,7 +8,7 @@ import torch
 from moe_fx.lowering.triton import grouped_gemm, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, weight_at
 from moe_fx.spec import ExpertsSpec, MoESpec
-from tests.conftest import TOLERANCE, rel_err
+from tests.conftest import TOLERANCE, fuse_every_config, rel_err
 from tests.lowering.test_reference import ACT, PLAIN, UNCLAMPED, oracle, unclamped_oracle
 from tests.lowering.triton.conftest import DEVICE, DTYPES
 from tests.lowering.triton.test_triton_dispatch import routing
@@ -205,8 +205,7 @@ def test_fused_down_sums_each_tokens_rows(dtype, T, K, pattern, placement, gemm_
     """A fused config (`ExpertsConfig.fused`): one kernel, each up tile's F-slice of activations through w2's
     F-slice in its epilogue, the partial products summed in fp32 and cast by the last program, b2 added once per
     row; against the float64 oracle, outputs poisoned, with every load path of the up tile."""
-    chosen = tuning._choose  # the gemm_path fixture's
-    monkeypatch.setattr(tuning, "_choose", lambda *args: replace(chosen(*args), fused=True))
+    fuse_every_config(monkeypatch)  # over the gemm_path fixture's choice
     before = grouped_gemm.loads.copy()
     # D, FF: three ragged F-slices and two ragged column blocks of w2 in the interpreter's 16-wide tiles
     out, ref = summed_rows(dtype, T, K, pattern, placement, 24, 40)
