@@ -44,12 +44,16 @@ def variants(shape: str, T: int, device: str = "cuda", dtype: torch.dtype = torc
     x = torch.randn(T, D, device=device, dtype=dtype)
     w_router = torch.randn(E, D, device=device, dtype=dtype) / D**0.5
 
+    routing = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
+    experts_kw = dict(w13=w13, w3=None, w2=w2, w13_bias=None, w2_bias=None, weight_at="none", activation="silu_gated",
+                      gate_up="concat", w13_transposed=False, w2_transposed=False, alpha=1.702, limit=7.0,
+                      out_dtype=dtype)  # fmt: skip
+
     def route_of(logits):
-        return route.route(logits, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0)
+        return route.route(logits, None, K, routing.scoring, routing.order, True, 1, 1, 1, 1.0)
 
     def experts_of(offsets, gather, row_weights):
-        return experts(x, offsets, gather, row_weights, w13, None, w2, None, None, "none", "silu_gated", "concat",
-                       False, False, 1.702, 7.0, dtype, reduce=True)  # fmt: skip
+        return experts(x, offsets, gather, row_weights, **experts_kw, reduce=True)
 
     logits = route.project(x, w_router, None)
     weights_TK, ids_TK = route_of(logits)
@@ -59,11 +63,6 @@ def variants(shape: str, T: int, device: str = "cuda", dtype: torch.dtype = torc
         w, ids = route_of(route.project(x, w_router, None))
         _, _, o, g, rw, _, _ = dispatch(x, ids, w, E)
         return experts_of(o, g, rw)
-
-    routing = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
-    experts_kw = dict(w13=w13, w3=None, w2=w2, w13_bias=None, w2_bias=None, weight_at="none", activation="silu_gated",
-                      gate_up="concat", w13_transposed=False, w2_transposed=False, alpha=1.702, limit=7.0,
-                      out_dtype=dtype)  # fmt: skip
 
     def routed():
         return decode.routed_experts(x, x, w_router, None, routing, experts_kw)
