@@ -5,16 +5,20 @@ Legend: T tokens, D model dim, E experts, K top-k, R = T*K routed rows.
 A counting sort with no host synchronisation. Up to SMALL_CHUNKS blocks of rows (decode), one
 program does it all in `_sort_small_kernel`: count, cumsum, then place each block's rows after the
 previous blocks' (stable, like the reference); one block (a decode step's few rows) is ranked instead,
-each row's place counted in one [R, R] comparison (`_sort_one_block`). Above, two launches:
-  1. `_count_kernel`: each block of BLOCK_R rows counts its rows per expert and adds the counts to
-     counts_E with one vector atomic.
+each row's place counted in one [R, R] comparison (`_sort_one_block`). Above, two launches of at most
+SORT_PROGRAMS programs, each taking a run of SPAN blocks of BLOCK_R rows:
+  1. `_count_kernel`: each program counts its rows per expert and adds the counts to counts_E with one
+     vector atomic.
   2. `_scatter_kernel`: every program turns counts_E into expert starts (a cumsum over E), reserves
-     a contiguous range per expert for its block with one atomic on cursor_E, and writes each row at
-     start[e] + reserved[e] + its rank among the block's rows of expert e.
+     a contiguous range per expert for its rows with one atomic on cursor_E, and writes each row at
+     start[e] + reserved[e] + its rank among the program's rows of expert e.
+  Atomics on one address serialise: with a program per block (1024 at Qwen3's T=8192), the scatter took
+  ~20 ns per program on an H100 (bench/NOTES.md, 2026-12-07); hence the runs. The atomics are relaxed: the
+  counts are read by the next launch, and a reservation needs only its own atomicity.
 Dropped picks (id -1: token capacity, zero-computation experts) land after every expert's rows, in
 [offsets[E], R), as in the reference.
-Rows keep their order inside a block; blocks of one expert land in the order they reserve, so the
-order within an expert may vary from run to run. Every row is computed independently downstream, so
+Rows keep their order inside a program's run; runs of one expert land in the order they reserve, so
+the order within an expert may vary from run to run. Every row is computed independently downstream, so
 the layer's output does not depend on it. The T tokens (not the T*K rows: experts gathers them) are
 quantised under fp8 / fp8_block / int8 (`quantize._quantize_block`) by more programs of the first launch
 (`_rows`, after the sort's own programs): one launch in all at decode, where a launch costs more than its
@@ -60,24 +64,56 @@ def _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_i
 
 
 @triton.jit
+def _block_hits(ids_ptr, b, R, e, BLOCK_R: tl.constexpr):
+    """Block b's rows r, their ids, and hit_RE: which expert each row goes to, one-hot."""
+    r = b * BLOCK_R + tl.arange(0, BLOCK_R)
+    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
+    return r, ids_R, (ids_R[:, None] == e[None, :]).to(tl.int32)
+
+
+@triton.jit
+def _count_blocks(ids_ptr, first, last, R, e, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(rows per expert, dropped rows (id -1)) in blocks [first, last)."""
+    counts_E = tl.zeros((BLOCK_E,), tl.int32)
+    dropped = 0
+    for b in range(first, last):
+        r, ids_R, hit_RE = _block_hits(ids_ptr, b, R, e, BLOCK_R)
+        counts_E += tl.sum(hit_RE, axis=0)
+        dropped += tl.sum(((r < R) & (ids_R < 0)).to(tl.int32), axis=0)
+    return counts_E, dropped
+
+
+@triton.jit
+def _place_blocks(ids_ptr, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr, first, last, R, E, K, next_E,
+                  next_dropped, e, BLOCK_R: tl.constexpr):  # fmt: skip
+    """The rows of blocks [first, last), in order: expert e's from slot next_E[e] on, dropped ones from
+    next_dropped on."""
+    for b in range(first, last):
+        r, ids_R, hit_RE = _block_hits(ids_ptr, b, R, e, BLOCK_R)
+        pos_R = tl.sum(hit_RE * (next_E[None, :] + tl.cumsum(hit_RE, axis=0) - 1), axis=1)
+        next_E += tl.sum(hit_RE, axis=0)
+        dropped_R = ((r < R) & (ids_R < 0)).to(tl.int32)
+        pos_R = tl.where(dropped_R > 0, next_dropped + tl.cumsum(dropped_R, axis=0) - 1, pos_R)
+        next_dropped += tl.sum(dropped_R, axis=0)
+        _place_rows(pos_R, r, (r < R) & (ids_R < E), K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
+
+
+@triton.jit
 def _count_kernel(
-    ids_ptr, counts_ptr, R, E, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
-    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    ids_ptr, counts_ptr, R, E, BLOCKS, SPAN, SORT_PROGRAMS, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn,
+    stride_sn, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Programs [0, cdiv(R, BLOCK_R)) count, the rest are `_rows`."""
+    """Programs [0, SORT_PROGRAMS) count SPAN blocks each, the rest are `_rows`."""
     pid = tl.program_id(0)
-    chunks = tl.cdiv(R, BLOCK_R)
-    if pid >= chunks:
-        _rows(pid - chunks, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX, IS_INT,
-              ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
+    if pid >= SORT_PROGRAMS:
+        _rows(pid - SORT_PROGRAMS, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
+              IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     e = tl.arange(0, BLOCK_E)
-    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
-    counts_E = tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
-    tl.atomic_add(counts_ptr + e, counts_E, mask=(e < E) & (counts_E > 0))
+    counts_E, _ = _count_blocks(ids_ptr, pid * SPAN, tl.minimum(pid * SPAN + SPAN, BLOCKS), R, e, BLOCK_R, BLOCK_E)
+    tl.atomic_add(counts_ptr + e, counts_E, mask=(e < E) & (counts_E > 0), sem="relaxed")
 
 
 @triton.jit
@@ -85,7 +121,7 @@ def _scatter_kernel(
     # pointers
     ids_ptr, weights_ptr, counts_ptr, cursor_ptr, offsets_ptr, gather_ptr, row_weights_ptr, row_index_ptr,
     # sizes
-    R, E, K,
+    R, E, K, BLOCKS, SPAN,
     # meta-parameters
     BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
@@ -95,23 +131,15 @@ def _scatter_kernel(
     ends_E = tl.cumsum(counts_E, axis=0)
     if pid == 0:
         _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E)
-    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
-    hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
-    block_counts_E = tl.sum(hit_RE, axis=0)
-    reserved_E = tl.atomic_add(cursor_ptr + e, block_counts_E, mask=(e < E) & (block_counts_E > 0))
-    base_E = ends_E - counts_E + tl.where(block_counts_E > 0, reserved_E, 0)
-    rank_R = tl.sum(hit_RE * (tl.cumsum(hit_RE, axis=0) - 1), axis=1)
-    pos_R = tl.sum(hit_RE * base_E[None, :], axis=1) + rank_R
-    # dropped picks (id -1) after every expert's rows, in blocks reserved on cursor[E]
-    dropped_R = (r < R) & (ids_R < 0)
-    block_dropped = tl.sum(dropped_R.to(tl.int32), axis=0)
-    reserved = tl.atomic_add(cursor_ptr + E, block_dropped, mask=block_dropped > 0)
-    kept = tl.sum(counts_E, axis=0)
-    first_dropped = kept + tl.where(block_dropped > 0, reserved, 0)
-    pos_R = tl.where(dropped_R, first_dropped + tl.cumsum(dropped_R.to(tl.int32), axis=0) - 1, pos_R)
-    ok = (r < R) & (ids_R < E)
-    _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
+    first, last = pid * SPAN, tl.minimum(pid * SPAN + SPAN, BLOCKS)
+    mine_E, mine_dropped = _count_blocks(ids_ptr, first, last, R, e, BLOCK_R, BLOCK_E)
+    # one range per expert for this program's rows; dropped picks after every expert's rows, on cursor[E]
+    reserved_E = tl.atomic_add(cursor_ptr + e, mine_E, mask=(e < E) & (mine_E > 0), sem="relaxed")
+    reserved = tl.atomic_add(cursor_ptr + E, mine_dropped, mask=mine_dropped > 0, sem="relaxed")
+    next_E = ends_E - counts_E + tl.where(mine_E > 0, reserved_E, 0)
+    next_dropped = tl.sum(counts_E, axis=0) + tl.where(mine_dropped > 0, reserved, 0)
+    _place_blocks(ids_ptr, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr, first, last, R, E, K, next_E,
+                  next_dropped, e, BLOCK_R)  # fmt: skip
 
 
 @triton.jit
@@ -153,29 +181,15 @@ def _sort_small_kernel(
                         BLOCK_R, BLOCK_E)  # fmt: skip
         return
     e = tl.arange(0, BLOCK_E)
-    counts_E = tl.zeros((BLOCK_E,), tl.int32)
-    for c in tl.static_range(CHUNKS):
-        r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
-        counts_E += tl.sum((ids_R[:, None] == e[None, :]).to(tl.int32), axis=0)
+    counts_E, _ = _count_blocks(ids_ptr, 0, CHUNKS, R, e, BLOCK_R, BLOCK_E)
     ends_E = tl.cumsum(counts_E, axis=0)
     _store_offsets(offsets_ptr, ends_E, e, E, BLOCK_E)
-    next_E = ends_E - counts_E
-    next_dropped = tl.sum(counts_E, axis=0)  # dropped picks (id -1) go after every expert's rows
-    for c in tl.static_range(CHUNKS):
-        r = c * BLOCK_R + tl.arange(0, BLOCK_R)
-        ids_R = tl.load(ids_ptr + r, mask=r < R, other=-1)
-        hit_RE = (ids_R[:, None] == e[None, :]).to(tl.int32)
-        pos_R = tl.sum(hit_RE * (next_E[None, :] + tl.cumsum(hit_RE, axis=0) - 1), axis=1)
-        next_E += tl.sum(hit_RE, axis=0)
-        dropped_R = ((r < R) & (ids_R < 0)).to(tl.int32)
-        pos_R = tl.where(dropped_R > 0, next_dropped + tl.cumsum(dropped_R, axis=0) - 1, pos_R)
-        next_dropped += tl.sum(dropped_R, axis=0)
-        ok = (r < R) & (ids_R < E)
-        _place_rows(pos_R, r, ok, K, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr)
+    _place_blocks(ids_ptr, weights_ptr, gather_ptr, row_weights_ptr, row_index_ptr, 0, CHUNKS, R, E, K,
+                  ends_E - counts_E, tl.sum(counts_E, axis=0), e, BLOCK_R)  # fmt: skip
 
 
 SMALL_CHUNKS = 4
+SORT_PROGRAMS = 256  # the two-launch sort's programs at most: each takes a run of blocks and reserves once
 
 
 def _block_r(E: int, R: int) -> int:
@@ -229,14 +243,16 @@ def dispatch(
         )  # fmt: skip
     else:
         counts_cursor = torch.zeros((2, E + 1), dtype=torch.int32, device=device)  # cursor[E]: dropped picks
+        span = cdiv(chunks, SORT_PROGRAMS)
+        programs = cdiv(chunks, span)
         launch(
-            _count_kernel, (chunks + row_programs,),
-            ids_R, counts_cursor[0], R, E, *row_args, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, **rows,
-            num_warps=tiling.num_warps,
+            _count_kernel, (programs + row_programs,),
+            ids_R, counts_cursor[0], R, E, chunks, span, programs, *row_args, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+            **rows, num_warps=tiling.num_warps,
         )  # fmt: skip
         launch(
-            _scatter_kernel, (chunks,),
+            _scatter_kernel, (programs,),
             ids_R, weights_R, counts_cursor[0], counts_cursor[1], offsets_E1, gather_R, row_weights_R, row_index_R,
-            R, E, K, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+            R, E, K, chunks, span, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
         )  # fmt: skip
     return xq, xscale, offsets_E1, gather_R, row_weights_R, row_index_R, x.new_empty((0,), dtype=torch.int64)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import reference
+from moe_fx.lowering.triton import dispatch as dispatch_module
 from moe_fx.lowering.triton.combine import combine
 from moe_fx.lowering.triton.dispatch import dispatch
 from tests.conftest import TOLERANCE, rel_err
@@ -29,6 +30,21 @@ def routing(T, K, E, pattern):
 def test_dispatch_groups_rows_like_reference(T, K, E, pattern):
     if pattern == "empty" and K > E - 2:
         pytest.skip("needs K <= E - 2")
+    check_dispatch(T, K, E, pattern, stable=T * K <= 64)  # one program sorts a decode step: stable
+
+
+@pytest.mark.parametrize("K,E", [(2, 6), (4, 4), (8, 128)])  # 5, 10 and 38 blocks of rows at T=300
+@pytest.mark.parametrize("pattern", ["random", "dropped"])
+@pytest.mark.parametrize("sort_programs", [3, 1])
+def test_the_two_launch_sort_in_runs_of_blocks(K, E, pattern, sort_programs, monkeypatch):
+    """At most 3 programs: each sorts a run of blocks (ragged: 2+2+1, 4+4+2, 13+13+12); 1: one run, stable."""
+    monkeypatch.setattr(dispatch_module, "SORT_PROGRAMS", sort_programs)
+    check_dispatch(300, K, E, pattern, stable=sort_programs == 1)
+
+
+def check_dispatch(T, K, E, pattern, stable):
+    """Triton dispatch against the reference's: the same offsets, the same rows per expert (in the
+    reference's order exactly where `stable`), their tokens and weights."""
     x = torch.randn(T, 8, device=DEVICE)
     weights, ids = routing(T, K, E, pattern)
     xq, xscale, offsets, gather, row_w, row_index, splits = dispatch(x, ids, weights, E)
@@ -39,7 +55,7 @@ def test_dispatch_groups_rows_like_reference(T, K, E, pattern):
     bounds = offsets.tolist()
     for lo, hi in zip(bounds, [*bounds[1:], T * K]):  # order inside an expert may differ; the set of slots
         assert torch.equal(row_index[lo:hi].sort().values, ref[5][lo:hi].sort().values)  # may not (dropped last)
-    if T * K <= 64:  # one program sorts (a decode step): stable, the reference's order exactly
+    if stable:
         assert torch.equal(row_index, ref[5])
     assert torch.equal(gather, row_index // K)
     assert torch.equal(row_w, weights.reshape(-1)[row_index])
