@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [routed] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [chain] [routed] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -16,18 +16,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv | 
 # the machine's python holds torch/triton/transformers; --no-build-isolation: nothing to fetch
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 python -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-while [ $# -gt 0 ]; do
-  step=$1
-  shift
-  case $step in
-    tests)
-      timeout 420 python -m pytest -q -n 12 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
-        tests/passes/test_quantize_weights.py tests/lowering/test_quant.py tests/test_autotune.py 2>&1 \
-        | tee "$out/gpu_tests.log" | tail -8 ;;
-    routed)  # the decode chain against routed_experts' two kernels (fuse_route), then the layer with each, T=1 and 4
-      # a GPU with no fused entries of its own (an H200) gets the H100's under its name: else nothing routes
-      export MOE_FX_TUNING_CACHE="$out/routed_cache.json"
-      python - <<'PY'
+lend_fused() {  # a GPU with no fused entries of its own (an H200) gets the H100's under its name: else nothing routes
+  export MOE_FX_TUNING_CACHE="$out/routed_cache.json"
+  python - <<'PY'
 import json, os, torch
 from moe_fx.lowering.triton import tuning
 here, h100 = tuning.device_name(torch.device("cuda")), "NVIDIA_H100_80GB_HBM3"
@@ -36,7 +27,25 @@ lent = {k.replace(h100, here): v for k, v in entries.items() if v.get("fused") a
 json.dump(lent, open(os.environ["MOE_FX_TUNING_CACHE"], "w"), indent=1)
 print(f"{here}: {len(lent)} fused entries lent from the H100's")
 PY
-      timeout 150 python bench/decode_chain.py --out "$out" 2>&1 | grep -v "^wrote" | tee "$out/decode_chain.log"
+}
+decode_chain() {
+  timeout 150 python bench/decode_chain.py --out "$out" 2>&1 | grep -v "^wrote" | tee "$out/decode_chain.log"
+}
+while [ $# -gt 0 ]; do
+  step=$1
+  shift
+  case $step in
+    tests)
+      timeout 420 python -m pytest -q -n 12 tests/lowering/triton tests/test_cuda.py tests/lowering/vendor \
+        tests/passes/test_quantize_weights.py tests/lowering/test_quant.py tests/test_autotune.py 2>&1 \
+        | tee "$out/gpu_tests.log" | tail -8 ;;
+    chain)  # the decode chain against routed_experts' two kernels (fuse_route), T=1 and 4
+      lend_fused
+      decode_chain
+      unset MOE_FX_TUNING_CACHE ;;
+    routed)  # chain, then the layer with each, T=1 and 4
+      lend_fused
+      decode_chain
       timeout 200 python bench/layer.py --out "$out" --shapes qwen3 gptoss --T 1 4 --profile \
         --variants moe_fx_triton_reduce moe_fx_triton_routed moe_fx_fp8_reduce 2>&1 | grep -v "it/s" \
         | tee "$out/layer_routed.log"
