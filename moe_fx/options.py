@@ -40,7 +40,7 @@ VALID_KEYS = {
     "[T*K, D] round trip through memory, but the sum's order (and so its last bits) varies from run to run; "
     "False keeps the combine node (a fixed order, fp32 accumulation), as torch.use_deterministic_algorithms(True) "
     "does",
-    "fuse_route": "a bool (default False, until it is measured on a GPU): where combine's sum is in experts "
+    "fuse_route": "a bool (default True): where combine's sum is in experts "
     "(fuse_combine), let an experts lowering that can (Triton's) also route and dispatch its own rows at decode: one "
     "`moe_fx::routed_experts` node in place of route, quantize_dispatch and experts, which runs as two kernels (the "
     "router's GEMV, then one kernel whose programs each route their pick) at the few tokens where the experts' "
@@ -63,7 +63,7 @@ class Options:
     max_tokens_per_rank: int = 0
     overlap_shared: bool = True
     fuse_combine: bool = True
-    fuse_route: bool = False
+    fuse_route: bool = True
 
 
 def _placement(value) -> tuple[int, ...]:

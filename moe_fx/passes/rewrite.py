@@ -41,7 +41,7 @@ OPS = torch.ops.moe_fx
 
 
 def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_combine: bool = True,
-                     fuse_route: bool = False) -> str | None:  # fmt: skip
+                     fuse_route: bool = True) -> str | None:  # fmt: skip
     """Fill `match.selections`, `match.combine_in_experts` (`fuse_combine`, one device, an experts lowering
     that `reduces`, no combine lowering forced, deterministic algorithms off) and `match.route_in_experts`
     (`fuse_route`, `_routes_in_experts`); return a reason if some op has no lowering for this spec/device."""
