@@ -100,15 +100,16 @@ def _place_blocks(ids_ptr, weights_ptr, gather_ptr, row_weights_ptr, row_index_p
 
 @triton.jit
 def _count_kernel(
-    ids_ptr, counts_ptr, R, E, BLOCKS, SPAN, SORT_PROGRAMS, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn,
-    stride_sn, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
+    ids_ptr, counts_ptr, R, E, BLOCKS, SPAN, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn,
+    BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr,
     COL_TILES: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, ONE_TILE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Programs [0, SORT_PROGRAMS) count SPAN blocks each, the rest are `_rows`."""
+    """Programs [0, cdiv(BLOCKS, SPAN)) count SPAN blocks each, the rest are `_rows`."""
     pid = tl.program_id(0)
-    if pid >= SORT_PROGRAMS:
-        _rows(pid - SORT_PROGRAMS, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
+    sorting = tl.cdiv(BLOCKS, SPAN)
+    if pid >= sorting:
+        _rows(pid - sorting, x_ptr, q_ptr, xs_ptr, T, D, stride_xn, stride_qn, stride_sn, COL_TILES, QMAX,
               IS_INT, ONE_TILE, BLOCK_N, BLOCK_D)  # fmt: skip
         return
     e = tl.arange(0, BLOCK_E)
@@ -247,7 +248,7 @@ def dispatch(
         programs = cdiv(chunks, span)
         launch(
             _count_kernel, (programs + row_programs,),
-            ids_R, counts_cursor[0], R, E, chunks, span, programs, *row_args, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
+            ids_R, counts_cursor[0], R, E, chunks, span, *row_args, BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E,
             **rows, num_warps=tiling.num_warps,
         )  # fmt: skip
         launch(
