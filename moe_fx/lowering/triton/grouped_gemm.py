@@ -367,6 +367,13 @@ def _weight_tile(desc, expert, n0, k0, GATED: tl.constexpr, INTERLEAVED: tl.cons
 
 
 @triton.jit
+def _larger_pick(id_a, w_a, id_b, w_b):
+    """tl.reduce's combine over (expert id, weight) pairs: the pair of the larger id."""
+    a = id_a >= id_b
+    return tl.where(a, id_a, id_b), tl.where(a, w_a, w_b)
+
+
+@triton.jit
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
@@ -393,6 +400,7 @@ def _up_kernel(
     RENORMALIZE: tl.constexpr = False, HAS_ROUTE_BIAS: tl.constexpr = False, N_GROUP: tl.constexpr = 1,
     TOPK_GROUP: tl.constexpr = 1, GROUP_TOPK: tl.constexpr = 1, ROUND: tl.constexpr = 0, ROUND_SUM: tl.constexpr = 0,
     BLOCK_ER: tl.constexpr = 1, BLOCK_KR: tl.constexpr = 1, BLOCK_G: tl.constexpr = 1,
+    ROUTE_COPIES: tl.constexpr = 1,
 ):  # fmt: skip
     """The up GEMM's tiles (see the module's docstring). ROUTED (fused, decode): no dispatch; program t is the
     F-slice t % cdiv(F, BLOCK_N) of pick t // cdiv(F, BLOCK_N) (token p // TOP_K, its (p % TOP_K)-th expert),
@@ -417,16 +425,18 @@ def _up_kernel(
             if ROUTED:
                 pick, pid_n = t // num_pid_n, t % num_pid_n
                 token = pick // TOP_K
-                w_K, ids_K, k_K = _route_row(logits_ptr, route_bias_ptr, token.to(tl.int64), E, EG, route_scale,
-                                             group_fill, stride_lt, stride_le, TOP_K, SCORING, TOPK_FIRST,
-                                             RENORMALIZE, HAS_ROUTE_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND,
-                                             ROUND_SUM, BLOCK_ER, BLOCK_KR, BLOCK_G)  # fmt: skip
+                # a copy of the route per warp (ROUTE_COPIES = num_warps): its reductions stay within the warp
+                w_CK, ids_CK, k_K = _route_row(logits_ptr, route_bias_ptr, token.to(tl.int64), E, EG, route_scale,
+                                               group_fill, stride_lt, stride_le, TOP_K, SCORING, TOPK_FIRST,
+                                               RENORMALIZE, HAS_ROUTE_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND,
+                                               ROUND_SUM, BLOCK_ER, BLOCK_KR, BLOCK_G, ROUTE_COPIES)  # fmt: skip
                 mine = k_K == pick % TOP_K
-                expert = tl.sum(tl.where(mine, ids_K, 0), axis=0)
+                expert_C, pick_w_C = tl.reduce((tl.where(mine, ids_CK, -1), w_CK), 1, _larger_pick)
+                expert, pick_w = tl.reduce((expert_C, pick_w_C), 0, _larger_pick)  # the copies' (equal) picks
                 rows = tl.arange(0, BLOCK_M)
                 row_ok = rows == 0
                 tokens = tl.zeros((BLOCK_M,), tl.int64) + token
-                row_w = tl.where(row_ok, tl.sum(tl.where(mine, w_K, 0.0), axis=0), 0.0)
+                row_w = tl.where(row_ok, pick_w, 0.0)
             else:
                 expert, start, end, pid_n = _tile(t, e, lo_E, hi_E, real_tiles, num_pid_n, BLOCK_M, GROUP_M)
                 rows = start + tl.arange(0, BLOCK_M)
@@ -808,7 +818,8 @@ def experts(
                           float(r.scale), float(r.group_fill), logits.stride(0), logits.stride(1))  # fmt: skip
             meta = route_meta(logits.shape[1], r.bias, r.k, r.scoring, r.order, r.renormalize, r.n_group,
                               r.topk_group, r.group_score_topk, r.score_dtype)  # fmt: skip
-            route_kw = dict(ROUTED=True, **{_ROUTED_NAMES.get(name, name): value for name, value in meta.items()})
+            route_kw = dict(ROUTED=True, ROUTE_COPIES=c.num_warps,
+                            **{_ROUTED_NAMES.get(name, name): value for name, value in meta.items()})
         launch(
             _up_kernel, (grid,),
             xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],

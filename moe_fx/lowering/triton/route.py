@@ -6,6 +6,9 @@ One program per token holds its E logits in registers. Top-k is K rounds of "tak
 lowest index first", each one reduction over int64 keys that hold the value and the index
 (`_order_key`, `_pop_max`), so on tie-free data the expert set equals `torch.topk`'s, in the same
 (descending) order; the group-limited choice of groups picks the same way. All math is fp32; ids are int32.
+Every tensor of a row has a leading axis of COPIES identical rows: a program of several warps that routes a
+token (the fused decode kernel) holds one copy per warp, so each reduction stays within a warp (shuffles, no
+shared memory and barrier between the warps).
 
 The router's projection, when `route` is given it (`project`): up to PROJECT_MAX_T tokens, a GEMV kernel
 whose ~64 programs each read a few experts' rows of the [E, D] weight (cuBLAS ran Qwen3's [1, 2048] x
@@ -43,8 +46,8 @@ def _round(x, ROUND: tl.constexpr):
 @triton.jit
 def _score(x, valid, SCORING: tl.constexpr, ROUND: tl.constexpr):
     if SCORING == 1:
-        z = tl.where(valid, tl.exp(x - tl.max(tl.where(valid, x, -float("inf")), axis=0)), 0.0)
-        return _round(z / tl.sum(z, axis=0), ROUND)
+        z = tl.where(valid, tl.exp(x - tl.max(tl.where(valid, x, -float("inf")), axis=-1, keep_dims=True)), 0.0)
+        return _round(z / tl.sum(z, axis=-1, keep_dims=True), ROUND)
     elif SCORING == 2:
         return _round(tl.sigmoid(x), ROUND)
     else:
@@ -63,8 +66,8 @@ def _order_key(v_E, e, BLOCK_E: tl.constexpr):
 
 @triton.jit
 def _pop_max(key):
-    """(the largest of the keys, the keys with it taken out)."""
-    best = tl.max(key, axis=0)
+    """(the largest of the keys along the last axis, the keys with it taken out)."""
+    best = tl.max(key, axis=-1, keep_dims=True)
     return best, tl.where(key == best, -(2**63), key)
 
 
@@ -76,26 +79,26 @@ def _key_value(key):
 
 
 @triton.jit
-def _group_keep(select_E, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                GROUP_TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
+def _group_keep(select_CE, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+                GROUP_TOPK: tl.constexpr, COPIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
     """Experts in the TOPK_GROUP groups with the largest sum of their GROUP_TOPK best scores: each pick one max
     over `_order_key` keys, so NaNs rank first and ties go to the lower index, as torch.topk does."""
     group_E = e // EG
     g = tl.arange(0, BLOCK_G)
-    group_score_G = tl.full((BLOCK_G,), -float("inf"), tl.float32)
+    group_score_CG = tl.full((COPIES, BLOCK_G), -float("inf"), tl.float32)
     for gi in tl.static_range(N_GROUP):
-        key_E = _order_key(tl.where(valid & (group_E == gi), select_E, -float("inf")), e, BLOCK_E)
-        s = 0.0
+        key_CE = _order_key(tl.where(valid & (group_E == gi), select_CE, -float("inf")), e, BLOCK_E)
+        s = tl.zeros((COPIES, 1), tl.float32)
         for _ in tl.static_range(GROUP_TOPK):
-            best, key_E = _pop_max(key_E)
+            best, key_CE = _pop_max(key_CE)
             s += _key_value(best)
-        group_score_G = tl.where(g == gi, s, group_score_G)
-    key_G = _order_key(group_score_G, g, BLOCK_G)
-    keep_E = e < 0
+        group_score_CG = tl.where(g == gi, s, group_score_CG)
+    key_CG = _order_key(group_score_CG, g, BLOCK_G)
+    keep_CE = tl.zeros((COPIES, BLOCK_E), tl.int1)
     for _ in tl.static_range(TOPK_GROUP):
-        best, key_G = _pop_max(key_G)
-        keep_E = keep_E | (group_E == BLOCK_G - 1 - best.to(tl.int32))
-    return keep_E
+        best, key_CG = _pop_max(key_CG)
+        keep_CE = keep_CE | (group_E == BLOCK_G - 1 - best.to(tl.int32))
+    return keep_CE
 
 
 @triton.jit
@@ -104,40 +107,50 @@ def _route_row(
     K: tl.constexpr, SCORING: tl.constexpr, TOPK_FIRST: tl.constexpr, RENORMALIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
     ROUND: tl.constexpr, ROUND_SUM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_G: tl.constexpr, COPIES: tl.constexpr,
 ):  # fmt: skip
-    """Token t's route: (w_K fp32, ids_K int32, k), its K picks in the lanes k < K: the `route` contract for one
-    row of logits (run by `_route_kernel`, and by each program of the experts kernel that routes its own pick)."""
+    """Token t's route: (w_CK fp32, ids_CK int32, k), its K picks in the lanes k < K of each of COPIES identical
+    rows: the `route` contract for one row of logits (run by `_route_kernel`, one copy, and by each program of
+    the experts kernel that routes its own pick, a copy per warp)."""
     e = tl.arange(0, BLOCK_E)
     valid = e < E
-    x_E = tl.load(logits_ptr + t * stride_lt + e * stride_le, mask=valid, other=0.0).to(tl.float32)
+    e_CE = tl.broadcast_to(e[None, :], (COPIES, BLOCK_E))
+    x_CE = tl.load(logits_ptr + t * stride_lt + e_CE * stride_le, mask=e_CE < E, other=0.0).to(tl.float32)
     if TOPK_FIRST:
-        source_E = x_E
-        select_E = x_E
+        source_CE = x_CE
+        select_CE = x_CE
     else:
-        source_E = _score(x_E, valid, SCORING, ROUND)
-        select_E = source_E
+        source_CE = _score(x_CE, valid, SCORING, ROUND)
+        select_CE = source_CE
         if HAS_BIAS:  # the sum rounded as the original's was (bf16 scores + a bf16 bias: bf16)
-            select_E = _round(select_E + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32), ROUND_SUM)
+            bias_E = tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+            select_CE = _round(select_CE + bias_E, ROUND_SUM)
         if N_GROUP > 1:
-            keep_E = _group_keep(select_E, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, BLOCK_E, BLOCK_G)
-            select_E = tl.where(keep_E, select_E, group_fill)
-    select_E = tl.where(valid, select_E, -float("inf"))
+            keep_CE = _group_keep(select_CE, e, valid, EG, N_GROUP, TOPK_GROUP, GROUP_TOPK, COPIES, BLOCK_E, BLOCK_G)
+            select_CE = tl.where(keep_CE, select_CE, group_fill)
+    select_CE = tl.where(valid, select_CE, -float("inf"))
 
     # top-k: K rounds of one max over keys that order the values and, among equal values, the lower index first
+    # (the weight is the key's value where the selection is the source, else the source's at the pick)
     k = tl.arange(0, BLOCK_K)
-    ids_K = tl.zeros((BLOCK_K,), tl.int32)
-    key_E = _order_key(select_E, e, BLOCK_E)
+    ids_CK = tl.zeros((COPIES, BLOCK_K), tl.int32)
+    w_CK = tl.zeros((COPIES, BLOCK_K), tl.float32)
+    key_CE = _order_key(select_CE, e, BLOCK_E)
     for i in tl.static_range(K):
-        best, key_E = _pop_max(key_E)
-        ids_K = tl.where(k == i, BLOCK_E - 1 - best.to(tl.int32), ids_K)
-    w_K = tl.sum(tl.where(e[None, :] == ids_K[:, None], source_E[None, :], 0.0), axis=1)
+        best_C1, key_CE = _pop_max(key_CE)
+        id_C1 = BLOCK_E - 1 - best_C1.to(tl.int32)
+        if TOPK_FIRST or (not HAS_BIAS and N_GROUP == 1):
+            w_C1 = _key_value(best_C1)
+        else:
+            w_C1 = tl.sum(tl.where(e == id_C1, source_CE, 0.0), axis=1, keep_dims=True)
+        ids_CK = tl.where(k == i, id_C1, ids_CK)
+        w_CK = tl.where(k == i, w_C1, w_CK)
     if TOPK_FIRST:
-        w_K = _score(w_K, k < K, SCORING, ROUND)
-    w_K = tl.where(k < K, w_K, 0.0)
+        w_CK = _score(w_CK, k < K, SCORING, ROUND)
+    w_CK = tl.where(k < K, w_CK, 0.0)
     if RENORMALIZE:
-        w_K = w_K / (tl.sum(w_K, axis=0) + 1e-20)
-    return w_K * scale, ids_K, k
+        w_CK = w_CK / (tl.sum(w_CK, axis=1, keep_dims=True) + 1e-20)
+    return w_CK * scale, ids_CK, k
 
 
 @triton.jit
@@ -155,11 +168,11 @@ def _route_kernel(
     BLOCK_G: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0).to(tl.int64)
-    w_K, ids_K, k = _route_row(logits_ptr, bias_ptr, t, E, EG, scale, group_fill, stride_lt, stride_le, K, SCORING,
-                               TOPK_FIRST, RENORMALIZE, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND, ROUND_SUM,
-                               BLOCK_E, BLOCK_K, BLOCK_G)  # fmt: skip
-    tl.store(weights_ptr + t * K + k, w_K, mask=k < K)
-    tl.store(ids_ptr + t * K + k, ids_K, mask=k < K)
+    w_CK, ids_CK, k = _route_row(logits_ptr, bias_ptr, t, E, EG, scale, group_fill, stride_lt, stride_le, K, SCORING,
+                                 TOPK_FIRST, RENORMALIZE, HAS_BIAS, N_GROUP, TOPK_GROUP, GROUP_TOPK, ROUND, ROUND_SUM,
+                                 BLOCK_E, BLOCK_K, BLOCK_G, 1)  # fmt: skip
+    tl.store(weights_ptr + t * K + k[None, :], w_CK, mask=k[None, :] < K)
+    tl.store(ids_ptr + t * K + k[None, :], ids_CK, mask=k[None, :] < K)
 
 
 @triton.jit
