@@ -819,7 +819,7 @@ def experts(
             meta = route_meta(logits.shape[1], r.bias, r.k, r.scoring, r.order, r.renormalize, r.n_group,
                               r.topk_group, r.group_score_topk, r.score_dtype)  # fmt: skip
             route_kw = dict(ROUTED=True, ROUTE_COPIES=c.num_warps,
-                            **{_ROUTED_NAMES.get(name, name): value for name, value in meta.items()})
+                            **{_ROUTED_NAMES.get(name, name): value for name, value in meta.items()})  # fmt: skip
         launch(
             _up_kernel, (grid,),
             xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],

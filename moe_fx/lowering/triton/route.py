@@ -79,8 +79,8 @@ def _key_value(key):
 
 
 @triton.jit
-def _group_keep(select_CE, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                GROUP_TOPK: tl.constexpr, COPIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
+def _group_keep(select_CE, e, valid, EG, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_TOPK: tl.constexpr,
+                COPIES: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_G: tl.constexpr):  # fmt: skip
     """Experts in the TOPK_GROUP groups with the largest sum of their GROUP_TOPK best scores: each pick one max
     over `_order_key` keys, so NaNs rank first and ties go to the lower index, as torch.topk does."""
     group_E = e // EG
