@@ -12,9 +12,9 @@ SORT_PROGRAMS programs, each taking a run of SPAN blocks of BLOCK_R rows:
   2. `_scatter_kernel`: every program turns counts_E into expert starts (a cumsum over E), reserves
      a contiguous range per expert for its rows with one atomic on cursor_E, and writes each row at
      start[e] + reserved[e] + its rank among the program's rows of expert e.
-  Atomics on one address serialise: with a program per block (1024 at Qwen3's T=8192), the scatter took
-  ~20 ns per program on an H100 (bench/NOTES.md, 2026-12-07); hence the runs. The atomics are relaxed: the
-  counts are read by the next launch, and a reservation needs only its own atomicity.
+  Runs of two blocks at Qwen3's T=8192 were 7 % faster than a program per block, and longer runs slower
+  (SORT_PROGRAMS): a program's chain of loads and scans costs more than the atomics it shares. The atomics are
+  relaxed: the counts are read by the next launch, and a reservation needs only its own atomicity.
 Dropped picks (id -1: token capacity, zero-computation experts) land after every expert's rows, in
 [offsets[E], R), as in the reference.
 Rows keep their order inside a program's run; runs of one expert land in the order they reserve, so
@@ -190,7 +190,10 @@ def _sort_small_kernel(
 
 
 SMALL_CHUNKS = 4
-SORT_PROGRAMS = 256  # the two-launch sort's programs at most: each takes a run of blocks and reserves once
+# The two-launch sort's programs at most: each takes a run of blocks and reserves once. H100, T=8192, one
+# dispatch under graph replays (bench/NOTES.md, twenty-second session): 64 -> 72.9 us (Qwen3), 256 -> 25.6,
+# 512 -> 22.5, 1024 (a block each) -> 24.3; each program's chain of loads and scans costs, not the atomics.
+SORT_PROGRAMS = 512
 
 
 def _block_r(E: int, R: int) -> int:

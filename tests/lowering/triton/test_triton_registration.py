@@ -13,6 +13,7 @@ from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
 from moe_fx.lowering.triton import tuning
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
+from tests.lowering.triton.conftest import DEVICE
 
 SPEC = MoESpec(ExpertsSpec(8, 64, 96, dtype="bfloat16"), 2, router=RouterSpec(2, renormalize=True))
 
@@ -347,17 +348,17 @@ def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(h200_cache, 
         return launch(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(grouped_gemm, "launch", launch_unless_tuned)
-    weights = tuning.random_weights(E, D, F, "silu_gated", torch.float32, "cpu")
+    weights = tuning.random_weights(E, D, F, "silu_gated", torch.float32, DEVICE)
     run = tuning.experts_call(T, K, "silu_gated", torch.float32, weights)
     with caplog.at_level(logging.WARNING, logger="moe_fx"):
         outs = [run(), run()]  # config=None: the experts choose, as the lowering does
     assert refused == [32], refused  # tried once, then the defaults directly
     assert "do not fit this GPU" in caplog.text and caplog.text.count("do not fit") == 1, caplog.text
     assert all(tuning.row_error(out, run.reference()) < tuning.AGREEMENT[torch.float32] for out in outs)
-    assert tuning.choose(E, D, F, K, True, torch.float32, torch.device("cpu"), T * K) != tuned
+    assert tuning.choose(E, D, F, K, True, torch.float32, torch.device(DEVICE), T * K) != tuned
     # the same tiles over 2-byte elements take less shared memory: their entry still stands
     tuning.store(tuning.key(E, D, F, K, True, torch.float16, "NVIDIA_H200", T), tuned, {"best": 1.0}, [9, 0])
-    assert tuning.choose(E, D, F, K, True, torch.float16, torch.device("cpu"), T * K) == tuned
+    assert tuning.choose(E, D, F, K, True, torch.float16, torch.device(DEVICE), T * K) == tuned
     with pytest.raises(OutOfResources):
         run(tuned)  # a config given by the caller (tune) is its to handle
     monkeypatch.setattr(grouped_gemm, "launch", lambda *a, **kw: launch_unless_tuned(*a, **{**kw, "BLOCK_N": 32}))
