@@ -46,7 +46,8 @@ TILES = {  # which candidates (block_m, block_n, block_k, warps, stages, tma, sw
 def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.device) -> dict[str, tuple[str, float]]:
     """{name: (config, µs per graph replay)} for the shipped, packaged, freshly tuned and default configs."""
     E, K, D, F = SHAPES[shape]
-    run = experts_op(shape, T, quant, device, DTYPE, reduce=tuning.native_atomics(DTYPE))  # as tune times it
+    reduce = tuning.native_atomics(DTYPE)
+    run = experts_op(shape, T, quant, device, DTYPE, reduce, tuning.routes(T, quant, reduce))  # as tune times it
     R, sms = T * K, tuning.sm_count(device)
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))

@@ -388,29 +388,66 @@ def random_weights(E: int, D: int, F: int, activation: str, dtype: torch.dtype, 
     return w13, w2, scales
 
 
+def routes(T: int, quant: str, reduce: bool) -> bool:
+    """Whether a block's step of T tokens may run as `routed_experts` (`fuse_route`, on by default): the rows
+    summed in experts, unquantised, T within the router GEMV's range; it does where its config is fused."""
+    from moe_fx.lowering.triton import decode
+
+    return reduce and quant == "none" and 0 < T <= decode.MAX_TOKENS
+
+
 def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none",
-                 reduce: bool = False):  # fmt: skip
+                 reduce: bool = False, routed: bool = False):  # fmt: skip
     """run(config=None) -> y_RD (`reduce`: out_TD, the rows summed by experts): the Triton experts op on `weights`
     (`random_weights`) for T random tokens, each routed to K distinct experts uniformly at random, dispatched
     once. run.inputs = (x_TD, ids_TK, weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for
-    combine), run.reference() = what the reference lowering computes from the same rows (`agreement`)."""
+    combine), run.reference() = what the reference lowering computes from the same rows (`agreement`).
+
+    `routed` (reduce, unquantised, a decode T: where the rewrite emits `routed_experts`): the tokens are routed by
+    a random router (softmax, top-K, renormalised), and run(config) is the layer up to combine as that op runs
+    it (`decode.routed_experts`): the router's GEMV, then, in a fused config, the experts kernel routing its own
+    picks, or else route, the sort and the experts op. So a fused config is timed with the kernels it saves."""
     from moe_fx.lowering import reference as reference_lowering
+    from moe_fx.lowering.triton import decode, route
     from moe_fx.lowering.triton.dispatch import dispatch
-    from moe_fx.lowering.triton.grouped_gemm import experts
+    from moe_fx.lowering.triton.grouped_gemm import Routing, experts, routes_at
     from moe_fx.ops import rows_are_tokens
 
+    if routed and not routes(T, quant, reduce):
+        raise ValueError(f"moe_fx: experts_call routes reduced unquantised decode steps (T <= {decode.MAX_TOKENS}), "
+                         f"got T={T}, quant={quant!r}, reduce={reduce}")  # fmt: skip
     w13, w2, scales = weights
     E, D, device = w13.shape[0], w2.shape[1], w13.device
     x = torch.randn(T, D, device=device, dtype=dtype)
-    ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
-    routing = torch.rand(T, K, device=device)
+    kw = dict(w13=w13, w3=None, w2=w2, w13_bias=None, w2_bias=None, weight_at="none", activation=activation,
+              gate_up="concat", w13_transposed=False, w2_transposed=False, alpha=1.702, limit=7.0,
+              out_dtype=dtype)  # fmt: skip
+    if routed:
+        w_router = torch.randn(E, D, device=device, dtype=dtype) / D**0.5
+        router = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
+
+        def route_tokens():
+            r = router._replace(logits=route.project(x, w_router, None))
+            return route.route(r.logits, None, K, r.scoring, r.order, r.renormalize, 1, 1, 1, r.scale)
+
+        routing, ids = route_tokens()
+    else:
+        ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
+        routing = torch.rand(T, K, device=device)
     xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch(x, ids, routing, E, quant)
     xq = x if rows_are_tokens(quant, "single") else xq
 
     def run(config=None):
-        return experts(xq, offsets, gather, row_weights, w13, None, w2, None, None, "none", activation, "concat",
-                       False, False, 1.702, 7.0, dtype, config=config, quant=quant, xscale=xscale, reduce=reduce,
-                       **scales)  # fmt: skip
+        if not routed:
+            return experts(xq, offsets, gather, row_weights, **kw, config=config, quant=quant, xscale=xscale,
+                           reduce=reduce, **scales)  # fmt: skip
+        if config.fused if config is not None else routes_at(x, w13, w2, False, activation, K):
+            sums = torch.empty((T * D + 1,), dtype=torch.int32, device=device)
+            r = router._replace(logits=route.project(x, w_router, None, zero=sums))
+            return experts(x, None, None, None, **kw, config=config, reduce=True, routing=r, sums=sums)
+        w, i = route_tokens()
+        _, _, o, g, rw, _, _ = dispatch(x, i, w, E)
+        return experts(x, o, g, rw, **kw, config=config, reduce=True)
 
     def reference():  # the reference lowering on the same rows; under `reduce`, its combine's weighted sum too
         y = reference_lowering.experts(xq, xscale, offsets, gather, row_weights, w13, None, w2, None, None,
@@ -483,6 +520,9 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     (`ExpertsConfig.fused`); store the best per T-bucket. `reduce`: time the down GEMM with the sum of each
     token's rows in its epilogue (`experts(reduce=True)`), by default where the rewrite puts it there (one GPU
     with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store the other choice times).
+    At a T where the block may route its picks inside a fused kernel (`routes`), every candidate is timed as the
+    layer up to combine (`experts_call(routed=True)`): the router's GEMV, then route, the sort and experts, or a
+    fused config's one kernel that routes; so a fused config wins where the kernels it saves pay for it.
 
     The up GEMM is tuned with the default down config, then the down GEMM with the best up; after each, the
     CONFIRMED fastest pairs are timed again (`confirm`), and the best of those is kept. Each pair is run once
@@ -506,7 +546,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     bar = tqdm(total=len(Ts) * len(parts) * len(candidates), desc=f"moe_fx tune E{E} D{D} F{F} K{K} {quant}")
     bound = agreement_bound(dtype, quant)
     for T in Ts:
-        run = experts_call(T, K, activation, dtype, weights, quant, reduce)
+        run = experts_call(T, K, activation, dtype, weights, quant, reduce, routed=routes(T, quant, reduce))
         ref = run.reference()
         best = default_config(T * K / E, dtype, quant)
         timings, confirmed, failed = {}, {}, {}

@@ -87,3 +87,50 @@ def test_tune_never_times_or_stores_a_config_that_disagrees(tmp_path, monkeypatc
     assert entry["config"]["up"]["block_n"] == 16
     stored = json.loads((tmp_path / "tuning.json").read_text())[key]
     assert tuning.entry_config(stored) == tuning.entry_config(entry["config"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_step_the_block_may_route_is_timed_as_the_layer_runs_it(dtype):
+    """`experts_call(routed=True)`, what `tune` times where the rewrite may emit `routed_experts`: the router's
+    GEMV, then a fused config's one kernel that routes its own picks, or any other config's route, sort and
+    experts; both give the reference lowering's sums of the same picks. Quantised or unsummed steps, and T past
+    the GEMV's range, do not route."""
+    from dataclasses import replace
+
+    from moe_fx.lowering.triton import decode, grouped_gemm
+
+    torch.manual_seed(0)
+    weights = tuning.random_weights(E, D, F, "silu_gated", dtype, DEVICE)
+    run = tuning.experts_call(3, K, "silu_gated", dtype, weights, reduce=True, routed=True)
+    ref = run.reference()
+    unfused = tuning.default_config(3 * K / E, dtype)
+    for config, path in ((unfused, ["down", "up"]), (replace(unfused, fused=True), ["routed"])):
+        before = grouped_gemm.loads.copy()
+        assert tuning.agreement(run, config, ref) < tuning.agreement_bound(dtype) / 4, config
+        assert sorted(k.split("/")[0] for k in (grouped_gemm.loads - before).elements()) == path, config
+    assert tuning.routes(decode.MAX_TOKENS, "none", True)
+    assert not any(tuning.routes(*a) for a in ((decode.MAX_TOKENS + 1, "none", True), (1, "fp8", True),
+                                               (1, "none", False)))  # fmt: skip
+    with pytest.raises(ValueError, match=r"moe_fx: experts_call routes .* got T=5"):
+        tuning.experts_call(decode.MAX_TOKENS + 1, K, "silu_gated", dtype, weights, reduce=True, routed=True)
+
+
+def test_tune_times_a_routable_step_as_routed_and_may_store_a_fused_config(tmp_path, monkeypatch):
+    """At T=1 with the rows summed in experts, `tune` checks and times every candidate on the routed call (the
+    fused ones route their picks in the kernel); the (fake) timer ranks a fused config fastest, and it is
+    stored."""
+    from moe_fx.lowering.triton import grouped_gemm
+
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    routed = []
+    calls = tuning.experts_call
+    monkeypatch.setattr(tuning, "experts_call", lambda *a, **kw: routed.append(kw["routed"]) or calls(*a, **kw))
+    monkeypatch.setattr(tuning, "time_config", lambda run, c: 1.0 if c.fused else 2.0)
+    before = grouped_gemm.loads.copy()
+    results = tuning.tune(E, D, F, K, "silu_gated", torch.float32, [1], device=DEVICE,
+                          candidates=((16, 16, 16, 4, 1, False),), reduce=True)  # fmt: skip
+    ((key, entry),) = results.items()
+    assert routed == [True] and not entry["failed"], entry
+    stored = json.loads((tmp_path / "tuning.json").read_text())[key]
+    assert entry["config"]["fused"] and tuning.entry_config(stored).fused
+    assert any(k.startswith("routed/") for k in (grouped_gemm.loads - before).elements())  # checked as it runs
