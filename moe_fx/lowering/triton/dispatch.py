@@ -191,8 +191,9 @@ def _sort_small_kernel(
 
 SMALL_CHUNKS = 4
 # The two-launch sort's programs at most: each takes a run of blocks and reserves once. H100, T=8192, one
-# dispatch under graph replays (bench/NOTES.md, twenty-second session): 64 -> 72.9 us (Qwen3), 256 -> 25.6,
-# 512 -> 22.5, 1024 (a block each) -> 24.3; each program's chain of loads and scans costs, not the atomics.
+# dispatch under graph replays (bench/NOTES.md, twenty-second session; bench/sort_programs.py): 64 -> 72.9 us (Qwen3),
+# 256 -> 25.6, 512 -> 22.5, 1024 (a block each) -> 24.3; each program's chain of loads and scans costs, not the
+# atomics.
 SORT_PROGRAMS = 512
 
 
