@@ -427,8 +427,9 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
         router = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
 
         def route_tokens():
-            r = router._replace(logits=route.project(x, w_router, None))
-            return route.route(r.logits, None, K, r.scoring, r.order, r.renormalize, 1, 1, 1, r.scale)
+            r = router
+            return route.route(route.project(x, w_router, None), None, K, r.scoring, r.order, r.renormalize, 1, 1, 1,
+                               r.scale)  # fmt: skip
 
         routing, ids = route_tokens()
     else:
