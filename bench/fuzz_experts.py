@@ -61,7 +61,7 @@ def draw(seed: int, device: str, dtype: torch.dtype) -> dict:
     up, down = rng.choice(gemms), rng.choice(gemms)
     fused = reduce and quant == "none" and up.block_m <= tuning.FUSED_MAX_BLOCK_M and rng.random() < 0.4
     if fused:
-        down = replace(down, block_n=tuning.FUSED_BLOCK_D)
+        down = replace(down, block_n=tuning.FUSED_BLOCK_D["none"])
     T = max(1, int(2 ** rng.uniform(0, 5.3 if small else 11)))
     return dict(
         seed=seed, E=E, K=rng.randint(1, min(E, 8)), D=width(top), F=width(top), T=T, activation=activation,

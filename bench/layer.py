@@ -59,8 +59,9 @@ OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"
 # down GEMM's epilogue (`experts(..., reduce=True)`); moe_fx_triton_routed: route, dispatch and experts as the
 # rewrite's one `routed_experts` node (at decode the GEMV, then one kernel that routes each pick); not by default
 REDUCE_QUANT = {"moe_fx_fp8_reduce": "fp8"}
-REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_triton_routed", *REDUCE_QUANT)
-QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT}  # every quantised variant's mode
+ROUTED_QUANT = {"moe_fx_fp8_routed": "fp8"}  # fp8 as one `routed_experts` node (the GEMV quantises x)
+REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_triton_routed", *REDUCE_QUANT, *ROUTED_QUANT)
+QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT, **ROUTED_QUANT}  # every quantised variant's mode
 EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
 GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *EXTRA_VARIANTS)
@@ -134,15 +135,19 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, red
     return run
 
 
-def moe_fx_quant_layer(block, spec, mode, reduce=False):
+def moe_fx_quant_layer(block, spec, mode, reduce=False, routed=False):
     """moe_fx with the Triton lowerings under quant `mode`: the weights quantised once, as the rewrite does;
-    `reduce` as `moe_fx_layer`'s."""
+    `reduce` and `routed` as `moe_fx_layer`'s."""
     w13, s13 = quant.quantize_weight(block.experts.gate_up_proj, mode)
     w2, s2 = quant.quantize_weight(block.experts.down_proj, mode)
     spec, gate = spec.replace(quant=QuantSpec(mode)), block.gate.weight
     weight_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
+    impls = {"route": "triton", "quantize_dispatch": "triton", "experts": "triton"}
 
     def run(x):
+        if routed:
+            return OPS.routed_experts(*routed_args(spec, x, x, None, w13, None, w2, None, None, x.dtype, impls, gate,
+                                                   w13_scale=s13, w2_scale=s2))  # fmt: skip
         weights, ids = route(spec, x, gate)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
         y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, reduce))
@@ -239,6 +244,8 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
     quantised = {v: moe_fx_quant_layer(block, spec, mode) for v, mode in QUANT_VARIANTS.items() if v in variants}
     quantised.update({v: moe_fx_quant_layer(block, spec, mode, reduce=True) for v, mode in REDUCE_QUANT.items()
+                      if v in variants})  # fmt: skip
+    quantised.update({v: moe_fx_quant_layer(block, spec, mode, routed=True) for v, mode in ROUTED_QUANT.items()
                       if v in variants})  # fmt: skip
     if tune:
         for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_MODE[v] for v in quantised]:

@@ -207,7 +207,8 @@ def main():
     gemm = tuning.GemmConfig(m, n, k, 8, warps, stages, tma=args.tma, swap_ab=args.swap, persistent=args.persistent)
     config = tuning.ExpertsConfig(gemm, gemm)
     if args.fused:  # w2 in the column blocks `tune` times fused candidates with
-        config = tuning.ExpertsConfig(gemm, replace(gemm, block_n=tuning.FUSED_BLOCK_D), fused=True)
+        width = tuning.FUSED_BLOCK_D.get(args.quant, tuning.FUSED_BLOCK_D["none"])
+        config = tuning.ExpertsConfig(gemm, replace(gemm, block_n=width), fused=True)
     E, K, D, F = args.shape
     for kernel, kargs, meta in launches(args.quant, tuning.conform(config, args.quant), E, D, F, 4, K,
                                         routed=args.routed):  # fmt: skip

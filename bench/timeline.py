@@ -123,7 +123,7 @@ def timeline(shape: str, T: int, timed) -> dict:
     run = experts_op(shape, T, "none", "cuda", torch.bfloat16, reduce=True)
     config = tuning.choose(E, D, F, K, True, torch.bfloat16, torch.device("cuda"), T * K, "none")
     if not config.fused:
-        config = replace(config, fused=True, down=replace(config.down, block_n=tuning.FUSED_BLOCK_D))
+        config = replace(config, fused=True, down=replace(config.down, block_n=tuning.FUSED_BLOCK_D["none"]))
     config = tuning.conform(config, "none")
     for _ in range(3):
         run(config)

@@ -17,9 +17,10 @@ K top-k, R dispatched rows (T*K on one device; what this rank receives under exp
     experts(..., reduce=True)                 -> out_ND: combine's weighted sum done by `experts` (one device,
                                                  a lowering registered with reduces=True); no combine node
     routed_experts(x_TD, logits or tokens, route's and experts' arguments) -> out_TD: route, quantize_dispatch
-                                                 and experts(reduce=True) as one op (one device, unquantised, an
-                                                 experts lowering registered with `routes`), which runs them in
-                                                 fewer kernels at decode (Triton: the GEMV, then one kernel)
+                                                 and experts(reduce=True) as one op (one device, activations
+                                                 unquantised or per token: ROUTED_QUANT, an experts lowering
+                                                 registered with `routes`), which runs them in fewer kernels at
+                                                 decode (Triton: the GEMV, then one kernel)
 
 N is the number of rows this rank holds after dispatch: the received rows under expert parallelism.
 Where the rows would be the tokens themselves (one device or tp, activations not quantised:
@@ -315,6 +316,11 @@ def _(
     return xq.new_empty((xq.shape[0] if reduce else gather_index.shape[0], D), dtype=out_dtype)
 
 
+# The quant modes `routed_experts` takes: activations unquantised or quantised per token (fp8_block's groups and
+# int4's packed weights run the three ops)
+ROUTED_QUANT = ("none", "fp8", "int8")
+
+
 @_define
 def routed_experts(
     x: torch.Tensor,
@@ -339,6 +345,8 @@ def routed_experts(
     w2: torch.Tensor,
     w13_bias: torch.Tensor | None,
     w2_bias: torch.Tensor | None,
+    w13_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None,
     weight_at: str,
     activation: str,
     gate_up: str,
@@ -346,14 +354,18 @@ def routed_experts(
     w2_transposed: bool,
     alpha: float,
     limit: float,
+    quant: str,
     out_dtype: torch.dtype,
     impl: str,
 ) -> torch.Tensor:
     """x_TD and the router's logits (or its tokens, with `proj_weight`) -> out_TD: `route` → `quantize_dispatch` →
-    `experts(reduce=True)` on one device, unquantised, as one op. The experts lowering `impl` (registered with
-    `routes`) runs the three in fewer kernels where it can (Triton at decode: the router's GEMV, then one kernel
-    whose programs each route their pick); elsewhere the three ops run, with `route_impl`, `dispatch_impl` and
-    `impl`. The arguments are `route`'s and `experts`' (the rewrite's `routed_args`)."""
+    `experts(reduce=True)` on one device, as one op, under `quant` (one of ROUTED_QUANT: the activations quantised
+    per token). The experts lowering `impl` (registered with `routes`) runs the three in fewer kernels where it can
+    (Triton at decode: the router's GEMV, which also quantises x, then one kernel whose programs each route their
+    pick); elsewhere the three ops run, with `route_impl`, `dispatch_impl` and `impl`. The arguments are `route`'s
+    and `experts`' (the rewrite's `routed_args`)."""
+    if quant not in ROUTED_QUANT:
+        raise ValueError(f"moe_fx: routed_experts takes quant in {ROUTED_QUANT}, got {quant!r}")
     entry = registry.lookup("experts", impl)
     if entry.routes is not None:
         routing = dict(logits=None if proj_weight is not None else logits, bias=bias, k=k, scoring=scoring,
@@ -362,25 +374,28 @@ def routed_experts(
                        group_fill=group_fill)  # fmt: skip
         weights = dict(w13=w13, w3=w3, w2=w2, w13_bias=w13_bias, w2_bias=w2_bias, weight_at=weight_at,
                        activation=activation, gate_up=gate_up, w13_transposed=w13_transposed,
-                       w2_transposed=w2_transposed, alpha=alpha, limit=limit, out_dtype=out_dtype)  # fmt: skip
+                       w2_transposed=w2_transposed, alpha=alpha, limit=limit, out_dtype=out_dtype, quant=quant,
+                       w13_scale=w13_scale, w2_scale=w2_scale)  # fmt: skip
         tokens = logits if proj_weight is not None else None
         out = entry.routes(x, tokens, proj_weight, proj_bias, routing, weights)
         if out is not None:
             return out
     weights_TK, ids_TK = route(logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk,
                                scale, route_impl, score_dtype, 0, proj_weight, proj_bias, group_fill)  # fmt: skip
-    _, xscale, offsets, gather_index, row_weights, _, _ = quantize_dispatch(
-        x, ids_TK, weights_TK, w13.shape[0], "none", "single", "", None, dispatch_impl
+    xq, xscale, offsets, gather_index, row_weights, _, _ = quantize_dispatch(
+        x, ids_TK, weights_TK, w13.shape[0], quant, "single", "", None, dispatch_impl
     )
-    return experts(x, xscale, offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, None, None,
-                   weight_at, activation, gate_up, w13_transposed, w2_transposed, alpha, limit, "none", out_dtype,
-                   impl, None, True)  # fmt: skip
+    xq = x if rows_are_tokens(quant, "single") else xq
+    return experts(xq, xscale, offsets, gather_index, row_weights, w13, w3, w2, w13_bias, w2_bias, w13_scale,
+                   w2_scale, weight_at, activation, gate_up, w13_transposed, w2_transposed, alpha, limit, quant,
+                   out_dtype, impl, None, True)  # fmt: skip
 
 
 @torch.library.register_fake("moe_fx::routed_experts")
 def _(x, logits, bias, k, scoring, order, renormalize, n_group, topk_group, group_score_topk, scale, route_impl,
-      score_dtype, proj_weight, proj_bias, group_fill, dispatch_impl, w13, w3, w2, w13_bias, w2_bias, weight_at,
-      activation, gate_up, w13_transposed, w2_transposed, alpha, limit, out_dtype, impl):  # fmt: skip
+      score_dtype, proj_weight, proj_bias, group_fill, dispatch_impl, w13, w3, w2, w13_bias, w2_bias, w13_scale,
+      w2_scale, weight_at, activation, gate_up, w13_transposed, w2_transposed, alpha, limit, quant, out_dtype,
+      impl):  # fmt: skip
     return x.new_empty((x.shape[0], w2.shape[2] if w2_transposed else w2.shape[1]), dtype=out_dtype)
 
 
@@ -464,14 +479,15 @@ def experts_args(spec: MoESpec, x_TD, dispatched, w13, w3, w2, w13_bias, w2_bias
 
 
 def routed_args(spec: MoESpec, x_TD, logits_TE, bias, w13, w3, w2, w13_bias, w2_bias, out_dtype, impl: dict[str, str],
-                proj_weight=None, proj_bias=None) -> tuple:  # fmt: skip
-    """`routed_experts`' arguments: `route`'s (`logits_TE` the tokens where `proj_weight` is given), then `experts`';
-    `impl`: each op's lowering."""
+                proj_weight=None, proj_bias=None, w13_scale=None, w2_scale=None) -> tuple:  # fmt: skip
+    """`routed_experts`' arguments: `route`'s (`logits_TE` the tokens where `proj_weight` is given), then `experts`'
+    (the weight scales under spec.quant); `impl`: each op's lowering."""
     r, es = spec.router, spec.experts
     return (x_TD, logits_TE, bias, r.k, r.scoring, r.order, r.renormalize, r.n_group, r.topk_group, r.group_score_topk,
             r.scale, impl["route"], getattr(torch, r.score_dtype), proj_weight, proj_bias, r.group_fill,
-            impl["quantize_dispatch"], w13, w3, w2, w13_bias, w2_bias, weight_at(spec), es.activation, es.gate_up,
-            es.w13_transposed, es.w2_transposed, es.alpha, es.limit, out_dtype, impl["experts"])  # fmt: skip
+            impl["quantize_dispatch"], w13, w3, w2, w13_bias, w2_bias, w13_scale, w2_scale, weight_at(spec),
+            es.activation, es.gate_up, es.w13_transposed, es.w2_transposed, es.alpha, es.limit, spec.quant.mode,
+            out_dtype, impl["experts"])  # fmt: skip
 
 
 def combine_args(spec: MoESpec, y_RD, weights_TK, dispatched, impl: str, group_name: str = "") -> tuple:

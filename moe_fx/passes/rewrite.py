@@ -27,7 +27,7 @@ from torch.fx.experimental.symbolic_shapes import compute_unbacked_bindings
 
 from moe_fx.lowering import registry
 from moe_fx.lowering.distributed.placement import Shard, shard_weights
-from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args, routed_args
+from moe_fx.ops import ROUTED_QUANT, combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.passes import identity_experts as identity
 from moe_fx.passes.graph_view import GraphView, is_inplace, shape_of, value
 from moe_fx.passes.match import MoEMatch
@@ -64,13 +64,14 @@ def select_lowerings(match: MoEMatch, device: str, forced: dict[str, str], fuse_
 def _routes_in_experts(match: MoEMatch, forced: dict[str, str]) -> bool:
     """Whether the block's route, quantize_dispatch and experts may be one `routed_experts` node: combine's sum is
     in experts, whose lowering `routes`, the route lowering is of the same backend (the routed kernel routes as
-    it does), none of the three is forced, and the block has no quantised activations, capacity or identity
-    experts (picks the routed kernel would have to drop)."""
+    it does), none of the three is forced, and the block's activations are unquantised or quantised per token
+    (`ROUTED_QUANT`), with no capacity or identity experts (picks the routed kernel would have to drop)."""
     if not match.combine_in_experts or not match.router_recognized or forced.keys() & {"route", "quantize_dispatch"}:
         return False
     experts, spec = match.selections["experts"].chosen, match.spec
     same_backend = experts.routes is not None and match.selections["route"].chosen.name == experts.name
-    return same_backend and spec.quant.mode == "none" and not spec.router.capacity and not spec.experts.identity_experts
+    return (same_backend and spec.quant.mode in ROUTED_QUANT and not spec.router.capacity
+            and not spec.experts.identity_experts)  # fmt: skip
 
 
 # Why combine keeps its node under torch.use_deterministic_algorithms(True): Dynamo guards on that flag, so
@@ -362,7 +363,8 @@ def rewrite(
                 tokens, w_ED, b_E = projection
                 route_in, proj = call("reshape", tokens, -1, shape_of(w_ED)[1], method=True), (w_ED, b_E)
         if routed:  # route, dispatch and experts(reduce=True) in one node
-            args = routed_args(spec, x_TD, route_in, bias_E, w13, w3, w2, b13, b2, out_dtype, impl, *proj)
+            args = routed_args(spec, x_TD, route_in, bias_E, w13, w3, w2, b13, b2, out_dtype, impl, *proj,
+                               w13_scale=w13_scale, w2_scale=w2_scale)  # fmt: skip
             out = y = call(OPS.routed_experts.default, *args)
         else:
             if match.router_recognized:

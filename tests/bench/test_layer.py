@@ -60,3 +60,20 @@ def test_the_routed_variant_computes_the_layer(monkeypatch):
         kinds = {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()}
         assert kinds == ({"routed"} if T <= decode.MAX_TOKENS else {"fused"}), (T, kinds)
         assert rel_err(out, ref) < 1e-5, T
+
+
+def test_the_fp8_routed_variant_computes_the_fp8_layer(monkeypatch):
+    """moe_fx_fp8_routed: one `routed_experts` op under fp8 (the GEMV quantising x, the kernel routing each pick),
+    the same layer as the three fp8 ops on the same fused configs, to fp32 atomics' order."""
+    fuse_every_config(monkeypatch)
+    layer = load("layer")
+    g = torch.Generator().manual_seed(0)
+    block, spec = block_and_spec(g)
+    x = torch.randn(3, D, generator=g)
+    before = grouped_gemm.loads.copy()
+    (routed, _), (chain, _) = (
+        layer.moe_fx_quant_layer(block, spec, "fp8", **kw) for kw in ({"routed": True}, {"reduce": True})
+    )
+    out = routed(x)
+    assert {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()} == {"routed"}
+    assert rel_err(out, chain(x)) < 1e-5

@@ -16,7 +16,7 @@ def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps():
         timeline, ptx_stats = load("timeline"), load("ptx_stats")
         ptx_stats.grouped_gemm = timeline.instrumented_module()
         up = tuning.GemmConfig(16, 64, 128, 8, 4, 4, tma=True)
-        config = tuning.ExpertsConfig(up, tuning.GemmConfig(16, tuning.FUSED_BLOCK_D, 64), fused=True)
+        config = tuning.ExpertsConfig(up, tuning.GemmConfig(16, tuning.FUSED_BLOCK_D["none"], 64), fused=True)
         launches = ptx_stats.launches("none", config)
         ptx = ptx_stats.compile_for(*launches[0], 90).asm["ptx"]
         print(len(launches), ptx.count("%globaltimer"), ptx.count("%smid"))

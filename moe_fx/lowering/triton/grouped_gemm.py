@@ -9,7 +9,8 @@ Legend: T tokens, D model dim, F expert ffn dim, E experts, R routed rows, H = 2
     fused (a decode config, with reduce): one kernel      each up tile's h, an F-slice of its rows, times that
                                                           F-slice of w2 in the up epilogue (the down GEMM split
                                                           over its K = F), fp32 atomics into sum_TD, cast by the
-                                                          last program to finish
+                                                          last program to finish; under fp8 / int8 h quantised
+                                                          per row of its F-slice (the reference: per row of F)
 
 Tiles: expert e owns cdiv(rows_e, BLOCK_M) M-tiles; the real tiles are numbered in grouped order (GROUP_M
 M-tiles share an N-column) so weight tiles and A rows are reused from L2, and a program finds a tile's expert
@@ -377,7 +378,7 @@ def _larger_pick(id_a, w_a, id_b, w_b):
 def _up_kernel(
     # pointers
     x_ptr, gather_ptr, offsets_ptr, row_weights_ptr, wg_ptr, wu_ptr, bias_ptr, h_ptr,
-    xs_ptr, ws_ptr, hs_ptr, out_ptr, w2_ptr, b2_ptr, sum_ptr, done_ptr,
+    xs_ptr, ws_ptr, hs_ptr, out_ptr, w2_ptr, b2_ptr, w2s_ptr, sum_ptr, done_ptr,
     # sizes
     D, F, E, NPROG, alpha, limit, OUT_NUMEL,
     GATE_ROW, UP_ROW, ROW_STEP, BIAS_GATE, BIAS_UP,
@@ -385,7 +386,7 @@ def _up_kernel(
     stride_xt, stride_xd, stride_we, stride_wh, stride_wd, stride_ue, stride_uh,
     stride_be, stride_bh, stride_hr, stride_hf,
     stride_xst, stride_xsb, stride_wse, stride_wsh, stride_wsb, stride_hsr,
-    stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
+    stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, stride_2se, stride_2sd,
     # ROUTED: the router's logits and `route`'s arguments (`route._route_row`), each program routing its token
     logits_ptr, route_bias_ptr, PICKS, EG, route_scale, group_fill, stride_lt, stride_le,
     # meta-parameters
@@ -514,9 +515,13 @@ def _up_kernel(
                 h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
                 tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
             if FUSED:
-                _down_slice(h.to(w2_ptr.dtype.element_ty), row_ok, tokens, expert, n, n_ok,
-                            tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr, row_w, sum_ptr, D, stride_2e,
-                            stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2, WEIGHT_OUTPUT, PRECISION,
+                if QUANT == 1:  # fp8 / int8: each row's F-slice quantised with its own scale (a 1×BLOCK_N group)
+                    h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
+                else:
+                    h, h_scale = h.to(w2_ptr.dtype.element_ty), row_w  # (h_scale unread)
+                _down_slice(h, h_scale, row_ok, tokens, expert, n, n_ok, tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr,
+                            w2s_ptr, row_w, sum_ptr, D, stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
+                            stride_2se, stride_2sd, HAS_B2, WEIGHT_OUTPUT, QUANT, IS_INT, PRECISION,
                             BLOCK_D)  # fmt: skip
             else:
                 tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -525,13 +530,16 @@ def _up_kernel(
 
 
 @triton.jit
-def _down_slice(h, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, row_w, sum_ptr, D,
-                stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, HAS_B2: tl.constexpr,
-                WEIGHT_OUTPUT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _down_slice(h, h_scale, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, w2s_ptr, row_w, sum_ptr, D,
+                stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, stride_2se, stride_2sd, HAS_B2: tl.constexpr,
+                WEIGHT_OUTPUT: tl.constexpr, QUANT: tl.constexpr, IS_INT: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_D: tl.constexpr):  # fmt: skip
     """The down GEMM of one up tile (fused): h [M, BLOCK_N], the activations of its rows over the F-slice f,
     times w2[expert, :, f]ᵀ, one BLOCK_D-wide column block at a time, each block's product (+ b2's first b2_cols
     columns: all D in the first F-slice's program, none in the others; × the routing weight) added in fp32 into
-    the rows' tokens of sum_TD. The F-slices' partial products meet there, in no fixed order."""
+    the rows' tokens of sum_TD. The F-slices' partial products meet there, in no fixed order.
+    QUANT 1 (fp8 / int8): h is quantised per row with h_scale [M], w2 per output channel (w2s_ptr [E, D]); the
+    product is dequantised by both before it is added."""
     w2_e = w2_ptr + expert.to(tl.int64) * stride_2e
     sum_rows = sum_ptr + tokens.to(tl.int64)[:, None] * D
     for d0 in range(0, D, BLOCK_D):
@@ -539,7 +547,10 @@ def _down_slice(h, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, row
         d_ok = d < D
         w = tl.load(w2_e + f[:, None] * stride_2f + d[None, :] * stride_2d, mask=f_ok[:, None] & d_ok[None, :],
                     other=0.0)  # fmt: skip
-        y = tl.dot(h, w, input_precision=PRECISION, out_dtype=tl.float32)
+        y = tl.dot(h, w, input_precision=PRECISION, out_dtype=tl.int32 if IS_INT else tl.float32)
+        if QUANT == 1:
+            w_s = tl.load(w2s_ptr + expert.to(tl.int64) * stride_2se + d * stride_2sd, mask=d_ok, other=0.0)
+            y = y.to(tl.float32) * (h_scale[:, None] * w_s[None, :])
         if HAS_B2:
             b2 = tl.load(b2_ptr + expert.to(tl.int64) * stride_b2e + d * stride_b2d, mask=d < b2_cols, other=0.0)
             y += b2.to(tl.float32)[None, :]
@@ -653,6 +664,9 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
 
 
 QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
+# the quant codes a fused config runs fused: unquantised, and per-token activations with per-channel weights, whose
+# h the up epilogue quantises per row of its F-slice (fp8_block's 128-wide groups and int4's unpacking: not fused)
+FUSED_QUANT = (0, 1)
 loads = collections.Counter()  # GEMM launches by operand path, e.g. "up/tma", "down/pointers+swap" (tests read it)
 
 
@@ -690,12 +704,17 @@ def _choice(xq: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed
     return (w13.shape[0], D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
 
 
-def routes_at(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed: bool, activation: str,
-              k: int) -> bool:  # fmt: skip
-    """Whether `experts(routing=...)` can run for x_TD's tokens, k picks each: the config chosen at this T (the
-    one `experts` will choose) is fused."""
-    return tuning.choose(*_choice(x_TD, w13, w2, w2_transposed, activation, x_TD.shape[0] * k, "none",
-                                  x_TD.dtype)).fused  # fmt: skip
+def routes_at(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed: bool, activation: str, k: int,
+              quant: str = "none", config: tuning.ExpertsConfig | None = None) -> bool:  # fmt: skip
+    """Whether `experts(routing=...)` can run for x_TD's tokens (in the model's dtype), k picks each, under `quant`:
+    the mode runs fused (`FUSED_QUANT`) and `config`, else the config chosen at this T (the one `experts` will
+    choose), is fused."""
+    if QUANT_CODES[quant] not in FUSED_QUANT:
+        return False
+    if config is None:
+        config = tuning.choose(*_choice(x_TD, w13, w2, w2_transposed, activation, x_TD.shape[0] * k, quant,
+                                        x_TD.dtype))  # fmt: skip
+    return config.fused
 
 
 def experts(
@@ -735,7 +754,9 @@ def experts(
     run on e4m3 (fp32 accumulation) or int8 (int32) operands. The activation between them is quantised as
     the reference does: per 1×128 group in the up GEMM's epilogue (fp8_block, BLOCK_N = 128), per token
     otherwise, by `quantize.quantize_rows` on the activation stored in the model's dtype (a row's scale needs
-    the whole row; as vLLM does, and half the bytes of an fp32 round trip).
+    the whole row; as vLLM does, and half the bytes of an fp32 round trip). A fused config (fp8, int8) has no
+    row's whole h in one program: the up epilogue quantises each row of its F-slice with its own scale, finer
+    groups than the reference's, and the down slice dequantises its product by that scale and w2's.
     int4_weight (w4a16): each K-step loads its packed weight bytes once, unpacks them in registers to exact int4
     values in the activations' dtype and multiplies the even and odd K-columns of the activations by the low
     and high nibbles; the group scales multiply the K-step's partial product (decode tiles) or the weights
@@ -744,11 +765,12 @@ def experts(
     does not compile on this GPU and Triton (out of shared memory or registers) gives way to the defaults, with
     a warning (`tuning.unfit`).
 
-    routing (reduce, unquantised, where `routes_at`: a fused config): no dispatch; xq is x_TD, each of its tokens routed
-    by `routing` (the router's logits and `route`'s arguments) inside the fused kernel, whose program for pick p
-    finds its expert by running the token's top-k itself (`route._route_row`); the three dispatch tensors are not
-    read. `sums`: the fused kernel's fp32 sums and counter, int32 [T·D + 1] of zeros, where the caller zeroed them
-    (the router's GEMV, `route.project(zero=...)`); else this call allocates and zeroes them.
+    routing (reduce, where `routes_at`: a fused config): no dispatch; xq is x_TD (under fp8 / int8 its rows
+    quantised, `xscale` theirs: `quantize.quantize_rows`), each of its tokens routed by `routing` (the router's
+    logits and `route`'s arguments) inside the fused kernel, whose program for pick p finds its expert by running
+    the token's top-k itself (`route._route_row`); the three dispatch tensors are not read. `sums`: the fused
+    kernel's fp32 sums and counter, int32 [T·D + 1] of zeros, where the caller zeroed them (the router's GEMV,
+    `route.project(zero=...)`); else this call allocates and zeroes them.
     """
     call = dict(locals())  # the arguments, for a second run with the defaults
     if routing is not None:  # placeholders: the routing kernel reads none of the dispatch tensors
@@ -799,7 +821,7 @@ def experts(
         ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
         bias2 = w2_bias if w2_bias is not None else w2
         weight_output = weight_at == "output" or (reduce and weight_at == "none")
-        fused = config.fused and reduce and code == 0
+        fused = config.fused and reduce and code in FUSED_QUANT
         if routing is not None and not fused:
             raise ValueError(f"moe_fx: experts routes its picks in a fused config only, got {tuning.describe(config)}")
         # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);
@@ -823,14 +845,14 @@ def experts(
         launch(
             _up_kernel, (grid,),
             xq, gather_index, expert_offsets, row_weights, wg if up_tma else w13_EHD, wu, bias13, h_RF, xs[0], ws13[0],
-            h_scale if code == 2 else row_weights, y, w2, bias2, sum_TD, done,
+            h_scale if code == 2 else row_weights, y, w2, bias2, ws2[0], sum_TD, done,
             D, F, E, grid, float(alpha), float(limit), y.numel() if reduce else 0,
             gate_row, up_row, step, bias_gate, bias_up,
             xq.stride(0), xq.stride(1), w13_EHD.stride(0), w13_EHD.stride(1), w13_EHD.stride(2),
             wu.stride(0), wu.stride(1),
             bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
             xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
-            w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1),
+            w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1), ws2[1], ws2[2],
             *route_args,
             GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
             WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.triton import quantize
 from moe_fx.lowering.triton.launch import launch
+from moe_fx.lowering.triton.quantize import _quantize_block
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 
 SCORING_CODES = {"none": 0, "softmax": 1, "sigmoid": 2}
@@ -178,16 +180,20 @@ def _route_kernel(
 @triton.jit
 def _project_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, out_ptr, zero_ptr,
+    x_ptr, w_ptr, b_ptr, out_ptr, zero_ptr, q_ptr, xs_ptr,
     # sizes
     T, E, D, ZERO_NUMEL,
     # strides
-    stride_xt, stride_we, stride_ot,
+    stride_xt, stride_we, stride_ot, stride_qt,
     # meta-parameters
     HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+    QUANTIZE: tl.constexpr = False, QMAX: tl.constexpr = 1.0, IS_INT: tl.constexpr = False,
+    ONE_TILE: tl.constexpr = True, ROWS_N: tl.constexpr = 1, ROWS_D: tl.constexpr = 16,
 ):  # fmt: skip
     """logits[t, e] = x[t, :] . w[e, :] (+ b[e]) for a block of tokens and experts: fp32 sums over D. The programs
-    also write zeros over zero_ptr's ZERO_NUMEL int32s, a share each (the next kernel's sums: no fill launch)."""
+    also write zeros over zero_ptr's ZERO_NUMEL int32s, a share each (the next kernel's sums: no fill launch).
+    QUANTIZE: the programs past the experts' blocks quantise x's rows per token into q_ptr and xs_ptr instead
+    (`quantize._quantize_block`, ROWS_N rows by ROWS_D columns each; the grid has one column of token blocks)."""
     if ZERO_NUMEL > 0:
         programs = tl.num_programs(0) * tl.num_programs(1)
         chunk = tl.cdiv(tl.cdiv(ZERO_NUMEL, programs), 256) * 256
@@ -195,20 +201,25 @@ def _project_kernel(
         for z0 in range(first, tl.minimum(ZERO_NUMEL, first + chunk), 256):
             z = z0 + tl.arange(0, 256)
             tl.store(zero_ptr + z, tl.zeros((256,), tl.int32), mask=z < ZERO_NUMEL)
-    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    acc_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        x_TD = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + d[None, :],
-                       mask=(t[:, None] < T) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
-        w_ED = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_we + d[None, :],
-                       mask=(e[:, None] < E) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
-        acc_TE += tl.sum(x_TD[:, None, :] * w_ED[None, :, :], axis=2)
-    if HAS_BIAS:
-        acc_TE += tl.load(b_ptr + e, mask=e < E, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + t[:, None].to(tl.int64) * stride_ot + e[None, :]
-    tl.store(out, acc_TE.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & (e[None, :] < E))
+    expert_blocks = tl.cdiv(E, BLOCK_E)
+    if QUANTIZE and tl.program_id(0) >= expert_blocks:
+        _quantize_block(x_ptr, q_ptr, xs_ptr, T, D, stride_xt, stride_qt, 1, tl.program_id(0) - expert_blocks, 0,
+                        QMAX, IS_INT, ONE_TILE, ROWS_N, ROWS_D)  # fmt: skip
+    else:
+        e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+        t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        acc_TE = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            x_TD = tl.load(x_ptr + t[:, None].to(tl.int64) * stride_xt + d[None, :],
+                           mask=(t[:, None] < T) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
+            w_ED = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_we + d[None, :],
+                           mask=(e[:, None] < E) & (d[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
+            acc_TE += tl.sum(x_TD[:, None, :] * w_ED[None, :, :], axis=2)
+        if HAS_BIAS:
+            acc_TE += tl.load(b_ptr + e, mask=e < E, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + t[:, None].to(tl.int64) * stride_ot + e[None, :]
+        tl.store(out, acc_TE.to(out_ptr.dtype.element_ty), mask=(t[:, None] < T) & (e[None, :] < E))
 
 
 # Tokens up to which `project` runs its GEMV (decode). Measured on an H100 (bench/NOTES.md, 2026-12-06): 2.2-2.9 us
@@ -217,6 +228,7 @@ def _project_kernel(
 # benchmark shape, two for Qwen3 at T = 4; above, cuBLAS's tensor-core tiles win.
 PROJECT_MAX_T = 4
 PROJECT_PROGRAMS = 64  # expert blocks the GEMV aims at: enough programs to stream the weight, few enough to share x
+PER_TOKEN = ("fp8", "int8")  # the quant modes `project` quantises x's rows in: one scale per token
 PROJECT_TILE = 8192  # fp32 products a program holds per step (BLOCK_T * BLOCK_E * BLOCK_D): 64 a thread at 4 warps
 
 
@@ -224,6 +236,13 @@ def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None, ze
             ) -> torch.Tensor:  # fmt: skip
     """The router's logits_TE = linear(x_TD, w_ED, b_E), in x's dtype (a GEMV kernel up to PROJECT_MAX_T tokens).
     `zero` (int32, contiguous): written with zeros too, by the GEMV's programs (or a fill above PROJECT_MAX_T)."""
+    return project_quantised(x_TD, w_ED, b_E, "none", zero)[0]
+
+
+def project_quantised(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None, quant: str,
+                      zero: torch.Tensor | None = None) -> tuple:  # fmt: skip
+    """(logits_TE, xq_TD, xscale_T): `project`'s logits and, under quant "fp8" / "int8", x's rows quantised per
+    token as `quantize.quantize_rows` does, by more programs of the GEMV's launch (None, None unquantised)."""
     T, D = x_TD.shape
     E = w_ED.shape[0]
     if w_ED.shape[1] != D or (b_E is not None and b_E.shape != (E,)):
@@ -231,24 +250,37 @@ def project(x_TD: torch.Tensor, w_ED: torch.Tensor, b_E: torch.Tensor | None, ze
             f"moe_fx: route's projection expects weight [E, {D}] and bias [E], got {tuple(w_ED.shape)} and "
             f"{None if b_E is None else tuple(b_E.shape)}"
         )
+    if quant not in ("none", *PER_TOKEN):
+        raise ValueError(f"moe_fx: route's projection quantises x per token, quant in {PER_TOKEN}, got {quant!r}")
     if T > PROJECT_MAX_T or x_TD.dtype != w_ED.dtype or T == 0 or E == 0:
         if zero is not None:
             zero.zero_()
-        return torch.nn.functional.linear(x_TD, w_ED, b_E)
+        rows = quantize.quantize_rows(x_TD, quant) if quant != "none" else (None, None)
+        return torch.nn.functional.linear(x_TD, w_ED, b_E), *rows
     x_TD = x_TD if x_TD.stride(-1) == 1 else x_TD.contiguous()
     w_ED = w_ED if w_ED.stride(-1) == 1 else w_ED.contiguous()
     logits_TE = torch.empty((T, E), dtype=x_TD.dtype, device=x_TD.device)
     BLOCK_T = next_power_of_2(T)
     BLOCK_E = min(next_power_of_2(cdiv(E, PROJECT_PROGRAMS)), 16)
     BLOCK_D = max(16, min(PROJECT_TILE // (BLOCK_T * BLOCK_E), next_power_of_2(D)))
+    xq = xscale = None
+    row_programs, rows = 0, {}
+    if quant != "none":
+        xq, xscale = quantize.new_rows(x_TD, quant)
+        tiling = quantize.row_tiling(D, quant)
+        row_programs = tiling.programs(T)
+        c = quantize.row_constexprs(quant, tiling)
+        rows = dict(QUANTIZE=True, QMAX=c["QMAX"], IS_INT=c["IS_INT"], ONE_TILE=c["ONE_TILE"], ROWS_N=c["BLOCK_N"],
+                    ROWS_D=c["BLOCK_D"])  # fmt: skip
     launch(
-        _project_kernel, (cdiv(E, BLOCK_E), cdiv(T, BLOCK_T)),
-        x_TD, w_ED, b_E if b_E is not None else w_ED, logits_TE, zero if zero is not None else logits_TE, T, E, D,
+        _project_kernel, (cdiv(E, BLOCK_E) + row_programs, cdiv(T, BLOCK_T)),
+        x_TD, w_ED, b_E if b_E is not None else w_ED, logits_TE, zero if zero is not None else logits_TE,
+        xq if xq is not None else logits_TE, xscale if xscale is not None else logits_TE, T, E, D,
         zero.numel() if zero is not None else 0,
-        x_TD.stride(0), w_ED.stride(0), logits_TE.stride(0),
-        HAS_BIAS=b_E is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, num_warps=4,
+        x_TD.stride(0), w_ED.stride(0), logits_TE.stride(0), xq.stride(0) if xq is not None else 0,
+        HAS_BIAS=b_E is not None, BLOCK_T=BLOCK_T, BLOCK_E=BLOCK_E, BLOCK_D=BLOCK_D, **rows, num_warps=4,
     )  # fmt: skip
-    return logits_TE
+    return logits_TE, xq, xscale
 
 
 def route_meta(E: int, bias: torch.Tensor | None, k: int, scoring: str, order: str, renormalize: bool, n_group: int,

@@ -55,9 +55,10 @@ class GemmConfig:
 class ExpertsConfig:
     """Configs of the two GEMMs of `experts`: up (gather + w13 + activation) and down (w2).
 
-    fused: where experts sums each token's rows (`reduce`) and the operands are unquantised, one kernel: each up
-    tile's activations, an F-slice of its rows, go on through w2's F-slice in its epilogue (the down GEMM split
-    over F, down.block_n wide column blocks), fp32 atomics into a sum the last program casts."""
+    fused: where experts sums each token's rows (`reduce`) and the operands are unquantised or fp8 / int8 (per
+    token and channel), one kernel: each up tile's activations, an F-slice of its rows (quantised per row of the
+    slice under fp8 / int8), go on through w2's F-slice in its epilogue (the down GEMM split over F,
+    down.block_n wide column blocks), fp32 atomics into a sum the last program casts."""
 
     up: GemmConfig
     down: GemmConfig
@@ -390,10 +391,11 @@ def random_weights(E: int, D: int, F: int, activation: str, dtype: torch.dtype, 
 
 def routes(T: int, quant: str, reduce: bool) -> bool:
     """Whether a block's step of T tokens may run as `routed_experts` (`fuse_route`, on by default): the rows
-    summed in experts, unquantised, T within the router GEMV's range; it does where its config is fused."""
-    from moe_fx.lowering.triton import decode
+    summed in experts, the activations unquantised or quantised per token (a mode that runs fused), T within the
+    router GEMV's range; it does where its config is fused."""
+    from moe_fx.lowering.triton import decode, grouped_gemm
 
-    return reduce and quant == "none" and 0 < T <= decode.MAX_TOKENS
+    return reduce and grouped_gemm.QUANT_CODES[quant] in grouped_gemm.FUSED_QUANT and 0 < T <= decode.MAX_TOKENS
 
 
 def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none",
@@ -403,52 +405,54 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
     once. run.inputs = (x_TD, ids_TK, weights_TK), run.row_index = the dispatched rows' (t*K + k) slots (for
     combine), run.reference() = what the reference lowering computes from the same rows (`agreement`).
 
-    `routed` (reduce, unquantised, a decode T: where the rewrite emits `routed_experts`): the tokens are routed by
-    a random router (softmax, top-K, renormalised), and run(config) is the layer up to combine as that op runs
-    it (`decode.routed_experts`): the router's GEMV, then, in a fused config, the experts kernel routing its own
-    picks, or else route, the sort and the experts op. So a fused config is timed with the kernels it saves."""
+    `routed` (where `routes`: where the rewrite emits `routed_experts`): the tokens are routed by a random router
+    (softmax, top-K, renormalised), and run(config) is the layer up to combine as that op runs it: in a fused
+    config `decode.routed_experts` (the router's GEMV, then the experts kernel routing its own picks), else
+    route, dispatch and the experts op. So a fused config is timed with the kernels it saves."""
     from moe_fx.lowering import reference as reference_lowering
     from moe_fx.lowering.triton import decode, route
     from moe_fx.lowering.triton.dispatch import dispatch
-    from moe_fx.lowering.triton.grouped_gemm import Routing, experts, routes_at
+    from moe_fx.lowering.triton.grouped_gemm import Routing, experts
     from moe_fx.ops import rows_are_tokens
 
     if routed and not routes(T, quant, reduce):
-        raise ValueError(f"moe_fx: experts_call routes reduced unquantised decode steps (T <= {decode.MAX_TOKENS}), "
-                         f"got T={T}, quant={quant!r}, reduce={reduce}")  # fmt: skip
+        raise ValueError(f"moe_fx: experts_call routes reduced decode steps (T <= {decode.MAX_TOKENS}) unquantised "
+                         f"or quantised per token, got T={T}, quant={quant!r}, reduce={reduce}")  # fmt: skip
     w13, w2, scales = weights
     E, D, device = w13.shape[0], w2.shape[1], w13.device
     x = torch.randn(T, D, device=device, dtype=dtype)
     kw = dict(w13=w13, w3=None, w2=w2, w13_bias=None, w2_bias=None, weight_at="none", activation=activation,
               gate_up="concat", w13_transposed=False, w2_transposed=False, alpha=1.702, limit=7.0,
               out_dtype=dtype)  # fmt: skip
+    w_router = torch.randn(E, D, device=device, dtype=dtype) / D**0.5
+    router = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
+
+    def route_tokens():
+        r = router
+        return route.route(route.project(x, w_router, None), None, K, r.scoring, r.order, r.renormalize, 1, 1, 1,
+                           r.scale)  # fmt: skip
+
+    def rows(ids, routing):
+        xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch(x, ids, routing, E, quant)
+        return x if rows_are_tokens(quant, "single") else xq, xscale, offsets, gather, row_weights, row_index
+
     if routed:
-        w_router = torch.randn(E, D, device=device, dtype=dtype) / D**0.5
-        router = Routing(None, None, K, "softmax", "score_then_topk", True, 1, 1, 1, 1.0, torch.float32, 0.0)
-
-        def route_tokens():
-            r = router
-            return route.route(route.project(x, w_router, None), None, K, r.scoring, r.order, r.renormalize, 1, 1, 1,
-                               r.scale)  # fmt: skip
-
         routing, ids = route_tokens()
     else:
         ids = torch.rand(T, E, device=device).argsort(dim=-1)[:, :K].to(torch.int32)
         routing = torch.rand(T, K, device=device)
-    xq, xscale, offsets, gather, row_weights, row_index, _ = dispatch(x, ids, routing, E, quant)
-    xq = x if rows_are_tokens(quant, "single") else xq
+    xq, xscale, offsets, gather, row_weights, row_index = rows(ids, routing)
 
     def run(config=None):
         if not routed:
             return experts(xq, offsets, gather, row_weights, **kw, config=config, quant=quant, xscale=xscale,
                            reduce=reduce, **scales)  # fmt: skip
-        if config.fused if config is not None else routes_at(x, w13, w2, False, activation, K):
-            sums = torch.empty((T * D + 1,), dtype=torch.int32, device=device)
-            r = router._replace(logits=route.project(x, w_router, None, zero=sums))
-            return experts(x, None, None, None, **kw, config=config, reduce=True, routing=r, sums=sums)
+        out = decode.routed_experts(x, x, w_router, None, router, kw | scales | {"quant": quant}, config)
+        if out is not None:
+            return out
         w, i = route_tokens()
-        _, _, o, g, rw, _, _ = dispatch(x, i, w, E)
-        return experts(x, o, g, rw, **kw, config=config, reduce=True)
+        q, s, o, g, rw, _ = rows(i, w)
+        return experts(q, o, g, rw, **kw, config=config, quant=quant, xscale=s, reduce=True, **scales)
 
     def reference():  # the reference lowering on the same rows; under `reduce`, its combine's weighted sum too
         y = reference_lowering.experts(xq, xscale, offsets, gather, row_weights, w13, None, w2, None, None,
@@ -517,10 +521,11 @@ def agreement(run, config, ref: torch.Tensor) -> float:
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
          quant: str = "none", candidates: tuple | None = None, reduce: bool | None = None) -> dict:  # fmt: skip
     """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
-    at each T (random routing), then, where experts sums the rows unquantised, the decode tiles as fused configs
-    (`ExpertsConfig.fused`); store the best per T-bucket. `reduce`: time the down GEMM with the sum of each
-    token's rows in its epilogue (`experts(reduce=True)`), by default where the rewrite puts it there (one GPU
-    with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store the other choice times).
+    at each T (random routing), then, where experts sums the rows in a mode that runs fused (`tuned_parts`), the
+    decode tiles as fused configs (`ExpertsConfig.fused`); store the best per T-bucket. `reduce`: time the down
+    GEMM with the sum of each token's rows in its epilogue (`experts(reduce=True)`), by default where the rewrite
+    puts it there (one GPU with `native_atomics` of the dtype; a block with `fuse_combine=False` runs the store
+    the other choice times).
     At a T where the block may route its picks inside a fused kernel (`routes`), every candidate is timed as the
     layer up to combine (`experts_call(routed=True)`): the router's GEMV, then route, the sort and experts, or a
     fused config's one kernel that routes; so a fused config wins where the kernels it saves pay for it.
@@ -586,13 +591,21 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
 
 
 CONFIRMED, ROUNDS = 3, 3  # the fastest pairs timed again, and how many times each
-FUSED_BLOCK_D, FUSED_MAX_BLOCK_M = 128, 32  # fused candidates: w2's column blocks, the up tiles tried (decode)
+FUSED_MAX_BLOCK_M = 32  # the up tiles tried as fused configs (decode)
+# A fused config's w2 column blocks (down.block_n) per quant mode: as many bytes per block for one-byte weights as
+# for two-byte ones, or more. Each program's loop over D holds a few blocks in flight, and at decode that, not the
+# weight bytes, sets its time: fp8 with 128-wide blocks ran as long as bf16 (Qwen3 T=1: 27.4 against 30.9 µs);
+# 512-wide ran Qwen3's routed fp8 step 28.9 µs against 32.9 and GPT-OSS's 50.7 against 58.1 (bench/NOTES.md,
+# 2026-12-07). bf16: 128 beat 256 in both shapes (2026-12-06).
+FUSED_BLOCK_D = {"none": 128, "fp8": 512, "int8": 512}
 
 
 def tuned_parts(reduce: bool, quant: str) -> tuple[str, ...]:
-    """What `tune` tunes, in order: the up GEMM, the down GEMM, and where experts sums the rows unquantised,
-    fused decode configs."""
-    return ("up", "down", "fused") if reduce and quant == "none" else ("up", "down")
+    """What `tune` tunes, in order: the up GEMM, the down GEMM, and where experts sums the rows in a mode that
+    runs fused (unquantised, fp8, int8), fused decode configs."""
+    from moe_fx.lowering.triton.grouped_gemm import FUSED_QUANT, QUANT_CODES
+
+    return ("up", "down", "fused") if reduce and QUANT_CODES[quant] in FUSED_QUANT else ("up", "down")
 
 
 def candidate_gemms(candidates) -> list[GemmConfig]:
@@ -607,7 +620,7 @@ def tried_config(part: str, gemm: GemmConfig, base: ExpertsConfig, quant: str) -
         return conform(replace(base, **{part: gemm}), quant)
     if gemm.block_m > FUSED_MAX_BLOCK_M:
         return None
-    return ExpertsConfig(gemm, replace(base.down, block_n=FUSED_BLOCK_D), fused=True)
+    return ExpertsConfig(gemm, replace(base.down, block_n=FUSED_BLOCK_D[quant]), fused=True)
 
 
 def confirm(configs: list, time_one, rounds: int = ROUNDS) -> tuple:

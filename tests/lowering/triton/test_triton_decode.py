@@ -4,11 +4,13 @@ routes each pick itself, against the four-op chain's own kernels and the float64
 import pytest
 import torch
 
-from moe_fx.lowering.triton import decode, grouped_gemm, route, tuning
+from moe_fx.lowering import quant
+from moe_fx.lowering.triton import decode, grouped_gemm, quantize, route, tuning
 from moe_fx.lowering.triton.dispatch import dispatch
 from tests.conftest import TOLERANCE, fuse_every_config, rel_err
 from tests.lowering.test_reference import oracle
 from tests.lowering.triton.conftest import DEVICE, DTYPES
+from tests.lowering.triton.test_triton_experts_quant import AGREE, FUSED_AGREE, HALF, fused_config, per_slice_oracle
 from tests.lowering.triton.test_triton_route import CASES
 
 E, D, FF = 12, 24, 40  # FF: three ragged F-slices of the interpreter's 16-wide tiles
@@ -121,3 +123,29 @@ def test_the_gemv_zeroes_what_it_is_given():
     logits = route.project(x, w, None, zero=zero)
     assert torch.equal(zero, torch.zeros_like(zero))
     assert rel_err(logits.cpu(), (x.double() @ w.double().T).cpu()) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("T", [1, decode.MAX_TOKENS])
+def test_routed_decode_quantised_per_token(mode, T, monkeypatch):
+    """fp8 / int8: the GEMV's launch quantises x per token as well (no launch of its own), and the kernel that
+    routes each pick gives the fused config's arithmetic over route's picks (`per_slice_oracle`). Tokens for the
+    router that are not the experts' (another tensor) are quantised by a launch of their own, as given logits are."""
+    fused_config(monkeypatch)
+    x, w_router = torch.randn(T, D).to(HALF).to(DEVICE), (torch.randn(E, D) / 2).to(HALF).to(DEVICE)
+    routing, kw = routing_of("softmax_renorm"), experts_kw(HALF)
+    (w13q, s13), (w2q, s2) = quant.quantize_weight(kw["w13"], mode), quant.quantize_weight(kw["w2"], mode)
+    kw |= dict(w13=w13q, w2=w2q, w13_scale=s13, w2_scale=s2, quant=mode)
+    rows = quantize.quantize_rows
+    monkeypatch.setattr(quantize, "quantize_rows", lambda *a: pytest.fail("x quantised outside the GEMV"))
+    before = grouped_gemm.loads.copy()
+    out = decode.routed_experts(x, x.view(T, D), w_router, None, routing, kw)
+    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["routed"]
+    assert out.shape == (T, D) and out.dtype == HALF and torch.isfinite(out).all()
+    w, ids = route.route(route.project(x, w_router, None), None, 2, "softmax", "score_then_topk", True, 1, 1, 1, 1.0)
+    assert rel_err(out.cpu(), per_slice_oracle(x, w, ids, w13q, s13, w2q, s2, mode)) < FUSED_AGREE[HALF]
+    monkeypatch.setattr(quantize, "quantize_rows", rows)
+    assert rel_err(decode.routed_experts(x, x.clone(), w_router, None, routing, kw).cpu(), out.cpu()) < AGREE[HALF]
+    logits = route.project(x, w_router, None)
+    given = decode.routed_experts(x, None, None, None, routing._replace(logits=logits), kw)
+    assert rel_err(given.cpu(), out.cpu()) < AGREE[HALF]

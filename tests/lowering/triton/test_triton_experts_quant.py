@@ -280,3 +280,62 @@ def test_prefill_tiles_on_tensor_cores(mode, dtype):
     exact = oracle(x.double().cpu(), weights.cpu(), ids.cpu(), "silu_gated", w1, w3, w2.double().cpu())
     agree, quant_err = rel_err(out, ref), rel_err(ref.cpu(), exact)
     assert agree < PREFILL_AGREE[mode] and agree < quant_err / 8, (agree, quant_err)
+
+
+FUSED_N = 32  # the fused tests' F-slice: F_ = 48 is one whole slice and a ragged one
+# Fused against `per_slice_oracle`: h is quantised from fp32 values in both, which on a GPU's tensor cores (fp8:
+# reduced-precision accumulation) differ from float64's in the last bits; the few elements of h that round to the
+# other e4m3 / int8 neighbour then (one step: 6 % / 1 %) move the output by ~1e-2 (measured on an H100: 1.7e-2)
+FUSED_AGREE = {dtype: AGREE[dtype] if DEVICE == "cpu" else 3e-2 for dtype in AGREE}
+
+
+def fused_config(monkeypatch):
+    """Every choice a fused config of FUSED_N-wide F-slices and 32-wide column blocks of w2, 32-deep K-steps."""
+    gemm = tuning.GemmConfig(16, FUSED_N, 32, 1, 4, 1)
+    monkeypatch.setattr(tuning, "_choose", lambda *args: tuning.ExpertsConfig(gemm, gemm, fused=True))
+
+
+def per_slice_oracle(x, weights, ids, w13q, s13, w2q, s2, mode, act="silu_gated"):
+    """float64 out_TD of a fused config's quantised arithmetic: x quantised per token, each expert's h per row of
+    every FUSED_N-wide F-slice (the reference quantises h per row); dropped picks (id -1) add nothing."""
+    from moe_fx.lowering.reference import activate
+
+    x, weights, ids, w13q, s13, w2q, s2 = (t.cpu() for t in (x, weights, ids, w13q, s13, w2q, s2))
+    xq, xs = quant.quantize_rows(x, mode)
+    D, F_ = w2q.shape[1], w2q.shape[2]
+    out = torch.zeros(x.shape[0], D, dtype=torch.float64)
+    for t, k in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
+        e = ids[t, k]
+        h = quant.quantised_matmul(xq[t : t + 1], xs[t : t + 1], w13q[e], s13[e], mode, x.shape[1]).float()
+        a = activate(h, act, "concat", 1.702, 7.0)
+        for f0 in range(0, F_, FUSED_N):
+            aq, a_scale = quant.quantize_rows(a[:, f0 : f0 + FUSED_N], mode)
+            y = quant.quantised_matmul(aq, a_scale, w2q[e][:, f0 : f0 + FUSED_N], s2[e], mode, aq.shape[1])
+            out[t] += weights[t, k].double() * y[0]
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+@pytest.mark.parametrize("T,K,pattern", [(1, 2, "random"), (9, 2, "dropped"), (17, 2, "one_expert")])
+def test_fused_quantises_h_per_row_of_each_slice(mode, dtype, T, K, pattern, monkeypatch):
+    """A fused config under fp8 / int8: one kernel; each up tile quantises its rows' F-slice of h with a scale of
+    its own and the down slice dequantises its product by it and by w2's channel scales. Equal to that arithmetic
+    in float64 (outputs poisoned), and as close to the unquantised block as the reference's per-row scales."""
+    fused_config(monkeypatch)
+    D, F_ = 40, 48
+    x = torch.randn(T, D).to(dtype).to(DEVICE)
+    w13, w2 = weights_for(D, F_, dtype)
+    weights, ids = routing(T, K, E, pattern)
+    weights = weights.masked_fill(ids < 0, 0.0)  # as route leaves dropped picks
+    (w13q, s13), (w2q, s2) = quant.quantize_weight(w13, mode), quant.quantize_weight(w2, mode)
+    before = grouped_gemm.loads.copy()
+    out = layer(x, weights, ids, w13q, w2q, mode, "triton", scales=(s13, s2), reduce=True)
+    assert [k.split("/")[0] for k in (grouped_gemm.loads - before).elements()] == ["fused"]
+    assert out.shape == (T, D) and out.dtype == dtype and torch.isfinite(out).all()
+    exact_q = per_slice_oracle(x, weights, ids, w13q, s13, w2q, s2, mode)
+    assert rel_err(out.cpu(), exact_q) < FUSED_AGREE[dtype]
+    w1, w3 = w13.double().cpu().chunk(2, 1)
+    exact = oracle(x.double().cpu(), weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2.double().cpu())
+    per_row = layer(x, weights, ids, w13q, w2q, mode, "reference", scales=(s13, s2))
+    assert rel_err(exact_q, exact) < max(1.25 * rel_err(per_row.cpu(), exact), AGREE[dtype])
