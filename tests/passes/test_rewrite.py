@@ -364,3 +364,22 @@ def test_deterministic_algorithms_route_apart(routing_lowerings):
         with deterministic():
             out = model(x)
     assert routing_lowerings == [] and rel_err(out, ref) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("quant", ["fp8", "int8", "fp8_block"])
+def test_route_and_dispatch_in_experts_under_quant(quant, routing_lowerings):
+    """Activations quantised per token (fp8, int8) route in experts as unquantised ones do: one `routed_experts`
+    node with the weight scales, the GEMV quantising x at decode, outputs within the mode's error of the model's.
+    fp8_block's 1×128 groups run the three ops."""
+    model = ex.LoopMoE().eval()
+    inputs = [torch.randn(T, 32) for T in (3, 1, 9)]
+    with torch.no_grad():
+        refs = [model(x) for x in inputs]
+        moe_fx.apply(model, inputs[0], options={"fuse_route": True, "verify": False, "quant": quant})
+        with no_fallback():
+            outs = [model(x) for x in inputs]
+    routed = quant != "fp8_block"
+    assert len(_op_nodes(model.forward.gm, "routed_experts")) == routed
+    assert routing_lowerings == ([3, 1] if routed else [])  # T=9: more tokens than the GEMV's, the three ops
+    for out, ref in zip(outs, refs):
+        assert rel_err(out, ref) < EXPECTED_ERROR[quant]
