@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_fx.ops import combine_args, dispatch_args, experts_args
-from moe_fx.spec import ExpertsSpec, MoESpec
+from moe_fx.ops import ROUTED_QUANT, combine_args, dispatch_args, experts_args, routed_args
+from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 OPS = torch.ops.moe_fx
 T, E, K, D, F = 7, 4, 2, 16, 24
@@ -113,3 +113,15 @@ def test_unknown_lowering_is_a_clear_error():
     logits = torch.randn(3, E)
     with pytest.raises(ValueError, match="moe_fx: no lowering named 'nope'"):
         OPS.route(logits, None, K, "softmax", "score_then_topk", False, 1, 1, 2, 1.0, "nope")
+
+
+@pytest.mark.parametrize("quant", ["fp8_block", "int4_weight"])
+def test_routed_experts_takes_per_token_quant_only(quant):
+    """`routed_experts` is route, dispatch and experts for activations unquantised or quantised per token
+    (ROUTED_QUANT); a block of 1×128 groups or packed weights is refused by name (the rewrite keeps its three ops)."""
+    assert quant not in ROUTED_QUANT
+    spec = MoESpec(ExpertsSpec(4, 8, 8, dtype="float32"), 2, router=RouterSpec(2), quant=QuantSpec(quant))
+    x, logits, w13, w2 = torch.randn(2, 8), torch.randn(2, 4), torch.randn(4, 16, 8), torch.randn(4, 8, 8)
+    impl = dict.fromkeys(("route", "quantize_dispatch", "experts"), "reference")
+    with pytest.raises(ValueError, match=f"moe_fx: routed_experts takes quant in .*, got '{quant}'"):
+        OPS.routed_experts(*routed_args(spec, x, logits, None, w13, None, w2, None, None, x.dtype, impl))
