@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moe_fx.lowering import reference
-from moe_fx.lowering.triton.route import PROJECT_MAX_T, project, route
+from moe_fx.lowering import quant, reference
+from moe_fx.lowering.triton.route import PROJECT_MAX_T, project, project_quantised, route
 from tests.conftest import rel_err
 from tests.lowering.test_reference import oracle_route
 from tests.lowering.triton.conftest import DEVICE, DTYPES
@@ -148,6 +148,25 @@ def test_project_against_float64(dtype, T, E, D, bias):
 def test_project_beyond_its_tokens_is_torchs_linear():
     x_TD, w_ED = torch.randn(PROJECT_MAX_T + 1, 32, device=DEVICE), torch.randn(8, 32, device=DEVICE)
     assert torch.equal(project(x_TD, w_ED, None), torch.nn.functional.linear(x_TD, w_ED))
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("T,D", [(1, 300), (PROJECT_MAX_T, 40), (PROJECT_MAX_T + 1, 40)])  # the last: torch's linear
+def test_project_quantised_rows_are_quantize_rows(mode, T, D):
+    """`project_quantised`: the GEMV's logits, and x's rows quantised per token by more programs of its launch (or,
+    past its tokens, by `quantize_rows`), bit for bit the reference's quantisation; one token's Inf leaves the
+    others' scales alone."""
+    x_TD = torch.randn(T, D, device=DEVICE, dtype=torch.float16)
+    x_TD[0, 3] = float("inf")
+    w_ED = (torch.randn(12, D, device=DEVICE) / D**0.5).half()
+    logits, xq, xscale = project_quantised(x_TD, w_ED, None, mode)
+    assert torch.equal(logits, project(x_TD, w_ED, None))
+    ref_q, ref_scale = quant.quantize_rows(x_TD.cpu(), mode)
+    assert torch.equal(xscale.cpu(), ref_scale) and torch.isfinite(xscale[1:]).all()
+    # the Inf row's values are not compared (its zeros' signs and NaN's encoding differ from torch's)
+    assert torch.equal(xq[1:].cpu().view(torch.uint8), ref_q[1:].view(torch.uint8))
+    with pytest.raises(ValueError, match="moe_fx: route's projection quantises x per token, .* got 'fp8_block'"):
+        project_quantised(x_TD, w_ED, None, "fp8_block")
 
 
 def test_project_rejects_a_weight_of_another_width():
