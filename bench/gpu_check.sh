@@ -2,7 +2,7 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [chain] [routed] [sort] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [chain] [routed] [sort] [widths] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -52,6 +52,8 @@ while [ $# -gt 0 ]; do
       unset MOE_FX_TUNING_CACHE ;;
     sort)  # the two-launch sort's SORT_PROGRAMS settings at T=8192, one dispatch each
       timeout 200 python bench/sort_programs.py --out "$out" 2>&1 | grep -v "^wrote" | tee "$out/sort_programs.log" ;;
+    widths)  # fused decode configs' w2 block widths and warps (tuning.FUSED_BLOCK_D), each checked, then timed
+      timeout 540 python bench/fused_widths.py --out "$out" 2>&1 | grep -v "^wrote" | tee "$out/fused_widths.log" ;;
     verify)  # every tuning candidate against the reference lowering, every quant mode, ragged shapes
       timeout 540 python bench/verify_candidates.py --out "$out" 2>&1 | tee "$out/verify_candidates.log" ;;
     fuzz)  # random experts problems and tiles against the reference lowering, bf16, ~8 minutes
