@@ -664,9 +664,6 @@ def _gate_up_rows(gate_up: str, gated: bool, F: int) -> tuple[int, int, int]:
 
 
 QUANT_CODES = {"none": 0, "fp8": 1, "int8": 1, "fp8_block": 2, "int4_weight": 3}
-# the quant codes a fused config runs fused: unquantised, and per-token activations with per-channel weights, whose
-# h the up epilogue quantises per row of its F-slice (fp8_block's 128-wide groups and int4's unpacking: not fused)
-FUSED_QUANT = (0, 1)
 loads = collections.Counter()  # GEMM launches by operand path, e.g. "up/tma", "down/pointers+swap" (tests read it)
 
 
@@ -707,9 +704,9 @@ def _choice(xq: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed
 def routes_at(x_TD: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed: bool, activation: str, k: int,
               quant: str = "none", config: tuning.ExpertsConfig | None = None) -> bool:  # fmt: skip
     """Whether `experts(routing=...)` can run for x_TD's tokens (in the model's dtype), k picks each, under `quant`:
-    the mode runs fused (`FUSED_QUANT`) and `config`, else the config chosen at this T (the one `experts` will
-    choose), is fused."""
-    if QUANT_CODES[quant] not in FUSED_QUANT:
+    the mode runs fused (`tuning.runs_fused`) and `config`, else the config chosen at this T (the one `experts`
+    will choose), is fused."""
+    if not tuning.runs_fused(quant):
         return False
     if config is None:
         config = tuning.choose(*_choice(x_TD, w13, w2, w2_transposed, activation, x_TD.shape[0] * k, quant,
@@ -821,7 +818,7 @@ def experts(
         ws13, ws2 = _scale_strides(w13_scale, row_weights), _scale_strides(w2_scale, row_weights)
         bias2 = w2_bias if w2_bias is not None else w2
         weight_output = weight_at == "output" or (reduce and weight_at == "none")
-        fused = config.fused and reduce and code in FUSED_QUANT
+        fused = config.fused and reduce and tuning.runs_fused(quant)
         if routing is not None and not fused:
             raise ValueError(f"moe_fx: experts routes its picks in a fused config only, got {tuning.describe(config)}")
         # fused: the F-slices' fp32 partial sums sum_TD, then the count of programs done (int32, the last element);

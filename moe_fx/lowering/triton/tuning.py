@@ -395,9 +395,9 @@ def routes(T: int, quant: str, reduce: bool) -> bool:
     """Whether a block's step of T tokens may run as `routed_experts` (`fuse_route`, on by default): the rows
     summed in experts, the activations unquantised or quantised per token (a mode that runs fused), T within the
     router GEMV's range; it does where its config is fused."""
-    from moe_fx.lowering.triton import decode, grouped_gemm
+    from moe_fx.lowering.triton import decode
 
-    return reduce and grouped_gemm.QUANT_CODES[quant] in grouped_gemm.FUSED_QUANT and 0 < T <= decode.MAX_TOKENS
+    return reduce and runs_fused(quant) and 0 < T <= decode.MAX_TOKENS
 
 
 def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: tuple, quant: str = "none",
@@ -598,16 +598,21 @@ FUSED_MAX_BLOCK_M = 32  # the up tiles tried as fused configs (decode)
 # for two-byte ones, or more. Each program's loop over D holds a few blocks in flight, and at decode that, not the
 # weight bytes, sets its time: fp8 with 128-wide blocks ran as long as bf16 (Qwen3 T=1: 27.4 against 30.9 µs);
 # 512-wide ran Qwen3's routed fp8 step 28.9 µs against 32.9 and GPT-OSS's 50.7 against 58.1 (bench/NOTES.md,
-# 2026-12-07). bf16: 128 beat 256 in both shapes (2026-12-06).
+# 2026-12-07). bf16: 128 beat 256 in both shapes (2026-12-06). Its modes are those a fused config runs in.
 FUSED_BLOCK_D = {"none": 128, "fp8": 512, "int8": 512}
+
+
+def runs_fused(quant: str) -> bool:
+    """Whether a fused config runs fused under `quant`: unquantised, or activations per token with weights per
+    channel, whose h the up epilogue quantises per row of its F-slice (fp8_block's 128-wide groups and
+    int4_weight's unpacking are not fused)."""
+    return quant in FUSED_BLOCK_D
 
 
 def tuned_parts(reduce: bool, quant: str) -> tuple[str, ...]:
     """What `tune` tunes, in order: the up GEMM, the down GEMM, and where experts sums the rows in a mode that
     runs fused (unquantised, fp8, int8), fused decode configs."""
-    from moe_fx.lowering.triton.grouped_gemm import FUSED_QUANT, QUANT_CODES
-
-    return ("up", "down", "fused") if reduce and QUANT_CODES[quant] in FUSED_QUANT else ("up", "down")
+    return ("up", "down", "fused") if reduce and runs_fused(quant) else ("up", "down")
 
 
 def candidate_gemms(candidates) -> list[GemmConfig]:

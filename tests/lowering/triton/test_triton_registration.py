@@ -189,14 +189,14 @@ def test_shipped_entries_name_their_capability():
 def test_shipped_fused_entries_run_fused_with_their_modes_block_width():
     """A fused entry (set by hand from measurements, bench/NOTES.md) is for a mode that runs fused, a decode tile,
     and w2's column blocks of its mode's width: an entry the experts op would not run as written is an error."""
-    from moe_fx.lowering.triton.grouped_gemm import FUSED_QUANT, QUANT_CODES
+    from moe_fx.lowering.triton.grouped_gemm import QUANT_CODES
 
     entries = json.loads(tuning.PACKAGED.read_text())
     fused = {key: tuning.entry_config(e) for key, e in entries.items() if e.get("fused")}
     assert fused  # Qwen3 and GPT-OSS at T=1, bf16 and fp8 (H100)
     for key, config in fused.items():
         quant = next((q for q in QUANT_CODES if f"-{q}-" in key), "none")
-        assert QUANT_CODES[quant] in FUSED_QUANT and config.up.block_m <= tuning.FUSED_MAX_BLOCK_M, key
+        assert tuning.runs_fused(quant) and config.up.block_m <= tuning.FUSED_MAX_BLOCK_M, key
         assert config.down.block_n == tuning.FUSED_BLOCK_D[quant], key
 
 
