@@ -511,14 +511,16 @@ def _up_kernel(
                     acc_u += b_up.to(tl.float32)[None, :]
             h = _activate(acc_g, acc_u, alpha, limit, ACT)
             h_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + n[None, :] * stride_hf
-            if QUANT == 2:  # the tile is one 1×G group of each row (BLOCK_N == G): quantise it here
+            h_scale = row_w  # (unread unless quantised here)
+            # fp8_block: the tile is one 1×G group of each row (BLOCK_N == G); fused fp8 / int8: each row's F-slice
+            # gets a scale of its own (a 1×BLOCK_N group)
+            if QUANT == 2 or (FUSED and QUANT == 1):
                 h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
+            if QUANT == 2:
                 tl.store(hs_ptr + rows.to(tl.int64) * stride_hsr + pid_n, h_scale, mask=row_ok)
             if FUSED:
-                if QUANT == 1:  # fp8 / int8: each row's F-slice quantised with its own scale (a 1×BLOCK_N group)
-                    h, h_scale = _quantize_tile(tl.where(n_ok[None, :], h, 0.0), QMAX, IS_INT)
-                else:
-                    h, h_scale = h.to(w2_ptr.dtype.element_ty), row_w  # (h_scale unread)
+                if QUANT == 0:
+                    h = h.to(w2_ptr.dtype.element_ty)
                 _down_slice(h, h_scale, row_ok, tokens, expert, n, n_ok, tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr,
                             w2s_ptr, row_w, sum_ptr, D, stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
                             stride_2se, stride_2sd, HAS_B2, WEIGHT_OUTPUT, QUANT, IS_INT, PRECISION,
