@@ -59,7 +59,8 @@ OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"
 # down GEMM's epilogue (`experts(..., reduce=True)`); moe_fx_triton_routed: route, dispatch and experts as the
 # rewrite's one `routed_experts` node (at decode the GEMV, then one kernel that routes each pick); not by default
 REDUCE_QUANT = {"moe_fx_fp8_reduce": "fp8"}
-ROUTED_QUANT = {"moe_fx_fp8_routed": "fp8"}  # fp8 as one `routed_experts` node (the GEMV quantises x)
+# fp8 / int8 as one `routed_experts` node (the GEMV quantises x)
+ROUTED_QUANT = {"moe_fx_fp8_routed": "fp8", "moe_fx_int8_routed": "int8"}
 REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_triton_routed", *REDUCE_QUANT, *ROUTED_QUANT)
 QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT, **ROUTED_QUANT}  # every quantised variant's mode
 EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)

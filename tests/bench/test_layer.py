@@ -3,6 +3,7 @@ router's linear by torch, and one `routed_experts` op compute the same layer as 
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from moe_fx.lowering.triton import decode, grouped_gemm
@@ -62,17 +63,20 @@ def test_the_routed_variant_computes_the_layer(monkeypatch):
         assert rel_err(out, ref) < 1e-5, T
 
 
-def test_the_fp8_routed_variant_computes_the_fp8_layer(monkeypatch):
-    """moe_fx_fp8_routed: one `routed_experts` op under fp8 (the GEMV quantising x, the kernel routing each pick),
-    the same layer as the three fp8 ops on the same fused configs, to fp32 atomics' order."""
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_the_quantised_routed_variants_compute_their_modes_layer(monkeypatch, mode):
+    """moe_fx_fp8_routed / moe_fx_int8_routed: one `routed_experts` op under the mode (the GEMV quantising x, the
+    kernel routing each pick), the same layer as the mode's three ops on the same fused configs, to fp32
+    atomics' order."""
     fuse_every_config(monkeypatch)
     layer = load("layer")
+    assert layer.ROUTED_QUANT[f"moe_fx_{mode}_routed"] == mode
     g = torch.Generator().manual_seed(0)
     block, spec = block_and_spec(g)
     x = torch.randn(3, D, generator=g)
     before = grouped_gemm.loads.copy()
     (routed, _), (chain, _) = (
-        layer.moe_fx_quant_layer(block, spec, "fp8", **kw) for kw in ({"routed": True}, {"reduce": True})
+        layer.moe_fx_quant_layer(block, spec, mode, **kw) for kw in ({"routed": True}, {"reduce": True})
     )
     out = routed(x)
     assert {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()} == {"routed"}

@@ -203,6 +203,23 @@ def _lookup(path: str, head: str, device: str, tail: str, cap: tuple[int, ...] |
     return None
 
 
+# the modes whose entries a mode runs, in order: int8 has none of its own shipped and takes fp8's, the same
+# one-byte tiles (an H100's int8 and e4m3 tensor cores peak alike; bench/NOTES.md, 2026-12-07)
+ENTRY_MODES = {"int8": ("int8", "fp8")}
+
+
+def _entry_lookup(E, D, F, K, gated, dtype, device, T, quant) -> tuple | None:
+    """(ExpertsConfig, the device it was tuned on, its mode) of the first of `quant`'s ENTRY_MODES with an entry
+    (`_lookup`'s) at T's bucket on `device`."""
+    cap = capability(device)
+    for mode in ENTRY_MODES.get(quant, (quant,)):
+        head, tail = _key_ends(E, D, F, K, gated, dtype, T, mode)
+        found = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
+        if found is not None:
+            return (*found, mode)
+    return None
+
+
 def _readable_config(key: str, entry) -> ExpertsConfig | None:
     """`entry_config(entry)`, or None with a warning where this version of moe_fx can't read it (written by
     another version: a field it no longer has, a GEMM missing): a tuned config only makes a shape faster, so
@@ -231,21 +248,25 @@ def entry_config(entry: dict) -> ExpertsConfig:
 def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, device: torch.device,
                   quant: str = "none") -> dict[int, str]:  # fmt: skip
     """{T-bucket: the device its entry was tuned on} for each bucket `choose` takes a tuned entry in on `device`
-    (its own, else a same-capability stand-in); every other bucket runs the defaults."""
-    return {T: tuned_on for T, (_, tuned_on) in _tuned_entries(E, D, F, K, gated, dtype, device, quant).items()}
+    (its own, else a same-capability stand-in; "<device>, fp8's entry" where int8 takes fp8's, `ENTRY_MODES`);
+    every other bucket runs the defaults."""
+    return {
+        T: on if mode == quant else f"{on}, {mode}'s entry"
+        for T, (_, on, mode) in _tuned_entries(E, D, F, K, gated, dtype, device, quant).items()
+    }
 
 
 def _tuned_entries(E, D, F, K, gated, dtype, device, quant) -> dict[int, tuple]:
-    """{T-bucket: (ExpertsConfig, the device it was tuned on)} of `tuned_buckets`."""
-    head, _ = _key_ends(E, D, F, K, gated, dtype, 1, quant)
-    path, name, cap = str(cache_path()), device_name(device), capability(device)
+    """{T-bucket: (ExpertsConfig, the device it was tuned on, its mode)} of `tuned_buckets`."""
     buckets = set()
-    for c in (_read(Path(path)), _read(PACKAGED)):
-        for k in c:
-            other, _, T = k[len(head) :].rpartition("-T")
-            if k.startswith(head) and "-" not in other and T.isdigit():
-                buckets.add(int(T))
-    found = {T: _lookup(path, head, name, f"-T{T}", tuple(cap) if cap else None) for T in sorted(buckets)}
+    for mode in ENTRY_MODES.get(quant, (quant,)):
+        head, _ = _key_ends(E, D, F, K, gated, dtype, 1, mode)
+        for c in (_read(cache_path()), _read(PACKAGED)):
+            for k in c:
+                other, _, T = k[len(head) :].rpartition("-T")
+                if k.startswith(head) and "-" not in other and T.isdigit():
+                    buckets.add(int(T))
+    found = {T: _entry_lookup(E, D, F, K, gated, dtype, device, T, quant) for T in sorted(buckets)}
     return {T: hit for T, hit in found.items() if hit is not None}
 
 
@@ -254,18 +275,19 @@ def tiles_note(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, 
     """One line for the report: which T-buckets of this experts shape run tuned tiles on `device`, and where
     their entries come from; which of them run the experts as one fused kernel."""
     name = device_name(device)
-    by_device: dict[str, list[int]] = {}
+    by_source: dict[tuple[str, str], list[int]] = {}
     entries = _tuned_entries(E, D, F, K, gated, dtype, device, quant)
-    for T, (_, tuned_on) in entries.items():
-        by_device.setdefault(tuned_on, []).append(T)
-    if not by_device:
+    for T, (_, tuned_on, mode) in entries.items():
+        by_source.setdefault((tuned_on, mode), []).append(T)
+    if not by_source:
         return f"Triton tiles untuned on {name}: every T runs the defaults; moe_fx.tune(model, x) tunes them"
     parts = [
-        f"{', '.join(map(str, Ts))} ({'this GPU' if on == name else f'stand-in: {on}, same capability'})"
-        for on, Ts in by_device.items()
+        f"{', '.join(map(str, Ts))} ({'' if mode == quant else f'{mode} entries, '}"
+        f"{'this GPU' if on == name else f'stand-in: {on}, same capability'})"
+        for (on, mode), Ts in by_source.items()
     ]
     note = f"Triton tiles tuned for T-buckets {'; '.join(parts)}; other T run the defaults (moe_fx.tune tunes them)"
-    fused = [str(T) for T, (config, _) in entries.items() if config.fused]
+    fused = [str(T) for T, (config, _, _) in entries.items() if config.fused]
     return note + (f"; T-buckets {', '.join(fused)}: one fused kernel (where experts sums the rows)" if fused else "")
 
 
@@ -315,11 +337,7 @@ def choose(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtype, devi
 
 @functools.lru_cache(maxsize=4096)  # per-call host time matters at decode: look each shape up once
 def _choose(E, D, F, K, gated, dtype, device, R, quant, _cache_env, interpret) -> ExpertsConfig:
-    tuned = None
-    if not interpret:
-        head, tail = _key_ends(E, D, F, K, gated, dtype, R // max(K, 1), quant)
-        cap = capability(device)
-        tuned = _lookup(str(cache_path()), head, device_name(device), tail, tuple(cap) if cap else None)
+    tuned = None if interpret else _entry_lookup(E, D, F, K, gated, dtype, device, R // max(K, 1), quant)
     if tuned is not None and (tuned[0], gated, dtype, quant) not in _UNFIT:
         return tuned[0]
     config = default_config(R / max(E, 1), dtype, quant)

@@ -151,6 +151,30 @@ def test_tuned_entry_of_a_device_with_the_same_capability_stands_in(tmp_path, mo
     assert tuning.choose(*shape, cuda, 16 * 2) == own
 
 
+def test_int8_runs_fp8_entries_where_it_has_none(tmp_path, monkeypatch):
+    """int8 (no shipped entries) takes the same shape's fp8 entry, the same one-byte tiles; its own entry wins;
+    the report says whose entries they are; bf16 never takes them."""
+    monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "tuning.json"))
+    monkeypatch.setattr(tuning, "PACKAGED", tmp_path / "shipped.json")
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "device_name", lambda d: "NVIDIA_H100_80GB_HBM3")
+    monkeypatch.setattr(tuning, "capability", lambda d: [9, 0])
+    monkeypatch.setattr(tuning, "sm_count", lambda d: None)
+    shape, cuda = (8, 64, 96, 2, True, torch.bfloat16), torch.device("cuda")
+    fp8 = tuning.ExpertsConfig(tuning.GemmConfig(16, 64, 256, swap_ab=True), tuning.GemmConfig(16, 512, 128), True)
+    tuning.store(tuning.key(*shape, "NVIDIA_H100_80GB_HBM3", 1, "fp8"), fp8, {"best": 1.0}, [9, 0])
+    assert tuning.choose(*shape, cuda, 2, "int8") == fp8
+    assert tuning.choose(*shape, cuda, 2) == tuning.default_config(2 / 8, torch.bfloat16)
+    assert tuning.tuned_buckets(*shape, cuda, "int8") == {1: "NVIDIA_H100_80GB_HBM3, fp8's entry"}
+    note = tuning.tiles_note(*shape, cuda, "int8")
+    assert note.startswith("Triton tiles tuned for T-buckets 1 (fp8 entries, this GPU)")
+    own = tuning.ExpertsConfig(tuning.GemmConfig(16, 32, 256), tuning.GemmConfig(16, 64, 256))
+    tuning.store(tuning.key(*shape, "NVIDIA_H100_80GB_HBM3", 1, "int8"), own, {"best": 1.0}, [9, 0])
+    tuning._choose.cache_clear()
+    assert tuning.choose(*shape, cuda, 2, "int8") == own
+    assert tuning.tuned_buckets(*shape, cuda, "int8") == {1: "NVIDIA_H100_80GB_HBM3"}
+
+
 def test_tiles_note_names_the_tuned_buckets_and_whose_entries_they_are(tmp_path, monkeypatch):
     """The report's line: this GPU's own buckets, a same-capability device's stand-ins, never another quant
     mode's (an fp8 key shares the bf16 head), and what untuned means."""
