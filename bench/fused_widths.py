@@ -11,13 +11,14 @@ against the reference lowering (`tuning.agreement`, outputs poisoned) and is tim
 CUDA-graph replays in rotated rounds (`tuning.confirm`), beside the shipped entry. A table and JSON.
 
     python bench/fused_widths.py --out OUT [--shapes qwen3 gptoss] [--quant none fp8] [--T 1]
-        [--widths 128 256 512 1024] [--warps 4 8]
+        [--widths 128 256 512 1024] [--warps 4 8] [--up 16x64x256s3 ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -33,15 +34,25 @@ from moe_fx.lowering.triton import tuning  # noqa: E402
 DTYPE = torch.bfloat16
 
 
-def fused_configs(up: tuning.GemmConfig, widths: list[int], warps: list[int]) -> dict[str, tuning.ExpertsConfig]:
-    """{name: fused config} of the up tile `up` at each warp count, with w2's column blocks of each width."""
+def fused_configs(ups: list[tuning.GemmConfig], widths: list[int], warps: list[int]) -> dict[str, tuning.ExpertsConfig]:
+    """{name: fused config} of each up tile of `ups` at each warp count, with w2's column blocks of each width."""
     return {
-        f"up w{w} | down {width}": tuning.ExpertsConfig(
-            replace(up, num_warps=w), tuning.GemmConfig(16, width, 128), fused=True
+        f"up {u.block_m}x{u.block_n}x{u.block_k} s{u.num_stages} w{w} | down {width}": tuning.ExpertsConfig(
+            replace(u, num_warps=w), tuning.GemmConfig(16, width, 128), fused=True
         )  # fmt: skip
+        for u in ups
         for w in warps
         for width in widths
     }
+
+
+def swapped_tile(text: str) -> tuning.GemmConfig:
+    """A decode up tile with swapped operands from "MxNxKsS" (e.g. 16x64x256s3: S pipeline stages)."""
+    m = re.fullmatch(r"(\d+)x(\d+)x(\d+)s(\d+)", text)
+    if m is None:
+        raise ValueError(f"moe_fx: an up tile is MxNxKsS, e.g. 16x64x256s3; got {text!r}")
+    M, N, K, S = map(int, m.groups())
+    return tuning.GemmConfig(M, N, K, 8, 4, S, swap_ab=True)
 
 
 def up_tile(E: int, D: int, F: int, K: int, T: int, quant: str, device) -> tuning.GemmConfig:
@@ -76,6 +87,8 @@ def main():
     p.add_argument("--T", nargs="+", type=int, default=[1])
     p.add_argument("--widths", nargs="+", type=int, default=[128, 256, 512, 1024])
     p.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    more = "more up tiles (swapped operands), e.g. 16x64x256s3: narrower F-slices, more programs"
+    p.add_argument("--up", nargs="*", default=[], metavar="MxNxKsS", help=more)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     device, rows, path = torch.device("cuda"), [], None
@@ -85,9 +98,9 @@ def main():
         for quant in args.quant:
             for T in args.T:
                 run = experts_op(shape, T, quant, device, DTYPE, reduce=True, routed=tuning.routes(T, quant, True))
-                up = up_tile(E, D, F, K, T, quant, device)
+                ups = [up_tile(E, D, F, K, T, quant, device), *map(swapped_tile, args.up)]
                 configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, T * K, quant)}
-                configs.update(fused_configs(up, args.widths, args.warps))
+                configs.update(fused_configs(ups, args.widths, args.warps))
                 ok, failed = agreeing(run, configs, quant)
                 _, us = tuning.confirm(list(dict.fromkeys(ok.values())), functools.partial(tuning.time_config, run))
                 timed = {name: us[config] for name, config in ok.items()}

@@ -15,8 +15,12 @@ def test_every_width_it_times_agrees_with_the_reference(quant):
     E, K, D, F, T = 8, 2, 64, 96, 1
     run = bench.experts_op((E, K, D, F), T, quant, DEVICE, torch.float16, reduce=True, routed=True)
     up = bench.up_tile(E, D, F, K, T, quant, DEVICE)
-    configs = bench.fused_configs(up, [32, 64], [4, 8])
-    assert len(configs) == 4 and all(c.fused and c.up.block_n == up.block_n for c in configs.values())
+    narrow = bench.swapped_tile("16x32x64s1")
+    configs = bench.fused_configs([up, narrow], [32, 64], [4, 8])
+    assert len(configs) == 8 and all(c.fused and c.up.block_n in (up.block_n, 32) for c in configs.values())
+    assert narrow == tuning.GemmConfig(16, 32, 64, 8, 4, 1, swap_ab=True)
+    with pytest.raises(ValueError, match="16x64x256s3"):
+        bench.swapped_tile("16x64")
     ok, failed = bench.agreeing(run, configs, quant, torch.float16)
     assert not failed and ok == configs
     wrong = {"wrong": tuning.ExpertsConfig(up, tuning.GemmConfig(16, 32, 128), fused=True)}
