@@ -166,12 +166,12 @@ def test_deterministic_algorithms_repeat_the_bits_on_cuda():
     assert torch.equal(replayed, runs["before"][0])
 
 
-@pytest.mark.parametrize("quant", ["none", "fp8"])
+@pytest.mark.parametrize("quant", ["none", "fp8", "int8"])
 def test_routed_decode_on_cuda(quant, monkeypatch):
     """A real Qwen3-MoE (8 picks per token) rewritten to one `routed_experts` node per layer, every experts
     config fused (the shipped fused entries are for the benchmark shapes): at T=1 and 3 the GEMV and the kernel
-    that routes each pick, at T=300 route, dispatch and experts; outputs within bf16 tolerance (fp8: within the
-    mode's error of the bf16 model; the GEMV quantises x), and the one-token call replayed in a CUDA graph (the
+    that routes each pick, at T=300 route, dispatch and experts; outputs within bf16 tolerance (fp8, int8: within
+    the modes' error of the bf16 model; the GEMV quantises x), and the one-token call replayed in a CUDA graph (the
     GEMV writes the sums' zeros inside it)."""
     from moe_fx import hf_models
     from moe_fx.lowering.triton import grouped_gemm
