@@ -318,7 +318,7 @@ def _(
 
 # The quant modes `routed_experts` takes: activations unquantised or quantised per token (fp8_block's groups and
 # int4's packed weights run the three ops)
-ROUTED_QUANT = ("none", "fp8", "int8")
+ROUTED_QUANT = ("none", *quant_fmt.PER_TOKEN)
 
 
 @_define

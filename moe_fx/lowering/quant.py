@@ -24,6 +24,7 @@ BLOCK = 128
 FP8 = torch.float8_e4m3fn
 QMAX = {"fp8": 448.0, "fp8_block": 448.0, "int8": 127.0, "int4_weight": 7.0}
 ACTIVATION_QUANTISED = ("fp8", "fp8_block", "int8")
+PER_TOKEN = ("fp8", "int8")  # activations quantised with one scale per token (fp8_block: per token and group)
 _TINY = 1e-12  # amax floor: an all-zero row gets a finite scale
 # The error a quantised block is expected to stay within, rel err against the unquantised block on random
 # inputs: e4m3 keeps 3 mantissa bits (~2.6% RMS relative error per operand, four operands per block, whatever

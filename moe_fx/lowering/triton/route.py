@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_fx.lowering.quant import PER_TOKEN
 from moe_fx.lowering.triton import quantize
 from moe_fx.lowering.triton.launch import launch
 from moe_fx.lowering.triton.quantize import _quantize_block
@@ -228,7 +229,6 @@ def _project_kernel(
 # benchmark shape, two for Qwen3 at T = 4; above, cuBLAS's tensor-core tiles win.
 PROJECT_MAX_T = 4
 PROJECT_PROGRAMS = 64  # expert blocks the GEMV aims at: enough programs to stream the weight, few enough to share x
-PER_TOKEN = ("fp8", "int8")  # the quant modes `project` quantises x's rows in: one scale per token
 PROJECT_TILE = 8192  # fp32 products a program holds per step (BLOCK_T * BLOCK_E * BLOCK_D): 64 a thread at 4 warps
 
 
