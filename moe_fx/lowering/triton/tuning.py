@@ -258,10 +258,10 @@ def tuned_buckets(E: int, D: int, F: int, K: int, gated: bool, dtype: torch.dtyp
 
 def _tuned_entries(E, D, F, K, gated, dtype, device, quant) -> dict[int, tuple]:
     """{T-bucket: (ExpertsConfig, the device it was tuned on, its mode)} of `tuned_buckets`."""
-    buckets = set()
+    buckets, caches = set(), (_read(cache_path()), _read(PACKAGED))
     for mode in ENTRY_MODES.get(quant, (quant,)):
         head, _ = _key_ends(E, D, F, K, gated, dtype, 1, mode)
-        for c in (_read(cache_path()), _read(PACKAGED)):
+        for c in caches:
             for k in c:
                 other, _, T = k[len(head) :].rpartition("-T")
                 if k.startswith(head) and "-" not in other and T.isdigit():
@@ -386,7 +386,8 @@ CANDIDATES = _with_load_paths((
     (128, 128, 64, 8, 4), (128, 256, 64, 8, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (64, 256, 64, 8, 3),
 ))  # fmt: skip
 # One-byte operands: deeper K-tiles for the same shared memory. The 8-warp decode tiles: as fused fp8 configs at
-# T=1 they ran the routed step 2 % faster than their 4-warp twins on an H100 (bench/NOTES.md, 2026-12-07).
+# T=1 they ran the routed step 2 % faster than their 4-warp twins in one H100 sweep, within 1 % in a checked rerun
+# (bench/NOTES.md, 2026-12-07, twenty-third and twenty-fourth sessions).
 QUANT_CANDIDATES = _with_load_paths((
     (16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 256, 4, 3), (16, 128, 128, 4, 4),
     (32, 128, 128, 4, 4), (16, 32, 256, 4, 6), (16, 64, 512, 4, 3), (16, 64, 256, 8, 3), (16, 128, 256, 8, 3),
