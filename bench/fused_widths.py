@@ -66,18 +66,8 @@ def agreeing(run, configs: dict, quant: str, dtype: torch.dtype = DTYPE) -> tupl
     """({name: config} of the configs whose routed step agrees with the reference lowering, {name: why not} of
     the others: a row's rel err past `tuning.agreement_bound`, or the error that stopped it (shared memory)."""
     ref, bound = run.reference(), tuning.agreement_bound(dtype, quant)
-    ok, failed = {}, {}
-    for name, config in configs.items():
-        try:
-            err = tuning.agreement(run, config, ref)
-        except Exception as e:  # a config out of shared memory or registers
-            failed[name] = f"{type(e).__name__}: {e}"[:120]
-            continue
-        if err > bound:
-            failed[name] = f"{tuning.WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})"
-        else:
-            ok[name] = config
-    return ok, failed
+    why = {name: tuning.disagreement(run, config, ref, bound) for name, config in configs.items()}
+    return {n: configs[n] for n, w in why.items() if w is None}, {n: w for n, w in why.items() if w is not None}
 
 
 def main():

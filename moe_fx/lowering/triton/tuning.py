@@ -539,6 +539,21 @@ def agreement(run, config, ref: torch.Tensor) -> float:
     return row_error(out, ref)
 
 
+def disagreement(run, config, ref: torch.Tensor, bound: float) -> str | None:
+    """Why `config` may not be timed, or None where run(config) agrees with `ref` (`agreement`) within `bound`:
+    a row's rel err past it (WRONG_OUTPUT), or the error that stopped the run (out of shared memory or
+    registers)."""
+    try:
+        err = agreement(run, config, ref)
+    except Exception as e:
+        return _failure(e)
+    return f"{WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})" if err > bound else None
+
+
+def _failure(err: Exception) -> str:
+    return f"{type(err).__name__}: {err}"[:200]
+
+
 def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts: list[int], device="cuda",
          quant: str = "none", candidates: tuple | None = None, reduce: bool | None = None) -> dict:  # fmt: skip
     """Time `candidates` (default CANDIDATES, or QUANT_CANDIDATES under a quant mode; conformed) for both GEMMs
@@ -583,18 +598,19 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
                 if config is None or config in timings:  # not tried, or a duplicate (conform made it one)
                     bar.update()
                     continue
-                try:
-                    err = agreement(run, config, ref)
-                    if err > bound:  # a config this GPU and Triton compile wrong: never timed, never chosen
-                        log.warning("moe_fx: tuning config %s is wrong here: a row's rel err %.3g against the "
-                                    "reference lowering (at most %g); skipped", describe(config), err,
-                                    bound)  # fmt: skip
-                        failed[describe(config)] = f"{WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})"
-                    else:
+                why = disagreement(run, config, ref, bound)
+                if why is None:
+                    try:
                         timings[config] = time_config(run, config)
-                except Exception as err:  # a config out of shared memory or registers: skip it, say so
-                    log.debug("moe_fx: tuning config %s failed: %s", config, err)
-                    failed[describe(config)] = f"{type(err).__name__}: {err}"[:200]
+                    except Exception as err:  # e.g. its CUDA graph would not capture: skip it, say so
+                        why = _failure(err)
+                if why is not None:
+                    if why.startswith(WRONG_OUTPUT):  # a config this GPU and Triton compile wrong: never chosen
+                        log.warning("moe_fx: tuning config %s is wrong here: %s against the reference lowering; "
+                                    "skipped", describe(config), why.removeprefix(f"{WRONG_OUTPUT}: "))  # fmt: skip
+                    else:  # a config out of shared memory or registers
+                        log.debug("moe_fx: tuning config %s failed: %s", config, why)
+                    failed[describe(config)] = why
                 bar.update()
             best, medians = confirm(sorted(timings, key=timings.get)[:CONFIRMED], functools.partial(time_config, run))
             confirmed.update(medians)
