@@ -11,7 +11,7 @@ loads by TMA, by pointers, or by TMA for the first half and pointers for the sec
 kernel's shape: w13's K-loop, then w2's column blocks). Every config is a CUDA-graph replay after the L2 is
 emptied by a read. Beside them, `torch.sum` over the same bytes. A table and JSON.
 
-    python bench/stream_ceiling.py --out OUT [--shapes qwen3 gptoss]
+    python bench/stream_ceiling.py --out OUT [--shapes qwen3 gptoss] [--weight-bytes 1]
 """
 
 from __future__ import annotations
@@ -89,23 +89,25 @@ def splits(rows: int, programs: int, BK: int) -> bool:
     return programs % (COLS // BN) == 0 and rows % chunks == 0 and (rows // chunks) % (2 * BK) == 0
 
 
-def rows_for(shape: str) -> int:
-    """Rows of [rows, COLS] holding shape's K experts' weights (3·D·F each), rounded down to what 96 and 192
-    programs split into whole loads (`splits`; the other program counts run where they split it too)."""
+def rows_for(shape: str, weight_bytes: int = 2) -> int:
+    """Rows of bf16 [rows, COLS] holding the bytes of shape's K experts' weights (3·D·F each, of weight_bytes
+    each: 1 for fp8 / int8), rounded down to what 96 and 192 programs split into whole loads (`splits`; the
+    other program counts run where they split it too)."""
     E, K, D, F = SHAPES[shape]
     step = 12 * 2 * 128  # 192 programs' 12 row chunks, each two halves of whole 128-row loads
-    return 3 * K * D * F // COLS // step * step
+    return 3 * K * D * F * weight_bytes // 2 // COLS // step * step
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["qwen3"], choices=list(SHAPES))
+    p.add_argument("--weight-bytes", type=int, default=2, choices=(1, 2), help="1: a one-byte step's bytes")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     results, path = [], None
     print("| shape | MB | path | BK | stages | programs | µs | TB/s |")
     for shape in args.shapes:
-        w = torch.randn(rows_for(shape), COLS, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(rows_for(shape, args.weight_bytes), COLS, device="cuda", dtype=torch.bfloat16)
         mb = w.numel() * 2 / 1e6
         sum_us = timing.median_us(timing.graph_replay(lambda w=w: w.sum()))
         rows = [dict(shape=shape, path="torch.sum", us=sum_us, mb=mb)]

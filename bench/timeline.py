@@ -3,14 +3,15 @@
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
 The up kernel's source (`grouped_gemm.py`) is copied with five stamps added, each program writing them into the
-activation buffer h_RF, which a fused config never writes otherwise: its start, the expert bounds known (the
-offsets dispatch wrote, a dependent load), the up K-loop done (its sum known), the down slice issued (w2's
-column blocks loaded and multiplied, the atomics issued) and its end; and the SM it ran on. The shipped config of
-each (shape, T) runs, made fused if it is not (w2 in 128-wide blocks), eagerly after the L2 is emptied by a
-read; the medians over 7 calls of each stamp's median and maximum over the programs, in µs from the first
-program's start, as a table and JSON.
+activation buffer h_RF, which a fused config never writes otherwise: its start, the expert bounds known (the offsets
+dispatch wrote, a dependent load; routed: its pick known, its token's top-k done), the up K-loop done (its sum
+known), the down slice issued (w2's column blocks loaded and multiplied, the atomics issued) and its end; and the SM
+it ran on. The shipped config of each (shape, T, quant) runs, made fused if it is not (w2 in `tuning.FUSED_BLOCK_D`
+blocks), routed where the rewrite routes it (`tuning.routes`), eagerly after the L2 is emptied by a read; the
+medians over 7 calls of each stamp's median and maximum over the programs, in µs from the first program's start, as
+a table and JSON.
 
-    python bench/timeline.py --out OUT [--cells qwen3:1 gptoss:1 qwen3:4]
+    python bench/timeline.py --out OUT [--cells qwen3:1 gptoss:1 qwen3:4 qwen3:1:fp8]
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def instrumented_source() -> str:
     )
     bounds = r"^(\s+)e, lo_E, hi_E, real_tiles = _expert_bounds\(.*\n"
     src = _insert(src, up, bounds, "tl.store(STAMP + 1, _now_after(real_tiles.to(tl.float32)))")
+    routed = r"^(\s+)expert, pick_w = tl\.reduce\(.*\n"  # a routed program's pick known (in the bounds' slot)
+    src = _insert(src, up, routed, "tl.store(STAMP + 1, _now_after(pick_w))")
     src = _insert(
         src,
         up,
@@ -117,14 +120,17 @@ def stamps(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rel, st[:, 7]
 
 
-def timeline(shape: str, T: int, timed) -> dict:
-    """One cell's row: the stamps' medians and maxima over the programs, medians over 7 calls."""
+def timeline(shape: str, T: int, quant: str, timed) -> dict:
+    """One cell's row: the stamps' medians and maxima over the programs, medians over 7 calls. A fused config
+    runs routed where the rewrite routes it (`tuning.routes`): the router's GEMV, then the kernel routing its own
+    picks (the bounds stamp is then each program's pick known)."""
     E, K, D, F = SHAPES[shape]
-    run = experts_op(shape, T, "none", "cuda", torch.bfloat16, reduce=True)
-    config = tuning.choose(E, D, F, K, True, torch.bfloat16, torch.device("cuda"), T * K, "none")
+    config = tuning.choose(E, D, F, K, True, torch.bfloat16, torch.device("cuda"), T * K, quant)
     if not config.fused:
-        config = replace(config, fused=True, down=replace(config.down, block_n=tuning.FUSED_BLOCK_D["none"]))
-    config = tuning.conform(config, "none")
+        config = replace(config, fused=True, down=replace(config.down, block_n=tuning.FUSED_BLOCK_D[quant]))
+    config = tuning.conform(config, quant)
+    routed = tuning.routes(T, quant, True)
+    run = experts_op(shape, T, quant, "cuda", torch.bfloat16, reduce=True, routed=routed)
     for _ in range(3):
         run(config)
     calls = []
@@ -135,7 +141,7 @@ def timeline(shape: str, T: int, timed) -> dict:
         torch.cuda.synchronize()
         calls.append(stamps(timed.LAST_H))
     last, sms = calls[-1]
-    row = dict(shape=shape, T=T, config=tuning.describe(config), programs=len(sms),
+    row = dict(shape=shape, T=T, quant=quant, routed=routed, config=tuning.describe(config), programs=len(sms),
                programs_with_a_tile=int((~last[:, 2].isnan()).sum()), sms=len(set(sms.tolist())))  # fmt: skip
     for i, name in enumerate(STAMPS):
         row[f"{name}_median"] = statistics.median(float(c[:, i].nanmedian()) for c, _ in calls)
@@ -146,20 +152,20 @@ def timeline(shape: str, T: int, timed) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", nargs="+", default=["qwen3:1", "gptoss:1", "qwen3:4"], metavar="SHAPE:T")
+    p.add_argument("--cells", nargs="+", default=["qwen3:1", "gptoss:1", "qwen3:4"], metavar="SHAPE:T[:QUANT]")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
-    cells = [(shape, int(T)) for shape, _, T in (c.partition(":") for c in args.cells)]
+    cells = [(shape, int(T), quant or "none") for shape, T, quant in (f"{c}:".split(":")[:3] for c in args.cells)]
     timed = instrumented_module()
     gg.experts = timed.experts  # what experts_op's run calls (tuning.experts_call imports it at call time)
     rows, path = [], None
-    print(
-        "| shape | T | config | programs (with a tile) | " + " | ".join(f"{s} median / max µs" for s in STAMPS) + " |"
-    )
-    for shape, T in cells:
-        row = timeline(shape, T, timed)
+    stamp_heads = " | ".join(f"{s} median / max µs" for s in STAMPS)
+    print(f"| shape | T | quant | config | programs (with a tile) | {stamp_heads} |")
+    for shape, T, quant in cells:
+        row = timeline(shape, T, quant, timed)
         cols = " | ".join(f"{row[f'{s}_median']:.2f} / {row[f'{s}_max']:.2f}" for s in STAMPS)
-        print(f"| {shape} | {T} | {row['config']} | {row['programs']} ({row['programs_with_a_tile']}) | {cols} |")
+        programs = f"{row['programs']} ({row['programs_with_a_tile']})"
+        print(f"| {shape} | {T} | {quant} | {row['config']} | {programs} | {cols} |")
         rows.append(row)
         path = write_rows(args.out, "timeline", rows, path)
 
