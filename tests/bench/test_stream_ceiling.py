@@ -53,4 +53,6 @@ def test_each_shape_streams_about_its_experts_bytes_at_96_and_192_programs():
         rows = bench.rows_for(shape)
         assert 0.9 < rows * bench.COLS / (3 * K * D * F) <= 1, shape
         assert all(bench.splits(rows, p, BK) for p in (96, 192) for BK in (64, 128)), shape
+        # a one-byte step's bytes, in whole steps of 6144 rows (25 MB): GPT-OSS's 99.5 MB stream as 88.1
+        assert 0.85 < bench.rows_for(shape, weight_bytes=1) * bench.COLS * 2 / (3 * K * D * F) <= 1, shape
     assert not bench.splits(18432, 256, 128) and not bench.splits(18432, 100, 64)

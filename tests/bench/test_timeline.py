@@ -3,21 +3,24 @@
 
 import textwrap
 
+import pytest
 import torch
 
 from tests.bench.scripts import load, run_compiled
 
 
-def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps():
-    # in a subprocess, as tests/bench/test_ptx_stats.py: the tests' kernels are interpreted, not compiled
-    code = textwrap.dedent("""
+@pytest.mark.parametrize("quant, routed", [("none", False), ("fp8", True)])
+def test_the_stamped_fused_kernel_compiles_for_sm90_with_its_five_stamps(quant, routed):
+    # in a subprocess, as tests/bench/test_ptx_stats.py: the tests' kernels are interpreted, not compiled;
+    # routed: the pick's stamp in the place of the expert bounds'
+    code = textwrap.dedent(f"""
         from moe_fx.lowering.triton import tuning
         from tests.bench.scripts import load
         timeline, ptx_stats = load("timeline"), load("ptx_stats")
         ptx_stats.grouped_gemm = timeline.instrumented_module()
-        up = tuning.GemmConfig(16, 64, 128, 8, 4, 4, tma=True)
-        config = tuning.ExpertsConfig(up, tuning.GemmConfig(16, tuning.FUSED_BLOCK_D["none"], 64), fused=True)
-        launches = ptx_stats.launches("none", config)
+        up = tuning.GemmConfig(16, 64, 128, 8, 4, 4, tma={not routed}, swap_ab={routed})
+        config = tuning.ExpertsConfig(up, tuning.GemmConfig(16, tuning.FUSED_BLOCK_D["{quant}"], 64), fused=True)
+        launches = ptx_stats.launches("{quant}", config, routed={routed})
         ptx = ptx_stats.compile_for(*launches[0], 90).asm["ptx"]
         print(len(launches), ptx.count("%globaltimer"), ptx.count("%smid"))
     """)
