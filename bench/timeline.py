@@ -124,6 +124,9 @@ def timeline(shape: str, T: int, quant: str, timed) -> dict:
     """One cell's row: the stamps' medians and maxima over the programs, medians over 7 calls. A fused config
     runs routed where the rewrite routes it (`tuning.routes`): the router's GEMV, then the kernel routing its own
     picks (the bounds stamp is then each program's pick known)."""
+    if not tuning.runs_fused(quant):
+        raise ValueError(f"moe_fx: timeline stamps the fused kernel, which runs quant in "
+                         f"{tuple(tuning.FUSED_BLOCK_D)}; got {quant!r}")  # fmt: skip
     E, K, D, F = SHAPES[shape]
     config = tuning.choose(E, D, F, K, True, torch.bfloat16, torch.device("cuda"), T * K, quant)
     if not config.fused:

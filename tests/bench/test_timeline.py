@@ -39,3 +39,9 @@ def test_stamps_read_as_microseconds_from_the_first_start():
     assert sms.tolist() == [3, 9]
     assert rel[0].tolist() == [1.0, 1.6, 21.0, 30.0, 31.0]
     assert rel[1, :2].tolist() == [0.0, 0.7] and rel[1, 2:4].isnan().all() and rel[1, 4] == 2.0
+
+
+def test_a_mode_that_runs_no_fused_kernel_is_refused_by_name():
+    timeline = load("timeline")
+    with pytest.raises(ValueError, match="moe_fx: timeline stamps the fused kernel.*got 'fp8_block'"):
+        timeline.timeline("qwen3", 1, "fp8_block", None)
