@@ -91,7 +91,8 @@ def instrumented_source() -> str:
         "tl.store(STAMP + 2, _now_after(tl.sum(tl.sum(acc, axis=1), axis=0)))",
         before=True,
     )
-    src = _insert(src, up, r"^(\s+)_down_slice\((?:.*\n)*?.*BLOCK_D\)  # fmt: skip\n", "tl.store(STAMP + 3, _now())")
+    down = r"^(\s+)_down_slice\((?:.*\n)*?.*BLOCK_D, W2_BLOCK\)  # fmt: skip\n"
+    src = _insert(src, up, down, "tl.store(STAMP + 3, _now())")
     src = _insert(src, up, r"^    if FUSED:\n        _cast_when_last\(.*\n()", "    tl.store(STAMP + 4, _now())")
     h = "    h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)  # (fused: never written)\n"
     if h not in src:

@@ -255,7 +255,9 @@ def experts(
     weight_at: "none" | "input" (row scaled by row_weights before w13) | "output" (y scaled after w2).
     w13 [E, 2F, D] holds gate and up (gate_up: concat | interleaved | up_first), or [E, F, D] for a
     non-gated MLP; with gate_up="separate", w13 is the gate [E, F, D] and w3 the up projection.
-    `*_transposed` marks [E, D, 2F] / [E, F, D] storage. w13_bias [E, 2F] (gate then up), w2_bias [E, D].
+    `*_transposed` marks [E, D, 2F] / [E, F, D] storage; a 4-D w2 is [E, D, F] in column blocks,
+    [E, ceil(F/W), D, W] (`quant.block_columns`: the rewrite's fp8 / int8 w2). w13_bias [E, 2F] (gate then up),
+    w2_bias [E, D].
     """
     return _run_after_exchanges(
         "experts",
@@ -312,7 +314,7 @@ def _(
     after=None,
     reduce=False,
 ):
-    D = w2.shape[2] if w2_transposed else w2.shape[1]
+    D = quant_fmt.w2_out_features(w2, w2_transposed)
     return xq.new_empty((xq.shape[0] if reduce else gather_index.shape[0], D), dtype=out_dtype)
 
 
@@ -396,7 +398,7 @@ def _(x, logits, bias, k, scoring, order, renormalize, n_group, topk_group, grou
       score_dtype, proj_weight, proj_bias, group_fill, dispatch_impl, w13, w3, w2, w13_bias, w2_bias, w13_scale,
       w2_scale, weight_at, activation, gate_up, w13_transposed, w2_transposed, alpha, limit, quant, out_dtype,
       impl):  # fmt: skip
-    return x.new_empty((x.shape[0], w2.shape[2] if w2_transposed else w2.shape[1]), dtype=out_dtype)
+    return x.new_empty((x.shape[0], quant_fmt.w2_out_features(w2, w2_transposed)), dtype=out_dtype)
 
 
 @_define

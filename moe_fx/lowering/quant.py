@@ -10,6 +10,11 @@ Weights are always quantised in the canonical [E, H, D] layout (out features, th
 | `int8`        | int8 [E, H, D]                | [E, H], per out channel  | int8, per token        | [N]      |
 | `int4_weight` | int4, 2 per byte [E, H, D/2]  | [E, H, B], groups of G   | unquantised            | empty    |
 
+**w2 in column blocks** (`block_columns`): the rewrite may store a one-byte mode's w2 [E, D, F] as
+[E, ceil(F/W2_BLOCK), D, W2_BLOCK] (zeros past F), so that a program reading a narrow F-slice of every row of D
+(the fused decode kernel's down slice) reads contiguous bytes instead of a short piece of each row. Every
+lowering reads both: a 4-D w2 is blocked (`w2_out_features`, `unblock_columns`); w2_scale stays [E, D].
+
 All scales are symmetric (q = round(v / scale), scale = amax / qmax) and float32. Activations are quantised
 dynamically, one scale per token (or per token and group), so a NaN or Inf in one token never reaches another
 token's scale. Dequantisation is `q * scale`; the reference computes products of the quantised values exactly
@@ -33,6 +38,48 @@ _TINY = 1e-12  # amax floor: an all-zero row gets a finite scale
 # on the tiny shapes (tests/passes/test_quantize_weights.py) and 2.5–4.0% at the layer shapes of bench/layer.py
 # on an H100; 6e-2 covers rows up to ~1e5; int4 groups of 128 ~9% per weight.
 EXPECTED_ERROR = {"fp8": 8e-2, "fp8_block": 8e-2, "int8": 6e-2, "int4_weight": 0.3}
+
+
+W2_BLOCK = 128  # w2's columns per block where it is stored blocked: one 128-byte row of a one-byte mode
+# The modes whose w2 the rewrite stores blocked (`stored_w2`). Measured on an H100 (bench/w2_layout.py,
+# bench/NOTES.md 2026-12-07): the T=16 steps of Qwen3 and DeepSeek 7.5-8 % faster (their decode down GEMMs read
+# w2 by pointers), the rest within the +-3 % a config spreads between runs (T=1 2.5 % faster, prefill
+# 0.98-1.01x). 128 wide: a prefill down tile's 128-deep K-step is one block, read through TMA as before; 64-wide
+# blocks sent those to the pointer path (1.3-1.45x slower at T = 1024, 8192).
+W2_BLOCKED_MODES: tuple[str, ...] = ("fp8", "int8")
+
+
+def block_columns(w_EDF: torch.Tensor, width: int = W2_BLOCK) -> torch.Tensor:
+    """w [E, D, F] -> [E, ceil(F/width), D, width]: F's columns in blocks of `width`, zeros past F."""
+    E, D, F = w_EDF.shape
+    blocks = -(-F // width)
+    padded = w_EDF.new_zeros((E, D, blocks * width))
+    padded[..., :F] = w_EDF
+    return padded.view(E, D, blocks, width).permute(0, 2, 1, 3).contiguous()
+
+
+def unblock_columns(w_EBDW: torch.Tensor, F: int) -> torch.Tensor:
+    """Inverse of block_columns: [E, blocks, D, width] -> [E, D, F] (a copy)."""
+    return w_EBDW.permute(0, 2, 1, 3).flatten(2)[..., :F].contiguous()
+
+
+def w2_out_features(w2: torch.Tensor, transposed: bool) -> int:
+    """D, the output features of w2 as an experts op takes it: [E, D, F], [E, F, D] (transposed) or blocked."""
+    if w2.dim() == 4:
+        return w2.shape[2]
+    return w2.shape[2] if transposed else w2.shape[1]
+
+
+W2_MAX_PADDING = 1 / 16  # the zeros past F a blocked w2 may hold, as a fraction of F (GPT-OSS's 2880: 2.2 %)
+
+
+def stored_w2(wq_EDF: torch.Tensor, mode: str) -> torch.Tensor:
+    """The rewrite's w2 of `mode`: blocked (`block_columns`) where mode is in W2_BLOCKED_MODES and the last
+    block's padding is at most W2_MAX_PADDING of F, else as given (a small F, e.g. 48, would more than double)."""
+    F = wq_EDF.shape[2]
+    if mode not in W2_BLOCKED_MODES or -F % W2_BLOCK > W2_MAX_PADDING * F:
+        return wq_EDF
+    return block_columns(wq_EDF)
 
 
 def activation_dtype(mode: str, dtype: torch.dtype) -> torch.dtype:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering.registry import ANY_DEVICE, register_lowering
+from moe_fx.spec import GATED_ACTIVATIONS
 
 NAME = "reference"
 PRIORITY = 0
@@ -166,6 +167,9 @@ def experts(
         w13 = torch.cat([w13, w3], dim=2 if w13_transposed else 1)
         gate_up = "concat"
     w13_EHD = w13.transpose(1, 2) if w13_transposed else w13  # H = 2F gated, F otherwise
+    if w2.dim() == 4:  # in column blocks (`quant.block_columns`): F is w13's
+        H = w13_EHD.shape[1]
+        w2 = quant_fmt.unblock_columns(w2, H // 2 if activation in GATED_ACTIVATIONS else H)
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2
     D = xq.shape[1]
     y_RD = xq.new_empty((gather_index.shape[0], w2_EDF.shape[1]), dtype=out_dtype)

@@ -1,7 +1,8 @@
 """Expert weights quantised once, at rewrite time, in the canonical layout the lowerings read.
 
     w13 [E, 2F, D] (gate/up as the model orders them; separate w1/w3 concatenated), w2 [E, D, F]
-    -> (w13_q, w13_scale, w2_q, w2_scale) in the format of `moe_fx/lowering/quant.py`
+    -> (w13_q, w13_scale, w2_q, w2_scale) in the format of `moe_fx/lowering/quant.py` (w2_q in column blocks
+    for the modes of `quant.W2_BLOCKED_MODES`)
 
 The quantised tensors are cached on the model's first expert weight, per quant mode: a recompile (a new
 input shape) reuses them. They remember the version counters of the weights they were made from; the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from moe_fx.lowering.quant import quantize_weight
+from moe_fx.lowering.quant import block_columns, quantize_weight, stored_w2
 from moe_fx.passes.experts import ExpertsBinding
 from moe_fx.passes.weights import stack_parts
 
@@ -25,6 +26,7 @@ GRAPH_ATTR = "_moe_fx_quantised"  # on a rewritten GraphModule: the QuantisedExp
 
 
 def _quantise(b: ExpertsBinding, mode: str) -> tuple[torch.Tensor, ...]:
+    """(w13_q, w13_scale, w2_q, w2_scale), w2_q as [E, D, F]."""
     w13 = b.w13 if b.w3 is None else torch.cat([b.w13, b.w3], dim=2 if b.spec.w13_transposed else 1)
     w13_EHD = w13.transpose(1, 2) if b.spec.w13_transposed else w13
     w2_EDF = b.w2.transpose(1, 2) if b.spec.w2_transposed else b.w2
@@ -38,7 +40,8 @@ class QuantisedExperts:
         self.binding, self.mode = binding, mode
         self.sources = [t for f in (*binding.w13_parts, binding.w2_family) for t in f.tensors]
         self.versions = self._versions()
-        self.tensors = _quantise(binding, mode)
+        w13_q, w13_scale, w2_q, w2_scale = _quantise(binding, mode)
+        self.tensors = (w13_q, w13_scale, stored_w2(w2_q, mode), w2_scale)
 
     def _versions(self) -> tuple[int, ...]:
         return tuple(t._version for t in self.sources)
@@ -57,7 +60,7 @@ class QuantisedExperts:
         b.w2 = stack_parts([b.w2_family], 1)
         with torch.no_grad():
             for buffer, fresh in zip(self.tensors, _quantise(b, self.mode)):
-                buffer.copy_(fresh)
+                buffer.copy_(block_columns(fresh, buffer.shape[3]) if buffer.dim() > fresh.dim() else fresh)
         self.versions = versions
 
 

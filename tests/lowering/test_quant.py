@@ -25,6 +25,26 @@ def test_int4_pack_round_trips_every_value():
     assert torch.equal(quant.unpack_int4(packed, 15), q)
 
 
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize("F", [128, 250, 200, 40])
+def test_w2_in_column_blocks_round_trips(mode, F):
+    """`block_columns` puts column f of row d at [f // 128, d, f % 128], zeros past F; `unblock_columns` undoes it.
+    The rewrite stores one-byte modes' w2 so (`stored_w2`) where the padding is small (F = 128, 250: 2.4 %; not
+    200 or 40); D is read off either layout."""
+    w = torch.randn(3, 24, F)
+    e, d, f = 2, 17, F - 1
+    w[e, d, f] = 5.0  # quantised to a value that is not zero
+    wq, _ = quant.quantize_weight(w, mode)
+    assert (quant.stored_w2(wq, mode).dim() == 4) == (F in (128, 250))
+    blocked = quant.block_columns(wq)
+    assert blocked.shape == (3, -(-F // 128), 24, 128) and blocked.is_contiguous() and blocked.dtype == wq.dtype
+    assert blocked[e, f // 128, d, f % 128].float() == wq[e, d, f].float() != 0
+    assert not blocked.float().permute(0, 2, 1, 3).flatten(2)[..., F:].any()
+    assert torch.equal(quant.unblock_columns(blocked, F).float(), wq.float())
+    assert quant.w2_out_features(blocked, False) == quant.w2_out_features(wq, False) == 24
+    assert quant.stored_w2(wq, "fp8_block") is wq and quant.w2_out_features(wq.transpose(1, 2), True) == 24
+
+
 def element_scale(scale, mode, shape):
     """The scale each element of an [E, H, D] weight was quantised with."""
     E, H, D = shape

@@ -8,6 +8,7 @@ import moe_fx
 from moe_fx import examples as ex
 from moe_fx import hf_models
 from moe_fx.backend import last_reports
+from moe_fx.lowering import quant
 from moe_fx.lowering.quant import EXPECTED_ERROR
 from tests.conftest import rel_err
 
@@ -82,6 +83,26 @@ def test_quantised_weights_follow_load_state_dict(cls):
         after, ref = model(x), other(x)
     assert rel_err(after, ref) < BOUND["int8"]
     assert rel_err(before, ref) > 0.3  # the old weights would be far off
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+def test_w2_stored_in_column_blocks_computes_the_canonical_block(mode, monkeypatch):
+    """F = 128: the rewrite stores w2 in column blocks ([E, 1, D, 128], `quant.stored_w2`); the block computes what
+    it computes with w2 as [E, D, F], and follows the model's weights into the same buffer after load_state_dict."""
+    model, other = ex.LoopMoE(ffn=128).eval(), ex.LoopMoE(ffn=128).eval()
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        moe_fx.apply(model, x, options={"quant": mode})
+        blocked = model(x)
+        w2_q = next(iter(model.experts[0].w1.weight.__dict__["_moe_fx_quantised"].values())).tensors[2]
+        assert w2_q.shape == (4, 1, 32, 128)
+        monkeypatch.setattr(quant, "W2_BLOCKED_MODES", ())
+        canonical = ex.LoopMoE(ffn=128).eval()
+        canonical.load_state_dict(model.state_dict())
+        moe_fx.apply(canonical, x, options={"quant": mode})
+        assert torch.equal(blocked, canonical(x))
+        model.load_state_dict(other.state_dict())
+        assert rel_err(model(x), other(x)) < BOUND[mode] and w2_q.shape == (4, 1, 32, 128)
 
 
 def test_nan_token_does_not_touch_other_tokens():

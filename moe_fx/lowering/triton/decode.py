@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from moe_fx.lowering.quant import w2_out_features
 from moe_fx.lowering.triton import grouped_gemm, quantize, route
 from moe_fx.lowering.triton.grouped_gemm import Routing
 from moe_fx.lowering.triton.tuning import ExpertsConfig
@@ -51,7 +52,7 @@ def routed_experts(
     if not grouped_gemm.routes_at(x_TD, a["w13"], a["w2"], a["w2_transposed"], a["activation"], routing.k, quant,
                                   config):  # fmt: skip
         return None
-    D = a["w2"].shape[2] if a["w2_transposed"] else a["w2"].shape[1]
+    D = w2_out_features(a["w2"], a["w2_transposed"])
     sums = torch.empty((x_TD.shape[0] * D + 1,), dtype=torch.int32, device=x_TD.device)
     xq = xscale = None
     if proj_weight is not None:  # the GEMV quantises x's rows too (fp8, int8) where its tokens are x

@@ -397,9 +397,10 @@ def _up_kernel(
     PERSISTENT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr, G: tl.constexpr, ZERO_OUT: tl.constexpr,
     FUSED: tl.constexpr, HAS_B2: tl.constexpr, WEIGHT_OUTPUT: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROUTED: tl.constexpr = False, TOP_K: tl.constexpr = 1, SCORING: tl.constexpr = 0, TOPK_FIRST: tl.constexpr = False,
-    RENORMALIZE: tl.constexpr = False, HAS_ROUTE_BIAS: tl.constexpr = False, N_GROUP: tl.constexpr = 1,
-    TOPK_GROUP: tl.constexpr = 1, GROUP_TOPK: tl.constexpr = 1, ROUND: tl.constexpr = 0, ROUND_SUM: tl.constexpr = 0,
+    W2_BLOCK: tl.constexpr, ROUTED: tl.constexpr = False, TOP_K: tl.constexpr = 1, SCORING: tl.constexpr = 0,
+    TOPK_FIRST: tl.constexpr = False, RENORMALIZE: tl.constexpr = False, HAS_ROUTE_BIAS: tl.constexpr = False,
+    N_GROUP: tl.constexpr = 1, TOPK_GROUP: tl.constexpr = 1, GROUP_TOPK: tl.constexpr = 1, ROUND: tl.constexpr = 0,
+    ROUND_SUM: tl.constexpr = 0,
     BLOCK_ER: tl.constexpr = 1, BLOCK_KR: tl.constexpr = 1, BLOCK_G: tl.constexpr = 1,
     ROUTE_COPIES: tl.constexpr = 1,
 ):  # fmt: skip
@@ -524,7 +525,7 @@ def _up_kernel(
                 _down_slice(h, h_scale, row_ok, tokens, expert, n, n_ok, tl.where(pid_n == 0, D, 0), w2_ptr, b2_ptr,
                             w2s_ptr, row_w, sum_ptr, D, stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d,
                             stride_2se, stride_2sd, HAS_B2, WEIGHT_OUTPUT, QUANT, IS_INT, PRECISION,
-                            BLOCK_D)  # fmt: skip
+                            BLOCK_D, W2_BLOCK)  # fmt: skip
             else:
                 tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
     if FUSED:
@@ -532,14 +533,25 @@ def _up_kernel(
 
 
 @triton.jit
+def _w2_offsets(f, d, D, stride_2d, stride_2f, W2_BLOCK: tl.constexpr):
+    """Offsets of the elements (d, f) (broadcast) within one expert's w2: [D, F] as strided, or (W2_BLOCK > 0)
+    in column blocks, [ceil(F / W2_BLOCK), D, W2_BLOCK] contiguous (`quant.block_columns`)."""
+    if W2_BLOCK:
+        return (f // W2_BLOCK) * (D * W2_BLOCK) + d * W2_BLOCK + f % W2_BLOCK
+    else:
+        return f * stride_2f + d * stride_2d
+
+
+@triton.jit
 def _down_slice(h, h_scale, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2_ptr, w2s_ptr, row_w, sum_ptr, D,
                 stride_2e, stride_2d, stride_2f, stride_b2e, stride_b2d, stride_2se, stride_2sd, HAS_B2: tl.constexpr,
                 WEIGHT_OUTPUT: tl.constexpr, QUANT: tl.constexpr, IS_INT: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_D: tl.constexpr):  # fmt: skip
+                BLOCK_D: tl.constexpr, W2_BLOCK: tl.constexpr):  # fmt: skip
     """The down GEMM of one up tile (fused): h [M, BLOCK_N], the activations of its rows over the F-slice f,
-    times w2[expert, :, f]ᵀ, one BLOCK_D-wide column block at a time, each block's product (+ b2's first b2_cols
-    columns: all D in the first F-slice's program, none in the others; × the routing weight) added in fp32 into
-    the rows' tokens of sum_TD. The F-slices' partial products meet there, in no fixed order.
+    times w2[expert, :, f]ᵀ (w2 in column blocks where W2_BLOCK > 0), one BLOCK_D-wide column block at a time,
+    each block's product (+ b2's first b2_cols columns: all D in the first F-slice's program, none in the others;
+    × the routing weight) added in fp32 into the rows' tokens of sum_TD. The F-slices' partial products meet
+    there, in no fixed order.
     QUANT 1 (fp8 / int8): h is quantised per row with h_scale [M], w2 per output channel (w2s_ptr [E, D]); the
     product is dequantised by both before it is added."""
     w2_e = w2_ptr + expert.to(tl.int64) * stride_2e
@@ -547,8 +559,8 @@ def _down_slice(h, h_scale, row_ok, tokens, expert, f, f_ok, b2_cols, w2_ptr, b2
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        w = tl.load(w2_e + f[:, None] * stride_2f + d[None, :] * stride_2d, mask=f_ok[:, None] & d_ok[None, :],
-                    other=0.0)  # fmt: skip
+        w = tl.load(w2_e + _w2_offsets(f[:, None], d[None, :], D, stride_2d, stride_2f, W2_BLOCK),
+                    mask=f_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         y = tl.dot(h, w, input_precision=PRECISION, out_dtype=tl.int32 if IS_INT else tl.float32)
         if QUANT == 1:
             w_s = tl.load(w2s_ptr + expert.to(tl.int64) * stride_2se + d * stride_2sd, mask=d_ok, other=0.0)
@@ -588,7 +600,7 @@ def _down_kernel(
     QUANT: tl.constexpr, IS_INT: tl.constexpr, PACK: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     SWAP: tl.constexpr, PERSISTENT: tl.constexpr, REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr,
-    G: tl.constexpr,
+    G: tl.constexpr, W2_BLOCK: tl.constexpr,
 ):  # fmt: skip
     e, lo_E, hi_E, real_tiles = _expert_bounds(offsets_ptr, E, BLOCK_M, BLOCK_E)
     num_pid_n = tl.cdiv(D, BLOCK_N)
@@ -618,7 +630,8 @@ def _down_kernel(
                 k = tl.arange(0, BLOCK_K)
                 a_ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_hr + k[None, :] * stride_hf
                 kw = tl.arange(0, BLOCK_K // PACK)  # int4_weight: bytes of two elements
-                w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + kw[:, None] * stride_wf + n[None, :] * stride_wd
+                w_e = w_ptr + expert.to(tl.int64) * stride_we
+                w_ptrs = w_e + _w2_offsets(kw[:, None], n[None, :], D, stride_wd, stride_wf, W2_BLOCK)
             ws_e = ws_ptr + expert.to(tl.int64) * stride_wse  # this expert's weight scales
             acc = _accumulator(BLOCK_M, BLOCK_N, IS_INT, SWAP)
             n_k = tl.cdiv(F, BLOCK_K)
@@ -628,16 +641,24 @@ def _down_kernel(
                                      stride_wsb, k0, QUANT, SWAP, BLOCK_K, G)  # fmt: skip
                 if W_TMA:  # h's rows are contiguous: the rows past this expert's (the next expert's) are never stored
                     a = h_ptr.load([start.to(tl.int32), k0 * BLOCK_K])
-                    w = _weight_tile(
-                        w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N
-                    )
+                    if W2_BLOCK:  # [E, F / W2_BLOCK, D, W2_BLOCK]: a K-step within one column block
+                        w = w_ptr.load([expert, (k0 * BLOCK_K) // W2_BLOCK, pid_n * BLOCK_N, (k0 * BLOCK_K) % W2_BLOCK])
+                        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).T
+                    else:
+                        w = _weight_tile(
+                            w_ptr, expert, pid_n * BLOCK_N, k0 * BLOCK_K, False, False, W_KMAJOR, BLOCK_K, BLOCK_N
+                        )
                     acc = _mma(a, w, acc, PRECISION, SWAP)
                 else:
                     a = tl.load(a_ptrs, mask=_tile_mask(row_ok, k < k_left, EVEN_K, False), other=0.0)
                     acc = _weight_mma(a, w_ptrs, n_ok, k_left, acc, ws_e, n, stride_wsd, k0, stride_wsb, EVEN_K, QUANT,
                                       PRECISION, BLOCK_K, G, SWAP)  # fmt: skip
                     a_ptrs += BLOCK_K * stride_hf
-                    w_ptrs += (BLOCK_K // PACK) * stride_wf
+                    if W2_BLOCK:
+                        w_ptrs = w_e + _w2_offsets((k0 + 1) * BLOCK_K + kw[:, None], n[None, :], D, stride_wd,
+                                                   stride_wf, W2_BLOCK)  # fmt: skip
+                    else:
+                        w_ptrs += (BLOCK_K // PACK) * stride_wf
             if SWAP:
                 acc = tl.trans(acc)
             acc = _dequantize(acc, hs_ptr, rows, stride_hsr, row_ok, ws_e, n, stride_wsd, n_ok, stride_hsb, stride_wsb,
@@ -697,8 +718,8 @@ def _choice(xq: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w2_transposed
     quant)."""
     gated, code = activation in GATED_ACTIVATIONS, QUANT_CODES[quant]
     D, F = (w2.shape[2], w2.shape[1]) if w2_transposed else (w2.shape[1], w2.shape[2])
-    if code == 3:  # w2's F is packed two per byte: read F off the canonical w13 [E, H, D/2]
-        F = w13.shape[1] // 2 if gated else w13.shape[1]
+    if code == 3 or w2.dim() == 4:  # w2's F packed two per byte, or in column blocks: F off the canonical w13
+        D, F = quant_fmt.w2_out_features(w2, w2_transposed), w13.shape[1] // 2 if gated else w13.shape[1]
     dtype = xq.dtype if code == 0 else out_dtype
     return (w13.shape[0], D, F, R // max(xq.shape[0], 1), gated, dtype, xq.device, R, quant)
 
@@ -783,6 +804,9 @@ def experts(
     E, D, F, _, gated = shape[:5]
     w2_EDF = w2.transpose(1, 2) if w2_transposed else w2  # strides only
     code, G = QUANT_CODES[quant], quant_fmt.BLOCK
+    w2_block = _column_blocks(w2, w2_transposed, code, D, F)
+    # w2's (expert, D, F) strides: a blocked w2's D stride is its block width, its F stride 1 within a block
+    w2_strides = (w2.stride(0), w2.stride(2), 1) if w2_block else w2_EDF.stride()
     h_dtype = {0: xq.dtype, 1: out_dtype, 2: xq.dtype, 3: xq.dtype}[code]  # 1: stored, then quantised per row
     h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)  # (fused: never written)
     h_scale = torch.empty((R, cdiv(F, G)) if code == 2 else (0,), dtype=torch.float32, device=xq.device)
@@ -851,7 +875,7 @@ def experts(
             wu.stride(0), wu.stride(1),
             bias13.stride(0), bias13.stride(-1), h_RF.stride(0), h_RF.stride(1),
             xs[1], xs[2], ws13[1], ws13[2], ws13[3], h_scale.stride(0),
-            w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2), bias2.stride(0), bias2.stride(-1), ws2[1], ws2[2],
+            *w2_strides, bias2.stride(0), bias2.stride(-1), ws2[1], ws2[2],
             *route_args,
             GATED=gated, ACT=ACTIVATION_CODES[activation], HAS_BIAS=w13_bias is not None,
             WEIGHT_INPUT=weight_at == "input", EVEN_K=D % c.block_k == 0, PRECISION=precision,
@@ -860,7 +884,8 @@ def experts(
             W_KMAJOR=not w13_transposed, UP_FIRST=up_first, SWAP=c.swap_ab, PERSISTENT=c.persistent,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
             ZERO_OUT=reduce and not fused, FUSED=fused, HAS_B2=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
-            BLOCK_D=config.down.block_n, **route_kw, num_warps=c.num_warps, num_stages=c.num_stages,
+            BLOCK_D=config.down.block_n, W2_BLOCK=w2_block, **route_kw, num_warps=c.num_warps,
+            num_stages=c.num_stages,
         )  # fmt: skip
         if fused:
             return y
@@ -870,8 +895,9 @@ def experts(
         c = config.down
         h_in = w_in = None
         if _tma_fits(c, code, xq.device):
+            k_major = not w2_transposed
             h_in = _descriptor(h_RF, list(h_RF.shape), list(h_RF.stride()), [c.block_m, c.block_k])
-            w_in = _weight_descriptor(w2, False, False, not w2_transposed, c)
+            w_in = _blocked_descriptor(w2, c) if w2_block else _weight_descriptor(w2, False, False, k_major, c)
         down_tma = h_in is not None and w_in is not None
         if not down_tma:
             h_in, w_in = h_RF, w2_EDF
@@ -881,7 +907,7 @@ def experts(
             _down_kernel, (grid,),
             h_in, expert_offsets, row_weights, w_in, bias2, y, hs[0], ws2[0], gather_index,
             D, F, E, R, grid,
-            h_RF.stride(0), h_RF.stride(1), w2_EDF.stride(0), w2_EDF.stride(1), w2_EDF.stride(2),
+            h_RF.stride(0), h_RF.stride(1), *w2_strides,
             bias2.stride(0), bias2.stride(-1), y.stride(0), y.stride(1),
             hs[1], hs[2], ws2[1], ws2[2], ws2[3],
             HAS_BIAS=w2_bias is not None, WEIGHT_OUTPUT=weight_output,
@@ -889,7 +915,7 @@ def experts(
             PRECISION=precision, QUANT=code, IS_INT=is_int, PACK=2 if code == 3 else 1, W_TMA=down_tma,
             W_KMAJOR=not w2_transposed, SWAP=c.swap_ab, PERSISTENT=c.persistent, REDUCE=reduce,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, BLOCK_E=BLOCK_E, GROUP_M=c.group_m, G=G,
-            num_warps=c.num_warps, num_stages=c.num_stages,
+            W2_BLOCK=w2_block, num_warps=c.num_warps, num_stages=c.num_stages,
         )  # fmt: skip
         return y
     except triton.runtime.errors.OutOfResources as err:  # a chosen tuned config this GPU and Triton cannot compile
@@ -954,6 +980,30 @@ def _weight_descriptor(w: torch.Tensor, gated: bool, interleaved: bool, k_major:
         return _descriptor(w, [E, K, 2, N // 2], [s_e, w.stride(1), (N // 2) * w.stride(2), w.stride(2)],
                            [1, bk, 2, bn])  # fmt: skip
     return _descriptor(w, [E, K, N], list(w.stride()), [1, bk, 2 * bn if gated else bn])
+
+
+def _column_blocks(w2: torch.Tensor, w2_transposed: bool, code: int, D: int, F: int) -> int:
+    """The width of w2's column blocks (`quant.block_columns`: [E, ceil(F / width), D, width], each expert's
+    blocks contiguous), or 0 for a w2 stored [E, D, F] (or transposed)."""
+    if w2.dim() != 4:
+        return 0
+    E, blocks, D_, width = w2.shape
+    contiguous = w2.stride()[2:] == (width, 1) and (blocks == 1 or w2.stride(1) == D * width)
+    if w2_transposed or code in (2, 3) or D_ != D or blocks * width < F or not contiguous:
+        raise ValueError(
+            f"moe_fx: a w2 in column blocks is [E, ceil(F/width), D, width] with each expert's blocks contiguous, "
+            f"not transposed, under quant none, fp8 or int8; got shape {tuple(w2.shape)}, strides {w2.stride()}, "
+            f"w2_transposed={w2_transposed} for D={D}, F={F}"
+        )
+    return width
+
+
+def _blocked_descriptor(w2: torch.Tensor, c: tuning.GemmConfig) -> TensorDescriptor | None:
+    """A descriptor over w2 in column blocks whose box is one K-step's [BLOCK_N, BLOCK_K] tile within one block;
+    None where a K-step would span two blocks (the pointer path reads those)."""
+    if w2.shape[3] % c.block_k:
+        return None
+    return _descriptor(w2, list(w2.shape), list(w2.stride()), [1, 1, c.block_n, c.block_k])
 
 
 def _scale_strides(scale: torch.Tensor | None, dummy: torch.Tensor) -> tuple:

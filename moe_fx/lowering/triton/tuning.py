@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import triton
 
+from moe_fx.lowering.quant import quantize_weight, stored_w2, w2_out_features
 from moe_fx.lowering.triton import timing
 from moe_fx.lowering.triton.sizes import cdiv, next_power_of_2
 from moe_fx.spec import GATED_ACTIVATIONS
@@ -398,15 +399,15 @@ QUANT_CANDIDATES = _with_load_paths((
 
 def random_weights(E: int, D: int, F: int, activation: str, dtype: torch.dtype, device, quant: str = "none"):
     """(w13_EHD, w2_EDF, scales): random expert weights of this shape, quantised under `quant` (scales holds
-    w13_scale and w2_scale then), as `experts_call` takes them."""
-    from moe_fx.lowering.quant import quantize_weight
-
+    w13_scale and w2_scale then; w2 in the layout the rewrite stores, `quant.stored_w2`), as `experts_call` takes
+    them."""
     H = 2 * F if activation in GATED_ACTIVATIONS else F
     w13 = torch.randn(E, H, D, device=device, dtype=dtype) / D**0.5
     w2 = torch.randn(E, D, F, device=device, dtype=dtype) / F**0.5
     scales = {}
     if quant != "none":
         (w13, scales["w13_scale"]), (w2, scales["w2_scale"]) = quantize_weight(w13, quant), quantize_weight(w2, quant)
+        w2 = stored_w2(w2, quant)
     return w13, w2, scales
 
 
@@ -440,7 +441,7 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
         raise ValueError(f"moe_fx: experts_call routes reduced decode steps (T <= {decode.MAX_TOKENS}) unquantised "
                          f"or quantised per token, got T={T}, quant={quant!r}, reduce={reduce}")  # fmt: skip
     w13, w2, scales = weights
-    E, D, device = w13.shape[0], w2.shape[1], w13.device
+    E, D, device = w13.shape[0], w2_out_features(w2, False), w13.device
     x = torch.randn(T, D, device=device, dtype=dtype)
     kw = dict(w13=w13, w3=None, w2=w2, w13_bias=None, w2_bias=None, weight_at="none", activation=activation,
               gate_up="concat", w13_transposed=False, w2_transposed=False, alpha=1.702, limit=7.0,

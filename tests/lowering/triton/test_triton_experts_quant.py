@@ -339,3 +339,49 @@ def test_fused_quantises_h_per_row_of_each_slice(mode, dtype, T, K, pattern, mon
     exact = oracle(x.double().cpu(), weights.cpu(), ids.clamp_min(0).cpu(), "silu_gated", w1, w3, w2.double().cpu())
     per_row = layer(x, weights, ids, w13q, w2q, mode, "reference", scales=(s13, s2))
     assert rel_err(exact_q, exact) < max(1.25 * rel_err(per_row.cpu(), exact), AGREE[dtype])
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int8"])
+@pytest.mark.parametrize(
+    "tile,width",
+    [("pointers", 32), ("tma", 32), ("tma", 16), ("tma swap_ab persistent", 64), ("fused", 32), ("fused", 16)],
+)  # fmt: skip
+def test_w2_in_column_blocks_gives_the_canonical_result(mode, tile, width, monkeypatch):
+    """w2 stored in column blocks (`quant.block_columns`, [E, ceil(F/width), D, width], zeros past F) through every
+    path that reads it: the down GEMM's pointer and TMA loads (a 32-deep K-step within a block, or spanning two
+    16-wide ones: the pointer path then), persistent and swapped tiles, the fused kernel's down slices. The
+    same values in the same order: the same output as the canonical [E, D, F] (F = 48: a ragged last block)."""
+    if tile == "fused":
+        fused_config(monkeypatch)
+    else:
+        gemm = tuning.GemmConfig(32, 32, 32, 1, 4, 1, **dict.fromkeys(tile.replace("pointers", "").split(), True))
+        monkeypatch.setattr(tuning, "choose", lambda *args: tuning.ExpertsConfig(gemm, gemm))
+    T, K, D, F_ = 13, 2, 96, 48
+    x = torch.randn(T, D, device=DEVICE)
+    w13, w2 = weights_for(D, F_, torch.float32)
+    weights, ids = routing(T, K, E, "random")
+    (w13q, s13), (w2q, s2) = quant.quantize_weight(w13, mode), quant.quantize_weight(w2, mode)
+    blocked = quant.block_columns(w2q, width)
+    assert blocked.shape == (E, -(-F_ // width), D, width)
+    kw = dict(scales=(s13, s2), reduce=tile == "fused")
+    grouped_gemm.loads.clear()
+    out = layer(x, weights, ids, w13q, blocked, mode, "triton", **kw)
+    expected_down = {"fused": "fused/pointers", "pointers": "down/pointers", "tma swap_ab persistent":
+                     "down/tma+swap+persistent"}.get(tile, "down/tma" if width >= 32 else "down/pointers")  # fmt: skip
+    assert expected_down in grouped_gemm.loads, dict(grouped_gemm.loads)
+    canonical = layer(x, weights, ids, w13q, w2q, mode, "triton", **kw)
+    assert torch.isfinite(out).all() and rel_err(out, canonical) < 1e-6
+    reference = layer(x, weights, ids, w13q, blocked, mode, "reference", scales=(s13, s2))
+    assert torch.equal(reference, layer(x, weights, ids, w13q, w2q, mode, "reference", scales=(s13, s2)))
+
+
+def test_w2_in_column_blocks_is_refused_where_it_does_not_fit():
+    """A blocked w2 whose blocks do not cover F, or whose D is not the model's, is a `moe_fx:` error naming both."""
+    D, F_ = 32, 48
+    w13, w2 = weights_for(D, F_, torch.float32)
+    (w13q, s13), (w2q, s2) = quant.quantize_weight(w13, "fp8"), quant.quantize_weight(w2, "fp8")
+    x = torch.randn(3, D, device=DEVICE)
+    weights, ids = routing(3, 2, E, "random")
+    for bad in (quant.block_columns(w2q, 16)[:, :2], quant.block_columns(w2q, 16).transpose(1, 2)):
+        with pytest.raises(ValueError, match="moe_fx: a w2 in column blocks"):
+            layer(x, weights, ids, w13q, bad, "fp8", "triton", scales=(s13, s2))
