@@ -67,7 +67,7 @@ def agreeing(run, configs: dict, quant: str, dtype: torch.dtype = DTYPE) -> tupl
     the others: a row's rel err past `tuning.agreement_bound`, or the error that stopped it (shared memory)."""
     ref, bound = run.reference(), tuning.agreement_bound(dtype, quant)
     why = {name: tuning.disagreement(run, config, ref, bound) for name, config in configs.items()}
-    return {n: configs[n] for n, w in why.items() if w is None}, {n: w for n, w in why.items() if w is not None}
+    return {n: configs[n] for n, w in why.items() if w is None}, {n: w.why for n, w in why.items() if w is not None}
 
 
 def main():

@@ -142,9 +142,8 @@ def tune(args) -> None:
 
     for key, r in results.items():
         print(f"{key}: {r['best']:.1f} µs  {r['config']}")
-        for config, why in r["failed"].items():
-            if why.startswith(tuning.WRONG_OUTPUT):  # a tile this GPU and Triton compile wrong: say so, loudly
-                print(f"  skipped {config}: {why}")
+        for config in r["wrong"]:  # a tile this GPU and Triton compile wrong: say so, loudly
+            print(f"  skipped {config}: {r['failed'][config]}")
     print(f"wrote {len(results)} entries to {tuning.cache_path()}")
 
 

@@ -47,7 +47,8 @@ def _require_gpu() -> None:
 
 def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, candidates=None, **kwargs) -> dict:
     """Tune the Triton experts of every MoE block of `model` (called on these inputs, as for `explain`) at
-    each token count in `tokens`; returns {cache key: {"best": µs, "config", "timings", "failed"}}.
+    each token count in `tokens`; returns {cache key: {"best": µs, "config", "timings", "failed", "wrong"}}
+    (`tuning.tune`: "wrong" lists the failed candidates whose output disagreed with the reference).
 
     `candidates`: the (block_m, block_n, block_k, num_warps, num_stages, tma) tuples to time (default
     `tuning.CANDIDATES`, or `tuning.QUANT_CANDIDATES` under a quant mode). Needs a CUDA GPU: the model's.

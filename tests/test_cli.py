@@ -92,7 +92,8 @@ def test_tune_prints_each_best_config_and_the_wrong_ones_it_skipped(capsys, monk
     monkeypatch.setenv("MOE_FX_TUNING_CACHE", str(tmp_path / "cache.json"))
     result = {"best": 12.5, "config": {"up": "u", "down": "d"}, "failed": {
         "up 16x32x128 w4 s4 | down 16x64x128 w4 s4": "wrong output: a row's rel err 0.9 (at most 0.06)",
-        "up 128x256x64 w8 s4 | down 128x256x64 w8 s3": "OutOfResources: out of resource: shared memory"}}  # fmt: skip
+        "up 128x256x64 w8 s4 | down 128x256x64 w8 s3": "OutOfResources: out of resource: shared memory"},
+        "wrong": ["up 16x32x128 w4 s4 | down 16x64x128 w4 s4"]}  # fmt: skip
     monkeypatch.setattr(moe_fx, "tune", lambda *a, **kw: {"E8-D64-key-T1": result})
     main(["tune", "--module", "moe_fx.examples:LoopMoE", "--tokens", "1"])
     out = capsys.readouterr().out

@@ -20,6 +20,7 @@ import statistics
 import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -492,7 +493,15 @@ def experts_call(T: int, K: int, activation: str, dtype: torch.dtype, weights: t
 # leave ~5e-3 per row; quantised modes also round h to e4m3 (or int8) where the two may differ by one step.
 AGREEMENT = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 QUANT_AGREEMENT = 0.1
-WRONG_OUTPUT = "wrong output"  # how `tune`'s "failed" names a candidate that disagrees (the CLI prints those)
+WRONG_OUTPUT = "wrong output"  # how a `Disagreement`'s reason begins where the output disagreed
+
+
+class Disagreement(NamedTuple):
+    """Why a config may not be timed: `wrong` where its output disagreed with the reference (a tile this GPU and
+    Triton compile wrong), else the error that stopped the run (out of shared memory or registers)."""
+
+    why: str
+    wrong: bool
 
 
 def agreement_bound(dtype: torch.dtype, quant: str = "none") -> float:
@@ -540,15 +549,16 @@ def agreement(run, config, ref: torch.Tensor) -> float:
     return row_error(out, ref)
 
 
-def disagreement(run, config, ref: torch.Tensor, bound: float) -> str | None:
+def disagreement(run, config, ref: torch.Tensor, bound: float) -> Disagreement | None:
     """Why `config` may not be timed, or None where run(config) agrees with `ref` (`agreement`) within `bound`:
-    a row's rel err past it (WRONG_OUTPUT), or the error that stopped the run (out of shared memory or
-    registers)."""
+    a row's rel err past it, or the error that stopped the run."""
     try:
         err = agreement(run, config, ref)
     except Exception as e:
-        return _failure(e)
-    return f"{WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})" if err > bound else None
+        return Disagreement(_failure(e), wrong=False)
+    if err > bound:
+        return Disagreement(f"{WRONG_OUTPUT}: a row's rel err {err:.3g} (at most {bound:g})", wrong=True)
+    return None
 
 
 def _failure(err: Exception) -> str:
@@ -574,7 +584,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
     in "failed" with its error.
     Returns {cache key: {"best": µs of the best pair, "config": it, "timings": {config: µs} of every pair
     timed once, "confirmed": {config: median µs} of the pairs timed again, "failed": {config: error} of those
-    that did not run}}. Needs a GPU.
+    that did not run, "wrong": [config] of those among them whose output disagreed}}. Needs a GPU.
     """
     from tqdm import tqdm
 
@@ -592,26 +602,27 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
         run = experts_call(T, K, activation, dtype, weights, quant, reduce, routed=routes(T, quant, reduce))
         ref = run.reference()
         best = default_config(T * K / E, dtype, quant)
-        timings, confirmed, failed = {}, {}, {}
+        timings, confirmed, failed, wrong = {}, {}, {}, []
         for part in parts:
             for gemm in candidate_gemms(candidates):
                 config = tried_config(part, gemm, best, quant)
                 if config is None or config in timings:  # not tried, or a duplicate (conform made it one)
                     bar.update()
                     continue
-                why = disagreement(run, config, ref, bound)
-                if why is None:
+                failure = disagreement(run, config, ref, bound)
+                if failure is None:
                     try:
                         timings[config] = time_config(run, config)
                     except Exception as err:  # e.g. its CUDA graph would not capture: skip it, say so
-                        why = _failure(err)
-                if why is not None:
-                    if why.startswith(WRONG_OUTPUT):  # a config this GPU and Triton compile wrong: never chosen
+                        failure = Disagreement(_failure(err), wrong=False)
+                if failure is not None:
+                    if failure.wrong:  # a config this GPU and Triton compile wrong: never chosen
                         log.warning("moe_fx: tuning config %s is wrong here: %s against the reference lowering; "
-                                    "skipped", describe(config), why.removeprefix(f"{WRONG_OUTPUT}: "))  # fmt: skip
+                                    "skipped", describe(config), failure.why)  # fmt: skip
+                        wrong.append(describe(config))
                     else:  # a config out of shared memory or registers
-                        log.debug("moe_fx: tuning config %s failed: %s", config, why)
-                    failed[describe(config)] = why
+                        log.debug("moe_fx: tuning config %s failed: %s", config, failure.why)
+                    failed[describe(config)] = failure.why
                 bar.update()
             best, medians = confirm(sorted(timings, key=timings.get)[:CONFIRMED], functools.partial(time_config, run))
             confirmed.update(medians)
@@ -623,6 +634,7 @@ def tune(E: int, D: int, F: int, K: int, activation: str, dtype: torch.dtype, Ts
             "timings": {describe(c): us for c, us in timings.items()},
             "confirmed": {describe(c): us for c, us in confirmed.items()},
             "failed": failed,
+            "wrong": wrong,
         }
     bar.close()
     return results

@@ -84,6 +84,7 @@ def test_tune_never_times_or_stores_a_config_that_disagrees(tmp_path, monkeypatc
     assert timed and all(c.up.block_n != wrong_n for c in timed)
     bad = {config: reason for config, reason in entry["failed"].items() if config.startswith(f"up 16x{wrong_n}x16")}
     assert bad and all(reason.startswith("wrong output: a row's rel err") for reason in bad.values()), entry
+    assert sorted(entry["wrong"]) == sorted(bad)
     assert entry["config"]["up"]["block_n"] == 16
     stored = json.loads((tmp_path / "tuning.json").read_text())[key]
     assert tuning.entry_config(stored) == tuning.entry_config(entry["config"])
