@@ -34,8 +34,8 @@ def main():
         E, K, D, F_ = layer.SHAPES[name]
         block = layer.hf_block(E, K, D, F_)
         spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
-        fns = {"bf16": layer.moe_fx_layer(block, spec, "triton", reduce=True),
-               "fp8": layer.moe_fx_quant_layer(block, spec, "fp8", reduce=True)[0]}  # fmt: skip
+        fns = {"bf16": layer.moe_fx_layer(block, spec, "triton"),
+               "fp8": layer.moe_fx_quant_layer(block, spec, "fp8")[0]}  # fmt: skip
         x = torch.randn(args.T, D, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             for variant, fn in fns.items():

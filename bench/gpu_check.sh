@@ -43,11 +43,11 @@ while [ $# -gt 0 ]; do
       lend_fused
       decode_chain
       unset MOE_FX_TUNING_CACHE ;;
-    routed)  # chain, then the layer with each, T=1 and 4
+    routed)  # chain, then the layer (routed, as the rewrite runs it, and the four-op chain), T=1 and 4
       lend_fused
       decode_chain
       timeout 200 python bench/layer.py --out "$out" --shapes qwen3 gptoss --T 1 4 --profile \
-        --variants moe_fx_triton_reduce moe_fx_triton_routed moe_fx_fp8_reduce 2>&1 | grep -v "it/s" \
+        --variants moe_fx_triton moe_fx_triton_combine moe_fx_fp8 2>&1 | grep -v "it/s" \
         | tee "$out/layer_routed.log"
       unset MOE_FX_TUNING_CACHE ;;
     sort)  # the two-launch sort's SORT_PROGRAMS settings at T=8192, one dispatch each

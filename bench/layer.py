@@ -3,13 +3,15 @@ and moe_fx's quantised Triton lowerings (fp8, fp8_block, int8, int4_weight).
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
-Every variant runs the same HF Mixtral-style block (router linear -> softmax -> top-k -> renormalise
--> SiLU-gated experts) on the same inputs and weights, so the routing is the same. Times are medians of
-`timing.median_us` (the L2 emptied before each repetition, by default by a read: --flush) over --rounds
-rounds, each round timing every variant once in an order rotated by one (a long run heats the GPU and lowers
-its clocks: a variant timed always last would pay for it); rows with T <= 1024 are also timed as CUDA-graph
-replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the
-same run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
+The moe_fx variants are the ops the rewrite emits on one GPU (`moe_fx_layer`, `moe_fx_quant_layer`): with the
+Triton lowerings one `routed_experts` node (route, dispatch and experts, which sums combine's rows), quantised
+weights stored as the rewrite stores them. Every variant runs the same HF Mixtral-style block (router linear ->
+softmax -> top-k -> renormalise -> SiLU-gated experts) on the same inputs and weights, so the routing is the same.
+Times are medians of `timing.median_us` (the L2 emptied before each repetition, by default by a read: --flush) over
+--rounds rounds, each round timing every variant once in an order rotated by one (a long run heats the GPU and
+lowers its clocks: a variant timed always last would pay for it); rows with T <= 1024 are also timed as CUDA-graph
+replays. The floor is max(bytes / copy bandwidth, flops / bf16 matmul rate), both ceilings measured in the same
+run; bytes = weights of the experts hit + router weight + x in + out, flops = 6·T·K·D·F.
 A quantised variant `moe_fx_<mode>` has its own floor: its quantised weights (one byte, or half a byte for
 int4_weight, plus their fp32 scales) and the e4m3 matmul rate (`torch._scaled_mm`) measured here (int8 too:
 H100's int8 and fp8 tensor-core peaks are equal, and `torch._int_mm`, also measured, reaches far less;
@@ -38,7 +40,7 @@ import triton
 
 from moe_fx.lowering import quant
 from moe_fx.lowering.triton import timing, tuning
-from moe_fx.ops import combine_args, dispatch_args, experts_args, route_args, routed_args
+from moe_fx.ops import ROUTED_QUANT, combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
 OPS = torch.ops.moe_fx
@@ -53,17 +55,11 @@ QUANT_VARIANTS = {
 }  # fmt: skip
 # the matmul rate each quantised variant's floor divides its flops by: int4_weight (w4a16) multiplies bf16 operands
 QUANT_RATE = {"fp8": "fp8", "fp8_block": "fp8", "int8": "fp8", "int4_weight": "bf16"}
-# *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); not in the default set
+# *_oss: moe_fx on the same weights in GPT-OSS's storage (interleaved gate/up, transposed); moe_fx_triton_linear:
+# the router's linear by torch (cuBLAS), route on its logits; moe_fx_triton_combine: four ops, combine's sum in its
+# own node (options={"fuse_combine": False}, as deterministic algorithms run it); none of them by default
 OSS_VARIANTS = {"moe_fx_triton_oss": "triton", "moe_fx_vendor_oss": "grouped_mm"}
-# moe_fx_triton_linear: the router's linear by torch (cuBLAS), route on its logits; *_reduce: combine's sum in the
-# down GEMM's epilogue (`experts(..., reduce=True)`); moe_fx_triton_routed: route, dispatch and experts as the
-# rewrite's one `routed_experts` node (at decode the GEMV, then one kernel that routes each pick); not by default
-REDUCE_QUANT = {"moe_fx_fp8_reduce": "fp8"}
-# fp8 / int8 as one `routed_experts` node (the GEMV quantises x)
-ROUTED_QUANT = {"moe_fx_fp8_routed": "fp8", "moe_fx_int8_routed": "int8"}
-REDUCE_VARIANTS = ("moe_fx_triton_reduce", "moe_fx_triton_routed", *REDUCE_QUANT, *ROUTED_QUANT)
-QUANT_MODE = {**QUANT_VARIANTS, **REDUCE_QUANT, **ROUTED_QUANT}  # every quantised variant's mode
-EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", *REDUCE_VARIANTS)
+EXTRA_VARIANTS = (*OSS_VARIANTS, "moe_fx_triton_linear", "moe_fx_triton_combine")
 VARIANTS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm", "moe_fx_triton", "moe_fx_vendor", *QUANT_VARIANTS)
 GRAPHED = ("sort_gmm", "moe_fx_triton", "moe_fx_vendor", "hf_gmm_compiled", *QUANT_VARIANTS, *EXTRA_VARIANTS)
 
@@ -110,11 +106,14 @@ def route(spec, x, gate, linear_outside=False):
     return OPS.route(*route_args(spec.router, x, None, "triton", gate))
 
 
-def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, reduce=False, routed=False):
-    """moe_fx's four ops on the block's weights; `oss_storage`: the same weights stored as GPT-OSS stores
-    its own (gate/up interleaved, w13 [E, D, 2F] and w2 [E, F, D], transposed): the layout's cost alone;
-    `linear_outside`: the router's linear by torch, not by route (see `route`); `reduce`: three ops, combine's
-    sum done by experts; `routed`: one `routed_experts` op in place of the three (Triton's route and dispatch)."""
+def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, combine_node=False):
+    """moe_fx's ops on the block's weights as the rewrite emits them on one GPU: with Triton's experts (which sums
+    combine's rows itself, in its down GEMM's epilogue) one `routed_experts` node, run as the GEMV and one kernel
+    that routes each pick where the tokens' tiles are fused (decode), as route, quantize_dispatch and experts
+    elsewhere; with another experts lowering (the vendor's) route, quantize_dispatch, experts and combine.
+    `oss_storage`: the same weights stored as GPT-OSS stores its own (gate/up interleaved, w13 [E, D, 2F] and w2
+    [E, F, D], transposed): the layout's cost alone; `linear_outside`: the router's linear by torch (cuBLAS), then
+    route on its logits, dispatch and experts; `combine_node`: the four ops (options={"fuse_combine": False})."""
     w13, w2, gate = block.experts.gate_up_proj, block.experts.down_proj, block.gate.weight
     if oss_storage:
         E, H, D = w13.shape
@@ -123,6 +122,8 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, red
         w2 = w2.transpose(1, 2).contiguous()
         oss = dict(gate_up="interleaved", w13_transposed=True, w2_transposed=True)
         spec = spec.replace(experts=dataclasses.replace(spec.experts, **oss))
+    reduce = impl == "triton" and not combine_node
+    routed = reduce and not linear_outside
 
     def run(x):
         if routed:
@@ -136,14 +137,18 @@ def moe_fx_layer(block, spec, impl, oss_storage=False, linear_outside=False, red
     return run
 
 
-def moe_fx_quant_layer(block, spec, mode, reduce=False, routed=False):
-    """moe_fx with the Triton lowerings under quant `mode`: the weights quantised once, as the rewrite does;
-    `reduce` and `routed` as `moe_fx_layer`'s."""
+def moe_fx_quant_layer(block, spec, mode, routed=None):
+    """moe_fx with the Triton lowerings under quant `mode`, as the rewrite emits and stores it on one GPU: the
+    weights quantised once, w2 in the rewrite's layout (`quant.stored_w2`: fp8 / int8 in column blocks); one
+    `routed_experts` node where the mode quantises activations per token or not at all (`ops.ROUTED_QUANT`), else
+    route, quantize_dispatch and experts summing the rows; `routed` overrides that choice (tests)."""
     w13, s13 = quant.quantize_weight(block.experts.gate_up_proj, mode)
     w2, s2 = quant.quantize_weight(block.experts.down_proj, mode)
+    w2 = quant.stored_w2(w2, mode)
     spec, gate = spec.replace(quant=QuantSpec(mode)), block.gate.weight
     weight_bytes = sum(t.numel() * t.element_size() for t in (w13, s13, w2, s2))
     impls = {"route": "triton", "quantize_dispatch": "triton", "experts": "triton"}
+    routed = mode in ROUTED_QUANT if routed is None else routed
 
     def run(x):
         if routed:
@@ -151,8 +156,7 @@ def moe_fx_quant_layer(block, spec, mode, reduce=False, routed=False):
                                                    w13_scale=s13, w2_scale=s2))  # fmt: skip
         weights, ids = route(spec, x, gate)
         d = OPS.quantize_dispatch(*dispatch_args(spec, x, ids, weights, "triton"))
-        y = OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, reduce))
-        return y if reduce else OPS.combine(*combine_args(spec, y, weights, d, "triton"))
+        return OPS.experts(*experts_args(spec, x, d, w13, None, w2, None, None, x.dtype, "triton", s13, s2, True))
 
     return run, weight_bytes
 
@@ -244,12 +248,8 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
     block = hf_block(E, K, D, F_)
     spec = MoESpec(ExpertsSpec(E, D, F_, dtype="bfloat16"), K, router=RouterSpec(K, renormalize=True))
     quantised = {v: moe_fx_quant_layer(block, spec, mode) for v, mode in QUANT_VARIANTS.items() if v in variants}
-    quantised.update({v: moe_fx_quant_layer(block, spec, mode, reduce=True) for v, mode in REDUCE_QUANT.items()
-                      if v in variants})  # fmt: skip
-    quantised.update({v: moe_fx_quant_layer(block, spec, mode, routed=True) for v, mode in ROUTED_QUANT.items()
-                      if v in variants})  # fmt: skip
     if tune:
-        for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_MODE[v] for v in quantised]:
+        for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_VARIANTS[v] for v in quantised]:
             tuning.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts, quant=mode)
     compiled = torch.compile(block, dynamic=True) if "hf_gmm_compiled" in variants else None
     fns = {
@@ -261,8 +261,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
         "moe_fx_vendor": moe_fx_layer(block, spec, "grouped_mm"),
         **{v: moe_fx_layer(block, spec, impl, True) for v, impl in OSS_VARIANTS.items() if v in variants},
         "moe_fx_triton_linear": moe_fx_layer(block, spec, "triton", linear_outside=True),
-        "moe_fx_triton_reduce": moe_fx_layer(block, spec, "triton", reduce=True),
-        "moe_fx_triton_routed": moe_fx_layer(block, spec, "triton", routed=True),
+        "moe_fx_triton_combine": moe_fx_layer(block, spec, "triton", combine_node=True),
         **{v: fn for v, (fn, _) in quantised.items()},
     }
     rows = []
@@ -280,7 +279,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
             for v, (_, weight_bytes) in quantised.items():  # hit experts' share of the quantised weights
                 qbytes = weight_bytes * hit / E + (E * D + 2 * T * D) * 2
                 # H100 int8 tensor cores peak as fp8; torch._int_mm reaches far less here
-                rate = rates[QUANT_RATE[QUANT_MODE[v]]]
+                rate = rates[QUANT_RATE[QUANT_VARIANTS[v]]]
                 row.setdefault("quant_floor_us", {})[v] = max(qbytes / bw, flops / rate) * 1e6
             eager, graphs = {}, {}
             for v in variants:
@@ -326,10 +325,10 @@ def _best_us(row, v):
 
 
 def _speedups(row):
-    """Each quantised variant's speedup over moe_fx bf16 (a *_reduce variant: over moe_fx_triton_reduce) and ratio
-    to its own floor (graph times if any)."""
+    """Each quantised variant's speedup over moe_fx bf16 (moe_fx_triton) and ratio to its own floor (graph times if
+    any)."""
     for v, floor in row.get("quant_floor_us", {}).items():
-        base = _best_us(row, "moe_fx_triton_reduce" if v.endswith("_reduce") else "moe_fx_triton")
+        base = _best_us(row, "moe_fx_triton")
         if not math.isnan(base):  # the bf16 variant was timed
             row.setdefault("speedup_vs_bf16", {})[v] = base / _best_us(row, v)
         row.setdefault("ratio_to_quant_floor", {})[v] = _best_us(row, v) / floor

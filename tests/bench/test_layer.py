@@ -1,5 +1,6 @@
-"""bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): route taking the router's linear, the
-router's linear by torch, and one `routed_experts` op compute the same layer as the reference lowerings."""
+"""bench/layer.py's moe_fx variants on the CPU (Triton under the interpreter): one `routed_experts` op (what the
+rewrite emits), route on the router's linear by torch, and the four ops with combine's node compute the same layer
+as the reference lowerings."""
 
 from types import SimpleNamespace
 
@@ -41,14 +42,14 @@ def test_moe_fx_variants_compute_the_layer():
     block, spec = block_and_spec(g)
     x = torch.randn(5, D, generator=g)
     ref = reference_layer(block, spec, x)
-    for outside in (False, True):
-        out = layer.moe_fx_layer(block, spec, "triton", linear_outside=outside)(x)
-        assert rel_err(out, ref) < 1e-5, outside
+    for kw in ({}, {"linear_outside": True}, {"combine_node": True}):
+        out = layer.moe_fx_layer(block, spec, "triton", **kw)(x)
+        assert rel_err(out, ref) < 1e-5, kw
 
 
 def test_the_routed_variant_computes_the_layer(monkeypatch):
-    """moe_fx_triton_routed: one `routed_experts` op, at decode (every config fused here) the GEMV and the kernel
-    that routes each pick, above it route, dispatch and experts; both the reference lowerings' layer."""
+    """moe_fx_triton: one `routed_experts` op, at decode (every config fused here) the GEMV and the kernel that
+    routes each pick, above it route, dispatch and experts; both the reference lowerings' layer."""
     fuse_every_config(monkeypatch)
     layer = load("layer")
     g = torch.Generator().manual_seed(0)
@@ -57,7 +58,7 @@ def test_the_routed_variant_computes_the_layer(monkeypatch):
         x = torch.randn(T, D, generator=g)
         ref = reference_layer(block, spec, x)
         before = grouped_gemm.loads.copy()
-        out = layer.moe_fx_layer(block, spec, "triton", routed=True)(x)
+        out = layer.moe_fx_layer(block, spec, "triton")(x)
         kinds = {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()}
         assert kinds == ({"routed"} if T <= decode.MAX_TOKENS else {"fused"}), (T, kinds)
         assert rel_err(out, ref) < 1e-5, T
@@ -65,19 +66,16 @@ def test_the_routed_variant_computes_the_layer(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["fp8", "int8"])
 def test_the_quantised_routed_variants_compute_their_modes_layer(monkeypatch, mode):
-    """moe_fx_fp8_routed / moe_fx_int8_routed: one `routed_experts` op under the mode (the GEMV quantising x, the
-    kernel routing each pick), the same layer as the mode's three ops on the same fused configs, to fp32
-    atomics' order."""
+    """moe_fx_fp8 / moe_fx_int8: one `routed_experts` op under the mode (the GEMV quantising x, the kernel routing
+    each pick), the same layer as the mode's three ops on the same fused configs, to fp32 atomics' order."""
     fuse_every_config(monkeypatch)
     layer = load("layer")
-    assert layer.ROUTED_QUANT[f"moe_fx_{mode}_routed"] == mode
+    assert layer.QUANT_VARIANTS[f"moe_fx_{mode}"] == mode and mode in layer.ROUTED_QUANT
     g = torch.Generator().manual_seed(0)
     block, spec = block_and_spec(g)
     x = torch.randn(3, D, generator=g)
     before = grouped_gemm.loads.copy()
-    (routed, _), (chain, _) = (
-        layer.moe_fx_quant_layer(block, spec, mode, **kw) for kw in ({"routed": True}, {"reduce": True})
-    )
+    (routed, _), (chain, _) = (layer.moe_fx_quant_layer(block, spec, mode, **kw) for kw in ({}, {"routed": False}))
     out = routed(x)
     assert {k.split("/")[0] for k in (grouped_gemm.loads - before).elements()} == {"routed"}
     assert rel_err(out, chain(x)) < 1e-5
