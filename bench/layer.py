@@ -380,7 +380,8 @@ def _write(out, stamp, args, bw, rates, rows):
         "device": torch.cuda.get_device_name(), "date": f"{stamp[:4]}-{stamp[4:6]}-{stamp[6:8]}",
         "torch": torch.__version__, "triton": triton.__version__, "copy_Bps": bw, "matmul_flops": rates["bf16"],
         "matmul_flops_by_dtype": rates,
-        "variants": args.variants, "tuned": args.tune, "rounds": args.rounds, "l2_flush": args.flush,
+        "variants": args.variants, "moe_fx_variants": "rewrite", "tuned": args.tune, "rounds": args.rounds,
+        "l2_flush": args.flush,
         "tuning_cache": str(tuning.cache_path()) if args.tune else None, "host": platform.node(),
         "cuda_graph_note": "graph_us: one call captured, replays timed (T <= 1024)",
     }  # fmt: skip

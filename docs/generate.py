@@ -12,8 +12,9 @@ file; everything else in the file is hand-written. Sources:
 - user_guide.md `forms`: `FORMS` in tests/passes/test_match.py (the naive forms the tests rewrite);
 - user_guide.md `models`: `moe_fx.hf_models.ARCHITECTURES` (the HF architectures the tests build);
 - user_guide.md `transformers4`: `moe_fx.hf_models.TRANSFORMERS_4` and each one's `refused` or `apply_only_4x`;
-- performance.md `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised
-  section of bench/NOTES.md.
+- performance.md `standing`: the latest H100 measurement of each cell of the issues' targets in those files;
+  `results`: bench/results/*.json, as `bench/layer.py` writes them; `quant_notes`: the quantised section of
+  bench/NOTES.md.
 - performance.md `hf_models`: the latest bench/results/hf_models-*.json, as `bench/hf_models.py` writes it;
 - performance.md `ep`: the latest bench/results/*-ep.json, as `bench/ep.py --json` writes it.
 """
@@ -180,6 +181,117 @@ def results_section() -> str:
     return "\n\n".join(parts)
 
 
+# The issues' targets (#4: moe_fx bf16 over the floor, CUDA graphs at T=1; #5: fp8's speedup over bf16), per T
+BF16_TARGET = {1: 1.5, 16: 1.15, 128: 1.15, 1024: 1.15, 8192: 1.3}
+FP8_TARGET = {1: 1.7, 16: 1.7, 128: 1.7, 8192: 1.5}
+PEERS = ("hf_eager", "hf_gmm", "hf_gmm_compiled", "sort_gmm")
+STANDING_DEVICE = "H100"
+
+
+def _rewrite_variants(meta: dict, shape: str, T: int, mode: str) -> list[str]:
+    """The variants of a bench/layer.py file that time what the rewrite runs now (mode "triton" or "fp8"), most
+    faithful first. Since 2026-12-07 layer.py's `moe_fx_<mode>` is that (meta "moe_fx_variants": "rewrite"); before
+    it `moe_fx_<mode>_routed` (one routed_experts node) was, and `moe_fx_<mode>_reduce` (route, dispatch and
+    experts summing the rows) too wherever that node runs those three ops: above the routing kernel's tokens, and
+    at decode where the shipped H100 entry is not fused. Older files' `moe_fx_<mode>` ran a combine node."""
+    if meta.get("moe_fx_variants") == "rewrite":
+        return [f"moe_fx_{mode}"]
+    import torch
+
+    from moe_fx.lowering.triton import decode, tuning
+
+    E, K, D, F = _bench_shapes()[shape]
+    head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, T, "none" if mode == "triton" else mode)
+    fused = tuning._read(tuning.PACKAGED).get(f"{head}NVIDIA_H100_80GB_HBM3{tail}", {}).get("fused", False)
+    return [f"moe_fx_{mode}_routed"] + ([f"moe_fx_{mode}_reduce"] if T > decode.MAX_TOKENS or not fused else [])
+
+
+def _bench_shapes() -> dict[str, tuple[int, int, int, int]]:
+    """bench/layer.py's SHAPES: name -> (E, K, D, F)."""
+    tree = ast.parse((ROOT / "bench" / "layer.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SHAPES")
+    return ast.literal_eval(node.value)
+
+
+def _added(path: Path) -> float:
+    """When git added the file (seconds), infinity for a file not yet committed (the newest run)."""
+    stamp = subprocess.run(["git", "log", "--diff-filter=A", "--format=%at", "--", str(path)], cwd=ROOT,
+                           capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
+    return float(stamp[-1]) if stamp else math.inf
+
+
+def _best(row: dict, variant: str) -> float | None:
+    """A variant's time in a row: its CUDA-graph replay where it has one, else the eager call's; None if not timed."""
+    us = row.get("graph_us", {}).get(variant, row["us"].get(variant))
+    return None if us is None or math.isnan(us) else us
+
+
+def standing_cells(found: list[tuple[Path, dict]]) -> dict[tuple[str, int], dict]:
+    """{(shape, T): the cell's latest numbers} over `found` (oldest first): moe_fx bf16's µs, floor and file, the
+    fastest peer's µs and name (its latest timing), fp8's µs and its speedup over bf16 in the latest file that
+    timed both."""
+    cells: dict[tuple[str, int], dict] = {}
+    for path, data in found:
+        for row in data["rows"]:
+            cell = cells.setdefault((row["shape"], row["T"]), {"peers": {}})
+            T, meta = row["T"], data["meta"]
+            bf16, fp8 = (next((us for v in _rewrite_variants(meta, row["shape"], T, mode) if (us := _best(row, v))),
+                              None) for mode in ("triton", "fp8"))  # fmt: skip
+            if bf16:
+                cell.update(bf16=bf16, floor=row["floor_us"], bf16_file=path.name)
+            if fp8:
+                cell.update(fp8=fp8, fp8_file=path.name)
+            if bf16 and fp8:
+                cell.update(speedup=bf16 / fp8, speedup_file=path.name)
+            cell["peers"].update({v: us for v in PEERS if (us := _best(row, v))})
+    return cells
+
+
+def standing_section() -> str:
+    found = [(p, d) for p in RESULTS.glob("*.json")
+             if (d := _layer_results(p)) is not None and STANDING_DEVICE in d["meta"]["device"]]  # fmt: skip
+    cells = standing_cells(sorted(found, key=lambda pd: (_added(pd[0]), pd[0].name)))
+    rows, files = [], {}
+
+    def ref(name: str | None) -> str:
+        return f"[{files.setdefault(name, len(files) + 1)}]" if name else ""
+
+    for shape in ("mixtral", "qwen3", "gptoss", "deepseek"):
+        for T in sorted(BF16_TARGET):
+            c = cells.get((shape, T), {"peers": {}})
+            peer = min(c["peers"], key=c["peers"].get, default=None)
+            cols = [shape, str(T)]
+            if "bf16" in c:
+                ratio = c["bf16"] / c["floor"]
+                met = "met" if ratio <= BF16_TARGET[T] else "**missed**"
+                cols += [f"{c['floor']:.0f}", f"{c['bf16']:.1f} {ref(c['bf16_file'])}", f"{ratio:.2f} ({met})"]
+            else:
+                cols += ["", "not measured", ""]
+            if peer:
+                faster = "faster" if "bf16" in c and c["bf16"] < c["peers"][peer] else "**not faster**"
+                cols.append(f"{c['peers'][peer]:.0f} `{peer}` ({faster})")
+            else:
+                cols.append("not measured")
+            cols.append(f"{c['fp8']:.1f} {ref(c['fp8_file'])}" if "fp8" in c else "not measured")
+            if "speedup" in c:
+                target = FP8_TARGET.get(T)
+                met = "" if target is None else " (met)" if c["speedup"] >= target else " (**missed**)"
+                cols.append(f"{c['speedup']:.2f}×{met} {ref(c['speedup_file'])}")
+            else:
+                cols.append("")
+            rows.append(cols)
+    head = ["shape", "T", "floor µs", "moe_fx bf16 µs", "/ floor (target)", "fastest peer µs", "moe_fx fp8 µs",
+            "fp8 / bf16 (target)"]  # fmt: skip
+    sources = "\n".join(f"- [{n}] `bench/results/{name}`" for name, n in files.items())
+    return (
+        f"The latest {STANDING_DEVICE} measurement of each cell (CUDA-graph replays where timed, T ≤ 1024), of what "
+        "the rewrite runs now, from the `bench/layer.py` files below: cells of one row may come from different runs "
+        "(numbered). A ratio divides by the floor of its own run (ceilings measured in that run); fp8 / bf16 is from "
+        "the latest run that timed both. Targets: issue #4 (bf16 over the floor, and faster than every peer), issue "
+        "#5 (fp8 over bf16).\n\n" + _table(head, rows) + "\n\n" + sources
+    )
+
+
 def _floor(row: dict, variant: str) -> float:
     """A variant's floor: its own for a quantised variant (one-byte weights), else the bf16 floor."""
     return row.get("quant_floor_us", {}).get(variant, row["floor_us"])
@@ -323,6 +435,7 @@ SECTIONS = {
         "transformers4": transformers4_section,
     },
     "performance.md": {
+        "standing": standing_section,
         "results": results_section,
         "quant_notes": quant_notes_section,
         "hf_models": hf_models_section,

@@ -50,6 +50,48 @@ def test_results_section_renders_bench_json(tmp_path, monkeypatch):
     assert "CUDA-graph replays:" in text and "| mixtral | 16 | 550/1.10 | 500 |" in text
 
 
+def test_standing_takes_each_cells_latest_timing_of_what_the_rewrite_runs(tmp_path, monkeypatch):
+    """performance.md's standing table: per cell the latest timing of the variants that run what the rewrite does
+    (a file of layer.py's "rewrite" variants: moe_fx_<mode>; an older file: _routed, and _reduce wherever the
+    routed node runs the three ops: not at Qwen3 T=1, whose H100 entry is fused), the fastest peer, and fp8 over
+    bf16 from the latest file that timed both; another device's files are left out."""
+    generate = _generate()
+    monkeypatch.setattr(generate, "RESULTS", tmp_path)
+    meta = {"device": "NVIDIA H100 80GB HBM3", "variants": []}
+
+    def row(shape, T, us, graph_us=None):
+        return {"shape": shape, "T": T, "floor_us": 100.0, "us": us, "graph_us": graph_us or {}, "err": {}}
+
+    old = [  # the combine-node moe_fx_triton of an older file is not the rewrite's
+        row("mixtral", 16, {"moe_fx_triton": 90.0, "moe_fx_triton_reduce": 130.0, "moe_fx_fp8_reduce": 65.0,
+                            "hf_gmm": 300.0, "hf_gmm_compiled": 200.0}),
+        row("mixtral", 1, {"moe_fx_triton_reduce": 120.0}),  # Mixtral's T=1 entry is not fused: the chain runs
+        row("qwen3", 1, {"moe_fx_triton_reduce": 60.0}),  # Qwen3's is: the routed kernel runs, not timed here
+        row("qwen3", 8192, {"moe_fx_triton_routed": 170.0, "moe_fx_fp8_reduce": 100.0}),
+    ]  # fmt: skip
+    new = [row("mixtral", 16, {"moe_fx_triton": 150.0}, {"moe_fx_triton": 110.0, "sort_gmm": 180.0})]
+    (tmp_path / "a-older.json").write_text(json.dumps({"meta": meta, "rows": old}))
+    (tmp_path / "b-newer.json").write_text(json.dumps({"meta": {**meta, "moe_fx_variants": "rewrite"}, "rows": new}))
+    h200 = {"meta": {**meta, "device": "NVIDIA H200"}, "rows": [row("mixtral", 16, {"moe_fx_triton_reduce": 1.0})]}
+    (tmp_path / "c-h200.json").write_text(json.dumps(h200))
+    found = [(p, generate._layer_results(p)) for p in sorted(tmp_path.glob("[ab]-*.json"))]
+    cells = generate.standing_cells(found)
+    mixtral16 = cells[("mixtral", 16)]
+    assert (mixtral16["bf16"], mixtral16["bf16_file"], mixtral16["fp8"]) == (110.0, "b-newer.json", 65.0)
+    assert mixtral16["speedup"] == 2.0 and mixtral16["speedup_file"] == "a-older.json"  # 130 / 65
+    assert mixtral16["peers"] == {"hf_gmm": 300.0, "hf_gmm_compiled": 200.0, "sort_gmm": 180.0}
+    assert cells[("mixtral", 1)]["bf16"] == 120.0 and "bf16" not in cells[("qwen3", 1)]
+    assert cells[("qwen3", 8192)]["speedup"] == 1.7
+    text = generate.standing_section()
+    mixtral16_row = (
+        "| mixtral | 16 | 100 | 110.0 [2] | 1.10 (met) | 180 `sort_gmm` (faster) | 65.0 [1] | 2.00× (met) [1] |"
+    )
+    assert mixtral16_row in text
+    assert "| qwen3 | 8192 | 100 | 170.0 [1] | 1.70 (**missed**) |" in text and "1.70× (met) [1]" in text
+    assert "| qwen3 | 1 |  | not measured |  | not measured | not measured |  |" in text
+    assert "[1] `bench/results/a-older.json`" in text and "c-h200.json" not in text
+
+
 def test_hf_models_section_renders_the_latest_gpu_run(tmp_path, monkeypatch):
     generate = _generate()
     monkeypatch.setattr(generate, "RESULTS", tmp_path)
