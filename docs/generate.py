@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import inspect
 import json
 import math
@@ -196,28 +197,38 @@ def _rewrite_variants(meta: dict, shape: str, T: int, mode: str) -> list[str]:
     at decode where the shipped H100 entry is not fused. Older files' `moe_fx_<mode>` ran a combine node."""
     if meta.get("moe_fx_variants") == "rewrite":
         return [f"moe_fx_{mode}"]
+    from moe_fx.lowering.triton import decode
+
+    reduce_runs = T > decode.MAX_TOKENS or not _fused_h100_entry(shape, T, mode)
+    return [f"moe_fx_{mode}_routed"] + ([f"moe_fx_{mode}_reduce"] if reduce_runs else [])
+
+
+@functools.cache
+def _fused_h100_entry(shape: str, T: int, mode: str) -> bool:
+    """Whether the H100 entry moe_fx ships for bench/layer.py's `shape` at T (mode "triton" or a quant mode) is
+    fused: then routed_experts routes in its kernel at decode."""
     import torch
 
-    from moe_fx.lowering.triton import decode, tuning
+    from moe_fx.lowering.triton import tuning
 
-    E, K, D, F = _bench_shapes()[shape]
-    head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, T, "none" if mode == "triton" else mode)
-    fused = tuning._read(tuning.PACKAGED).get(f"{head}NVIDIA_H100_80GB_HBM3{tail}", {}).get("fused", False)
-    return [f"moe_fx_{mode}_routed"] + ([f"moe_fx_{mode}_reduce"] if T > decode.MAX_TOKENS or not fused else [])
-
-
-def _bench_shapes() -> dict[str, tuple[int, int, int, int]]:
-    """bench/layer.py's SHAPES: name -> (E, K, D, F)."""
     tree = ast.parse((ROOT / "bench" / "layer.py").read_text())
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SHAPES")
-    return ast.literal_eval(node.value)
+    E, K, D, F = ast.literal_eval(node.value)[shape]
+    head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, T, "none" if mode == "triton" else mode)
+    return tuning._read(tuning.PACKAGED).get(f"{head}NVIDIA_H100_80GB_HBM3{tail}", {}).get("fused", False)
 
 
-def _added(path: Path) -> float:
-    """When git added the file (seconds), infinity for a file not yet committed (the newest run)."""
-    stamp = subprocess.run(["git", "log", "--diff-filter=A", "--format=%at", "--", str(path)], cwd=ROOT,
-                           capture_output=True, text=True, check=False).stdout.split()  # fmt: skip
-    return float(stamp[-1]) if stamp else math.inf
+def _added_times(folder: Path) -> dict[str, float]:
+    """{file name: when git added it (seconds)} for the files under `folder`, from one `git log`."""
+    log = subprocess.run(["git", "log", "--diff-filter=A", "--format=@%at", "--name-only", "--", str(folder)],
+                         cwd=ROOT, capture_output=True, text=True, check=False).stdout  # fmt: skip
+    added, stamp = {}, 0.0
+    for line in log.splitlines():
+        if line.startswith("@"):
+            stamp = float(line[1:])
+        elif line:
+            added.setdefault(Path(line).name, stamp)  # the log runs newest first: the first is the last add
+    return added
 
 
 def _best(row: dict, variant: str) -> float | None:
@@ -250,7 +261,8 @@ def standing_cells(found: list[tuple[Path, dict]]) -> dict[tuple[str, int], dict
 def standing_section() -> str:
     found = [(p, d) for p in RESULTS.glob("*.json")
              if (d := _layer_results(p)) is not None and STANDING_DEVICE in d["meta"]["device"]]  # fmt: skip
-    cells = standing_cells(sorted(found, key=lambda pd: (_added(pd[0]), pd[0].name)))
+    added = _added_times(RESULTS)  # a file not yet committed is the newest run
+    cells = standing_cells(sorted(found, key=lambda pd: (added.get(pd[0].name, math.inf), pd[0].name)))
     rows, files = [], {}
 
     def ref(name: str | None) -> str:
