@@ -2,7 +2,8 @@
 # One call on a lent GPU: install moe_fx into the machine's own torch (no downloads), run the GPU tests
 # (bf16, real Triton, CUDA graphs), the host-overhead probe, then whatever benchmark is named.
 #
-#   bash bench/gpu_check.sh OUT [tests] [chain] [routed] [sort] [widths] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent] [layer ARGS...]
+#   bash bench/gpu_check.sh OUT [tests] [chain] [routed] [sort] [widths] [verify] [fuzz] [host] [hf] [defaults] [tma] [decode] [tune-decode] [tune-prefill] [persistent]
+#       [table-prefill] [table-decode] [layer ARGS...]
 #   (layer takes the rest)
 #
 # e.g. bash bench/gpu_check.sh $OUT tests host layer --variants moe_fx_triton moe_fx_int4
@@ -78,6 +79,13 @@ while [ $# -gt 0 ]; do
     persistent)  # persistent programs against one program per tile, at prefill (tuning candidates since 2026-12-05)
       timeout 540 python bench/gemm_paths.py --out "$out" --T 1024 8192 --quant none fp8 \
         --paths pointers tma persistent 2>&1 | grep -v "it/s" | tee "$out/gemm_paths_persistent.log" ;;
+    table-prefill | table-decode)  # what the rewrite runs against every peer, in one run: docs/performance.md's
+      # standing table takes the committed JSON (one call each: the 600 s a call may take)
+      Ts="1024 8192"
+      [ "$step" = table-decode ] && Ts="1 16 128"
+      # shellcheck disable=SC2086
+      timeout 570 python bench/layer.py --out "$out" --T $Ts --variants hf_eager hf_gmm hf_gmm_compiled sort_gmm \
+        moe_fx_triton moe_fx_fp8 2>&1 | grep -v "it/s" | tee "$out/$step.log" ;;
     layer)
       python bench/layer.py --out "$out" "$@" 2>&1 | tee "$out/layer.log"
       shift $# ;;
