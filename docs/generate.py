@@ -265,8 +265,8 @@ def standing_section() -> str:
     cells = standing_cells(sorted(found, key=lambda pd: (added.get(pd[0].name, math.inf), pd[0].name)))
     rows, files = [], {}
 
-    def ref(name: str | None) -> str:
-        return f"[{files.setdefault(name, len(files) + 1)}]" if name else ""
+    def ref(name: str) -> str:  # the file's number in the list under the table
+        return f"[{files.setdefault(name, len(files) + 1)}]"
 
     for shape in ("mixtral", "qwen3", "gptoss", "deepseek"):
         for T in sorted(BF16_TARGET):
