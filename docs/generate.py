@@ -211,11 +211,17 @@ def _fused_h100_entry(shape: str, T: int, mode: str) -> bool:
 
     from moe_fx.lowering.triton import tuning
 
-    tree = ast.parse((ROOT / "bench" / "layer.py").read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SHAPES")
-    E, K, D, F = ast.literal_eval(node.value)[shape]
+    E, K, D, F = _bench_shapes()[shape]
     head, tail = tuning._key_ends(E, D, F, K, True, torch.bfloat16, T, "none" if mode == "triton" else mode)
     return tuning._read(tuning.PACKAGED).get(f"{head}NVIDIA_H100_80GB_HBM3{tail}", {}).get("fused", False)
+
+
+@functools.cache
+def _bench_shapes() -> dict[str, tuple[int, int, int, int]]:
+    """bench/layer.py's SHAPES (name -> E, K, D, F), read from its source once (it imports triton)."""
+    tree = ast.parse((ROOT / "bench" / "layer.py").read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "SHAPES")
+    return ast.literal_eval(node.value)
 
 
 def _added_times(folder: Path) -> dict[str, float]:
