@@ -225,9 +225,10 @@ def _bench_shapes() -> dict[str, tuple[int, int, int, int]]:
 
 
 def _added_times(folder: Path) -> dict[str, float]:
-    """{file name: when git added it (seconds)} for the files under `folder`, from one `git log`."""
-    log = subprocess.run(["git", "log", "--diff-filter=A", "--format=@%at", "--name-only", "--", str(folder)],
-                         cwd=ROOT, capture_output=True, text=True, check=False).stdout  # fmt: skip
+    """{file name: when git added it (seconds)} for the files under `folder`, from one `git log`. A renamed file
+    counts as added under its new name (without `--no-renames` the log reads it as a rename, not an add)."""
+    log = subprocess.run(["git", "log", "--no-renames", "--diff-filter=A", "--format=@%at", "--name-only", "--", "."],
+                         cwd=folder, capture_output=True, text=True, check=False).stdout  # fmt: skip
     added, stamp = {}, 0.0
     for line in log.splitlines():
         if line.startswith("@"):

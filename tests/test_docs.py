@@ -92,6 +92,29 @@ def test_standing_takes_each_cells_latest_timing_of_what_the_rewrite_runs(tmp_pa
     assert "[1] `bench/results/a-older.json`" in text and "c-h200.json" not in text
 
 
+def test_added_times_count_a_renamed_file_as_added_under_its_new_name(tmp_path):
+    """A renamed result file gets its rename's time: missing, it would sort as the newest (not yet committed) run
+    and its timings would stand in the table over later files' (as a renamed 2026-12-05 decode file's did)."""
+    import subprocess
+
+    def git(*args, when="2026-12-01T00:00:00"):
+        env = {"GIT_AUTHOR_DATE": when, "GIT_COMMITTER_DATE": when, "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, env=env,
+                       check=True, capture_output=True)  # fmt: skip
+
+    git("init", "-q")
+    (tmp_path / "layer-old.json").write_text('{"rows": [1, 2, 3, 4, 5, 6, 7, 8]}')
+    git("add", ".")
+    git("commit", "-qm", "a")
+    git("mv", "layer-old.json", "h100-layer-kept.json")
+    (tmp_path / "h100-layer-later.json").write_text("{}")
+    git("add", ".")
+    git("commit", "-qm", "b", when="2026-12-02T00:00:00")
+    added = _generate()._added_times(tmp_path)
+    assert set(added) == {"layer-old.json", "h100-layer-kept.json", "h100-layer-later.json"}
+    assert added["h100-layer-kept.json"] == added["h100-layer-later.json"] > added["layer-old.json"]
+
+
 def test_hf_models_section_renders_the_latest_gpu_run(tmp_path, monkeypatch):
     generate = _generate()
     monkeypatch.setattr(generate, "RESULTS", tmp_path)
