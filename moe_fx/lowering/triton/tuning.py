@@ -370,10 +370,9 @@ def spread(config: ExpertsConfig, E: int, D: int, F: int, R: int, sms: int, gate
 def _with_load_paths(candidates: tuple) -> tuple:
     """Each candidate through pointers and through TMA descriptors (the weights; a decode tile's gathered rows
     stay pointer loads), the prefill tiles (>= 64 rows) also with persistent programs on TMA, and the decode tiles
-    (<= 32 rows) with the dot's operands swapped too, on either path. The 64-row persistent tiles are untimed
-    (2026-12-07): at T=1024 an expert of Qwen3 holds ~64 rows and one of DeepSeek ~128, where 128-row tiles
-    compute up to 2x and 1.5x the rows (bench/NOTES.md, fourteenth session), and a 64-row down tile of 12
-    K-steps (Qwen3, one program per tile) refills its pipeline every tile, which persistent programs overlap."""
+    (<= 32 rows) with the dot's operands swapped too, on either path. The 64-row persistent tiles were added for
+    T=1024, where an expert of Qwen3 holds ~64 rows and one of DeepSeek ~128 (128-row tiles compute up to 2x
+    and 1.5x the rows); on the H100 they won at no shape (bench/NOTES.md, twenty-eighth session)."""
     return (
         tuple((*c, False, False, False) for c in candidates)
         + tuple((*c, True, False, False) for c in candidates)
