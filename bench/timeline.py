@@ -2,7 +2,7 @@
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
-The up kernel's source (`grouped_gemm.py`) is copied with five stamps added, each program writing them into the
+The up kernel's source (`experts_kernels.py`) is copied with five stamps added, each program writing them into the
 activation buffer h_RF, which a fused config never writes otherwise: its start, the expert bounds known (the offsets
 dispatch wrote, a dependent load; routed: its pick known, its token's top-k done), the up K-loop done (its sum
 known), the down slice issued (w2's column blocks loaded and multiplied, the atomics issued) and its end; and the SM
@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
+import moe_fx.lowering.triton.experts_kernels as kernels  # noqa: E402
 import moe_fx.lowering.triton.grouped_gemm as gg  # noqa: E402
 from moe_fx.lowering.triton import timing, tuning  # noqa: E402
 
@@ -62,15 +63,14 @@ def _insert(src: str, after: int, pattern: str, line: str, before: bool = False)
     indentation) past `after`: after the match, or before it."""
     m = re.compile(pattern, re.M).search(src, after)
     if m is None:
-        raise RuntimeError(f"moe_fx: grouped_gemm.py changed: no {pattern!r} in _up_kernel to stamp")
+        raise RuntimeError(f"moe_fx: experts_kernels.py changed: no {pattern!r} in _up_kernel to stamp")
     at = m.start() if before else m.end()
     return src[:at] + m.group(1) + line + "\n" + src[at:]
 
 
-def instrumented_source() -> str:
-    """grouped_gemm.py with the stamps added to `_up_kernel`, and `experts` keeping its h_RF (of at least 64 x
-    1024 elements: 8 int64 per program) as the module's LAST_H."""
-    src = Path(gg.__file__).read_text()
+def instrumented_kernels() -> str:
+    """experts_kernels.py with the stamps added to `_up_kernel`."""
+    src = Path(kernels.__file__).read_text()
     head, sep, body = src.partition("\n@triton.jit\ndef _gelu")
     src = head + HELPERS + sep + body
     up = src.index("def _up_kernel(")
@@ -93,19 +93,31 @@ def instrumented_source() -> str:
     )
     down = r"^(\s+)_down_slice\((?:.*\n)*?.*BLOCK_D, W2_BLOCK\)  # fmt: skip\n"
     src = _insert(src, up, down, "tl.store(STAMP + 3, _now())")
-    src = _insert(src, up, r"^    if FUSED:\n        _cast_when_last\(.*\n()", "    tl.store(STAMP + 4, _now())")
+    return _insert(src, up, r"^    if FUSED:\n        _cast_when_last\(.*\n()", "    tl.store(STAMP + 4, _now())")
+
+
+def instrumented_launcher(kernels_module: str) -> str:
+    """grouped_gemm.py launching the kernels of the module `kernels_module` (`instrumented_kernels`), and
+    `experts` keeping its h_RF (of at least 64 x 1024 elements: 8 int64 per program) as the module's LAST_H."""
+    src = Path(gg.__file__).read_text()
+    imports = "from moe_fx.lowering.triton.experts_kernels import"
     h = "    h_RF = torch.empty((R, F), dtype=h_dtype, device=xq.device)  # (fused: never written)\n"
-    if h not in src:
-        raise RuntimeError("moe_fx: grouped_gemm.py changed: no h_RF allocation to keep")
+    for needed in (imports, h):
+        if needed not in src:
+            raise RuntimeError(f"moe_fx: grouped_gemm.py changed: no {needed.strip()!r} to replace")
+    src = src.replace(imports, f"from {kernels_module} import")
     return src.replace(h, "    h_RF = torch.full((max(R, 64), max(F, 1024)), -1, dtype=h_dtype, device=xq.device)\n"
                           "    global LAST_H\n    LAST_H = h_RF\n")  # fmt: skip
 
 
 def instrumented_module():
-    """`instrumented_source` as a module of its own (Triton reads a kernel's source from its file)."""
-    path = Path(tempfile.mkdtemp()) / "grouped_gemm_timed.py"
-    path.write_text(instrumented_source())
-    spec = importlib.util.spec_from_file_location("grouped_gemm_timed", path)
+    """The stamped kernels and their launcher as modules of their own, in files (Triton reads a kernel's source
+    from its file): the launcher's module."""
+    folder = Path(tempfile.mkdtemp())
+    (folder / "experts_kernels_timed.py").write_text(instrumented_kernels())
+    (folder / "grouped_gemm_timed.py").write_text(instrumented_launcher("experts_kernels_timed"))
+    sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location("grouped_gemm_timed", folder / "grouped_gemm_timed.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -1,4 +1,4 @@
-"""The bf16 int4 unpack's inline PTX (`grouped_gemm._UNPACK_INT4_BF16`) runs only on a GPU; here its text runs
+"""The bf16 int4 unpack's inline PTX (`gemm_tiles._UNPACK_INT4_BF16`) runs only on a GPU; here its text runs
 through a model of each PTX instruction it uses (the semantics of the PTX ISA: prmt's byte selectors, lop3's
 truth table, packed bf16 fma), on every byte value in every position of the 32-bit register, against the int4
 format of `quant.unpack_int4`. The GPU tests run the same unpack through the kernels
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant
-from moe_fx.lowering.triton import grouped_gemm
+from moe_fx.lowering.triton import gemm_tiles
 
 MASK = 0xFFFFFFFF
 
@@ -81,7 +81,7 @@ def run_ptx(text: str, registers: dict) -> dict:
 
 @pytest.mark.parametrize("position", range(4))
 def test_every_byte_value_in_every_position(position):
-    text = grouped_gemm._UNPACK_INT4_BF16.value
+    text = gemm_tiles._UNPACK_INT4_BF16.value
     rng = torch.Generator().manual_seed(position)
     for value in range(256):
         word = torch.randint(0, 256, (4,), generator=rng)
