@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import decode, route, timing, tuning  # noqa: E402
+from moe_fx.lowering.triton import decode, route, timing, tuner  # noqa: E402
 from moe_fx.lowering.triton.dispatch import dispatch  # noqa: E402
 from moe_fx.lowering.triton.grouped_gemm import Routing, experts  # noqa: E402
 
@@ -40,7 +40,7 @@ VARIANTS = ("chain", "routed", "no_route_sort", "experts", "fill", "project", "r
 def variants(shape: str, T: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16) -> dict:
     """{variant: fn} on one set of random inputs (see the module's docstring)."""
     E, K, D, F = SHAPES[shape]
-    w13, w2, _ = tuning.random_weights(E, D, F, "silu_gated", dtype, device)
+    w13, w2, _ = tuner.random_weights(E, D, F, "silu_gated", dtype, device)
     x = torch.randn(T, D, device=device, dtype=dtype)
     w_router = torch.randn(E, D, device=device, dtype=dtype) / D**0.5
 

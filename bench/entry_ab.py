@@ -1,5 +1,5 @@
 """The experts config `choose` picks for each cell against the same config with fields changed: the experts op
-alone, CUDA-graph replays in one process (the median of 3 rounds in rotated order: `tuning.confirm`), the two
+alone, CUDA-graph replays in one process (the median of 3 rounds in rotated order: `tuner.confirm`), the two
 outputs compared; a table and JSON. `--store` writes the faster of each pair into $MOE_FX_TUNING_CACHE, for
 `bench/layer.py` to time in whole layers.
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import tuner, tuning  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -55,7 +55,7 @@ def compare(shape: str, quant: str, T: int, assignments: list[str], store: bool,
     other = tuning.conform(changed(chosen, assignments), quant)
     ref = run(chosen).float()
     diff = ((run(other).float() - ref).norm() / ref.norm()).item()
-    best, medians = tuning.confirm(list(dict.fromkeys([chosen, other])), lambda c: tuning.time_config(run, c))
+    best, medians = tuner.confirm(list(dict.fromkeys([chosen, other])), lambda c: tuner.time_config(run, c))
     if store:
         key = tuning.key(E, D, F, K, True, DTYPE, tuning.device_name(device), T, quant)
         tuning.store(key, best, {"best": medians[best]}, tuning.capability(device))

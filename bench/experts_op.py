@@ -16,18 +16,18 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import tuner  # noqa: E402
 
 
 def experts_op(name: str | tuple, T: int, quant: str = "none", device="cuda", dtype=torch.bfloat16,
                reduce: bool = False, routed: bool = False):  # fmt: skip
     """run(config) -> y_RD (`reduce`: out_TD, the rows summed in experts): the SiLU-gated experts op of shape
-    `name` (or (E, K, D, F)) at T tokens, dispatched once (`tuning.experts_call`, what `tuning.tune` times;
+    `name` (or (E, K, D, F)) at T tokens, dispatched once (`tuner.experts_call`, what `tuner.tune` times;
     `routed`: the layer up to combine, as `routed_experts` runs it); run.inputs holds (x_TD, ids_TK, weights_TK,
     w13_EHD, w2_EDF) (the weights quantised under `quant`), run.row_index the dispatched rows' slots."""
     E, K, D, F = SHAPES[name] if isinstance(name, str) else name
-    weights = tuning.random_weights(E, D, F, "silu_gated", dtype, device, quant)
-    run = tuning.experts_call(T, K, "silu_gated", dtype, weights, quant, reduce, routed)
+    weights = tuner.random_weights(E, D, F, "silu_gated", dtype, device, quant)
+    run = tuner.experts_call(T, K, "silu_gated", dtype, weights, quant, reduce, routed)
     run.inputs = (*run.inputs, *weights[:2])
     return run
 

@@ -6,9 +6,9 @@ A fused config runs the down GEMM in the up tile's epilogue: each program multip
 F-slice in column blocks of down.block_n, a few blocks in flight at a time. At decode that, not the weight bytes,
 bounds a program's stream, so one-byte weights want wider blocks than two-byte ones (bench/NOTES.md,
 2026-12-07). For each shape, quant mode and up tile, the layer's routed step up to combine
-(`tuning.experts_call(routed=True)`, as `tuning.tune` times it) runs each width; every config is first checked
-against the reference lowering (`tuning.agreement`, outputs poisoned) and is timed only if it agrees, as
-CUDA-graph replays in rotated rounds (`tuning.confirm`), beside the shipped entry. A table and JSON.
+(`tuner.experts_call(routed=True)`, as `tuner.tune` times it) runs each width; every config is first checked
+against the reference lowering (`tuner.agreement`, outputs poisoned) and is timed only if it agrees, as
+CUDA-graph replays in rotated rounds (`tuner.confirm`), beside the shipped entry. A table and JSON.
 
     python bench/fused_widths.py --out OUT [--shapes qwen3 gptoss] [--quant none fp8] [--T 1]
         [--widths 128 256 512 1024] [--warps 4 8] [--up 16x64x256s3 ...]
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import tuner, tuning  # noqa: E402
 
 DTYPE = torch.bfloat16
 
@@ -64,9 +64,9 @@ def up_tile(E: int, D: int, F: int, K: int, T: int, quant: str, device) -> tunin
 
 def agreeing(run, configs: dict, quant: str, dtype: torch.dtype = DTYPE) -> tuple[dict, dict]:
     """({name: config} of the configs whose routed step agrees with the reference lowering, {name: why not} of
-    the others: a row's rel err past `tuning.agreement_bound`, or the error that stopped it (shared memory)."""
-    ref, bound = run.reference(), tuning.agreement_bound(dtype, quant)
-    why = {name: tuning.disagreement(run, config, ref, bound) for name, config in configs.items()}
+    the others: a row's rel err past `tuner.agreement_bound`, or the error that stopped it (shared memory)."""
+    ref, bound = run.reference(), tuner.agreement_bound(dtype, quant)
+    why = {name: tuner.disagreement(run, config, ref, bound) for name, config in configs.items()}
     return {n: configs[n] for n, w in why.items() if w is None}, {n: w.why for n, w in why.items() if w is not None}
 
 
@@ -92,7 +92,7 @@ def main():
                 configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, T * K, quant)}
                 configs.update(fused_configs(ups, args.widths, args.warps))
                 ok, failed = agreeing(run, configs, quant)
-                _, us = tuning.confirm(list(dict.fromkeys(ok.values())), functools.partial(tuning.time_config, run))
+                _, us = tuner.confirm(list(dict.fromkeys(ok.values())), functools.partial(tuner.time_config, run))
                 timed = {name: us[config] for name, config in ok.items()}
                 fastest = min(timed.values())
                 for name, t in sorted(timed.items(), key=lambda kv: kv[1]):

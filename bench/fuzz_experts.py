@@ -5,7 +5,7 @@ pointer loads), an activation, the gate/up layout and storage, biases, where the
 mode, a routing (uniform, skewed, one expert for every first pick, dropped picks), whether experts sums each
 token's rows (`reduce`), and a config (each GEMM a tuning candidate; fused where it applies). It runs the
 Triton `dispatch` and `experts` with that config, outputs NaN-poisoned, and the reference lowering's experts
-on the same dispatched rows, and compares the largest row error with `tuning.agreement_bound`.
+on the same dispatched rows, and compares the largest row error with `tuner.agreement_bound`.
 
     python bench/fuzz_experts.py --out OUT --cases 2000 --jobs 14      # on a GPU, bf16
     python bench/fuzz_experts.py --repro '{"seed": 17, ...}'            # one case again, from its printed draw
@@ -29,7 +29,7 @@ import triton
 
 from moe_fx.lowering import quant as quant_fmt
 from moe_fx.lowering import reference
-from moe_fx.lowering.triton import dispatch, grouped_gemm, tuning
+from moe_fx.lowering.triton import dispatch, grouped_gemm, tuner, tuning
 from moe_fx.ops import rows_are_tokens
 from moe_fx.spec import GATED_ACTIVATIONS
 
@@ -57,9 +57,9 @@ def draw(seed: int, device: str, dtype: torch.dtype) -> dict:
     gated = activation in GATED_ACTIVATIONS
     layouts = ("concat", "interleaved", "separate", "up_first") if quant == "none" else ("concat", "interleaved")
     reduce = rng.random() < 0.6
-    gemms = tuning.candidate_gemms(tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES)
+    gemms = tuner.candidate_gemms(tuner.CANDIDATES if quant == "none" else tuner.QUANT_CANDIDATES)
     up, down = rng.choice(gemms), rng.choice(gemms)
-    fused = reduce and quant == "none" and up.block_m <= tuning.FUSED_MAX_BLOCK_M and rng.random() < 0.4
+    fused = reduce and quant == "none" and up.block_m <= tuner.FUSED_MAX_BLOCK_M and rng.random() < 0.4
     if fused:
         down = replace(down, block_n=tuning.FUSED_BLOCK_D["none"])
     T = max(1, int(2 ** rng.uniform(0, 5.3 if small else 11)))
@@ -131,9 +131,9 @@ def check(case: dict, device: str) -> dict:
     common = (case["weight_at"], case["activation"], case["gate_up"], case["w13_transposed"], case["w2_transposed"],
               1.702, 7.0)  # fmt: skip
     config = tuning.entry_config(case["config"])
-    bound = tuning.agreement_bound(dtype, quant)
+    bound = tuner.agreement_bound(dtype, quant)
     try:
-        with tuning.poisoned():
+        with tuner.poisoned():
             out = grouped_gemm.experts(
                 xq, offsets, gather, row_weights, w["w13"], w["w3"], w["w2"], w["b13"], w["b2"], *common, dtype,
                 config=config, quant=quant, xscale=xscale, w13_scale=w["w13_scale"], w2_scale=w["w2_scale"],
@@ -146,7 +146,7 @@ def check(case: dict, device: str) -> dict:
                           w["w13_scale"], w["w2_scale"], *common, quant, dtype)  # fmt: skip
     if case["reduce"]:  # combine's sum, each row × its routing weight unless the experts applied it
         y = reference.combine(y, weights_TK, row_index, None, case["weight_at"] == "none", "single", "")
-    err = tuning.row_error(out, y)
+    err = tuner.row_error(out, y)
     return {"status": "right" if err <= bound else "wrong", "row_err": err, "bound": bound}
 
 

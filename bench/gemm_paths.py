@@ -4,7 +4,7 @@ persistent programs (two per SM, tile and K loops flattened into one).
 
 Legend: T tokens, D model dim, F expert ffn dim, E experts, K top-k.
 
-For each shape of `bench/layer.py`, quant mode and T, `tuning.tune` times both GEMMs over the same tile
+For each shape of `bench/layer.py`, quant mode and T, `tuner.tune` times both GEMMs over the same tile
 candidates on each path (uniform random routing, the experts op alone), and this prints the best time of
 each path and its ratio to pointers; before that, one call per (shape, quant, path) checks that it gives
 the pointer path's output. The tiles are the regime's: prefill tiles (T >= 1024) for TMA and persistent
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import tuner, tuning  # noqa: E402
 from moe_fx.lowering.triton.grouped_gemm import load_path, loads  # noqa: E402
 
 # (block_m, block_n, block_k, num_warps, num_stages) by regime and operand width (int4_weight's activations
@@ -90,7 +90,7 @@ def main():
                 by_path = {}  # path -> tune's result over its tiles (each tune stores its best; the winner last)
                 for path in args.paths:
                     candidates = tuple((*t, *PATHS[path]) for t in tiles(T, quant))
-                    ((key, by_path[path]),) = tuning.tune(E, D, F, K, "silu_gated", torch.bfloat16, [T],
+                    ((key, by_path[path]),) = tuner.tune(E, D, F, K, "silu_gated", torch.bfloat16, [T],
                                                           quant=quant, candidates=candidates).items()  # fmt: skip
                 won = min(by_path, key=lambda path: by_path[path]["best"])
                 config = by_path[won]["config"]

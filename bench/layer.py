@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import triton
 
 from moe_fx.lowering import quant
-from moe_fx.lowering.triton import timing, tuning
+from moe_fx.lowering.triton import timing, tuner, tuning
 from moe_fx.ops import ROUTED_QUANT, combine_args, dispatch_args, experts_args, route_args, routed_args
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 
@@ -250,7 +250,7 @@ def run_shape(name, Ts, variants, bw, rates, tune, rounds, profile=False):
     quantised = {v: moe_fx_quant_layer(block, spec, mode) for v, mode in QUANT_VARIANTS.items() if v in variants}
     if tune:
         for mode in ["none"] * ("moe_fx_triton" in variants) + [QUANT_VARIANTS[v] for v in quantised]:
-            tuning.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts, quant=mode)
+            tuner.tune(E, D, F_, K, "silu_gated", torch.bfloat16, Ts, quant=mode)
     compiled = torch.compile(block, dynamic=True) if "hf_gmm_compiled" in variants else None
     fns = {
         "hf_eager": lambda x: _hf(block, x, "eager"),

@@ -1,7 +1,7 @@
 """Tiles re-tuned on this GPU: per shape, quant mode and T, the experts op under the entry `choose` ships, every
 device's entry of the same key in tuned.json, a fresh tuning over one family of tiles (`--tiles decode`: <= 32
 rows; `prefill`: >= 64 rows through TMA descriptors) and the untuned default, each timed as CUDA-graph replays
-in one process (the median of 3 rounds in rotated order: `tuning.confirm`), and the JSON of the table.
+in one process (the median of 3 rounds in rotated order: `tuner.confirm`), and the JSON of the table.
 
     MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT [--shapes qwen3] [--T 1 16]
     MOE_FX_TUNING_CACHE=OUT/tuning_cache.json python bench/retune.py --out OUT --tiles prefill --T 1024 8192
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from experts_op import experts_op, write_rows  # noqa: E402
 from layer import SHAPES  # noqa: E402
 
-from moe_fx.lowering.triton import tuning  # noqa: E402
+from moe_fx.lowering.triton import tuner, tuning  # noqa: E402
 
 ACTIVATION, DTYPE = "silu_gated", torch.bfloat16
 
@@ -51,8 +51,8 @@ def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.devic
     R, sms = T * K, tuning.sm_count(device)
     configs = {"shipped": tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)}
     configs.update(shipped_entries(E, D, F, K, T, quant))
-    candidates = tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES
-    tuned = tuning.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant,
+    candidates = tuner.CANDIDATES if quant == "none" else tuner.QUANT_CANDIDATES
+    tuned = tuner.tune(E, D, F, K, ACTIVATION, DTYPE, [T], quant=quant,
                         candidates=tuple(filter(TILES[tiles], candidates)))  # fmt: skip
     for timings in (r["timings"] for r in tuned.values()):  # the fastest fused and two-kernel configs, timed once
         for kind, found in (("fused", {c: us for c, us in timings.items() if "fused" in c}),
@@ -63,7 +63,7 @@ def time_configs(shape: str, quant: str, T: int, tiles: str, device: torch.devic
     configs["tuned"] = tuning.choose(E, D, F, K, True, DTYPE, device, R, quant)
     default = tuning.spread(tuning.default_config(R / E, DTYPE, quant), E, D, F, R, sms)
     configs["default"] = tuning.conform(default, quant)
-    _, medians = tuning.confirm(list(dict.fromkeys(configs.values())), lambda c: tuning.time_config(run, c))
+    _, medians = tuner.confirm(list(dict.fromkeys(configs.values())), lambda c: tuner.time_config(run, c))
     return {name: (tuning.describe(config), medians[config]) for name, config in configs.items()}
 
 

@@ -173,7 +173,7 @@ def main():
     args = p.parse_args()
     cells = [(shape, int(T), quant or "none") for shape, T, quant in (f"{c}:".split(":")[:3] for c in args.cells)]
     timed = instrumented_module()
-    gg.experts = timed.experts  # what experts_op's run calls (tuning.experts_call imports it at call time)
+    gg.experts = timed.experts  # what experts_op's run calls (tuner.experts_call imports it at call time)
     rows, path = [], None
     stamp_heads = " | ".join(f"{s} median / max µs" for s in STAMPS)
     print(f"| shape | T | quant | config | programs (with a tile) | {stamp_heads} |")

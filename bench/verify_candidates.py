@@ -1,6 +1,6 @@
-"""Every tuning candidate checked against the reference lowering on a GPU: no timing, only `tuning.agreement`.
+"""Every tuning candidate checked against the reference lowering on a GPU: no timing, only `tuner.agreement`.
 
-`tuning.tune` refuses a candidate whose output disagrees with the reference lowering before timing it. This
+`tuner.tune` refuses a candidate whose output disagrees with the reference lowering before timing it. This
 sweep runs that check for every candidate `tune` would try (up GEMMs with the default down, down GEMMs with
 the default up, fused decode tiles where they apply), at several T and at shapes whose D and F are not
 multiples of the tiles, so that a tile this GPU and Triton compile wrong shows before a user's tuning meets
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import triton
 
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import tuner, tuning
 
 MODES = ("none", "none-stored", "fp8", "int8", "int4_weight", "fp8_block")  # none-stored: reduce=False
 SHAPES = ((8, 2, 2880, 2880), (16, 4, 1000, 704))  # (E, K, D, F): GPT-OSS's widths; ragged ones
@@ -33,10 +33,10 @@ TS = (1, 7, 64, 1000)
 
 
 def configs(quant: str, rows_per_expert: float, reduce: bool) -> list[tuning.ExpertsConfig]:
-    """What `tuning.tune` tries at this T, in its order, without duplicates."""
+    """What `tuner.tune` tries at this T, in its order, without duplicates."""
     default = tuning.default_config(rows_per_expert, torch.bfloat16, quant)
-    gemms = tuning.candidate_gemms(tuning.CANDIDATES if quant == "none" else tuning.QUANT_CANDIDATES)
-    tried = (tuning.tried_config(part, g, default, quant) for part in tuning.tuned_parts(reduce, quant) for g in gemms)
+    gemms = tuner.candidate_gemms(tuner.CANDIDATES if quant == "none" else tuner.QUANT_CANDIDATES)
+    tried = (tuner.tried_config(part, g, default, quant) for part in tuner.tuned_parts(reduce, quant) for g in gemms)
     return list(dict.fromkeys(c for c in tried if c is not None))
 
 
@@ -46,17 +46,17 @@ def job(mode: str, shape: tuple, Ts: tuple, part: int = 0, parts: int = 1) -> di
     quant = "none" if mode.startswith("none") else mode
     reduce = mode != "none-stored"
     E, K, D, F = shape
-    weights = tuning.random_weights(E, D, F, "silu_gated", torch.bfloat16, "cuda", quant)
-    bound = tuning.agreement_bound(torch.bfloat16, quant)
+    weights = tuner.random_weights(E, D, F, "silu_gated", torch.bfloat16, "cuda", quant)
+    bound = tuner.agreement_bound(torch.bfloat16, quant)
     rows, wrong, errors = [], [], []
     for T in Ts:
         torch.manual_seed(T)
-        run = tuning.experts_call(T, K, "silu_gated", torch.bfloat16, weights, quant, reduce)
+        run = tuner.experts_call(T, K, "silu_gated", torch.bfloat16, weights, quant, reduce)
         ref = run.reference()
         checked, worst = 0, 0.0
         for config in configs(quant, T * K / E, reduce)[part::parts]:
             try:
-                err = tuning.agreement(run, config, ref)
+                err = tuner.agreement(run, config, ref)
             except Exception as e:  # out of shared memory or registers: tune skips these too
                 errors.append({"T": T, "config": tuning.describe(config), "error": f"{type(e).__name__}: {e}"[:200]})
                 continue

@@ -1,7 +1,7 @@
 """`moe_fx.tune(model, *inputs)`: tune the Triton grouped GEMMs for the MoE blocks of one model.
 
 `explain` finds the blocks; each distinct (E, D, F, K, activation, dtype, quant) that the Triton experts
-lowering runs is timed per T-bucket by `lowering/triton/tuning.tune`, and the best configs go to the JSON
+lowering runs is timed per T-bucket by `lowering/triton/tuner.tune`, and the best configs go to the JSON
 tuning cache (MOE_FX_TUNING_CACHE, default ~/.cache/moe_fx/triton_tuning.json) that every later call of
 the Triton experts on a GPU of this name reads. Untuned shapes run `tuning.default_config`.
 """
@@ -48,10 +48,10 @@ def _require_gpu() -> None:
 def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, candidates=None, **kwargs) -> dict:
     """Tune the Triton experts of every MoE block of `model` (called on these inputs, as for `explain`) at
     each token count in `tokens`; returns {cache key: {"best": µs, "config", "timings", "failed", "wrong"}}
-    (`tuning.tune`: "wrong" lists the failed candidates whose output disagreed with the reference).
+    (`tuner.tune`: "wrong" lists the failed candidates whose output disagreed with the reference).
 
     `candidates`: the (block_m, block_n, block_k, num_warps, num_stages, tma) tuples to time (default
-    `tuning.CANDIDATES`, or `tuning.QUANT_CANDIDATES` under a quant mode). Needs a CUDA GPU: the model's.
+    `tuner.CANDIDATES`, or `tuner.QUANT_CANDIDATES` under a quant mode). Needs a CUDA GPU: the model's.
     """
     _require_gpu()
     bad = [T for T in tokens if not isinstance(T, int) or T < 1]
@@ -63,7 +63,7 @@ def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, can
         log.warning("moe_fx: no block of %s runs the Triton experts lowering; nothing to tune:\n%s",
                     type(model).__name__, report)  # fmt: skip
         return {}
-    from moe_fx.lowering.triton import tuning  # Triton is optional: moe_fx imports without it
+    from moe_fx.lowering.triton import tuner  # Triton is optional: moe_fx imports without it
 
     device = next((p.device for p in model.parameters() if p.is_cuda), torch.device("cuda"))
     # None: as the rewrite does on this GPU; it keeps combine under fuse_combine=False or deterministic algorithms
@@ -73,6 +73,6 @@ def tune(model, *args, tokens=TOKENS, options: dict[str, Any] | None = None, can
     for E, D, F, K, activation, dtype, quant in shapes:
         log.info("moe_fx: tuning E=%d D=%d F=%d K=%d %s %s quant=%s at T=%s", E, D, F, K, activation, dtype, quant,
                  list(tokens))  # fmt: skip
-        results.update(tuning.tune(E, D, F, K, activation, getattr(torch, dtype), list(tokens), device=device,
+        results.update(tuner.tune(E, D, F, K, activation, getattr(torch, dtype), list(tokens), device=device,
                                    quant=quant, candidates=candidates, reduce=reduce))  # fmt: skip
     return results

@@ -46,7 +46,7 @@ def fuse_every_config(monkeypatch) -> None:
 @pytest.fixture
 def poison_outputs():
     """torch.empty returns NaN-filled memory, so an output row a lowering forgets to write shows."""
-    from moe_fx.lowering.triton.tuning import poisoned
+    from moe_fx.lowering.triton.tuner import poisoned
 
     with poisoned(quiet=False):
         yield

@@ -10,7 +10,7 @@ import torch
 import moe_fx
 from moe_fx import autotune
 from moe_fx import examples as ex
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import tuner
 
 
 def on_triton(report):
@@ -36,7 +36,7 @@ def test_tune_calls_the_tuner_once_per_shape_with_the_token_counts(monkeypatch):
     calls = []
     monkeypatch.setattr(autotune, "_require_gpu", lambda: None)
     monkeypatch.setattr(autotune, "explain", lambda *a, **kw: on_triton(moe_fx.explain(*a, **kw)))
-    monkeypatch.setattr(tuning, "tune", lambda *a, **kw: calls.append((a, kw)) or {f"key{len(calls)}": {"best": 1.0}})
+    monkeypatch.setattr(tuner, "tune", lambda *a, **kw: calls.append((a, kw)) or {f"key{len(calls)}": {"best": 1.0}})
     model = ex.TwoFormModel().eval()
     result = moe_fx.tune(model, torch.randn(5, 64), tokens=(1, 64), candidates=((16,) * 6,))
     assert result == {"key1": {"best": 1.0}}

@@ -4,7 +4,7 @@ fused config whose routed step agrees with the reference lowering, bf16-shaped a
 import pytest
 import torch
 
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import tuner, tuning
 from tests.bench.scripts import load
 from tests.lowering.triton.conftest import DEVICE
 
@@ -28,4 +28,4 @@ def test_every_width_it_times_agrees_with_the_reference(quant):
     ref = run_bad.reference
     run_bad.reference = lambda: ref() * 1.5  # a reference 50 % off: nothing agrees with it
     ok, failed = bench.agreeing(run_bad, wrong, quant, torch.float16)
-    assert not ok and failed["wrong"].startswith(tuning.WRONG_OUTPUT)
+    assert not ok and failed["wrong"].startswith(tuner.WRONG_OUTPUT)

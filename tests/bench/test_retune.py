@@ -3,7 +3,7 @@ no other quant mode's or dtype's)."""
 
 import torch
 
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import tuner, tuning
 from tests.bench.scripts import load
 
 
@@ -22,7 +22,7 @@ def test_packaged_entries_of_every_device_and_only_this_key():
 
 def test_tile_families_split_the_candidates():
     bench = load("retune")
-    for candidates in (tuning.CANDIDATES, tuning.QUANT_CANDIDATES):
+    for candidates in (tuner.CANDIDATES, tuner.QUANT_CANDIDATES):
         decode = [c for c in candidates if bench.TILES["decode"](c)]
         prefill = [c for c in candidates if bench.TILES["prefill"](c)]
         assert decode and prefill and not set(decode) & set(prefill)

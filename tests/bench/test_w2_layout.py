@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from moe_fx.lowering import quant
-from moe_fx.lowering.triton import grouped_gemm, tuning
+from moe_fx.lowering.triton import grouped_gemm, tuner, tuning
 from tests.bench.scripts import load
 from tests.lowering.triton.conftest import DEVICE
 
@@ -20,7 +20,7 @@ def test_every_layout_it_times_agrees_with_the_reference(fused, monkeypatch):
     runs, chosen = bench.layouts((4, 2, 64, 80), ["int8", "fp8"][fused], 1, [16, 32], DEVICE, torch.float16)
     assert chosen == config and sorted(runs) == [0, 16, 32]
     for width, run in runs.items():
-        assert tuning.agreement(run, config, run.reference()) < tuning.agreement_bound(torch.float16, "fp8"), width
+        assert tuner.agreement(run, config, run.reference()) < tuner.agreement_bound(torch.float16, "fp8"), width
     # the routed kernel (fused), or the down GEMM through TMA (32-wide blocks) and pointers (16-wide)
     assert set(grouped_gemm.loads) >= ({"routed/pointers"} if fused else {"down/tma", "down/pointers"})
 

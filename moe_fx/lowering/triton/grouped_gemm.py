@@ -126,7 +126,7 @@ def experts(
     values in the activations' dtype and multiplies the even and odd K-columns of the activations by the low
     and high nibbles; the group scales multiply the K-step's partial product (decode tiles) or the weights
     (`_int4_mma`); the activations stay in their dtype throughout.
-    `config` overrides the tuned/default block sizes (used by `tuning.tune`). Without it, a tuned config that
+    `config` overrides the tuned/default block sizes (used by `tuner.tune`). Without it, a tuned config that
     does not compile on this GPU and Triton (out of shared memory or registers) gives way to the defaults, with
     a warning (`tuning.unfit`).
 

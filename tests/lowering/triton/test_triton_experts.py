@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from moe_fx.lowering.triton import grouped_gemm, tuning
+from moe_fx.lowering.triton import grouped_gemm, tuner, tuning
 from moe_fx.ops import combine_args, dispatch_args, experts_args, weight_at
 from moe_fx.spec import ExpertsSpec, MoESpec
 from tests.conftest import TOLERANCE, fuse_every_config, rel_err
@@ -250,15 +250,15 @@ def test_fused_down_layouts_and_activations(act, layout, monkeypatch):
 
 
 def test_tuning_times_the_reduce_path():
-    """`tuning.experts_call(reduce=True)`, what `tuning.tune` times where the rewrite sums in experts, returns the
+    """`tuner.experts_call(reduce=True)`, what `tuner.tune` times where the rewrite sums in experts, returns the
     tokens' out_TD: the stored rows of the same call summed by combine."""
     from moe_fx.lowering.triton import combine
 
-    weights = tuning.random_weights(E, 32, 32, "silu_gated", torch.float32, DEVICE)
+    weights = tuner.random_weights(E, 32, 32, "silu_gated", torch.float32, DEVICE)
     runs = []
     for reduce in (False, True):
         torch.manual_seed(1)  # the same tokens and routing
-        runs.append(tuning.experts_call(9, 2, "silu_gated", torch.float32, weights, reduce=reduce))
+        runs.append(tuner.experts_call(9, 2, "silu_gated", torch.float32, weights, reduce=reduce))
     plain, summed = runs
     assert all(torch.equal(a, b) for a, b in zip(plain.inputs, summed.inputs))
     ref = combine.combine(plain(), plain.inputs[2], plain.row_index, True)

@@ -11,7 +11,7 @@ import torch
 
 from moe_fx.lowering import registry
 from moe_fx.lowering import triton as triton_lowering
-from moe_fx.lowering.triton import tuning
+from moe_fx.lowering.triton import tuner, tuning
 from moe_fx.spec import ExpertsSpec, MoESpec, QuantSpec, RouterSpec
 from tests.lowering.triton.conftest import DEVICE
 
@@ -220,7 +220,7 @@ def test_shipped_fused_entries_run_fused_with_their_modes_block_width():
     assert fused  # Qwen3 and GPT-OSS at T=1, bf16 and fp8 (H100)
     for key, config in fused.items():
         quant = next((q for q in QUANT_CODES if f"-{q}-" in key), "none")
-        assert tuning.runs_fused(quant) and config.up.block_m <= tuning.FUSED_MAX_BLOCK_M, key
+        assert tuning.runs_fused(quant) and config.up.block_m <= tuner.FUSED_MAX_BLOCK_M, key
         assert config.down.block_n == tuning.FUSED_BLOCK_D[quant], key
 
 
@@ -293,7 +293,7 @@ def test_untuned_decode_narrows_its_n_tiles_until_the_sms_are_busy(tmp_path, mon
 
 
 def test_confirm_ranks_by_median_of_rotated_rounds():
-    """tuning.confirm times each config once per round, each round in an order rotated by one, and keeps the
+    """tuner.confirm times each config once per round, each round in an order rotated by one, and keeps the
     lowest median: a GPU that slows down as it runs (later timings longer) does not decide the pick."""
     drift = iter(range(100))
     speed = {"a": 10.0, "b": 9.0, "c": 11.0}  # "b" is the fastest
@@ -303,7 +303,7 @@ def test_confirm_ranks_by_median_of_rotated_rounds():
         order.append(c)
         return speed[c] + 0.5 * next(drift)  # every timing 0.5 µs slower than the one before
 
-    best, medians = tuning.confirm(["a", "b", "c"], time_one, rounds=3)
+    best, medians = tuner.confirm(["a", "b", "c"], time_one, rounds=3)
     assert order == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert best == "b" and set(medians) == {"a", "b", "c"}
     assert medians["b"] == 9.0 + 0.5 * 3  # b ran at positions 1, 3, 8: median 3
@@ -386,13 +386,13 @@ def test_a_tuned_config_that_does_not_fit_gives_way_to_the_defaults(h200_cache, 
         return launch(kernel, grid, *args, **meta)
 
     monkeypatch.setattr(grouped_gemm, "launch", launch_unless_tuned)
-    weights = tuning.random_weights(E, D, F, "silu_gated", torch.float32, DEVICE)
-    run = tuning.experts_call(T, K, "silu_gated", torch.float32, weights)
+    weights = tuner.random_weights(E, D, F, "silu_gated", torch.float32, DEVICE)
+    run = tuner.experts_call(T, K, "silu_gated", torch.float32, weights)
     with caplog.at_level(logging.WARNING, logger="moe_fx"):
         outs = [run(), run()]  # config=None: the experts choose, as the lowering does
     assert refused == [32], refused  # tried once, then the defaults directly
     assert "do not fit this GPU" in caplog.text and caplog.text.count("do not fit") == 1, caplog.text
-    assert all(tuning.row_error(out, run.reference()) < tuning.AGREEMENT[torch.float32] for out in outs)
+    assert all(tuner.row_error(out, run.reference()) < tuner.AGREEMENT[torch.float32] for out in outs)
     assert tuning.choose(E, D, F, K, True, torch.float32, torch.device(DEVICE), T * K) != tuned
     # the same tiles over 2-byte elements take less shared memory: their entry still stands
     tuning.store(tuning.key(E, D, F, K, True, torch.float16, "NVIDIA_H200", T), tuned, {"best": 1.0}, [9, 0])
