@@ -28,7 +28,7 @@ from moe_fx.backend import capture_config
 from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, ones_fixed
 from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.options import parse_options
-from moe_fx.passes.match import block_tolerance
+from moe_fx.passes.identify import block_tolerance
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import refresh
 from moe_fx.passes.rewrite import apply_rebind

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from moe_fx.passes.match import block_tolerance
+from moe_fx.passes.identify import block_tolerance
 from moe_fx.passes.verify import compare
 
 # what export takes as a leaf of its inputs (besides these, only pytree containers)

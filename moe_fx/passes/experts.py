@@ -48,7 +48,7 @@ def activation_hints(target_names: set[str], approximate_tanh: bool, clamp_bound
 
     `clamp_bounds`: the numeric bounds of the region's float clamps; the clamped activations (`limit` the
     largest |bound|) come first when there are any, so a tie on probes that never reach the bounds goes to
-    them, and the matcher's clamp probes (`passes/match.py`) tell them from the unclamped ones."""
+    them, and the matcher's clamp probes (`passes/identify.py`) tell them from the unclamped ones."""
     gated, plain = [], []
     silu = "silu" in target_names or "sigmoid" in target_names
     if silu:
@@ -140,7 +140,7 @@ def unmodelled_clamps(region, spec: ExpertsSpec) -> list[str]:
     projection at min=-limit, max=limit, both projections' outputs: a clamp of a projection with exactly one of
     those bound sets is the spec's; any other (another bound, another side, a tensor bound, a clamp after the
     activation) is one no spec has. Which projection each clamp acts on, and that all the spec's clamps are
-    there, the matcher's clamp probes check, which reach past every bound (`passes/match.py`); this check is
+    there, the matcher's clamp probes check, which reach past every bound (`passes/identify.py`); this check is
     what tells the clamps the probes cannot (silu's gate clamped at min=-50 changes nothing they see; a clamp
     after silu at L changes a value by L·σ(-L), under the tolerance for L = 10). Integer clamps (expert ids)
     are left out. An opaque experts op (`moe_fx/opaque_experts.py`) hides its clamps: its probes alone check

@@ -20,7 +20,8 @@ from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes import prequant
 from moe_fx.passes.graph_view import value
-from moe_fx.passes.match import EMPTY_BATCH, BlockFinder, MoEMatch, find_blocks
+from moe_fx.passes.identify import EMPTY_BATCH
+from moe_fx.passes.match import BlockFinder, MoEMatch, find_blocks
 from moe_fx.passes.overlap import hoist_past_dispatch
 from moe_fx.passes.rewrite import _fake_mode, _set_meta, apply_rebind, rewrite, select_lowerings
 from moe_fx.passes.router import fills_from_scatter_index, sink_sigmoid_into_scatter

@@ -3,7 +3,7 @@
     block(x_TD, logits_TE) = original region, cut out of the graph (router, experts, combine)
     copy  = the same region rewritten by `rewrite()` with the lowerings `select_lowerings` chose
     for (x, logits) in [the real example values, random ones of the same shape at two logit scales, as many
-                        as hold >= 64 tokens together (`match.probe_rounds`: 2 of each at T=32, 16 at T <= 4)]:
+                        as hold >= 64 tokens together (`identify.probe_rounds`: 2 of each at T=32, 16 at T <= 4)]:
         out, ref = copy(x, logits, *weights), block(x, logits, *weights)
         same shape and dtype, same non-finite pattern, rel err <= TOLERANCE[dtype], inputs and weights untouched
     (quantised: rel err over all probes together <= the mode's EXPECTED_ERROR)
@@ -46,7 +46,8 @@ from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.lowering.reference import selection
 from moe_fx.passes.experts import rel_err
 from moe_fx.passes.graph_view import same_shape, shape_of, tensor_meta
-from moe_fx.passes.match import BlockFinder, MoEMatch, block_tolerance, probe_rounds
+from moe_fx.passes.identify import block_tolerance, probe_rounds
+from moe_fx.passes.match import BlockFinder, MoEMatch
 from moe_fx.passes.prequant import PreQuantised
 from moe_fx.passes.rewrite import rewrite
 from moe_fx.passes.subgraph import extract
