@@ -6,7 +6,7 @@ owner alone with `torch._dynamo.export` (dynamic shapes, parameters as attribute
 graph and installs it as the owner's `forward`: plain Python calling the moe_fx ops, so eager runs and
 any later `torch.compile` backend see the rewritten block. An owner whose call holds objects export
 cannot take (a transformers `Cache`) is captured on its tensors, the children it hands those objects
-to running as opaque calls on each call's own objects (`moe_fx.passthrough`).
+to running as opaque calls on each call's own objects (`moe_fx.capture.passthrough`).
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
-from moe_fx import hit_loops, passthrough
 from moe_fx.backend import capture_config
-from moe_fx.capture_guards import CAPTURES, Assumed, CaptureGuards, capturing, ones_fixed
+from moe_fx.capture import hit_loops, passthrough
+from moe_fx.capture.guards import CAPTURES, Assumed, CaptureGuards, capturing, ones_fixed
 from moe_fx.lowering.quant import EXPECTED_ERROR
 from moe_fx.options import parse_options
 from moe_fx.passes.identify import block_tolerance
@@ -246,9 +246,9 @@ class _CaptureFailed(Exception):
 
 def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts, wanted: int) -> tuple:
     """The owner captured alone and rewritten: (graph, its example inputs, its Passthrough (None when export takes
-    the whole call), what the capture assumed about sizes (`capture_guards.Assumed`), the rebinds, the report).
+    the whole call), what the capture assumed about sizes (`capture.guards.Assumed`), the rebinds, the report).
 
-    Captured each way of `capture_guards.CAPTURES` in turn, from the most general (every size a symbol), until
+    Captured each way of `capture.guards.CAPTURES` in turn, from the most general (every size a symbol), until
     one traces the owner and yields the `wanted` blocks (the matcher needs some sizes known, such as the hidden
     size, that a capture keeping sizes 0 and 1 symbolic may leave a symbol); the last one's result stands."""
     leaves = pytree.tree_leaves(recorded[owner])
@@ -421,7 +421,7 @@ def _nested(a: str, b: str) -> bool:
 
 
 def _hit_loop_owners(model: nn.Module, found: Report, taken: list[str]) -> dict[str, nn.Module]:
-    """Where a loop over the experts hit may hide a block (`moe_fx.hit_loops`): the modules whose code, or a
+    """Where a loop over the experts hit may hide a block (`moe_fx.capture.hit_loops`): the modules whose code, or a
     submodule's, calls a top-k, and whose own code broke the capture (or made Dynamo skip a frame), or, where the
     loop is a submodule's (GPT-OSS's experts in 4.57), the smallest module holding both; deepest first, apart from
     those that hold or are held by a block found already."""

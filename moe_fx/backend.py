@@ -21,9 +21,9 @@ import warnings
 
 import torch
 
-from moe_fx.capture_breaks import breaks_on_unbacked_tolist
-from moe_fx.hf_experts import traceable_eager_experts
-from moe_fx.opaque_experts import opaque_loop_experts
+from moe_fx.capture.breaks import breaks_on_unbacked_tolist
+from moe_fx.capture.hf_experts import traceable_eager_experts
+from moe_fx.capture.opaque_experts import opaque_loop_experts
 from moe_fx.options import parse_options
 from moe_fx.passes.pipeline import rewrite_graph
 from moe_fx.passes.quantize_weights import GRAPH_ATTR, refresh
@@ -40,9 +40,9 @@ _LOCK = threading.Lock()  # guards _reports: apply/explain may run while another
 @contextlib.contextmanager
 def capture_config():
     """Dynamo flags under which loop forms over nonzero/where are captured whole; HF `eager` experts
-    are traced as `batched_mm` (see `moe_fx.hf_experts`), other experts-contract modules as one opaque
-    op (see `moe_fx.opaque_experts`); a `.tolist()` the flags would fail on breaks the graph
-    (`moe_fx.capture_breaks`).
+    are traced as `batched_mm` (see `moe_fx.capture.hf_experts`), other experts-contract modules as one opaque
+    op (see `moe_fx.capture.opaque_experts`); a `.tolist()` the flags would fail on breaks the graph
+    (`moe_fx.capture.breaks`).
 
     `config.patch` overrides are thread-local on this torch (ContextVar-backed), so a thread that
     compiles with moe_fx never changes what another thread's compile sees.

@@ -423,7 +423,7 @@ class DeepSeekReferenceMoE(nn.Module):
     """DeepSeek-V3's reference inference code: counts by `bincount(...).tolist()` and a loop that skips the experts
     without tokens (`if counts[i] == 0: continue`). That branch on data splits an ordinary Dynamo graph:
     `torch.compile` leaves the block untouched and says so, `apply` captures the loop over every expert
-    (`moe_fx.hit_loops`); without the skip, which changes nothing, both rewrite it."""
+    (`moe_fx.capture.hit_loops`); without the skip, which changes nothing, both rewrite it."""
 
     def __init__(self, dim=32, ffn=24, num_experts=8, k=2, skip_empty=True):
         super().__init__()

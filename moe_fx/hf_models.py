@@ -9,7 +9,7 @@ gives the keyword inputs of one forward (decoder inputs too, for the encoder-dec
 Experts implementations (transformers 5.x, `@use_experts_implementation`): `grouped_mm` (the default)
 and `batched_mm` reach Dynamo whole and are matched as they are. `eager` is a loop over `nonzero()`
 that Dynamo cannot hold in one graph; while moe_fx captures (torch.compile with backend="moe_fx",
-`apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.hf_experts`), and the
+`apply`, `explain`), Dynamo traces it as HF's own `batched_mm` instead (`moe_fx.capture.hf_experts`), and the
 model's setting is untouched. Architectures without the decorator have one form each.
 
 transformers 4.57 (the last 4.x line, tested by `.ci/transformers457` on TRANSFORMERS_4): experts there are
@@ -18,7 +18,7 @@ select. The static `range(E)` loops (OLMoE, FlexOlmo), `.tolist()` + `split` (Gr
 bmm (Llama4) are captured whole under moe_fx's capture flags and rewritten (per-expert weights are stacked
 once). The `for e in expert_hit` loops over `nonzero()` (Mixtral, Qwen2/3-MoE) and the loop with a
 data-dependent `if` (DeepSeek-V3), and GPT-OSS's on the CPU, graph-break: `apply` captures them as loops over
-every expert and rewrites them once they agree with the original forward (`moe_fx.hit_loops`), `torch.compile`
+every expert and rewrites them once they agree with the original forward (`moe_fx.capture.hit_loops`), `torch.compile`
 leaves them untouched (`apply_only_4x`).
 
 Architectures added with transformers 5.x are `shrink=True` entries: the config's defaults shrunk by TINY.
@@ -135,7 +135,7 @@ class Architecture:
 LOOP_4X = (
     "the transformers 4.57 block loops {}: `apply` captures it as a loop over every expert "
     "and rewrites it once it agrees with the original forward on probes where most experts get no token "
-    '(`moe_fx.hit_loops`); `torch.compile(backend="moe_fx")` leaves it untouched (Dynamo graph-breaks at the '
+    '(`moe_fx.capture.hit_loops`); `torch.compile(backend="moe_fx")` leaves it untouched (Dynamo graph-breaks at the '
     "data-dependent loop)"
 )
 HIT_LOOP_4X = LOOP_4X.format("over the experts hit (`for e in expert_hit`, from `nonzero()`)")

@@ -1,5 +1,5 @@
 """moe_fx.explain and moe_fx.apply on naive models: reports, memory, weight updates, grad mode; a cache passed
-through a block's module (moe_fx.passthrough)."""
+through a block's module (moe_fx.capture.passthrough)."""
 
 import copy
 import functools
@@ -133,7 +133,7 @@ def test_apply_finds_blocks_under_a_decorated_forward():
     assert rel_err(out, expected) < 1e-5
 
 
-# ---------------------------------------------------------------- objects export cannot take (moe_fx.passthrough)
+# ------------------------------------------------------- objects export cannot take (moe_fx.capture.passthrough)
 class _AttentionWithCache(torch.nn.Module):
     """Attention over the tokens so far: appends this call's keys and values to a transformers cache."""
 
@@ -179,7 +179,7 @@ class _DecoderWithCache(torch.nn.Module):
 def test_apply_passes_a_cache_through_to_the_attention_beside_the_block():
     """The layer is captured on its tensors; the attention runs on each call's own cache (a new one per sequence,
     updated once per call), the block through moe_fx; a call without a cache runs the original layer."""
-    from moe_fx.passthrough import Passthrough
+    from moe_fx.capture.passthrough import Passthrough
 
     DynamicCache = pytest.importorskip("transformers").DynamicCache
 
@@ -284,7 +284,7 @@ def test_apply_gemma4_on_one_token_serves_every_length():
 
 class SkipsUnusedExperts(ex.LoopMoE):
     """An expert loop that skips experts without tokens: `if idx.numel():` (under moe_fx's capture flags Dynamo
-    2.13 failed the whole capture on it: `moe_fx.capture_breaks`) or `if mask.sum():` (vLLM's reference
+    2.13 failed the whole capture on it: `moe_fx.capture.breaks`) or `if mask.sum():` (vLLM's reference
     torch_moe). Either is a graph break inside a loop, so Dynamo skips the frame and records no graph break."""
 
     def __init__(self, skip: str):
@@ -303,8 +303,9 @@ class SkipsUnusedExperts(ex.LoopMoE):
 
 @pytest.mark.parametrize("skip", ["numel", "sum"])
 def test_a_frame_dynamo_skips_is_named_with_the_reason(skip):
-    """The skipped frame is named; `apply` then captures `if idx.numel():` with the branch taken (`moe_fx.hit_loops`,
-    checked against the original forward), not `if mask.sum():`, a branch on a tensor's value."""
+    """The skipped frame is named; `apply` then captures `if idx.numel():` with the branch taken
+    (`moe_fx.capture.hit_loops`, checked against the original forward), not `if mask.sum():`, a branch on a
+    tensor's value."""
     model = SkipsUnusedExperts(skip).eval()
     x = torch.randn(9, 32)
     with torch.no_grad():

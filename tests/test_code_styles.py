@@ -88,7 +88,7 @@ def test_the_combine_accumulates_into_the_shared_experts_output():
 
 def test_deepseek_reference_loop_is_rewritten_by_apply():
     """`counts = bincount(ids, minlength=E).tolist()` and `if counts[i] == 0: continue`: apply captures the loop over
-    every expert (`moe_fx.hit_loops`), checked against the original forward; no count is read in the rewrite."""
+    every expert (`moe_fx.capture.hit_loops`), checked against the original forward; no count is read in the rewrite."""
     model = ex.DeepSeekReferenceMoE()
     report = _rewrite_and_compare(model, "apply")
     assert report.matches[0].capture_note.startswith("its loop over the experts hit"), str(report)
@@ -99,7 +99,7 @@ def test_deepseek_reference_loop_is_rewritten_by_apply():
 
 def test_deepseek_reference_loop_is_left_untouched_by_compile_with_the_reason():
     """`bincount(...).tolist()` made Dynamo fail the whole compile under moe_fx's capture flags; it is a graph
-    break now (`moe_fx.capture_breaks`), and the reports say the break splits the block."""
+    break now (`moe_fx.capture.breaks`), and the reports say the break splits the block."""
     first = len(last_reports())
     _rewrite_and_compare(ex.DeepSeekReferenceMoE(), "compile", blocks=0)
     text = "\n".join(map(str, last_reports()[first:]))

@@ -49,9 +49,9 @@ def test_hf_mixtral_bf16(impl):
 
 @pytest.mark.parametrize("tanh_experts", [False, True], ids=["rewritten", "left_untouched"])
 def test_opaque_loop_experts_under_cuda_graphs(tanh_experts):
-    """A loop experts module (tests/test_opaque_experts.py) under reduce-overhead: rewritten (the opaque op is
+    """A loop experts module (tests/capture/test_opaque_experts.py) under reduce-overhead: rewritten (the opaque op is
     gone), or left untouched, where the op that runs the loop keeps its graph out of CUDA graphs."""
-    from tests.test_opaque_experts import Block, D
+    from tests.capture.test_opaque_experts import Block, D
 
     model = Block(tanh_experts).eval().cuda().to(torch.bfloat16)
     x = torch.randn(2, 9, D, device="cuda", dtype=torch.bfloat16)

@@ -26,7 +26,7 @@ IMPL_SUBSET = ["mixtral", "gpt_oss", "deepseek_v3", "gemma4"]
 # Open: architectures whose bf16 blocks are left untouched (equal eager) while fp32 ones are rewritten; none now
 BF16_OPEN: set[str] = set()
 # Open: architectures whose blocks apply leaves untouched (equal eager) while compile rewrites them; none now
-# (Gemma4's decoder layer, which holds its block, passes its cache through: see moe_fx/passthrough.py)
+# (Gemma4's decoder layer, which holds its block, passes its cache through: see moe_fx/capture/passthrough.py)
 APPLY_OPEN: set[str] = set()
 
 
@@ -106,7 +106,7 @@ APPLY_CASES = [(name, torch.float32) for name in hf_models.ARCHITECTURES] + [
 @pytest.mark.parametrize(("name", "dtype"), APPLY_CASES, ids=_ids(APPLY_CASES))
 def test_every_architecture_apply(name, dtype):
     """Captured on batch 2 x 7 tokens, the rewritten blocks then serve other shapes too (one token, batch 3 x 5:
-    `moe_fx/capture_guards.py`), equal eager, without running an original block."""
+    `moe_fx/capture/guards.py`), equal eager, without running an original block."""
     model = tiny(name, dtype=dtype)
     others = [hf_models.example_inputs(model, T=1, batch=1, seed=1), hf_models.example_inputs(model, T=5, batch=3)]
     with torch.no_grad():
@@ -213,7 +213,7 @@ def test_other_experts_implementations(name, impl):
 def test_eager_experts_still_run_the_loop_outside_capture():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    from moe_fx.hf_experts import traceable_eager_experts
+    from moe_fx.capture.hf_experts import traceable_eager_experts
 
     sentinel = object()
     with traceable_eager_experts():

@@ -143,7 +143,7 @@ def unmodelled_clamps(region, spec: ExpertsSpec) -> list[str]:
     there, the matcher's clamp probes check, which reach past every bound (`passes/identify.py`); this check is
     what tells the clamps the probes cannot (silu's gate clamped at min=-50 changes nothing they see; a clamp
     after silu at L changes a value by L·σ(-L), under the tolerance for L = 10). Integer clamps (expert ids)
-    are left out. An opaque experts op (`moe_fx/opaque_experts.py`) hides its clamps: its probes alone check
+    are left out. An opaque experts op (`moe_fx/capture/opaque_experts.py`) hides its clamps: its probes alone check
     it."""
     modelled = modelled_clamps(spec)
     found = []

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 from torch._dynamo.utils import counters
 
+from moe_fx.capture.hit_loops import drop_unused_counts
 from moe_fx.draw import snapshot
-from moe_fx.hit_loops import drop_unused_counts
 from moe_fx.lowering.distributed import plan_shard
 from moe_fx.options import Options
 from moe_fx.passes import prequant
@@ -216,7 +216,7 @@ def rewrite_graph(
     """
     pending = [] if rebind is None else rebind
     fake_mode = _fake_mode(gm.graph)  # value-exact normalisations first (Llama4's router)
-    drop_unused_counts(gm)  # a hit-loop capture's `.tolist()` of the expert counts (`moe_fx.hit_loops`)
+    drop_unused_counts(gm)  # a hit-loop capture's `.tolist()` of the expert counts (`moe_fx.capture.hit_loops`)
     sink_sigmoid_into_scatter(gm, lambda node: _set_meta(node, fake_mode))
     fills_from_scatter_index(gm, lambda node: _set_meta(node, fake_mode))
     finder = BlockFinder(gm, example_inputs)

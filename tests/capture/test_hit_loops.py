@@ -1,4 +1,4 @@
-"""Loops over the experts hit (`moe_fx.hit_loops`), written as transformers 4.57 writes its Mixtral, Qwen and
+"""Loops over the experts hit (`moe_fx.capture.hit_loops`), written as transformers 4.57 writes its Mixtral, Qwen and
 DeepSeek-V3 blocks: `apply` captures them as loops over every expert and installs the rewrite only where it agrees
 with the original forward; a loop whose experts without tokens do something is left untouched with the reason;
 `torch.compile(backend="moe_fx")` leaves them all untouched. (The real 4.57 models: `test_hf.py::

@@ -245,7 +245,7 @@ class Passthrough:
 
     # ---------------------------------------------------------------- call time
     def check(self, args: tuple, kwargs: dict) -> str | None:
-        """Why this call is not one the graph was captured for (tensors aside, see `capture_guards`)."""
+        """Why this call is not one the graph was captured for (tensors aside, see `capture.guards`)."""
         leaves, spec = pytree.tree_flatten((args, kwargs))
         if spec != self.spec:
             return "the call's arguments are structured unlike the recorded call's"

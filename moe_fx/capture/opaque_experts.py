@@ -15,7 +15,7 @@ op (the original loop) with random tokens and routings, and rewrites the block o
 reason. A block left alone keeps the op, which is the original forward: outputs do not change.
 
 The classes are found among the loaded `nn.Module` subclasses by their forward's signature, once per
-class; HF experts decorated with `@use_experts_implementation` are left to `moe_fx.hf_experts`. The
+class; HF experts decorated with `@use_experts_implementation` are left to `moe_fx.capture.hf_experts`. The
 patch acts only while some thread captures and Dynamo is tracing; otherwise it calls the original.
 """
 
@@ -29,7 +29,7 @@ import weakref
 import torch
 import torch.nn as nn
 
-from moe_fx.capture_switch import CaptureSwitch
+from moe_fx.capture.switch import CaptureSwitch
 
 CONTRACT = ("self", "hidden_states", "top_k_index", "top_k_weights")
 _checked: set[type] = set()

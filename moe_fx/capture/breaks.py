@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from moe_fx.capture_switch import CaptureSwitch
+from moe_fx.capture.switch import CaptureSwitch
 
 _installed: list = []
 

@@ -32,7 +32,7 @@ import operator
 import torch
 from torch.utils import _pytree as pytree
 
-from moe_fx.capture_switch import CaptureSwitch
+from moe_fx.capture.switch import CaptureSwitch
 
 MAX_EXPERTS = 1024  # the longest hit-expert loop unrolled
 _installed: list = []

@@ -11,14 +11,14 @@ changes: a block moe_fx leaves alone still runs the eager loop when run eagerly,
 this is then a no-op.
 
 `ExpertsInterface.get_interface` is wrapped once, on first use; the wrapper acts only while some
-thread is inside the context (`capture_switch.CaptureSwitch`).
+thread is inside the context (`switch.CaptureSwitch`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from moe_fx.capture_switch import CaptureSwitch
+from moe_fx.capture.switch import CaptureSwitch
 
 TRACED_AS = "batched_mm"
 _installed = False

@@ -1,4 +1,4 @@
-"""Experts modules whose loop never reaches a Dynamo graph (`moe_fx/opaque_experts.py`): captured as one
+"""Experts modules whose loop never reaches a Dynamo graph (`moe_fx/capture/opaque_experts.py`): captured as one
 `moe_fx::opaque_experts` op, identified by probing the loop, rewritten; left untouched, equal, when not."""
 
 import pytest
@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 
 import moe_fx
 from moe_fx.backend import last_reports
-from moe_fx.opaque_experts import SWITCH, _install, has_contract
+from moe_fx.capture.opaque_experts import SWITCH, _install, has_contract
 from tests.conftest import TOLERANCE, rel_err
 
 E, K, D, FF = 6, 2, 32, 40

@@ -1,5 +1,5 @@
 """`apply`'s capture on examples Dynamo would over-fit (equal sizes, a size of 1), and the guards that keep a call
-outside what the capture assumed on the original block (moe_fx/capture_guards.py)."""
+outside what the capture assumed on the original block (moe_fx/capture/guards.py)."""
 
 import copy
 import warnings
@@ -138,7 +138,7 @@ def test_a_block_matched_only_with_fixed_sizes_is_captured_as_dynamo_does():
     """Loop experts seen as one opaque op: a one-token capture that keeps 0 and 1 symbolic leaves the hidden size
     a symbol the matcher cannot compare with the weights', so the block is captured again with Dynamo's default
     (sizes 1 fixed): rewritten for one token, the original block (with the reason) for other sizes."""
-    from tests.test_opaque_experts import Block, D
+    from tests.capture.test_opaque_experts import Block, D
 
     model = Block().eval()
     reference = copy.deepcopy(model)
@@ -168,7 +168,7 @@ def test_a_branch_on_more_than_one_token(mode, why, monkeypatch):
     """Dynamo's default capture decides `x.shape[0] > 1` with no guard (every size >= 2 to it): its graph must
     not serve one token. The capture that keeps 0 and 1 symbolic guards the branch instead."""
     from moe_fx import api
-    from moe_fx.capture_guards import capturing
+    from moe_fx.capture.guards import capturing
 
     monkeypatch.setattr(api, "capturing", lambda _, example: capturing(mode, example))
     model = _BranchOnMoreThanOne().eval()
