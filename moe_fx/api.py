@@ -281,6 +281,13 @@ def _capture_and_rewrite(owner: nn.Module, recorded: dict, snapshots: dict, opts
     return result
 
 
+def _place(path: str, block_report: Report) -> None:
+    """The module paths of an owner's capture (`_capture_and_rewrite`) are relative to the owner at `path`: made
+    the model's, for its matches and its rejections alike."""
+    for entry in (*block_report.matches, *block_report.rejections):
+        entry.module_path = ".".join(p for p in (path, entry.module_path) if p)
+
+
 def _fails_in_every_mode(e: Exception) -> bool:
     """Whether a capture's error is one the other modes, which differ only in the sizes they keep symbolic, would
     raise again: an input or output of a type export can't flatten (a transformers `EncoderDecoderCache`
@@ -353,8 +360,7 @@ def apply(model: nn.Module, *args, options: dict[str, Any] | None = None, **kwar
         if passed is not None:
             passed.release_snapshot()
         apply_rebind(rebind)
-        for m in block_report.matches:
-            m.module_path = ".".join(p for p in (path, m.module_path) if p)
+        _place(path, block_report)
         report.matches += block_report.matches
         report.rejections += block_report.rejections
         if block_report.matches:
@@ -499,8 +505,8 @@ def _rewrite_hit_loop(
         owner.forward = _RewrittenForward(owner, gm, owner.forward, flat_inputs, assumed, rebind, opts.layout, passed)
         notes.append(owner.forward.guards.serves())
     note = "; ".join(n for n in notes if n)
+    _place(path, block_report)
     for m in block_report.matches:
-        m.module_path = ".".join(p for p in (path, m.module_path) if p)
         m.errors["against the original forward"] = err
         m.capture_note = note
     report.matches += block_report.matches

@@ -53,6 +53,29 @@ def test_apply_keeps_one_copy_of_the_weights():
     assert model.experts[3].w1.weight.untyped_storage().data_ptr() == stacked[0].untyped_storage().data_ptr()
 
 
+def test_a_block_the_owners_capture_refuses_is_reported_at_its_path(monkeypatch):
+    """apply finds the blocks on the whole model, then captures each owning module alone and rewrites that: a
+    block refused there (here its verification, forced to fail) is reported at its module path in the model, as a
+    match would be, and the block runs as it was."""
+    from moe_fx.passes import pipeline
+
+    model = ex.TwoFormModel().eval()
+    x = torch.randn(2, 5, 64)
+    ref = model(x)
+    verify, seen = pipeline.verify, []
+
+    def fails_in_the_owners_capture(finder, match):
+        seen.append(match.module_path)
+        return verify(finder, match) if len(seen) <= 2 else (None, "forced failure")  # 2 blocks: the whole-model pass
+
+    monkeypatch.setattr(pipeline, "verify", fails_in_the_owners_capture)
+    report = moe_fx.apply(model, x)
+    assert not report.matches and len(seen) > 2
+    assert sorted(r.module_path for r in report.rejections) == ["moe1", "moe2"], str(report)
+    assert all("forced failure" in r.reason for r in report.rejections)
+    assert torch.equal(model(x), ref)
+
+
 def test_apply_twice_is_a_no_op_and_state_dict_round_trips():
     model = ex.LoopMoE().eval()
     x = torch.randn(6, 32)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import moe_fx
-from moe_fx import hit_loops
+from moe_fx.capture import hit_loops
 from tests.conftest import FALLBACK, TOLERANCE, rel_err
 
 D, FF, E = 32, 48, 8
