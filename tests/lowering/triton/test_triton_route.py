@@ -161,7 +161,7 @@ def test_project_quantised_rows_are_quantize_rows(mode, T, D):
     w_ED = (torch.randn(12, D, device=DEVICE) / D**0.5).half()
     logits, xq, xscale = project_quantised(x_TD, w_ED, None, mode)
     assert torch.equal(logits, project(x_TD, w_ED, None))
-    # the reference on x's own device: torch's CPU and CUDA kernels round amax / 448 apart (1 ulp, H100)
+    # the reference on x's own device: on an H100 the CUDA scales and the CPU reference's differed in low bits
     ref_q, ref_scale = quant.quantize_rows(x_TD, mode)
     assert torch.equal(xscale, ref_scale) and torch.isfinite(xscale[1:]).all()
     # the Inf row's values are not compared (its zeros' signs and NaN's encoding differ from torch's)
